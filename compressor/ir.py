@@ -625,7 +625,7 @@ class Graph:
         """The graph as a JSON-able dict plus a flat dict of tensors (for weights.safetensors)."""
         tensors: dict[str, np.ndarray] = {}
         for k, c in self.constants.items():
-            tensors[f"const:{k}"] = np.ascontiguousarray(c)
+            tensors[f"const:{k}"] = np.asarray(c, order="C")
 
         def enc_param(prefix: str, p):
             if p is None:
@@ -633,7 +633,7 @@ class Graph:
             if isinstance(p, WeightFormat):
                 tensors.update(p.to_tensors(prefix))
                 return {"format": p.spec(prefix)}
-            tensors[prefix] = np.ascontiguousarray(p)
+            tensors[prefix] = np.asarray(p, order="C")
             return {"tensor": prefix}
 
         def enc_node(n: Node) -> dict[str, Any]:
@@ -775,7 +775,7 @@ def _json_safe(x):
 
 def _enc_attr(v, key: str, tensors: dict[str, np.ndarray]):
     if isinstance(v, np.ndarray):
-        tensors[key] = np.ascontiguousarray(v)
+        tensors[key] = np.asarray(v, order="C")
         return {"__tensor__": key}
     if isinstance(v, bytes):
         return {"__bytes__": base64.b64encode(v).decode()}

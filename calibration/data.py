@@ -1,0 +1,308 @@
+"""Calibration data: sources, validation against the model's inputs, the held-out split, batching.
+
+Sources:
+
+- a ``.npz`` file of arrays keyed by graph input name, samples along axis 0;
+- a ``.npy`` file (only for single-input models);
+- a directory of such files (all ``*.npz`` / ``*.npy``, sorted by name, concatenated along axis 0);
+- generated inputs from the model's input spec (token ids in range for integer inputs feeding an embedding,
+  ones for ``*mask*`` inputs, zeros for ``*type*`` inputs, ``arange`` for ``*position*`` inputs, standard normal
+  floats otherwise) -- with a warning: generated data is a poor calibration set.
+
+Files are read with ``allow_pickle=False``: object arrays are refused, never unpickled.
+
+The last ``heldout`` share of the samples is held out: passes never fit on it; reports measure errors on it.
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..compressor.errors import CalibrationError
+from ..compressor.ir import Embedding, Graph
+
+_MAX_GENERATED_VOCAB = 1 << 20
+
+
+@dataclass
+class CalibrationSet:
+    """Samples of every graph input (same number along axis 0), and the batches they are run in."""
+
+    arrays: dict[str, np.ndarray]
+    source: str
+    generated: bool = False
+    batch_size: int = 8
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def num_samples(self) -> int:
+        return int(next(iter(self.arrays.values())).shape[0]) if self.arrays else 0
+
+    def batches(self) -> list[dict[str, np.ndarray]]:
+        n = self.num_samples
+        return [{k: v[i : i + self.batch_size] for k, v in self.arrays.items()} for i in range(0, n, self.batch_size)]
+
+    def subset(self, idx: np.ndarray, source: str | None = None) -> "CalibrationSet":
+        return CalibrationSet({k: v[idx] for k, v in self.arrays.items()}, source or self.source, self.generated, self.batch_size)
+
+    def tokens(self) -> int:
+        """Number of sample positions (samples x sequence length for token inputs)."""
+        a = next(iter(self.arrays.values()))
+        return int(np.prod(a.shape[:2])) if a.ndim >= 2 else int(a.shape[0])
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except ValueError as e:
+        if "pickle" in str(e).lower() or "object" in str(e).lower():
+            raise CalibrationError(f"{path}: contains object arrays; refusing to unpickle (save plain numeric arrays)")
+        raise CalibrationError(f"{path}: cannot be read as .npz ({e})")
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise CalibrationError(f"{path}: not a valid .npz file ({type(e).__name__}: {e})")
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as e:
+        if "pickle" in str(e).lower() or "object" in str(e).lower():
+            raise CalibrationError(f"{path}: contains an object array; refusing to unpickle")
+        raise CalibrationError(f"{path}: cannot be read as .npy ({e})")
+    except (OSError, EOFError) as e:
+        raise CalibrationError(f"{path}: not a valid .npy file ({type(e).__name__}: {e})")
+
+
+def read_arrays(path: str | os.PathLike, graph: Graph) -> dict[str, np.ndarray]:
+    """Arrays from a file or directory, keyed by input name (not yet validated)."""
+    p = Path(path)
+    if not p.exists():
+        raise CalibrationError(f"{p}: no such file or directory")
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix in (".npz", ".npy") and f.is_file())
+        if not files:
+            raise CalibrationError(f"{p}: directory has no .npz or .npy files")
+        parts = [read_arrays(f, graph) for f in files]
+        keys = set(parts[0])
+        for f, part in zip(files, parts):
+            if set(part) != keys:
+                raise CalibrationError(f"{f}: has arrays {sorted(part)}, other files have {sorted(keys)}")
+        out = {}
+        for k in sorted(keys):
+            arrs = [part[k] for part in parts]
+            # a file holding one sample (no batch axis) is promoted to a batch of one
+            rank = _expected_rank(graph, k)
+            arrs = [a[None] if rank is not None and a.ndim == rank - 1 else a for a in arrs]
+            try:
+                out[k] = np.concatenate(arrs, axis=0)
+            except ValueError as e:
+                raise CalibrationError(f"{p}: arrays named '{k}' do not stack across files ({e})")
+        return out
+    if p.suffix == ".npy":
+        if len(graph.inputs) != 1:
+            raise CalibrationError(f"{p}: a .npy file holds one array, but the model has inputs {graph.inputs}; use an .npz keyed by input name")
+        return {graph.inputs[0]: _load_npy(p)}
+    if p.suffix == ".npz" or zipfile.is_zipfile(p):
+        return _load_npz(p)
+    raise CalibrationError(f"{p}: calibration data must be .npz, .npy or a directory of them")
+
+
+def _expected_rank(graph: Graph, name: str) -> int | None:
+    v = graph.values.get(name)
+    return None if v is None or v.shape is None else len(v.shape)
+
+
+def validate_arrays(arrays: dict[str, np.ndarray], graph: Graph, source: str) -> dict[str, np.ndarray]:
+    missing = [i for i in graph.inputs if i not in arrays]
+    extra = [k for k in arrays if k not in graph.inputs]
+    if missing or extra:
+        msg = []
+        if missing:
+            msg.append(f"missing {missing}")
+        if extra:
+            msg.append(f"unknown {extra}")
+        raise CalibrationError(f"{source}: arrays must be keyed by the model's input names {graph.inputs}: {'; '.join(msg)}")
+    out = {}
+    n = None
+    for name in graph.inputs:
+        a = np.asarray(arrays[name])
+        v = graph.values.get(name)
+        if a.dtype == object or a.dtype.kind not in "biuf":
+            raise CalibrationError(f"{source}: '{name}' has dtype {a.dtype}, expected numbers")
+        if v is not None and v.shape is not None:
+            if a.ndim == len(v.shape) - 1:
+                a = a[None]
+            if a.ndim != len(v.shape):
+                raise CalibrationError(f"{source}: '{name}' has shape {list(a.shape)}, the model expects rank {len(v.shape)} {list(v.shape)}")
+            for i, (got, want) in enumerate(zip(a.shape, v.shape)):
+                if i > 0 and isinstance(want, int) and got != want:
+                    raise CalibrationError(f"{source}: '{name}' has shape {list(a.shape)}, the model expects {list(v.shape)}")
+            want_float = v.dtype.startswith(("float", "bfloat"))
+            if want_float and a.dtype.kind not in "f":
+                raise CalibrationError(f"{source}: '{name}' has dtype {a.dtype}, the model expects {v.dtype}")
+            if not want_float and a.dtype.kind == "f":
+                raise CalibrationError(f"{source}: '{name}' has dtype {a.dtype}, the model expects {v.dtype}")
+            a = a.astype(_np_dtype(v.dtype), copy=False)
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise CalibrationError(f"{source}: '{name}' contains NaN or inf")
+        if a.ndim == 0:
+            raise CalibrationError(f"{source}: '{name}' is a scalar; samples must be along axis 0")
+        if n is None:
+            n = a.shape[0]
+        elif a.shape[0] != n:
+            raise CalibrationError(f"{source}: inputs have different numbers of samples ({n} and {a.shape[0]} for '{name}')")
+        out[name] = np.asarray(a, order="C")
+    if not n:
+        raise CalibrationError(f"{source}: no samples")
+    _check_token_range(out, graph, source)
+    return out
+
+
+def _check_token_range(arrays: dict[str, np.ndarray], graph: Graph, source: str) -> None:
+    for name, vocab in token_inputs(graph).items():
+        a = arrays.get(name)
+        if a is not None and a.size and (a.min() < 0 or a.max() >= vocab):
+            raise CalibrationError(f"{source}: '{name}' has token ids in [{a.min()}, {a.max()}], the embedding has {vocab} rows")
+
+
+def _np_dtype(name: str):
+    return np.float32 if name == "bfloat16" else np.dtype(name)
+
+
+def token_inputs(graph: Graph) -> dict[str, int]:
+    """Integer graph inputs that index an embedding table directly, with the table size."""
+    out = {}
+    for n in graph.nodes:
+        if isinstance(n, Embedding) and n.inputs[0] in graph.inputs:
+            out[n.inputs[0]] = int(n.table.shape[0])
+        elif getattr(n, "op_type", None) == "Gather" and n.inputs[1] in graph.inputs and n.inputs[0] in graph.constants:
+            out[n.inputs[1]] = int(graph.constants[n.inputs[0]].shape[0])
+    return out
+
+
+def static_batch(graph: Graph) -> int | None:
+    """The fixed batch size of a model whose inputs all have a static leading dimension (None when dynamic)."""
+    dims = set()
+    for name in graph.inputs:
+        v = graph.values.get(name)
+        if v is None or v.shape is None or not v.shape or not isinstance(v.shape[0], int):
+            return None
+        dims.add(v.shape[0])
+    return dims.pop() if len(dims) == 1 else None
+
+
+def generate(graph: Graph, samples: int, seq_len: int | None, seed: int) -> dict[str, np.ndarray]:
+    """Inputs from the model's input spec (see module docstring)."""
+    rng = np.random.default_rng(seed)
+    vocab = token_inputs(graph)
+    seq = seq_len or 128
+    sym: dict[str, int] = {}
+    out = {}
+    for name in graph.inputs:
+        v = graph.values.get(name)
+        if v is None or v.shape is None:
+            raise CalibrationError(f"cannot generate data for input '{name}': its shape is unknown; give --calib data")
+        shape = []
+        for i, d in enumerate(v.shape):
+            if isinstance(d, int):
+                shape.append(d)
+            elif i == 0:
+                shape.append(samples)
+            else:
+                key = d if isinstance(d, str) else f"{name}:{i}"
+                sym.setdefault(key, seq)
+                shape.append(sym[key])
+        if isinstance(v.shape[0], int) and v.shape[0] != samples:
+            shape[0] = samples  # static batch dim: samples still go along axis 0, batches are cut to its size
+        low = name.lower()
+        if v.dtype.startswith(("float", "bfloat")):
+            a = rng.standard_normal(shape).astype(_np_dtype(v.dtype))
+        elif v.dtype == "bool":
+            a = np.ones(shape, dtype=bool)
+        elif "mask" in low:
+            a = np.ones(shape, dtype=_np_dtype(v.dtype))
+        elif "type" in low or "segment" in low:
+            a = np.zeros(shape, dtype=_np_dtype(v.dtype))
+        elif "position" in low or "pos_id" in low:
+            a = np.broadcast_to(np.arange(shape[-1]), shape).astype(_np_dtype(v.dtype)).copy()
+        else:
+            hi = vocab.get(name, 2)
+            a = rng.integers(0, min(hi, _MAX_GENERATED_VOCAB), size=shape).astype(_np_dtype(v.dtype))
+        out[name] = a
+    return out
+
+
+def crop_sequences(arrays: dict[str, np.ndarray], graph: Graph, seq_len: int | None) -> dict[str, np.ndarray]:
+    """With ``seq_len``, cut integer token inputs (and inputs sharing their sequence dim) to that length."""
+    if not seq_len:
+        return arrays
+    seq_dims = set()
+    for name in token_inputs(graph):
+        v = graph.values.get(name)
+        if v is not None and v.shape is not None and len(v.shape) >= 2 and isinstance(v.shape[1], str):
+            seq_dims.add(v.shape[1])
+    out = {}
+    for name, a in arrays.items():
+        v = graph.values.get(name)
+        if v is not None and v.shape is not None and len(v.shape) >= 2 and v.shape[1] in seq_dims and a.shape[1] > seq_len:
+            out[name] = np.asarray(a[:, :seq_len], order="C")
+        else:
+            out[name] = a
+    return out
+
+
+def load_calibration(graph: Graph, data: str | None, *, samples: int, seq_len: int | None, seed: int, heldout: float,
+                     batch_size: int = 8) -> tuple[CalibrationSet, CalibrationSet | None]:  # fmt: skip
+    """(fit split, held-out split). ``samples`` counts both splits together."""
+    warnings = []
+    if data is None:
+        arrays = generate(graph, samples, seq_len, seed)
+        source = "generated"
+        warnings.append("no calibration data given: using generated inputs, a poor calibration set (give --calib data.npz)")
+        generated = True
+    else:
+        arrays = read_arrays(data, graph)
+        source = str(data)
+        generated = False
+    arrays = validate_arrays(arrays, graph, source)
+    arrays = crop_sequences(arrays, graph, seq_len)
+    n = next(iter(arrays.values())).shape[0]
+    if n > samples:
+        idx = np.sort(np.random.default_rng(seed).choice(n, size=samples, replace=False))
+        arrays = {k: v[idx] for k, v in arrays.items()}
+        n = samples
+    n_held = int(round(heldout)) if heldout >= 1 else int(np.ceil(heldout * n))
+    if heldout > 0 and n_held == 0:
+        n_held = 1
+    if n_held >= n:
+        if n >= 2:
+            n_held = max(1, n // 2)
+        else:
+            n_held = 0
+            if heldout > 0:
+                warnings.append("only one calibration sample: no held-out split, errors are measured on the fitting data")
+    sb = static_batch(graph)
+    if sb is not None and sb > 1:  # a model exported with a fixed batch size runs on batches of exactly that size
+        batch_size = sb
+        if n_held and n < 2 * sb:
+            n_held = 0
+            warnings.append(f"fewer than {2 * sb} samples for a model with a static batch size of {sb}: no held-out split")
+        elif n_held:
+            n_held = max(sb, (n_held // sb) * sb)
+        n_fit = ((n - n_held) // sb) * sb
+        if n_fit == 0:
+            raise CalibrationError(f"the model has a static batch size of {sb}: give at least {sb} calibration samples")
+        arrays = {k: v[: n_fit + n_held] for k, v in arrays.items()}
+        n = n_fit + n_held
+    elif sb is not None:
+        batch_size = 1
+    fit = {k: v[: n - n_held] for k, v in arrays.items()}
+    held = {k: v[n - n_held :] for k, v in arrays.items()} if n_held else None
+    fit_set = CalibrationSet(fit, source, generated, batch_size, warnings)
+    held_set = None if held is None else CalibrationSet(held, source + " (held out)", generated, batch_size)
+    return fit_set, held_set

@@ -1,0 +1,386 @@
+"""The ``sparsec`` command line.
+
+Exit codes (also in the README): 0 success; 1 a quality threshold was exceeded; 2 usage error; 3 cannot load
+model; 4 unsupported op; 5 invalid graph / shape mismatch; 6 bad recipe; 7 cannot write output; 8 bad input or
+calibration data; 9 NaN/inf; 10 a pass's invariant failed; 11 build failed; 12 missing tool; 13 bad artifact;
+70 internal error (a bug: rerun with --debug and report it); 130 interrupted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import List, Optional
+
+import click
+import typer
+from rich.console import Console
+
+from sparsec import __version__
+from sparsec.compressor import errors as E
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="sparsec: ahead-of-time model compression compiler (N:M pruning, slicing, low-rank compensation, "
+    "group quantization, expert merging; compiled with TVM).",
+)
+_state = {"debug": False}
+out = Console()
+err = Console(stderr=True)
+
+
+def _version_cb(value: bool):
+    if value:
+        out.print(f"sparsec {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks for errors."),
+    version: bool = typer.Option(False, "--version", callback=_version_cb, is_eager=True, help="Print the version."),
+):
+    _state["debug"] = debug
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def _load(model: Optional[str], example: Optional[str]):
+    from sparsec.compressor.compress import load_model
+
+    if example and model:
+        raise E.RecipeError("give a model file or --example, not both")
+    if not example and not model:
+        raise E.RecipeError("no model given: pass a model file (.onnx, .pt2) or --example tiny-gpt")
+    return load_model(model, example=example)
+
+
+@app.command(epilog="Examples:\n\n  sparsec inspect model.onnx\n\n  sparsec inspect --example tiny-moe --json")
+def inspect(
+    model: Optional[str] = typer.Argument(None, help="Model file: .onnx (external .data next to it) or .pt2."),
+    example: Optional[str] = typer.Option(None, "--example", help="An embedded reference model: tiny-gpt, tiny-moe, digits."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    ir: bool = typer.Option(False, "--ir", help="Print the whole IR, node by node."),
+):
+    """Summarize a model as sparsec sees it: ops, Linear layers with shapes, parameters, bytes."""
+    from sparsec.compressor.ir import MoE
+
+    src = _load(model, example)
+    g = src.graph
+    lins = g.linears()
+    moes = [n for n in g.nodes if isinstance(n, MoE)]
+    blocks = [b for b in g.assign_blocks() if b.kind == "block"]
+    summary = {
+        "name": g.name,
+        "source": src.label,
+        "sha256": src.sha256,
+        "opset": g.opset,
+        "inputs": [{"name": i, "dtype": g.values[i].dtype, "shape": list(g.values[i].shape or [])} for i in g.inputs],
+        "outputs": [{"name": o, "dtype": g.values[o].dtype if o in g.values else "?", "shape": list((g.values[o].shape if o in g.values else None) or [])} for o in g.outputs],
+        "ops": g.op_counts(),
+        "params": g.param_count(),
+        "bytes": g.nbytes(),
+        "blocks": [b.name for b in blocks],
+        "linear": [
+            {"name": l.name, "shape": [l.out_features, l.in_features], "in": l.in_features, "out": l.out_features, "bias": l.bias is not None, "format": l.weight.describe(),
+             "params": l.param_count(), "bytes": l.nbytes(), **({"tied_to": l.meta["tied_to"]} if "tied_to" in l.meta else {})}
+            for l in lins
+        ],  # fmt: skip
+        "moe": [{"name": m.name, "experts": len(m.experts), "top_k": m.top_k, "score": m.score, "renormalize": m.renormalize} for m in moes],
+        "warnings": g.meta.get("import_warnings", []),
+    }
+    if "import_check_rel_error" in g.meta:
+        summary["import_check_rel_error"] = g.meta["import_check_rel_error"]
+    if as_json:
+        print(json.dumps(summary, indent=1, default=str))
+        return
+    if ir:
+        out.print(str(g), markup=False, highlight=False)
+        return
+    from rich.table import Table
+
+    out.print(f"[bold]{g.name}[/bold]  ({src.label})  opset {g.opset.get('', '?')}  sha256 {src.sha256[:12]}")
+    for i in summary["inputs"]:
+        out.print(f"  input  {i['name']}: {i['dtype']}{i['shape']}")
+    for o in summary["outputs"]:
+        out.print(f"  output {o['name']}: {o['dtype']}{o['shape']}")
+    out.print("  ops: " + ", ".join(f"{k}×{v}" for k, v in summary["ops"].items()))
+    out.print(f"  blocks: {len(blocks)}" + (f" ({blocks[0].name} … {blocks[-1].name})" if blocks else ""))
+    t = Table(title=f"{len(lins)} Linear layers", title_justify="left")
+    for c, j in (("name", "left"), ("in", "right"), ("out", "right"), ("bias", "center"), ("format", "left"), ("params", "right"), ("bytes", "right")):
+        t.add_column(c, justify=j)
+    for l in summary["linear"]:
+        name = l["name"] + (f" (tied to {l['tied_to']})" if "tied_to" in l else "")
+        t.add_row(name, str(l["in"]), str(l["out"]), "✓" if l["bias"] else "", l["format"], f"{l['params']:,}", f"{l['bytes']:,}")
+    out.print(t)
+    for m in summary["moe"]:
+        out.print(f"  MoE {m['name']}: {m['experts']} experts, top-{m['top_k']}, {m['score']}{', renormalized' if m['renormalize'] else ''}")
+    out.print(f"  total: {summary['params']:,} parameters, {summary['bytes']:,} bytes")
+    for w in summary["warnings"]:
+        err.print(f"[yellow]warning[/yellow]: {w}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def build_recipe(recipe_path, target, seed, calib, calib_samples, seq_len, heldout, batch_size, max_error, device, flags: dict):
+    from sparsec.compressor.pipeline import PassSpec, Recipe, load_recipe, recipe_from_dict
+
+    r = load_recipe(recipe_path) if recipe_path else Recipe()
+    if target is not None:
+        r.target = target
+    if seed is not None:
+        r.seed = seed
+    if calib is not None:
+        r.calibration.data = calib
+    if calib_samples is not None:
+        r.calibration.samples = calib_samples
+    if seq_len is not None:
+        r.calibration.seq_len = seq_len
+    if heldout is not None:
+        r.calibration.heldout = heldout
+    if batch_size is not None:
+        r.calibration.batch_size = batch_size
+    try:
+        r.calibration.validate()
+    except ValueError as e:
+        raise E.RecipeError(f"calibration: {e}")
+    if max_error is not None:
+        r.max_error = max_error
+    if device is not None:
+        r.device = device
+    for spec in passes_from_flags(flags):
+        existing = next((p for p in r.passes if p.type == spec.type), None)
+        if existing is None:
+            r.passes.append(spec)
+        else:
+            existing.params.update(spec.params)
+    return r
+
+
+def passes_from_flags(f: dict):
+    """CLI flags -> pass specs (the same keys a YAML recipe uses)."""
+    from sparsec.compressor.pipeline import PassSpec
+
+    sel = {}
+    if f.get("include"):
+        sel["include"] = list(f["include"])
+    if f.get("exclude"):
+        sel["exclude"] = list(f["exclude"])
+    specs = []
+    if f.get("merge_experts") is not None:
+        specs.append(PassSpec("expert_merge", {"experts": f["merge_experts"], **({"method": f["merge_method"]} if f.get("merge_method") else {})}))
+    if f.get("slice") is not None:
+        specs.append(PassSpec("slicing", {"fraction": f["slice"]}))
+    if f.get("nm") is not None:
+        p = {"nm": f["nm"], **sel}
+        if f.get("method"):
+            p["method"] = f["method"]
+        specs.append(PassSpec("nm_prune", p))
+    elif f.get("method"):
+        raise E.RecipeError("--method selects the N:M pruning method; give --nm too (e.g. --nm 2:4 --method sparsegpt)")
+    if f.get("quant") is not None or f.get("gqsa") is not None or f.get("auto_bits") is not None:
+        p = dict(sel)
+        if f.get("quant") is not None:
+            p["bits"] = f["quant"]
+        if f.get("gqsa") is not None:
+            p["gqsa"] = f["gqsa"]
+        if f.get("group_size") is not None:
+            p["group_size"] = f["group_size"]
+        if f.get("quant_method"):
+            p["method"] = f["quant_method"]
+        if f.get("symmetric") is not None:
+            p["symmetric"] = f["symmetric"]
+        if f.get("act_order"):
+            p["act_order"] = True
+        if f.get("auto_bits") is not None:
+            p["auto_bits"] = f["auto_bits"]
+        specs.append(PassSpec("group_quant", p))
+    else:
+        for k, flag in (("group_size", "--group-size"), ("quant_method", "--quant-method"), ("act_order", "--act-order")):
+            if f.get(k):
+                raise E.RecipeError(f"{flag} configures quantization; give --quant too (e.g. --quant int4 {flag} ...)")
+    if f.get("compensate") is not None:
+        p = {"method": f["compensate"], **sel}
+        if f.get("rank") is not None:
+            p["rank"] = f["rank"]
+        specs.append(PassSpec("lowrank", p))
+    elif f.get("rank") is not None:
+        raise E.RecipeError("--rank sets the rank of low-rank compensation; give --compensate eora (or svd) too")
+    return specs
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  sparsec compress --example tiny-gpt -o out/\n\n"
+    "  sparsec compress model.onnx --target x86 --nm 2:4 --method sparsegpt --calib data.npz -o out/\n\n"
+    "  sparsec compress model.onnx --nm 2:4 --quant int4 --group-size 64 --compensate eora --rank 32 -o out/\n\n"
+    "  sparsec compress --recipe recipe.yaml model.onnx -o out/ --max-error 0.05"
+)
+def compress(
+    model: Optional[str] = typer.Argument(None, help="Model file (.onnx or .pt2)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to create."),
+    example: Optional[str] = typer.Option(None, "--example", help="An embedded reference model: tiny-gpt, tiny-moe, digits."),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="x86, a100, h100, aarch64[:dotprod+i8mm], wasm (default x86)."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe (flags given too override it)."),
+    nm: Optional[str] = typer.Option(None, "--nm", help="N:M pruning, e.g. 2:4."),
+    method: Optional[str] = typer.Option(None, "--method", help="Pruning method: magnitude, wanda, sparsegpt."),
+    include: Optional[List[str]] = typer.Option(None, "--include", help="Regex of layer names to compress (repeatable)."),
+    exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Regex of layer names to leave dense (repeatable)."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="Group quantization: int8, int4, int3, int2."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="Quantization group size along the input dim."),
+    quant_method: Optional[str] = typer.Option(None, "--quant-method", help="rtn or gptq."),
+    symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric", help="Symmetric (no zero points) or asymmetric quantization."),
+    act_order: bool = typer.Option(False, "--act-order", help="GPTQ: quantize columns in order of decreasing activation energy."),
+    gqsa: Optional[str] = typer.Option(None, "--gqsa", help="GQSA group sparsity + quantization, e.g. w4s50."),
+    auto_bits: Optional[float] = typer.Option(None, "--auto-bits", help="Choose bits per layer under this average bits/weight budget."),
+    compensate: Optional[str] = typer.Option(None, "--compensate", help="Low-rank compensation: eora or svd."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="Rank of the low-rank compensation."),
+    slice_: Optional[float] = typer.Option(None, "--slice", help="SliceGPT: fraction of the embedding dimension to remove."),
+    merge_experts: Optional[float] = typer.Option(None, "--merge-experts", help="MC-SMoE: experts to keep per MoE layer (count, or fraction < 1)."),
+    merge_method: Optional[str] = typer.Option(None, "--merge-method", help="Expert merging method: mcsmoe, average, drop."),
+    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration data: .npz keyed by input name, .npy, or a directory."),
+    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Samples used (fit + held out); default 128."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Sequence length of token inputs (crop / generate)."),
+    heldout: Optional[float] = typer.Option(None, "--heldout", help="Held-out share (fraction) or count of samples for evaluation."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Calibration batch size."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed (same inputs + seed -> same artifact)."),
+    max_error: Optional[float] = typer.Option(None, "--max-error", help="Exit 1 when the output relative error exceeds this."),
+    device: Optional[str] = typer.Option(None, "--device", help="Executor device for calibration: cpu, cuda, auto."),
+    force: bool = typer.Option(False, "--force", help="Replace the output directory if it exists."),
+    no_build: bool = typer.Option(False, "--no-build", help="Skip compiling the library: the artifact runs through its ONNX model."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No tables or progress bars."),
+):
+    """Compress a model and write an artifact: weights.safetensors, graph.json, model.onnx, report.json, lib/."""
+    from sparsec.compressor.artifact import check_output_dir
+    from sparsec.compressor.compress import compress as run_compress
+    from sparsec.compressor.report import merge_timings, render
+
+    check_output_dir(output, force)
+    if quant is not None:
+        qmap = {"int8": 8, "int4": 4, "int3": 3, "int2": 2, "8": 8, "4": 4, "3": 3, "2": 2}
+        if quant.lower() not in qmap:
+            raise E.RecipeError(f"--quant {quant!r}: expected one of int8, int4, int3, int2")
+        quant = qmap[quant.lower()]
+    flags = dict(nm=nm, method=method, include=include, exclude=exclude, quant=quant, group_size=group_size, quant_method=quant_method,
+                 symmetric=symmetric, act_order=act_order, gqsa=gqsa, auto_bits=auto_bits, compensate=compensate, rank=rank,
+                 slice=slice_, merge_experts=merge_experts, merge_method=merge_method)  # fmt: skip
+    r = build_recipe(str(recipe) if recipe else None, target, seed, calib, calib_samples, seq_len, heldout, batch_size, max_error, device, flags)
+    if no_build:
+        r.build = False
+    src = _load(model, example)
+    result = run_compress(src, r, output, force=force, console=None if quiet or as_json else err, progress=not (quiet or as_json))
+    doc = merge_timings(result.report, result.timings)
+    if as_json:
+        print(json.dumps(doc, indent=1))
+    elif not quiet:
+        render(doc, console=err, max_rows=60)
+        err.print(f"[green]wrote[/green] {result.out}")
+    for f in result.threshold_failed:
+        err.print(f"[red]threshold failed[/red]: {f}")
+    return E.EXIT_THRESHOLD if result.threshold_failed else 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+@app.command(epilog="Examples:\n\n  sparsec run out/ --inputs inputs.npz --output outputs.npz\n\n  sparsec run out/ --inputs x.npz --engine onnx")
+def run(
+    artifact: Path = typer.Argument(..., help="Artifact directory written by `sparsec compress`."),
+    inputs: Path = typer.Option(..., "--inputs", "-i", help=".npz keyed by input name (or .npy for one input)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write outputs to this .npz, keyed by output name."),
+    engine: str = typer.Option("auto", "--engine", help="auto (compiled library, else ONNX), lib, onnx, ir."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+):
+    """Execute an artifact on inputs and write its outputs by name."""
+    from sparsec.compressor.runner import run_artifact
+
+    res = run_artifact(artifact, inputs, engine=engine)
+    if output is not None:
+        import numpy as np
+
+        try:
+            tmp = str(output) + ".tmp.npz"
+            np.savez(tmp, **res.outputs)
+            os.replace(tmp, output)
+        except OSError as e:
+            raise E.OutputError(f"{output}: cannot write ({e.strerror or e})")
+    summary = {
+        "engine": res.engine,
+        "outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype), "mean": float(v.mean()) if v.size and v.dtype.kind == "f" else None}
+                    for k, v in res.outputs.items()},  # fmt: skip
+        "seconds": res.seconds,
+    }
+    if as_json:
+        print(json.dumps(summary, indent=1))
+    else:
+        for k, v in summary["outputs"].items():
+            out.print(f"{k}: {v['dtype']}{v['shape']}" + (f"  mean {v['mean']:.6g}" if v["mean"] is not None else ""))
+        err.print(f"engine: {res.engine}, {res.seconds * 1e3:.1f} ms" + (f"; wrote {output}" if output else ""))
+
+
+@app.command(epilog="Examples:\n\n  sparsec report out/\n\n  sparsec report out/ --json > report.json")
+def report(
+    artifact: Path = typer.Argument(..., help="Artifact directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print report.json (with timings merged) for machines."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Also write an HTML page with per-layer plots."),
+    rows: Optional[int] = typer.Option(None, "--rows", help="Show at most this many layers per pass."),
+):
+    """Show an artifact's pass reports again (from report.json)."""
+    from sparsec.compressor.artifact import load_artifact
+    from sparsec.compressor.report import merge_timings, render
+
+    a = load_artifact(artifact)
+    doc = merge_timings(a.report, a.timings)
+    if html is not None:
+        from sparsec.compressor.report_html import write_html
+
+        write_html(doc, html, artifact=a)
+    if as_json:
+        print(json.dumps(doc, indent=1))
+    else:
+        render(doc, console=out, max_rows=rows)
+        if html is not None:
+            err.print(f"wrote {html}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:  # accepted anywhere on the line
+        argv = ["--debug"] + [a for a in argv if a != "--debug"]
+    try:
+        rv = app(args=argv, prog_name="sparsec", standalone_mode=False)
+        code = rv if isinstance(rv, int) else 0
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    except click.exceptions.Abort:
+        err.print("interrupted")
+        code = E.EXIT_INTERRUPTED
+    except click.ClickException as e:
+        e.show(file=sys.stderr)
+        code = e.exit_code if e.exit_code else E.EXIT_USAGE
+    except E.SparsecError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"sparsec: {e.one_line()}", file=sys.stderr)
+        code = e.exit_code
+    except KeyboardInterrupt:
+        print("sparsec: interrupted", file=sys.stderr)
+        code = E.EXIT_INTERRUPTED
+    except BrokenPipeError:
+        code = 0
+    except Exception as e:  # noqa: BLE001 - a bug
+        if debug:
+            traceback.print_exc()
+        first = str(e).splitlines()[0] if str(e) else ""
+        print(f"sparsec: internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
+        code = E.EXIT_INTERNAL
+    sys.stdout.flush()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

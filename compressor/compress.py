@@ -1,0 +1,308 @@
+"""The compress job: load -> calibrate -> passes -> quality -> export -> build -> artifact.
+
+Used by ``sparsec compress`` and by batch mode; also the Python API (``sparsec.compress``).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .artifact import ArtifactContent, check_output_dir, write_artifact
+from .errors import ModelLoadError, NumericalError, RecipeError
+from .ir import Graph
+from .pipeline import PassContext, Recipe, build_passes, run_passes
+from .report import Report
+
+EXAMPLES = ("tiny-gpt", "tiny-moe", "digits")
+
+
+@dataclass
+class Source:
+    graph: Graph
+    label: str  # what the user named (path or example:<name>)
+    sha256: str
+    golden: str | None = None  # reference model name, when the model is one of golden/
+
+
+def load_model(source: Any, example_inputs: Any = None, *, example: str | None = None) -> Source:
+    """A path (.onnx / .pt2), an ``nn.Module`` (with ``example_inputs``), or ``example=<name>``."""
+    if example is not None:
+        return load_example(example)
+    if isinstance(source, Graph):
+        return Source(source, source.name, source.meta.get("source_sha256", ""))
+    try:
+        import torch.nn as nn
+
+        if isinstance(source, nn.Module):
+            from .frontends.torch import load_torch
+
+            if example_inputs is None:
+                raise ModelLoadError("a torch module needs example inputs")
+            g = load_torch(source, example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,))
+            return Source(g, type(source).__name__, g.meta.get("source_sha256", ""))
+    except ImportError:  # pragma: no cover
+        pass
+    path = os.fspath(source)
+    if not os.path.exists(path):
+        raise ModelLoadError(f"{path}: no such file")
+    if path.endswith(".pt2") or path.endswith(".pt"):
+        from .frontends.torch import load_pt2
+
+        g = load_pt2(path)
+    else:
+        from .frontends.onnx import load_onnx
+
+        g = load_onnx(path)
+    return Source(g, path, g.meta.get("source_sha256", ""))
+
+
+def load_example(name: str) -> Source:
+    if name not in EXAMPLES:
+        raise ModelLoadError(f"unknown example {name!r}; examples: {', '.join(EXAMPLES)}")
+    from sparsec.golden import models as gm
+
+    from .frontends.torch import load_torch
+
+    module, example_inputs = gm.load(name)
+    g = load_torch(module, example_inputs, name=name)
+    g.meta["golden"] = name
+    import hashlib
+
+    from sparsec.golden import models as _m
+
+    digest = hashlib.sha256(open(_m.weights_path(name), "rb").read()).hexdigest()
+    g.meta["source_sha256"] = digest
+    return Source(g, f"example:{name}", digest, golden=name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def calibration_for(src: Source, recipe: Recipe):
+    """(fit split, held-out split) for a model: the user's data, the reference model's own text/digits, or generated."""
+    from sparsec.calibration.data import CalibrationSet, load_calibration
+
+    c = recipe.calibration
+    if c.data is None and src.golden is not None:
+        from sparsec.golden import data as gd
+
+        arrays = gd.calibration_arrays(src.golden, n=c.samples, seq_len=c.seq_len, seed=recipe.seed)
+        arrays = {name: a for name, a in zip(src.graph.inputs, arrays)}
+        n = next(iter(arrays.values())).shape[0]
+        n_held = int(round(c.heldout)) if c.heldout >= 1 else max(1, int(math.ceil(c.heldout * n)))
+        fit = CalibrationSet({k: v[: n - n_held] for k, v in arrays.items()}, f"golden:{src.golden} (train split)", False, c.batch_size)
+        held = CalibrationSet({k: v[n - n_held :] for k, v in arrays.items()}, f"golden:{src.golden} (train split, held out)", False, c.batch_size)
+        return fit, held
+    return load_calibration(src.graph, c.data, samples=c.samples, seq_len=c.seq_len, seed=recipe.seed, heldout=c.heldout, batch_size=c.batch_size)
+
+
+def compare_graphs(ref: Graph, new: Graph, data, device=None) -> dict[str, Any]:
+    """Relative output error and cosine similarity of ``new`` against ``ref`` on ``data`` (all float outputs)."""
+    from .executor import Executor
+
+    er, en = Executor(ref, device), Executor(new, device)
+    d2 = r2 = n2 = dot = 0.0
+    for batch in data.batches():
+        a = er.run(batch)
+        b = en.run(batch)
+        for o_ref, o_new in zip(ref.outputs, new.outputs):
+            x, y = a[o_ref].astype(np.float64), b[o_new].astype(np.float64)
+            if x.dtype.kind != "f" or x.shape != y.shape:
+                continue
+            if not np.isfinite(y).all():
+                raise NumericalError("the compressed model produces NaN or inf on the held-out data")
+            d2 += float(((x - y) ** 2).sum())
+            r2 += float((x**2).sum())
+            n2 += float((y**2).sum())
+            dot += float((x * y).sum())
+    return {
+        "output_rel_error": math.sqrt(d2 / r2) if r2 > 0 else 0.0,
+        "output_cosine": dot / math.sqrt(r2 * n2) if r2 > 0 and n2 > 0 else 1.0,
+        "eval_samples": data.num_samples,
+        "eval_source": data.source,
+    }
+
+
+def golden_metrics(name: str, graph: Graph, device=None, limit: int | None = None) -> dict[str, Any]:
+    """Perplexity (GPTs) or accuracy (digits) of ``graph`` on the reference model's held-out data."""
+    from sparsec.golden import evaluate as ge
+
+    from .executor import Executor
+
+    ex = Executor(graph, device)
+    inp = graph.inputs[0]
+
+    def fn(x):
+        return ex.run({inp: x})[graph.outputs[0]]
+
+    return ge.evaluate_graph_fn(name, fn, limit=limit)
+
+
+def check_export(graph: Graph, onnx_bytes: bytes, data, device=None, max_batches: int = 2) -> dict[str, Any]:
+    """onnxruntime on the exported model against the executor (catches export bugs in production)."""
+    import onnxruntime as ort
+
+    from .executor import Executor
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001
+        return {"onnxruntime": f"failed to load: {str(e).splitlines()[0][:200]}"}
+    ex = Executor(graph, device)
+    worst = 0.0
+    for batch in data.batches()[:max_batches]:
+        got = ex.run(batch)
+        ort_out = sess.run(None, {k: v for k, v in batch.items()})
+        for name, o in zip([o.name for o in sess.get_outputs()], ort_out):
+            r = got[name].astype(np.float64)
+            if r.dtype.kind != "f":
+                continue
+            worst = max(worst, float(np.linalg.norm(o.astype(np.float64) - r) / max(np.linalg.norm(r), 1e-30)))
+    return {"onnx_vs_executor_rel_error": worst}
+
+
+def check_weights_finite(g: Graph) -> None:
+    for lin in g.linears():
+        w = lin.weight.materialize()
+        if not np.isfinite(w).all():
+            raise NumericalError(f"weight of '{lin.name}' contains NaN or inf")
+        if lin.bias is not None and not np.isfinite(lin.bias).all():
+            raise NumericalError(f"bias of '{lin.name}' contains NaN or inf")
+    for n in g.nodes:
+        for role, p in n.params().items():
+            if isinstance(p, np.ndarray) and p.dtype.kind == "f" and not np.isfinite(p).all():
+                raise NumericalError(f"{role} of '{n.name}' contains NaN or inf")
+    for name, c in g.constants.items():
+        if c.dtype.kind == "f" and c.size and not np.isfinite(c).all() and c.size > 1:
+            # single-element -inf/+inf constants are legitimate (attention masks); large tensors are weights
+            if np.isnan(c).any() or c.size > 64:
+                raise NumericalError(f"constant '{name}' contains NaN or inf")
+
+
+@dataclass
+class CompressResult:
+    out: Path
+    report: dict[str, Any]
+    timings: dict[str, Any]
+    threshold_failed: list[str] = field(default_factory=list)
+
+
+def compress(source: Source, recipe: Recipe, out: str | os.PathLike, *, force: bool = False, console=None,
+             progress: bool = True) -> CompressResult:  # fmt: skip
+    import torch
+
+    from sparsec import __version__
+    from sparsec.backends.targets import get_target
+
+    from .executor import resolve_device
+    from .onnx_export import ExportOptions, to_onnx
+
+    t_start = time.perf_counter()
+    check_output_dir(out, force)
+    target = get_target(recipe.target)
+    passes = build_passes(recipe)
+    torch.manual_seed(recipe.seed)
+    device = resolve_device(recipe.device)
+    graph = source.graph
+    check_weights_finite(graph)
+    original = graph.copy()
+
+    calib = held = None
+    warnings: list[str] = list(graph.meta.get("import_warnings", []))
+    need_calib = any(p.needs_calibration for p in passes) or bool(passes)
+    if need_calib:
+        calib, held = calibration_for(source, recipe)
+        warnings.extend(calib.warnings)
+    ctx = PassContext(recipe, calib=calib, heldout=held, device=device, original=original, console=console, golden=source.golden)
+    ctx.show_progress = progress
+    reports = run_passes(graph, passes, ctx)
+    warnings.extend(ctx.warnings)
+
+    quality: dict[str, Any] = {}
+    tq = time.perf_counter()
+    eval_data = held if held is not None else calib
+    if passes and eval_data is not None:
+        quality.update(compare_graphs(original, graph, eval_data, device))
+    if source.golden and (recipe.eval or "auto") != "none":
+        try:
+            base = golden_metrics(source.golden, original, device)
+            comp = golden_metrics(source.golden, graph, device) if passes else base
+            for k, v in base.items():
+                quality[f"{k}_original"] = v
+            for k, v in comp.items():
+                quality[k] = v
+        except ImportError:  # pragma: no cover - golden package missing
+            warnings.append("reference evaluation unavailable")
+    quality["seconds"] = time.perf_counter() - tq
+
+    onnx_model = to_onnx(graph, ExportOptions(weights="native"))
+    onnx_bytes = onnx_model.SerializeToString(deterministic=True)
+    check_data = eval_data
+    if check_data is None:
+        from sparsec.calibration.data import CalibrationSet, generate
+
+        try:
+            arrays = generate(graph, 2, 16, recipe.seed)
+            check_data = CalibrationSet(arrays, "generated (export check)", True, 2)
+        except Exception:  # noqa: BLE001 - unknown input shapes: no export check
+            check_data = None
+    if check_data is not None:
+        quality.update(check_export(graph, onnx_bytes, check_data, device))
+
+    build_info: dict[str, Any] = {"target": target.name}
+    writers = []
+    tb = time.perf_counter()
+    backend_build = None
+    if recipe.build:
+        try:
+            from sparsec.backends import build as backend_build  # noqa: F401
+        except ImportError:
+            backend_build = None
+    if not recipe.build:
+        build_info["status"] = "not built (--no-build): `sparsec run` uses model.onnx"
+    elif backend_build is not None:
+        info, writer = backend_build.build(graph, target, recipe=recipe, console=console)
+        build_info.update(info)
+        if writer is not None:
+            writers.append(("lib", writer))
+    else:
+        build_info["status"] = "not built: this sparsec has no compiled backend yet; `sparsec run` uses model.onnx"
+    build_info["seconds"] = time.perf_counter() - tb
+
+    model_info = {
+        "name": graph.name,
+        "source": source.label if source.label.startswith("example:") else os.path.basename(source.label),
+        "source_sha256": source.sha256,
+        "params": int(original.param_count()),
+        "bytes": int(original.nbytes()),
+        "params_after": int(graph.param_count()),
+        "bytes_after": int(graph.nbytes()),
+        "linear_layers": len(graph.linears()),
+    }
+    if source.golden:
+        model_info["golden"] = source.golden
+    rep = Report(model=model_info, recipe=recipe.to_dict(), target=target.name, seed=recipe.seed, passes=reports,
+                 quality=quality, build=build_info, warnings=warnings, sparsec_version=__version__)  # fmt: skip
+    doc, timings = rep.to_json()
+    timings["total_seconds"] = time.perf_counter() - t_start
+    manifest = {
+        "sparsec_version": __version__,
+        "source": {"name": model_info["source"], "sha256": source.sha256},
+        "recipe": recipe.to_dict(),
+        "target": target.name,
+        "seed": recipe.seed,
+    }
+    content = ArtifactContent(graph=graph, manifest=manifest, report=doc, onnx_bytes=onnx_bytes, timings=timings, writers=writers)
+    path = write_artifact(out, content, force=force)
+    failed = []
+    if recipe.max_error is not None:
+        err = quality.get("output_rel_error")
+        if err is not None and err > recipe.max_error:
+            failed.append(f"output relative error {err:.4g} exceeds --max-error {recipe.max_error:g}")
+    return CompressResult(path, doc, timings, failed)

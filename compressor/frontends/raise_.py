@@ -1,0 +1,699 @@
+"""Raising: rewrite low-level ONNX patterns in an IR graph into the ops the passes reason about.
+
+Patterns recognized (each as the TorchScript and the dynamo exporters of torch.onnx emit them, opsets 13-21):
+
+- constants: ``Constant`` nodes, ``Identity``/``Transpose``/``Cast``/... of constants are folded;
+- ``Linear``: ``MatMul(x, W)`` with a constant 2-D weight (or ``[1, K, N]``), with an optional following
+  ``Add(bias)``; ``Gemm(x, B, C)`` with constant ``B`` (transB 0/1, alpha, beta);
+- ``LayerNorm``: ``LayerNormalization`` over the last axis; the decomposed form
+  ``ReduceMean -> Sub -> Pow|Mul -> ReduceMean -> Add(eps) -> Sqrt -> Div|Reciprocal+Mul [-> Mul(gamma)] [-> Add(beta)]``;
+- ``RMSNorm``: ``Pow(x,2)|Mul(x,x) -> ReduceMean -> Add(eps) -> Sqrt -> Reciprocal|Div(1,.)  -> Mul(x, .)``,
+  ``Div(x, Sqrt(.))`` and ``Pow(., -0.5)`` variants, an optional no-op ``Cast``, ``[-> Mul(weight)]``;
+  ``RMSNormalization`` (opset 23) and ``com.microsoft.SimplifiedLayerNormalization``;
+- ``Embedding``: ``Gather(table, ids)`` with a constant 2-D float table, axis 0;
+- ``Residual``: ``Add`` of two non-constant float activations of the same shape;
+- ``MoE``: the form sparsec itself exports (nodes tagged with ``sparsec.moe`` metadata).
+
+MoE blocks exported from PyTorch by torch.onnx (data-dependent loops over experts, NonZero/ScatterND/Loop) are
+*not* recognized as MoE in ONNX files: their expert Linear layers are raised individually (so pruning and
+quantization apply), but expert merging needs the MoE structure -- import such models from PyTorch (``.pt2`` or
+``nn.Module``), where sparsec recognizes the block by module structure and verifies it numerically.
+"""
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+import numpy as np
+
+from ..errors import UnsupportedOpError
+from ..ir import (
+    Embedding,
+    Expert,
+    Generic,
+    Graph,
+    LayerNorm,
+    Linear,
+    MoE,
+    Node,
+    Residual,
+    RMSNorm,
+    Value,
+    _np_dtype_name,
+)
+
+_FLOAT = ("float32", "float16", "float64", "bfloat16")
+_RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
+_FOLD_LIMIT = 1 << 26  # do not materialize folded constants larger than this many elements
+
+
+# ----------------------------------------------------------------------------------------------------------------
+class _View:
+    """Producer/consumer maps of a graph under rewrite."""
+
+    def __init__(self, g: Graph):
+        self.g = g
+        self.rebuild()
+
+    def rebuild(self):
+        self.prod: dict[str, Node] = {o: n for n in self.g.nodes for o in n.outputs if o}
+        self.cons = self.g.consumers()
+        self.outputs = set(self.g.outputs)
+
+    def gen(self, value: str | None, *op_types: str, domain: str = "") -> Generic | None:
+        if not value:
+            return None
+        n = self.prod.get(value)
+        if isinstance(n, Generic) and n.op_type in op_types and n.domain == domain:
+            return n
+        return None
+
+    def const(self, value: str | None) -> np.ndarray | None:
+        if not value:
+            return None
+        return self.g.constants.get(value)
+
+    def users(self, value: str) -> list[Node]:
+        return self.cons.get(value, [])
+
+    def sole_user(self, value: str, *op_types: str) -> Generic | None:
+        """The only consumer of ``value`` if it is a Generic of one of ``op_types`` (and value is no graph output)."""
+        if value in self.outputs:
+            return None
+        us = self.users(value)
+        if len(us) != 1:
+            return None
+        u = us[0]
+        if isinstance(u, Generic) and u.domain == "" and u.op_type in op_types:
+            return u
+        return None
+
+    def private(self, value: str, *allowed: Node) -> bool:
+        """``value`` is used only by ``allowed`` nodes and is not a graph output."""
+        if value in self.outputs:
+            return False
+        ids = {id(a) for a in allowed}
+        return all(id(u) in ids for u in self.users(value))
+
+    def shape(self, value: str):
+        v = self.g.values.get(value)
+        return None if v is None else v.shape
+
+    def dtype(self, value: str) -> str | None:
+        if value in self.g.constants:
+            return _np_dtype_name(self.g.constants[value].dtype)
+        v = self.g.values.get(value)
+        return None if v is None else v.dtype
+
+
+def _other(node: Generic, value: str) -> str | None:
+    """For a binary node with ``value`` as one input, the other input."""
+    a, b = node.inputs[0], node.inputs[1]
+    if a == value:
+        return b
+    if b == value:
+        return a
+    return None
+
+
+def _scalar(a: np.ndarray | None) -> float | None:
+    if a is None or a.size != 1 or a.dtype.kind not in "fiu":
+        return None
+    return float(a.reshape(()))
+
+
+def _reduce_axes(v: _View, n: Generic) -> list[int] | None:
+    if "axes" in n.attributes:
+        return [int(x) for x in n.attributes["axes"]]
+    if len(n.inputs) > 1 and n.inputs[1]:
+        a = v.const(n.inputs[1])
+        return None if a is None else [int(x) for x in a.reshape(-1)]
+    return None
+
+
+def _reduces_last_axis(v: _View, n: Generic, x: str) -> bool:
+    if int(n.attributes.get("keepdims", 1)) != 1:
+        return False
+    axes = _reduce_axes(v, n)
+    if axes is None or len(axes) != 1:
+        return False
+    if axes[0] == -1:
+        return True
+    s = v.shape(x)
+    return s is not None and axes[0] == len(s) - 1
+
+
+def _last_dim(v: _View, x: str) -> int | None:
+    s = v.shape(x)
+    if not s or not isinstance(s[-1], int):
+        return None
+    return s[-1]
+
+
+def _vector(a: np.ndarray | None, dim: int | None) -> np.ndarray | None:
+    """A per-channel parameter from a constant broadcast over the last axis (``[D]``, ``[1, 1, D]``, scalar)."""
+    if a is None or a.dtype.kind != "f":
+        return None
+    if a.ndim >= 1 and all(s == 1 for s in a.shape[:-1]):
+        flat = a.reshape(-1)
+        if dim is None or flat.size == dim:
+            return flat.astype(np.float32) if a.dtype == np.float64 else flat.copy()
+        if flat.size == 1 and dim is not None:
+            return np.full(dim, flat[0], dtype=a.dtype)
+    if a.ndim == 0 and dim is not None:
+        return np.full(dim, float(a), dtype=np.float32)
+    return None
+
+
+class _Match:
+    def __init__(self, remove: list[Node], new: Node):
+        self.remove = remove
+        self.new = new
+
+
+def _apply(g: Graph, matches: list[_Match]) -> int:
+    """Replace each match's nodes by its new node (placed at the last removed node). Overlapping matches are
+    dropped (the next round finds them again)."""
+    taken: set[int] = set()
+    accepted = []
+    for m in matches:
+        ids = {id(n) for n in m.remove}
+        if ids & taken:
+            continue
+        taken |= ids
+        accepted.append(m)
+    if not accepted:
+        return 0
+    last_of: dict[int, _Match] = {}
+    pos = {id(n): i for i, n in enumerate(g.nodes)}
+    for m in accepted:
+        last = max(m.remove, key=lambda n: pos[id(n)])
+        last_of[id(last)] = m
+    out = []
+    for n in g.nodes:
+        if id(n) in last_of:
+            out.append(last_of[id(n)].new)
+        elif id(n) not in taken:
+            out.append(n)
+    g.nodes = out
+    return len(accepted)
+
+
+def _meta(*nodes: Node) -> dict:
+    meta: dict = {}
+    for n in nodes:
+        if n.module and "module" not in meta:
+            meta["module"] = n.module
+        s = n.meta.get("sparsec")
+        if s:
+            meta.setdefault("sparsec", {}).update(s)
+    meta["source_nodes"] = [n.meta.get("onnx_name") or n.name for n in nodes]
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# constant folding
+def fold_constants(g: Graph) -> int:
+    import torch
+
+    from ..onnx_ops import run_op, supported
+
+    opset = g.opset.get("", 17)
+    folded = 0
+    keep: list[Node] = []
+    for n in g.nodes:
+        if (
+            isinstance(n, Generic)
+            and n.op_type not in _RANDOM_OPS
+            and n.inputs
+            and all((not i) or i in g.constants for i in n.inputs)
+            and supported(n.op_type, n.domain)
+        ):
+            if n.op_type == "Identity":
+                g.constants[n.outputs[0]] = g.constants[n.inputs[0]]
+                g.values[n.outputs[0]] = Value(n.outputs[0], *_dv(g.constants[n.inputs[0]]))
+                folded += 1
+                continue
+            ins = [None if not i else torch.from_numpy(np.asarray(g.constants[i], order="C")) for i in n.inputs]
+            try:
+                outs = run_op(n.op_type, n.domain, ins, n.attributes, opset, n.name, num_outputs=len(n.outputs))
+            except UnsupportedOpError:
+                keep.append(n)
+                continue
+            if any(o.numel() > _FOLD_LIMIT for o in outs[: len(n.outputs)]):
+                keep.append(n)
+                continue
+            for name, t in zip(n.outputs, outs):
+                if name:
+                    arr = _to_numpy(t)
+                    g.constants[name] = arr
+                    g.values[name] = Value(name, *_dv(arr))
+            folded += 1
+            continue
+        keep.append(n)
+    g.nodes = keep
+    return folded
+
+
+def _to_numpy(t) -> np.ndarray:
+    import torch
+
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return np.array(t.numpy())
+
+
+def _dv(a: np.ndarray):
+    return _np_dtype_name(a.dtype), tuple(int(s) for s in a.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# patterns
+def match_layernorm_fused(v: _View, n: Generic) -> _Match | None:
+    if n.op_type != "LayerNormalization" or n.domain != "":
+        return None
+    x = n.inputs[0]
+    s = v.shape(x)
+    axis = int(n.attributes.get("axis", -1))
+    if not (axis == -1 or (s is not None and axis == len(s) - 1)):
+        return None
+    if any(o for o in n.outputs[1:] if v.users(o) or o in v.outputs):
+        return None
+    d = _last_dim(v, x)
+    scale = _vector(v.const(n.inputs[1]) if len(n.inputs) > 1 else None, d)
+    if scale is None:
+        return None
+    bias = None
+    if len(n.inputs) > 2 and n.inputs[2]:
+        bias = _vector(v.const(n.inputs[2]), scale.size)
+        if bias is None:
+            return None
+    eps = float(n.attributes.get("epsilon", 1e-5))
+    ln = LayerNorm(n.name, [x], [n.outputs[0]], _meta(n), weight=scale, bias=bias, eps=eps)
+    return _Match([n], ln)
+
+
+def _affine_tail(v: _View, value: str, nodes: list[Node], dim: int | None, allow_bias: bool):
+    """Optional ``Mul(value, gamma)`` then optional ``Add(., beta)`` with constant vectors."""
+    weight = bias = None
+    out = value
+    mul = v.sole_user(out, "Mul")
+    if mul is not None:
+        w = _vector(v.const(_other(mul, out)), dim)
+        if w is not None:
+            weight, out = w, mul.outputs[0]
+            nodes.append(mul)
+    if allow_bias:
+        add = v.sole_user(out, "Add")
+        if add is not None:
+            b = _vector(v.const(_other(add, out)), dim if weight is None else weight.size)
+            if b is not None:
+                bias, out = b, add.outputs[0]
+                nodes.append(add)
+    return weight, bias, out
+
+
+def _normalize_tail(v: _View, num: str, denom_sqrt: Generic, nodes: list[Node]):
+    """From ``s = Sqrt(var + eps)``, find ``num / s`` as Div(num, s), Mul(num, Reciprocal(s)) or Mul(num, Div(1, s)).
+    Returns the normalized value name or None."""
+    s = denom_sqrt.outputs[0]
+    us = v.users(s)
+    if len(us) != 1 or s in v.outputs:
+        return None
+    u = us[0]
+    if not isinstance(u, Generic) or u.domain != "":
+        return None
+    if u.op_type == "Div" and u.inputs[1] == s and u.inputs[0] == num:
+        nodes.append(u)
+        return u.outputs[0]
+    if u.op_type == "Reciprocal" or (u.op_type == "Div" and u.inputs[1] == s and _scalar(v.const(u.inputs[0])) == 1.0):
+        r = u.outputs[0]
+        mul = v.sole_user(r, "Mul")
+        if mul is not None and _other(mul, r) == num:
+            nodes += [u, mul]
+            return mul.outputs[0]
+    return None
+
+
+def match_layernorm_decomposed(v: _View, m1: Generic) -> _Match | None:
+    if m1.op_type != "ReduceMean":
+        return None
+    x = m1.inputs[0]
+    if not _reduces_last_axis(v, m1, x) or v.dtype(x) not in _FLOAT:
+        return None
+    sub = v.sole_user(m1.outputs[0], "Sub")
+    if sub is None or sub.inputs != [x, m1.outputs[0]]:
+        return None
+    d = sub.outputs[0]
+    users = v.users(d)
+    if d in v.outputs or len(users) != 2:
+        return None
+    sq = next((u for u in users if isinstance(u, Generic) and (
+        (u.op_type == "Pow" and u.inputs[0] == d and _scalar(v.const(u.inputs[1])) == 2.0)
+        or (u.op_type == "Mul" and u.inputs == [d, d]))), None)  # fmt: skip
+    if sq is None:
+        return None
+    m2 = v.sole_user(sq.outputs[0], "ReduceMean")
+    if m2 is None or not _reduces_last_axis(v, m2, sq.outputs[0]):
+        return None
+    add = v.sole_user(m2.outputs[0], "Add")
+    eps = None if add is None else _scalar(v.const(_other(add, m2.outputs[0])))
+    if eps is None:
+        return None
+    sqrt = v.sole_user(add.outputs[0], "Sqrt")
+    if sqrt is None:
+        return None
+    nodes: list[Node] = [m1, sub, sq, m2, add, sqrt]
+    normed = _normalize_tail(v, d, sqrt, nodes)
+    if normed is None:
+        return None
+    weight, bias, out = _affine_tail(v, normed, nodes, _last_dim(v, x), allow_bias=True)
+    if not v.private(m1.outputs[0], sub) or not v.private(d, sq, nodes[6]):
+        return None
+    ln = LayerNorm(m1.name, [x], [out], _meta(*nodes), weight=weight, bias=bias, eps=eps)
+    return _Match(nodes, ln)
+
+
+def match_rmsnorm(v: _View, m: Generic) -> _Match | None:
+    if m.op_type != "ReduceMean":
+        return None
+    sq = v.gen(m.inputs[0], "Pow", "Mul")
+    if sq is None or not v.private(sq.outputs[0], m):
+        return None
+    if sq.op_type == "Pow":
+        if _scalar(v.const(sq.inputs[1])) != 2.0:
+            return None
+        x = sq.inputs[0]
+    else:
+        if sq.inputs[0] != sq.inputs[1]:
+            return None
+        x = sq.inputs[0]
+    if v.dtype(x) not in _FLOAT or not _reduces_last_axis(v, m, sq.outputs[0]) or x in v.g.constants:
+        return None
+    add = v.sole_user(m.outputs[0], "Add")
+    eps = None if add is None else _scalar(v.const(_other(add, m.outputs[0])))
+    if eps is None:
+        return None
+    nodes: list[Node] = [sq, m, add]
+    a = add.outputs[0]
+    normed = None
+    powr = v.sole_user(a, "Pow")
+    if powr is not None and powr.inputs[0] == a and _scalar(v.const(powr.inputs[1])) == -0.5:
+        mul = v.sole_user(powr.outputs[0], "Mul")
+        if mul is not None and _other(mul, powr.outputs[0]) == x:
+            nodes += [powr, mul]
+            normed = mul.outputs[0]
+    else:
+        sqrt = v.sole_user(a, "Sqrt")
+        if sqrt is not None:
+            nodes.append(sqrt)
+            normed = _normalize_tail(v, x, sqrt, nodes)
+    if normed is None:
+        return None
+    # an optional no-op Cast between the normalization and the weight (HF: weight * x.to(input_dtype))
+    cast = v.sole_user(normed, "Cast")
+    if cast is not None and v.dtype(cast.outputs[0]) == v.dtype(normed) and v.dtype(normed) is not None:
+        nodes.append(cast)
+        normed = cast.outputs[0]
+    weight, _, out = _affine_tail(v, normed, nodes, _last_dim(v, x), allow_bias=False)
+    rms = RMSNorm(m.name, [x], [out], _meta(*nodes), weight=weight, eps=eps)
+    return _Match(nodes, rms)
+
+
+def match_rmsnorm_fused(v: _View, n: Generic) -> _Match | None:
+    is_std = n.op_type == "RMSNormalization" and n.domain == ""
+    is_ms = n.op_type == "SimplifiedLayerNormalization" and n.domain in ("", "com.microsoft")
+    if not (is_std or is_ms):
+        return None
+    x = n.inputs[0]
+    s = v.shape(x)
+    axis = int(n.attributes.get("axis", -1))
+    if not (axis == -1 or (s is not None and axis == len(s) - 1)):
+        return None
+    if any(o for o in n.outputs[1:] if v.users(o) or o in v.outputs):
+        return None
+    w = _vector(v.const(n.inputs[1]) if len(n.inputs) > 1 else None, _last_dim(v, x))
+    if w is None:
+        return None
+    eps = float(n.attributes.get("epsilon", 1e-5))
+    return _Match([n], RMSNorm(n.name, [x], [n.outputs[0]], _meta(n), weight=w, eps=eps))
+
+
+def match_linear(v: _View, n: Generic) -> _Match | None:
+    if n.domain != "":
+        return None
+    if n.op_type == "MatMul":
+        x, wname = n.inputs
+        w = v.const(wname)
+        if w is None or x in v.g.constants or w.dtype.kind != "f":
+            return None
+        if w.ndim == 3 and w.shape[0] == 1:
+            w = w[0]
+        if w.ndim != 2:
+            return None
+        xs = v.shape(x)
+        if xs is not None and len(xs) < 1:
+            return None
+        weight = np.asarray(w.T, order="C")
+        nodes: list[Node] = [n]
+        out = n.outputs[0]
+        bias = None
+        add = v.sole_user(out, "Add")
+        if add is not None:
+            b = v.const(_other(add, out))
+            if b is not None and b.dtype.kind == "f" and b.size == weight.shape[0] and all(s == 1 for s in b.shape[:-1]) and b.ndim >= 1:
+                os_ = v.shape(out)
+                # the bias must not broadcast the output to a higher rank
+                if os_ is None or b.ndim <= len(os_):
+                    bias = b.reshape(-1).astype(weight.dtype)
+                    nodes.append(add)
+                    out = add.outputs[0]
+        lin = Linear(n.name, [x], [out], _meta(*nodes), weight=weight, bias=bias)
+        lin.meta["weight_name"] = wname
+        return _Match(nodes, lin)
+    if n.op_type == "Gemm":
+        a, b = n.inputs[0], n.inputs[1]
+        c = n.inputs[2] if len(n.inputs) > 2 else ""
+        bw = v.const(b)
+        if bw is None or bw.ndim != 2 or bw.dtype.kind != "f" or int(n.attributes.get("transA", 0)) != 0 or a in v.g.constants:
+            return None
+        alpha = float(n.attributes.get("alpha", 1.0))
+        beta = float(n.attributes.get("beta", 1.0))
+        weight = bw if int(n.attributes.get("transB", 0)) else bw.T
+        weight = np.asarray(weight * alpha if alpha != 1.0 else weight, order="C").astype(bw.dtype)
+        bias = None
+        if c:
+            cv = v.const(c)
+            if cv is None or cv.size != weight.shape[0] or any(s != 1 for s in cv.shape[:-1]):
+                return None
+            bias = (cv.reshape(-1) * beta).astype(weight.dtype)
+        lin = Linear(n.name, [a], [n.outputs[0]], _meta(n), weight=weight, bias=bias)
+        lin.meta["weight_name"] = b
+        return _Match([n], lin)
+    return None
+
+
+def match_embedding(v: _View, n: Generic) -> _Match | None:
+    if n.op_type != "Gather" or n.domain != "" or int(n.attributes.get("axis", 0)) != 0:
+        return None
+    table = v.const(n.inputs[0])
+    if table is None or table.ndim != 2 or table.dtype.kind != "f" or n.inputs[1] in v.g.constants:
+        return None
+    if (v.dtype(n.inputs[1]) or "int64") not in ("int64", "int32"):
+        return None
+    emb = Embedding(n.name, [n.inputs[1]], [n.outputs[0]], _meta(n), table=table)
+    emb.meta["table_name"] = n.inputs[0]
+    return _Match([n], emb)
+
+
+def _same_shape(a, b) -> bool:
+    if a is None or b is None or len(a) != len(b) or len(a) < 2:
+        return False
+    return all(x is not None and x == y for x, y in zip(a, b))
+
+
+def match_residual(v: _View, n: Generic) -> _Match | None:
+    if n.op_type != "Add" or n.domain != "":
+        return None
+    a, b = n.inputs
+    if a in v.g.constants or b in v.g.constants or a == b:
+        return None
+    if v.dtype(a) not in _FLOAT or v.dtype(b) not in _FLOAT:
+        return None
+    if not _same_shape(v.shape(a), v.shape(b)):
+        return None
+    return _Match([n], Residual(n.name, [a, b], [n.outputs[0]], _meta(n)))
+
+
+PATTERNS: list[tuple[str, Callable[[_View, Generic], _Match | None]]] = [
+    ("LayerNorm", match_layernorm_fused),
+    ("LayerNorm", match_layernorm_decomposed),
+    ("RMSNorm", match_rmsnorm_fused),
+    ("RMSNorm", match_rmsnorm),
+    ("Linear", match_linear),
+    ("Embedding", match_embedding),
+    ("Residual", match_residual),
+]
+
+
+def _run_pattern(g: Graph, fn) -> int:
+    total = 0
+    while True:
+        v = _View(g)
+        matches = []
+        for n in list(g.nodes):
+            if isinstance(n, Generic):
+                m = fn(v, n)
+                if m is not None:
+                    matches.append(m)
+        k = _apply(g, matches)
+        total += k
+        if k == 0 or k == len(matches):
+            return total
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MoE in sparsec's own exported form
+def raise_sparsec_moe(g: Graph) -> int:
+    groups: dict[str, list[Node]] = {}
+    for n in g.nodes:
+        s = n.meta.get("sparsec") or {}
+        name = s.get("sparsec.moe")
+        if name:
+            groups.setdefault(name, []).append(n)
+    count = 0
+    for name, nodes in groups.items():
+        attrs = None
+        roles: dict[str, Linear] = {}
+        out_node = None
+        for n in nodes:
+            s = n.meta["sparsec"]
+            if "sparsec.moe.attrs" in s:
+                attrs = json.loads(s["sparsec.moe.attrs"])
+            role = s.get("sparsec.moe.role")
+            if role == "output":
+                out_node = n
+            elif role and isinstance(n, Linear):
+                roles[role] = n
+        if attrs is None or out_node is None or "router" not in roles:
+            continue
+        router = roles["router"]
+        experts = []
+        ok = True
+        for i, act in enumerate(attrs["acts"]):
+            up, down, gate = roles.get(f"experts.{i}.up"), roles.get(f"experts.{i}.down"), roles.get(f"experts.{i}.gate")
+            if up is None or down is None:
+                ok = False
+                break
+            experts.append(Expert(up=_detach(up), down=_detach(down), gate=None if gate is None else _detach(gate), act=act))
+        if not ok:
+            continue
+        moe = MoE(
+            name,
+            [router.inputs[0]],
+            [out_node.outputs[0]],
+            {"module": attrs.get("module", name)},
+            router=_detach(router),
+            experts=experts,
+            top_k=int(attrs["top_k"]),
+            renormalize=bool(attrs["renormalize"]),
+            score=attrs["score"],
+            expert_map=attrs.get("expert_map"),
+        )
+        _apply(g, [_Match(nodes, moe)])
+        count += 1
+    return count
+
+
+def _detach(lin: Linear) -> Linear:
+    role_name = lin.meta.get("sparsec", {}).get("sparsec.linear") or lin.name
+    return Linear(role_name, [f"{role_name}:in"], [f"{role_name}:out"], {"module": role_name}, weight=lin.weight, bias=lin.bias)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def _name_raised(g: Graph) -> None:
+    """Give raised nodes their module paths as names (unique); other nodes keep their ONNX names."""
+    taken = {n.name for n in g.nodes if isinstance(n, Generic)}
+    counters: dict[str, int] = {}
+    for n in g.nodes:
+        if isinstance(n, Generic) or isinstance(n, MoE):
+            continue
+        s = (n.meta.get("sparsec") or {}).get("sparsec.linear") if isinstance(n, Linear) else None
+        base = s or n.module
+        if isinstance(n, Linear) and not base:
+            wn = n.meta.get("weight_name", "")
+            if wn.endswith(".weight"):
+                base = wn[: -len(".weight")]
+        if isinstance(n, Embedding) and not base:
+            tn = n.meta.get("table_name", "")
+            if tn.endswith(".weight"):
+                base = tn[: -len(".weight")]
+        if isinstance(n, Residual):
+            base = f"{n.module}.residual" if n.module else "residual"
+        elif base and not s and isinstance(n, (LayerNorm, RMSNorm)) and not n.module:
+            base = None
+        if not base:
+            base = n.name
+        name = base
+        if name in taken:
+            k = counters.get(base, 1)
+            while f"{base}#{k}" in taken:
+                k += 1
+            counters[base] = k + 1
+            name = f"{base}#{k}"
+        taken.add(name)
+        n.name = name
+        if isinstance(n, Linear) and not n.module:
+            n.meta["module"] = base
+
+
+def mark_ties(g: Graph) -> None:
+    """Record Linear weights that equal an embedding table (tied input/output embeddings)."""
+    embs = [n for n in g.nodes if isinstance(n, Embedding)]
+    if not embs:
+        return
+    for lin in g.linears():
+        if lin.weight.kind != "dense":
+            continue
+        w = lin.weight.data
+        for e in embs:
+            if e.table.shape == w.shape and e.table.dtype == w.dtype and np.array_equal(e.table, w):
+                lin.meta["tied_to"] = e.name
+                break
+
+
+def remove_dead(g: Graph) -> None:
+    """Drop nodes whose outputs nobody uses and constants nobody reads."""
+    while True:
+        used = set(g.outputs)
+        for n in g.nodes:
+            used.update(i for i in n.inputs if i)
+        keep = [n for n in g.nodes if any(o in used for o in n.outputs if o)]
+        if len(keep) == len(g.nodes):
+            break
+        g.nodes = keep
+    used = set(g.outputs)
+    for n in g.nodes:
+        used.update(i for i in n.inputs if i)
+    for c in list(g.constants):
+        if c not in used:
+            del g.constants[c]
+    live = used | {o for n in g.nodes for o in n.outputs} | set(g.inputs)
+    for name in list(g.values):
+        if name not in live:
+            del g.values[name]
+
+
+def raise_graph(g: Graph) -> dict[str, int]:
+    """Fold constants and raise patterns in place. Returns how many of each op were raised."""
+    counts: dict[str, int] = {"folded": fold_constants(g)}
+    remove_dead(g)
+    for label, fn in PATTERNS:
+        counts[label] = counts.get(label, 0) + _run_pattern(g, fn)
+    counts["MoE"] = raise_sparsec_moe(g)
+    _name_raised(g)
+    remove_dead(g)
+    mark_ties(g)
+    g.toposort()
+    return counts

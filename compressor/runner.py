@@ -1,0 +1,64 @@
+"""Execute an artifact: its compiled library when there is one, else the portable ONNX (onnxruntime), or the IR."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .artifact import Artifact, load_artifact
+from .errors import ArtifactError, CalibrationError, RecipeError
+from .executor import Executor, check_feeds
+
+ENGINES = ("auto", "lib", "onnx", "ir")
+
+
+@dataclass
+class RunResult:
+    outputs: dict[str, np.ndarray]
+    engine: str
+    seconds: float
+
+
+def read_inputs(path: str | Path, graph) -> dict[str, np.ndarray]:
+    """Inputs for a run, validated against the graph (names, ranks, static dims, dtypes, NaN/inf)."""
+    from sparsec.calibration.data import read_arrays, validate_arrays
+
+    arrays = read_arrays(path, graph)
+    return validate_arrays(arrays, graph, str(path))
+
+
+def has_lib(a: Artifact) -> bool:
+    return (a.lib_dir / "manifest.json").exists()
+
+
+def run_artifact(artifact: str | Path, inputs, engine: str = "auto") -> RunResult:
+    if engine not in ENGINES:
+        raise RecipeError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    a = load_artifact(artifact)
+    g = a.graph
+    feeds = inputs if isinstance(inputs, dict) else read_inputs(inputs, g)
+    check_feeds(g, feeds)
+    if engine == "auto":
+        engine = "lib" if has_lib(a) else "onnx"
+    t0 = time.perf_counter()
+    if engine == "lib":
+        if not has_lib(a):
+            raise ArtifactError(f"{a.path}: has no compiled library (lib/); use --engine onnx")
+        from sparsec.backends.runtime import run_lib
+
+        outs = run_lib(a, feeds)
+    elif engine == "onnx":
+        import onnxruntime as ort
+
+        if not a.onnx_path.exists():
+            raise ArtifactError(f"{a.path}: model.onnx is missing")
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(a.onnx_path), so, providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs()]
+        outs = dict(zip(names, sess.run(None, feeds)))
+    else:
+        outs = Executor(g).run(feeds)
+    return RunResult({k: np.asarray(v) for k, v in outs.items()}, engine, time.perf_counter() - t0)

@@ -1,0 +1,136 @@
+"""The CLI as a user types it: inspect / compress / run / report, artifact determinism, bad input -> one-line errors
+with distinct exit codes and no partial artifact."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from . import models as tm
+
+
+def sparsec(*args, cwd=None):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    p = subprocess.run([sys.executable, "-m", "sparsec", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+    return p
+
+
+@pytest.fixture(scope="module")
+def gpt2_onnx(tmp_path_factory):
+    model = tm.build("gpt2")
+    path = tmp_path_factory.mktemp("gpt2") / "gpt2.onnx"
+    tm.export_onnx(model, str(path), "dynamo", 18)
+    assert os.path.exists(str(path) + ".data"), "the dynamo exporter writes weights to an external .data file"
+    return model, path
+
+
+def test_compress_run_report_roundtrip(gpt2_onnx, tmp_path):
+    model, path = gpt2_onnx
+    out = tmp_path / "art"
+    p = sparsec("compress", path, "--target", "x86", "-o", out, "--quiet", "--no-build")
+    assert p.returncode == 0, p.stderr
+    for f in ("manifest.json", "weights.safetensors", "graph.json", "model.onnx", "report.json"):
+        assert (out / f).is_file(), f
+    man = json.loads((out / "manifest.json").read_text())
+    for k in ("sparsec_version", "source", "recipe", "target", "seed"):
+        assert k in man, k
+    onnx.checker.check_model(onnx.load(str(out / "model.onnx")), full_check=True)
+    feeds = tm.feeds_for(model, b=2, t=7, seed=int(np.random.default_rng().integers(1 << 30)))
+    np.savez(tmp_path / "in.npz", **feeds)
+    p = sparsec("run", out, "--inputs", tmp_path / "in.npz", "--output", tmp_path / "o.npz")
+    assert p.returncode == 0, p.stderr
+    got = np.load(tmp_path / "o.npz")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ref = sess.run(None, feeds)
+    names = [o.name for o in sess.get_outputs()]
+    assert sorted(got.files) == sorted(names)
+    for n, r in zip(names, ref):
+        assert tm.rel(r, got[n]) < 1e-5
+    p = sparsec("report", out)
+    assert p.returncode == 0, p.stderr
+    p = sparsec("report", out, "--json")
+    assert p.returncode == 0 and "passes" in json.loads(p.stdout)
+
+
+def test_same_inputs_and_seed_give_identical_artifact(gpt2_onnx, tmp_path):
+    _, path = gpt2_onnx
+    for d in ("a", "b"):
+        p = sparsec("compress", path, "-o", tmp_path / d, "--seed", 7, "--quiet", "--no-build")
+        assert p.returncode == 0, p.stderr
+    files = sorted(f for f in os.listdir(tmp_path / "a") if f != "timings.json" and (tmp_path / "a" / f).is_file())
+    assert "weights.safetensors" in files and "model.onnx" in files
+    assert files == sorted(f for f in os.listdir(tmp_path / "b") if f != "timings.json" and (tmp_path / "b" / f).is_file())
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def _one_line_error(p, code, *needles):
+    assert p.returncode == code, (p.returncode, p.stderr)
+    lines = [line for line in p.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("sparsec: "), p.stderr
+    assert "Traceback" not in p.stderr
+    for n in needles:
+        assert n.lower() in lines[0].lower(), (n, lines[0])
+
+
+def _if_model(path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    c = helper.make_tensor_value_info("c", TensorProto.BOOL, [])
+    then = helper.make_graph([helper.make_node("Identity", ["x"], ["t"])], "then", [], [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2])])
+    els = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [], [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2])])
+    node = helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=els, name="branch")
+    g = helper.make_graph([node], "g", [x, c], [y])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_bad_input_errors(gpt2_onnx, tmp_path):
+    _, path = gpt2_onnx
+    out = tmp_path / "never"
+    _one_line_error(sparsec("compress", tmp_path / "missing.onnx", "-o", out), 3, "missing.onnx")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(os.urandom(3000))
+    _one_line_error(sparsec("compress", junk, "-o", out), 3, "junk.onnx")
+    iff = tmp_path / "if.onnx"
+    _if_model(iff)
+    _one_line_error(sparsec("compress", iff, "-o", out), 4, "If")
+    _one_line_error(sparsec("compress", path, "-o", out, "--target", "z80"), 6, "z80", "x86")
+    bad = tmp_path / "r.yaml"
+    bad.write_text("target: x86\nsed: 3\n")
+    _one_line_error(sparsec("compress", path, "-o", out, "--recipe", bad), 6, "sed")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    _one_line_error(sparsec("compress", path, "-o", blocker / "sub"), 7)
+    assert not out.exists(), "a failed run must not leave a partial artifact"
+    assert sorted(os.listdir(tmp_path)) == sorted(["junk.onnx", "if.onnx", "file", "r.yaml"])
+
+
+def test_run_rejects_wrong_shapes_and_missing_inputs(gpt2_onnx, tmp_path):
+    _, path = gpt2_onnx
+    art = tmp_path / "art"
+    assert sparsec("compress", path, "-o", art, "--quiet", "--no-build").returncode == 0
+    np.savez(tmp_path / "bad.npz", input_ids=np.zeros((2, 3, 4), np.int64))
+    _one_line_error(sparsec("run", art, "--inputs", tmp_path / "bad.npz"), 8, "input_ids", "rank 2")
+    np.savez(tmp_path / "none.npz", other=np.zeros((2, 3), np.int64))
+    p = sparsec("run", art, "--inputs", tmp_path / "none.npz")
+    assert p.returncode == 8 and "input_ids" in p.stderr, p.stderr
+    p = sparsec("run", tmp_path / "nothing", "--inputs", tmp_path / "none.npz")
+    assert p.returncode == 13, p.stderr
+
+
+def test_existing_output_needs_force(gpt2_onnx, tmp_path):
+    _, path = gpt2_onnx
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    p = sparsec("compress", path, "-o", out, "--quiet", "--no-build")
+    assert p.returncode == 7 and "--force" in p.stderr
+    assert (out / "keep.txt").read_text() == "user data"
