@@ -148,3 +148,52 @@ def test_inspect_bert_lists_36_linears(exported, tmp_path):
             assert by[f"{p}.{sub}"]["shape"] == shape
     res = CliRunner().invoke(app, ["inspect", path])
     assert res.exit_code == 0 and "encoder.layer.5.output.dense" in res.output
+
+
+@pytest.mark.parametrize("kind", ["llama", "mixtral"])
+def test_pt2_archive_import(kind, tmp_path):
+    from sparsec.compressor.frontends.torch import load_pt2
+
+    model = tm.build(kind)
+    args = model.example_inputs()
+    if kind == "llama":  # dynamic batch and sequence, as users export for serving
+        dyn = ({0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO},)
+        ep = torch.export.export(model, args, dynamic_shapes=dyn)
+        b, t = 3, 7
+    else:  # static shapes: the program only accepts the example shape
+        ep = torch.export.export(model, args)
+        b, t = args[0].shape
+    path = tmp_path / "m.pt2"
+    torch.export.save(ep, str(path))
+    g = load_pt2(str(path))
+    feeds = tm.feeds_for(model, b=int(b), t=int(t), seed=int(np.random.default_rng().integers(1 << 30)))
+    with torch.no_grad():
+        ref = model(*[torch.from_numpy(v) for v in feeds.values()])
+    ref = ref[0] if isinstance(ref, tuple) else ref
+    got = Executor(g).run(dict(zip(g.inputs, feeds.values())))[g.outputs[0]]
+    assert tm.rel(ref.numpy(), got) < 1e-5
+    assert any(n.name.endswith("mlp.down_proj") or "experts" in n.name for n in g.linears())
+    if kind == "mixtral":
+        assert any(isinstance(n, MoE) for n in g.nodes)
+
+
+def test_pt2_with_pickled_entries_is_refused(tmp_path):
+    import zipfile
+
+    from sparsec.compressor.errors import ModelLoadError
+    from sparsec.compressor.frontends.torch import load_pt2
+
+    model = tm.build("llama")
+    path = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(model, model.example_inputs()), str(path))
+    evil = tmp_path / "evil.pt2"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(evil, "w") as dst:
+        for item in src.infolist():
+            dst.writestr(item, src.read(item.filename))
+        root = src.namelist()[0].split("/")[0]
+        dst.writestr(f"{root}/data/constants/custom_obj_0.pt", b"\x80\x04K\x01.")
+    with pytest.raises(ModelLoadError, match="unpickle"):
+        load_pt2(str(evil))
+    (tmp_path / "junk.pt2").write_bytes(b"not a zip")
+    with pytest.raises(ModelLoadError, match="not a .pt2"):
+        load_pt2(str(tmp_path / "junk.pt2"))

@@ -154,9 +154,12 @@ def _expert_layouts(mod: nn.Module, d: int, e: int) -> list[tuple[list[dict], li
     out = []
     # ModuleList of expert MLPs
     for cname, child in mod.named_children():
-        if not isinstance(child, nn.ModuleList) or len(child) != e:
+        # an nn.ModuleList, or what torch.export.unflatten makes of one (children named 0..e-1)
+        kids = dict(child.named_children())
+        if sorted(kids) != sorted(str(i) for i in range(e)):
             continue
-        first = child[0]
+        members = [kids[str(i)] for i in range(e)]
+        first = members[0]
         lins = [(n, _linear_like(m)) for n, m in first.named_children()]
         lins = [(n, wb) for n, wb in lins if wb is not None]
         if len(lins) not in (2, 3):
@@ -172,7 +175,7 @@ def _expert_layouts(mod: nn.Module, d: int, e: int) -> list[tuple[list[dict], li
         names_all = []
         ok = True
         for i in range(e):
-            sub = dict(child[i].named_children())
+            sub = dict(members[i].named_children())
             roles = {}
             names = {}
             for n in [down] + ins:
@@ -467,6 +470,23 @@ def _dynamic_shapes(example_inputs: tuple, dynamic: bool):
     return tuple(out)
 
 
+def _dynamic_shapes_for(model: nn.Module, example_inputs: tuple, dynamic: bool):
+    """Dynamic shapes matching ``forward``'s signature (``forward(*args)``, as torch.export.unflatten makes it,
+    takes one tuple for all positional inputs)."""
+    import inspect
+
+    dyn = _dynamic_shapes(example_inputs, dynamic)
+    if dyn is None:
+        return None
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return dyn
+    if params and params[0].kind == inspect.Parameter.VAR_POSITIONAL:
+        return (dyn,)
+    return dyn
+
+
 def export_onnx_proto(model: nn.Module, example_inputs: tuple, *, input_names=None, output_names=None, dynamic=True,
                       opset: int = 18, moe: list[_MoECandidate] | None = None):  # fmt: skip
     """torch.export + the dynamo ONNX exporter, in memory. MoE blocks in ``moe`` become placeholders."""
@@ -481,7 +501,7 @@ def export_onnx_proto(model: nn.Module, example_inputs: tuple, *, input_names=No
                 opset_version=opset,
                 input_names=names,
                 output_names=output_names,
-                dynamic_shapes=_dynamic_shapes(tuple(example_inputs), dynamic),
+                dynamic_shapes=_dynamic_shapes_for(model, tuple(example_inputs), dynamic),
                 custom_translation_table=_translation_table() if moe else None,
                 optimize=True,
                 verify=False,
