@@ -12,10 +12,15 @@ Usage (a pass's ``run``)::
         held = step.collect(names, heldout=True)                           # held-out split (errors only)
         ... replace weights of step.linears() ...
     # leaving the loop body advances the batches through the compressed block
+
+Inside a block, ``collect`` runs only as far as the requested layers (the last one's input is read without
+computing it) and keeps the batch states just before the first of them: the next ``collect`` (typically for the
+next stage, after these layers were rewritten) and the final advance resume there instead of at the block start,
+as long as no node before that point was changed (checked by identity of nodes, parameters and constants).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -31,6 +36,7 @@ class BlockStep:
     block: Block
     fit_envs: list[dict[str, torch.Tensor]]
     held_envs: list[dict[str, torch.Tensor]]
+    _snaps: dict = field(default_factory=dict)  # heldout -> (node index, batch states there, signature)
 
     @property
     def graph(self) -> Graph:
@@ -51,12 +57,55 @@ class BlockStep:
     def moes(self) -> list[MoE]:
         return [n for n in self.nodes() if isinstance(n, MoE)]
 
-    def observe(self, observer: Observer, heldout: bool = False, stop: int | None = None) -> None:
+    def _signature(self, stop: int) -> tuple:
+        """Identity of the nodes before ``stop`` and of their parameters (a rewrite of any of them changes it)."""
+        sig = []
+        consts = self.graph.constants
+        for n in self.graph.nodes[self.block.start : stop]:
+            ps = [id(p) for p in n.params().values()] + [id(consts[i]) for i in n.inputs if i in consts] + list(n.inputs)
+            if isinstance(n, MoE):
+                ps += [id(l.weight) for l in n.linears()] + [id(l.bias) for l in n.linears()]
+            sig.append((id(n), tuple(ps)))
+        return tuple(sig)
+
+    def _resume(self, heldout: bool) -> tuple[int, list[dict[str, torch.Tensor]]]:
+        """Where a run of the block can start: a snapshot of the batch states taken inside the block, while every
+        node before it is unchanged since; else the block start."""
+        snap = self._snaps.get(heldout)
+        if snap is not None and snap[2] == self._signature(snap[0]):
+            return snap[0], snap[1]
+        return self.block.start, self.held_envs if heldout else self.fit_envs
+
+    def observe(self, observer: Observer | None, heldout: bool = False, stop: int | None = None,
+                snapshot_at: int | None = None, finish: Callable[[dict], None] | None = None) -> None:  # fmt: skip
         """Run the block (up to node ``stop``, default its end) on (copies of) the current batch states with
-        ``observer`` attached."""
-        envs = self.held_envs if heldout else self.fit_envs
+        ``observer`` attached. With ``snapshot_at``, the states before that node are kept, so that a later run
+        (after the layers from there on were rewritten) resumes there instead of at the block start. ``finish`` is
+        called with each batch's values at ``stop``."""
+        stop = self.block.stop if stop is None else stop
+        start, envs = self._resume(heldout)
+        if snapshot_at is not None and not start <= snapshot_at <= stop:
+            snapshot_at = None
+        kept = []
         for env in envs:
-            self.ex.run_range(dict(env), self.block.start, self.block.stop if stop is None else stop, observer)
+            env = dict(env)
+            if snapshot_at is not None:
+                env = self.ex.run_range(env, start, snapshot_at, observer)
+                kept.append(dict(env))
+                env = self.ex.run_range(env, snapshot_at, stop, observer)
+            else:
+                env = self.ex.run_range(env, start, stop, observer)
+            if finish is not None:
+                finish(env)
+        if snapshot_at is not None:
+            self._snaps[heldout] = (snapshot_at, kept, self._signature(snapshot_at))
+
+    def advance(self) -> None:
+        """Move the batch states to the end of the block (through its current, rewritten layers)."""
+        for heldout, envs in ((False, self.fit_envs), (True, self.held_envs)):
+            start, src = self._resume(heldout)
+            envs[:] = [self.ex.run_range(dict(env), start, self.block.stop) for env in src]
+        self._snaps.clear()
 
     def collect(self, names, heldout: bool = False) -> dict[str, GramStats]:
         """Gram statistics of the named Linear layers of this block. Layers reading the same value (q/k/v) share
@@ -66,19 +115,29 @@ class BlockStep:
             return {}
         want = set(names)
         lins = {lin.name: lin for lin in self.linears() if lin.name in want}
-        top: dict[str, Linear] = {}
-        stop = self.block.start
+        where: dict[str, int] = {}  # plain Linear -> node index
+        moe_at: list[int] = []
         for i, n in enumerate(self.nodes(), self.block.start):
             if isinstance(n, Linear) and n.name in lins:
-                top[n.name] = n
-                stop = i + 1
+                where[n.name] = i
             elif isinstance(n, MoE) and any(l.name in lins for l in n.linears()):
-                stop = i + 1
+                moe_at.append(i)
         first: dict[str, str] = {}
-        alias = {name: first.setdefault(top[name].inputs[0], name) for name in lins if name in top}
+        alias = {name: first.setdefault(lins[name].inputs[0], name) for name in sorted(where, key=where.get)}
         observed = [n for n in lins if alias.get(n, n) == n]
         obs = LinearStatsObserver(observed, {n: lins[n].in_features for n in observed}, self.ex.device)
-        self.observe(obs, heldout, stop=stop)
+        # run only as far as needed: MoE nodes must execute; the last plain Linear only needs its input, read at stop
+        plain = [where[n] for n in observed if n in where]
+        stop = max([i + 1 for i in moe_at] + plain)
+        tail = [n for n in observed if where.get(n) == stop]
+        finish = None
+        if tail:
+            inp = lins[tail[0]].inputs[0]
+            finish = lambda env: obs.linear_input(tail[0], env[inp].reshape(-1, env[inp].shape[-1]))  # noqa: E731
+            obs.names.discard(tail[0])  # not executed, not observed twice
+        # the collected layers are usually rewritten next: keep the states before the first of them
+        first_node = min(list(where.values()) + moe_at)
+        self.observe(obs, heldout, stop=stop, snapshot_at=first_node, finish=finish)
         return {n: obs.stats[alias.get(n, n)] for n in lins}
 
     def stages(self) -> list[list[Linear]]:
@@ -135,5 +194,4 @@ def sequential(graph: Graph, fit, heldout=None, device=None, *, progress: Callab
     for blk in it:
         step = BlockStep(ex, blk, fit_envs, held_envs)
         yield step
-        fit_envs[:] = [ex.run_range(env, blk.start, blk.stop) for env in fit_envs]
-        held_envs[:] = [ex.run_range(env, blk.start, blk.stop) for env in held_envs]
+        step.advance()

@@ -24,10 +24,11 @@ class GramStats:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, self.dim).to(torch.float64)
-        if x.numel() and not torch.isfinite(x).all():
+        s = x.sum(0)
+        if x.numel() and not torch.isfinite(s).all():  # a NaN/inf anywhere in x makes its column sum non-finite
             raise NumericalError("calibration activations contain NaN or inf")
         self.H.addmm_(x.T, x)
-        self.sum += x.sum(0)
+        self.sum += s
         self.n += x.shape[0]
 
     def hessian(self) -> np.ndarray:

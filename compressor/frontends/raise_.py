@@ -523,7 +523,31 @@ def match_residual(v: _View, n: Generic) -> _Match | None:
         return None
     if not _same_shape(v.shape(a), v.shape(b)):
         return None
+    # a residual connection adds a layer's output (a Linear or an MoE, possibly through dropout / cast) to the
+    # stream; sums of other activations (rotary q*cos + rotate_half(q)*sin, token + position embeddings) are not
+    if _writes_stream(v, a) == _writes_stream(v, b):
+        return None
     return _Match([n], Residual(n.name, [a, b], [n.outputs[0]], _meta(n)))
+
+
+_PASS_THROUGH = {"Dropout", "Identity", "Cast"}
+
+
+def _writes_stream(v: _View, value: str, depth: int = 0) -> bool:
+    n = v.prod.get(value)
+    if n is None or depth > 4:
+        return False
+    if isinstance(n, (Linear, MoE)):
+        return True
+    if isinstance(n, Generic):
+        s = n.meta.get("sparsec") or {}
+        if n.domain == "sparsec" or "sparsec.moe" in s:
+            return True
+        if n.op_type in _PASS_THROUGH and n.inputs:
+            return _writes_stream(v, n.inputs[0], depth + 1)
+        if n.op_type in ("Mul", "Div") and len(n.inputs) == 2 and n.inputs[1] in v.g.constants and v.g.constants[n.inputs[1]].size == 1:
+            return _writes_stream(v, n.inputs[0], depth + 1)  # a scaled branch (e.g. residual scaling)
+    return False
 
 
 PATTERNS: list[tuple[str, Callable[[_View, Generic], _Match | None]]] = [

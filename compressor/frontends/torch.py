@@ -149,6 +149,10 @@ def _np(t: torch.Tensor | None) -> np.ndarray | None:
     return None if t is None else t.detach().float().cpu().numpy().copy()
 
 
+def lins_shape_square(w) -> bool:
+    return w.shape[0] == w.shape[1]
+
+
 def _expert_layouts(mod: nn.Module, d: int, e: int) -> list[tuple[list[dict], list[dict[str, str]], str]]:
     """Candidate expert weight layouts inside ``mod``: (experts roles->(w,b), role names, label)."""
     out = []
@@ -164,40 +168,42 @@ def _expert_layouts(mod: nn.Module, d: int, e: int) -> list[tuple[list[dict], li
         lins = [(n, wb) for n, wb in lins if wb is not None]
         if len(lins) not in (2, 3):
             continue
-        downs = [n for n, (w, _) in lins if w.shape[0] == d and w.shape[1] != d] or [n for n, (w, _) in lins if w.shape[0] == d]
-        if len(downs) != 1:
-            continue
-        down = downs[0]
-        ins = [n for n, (w, _) in lins if n != down and w.shape[1] == d]
-        if len(ins) != len(lins) - 1:
-            continue
-        experts_all = []
-        names_all = []
-        ok = True
-        for i in range(e):
-            sub = dict(members[i].named_children())
-            roles = {}
-            names = {}
-            for n in [down] + ins:
-                wb = _linear_like(sub[n]) if n in sub else None
-                if wb is None:
-                    ok = False
+        # the down projection maps back to d; when the expert width equals d several layers qualify: try each
+        # (numeric verification picks the right one), names that say "down" first
+        hint = ("w2", "down", "wo", "fc2", "c_proj", "4h_to_h")
+        downs = [n for n, (w, _) in lins if w.shape[0] == d]
+        downs.sort(key=lambda n: (not any(h in n for h in hint), lins_shape_square(dict(lins)[n][0])))
+        for down in downs:
+            ins = [n for n, (w, _) in lins if n != down and w.shape[1] == d]
+            if len(ins) != len(lins) - 1:
+                continue
+            experts_all = []
+            names_all = []
+            ok = True
+            for i in range(e):
+                sub = dict(members[i].named_children())
+                roles = {}
+                names = {}
+                for n in [down] + ins:
+                    wb = _linear_like(sub[n]) if n in sub else None
+                    if wb is None:
+                        ok = False
+                        break
+                    roles[n] = (_np(wb[0]), _np(wb[1]))
+                    names[n] = f"{cname}.{i}.{n}"
+                if not ok:
                     break
-                roles[n] = (_np(wb[0]), _np(wb[1]))
-                names[n] = f"{cname}.{i}.{n}"
+                experts_all.append(roles)
+                names_all.append(names)
             if not ok:
-                break
-            experts_all.append(roles)
-            names_all.append(names)
-        if not ok:
-            continue
-        if len(ins) == 1:
-            out.append(([{"up": r[ins[0]], "down": r[down]} for r in experts_all],
-                        [{"up": nm[ins[0]], "down": nm[down]} for nm in names_all], "modulelist"))  # fmt: skip
-        else:
-            for g, u in ((ins[0], ins[1]), (ins[1], ins[0])):
-                out.append(([{"gate": r[g], "up": r[u], "down": r[down]} for r in experts_all],
-                            [{"gate": nm[g], "up": nm[u], "down": nm[down]} for nm in names_all], "modulelist"))  # fmt: skip
+                continue
+            if len(ins) == 1:
+                out.append(([{"up": r[ins[0]], "down": r[down]} for r in experts_all],
+                            [{"up": nm[ins[0]], "down": nm[down]} for nm in names_all], "modulelist"))  # fmt: skip
+            else:
+                for g, u in ((ins[0], ins[1]), (ins[1], ins[0])):
+                    out.append(([{"gate": r[g], "up": r[u], "down": r[down]} for r in experts_all],
+                                [{"gate": nm[g], "up": nm[u], "down": nm[down]} for nm in names_all], "modulelist"))  # fmt: skip
     # fused 3-D expert tensors (possibly one level down, e.g. `experts`)
     holders = [("", mod)] + [(n + ".", c) for n, c in mod.named_children()]
     for prefix, holder in holders:

@@ -1,0 +1,185 @@
+"""Calibration: sources, generated inputs, the held-out split, block-by-block statistics (against numpy)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sparsec.calibration.data import load_calibration, static_batch
+from sparsec.calibration.sequential import sequential
+from sparsec.calibration.stats import GramStats, relative_output_error
+from sparsec.compressor.errors import CalibrationError
+from sparsec.compressor.executor import Executor, Observer
+
+from .test_nm_prune import raised_graph
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _ids(rng, n, t, vocab=50):
+    return rng.integers(0, vocab, size=(n, t)).astype(np.int64)
+
+
+def test_sources_npz_npy_directory(tmp_path):
+    rng = np.random.default_rng()
+    g = raised_graph(rng, layers=1)
+    a, b = _ids(rng, 5, 12), _ids(rng, 3, 12)
+    np.savez(tmp_path / "a.npz", ids=a)
+    np.save(tmp_path / "b.npy", b)
+    fit, held = load_calibration(g, str(tmp_path / "a.npz"), samples=100, seq_len=None, seed=0, heldout=0.2)
+    assert fit.num_samples == 4 and held.num_samples == 1 and not fit.generated and not fit.warnings
+    np.testing.assert_array_equal(np.concatenate([fit.arrays["ids"], held.arrays["ids"]]), a)
+    fit, _ = load_calibration(g, str(tmp_path / "b.npy"), samples=100, seq_len=None, seed=0, heldout=0)
+    np.testing.assert_array_equal(fit.arrays["ids"], b)
+    d = tmp_path / "dir"
+    d.mkdir()
+    np.savez(d / "0.npz", ids=a)
+    np.savez(d / "1.npz", ids=b)
+    fit, held = load_calibration(g, str(d), samples=100, seq_len=8, seed=0, heldout=2)
+    both = np.concatenate([fit.arrays["ids"], held.arrays["ids"]])
+    np.testing.assert_array_equal(both, np.concatenate([a, b])[:, :8])  # --seq-len crops token inputs
+    assert held.num_samples == 2
+
+
+def test_bad_sources_are_typed_errors(tmp_path):
+    rng = np.random.default_rng()
+    g = raised_graph(rng, layers=1)
+    np.savez(tmp_path / "wrong.npz", tokens=_ids(rng, 2, 4))
+    np.savez(tmp_path / "range.npz", ids=_ids(rng, 2, 4, vocab=500))
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    (tmp_path / "x.txt").write_text("hello")
+    for path, msg in (("wrong.npz", "input names"), ("range.npz", "token ids"), ("obj.npy", "object"), ("x.txt", ".npz"),
+                      ("missing.npz", "no such file")):  # fmt: skip
+        with pytest.raises(CalibrationError, match=msg):
+            load_calibration(g, str(tmp_path / path), samples=8, seq_len=None, seed=0, heldout=0.5)
+
+
+def test_generated_inputs_warn_and_respect_spec():
+    rng = np.random.default_rng()
+    g = raised_graph(rng, layers=1, vocab=37)
+    fit, held = load_calibration(g, None, samples=20, seq_len=9, seed=5, heldout=0.25)
+    assert fit.generated and any("poor calibration set" in w for w in fit.warnings)
+    assert fit.num_samples == 15 and held.num_samples == 5 and fit.arrays["ids"].shape == (15, 9)
+    ids = np.concatenate([fit.arrays["ids"], held.arrays["ids"]])
+    assert ids.min() >= 0 and ids.max() < 37 and len(np.unique(ids)) > 20
+    fit2, _ = load_calibration(g, None, samples=20, seq_len=9, seed=5, heldout=0.25)
+    np.testing.assert_array_equal(fit.arrays["ids"], fit2.arrays["ids"])  # same seed -> same data
+    fit3, _ = load_calibration(g, None, samples=20, seq_len=9, seed=6, heldout=0.25)
+    assert not np.array_equal(fit.arrays["ids"], fit3.arrays["ids"])
+
+
+def test_samples_subset_is_seeded(tmp_path):
+    rng = np.random.default_rng()
+    g = raised_graph(rng, layers=1)
+    a = _ids(rng, 40, 6)
+    np.savez(tmp_path / "a.npz", ids=a)
+    f1, h1 = load_calibration(g, str(tmp_path / "a.npz"), samples=10, seq_len=None, seed=1, heldout=0.2)
+    f2, _ = load_calibration(g, str(tmp_path / "a.npz"), samples=10, seq_len=None, seed=1, heldout=0.2)
+    assert f1.num_samples + h1.num_samples == 10
+    np.testing.assert_array_equal(f1.arrays["ids"], f2.arrays["ids"])
+    rows = {tuple(r) for r in a}
+    assert all(tuple(r) in rows for r in f1.arrays["ids"])
+
+
+def test_static_batch_models():
+    rng = np.random.default_rng()
+    g = raised_graph(rng, layers=1)
+    g.values["ids"].shape = (4, 10)
+    assert static_batch(g) == 4
+    fit, held = load_calibration(g, None, samples=19, seq_len=None, seed=0, heldout=0.25)
+    assert fit.batch_size == 4 and fit.num_samples % 4 == 0 and held.num_samples % 4 == 0 and held.num_samples >= 4
+    assert all(b["ids"].shape == (4, 10) for b in fit.batches() + held.batches())
+    ex = Executor(g)
+    for b in fit.batches():
+        ex.run(b)  # the executor's input check accepts every batch
+
+
+class _Capture(Observer):
+    def __init__(self, names):
+        self.names, self.x = set(names), {n: [] for n in names}
+
+    def wants_linear(self, name):
+        return name in self.names
+
+    def linear_input(self, name, x):
+        self.x[name].append(x.double().numpy())
+
+
+def test_sequential_statistics_use_fit_split_and_match_numpy():
+    """Gram matrices from step.collect equal XᵀX of the fit split's activations (held-out split: its own), with
+    q and k sharing one matrix, and block 1 seeing block 0's outputs."""
+    rng = np.random.default_rng()
+    g = raised_graph(rng, layers=2)
+    fit, held = load_calibration(g, None, samples=12, seq_len=7, seed=0, heldout=0.25)
+    names = [l.name for l in g.linears()]
+    cap_fit, cap_held = _Capture(names), _Capture(names)
+    ex = Executor(g)
+    for b in fit.batches():
+        ex.run(b, observer=cap_fit)
+    for b in held.batches():
+        ex.run(b, observer=cap_held)
+    seen = 0
+    for step in sequential(g, fit, held):
+        lins = [l.name for l in step.linears()]
+        if not lins:
+            continue
+        st = step.collect(lins)
+        sh = step.collect(lins, heldout=True)
+        for n in lins:
+            X = np.concatenate(cap_fit.x[n])
+            np.testing.assert_allclose(st[n].H.numpy(), X.T @ X, rtol=1e-6, atol=1e-6)
+            assert st[n].n == X.shape[0] == fit.tokens()
+            np.testing.assert_allclose(st[n].norms(), np.linalg.norm(X, axis=0), rtol=1e-6)
+            Xh = np.concatenate(cap_held.x[n])
+            np.testing.assert_allclose(sh[n].H.numpy(), Xh.T @ Xh, rtol=1e-6, atol=1e-6)
+            seen += 1
+        if step.block.kind == "block":
+            q, k = lins[:2]
+            assert st[q] is st[k]  # one Gram matrix for layers reading the same value
+    assert seen == len(names)
+
+
+def test_relative_output_error_matches_activations():
+    rng = np.random.default_rng()
+    X = rng.standard_normal((300, 24))
+    W = rng.standard_normal((10, 24)).astype(np.float32)
+    W2 = W + 0.1 * rng.standard_normal(W.shape).astype(np.float32)
+    s = GramStats(24)
+    s.add(torch.from_numpy(X))
+    ref = np.linalg.norm(X @ (W - W2).T.astype(np.float64)) / np.linalg.norm(X @ W.T.astype(np.float64))
+    assert relative_output_error(W, W2, s.gram()) == pytest.approx(ref, rel=1e-7)
+
+
+def test_collect_resumes_only_while_earlier_nodes_are_unchanged():
+    """A later collect resumes from the states kept before the last collected layers; rewriting a layer *before*
+    them invalidates that shortcut (the statistics must then reflect the rewrite)."""
+    from sparsec.compressor.formats import Dense
+
+    rng = np.random.default_rng()
+    g = raised_graph(rng, layers=1)
+    fit, _ = load_calibration(g, None, samples=8, seq_len=5, seed=0, heldout=0)
+
+    def fresh(name):
+        cap = _Capture([name])
+        ex = Executor(g)
+        for b in fit.batches():
+            ex.run(b, observer=cap)
+        X = np.concatenate(cap.x[name])
+        return X.T @ X
+
+    for step in sequential(g, fit):
+        if step.block.kind != "block":
+            continue
+        np.testing.assert_allclose(step.collect(["layers.0.up"])["layers.0.up"].H.numpy(), fresh("layers.0.up"), rtol=1e-6)
+        up = g.linear("layers.0.up")
+        up.weight = Dense(up.weight.materialize() * 2)  # at the kept point: later collects resume there
+        np.testing.assert_allclose(step.collect(["layers.0.down"])["layers.0.down"].H.numpy(), fresh("layers.0.down"), rtol=1e-6)
+        q = g.linear("layers.0.q")
+        q.weight = Dense(q.weight.materialize() * 3)  # before the kept point: must restart from the block start
+        np.testing.assert_allclose(step.collect(["layers.0.down"])["layers.0.down"].H.numpy(), fresh("layers.0.down"), rtol=1e-6)
