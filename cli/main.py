@@ -14,7 +14,28 @@ import traceback
 from pathlib import Path
 from typing import List, Optional
 
-import click
+def _exception_types():
+    """(Exit, Abort, ClickException) classes of the click typer runs on: its vendored copy (typer >= 0.26) and/or
+    the click package."""
+    exits, aborts, clicks = [typer.Exit], [typer.Abort], []
+    mods = []
+    try:
+        from typer._click import exceptions as vendored
+
+        mods.append(vendored)
+    except ImportError:  # pragma: no cover - older typer
+        pass
+    try:
+        import click.exceptions as real
+
+        mods.append(real)
+    except ImportError:
+        pass
+    for m in mods:
+        exits += [getattr(m, "Exit")] if hasattr(m, "Exit") else []
+        aborts += [getattr(m, "Abort")] if hasattr(m, "Abort") else []
+        clicks += [getattr(m, "ClickException")] if hasattr(m, "ClickException") else []
+    return tuple(set(exits)), tuple(set(aborts)), tuple(set(clicks))
 import typer
 from rich.console import Console
 
@@ -311,6 +332,7 @@ def run(
         "outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype), "mean": float(v.mean()) if v.size and v.dtype.kind == "f" else None}
                     for k, v in res.outputs.items()},  # fmt: skip
         "seconds": res.seconds,
+        "note": res.note or None,
     }
     if as_json:
         print(json.dumps(summary, indent=1))
@@ -318,6 +340,8 @@ def run(
         for k, v in summary["outputs"].items():
             out.print(f"{k}: {v['dtype']}{v['shape']}" + (f"  mean {v['mean']:.6g}" if v["mean"] is not None else ""))
         err.print(f"engine: {res.engine}, {res.seconds * 1e3:.1f} ms" + (f"; wrote {output}" if output else ""))
+    if res.note:
+        err.print(f"note: {res.note}")
 
 
 @app.command(epilog="Examples:\n\n  sparsec report out/\n\n  sparsec report out/ --json > report.json")
@@ -346,6 +370,109 @@ def report(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise E.RecipeError(f"{what}: expected comma-separated integers, got {text!r}")
+    if not vals or any(v <= 0 for v in vals):
+        raise E.RecipeError(f"{what}: expected positive integers, got {text!r}")
+    return vals
+
+
+@app.command(epilog="Examples:\n\n  sparsec bench out/\n\n  sparsec bench out/ --original model.onnx --shapes 1x1,1x128,8x128 --runs 50\n\n"
+             "  sparsec bench out/ --output bench/results/mine.json --json")  # fmt: skip
+def bench(
+    artifact: Path = typer.Argument(..., help="Artifact directory with a compiled library (lib/)."),
+    original: Optional[str] = typer.Option(None, "--original", help="The uncompressed model file (default: the reference model the artifact came from)."),
+    shapes: str = typer.Option("1x1,1x128", "--shapes", help="Scenarios as BATCHxSEQ (batch x sequence length; SEQ ignored for non-sequence models)."),
+    runs: int = typer.Option(20, "--runs", min=1, help="Timed runs per engine and scenario (min and median reported)."),
+    warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed warm-up runs."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads for every engine (default: all CPUs)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write JSON + Markdown table here (a directory or a .json path; default: the artifact)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON document."),
+):
+    """Time the artifact's compiled library against the uncompressed model (onnxruntime, and compiled by TVM)."""
+    if threads is not None:
+        os.environ["TVM_NUM_THREADS"] = str(threads)
+    from sparsec.backends.bench import bench_artifact, print_table, write_results
+
+    scen = []
+    for part in shapes.split(","):
+        b, _, q = part.strip().lower().partition("x")
+        if not (b.isdigit() and q.isdigit() and int(b) > 0 and int(q) > 0):
+            raise E.RecipeError(f"--shapes: expected BATCHxSEQ items like 1x128, got {part!r}")
+        scen.append((int(b), int(q)))
+    doc = bench_artifact(artifact, original=original, scenarios=scen, runs=runs, warmup=warmup, threads=threads,
+                         console=None if as_json else err)  # fmt: skip
+    try:
+        j, md = write_results(doc, output if output is not None else artifact)
+    except OSError as e:
+        raise E.OutputError(f"{output or artifact}: cannot write the results ({e.strerror or e})")
+    if as_json:
+        print(json.dumps(doc, indent=1, sort_keys=True))
+    else:
+        print_table(doc, out)
+        err.print(f"wrote {j} and {md}")
+
+
+@app.command(epilog="Examples:\n\n  sparsec tune model.onnx --target x86\n\n  sparsec tune --example tiny-gpt --formats dense,2:4,int4g32,2:4+int4g32\n\n"
+             "  sparsec tune out/ --db my-tuning.json   (an artifact: tunes exactly its layers' formats)")  # fmt: skip
+def tune(
+    model: Optional[str] = typer.Argument(None, help="Model file (.onnx, .pt2) or an artifact directory."),
+    example: Optional[str] = typer.Option(None, "--example", help="An embedded reference model: tiny-gpt, tiny-moe, digits."),
+    target: str = typer.Option("x86", "--target", "-t", help="Target to tune for (must be this machine: x86 here)."),
+    formats: Optional[str] = typer.Option(None, "--formats", help="Weight formats to tune, e.g. dense,2:4,int4g32,int8g32a,2:4+int4g32 "
+                                                                  "(default: those of an artifact; for a model file: dense,2:4,int4g32,int8g32,2:4+int4g32)."),
+    m_values: str = typer.Option("1,16,128", "--m", help="Token counts M the kernels are timed at (decode and prefill)."),
+    candidates: int = typer.Option(16, "--candidates", min=1, help="Schedules tried per kernel (the default one always competes)."),
+    db: Optional[Path] = typer.Option(None, "--db", help="Tuning database to update (default: ~/.cache/sparsec/tuning/<target>.json or $SPARSEC_TUNING_DB)."),
+    ship: bool = typer.Option(False, "--ship", help="Update the database shipped with sparsec (golden/tuning/<target>.json) instead."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the candidate order and the synthetic weights."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+):
+    """Search kernel schedules for a model's layer shapes on this machine and store the best in a tuning database."""
+    from sparsec.backends.targets import get_target
+    from sparsec.backends.tune import TuningDB, default_user_db, shipped_db_path, tune_graph
+
+    t = get_target(target)
+    if model is not None and os.path.isdir(model) and example is None:
+        from sparsec.compressor.artifact import load_artifact
+
+        graph = load_artifact(model).graph
+        fmts = None if formats is None else [f for f in formats.split(",") if f]
+    else:
+        graph = _load(model, example).graph
+        fmts = [f for f in (formats or "dense,2:4,int4g32,int8g32,2:4+int4g32").split(",") if f]
+    if db is not None and ship:
+        raise E.RecipeError("give --db or --ship, not both")
+    path = shipped_db_path(t.name) if ship else (db or default_user_db(t.name))
+    store = TuningDB(entries=TuningDB.read(path), sources=[str(path)], path=Path(path))
+    rows = tune_graph(graph, t, store, fmts, m_values=_int_list(m_values, "--m"), max_candidates=candidates, seed=seed,
+                      console=None if as_json else err)  # fmt: skip
+    try:
+        store.save(path, t.name.partition(":")[0])
+    except OSError as e:
+        raise E.OutputError(f"{path}: cannot write the tuning database ({e.strerror or e})")
+    if as_json:
+        print(json.dumps({"database": str(path), "results": rows}, indent=1, sort_keys=True))
+        return
+    from rich.table import Table
+
+    tab = Table(title=f"tuned for {t.name} -> {path}", title_justify="left")
+    for c in ("kernel", "format", "shape", "vs default", "config"):
+        tab.add_column(c)
+    for r in rows:
+        cfg = r["config"]
+        tab.add_row(r["kernel"], r["format"], r["shape"], f"{r['speedup_vs_default']:.2f}x",
+                    " ".join(f"{k}={v}" for k, v in cfg.items() if k in ("block_o", "tile_m", "rows", "unroll", "parallel_gemv")))  # fmt: skip
+    out.print(tab)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+_EXIT, _ABORT, _CLICK = _exception_types()
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -354,12 +481,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         rv = app(args=argv, prog_name="sparsec", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
-    except click.exceptions.Exit as e:
-        code = e.exit_code
-    except click.exceptions.Abort:
+    except _EXIT as e:
+        code = getattr(e, "exit_code", 0)
+    except _ABORT:
         err.print("interrupted")
         code = E.EXIT_INTERRUPTED
-    except click.ClickException as e:
+    except _CLICK as e:
         e.show(file=sys.stderr)
         code = e.exit_code if e.exit_code else E.EXIT_USAGE
     except E.SparsecError as e:

@@ -134,3 +134,12 @@ def test_existing_output_needs_force(gpt2_onnx, tmp_path):
     p = sparsec("compress", path, "-o", out, "--quiet", "--no-build")
     assert p.returncode == 7 and "--force" in p.stderr
     assert (out / "keep.txt").read_text() == "user data"
+
+
+def test_usage_errors_exit_2():
+    p = sparsec("compress", "--no-such-flag")
+    assert p.returncode == 2 and "No such option" in p.stderr and "Traceback" not in p.stderr
+    p = sparsec("inspect")
+    assert p.returncode == 6 and p.stderr.startswith("sparsec: ")
+    p = sparsec("--help")
+    assert p.returncode == 0 and "compress" in p.stdout
