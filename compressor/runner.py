@@ -19,6 +19,7 @@ class RunResult:
     outputs: dict[str, np.ndarray]
     engine: str
     seconds: float
+    note: str = ""
 
 
 def read_inputs(path: str | Path, graph) -> dict[str, np.ndarray]:
@@ -40,8 +41,15 @@ def run_artifact(artifact: str | Path, inputs, engine: str = "auto") -> RunResul
     g = a.graph
     feeds = inputs if isinstance(inputs, dict) else read_inputs(inputs, g)
     check_feeds(g, feeds)
+    note = ""
     if engine == "auto":
         engine = "lib" if has_lib(a) else "onnx"
+        if engine == "lib":
+            from sparsec.backends.runtime import lib_runnable_here, read_lib_manifest
+
+            why = lib_runnable_here(read_lib_manifest(a.lib_dir))
+            if why is not None:
+                engine, note = "onnx", f"compiled library not used: {why}; ran model.onnx"
     t0 = time.perf_counter()
     if engine == "lib":
         if not has_lib(a):
@@ -61,4 +69,4 @@ def run_artifact(artifact: str | Path, inputs, engine: str = "auto") -> RunResul
         outs = dict(zip(names, sess.run(None, feeds)))
     else:
         outs = Executor(g).run(feeds)
-    return RunResult({k: np.asarray(v) for k, v in outs.items()}, engine, time.perf_counter() - t0)
+    return RunResult({k: np.asarray(v) for k, v in outs.items()}, engine, time.perf_counter() - t0, note)
