@@ -1,0 +1,203 @@
+"""``sparsec bench``: time an artifact's compiled library against the uncompressed model, on this machine, same run.
+
+Engines (each timed ``runs`` times after ``warmup`` calls; min and median reported):
+
+- ``sparsec lib``        the artifact's ``lib/model.so`` (compressed weights, generated kernels), Relax VM;
+- ``dense tvm``          the *uncompressed* model lowered and compiled by the same backend (same TVM, same dense
+                         kernels): isolates what compression buys in the compiled setting;
+- ``dense onnxruntime``  the uncompressed model in onnxruntime (the original ONNX file when given with
+                         ``--original``; for reference models the dense model exported by sparsec);
+- ``compressed onnxruntime``  the artifact's portable ``model.onnx`` in onnxruntime (for reference).
+
+Inputs are generated from the model's input spec for each scenario (batch, sequence length); the compiled library's
+outputs are checked against onnxruntime on the artifact's own model.onnx on the same inputs before timing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..compressor.errors import ArtifactError, ModelLoadError
+
+BENCH_SCHEMA = "sparsec.bench/1"
+
+
+def time_fn(fn: Callable[[], Any], runs: int, warmup: int) -> dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return {"min_ms": min(ts) * 1e3, "median_ms": statistics.median(ts) * 1e3, "runs": runs}
+
+
+def _ort_session(model: bytes | str, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+def original_graph(artifact, original: str | None):
+    """(uncompressed graph, ONNX bytes or path of the uncompressed model, label)."""
+    from ..compressor.compress import load_example, load_model
+    from ..compressor.onnx_export import ExportOptions, to_onnx
+
+    src = artifact.manifest.get("source", {})
+    if original is not None:
+        s = load_model(original)
+        if src.get("sha256") and s.sha256 and s.sha256 != src["sha256"]:
+            raise ModelLoadError(f"{original} is not the model this artifact was compressed from (sha256 differs)")
+        onnx_model = original if str(original).endswith(".onnx") else to_onnx(s.graph, ExportOptions(weights="native")).SerializeToString()
+        return s.graph, onnx_model, f"original {os.path.basename(str(original))}"
+    name = str(src.get("name", ""))
+    if name.startswith("example:"):
+        s = load_example(name.split(":", 1)[1])
+        return s.graph, to_onnx(s.graph, ExportOptions(weights="native")).SerializeToString(), f"dense {name} (exported by sparsec)"
+    raise ModelLoadError(f"the artifact was compressed from {name or 'an unknown model'}: pass the original with --original")
+
+
+def scenario_inputs(graph, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+    from sparsec.calibration.data import generate
+
+    return generate(graph, batch, seq, seed)
+
+
+def bench_artifact(path: str | Path, *, original: str | None = None, scenarios: list[tuple[int, int]] | None = None,
+                   runs: int = 20, warmup: int = 3, threads: int | None = None, console=None) -> dict[str, Any]:  # fmt: skip
+    from ..compressor.artifact import load_artifact
+    from .build import build_to_dir
+    from .runtime import LoadedLib, lib_runnable_here, read_lib_manifest
+
+    a = load_artifact(path)
+    if not (a.lib_dir / "manifest.json").exists():
+        raise ArtifactError(f"{a.path}: has no compiled library (lib/); compress with a buildable --target first")
+    why = lib_runnable_here(read_lib_manifest(a.lib_dir))
+    if why is not None:
+        from ..compressor.errors import ToolMissingError
+
+        raise ToolMissingError(f"cannot bench here: {why}")
+    threads = threads or os.cpu_count() or 1
+    scenarios = scenarios or [(1, 1), (1, 128)]
+    say = (lambda m: console.print(f"[dim]{m}[/dim]")) if console is not None else (lambda m: None)
+
+    say("loading the compiled library")
+    lib = LoadedLib(a)
+    g = a.graph
+    dense_graph, dense_onnx, dense_label = original_graph(a, original)
+    say("compiling the uncompressed model with the same backend (dense tvm)")
+    tmp = tempfile.mkdtemp(prefix="sparsec-bench-")
+    target = a.manifest.get("target", "x86")
+    build_to_dir(dense_graph, target, Path(tmp) / "lib")
+    dense_lib = LoadedLib(lib_dir=Path(tmp) / "lib", graph=dense_graph)
+    ort_dense = _ort_session(dense_onnx, threads)
+    ort_comp = _ort_session(str(a.onnx_path), threads) if a.onnx_path.exists() else None
+
+    results = []
+    for batch, seq in scenarios:
+        feeds = scenario_inputs(g, batch, seq)
+        say(f"scenario batch={batch} seq={seq}")
+        got = lib.run(feeds)
+        check = None
+        if ort_comp is not None:
+            names = [o.name for o in ort_comp.get_outputs()]
+            ref = dict(zip(names, ort_comp.run(None, feeds)))
+            errs = [float(np.linalg.norm(got[k].astype(np.float64) - ref[k]) / max(np.linalg.norm(ref[k]), 1e-30))
+                    for k in got if k in ref and ref[k].dtype.kind == "f"]  # fmt: skip
+            check = max(errs) if errs else None
+        eng: dict[str, dict[str, float]] = {}
+        eng["sparsec lib"] = time_fn(lib.timer(feeds), runs, warmup)
+        eng["dense tvm"] = time_fn(dense_lib.timer(feeds), runs, warmup)
+        dn = [i.name for i in ort_dense.get_inputs()]
+        eng["dense onnxruntime"] = time_fn(lambda: ort_dense.run(None, {k: feeds[k] for k in dn}), runs, warmup)
+        if ort_comp is not None:
+            cn = [i.name for i in ort_comp.get_inputs()]
+            eng["compressed onnxruntime"] = time_fn(lambda: ort_comp.run(None, {k: feeds[k] for k in cn}), runs, warmup)
+        lib_t = eng["sparsec lib"]["median_ms"]
+        results.append({
+            "batch": batch, "seq": seq, "engines": eng,
+            "speedup_vs_dense_onnxruntime": eng["dense onnxruntime"]["median_ms"] / lib_t,
+            "speedup_vs_dense_tvm": eng["dense tvm"]["median_ms"] / lib_t,
+            "lib_vs_compressed_onnx_rel_error": check,
+        })  # fmt: skip
+    import onnxruntime
+    import tvm
+
+    return {
+        "schema": BENCH_SCHEMA,
+        "artifact": str(a.path),
+        "target": target,
+        "baseline": dense_label,
+        "machine": {"cpu": _cpu_name(), "arch": platform.machine(), "threads": threads, "cpus": os.cpu_count()},
+        "versions": {"tvm": tvm.__version__, "onnxruntime": onnxruntime.__version__},
+        "runs": runs,
+        "warmup": warmup,
+        "scenarios": results,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def table_markdown(doc: dict[str, Any]) -> str:
+    engines = list(doc["scenarios"][0]["engines"]) if doc["scenarios"] else []
+    head = "| batch x seq | " + " | ".join(f"{e} ms (min / median)" for e in engines) + " | lib vs dense ORT | lib vs dense TVM |"
+    sep = "|" + "---|" * (len(engines) + 3)
+    rows = []
+    for s in doc["scenarios"]:
+        cells = [f"{s['engines'][e]['min_ms']:.3f} / {s['engines'][e]['median_ms']:.3f}" for e in engines]
+        rows.append(f"| {s['batch']} x {s['seq']} | " + " | ".join(cells)
+                    + f" | {s['speedup_vs_dense_onnxruntime']:.2f}x | {s['speedup_vs_dense_tvm']:.2f}x |")  # fmt: skip
+    m = doc["machine"]
+    foot = f"\n{m['cpu']} ({m['arch']}), {m['threads']} threads; {doc['runs']} runs after {doc['warmup']} warm-up; baseline: {doc['baseline']}.\n"
+    return "\n".join([head, sep, *rows]) + "\n" + foot
+
+
+def print_table(doc: dict[str, Any], console) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"sparsec bench ({doc['target']}, {doc['machine']['threads']} threads)", title_justify="left")
+    t.add_column("batch x seq")
+    engines = list(doc["scenarios"][0]["engines"]) if doc["scenarios"] else []
+    for e in engines:
+        t.add_column(f"{e}\nms min/med", justify="right")
+    t.add_column("vs dense ORT", justify="right")
+    t.add_column("vs dense TVM", justify="right")
+    for s in doc["scenarios"]:
+        t.add_row(f"{s['batch']} x {s['seq']}", *[f"{s['engines'][e]['min_ms']:.3f} / {s['engines'][e]['median_ms']:.3f}" for e in engines],
+                  f"{s['speedup_vs_dense_onnxruntime']:.2f}x", f"{s['speedup_vs_dense_tvm']:.2f}x")  # fmt: skip
+    console.print(t)
+
+
+def write_results(doc: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
+    """``out`` is a directory (bench.json + bench.md inside) or a .json path (the .md next to it)."""
+    out = Path(out)
+    if out.suffix == ".json":
+        j, md = out, out.with_suffix(".md")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        j, md = out / "bench.json", out / "bench.md"
+    j.parent.mkdir(parents=True, exist_ok=True)
+    j.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    md.write_text(table_markdown(doc))
+    return j, md

@@ -1,0 +1,267 @@
+"""Build: compressed graph -> Relax (lower.py) -> ``tvm.compile`` -> ``lib/`` of the artifact.
+
+``build(graph, target, recipe, console) -> (info, writer)`` is the hook :func:`sparsec.compressor.compress.compress`
+calls: ``info`` goes into the report (``build`` section) and ``writer(dir)`` writes ``lib/``:
+
+- ``model.so``: the whole model, one TVM library (Relax VM bytecode + host code + kernels; for CUDA targets the
+  device code as a fatbin with SASS for the target's arch, see :mod:`sparsec.backends.cuda_build`). Weights are not
+  in it: they are the ``main`` function's parameters, bound at load time from ``weights.safetensors``.
+- ``manifest.json`` (``sparsec.lib/1``): target, inputs (with symbolic dims), outputs, every parameter with its source
+  (see :class:`sparsec.backends.lower.ParamBinding`), the kernel chosen for every Linear with its schedule config and
+  whether it is tuned, and the TVM version.
+- ``kernels.tvmscript``: the TVMScript source of every generated kernel (what was compiled).
+- CUDA targets: ``model.cu`` (generated CUDA source) and ``model.<arch>.fatbin`` (``cuobjdump -sass`` it).
+
+Determinism: every file of ``lib/`` is byte-identical for the same input on the same machine (kernels, manifest,
+LLVM object code of the kernels, nvcc output with fixed file names) **except ``model.so``**: TVM 0.27's
+``VMShapeLower`` pass numbers the VM's shape-heap slots in an order that varies from run to run (the same shape
+computations, stored in permuted slots), so the host shape function and the VM bytecode differ in a few bytes.
+``model.so`` is therefore listed in :data:`sparsec.compressor.artifact.NONDETERMINISTIC` (kept out of the artifact
+manifest's checksums, like ``timings.json``); tests check its *behaviour* is identical instead.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ..compressor.errors import BuildError, ToolMissingError, UnsupportedOpError
+from ..compressor.ir import Graph, dumps_json
+from .targets import Target, get_target
+
+LIB_SCHEMA = "sparsec.lib/1"
+LIB_NAME = "model.so"
+
+
+def _tvm_target(target: Target):
+    import tvm
+
+    if target.kind == "cuda":
+        host = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}  # any x86-64 GPU host
+        return tvm.target.Target(target.tvm_dict(), host=host)
+    return target.tvm_target()
+
+
+def _toolchain(target: Target) -> tuple[Callable | None, str | None]:
+    """(fcompile for export_library, reason when this target cannot be linked here)."""
+    triple = str(target.tvm.get("mtriple", ""))
+    if target.kind == "wasm" or triple.startswith("wasm"):  # model.wasm + model.js: backends/cross.py
+        if shutil.which("clang") is None or (shutil.which("wasm-ld") or shutil.which("wasm-ld-14")) is None:
+            return None, "clang and wasm-ld (lld) are needed to link model.wasm and are not installed"
+        return None, None
+    if triple.startswith("aarch64"):
+        cc = shutil.which("aarch64-linux-gnu-g++") or shutil.which("aarch64-linux-gnu-gcc")
+        if cc is None:
+            return None, "the aarch64 cross toolchain (aarch64-linux-gnu-g++) is not installed"
+        from tvm.support import cc as _cc  # tvm.contrib.cc moved to tvm.support.cc in 0.27
+
+        return _cc.cross_compiler(cc), None
+    return None, None
+
+
+def cpu_pipeline(tt):
+    """TVM's CPU pipeline plus default schedules for the legalized operators (see :mod:`.cpu_schedule`)."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    from tvm.s_tir import dlight as dl
+
+    from .cpu_schedule import cpu_rules, fast_math
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod, _ctx):
+        with tt:
+            seq = tvm.transform.Sequential(
+                fast_math() + cpu.library_dispatch_passes(tt) + cpu.legalize_passes(tt) + [dl.ApplyDefaultSchedule(*cpu_rules())]
+                + cpu.dataflow_lower_passes(tt) + cpu.finalize_passes(tt)
+            )  # fmt: skip
+            return seq(mod)
+
+    return _pipeline
+
+
+def compile_lowered(low, target: Target, opt_level: int = 3):
+    """``tvm.compile`` of a lowered module; returns (executable, cuda build log or None)."""
+    import tvm
+    from tvm import relax
+
+    tt = _tvm_target(target)
+    pipeline = cpu_pipeline(tt) if tt.kind.name == "llvm" else relax.get_default_pipeline(tt)
+    try:
+        with tvm.transform.PassContext(opt_level=opt_level):
+            if target.kind == "cuda":
+                from .cuda_build import fatbin_postproc
+
+                with fatbin_postproc(target.arch or "sm_80") as log:
+                    ex = tvm.compile(low.mod, target=tt, relax_pipeline=pipeline)
+                return ex, log
+            return tvm.compile(low.mod, target=tt, relax_pipeline=pipeline), None
+    except (BuildError, ToolMissingError):
+        raise
+    except Exception as e:  # noqa: BLE001 - TVM compile failures become one-line build errors
+        if isinstance(e, (KeyboardInterrupt, MemoryError)):
+            raise
+        msg = [line for line in str(e).strip().splitlines() if line.strip()]
+        raise BuildError(f"TVM could not compile the model for {target.name}: {(msg[-1] if msg else type(e).__name__)[:300]}")
+
+
+def link_extra_modules(mods: list[Any], target: Target, workdir: str) -> list[str]:
+    """Object files for the kernels' ``extra_modules`` (linked into model.so with ``export_library(addons=...)``).
+
+    Modules are grouped by type; a group is linked once by its module's ``link_objects(sources, target, workdir)``
+    when the defining module has one (it may deduplicate across layers), else each by ``m.link_objects(target,
+    workdir)``."""
+    import sys
+
+    groups: dict[type, list[Any]] = {}
+    for m in mods:
+        groups.setdefault(type(m), []).append(m)
+    objs: list[str] = []
+    for i, (typ, items) in enumerate(sorted(groups.items(), key=lambda kv: kv[0].__qualname__)):
+        wd = os.path.join(workdir, str(i))
+        os.makedirs(wd, exist_ok=True)
+        group_fn = getattr(sys.modules.get(typ.__module__), "link_objects", None)
+        if group_fn is not None:
+            objs.extend(group_fn(items, target, wd))
+        else:
+            for j, m in enumerate(items):
+                objs.extend(m.link_objects(target, os.path.join(wd, str(j))))
+    return objs
+
+
+def lib_manifest(low, target: Target, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    import tvm
+
+    doc = {
+        "schema": LIB_SCHEMA,
+        "target": target.name,
+        "kind": target.kind,
+        "arch": target.arch,
+        "tvm_target": target.tvm_dict(),
+        "tvm_version": tvm.__version__,
+        "library": LIB_NAME,
+        "inputs": low.inputs,
+        "outputs": low.outputs,
+        "input_ranges": low.input_ranges,
+        "params": [p.to_json() for p in low.params],
+        "kernels": low.kernels,
+    }
+    doc.update(extra or {})
+    return doc
+
+
+def summarize(low) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for k in low.kernels:
+        counts[k["kernel"]] = counts.get(k["kernel"], 0) + 1
+    gen = [k for k in low.kernels if k["kernel"] != "tvm.dense"]
+    tuned = sum(1 for k in gen if k["tuned"])
+    notes = sorted({k["note"] for k in low.kernels if k.get("note")})
+    info = {
+        "kernels": ", ".join(f"{n} x{c}" for n, c in sorted(counts.items())),
+        "tuning": "untuned" if gen and tuned == 0 else (f"tuned {tuned}/{len(gen)} layers" if gen else "n/a"),
+        "params": len(low.params),
+        "layers": [{"layer": k["layer"] + (f":{k['part']}" if k.get("part") else ""), "format": k["format"], "kernel": k["kernel"],
+                    "tuned": k["tuned"], "config": k["config"], **({"note": k["note"]} if k.get("note") else {})}
+                   for k in low.kernels],  # fmt: skip
+    }
+    if notes:
+        info["notes"] = notes
+    if low.moe:
+        info["moe_lowering"] = "dense-equivalent (every expert on every token, weighted by the routing)"
+    return info
+
+
+def build(graph: Graph, target: Target | str, recipe=None, console=None, *, tuning=None, dense_kernel: str | None = None,
+          tuning_db: str | os.PathLike | None = None, strict: bool = False) -> tuple[dict[str, Any], Callable[[Path], None] | None]:  # fmt: skip
+    """Compile ``graph`` for ``target``. Returns (info for the report, writer of ``lib/``)."""
+    from .lower import lower
+    from .tune import TuningDB
+
+    target = get_target(target) if isinstance(target, str) else target
+    fcompile, reason = _toolchain(target)
+    if reason is not None:
+        return {"status": f"not built: {reason}; `sparsec run` uses model.onnx"}, None
+    if tuning is None:
+        tuning = TuningDB.for_target(target.name, tuning_db)
+    t0 = time.perf_counter()
+    try:
+        low = lower(graph, target, tuning, dense_kernel=dense_kernel)
+    except UnsupportedOpError as e:
+        # an operator TVM cannot lower (e.g. a data-dependent Reshape): the artifact is still complete without lib/
+        # (model.onnx runs everywhere); the report says why, and `sparsec run --engine lib` refuses clearly
+        if strict:
+            raise
+        return {"status": f"not built: {e.message}; `sparsec run` uses model.onnx"}, None
+    if console is not None:
+        console.print(f"[dim]build: lowered {len(low.kernels)} linear layers for {target.name}; compiling with TVM...[/dim]")
+    if target.kind == "wasm":  # standalone model.wasm + model.js, no Relax VM library (backends/cross.py)
+        from .cross import build_wasm_lib
+
+        return build_wasm_lib(graph, low, target, console)
+    ex, cuda_log = compile_lowered(low, target)
+    tmp = tempfile.mkdtemp(prefix="sparsec-build-")
+    try:
+        lib_path = os.path.join(tmp, LIB_NAME)
+        addons = link_extra_modules(low.extra_modules, target, os.path.join(tmp, "extra"))
+        kw: dict[str, Any] = {}
+        if fcompile is not None:
+            kw["fcompile"] = fcompile
+        if addons:
+            kw["addons"] = addons
+        try:
+            ex.export_library(lib_path, **kw)
+        except Exception as e:  # noqa: BLE001
+            raise BuildError(f"linking the library failed: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__}")
+        files: dict[str, bytes] = {LIB_NAME: Path(lib_path).read_bytes()}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    extra: dict[str, Any] = {}
+    if cuda_log is not None and cuda_log.fatbins:
+        import hashlib
+
+        if len(cuda_log.fatbins) != 1:
+            raise BuildError(f"the CUDA build produced {len(cuda_log.fatbins)} device modules, expected one")
+        fb = cuda_log.fatbins[0]
+        fname = f"model.{cuda_log.arch}.fatbin"
+        files[fname] = fb
+        files["model.cu"] = cuda_log.sources[0].encode()
+        extra["fatbin"] = {"file": fname, "arch": cuda_log.arch, "sha256": hashlib.sha256(fb).hexdigest(), "bytes": len(fb)}
+    if low.sources:
+        files["kernels.tvmscript"] = "".join(f"# ---- {name}\n{src}\n" for name, src in sorted(low.sources.items())).encode()
+    if target.name.partition(":")[0] == "aarch64":  # + the standalone C API library run under qemu (backends/cross.py)
+        from .cross import build_standalone
+
+        sa_info, sa_files = build_standalone(graph, low, target)
+        files.update(sa_files)
+        extra.update(sa_info)
+    manifest = lib_manifest(low, target, extra)
+    files["manifest.json"] = dumps_json(manifest).encode()
+
+    info = {"status": "built", "library": f"lib/{LIB_NAME}", "tvm_target": json.dumps(target.tvm_dict(), sort_keys=True)}
+    if extra.get("fatbin"):
+        info["device_code"] = f"lib/{extra['fatbin']['file']} ({extra['fatbin']['arch']}, {extra['fatbin']['bytes']} bytes)"
+    info.update(summarize(low))
+    if console is not None:
+        console.print(f"[dim]build: {info['kernels']} ({time.perf_counter() - t0:.1f}s)[/dim]")
+
+    def writer(d: Path) -> None:
+        d = Path(d)
+        for name, data in sorted(files.items()):
+            with open(d / name, "wb") as f:
+                f.write(data)
+
+    return info, writer
+
+
+def build_to_dir(graph: Graph, target: Target | str, out: str | os.PathLike, **kw) -> dict[str, Any]:
+    """Build and write ``lib/`` files into ``out`` directly (tests, bench)."""
+    info, writer = build(graph, target, strict=True, **kw)
+    if writer is None:
+        raise UnsupportedOpError(info.get("status", "not built"))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    writer(Path(out))
+    return info

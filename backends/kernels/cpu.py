@@ -1,0 +1,523 @@
+"""CPU kernels (LLVM: x86, aarch64, wasm): dense, N:M sparse, group-quantized int4/int8, and N:M of group-quantized.
+
+One kernel computes ``y[M, out] = x[M, in] @ W.T (+ bias)`` for one weight format. It is generated as TVMScript
+source (kept in the build report's kernel dump) and holds several loop nests behind a runtime test on the
+(symbolic) number of rows ``M``:
+
+- **GEMV tiers** (decode, ``M <= 16``): one nest per tier ``MB`` in ``gemv_tiers`` (default 1, 4, 16). Output rows are
+  processed ``V`` at a time (``block_o``): the weights are stored *interleaved* by blocks of ``V`` output rows
+  (``[out/V, cols, V]``), so one SIMD load fetches the ``V`` weights of column ``k`` for ``V`` output rows; the
+  weights are decoded in registers (int4 nibbles, int8, zero point, scale; N:M positions) once and used for the
+  ``MB`` input rows held in ``MB x V`` accumulators. Dense and group-quantized layers multiply by a broadcast
+  ``x[m, k]``; N:M layers either expand each group to dense weights in registers (``gemv_mode=select``) or gather
+  ``x[m, col]`` by the decoded position (``col = group*m + index``, ``gemv_mode=gather``).
+- **GEMM** (prefill, ``M`` above the last tier): rows of ``x`` are taken ``tile_m`` at a time and transposed into a
+  per-thread ``[in, tile_m]`` buffer; for ``rows`` output rows at a time, each stored weight is decoded once as a
+  scalar and multiplies a contiguous ``tile_m`` vector of ``x`` (the N:M position selects the row of the transposed
+  tile: a sparse row times a dense tile, the multiply-adds of pruned weights are skipped). Tiles run in parallel.
+
+Formats and parameters (``V`` = ``block_o``; all interleaved by output-row block):
+
+=====================  ================================================================================
+``dense``              ``W[out/V, in, V]`` float32
+``group_quant``        ``C[out/V, in/2, V]`` uint8 (int4: column ``2i`` in the low nibble, ``2i+1`` high) or
+                       ``C[out/V, in, V]`` (int8); ``S``, ``Z[out/V, in/g, V]`` float32 scale and zero point
+                       (symmetric: ``2**(bits-1)``); removed groups (GQSA group mask) have scale 0
+``nm_sparse[dense]``   ``Wv[out/V, in*n/m, V]`` kept values; ``I[out/V, in*n/m / per, V]`` uint8 positions,
+                       ``per`` per byte (2-bit for M <= 4, 4-bit for M <= 16, 8-bit above)
+``nm_sparse[gq]``      codes/scales/zeros of the kept values (groups along the kept columns) + ``I`` as above
+bias                   ``B[out]`` float32 (fused into the store)
+=====================  ================================================================================
+
+Decoding is exactly the reference semantics of :mod:`sparsec.compressor.formats`: ``(float(code) - z) * s``.
+
+Schedule configuration (``config``; the tuner searches it, see :func:`search_space`): ``block_o`` (V), ``tile_m``,
+``rows``, ``unroll``, ``gemv_tiers``, ``parallel`` (GEMM tiles in parallel), ``parallel_gemv``, and for N:M formats
+``gemv_mode``: ``select`` (default for M <= 8: each group of ``m`` input columns is decoded to ``m`` dense weights in
+registers by comparing the stored positions, then multiplied by broadcast ``x`` values: no gathers, ``m`` multiply-adds
+per group, ``n/m`` of the weight bytes) or ``gather`` (``n`` multiply-adds per group on gathered ``x`` values; fewer
+FLOPs but the gathers cost more than they save on x86 at these sizes: 3x slower in our measurements). Everything is
+target-parametric: vector widths come from :func:`sparsec.backends.kernels.registry.vector_lanes`, so aarch64
+(NEON) and wasm (simd128) use the same generators with 4-lane defaults.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .registry import KernelImpl, ShapeHints, WeightParam, format_key, linear_key, register_kernel, vector_lanes
+
+CPU_TARGETS = ("llvm", "wasm")
+GEMV_MAX = 16
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# what a kernel computes
+@dataclass(frozen=True)
+class Spec:
+    kind: str  # "dense" | "gq" | "nm" | "nm_gq"
+    O: int
+    K: int
+    J: int  # stored columns: K for dense/gq, K*n/m for nm
+    n: int = 0
+    m: int = 0
+    bits: int = 0
+    G: int = 0  # quantization group size along the stored columns
+    bias: bool = False
+
+    @property
+    def ib(self) -> int:  # bits per stored N:M position
+        return 2 if self.m <= 4 else 4 if self.m <= 16 else 8
+
+    @property
+    def per(self) -> int:  # positions per byte
+        return 8 // self.ib
+
+    @property
+    def unit(self) -> int:
+        """The unroll granularity: column indices decode with constant shifts inside one unit."""
+        u = 1
+        if self.kind in ("nm", "nm_gq"):
+            u = _lcm(self.n, self.per)
+        if self.bits == 4:
+            u = _lcm(u, 2)
+        return u
+
+
+def _lcm(a: int, b: int) -> int:
+    return a * b // math.gcd(a, b)
+
+
+def spec_of(linear) -> Spec | None:
+    """The kernel spec of a Linear, or None when no CPU kernel applies (the registry then falls back)."""
+    w = linear.weight
+    fk = format_key(w)
+    O, K = w.shape
+    bias = linear.bias is not None
+    if fk == "dense":
+        return Spec("dense", O, K, K, bias=bias)
+    if fk == "group_quant":
+        if w.bits not in (4, 8) or (w.bits == 4 and K % 2):
+            return None
+        return Spec("gq", O, K, K, bits=w.bits, G=w.group_size, bias=bias)
+    if fk in ("nm_sparse[dense]", "nm_sparse[group_quant]"):
+        J = K // w.m * w.n
+        if fk == "nm_sparse[dense]":
+            s = Spec("nm", O, K, J, n=w.n, m=w.m, bias=bias)
+        else:
+            v = w.values
+            if v.bits not in (4, 8) or (v.bits == 4 and J % 2):
+                return None
+            s = Spec("nm_gq", O, K, J, n=w.n, m=w.m, bits=v.bits, G=v.group_size, bias=bias)
+        if J % s.unit:
+            return None
+        return s
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# weight preparation (pure numpy: runs at build time and at load time)
+def _interleave(a: np.ndarray, V: int) -> np.ndarray:
+    """``[O, C] -> [O/V, C, V]``."""
+    O, C = a.shape
+    return np.ascontiguousarray(a.reshape(O // V, V, C).transpose(0, 2, 1))
+
+
+def _pack_int4_pairs(codes: np.ndarray) -> np.ndarray:
+    """``[O, C]`` uint8 codes (< 16) -> ``[O, C/2]``: column 2i in the low nibble, 2i+1 in the high nibble."""
+    c = codes.astype(np.uint8)
+    return (c[:, 0::2] | (c[:, 1::2] << 4)).astype(np.uint8)
+
+
+def _quant_arrays(gq, V: int) -> list[np.ndarray]:
+    codes = gq.codes()
+    if gq.bits == 4:
+        C = _pack_int4_pairs(codes)
+    else:
+        C = codes.astype(np.uint8)
+    S = gq.scale_grid().astype(np.float32)
+    Z = gq.zero_grid().astype(np.float32)
+    return [_interleave(C, V), _interleave(S, V), _interleave(Z, V)]
+
+
+def _index_array(nm, spec: Spec, V: int) -> np.ndarray:
+    O = spec.O
+    idx = nm.indices().reshape(O, spec.J).astype(np.uint8)  # position inside the group, 0..m-1
+    per, ib = spec.per, spec.ib
+    if per == 1:
+        packed = idx
+    else:
+        packed = np.zeros((O, spec.J // per), dtype=np.uint8)
+        for t in range(per):
+            packed |= (idx[:, t::per] << (ib * t)).astype(np.uint8)
+    return _interleave(packed, V)
+
+
+def prepare_cpu(linear, config: dict[str, Any]) -> list[np.ndarray]:
+    spec = spec_of(linear)
+    if spec is None:
+        raise ValueError(f"{linear.name}: no CPU kernel for {format_key(linear.weight)}")
+    V = int(config["block_o"])
+    w = linear.weight
+    if spec.kind == "dense":
+        arrays = [_interleave(w.materialize().astype(np.float32), V)]
+    elif spec.kind == "gq":
+        arrays = _quant_arrays(w, V)
+    elif spec.kind == "nm":
+        arrays = [_interleave(w.values.materialize().astype(np.float32), V), _index_array(w, spec, V)]
+    else:
+        arrays = _quant_arrays(w.values, V) + [_index_array(w, spec, V)]
+    if spec.bias:
+        arrays.append(np.ascontiguousarray(linear.bias.astype(np.float32)))
+    return arrays
+
+
+def param_specs(spec: Spec, V: int) -> list[WeightParam]:
+    OB = spec.O // V
+    out: list[WeightParam] = []
+
+    def quant(cols):
+        ncb = cols // 2 if spec.bits == 4 else cols
+        return [WeightParam("codes", (OB, ncb, V), "uint8"), WeightParam("scales", (OB, cols // spec.G, V), "float32"),
+                WeightParam("zeros", (OB, cols // spec.G, V), "float32")]  # fmt: skip
+
+    if spec.kind == "dense":
+        out.append(WeightParam("weight", (OB, spec.K, V), "float32"))
+    elif spec.kind == "gq":
+        out += quant(spec.K)
+    elif spec.kind == "nm":
+        out.append(WeightParam("values", (OB, spec.J, V), "float32"))
+    else:
+        out += quant(spec.J)
+    if spec.kind in ("nm", "nm_gq"):
+        out.append(WeightParam("index", (OB, spec.J // spec.per, V), "uint8"))
+    if spec.bias:
+        out.append(WeightParam("bias", (spec.O,), "float32"))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# configuration
+def _divisor_at_most(n: int, cap: int) -> int:
+    for v in range(min(cap, n), 0, -1):
+        if n % v == 0 and (v & (v - 1)) == 0:
+            return v
+    return 1
+
+
+def default_config(spec: Spec, target) -> dict[str, Any]:
+    lanes = vector_lanes(target, "float32")
+    V = _divisor_at_most(spec.O, lanes)
+    unit = spec.unit
+    unroll = unit * max(1, 4 // unit) if spec.J % (unit * max(1, 4 // unit)) == 0 else unit
+    return {
+        "block_o": V,
+        "tile_m": 2 * lanes,
+        "rows": min(V, 8 if lanes >= 16 else 4),
+        "unroll": unroll,
+        "gemv_tiers": [1, 4, GEMV_MAX],
+        "parallel": True,
+        "parallel_gemv": spec.O * spec.J >= 1 << 18,
+        "gemv_mode": "select" if spec.kind in ("nm", "nm_gq") and spec.m <= 8 else "gather",
+    }
+
+
+def check_config(spec: Spec, cfg: dict[str, Any]) -> str | None:
+    """Why ``cfg`` is invalid for ``spec`` (None when valid)."""
+    V, U, R, MT = int(cfg["block_o"]), int(cfg["unroll"]), int(cfg["rows"]), int(cfg["tile_m"])
+    if V < 1 or spec.O % V:
+        return f"block_o {V} does not divide out={spec.O}"
+    if U < 1 or U % spec.unit or spec.J % U:
+        return f"unroll {U} must be a multiple of {spec.unit} dividing {spec.J}"
+    if R < 1 or V % R:
+        return f"rows {R} must divide block_o {V}"
+    if MT < 1:
+        return "tile_m must be positive"
+    tiers = list(cfg["gemv_tiers"])
+    if not tiers or tiers != sorted(set(tiers)) or tiers[0] < 1 or tiers[-1] > 64:
+        return "gemv_tiers must be increasing in 1..64"
+    if spec.kind in ("gq", "nm_gq") and spec.J % spec.G:
+        return "group size does not divide the columns"
+    mode = cfg.get("gemv_mode", "gather")
+    if mode not in ("gather", "select") or (mode == "select" and spec.m > 16):
+        return f"gemv_mode {mode!r} is not one of gather, select (select needs M <= 16)"
+    return None
+
+
+def search_space(linear, target, hints) -> list[dict[str, Any]]:
+    """Candidate schedules for the tuner: block widths, tiles, rows, unroll, parallel GEMV."""
+    spec = spec_of(linear)
+    if spec is None:
+        return []
+    base = default_config(spec, target)
+    lanes = vector_lanes(target, "float32")
+    out = []
+    for V in sorted({lanes, lanes // 2, 2 * lanes} - {0}):
+        for MT in (lanes, 2 * lanes, 4 * lanes):
+            for R in (4, 8):
+                for U in sorted({spec.unit, 2 * spec.unit, 4 * spec.unit, 8 * spec.unit}):
+                    for pg in (False, True):
+                        for mode in (("select", "gather") if spec.kind in ("nm", "nm_gq") else (base["gemv_mode"],)):
+                            c = dict(base, block_o=V, tile_m=MT, rows=min(R, V), unroll=U, parallel_gemv=pg, gemv_mode=mode)
+                            if check_config(spec, c) is None and c not in out:
+                                out.append(c)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TVMScript generation
+class _Src:
+    def __init__(self):
+        self.lines: list[str] = []
+        self.ind = 0
+
+    def __call__(self, line: str):
+        self.lines.append("    " * self.ind + line)
+
+    def block(self):
+        src = self
+
+        class _B:
+            def __enter__(self):
+                src.ind += 1
+
+            def __exit__(self, *a):
+                src.ind -= 1
+
+        return _B()
+
+
+def _weight_expr(spec: Spec, U: int, ob: str, ko: str, ku: int, lane: str) -> str:
+    """The decoded float32 weight at stored column ``ko*U+ku`` of interleaved lane ``lane``."""
+    j = f"{ko} * {U} + {ku}"
+    if spec.kind in ("dense", "nm"):
+        buf = "W" if spec.kind == "dense" else "Wv"
+        return f"{buf}[{ob}, {j}, {lane}]"
+    g = f"({j}) // {spec.G}"
+    if spec.bits == 4:
+        code = f"T.Cast(\"float32\", T.shift_right(C[{ob}, {ko} * {U // 2} + {ku // 2}, {lane}], T.uint8({4 * (ku % 2)})) & T.uint8(15))"
+    else:
+        code = f"T.Cast(\"float32\", C[{ob}, {j}, {lane}])"
+    return f"({code} - Z[{ob}, {g}, {lane}]) * S[{ob}, {g}, {lane}]"
+
+
+def _col_expr(spec: Spec, U: int, ob: str, ko: str, ku: int, lane: str) -> str:
+    """The input column of stored column ``ko*U+ku`` (dense formats: the column itself)."""
+    if spec.kind in ("dense", "gq"):
+        return f"{ko} * {U} + {ku}"
+    grp = f"({ko} * {U // spec.n} + {ku // spec.n}) * {spec.m}"
+    return f"{grp} + {_pos_expr(spec, U, ob, ko, ku, lane)}"
+
+
+def _pos_expr(spec: Spec, U: int, ob: str, ko: str, ku: int, lane: str) -> str:
+    """The position (0..m-1) inside its group of stored column ``ko*U+ku`` (N:M formats)."""
+    per, ib = spec.per, spec.ib
+    byte = f"I[{ob}, {ko} * {U // per} + {ku // per}, {lane}]"
+    if per == 1:
+        return f"T.Cast(\"int32\", {byte})"
+    return f"T.Cast(\"int32\", T.shift_right({byte}, T.uint8({ib * (ku % per)})) & T.uint8({(1 << ib) - 1}))"
+
+
+def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
+    V, U, R, MT = int(cfg["block_o"]), int(cfg["unroll"]), int(cfg["rows"]), int(cfg["tile_m"])
+    tiers = [int(t) for t in cfg["gemv_tiers"]]
+    OB, J, K, O = spec.O // V, spec.J, spec.K, spec.O
+    sparse = spec.kind in ("nm", "nm_gq")
+    params = param_specs(spec, V)
+    short = {"weight": "W", "values": "Wv", "codes": "C", "scales": "S", "zeros": "Z", "index": "I", "bias": "B"}
+    sig = ", ".join(f"{short[p.name]}: T.Buffer({tuple(p.shape)}, \"{p.dtype}\")" for p in params)
+    s = _Src()
+    s("@T.prim_func(private=True)")
+    s(f"def {name}(var_x: T.handle, {sig}, var_y: T.handle):")
+    with s.block():
+        s('T.func_attr({"tirx.noalias": True, "op_pattern": 8})')
+        s("M = T.int64()")
+        s(f'x = T.match_buffer(var_x, (M, {K}), "float32")')
+        s(f'y = T.match_buffer(var_y, (M, {O}), "float32")')
+        bias = (lambda o: f" + B[{o}]") if spec.bias else (lambda o: "")
+
+        select = cfg.get("gemv_mode", "gather") == "select"
+
+        def gemv(MB: int):
+            loop = "T.parallel" if cfg.get("parallel_gemv") else "range"
+            s(f"for ob in {loop}({OB}):")
+            with s.block():
+                s(f'acc = T.alloc_buffer(({MB}, {V}), "float32", scope="local")')
+                s(f'wv = T.alloc_buffer(({U}, {V}), "float32", scope="local")')
+                if sparse:
+                    s(f'cv = T.alloc_buffer(({U}, {V}), "int32", scope="local")')
+                s(f"for mi in T.unroll({MB}):")
+                with s.block():
+                    s(f"for l in T.vectorized({V}):")
+                    with s.block():
+                        s("acc[mi, l] = T.float32(0)")
+                s(f"for ko in range({J // U}):")
+                with s.block():
+                    if sparse and select:
+                        # decode each group of m input columns to m dense weights in registers (select by the
+                        # stored positions): no gather of x, m multiply-adds per group on broadcast x values
+                        n_, m_ = spec.n, spec.m
+                        s(f'wd = T.alloc_buffer(({U // n_ * m_}, {V}), "float32", scope="local")')
+                        for ku in range(U):
+                            s(f"for l in T.vectorized({V}):")
+                            with s.block():
+                                s(f"wv[{ku}, l] = {_weight_expr(spec, U, 'ob', 'ko', ku, 'l')}")
+                                s(f"cv[{ku}, l] = {_pos_expr(spec, U, 'ob', 'ko', ku, 'l')}")
+                        for gi in range(U // n_):
+                            for c in range(m_):
+                                terms = " + ".join(f"T.Select(cv[{gi * n_ + t}, l] == {c}, wv[{gi * n_ + t}, l], T.float32(0))" for t in range(n_))
+                                s(f"for l in T.vectorized({V}):")
+                                with s.block():
+                                    s(f"wd[{gi * m_ + c}, l] = {terms}")
+                        s(f"for mi in T.unroll({MB}):")
+                        with s.block():
+                            row = "T.min(T.Cast(\"int64\", mi), M - T.int64(1))"
+                            for gi in range(U // n_):
+                                for c in range(m_):
+                                    col = f"(ko * {U // n_} + {gi}) * {m_} + {c}"
+                                    s(f"for l in T.vectorized({V}):")
+                                    with s.block():
+                                        s(f"acc[mi, l] = acc[mi, l] + wd[{gi * m_ + c}, l] * x[{row}, {col}]")
+                    else:
+                        for ku in range(U):
+                            s(f"for l in T.vectorized({V}):")
+                            with s.block():
+                                s(f"wv[{ku}, l] = {_weight_expr(spec, U, 'ob', 'ko', ku, 'l')}")
+                                if sparse:
+                                    s(f"cv[{ku}, l] = {_col_expr(spec, U, 'ob', 'ko', ku, 'l')}")
+                        s(f"for mi in T.unroll({MB}):")
+                        with s.block():
+                            row = "T.min(T.Cast(\"int64\", mi), M - T.int64(1))"
+                            for ku in range(U):
+                                col = f"cv[{ku}, l]" if sparse else f"ko * {U} + {ku}"
+                                s(f"for l in T.vectorized({V}):")
+                                with s.block():
+                                    s(f"acc[mi, l] = acc[mi, l] + wv[{ku}, l] * x[{row}, {col}]")
+                s(f"for mi in T.unroll({MB}):")
+                with s.block():
+                    s("if T.Cast(\"int64\", mi) < M:")
+                    with s.block():
+                        s(f"for l in T.vectorized({V}):")
+                        with s.block():
+                            s(f"y[mi, ob * {V} + l] = acc[mi, l]{bias(f'ob * {V} + l')}")
+
+        def gemm():
+            loop = "T.parallel" if cfg.get("parallel", True) else "range"
+            s(f"for mt in {loop}((M + T.int64({MT - 1})) // T.int64({MT})):")
+            with s.block():
+                s(f'xT = T.alloc_buffer(({K}, {MT}), "float32")')
+                s(f"for k in range({K}):")
+                with s.block():
+                    s(f"for mm in range({MT}):")
+                    with s.block():
+                        s(f"xT[k, mm] = x[T.min(mt * T.int64({MT}) + T.Cast(\"int64\", mm), M - T.int64(1)), k]")
+                s(f"for ob in range({OB}):")
+                with s.block():
+                    s(f"for rb in range({V // R}):")
+                    with s.block():
+                        s(f'acc = T.alloc_buffer(({R}, {MT}), "float32", scope="local")')
+                        s(f"for r in T.unroll({R}):")
+                        with s.block():
+                            s(f"for mm in T.vectorized({MT}):")
+                            with s.block():
+                                s("acc[r, mm] = T.float32(0)")
+                        s(f"for ko in range({J // U}):")
+                        with s.block():
+                            for ku in range(U):
+                                s(f"for r in T.unroll({R}):")
+                                with s.block():
+                                    lane = f"rb * {R} + r"
+                                    w = _weight_expr(spec, U, "ob", "ko", ku, lane)
+                                    c = _col_expr(spec, U, "ob", "ko", ku, lane)
+                                    s(f"for mm in T.vectorized({MT}):")
+                                    with s.block():
+                                        s(f"acc[r, mm] = acc[r, mm] + {w} * xT[{c}, mm]")
+                        s(f"for r in T.unroll({R}):")
+                        with s.block():
+                            s(f"for mm in range({MT}):")
+                            with s.block():
+                                s(f"if mt * T.int64({MT}) + T.Cast(\"int64\", mm) < M:")
+                                with s.block():
+                                    o = f"ob * {V} + rb * {R} + r"
+                                    s(f"y[mt * T.int64({MT}) + T.Cast(\"int64\", mm), {o}] = acc[r, mm]{bias(o)}")
+
+        def chain(i: int):
+            if i == len(tiers):
+                gemm()
+                return
+            s(f"if M <= T.int64({tiers[i]}):")
+            with s.block():
+                gemv(tiers[i])
+            s("else:")
+            with s.block():
+                chain(i + 1)
+
+        chain(0)
+    return "\n".join(s.lines) + "\n"
+
+
+def build_prim_func(spec: Spec, cfg: dict[str, Any], name: str = "kernel"):
+    from tvm.script.parser.core.entry import parse
+
+    src = kernel_source(spec, cfg, name)
+    func = parse(src)
+    return func, src
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# generators
+def _generate(kernel_name: str, linear, target, hints: ShapeHints, tuning) -> KernelImpl | None:
+    spec = spec_of(linear)
+    if spec is None or hints.act_dtype != "float32":
+        return None
+    cfg = None
+    tuned = False
+    if hints.config is not None:
+        cfg = dict(hints.config)
+    else:
+        found = tuning.lookup(kernel_name, target, linear_key(linear, hints))
+        if found is not None and check_config(spec, {**default_config(spec, target), **found}) is None:
+            cfg, tuned = {**default_config(spec, target), **found}, True
+    if cfg is None:
+        cfg = default_config(spec, target)
+    bad = check_config(spec, cfg)
+    if bad is not None:
+        if hints.config is not None:
+            raise ValueError(f"config {cfg} is invalid for {linear.name}: {bad}")
+        return None
+    func, src = build_prim_func(spec, cfg)
+    impl = KernelImpl(kernel_name, param_specs(spec, int(cfg["block_o"])), func=func, act_dtype="float32",
+                      fuses_bias=spec.bias, config=cfg, tuned=tuned)  # fmt: skip
+    impl.source = src  # type: ignore[attr-defined]
+    return impl
+
+
+@register_kernel("cpu.dense", formats=("dense",), targets=CPU_TARGETS, priority=10, prepare=prepare_cpu,
+                 search_space=search_space)  # fmt: skip
+def cpu_dense(linear, target, hints, tuning):
+    """Dense fp32 GEMV/GEMM with interleaved weights (the baseline every compressed kernel is compared with)."""
+    return _generate("cpu.dense", linear, target, hints, tuning)
+
+
+@register_kernel("cpu.nm_sparse", formats=("nm_sparse[dense]",), targets=CPU_TARGETS, priority=10, prepare=prepare_cpu,
+                 search_space=search_space)  # fmt: skip
+def cpu_nm_sparse(linear, target, hints, tuning):
+    """N:M sparse: kept values + packed positions; gathers x by position (GEMV), sparse row x dense tile (GEMM)."""
+    return _generate("cpu.nm_sparse", linear, target, hints, tuning)
+
+
+@register_kernel("cpu.group_quant", formats=("group_quant",), targets=CPU_TARGETS, priority=10, prepare=prepare_cpu,
+                 search_space=search_space)  # fmt: skip
+def cpu_group_quant(linear, target, hints, tuning):
+    """Group-quantized int4/int8 (symmetric or with zero points, optional group mask): dequantized in registers."""
+    return _generate("cpu.group_quant", linear, target, hints, tuning)
+
+
+@register_kernel("cpu.nm_group_quant", formats=("nm_sparse[group_quant]",), targets=CPU_TARGETS, priority=10,
+                 prepare=prepare_cpu, search_space=search_space)  # fmt: skip
+def cpu_nm_group_quant(linear, target, hints, tuning):
+    """N:M sparse with group-quantized kept values (int4/int8): decode positions and codes in registers."""
+    return _generate("cpu.nm_group_quant", linear, target, hints, tuning)

@@ -1,0 +1,557 @@
+// sparsec CUDA kernels: 2:4 sparse tensor cores (mma.sp) and int4 dequant-in-register, sm_80 / sm_90.
+//
+// Every kernel computes  Y[M, N] = X[M, K] · Wᵀ  with W[N, K] the Linear weight (nn.Linear convention), fp16 in and
+// out, fp32 accumulation. The weight is the *A* operand of the tensor-core instruction (its rows are the
+// instruction's M dimension, so the 2:4 structure along K is the structure mma.sp wants) and the activations are the
+// *B* operand (column-major B = row-major X). Y is written transposed back to [M, N].
+//
+// Weight layouts (built by sparsec.backends.kernels.cuda_sparse.prepare_*; "rt" = 16-row tile, "t" = 32-wide k step,
+// lane = 32 threads of a warp, g = lane / 4, q = lane % 4):
+//   KIND_SP16  values  [Np/16][T][32] x uint4      : the 8 fp16 of lane's A fragment of mma.sp.m16n8k32 (compressed
+//                                                    16x16 tile: a0,a1=(g,2q..2q+1) a2,a3=(g+8,..) a4..a7 = +8 cols)
+//   KIND_SP4   codes   [Np/16][T/4][32] x uint4    : word s of the uint4 = the 8 int4 codes of step 4u+s, nibble
+//                                                    order (e0,e2,e4,e6,e1,e3,e5,e7) so that one shift+mask gives a
+//                                                    half2 pair
+//   KIND_DQ4   codes   [Np/16][T/2][32] x uint4    : word w = the 8 int4 codes of the m16n8k16 A fragment of k16
+//                                                    unit 4u+w (dense int4, no sparsity)
+//   meta (sparse)      [Np/16][T/2][32] x uint32   : pair p of steps: lanes q<2 hold the metadata of step 2p
+//                                                    (sparsity selector 0), lanes q>=2 that of step 2p+1 (selector 1);
+//                                                    bits 0-15 row g, bits 16-31 row g+8, 4 bits per 4-chunk
+//   scales / zeros     [Np/16][G][8] x half2       : (row g, row g+8) of each 16-row tile and quantization group;
+//                                                    zeros are stored as 1024+z (exact in fp16)
+#pragma once
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace sparsec {
+
+enum { KIND_SP16 = 0, KIND_SP4 = 1, KIND_DQ4 = 2 };
+
+template <int KIND>
+struct KindTraits;
+template <>
+struct KindTraits<KIND_SP16> {
+  static constexpr bool kSparse = true, kQuant = false;
+  static constexpr int kStepsPerChunk = 1;  // k32 steps per 16-byte lane chunk
+  static constexpr int kColsPerStep = 16;   // value columns (compressed) per k32 step
+};
+template <>
+struct KindTraits<KIND_SP4> {
+  static constexpr bool kSparse = true, kQuant = true;
+  static constexpr int kStepsPerChunk = 4;
+  static constexpr int kColsPerStep = 16;
+};
+template <>
+struct KindTraits<KIND_DQ4> {
+  static constexpr bool kSparse = false, kQuant = true;
+  static constexpr int kStepsPerChunk = 2;
+  static constexpr int kColsPerStep = 32;
+};
+
+// ------------------------------------------------------------------------------------------------ instructions
+template <int SEL>
+__device__ __forceinline__ void mma_sp_16832(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[4],
+                                             uint32_t e) {
+#if defined(SPARSEC_PLAIN_MMA_SP)
+#define SPARSEC_MMA_SP "mma.sp.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
+#else
+#define SPARSEC_MMA_SP "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
+#endif
+  if constexpr (SEL == 0) {
+    asm volatile(SPARSEC_MMA_SP
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, 0x0;\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]),
+                   "r"(e));
+  } else {
+    asm volatile(SPARSEC_MMA_SP
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, 0x1;\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]),
+                   "r"(e));
+  }
+#undef SPARSEC_MMA_SP
+}
+
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+  uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
+  uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  int n = pred ? 16 : 0;  // src-size 0: the 16 bytes are zero-filled, nothing is read
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ uint32_t ldg_u32(const void* p) {
+  uint32_t v;
+  asm volatile("ld.global.nc.b32 %0, [%1];\n" : "=r"(v) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint4 ldg_u128(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t h2_as_u32(half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
+__device__ __forceinline__ half2 u32_as_h2(uint32_t u) { return *reinterpret_cast<half2*>(&u); }
+
+// 8 int4 codes (nibble order e0,e2,e4,e6,e1,e3,e5,e7) -> the 4 half2 registers of an A fragment, dequantized:
+// w = (code - z) * s; registers 0 and 2 hold row g, registers 1 and 3 row g+8. sc/zb: half2 (row g, row g+8),
+// zb = 1024 + z. (code | 0x6400) as fp16 is exactly 1024 + code, so the subtraction is exact.
+__device__ __forceinline__ void dequant8(uint32_t q, uint32_t sc, uint32_t zb, uint32_t (&a)[4]) {
+  half2 s2 = u32_as_h2(sc), z2 = u32_as_h2(zb);
+  half2 s_lo = __low2half2(s2), s_hi = __high2half2(s2);
+  half2 z_lo = __low2half2(z2), z_hi = __high2half2(z2);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    uint32_t t = ((q >> (4 * i)) & 0x000F000Fu) | 0x64006400u;
+    half2 h = __hmul2(__hsub2(u32_as_h2(t), (i & 1) ? z_hi : z_lo), (i & 1) ? s_hi : s_lo);
+    a[i] = h2_as_u32(h);
+  }
+}
+
+// B fragment (k32 x n8) of one n8 token tile straight from global memory: registers j = 0..3 hold
+// X[tok][k0 + 8j + 2q .. +1] with tok = row (the caller clamps it to a valid row).
+__device__ __forceinline__ void load_b_global(uint32_t (&b)[4], const half* __restrict__ xrow, int k0, int q) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) b[j] = ldg_u32(xrow + k0 + 8 * j + 2 * q);
+}
+
+// ------------------------------------------------------------------------------------------------ GEMV (M <= 16)
+// One block owns RT 16-row tiles of W for the whole K; its WARPS warps split K into contiguous ranges of 16-byte
+// chunks and reduce through shared memory at the end. W is streamed straight from global memory into registers
+// (16-byte loads, each warp reading 512 contiguous bytes per row tile and chunk); X (tiny) is read through L1.
+// Software pipelined: the loads of the next U chunks (weights, metadata, scales, activations) are issued before the
+// current U chunks are computed (two register buffers). NT = n8 token tiles (1: M<=8, 2: M<=16).
+template <int KIND, int NT, int RT, int U>
+struct GemvBuf {
+  using Tr = KindTraits<KIND>;
+  static constexpr int CH = Tr::kStepsPerChunk;
+  static constexpr int MP = Tr::kSparse ? (CH + 1) / 2 : 1;          // metadata words per chunk
+  static constexpr int NS = Tr::kQuant ? (KIND == KIND_DQ4 ? 2 * CH : CH) : 1;  // scale lookups per chunk
+  uint4 a[U][RT];
+  uint32_t m[U][RT][MP];
+  uint32_t s[U][RT][NS];
+  uint32_t z[U][RT][NS];
+  uint32_t b[U][CH][NT][4];
+};
+
+template <int KIND, int NT, int RT, int U, bool ASYM>
+__device__ __forceinline__ void gemv_load(GemvBuf<KIND, NT, RT, U>& f, int c0, int c_end, int TK, const half* const (&xrow)[NT],
+                                          const uint4* __restrict__ Wv, const uint32_t* __restrict__ Wm,
+                                          const uint32_t* __restrict__ Sc, const uint32_t* __restrict__ Zb,
+                                          const int (&rts)[RT], int NC, int T, int G, int GS, int lane) {
+  using B = GemvBuf<KIND, NT, RT, U>;
+  constexpr int CH = B::CH;
+  const int g = lane >> 2, q = lane & 3;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int c = c0 + u;
+    const bool ok = c < c_end;
+    const int cc = ok ? c : 0;
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      const int rt = rts[r];
+      f.a[u][r] = ok ? ldg_u128(Wv + ((size_t)rt * NC + cc) * 32 + lane) : make_uint4(0, 0, 0, 0);
+      if constexpr (KindTraits<KIND>::kSparse) {
+#pragma unroll
+        for (int p = 0; p < B::MP; ++p) {
+          const int pair = CH == 1 ? (cc >> 1) : cc * (CH / 2) + p;
+          f.m[u][r][p] = ldg_u32(Wm + ((size_t)rt * (T / 2) + pair) * 32 + lane);
+        }
+      }
+      if constexpr (KindTraits<KIND>::kQuant) {
+        // a chunk spans 64 value columns: with GS % 64 == 0 it lies in one group (one load, replicated)
+        const bool one_group = (GS & 63) == 0;
+#pragma unroll
+        for (int i = 0; i < B::NS; ++i) {
+          if (one_group && i > 0) {
+            f.s[u][r][i] = f.s[u][r][0];
+            f.z[u][r][i] = f.z[u][r][0];
+            continue;
+          }
+          // sp4: lookup i = step cc*CH+i (16 value columns each); dq4: k16 unit 2*(cc*CH)+i
+          const int col = KIND == KIND_SP4 ? (cc * CH + i) * 16 : (2 * cc * CH + i) * 16;
+          const int grp = col / GS;
+          f.s[u][r][i] = ldg_u32(Sc + ((size_t)rt * G + grp) * 8 + g);
+          f.z[u][r][i] = ASYM ? ldg_u32(Zb + ((size_t)rt * G + grp) * 8 + g) : 0x64086408u;
+        }
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < CH; ++s) {
+      const int t = cc * CH + s;
+      const bool tok = ok && t < TK;
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) f.b[u][s][n][j] = tok ? ldg_u32(xrow[n] + t * 32 + 8 * j + 2 * q) : 0u;
+    }
+  }
+}
+
+template <int KIND, int NT, int RT, int U>
+__device__ __forceinline__ void gemv_compute(const GemvBuf<KIND, NT, RT, U>& f, float (&acc)[RT][NT][4], int c0,
+                                             int c_end) {
+  using B = GemvBuf<KIND, NT, RT, U>;
+  constexpr int CH = B::CH;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    if (c0 + u >= c_end) break;
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      const uint32_t* w4 = reinterpret_cast<const uint32_t*>(&f.a[u][r]);
+      if constexpr (KIND == KIND_SP16) {
+        const uint32_t a[4] = {w4[0], w4[1], w4[2], w4[3]};
+        const int t = c0 + u;  // CH == 1: chunk == step
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          if (t & 1) mma_sp_16832<1>(acc[r][n], a, f.b[u][0][n], f.m[u][r][0]);
+          else mma_sp_16832<0>(acc[r][n], a, f.b[u][0][n], f.m[u][r][0]);
+        }
+      } else if constexpr (KIND == KIND_SP4) {
+#pragma unroll
+        for (int s = 0; s < CH; ++s) {
+          uint32_t a[4];
+          dequant8(w4[s], f.s[u][r][s], f.z[u][r][s], a);
+#pragma unroll
+          for (int n = 0; n < NT; ++n) {
+            if (s & 1) mma_sp_16832<1>(acc[r][n], a, f.b[u][s][n], f.m[u][r][s >> 1]);
+            else mma_sp_16832<0>(acc[r][n], a, f.b[u][s][n], f.m[u][r][s >> 1]);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int s = 0; s < CH; ++s)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            uint32_t a[4];
+            dequant8(w4[2 * s + h], f.s[u][r][2 * s + h], f.z[u][r][2 * s + h], a);
+#pragma unroll
+            for (int n = 0; n < NT; ++n) mma_16816(acc[r][n], a, f.b[u][s][n][2 * h], f.b[u][s][n][2 * h + 1]);
+          }
+      }
+    }
+  }
+}
+
+template <int KIND, int NT, int WARPS, int RT, int U, bool ASYM>
+__device__ __forceinline__ void gemv_body(const half* __restrict__ X, const uint4* __restrict__ Wv,
+                                          const uint32_t* __restrict__ Wm, const uint32_t* __restrict__ Sc,
+                                          const uint32_t* __restrict__ Zb, half* __restrict__ Y, int M, int N, int K,
+                                          int T, int G, int GS) {
+  using Tr = KindTraits<KIND>;
+  constexpr int CH = Tr::kStepsPerChunk;
+  extern __shared__ float red[];  // [WARPS][RT*NT*4][32]
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2;
+  const int n_rt = (N + 15) >> 4;
+  const int TK = K >> 5;               // real k32 steps (K % 32 == 0)
+  const int NC = T / CH;               // 16-byte chunks per row tile (padded)
+  const int NCK = (TK + CH - 1) / CH;  // chunks holding real steps
+  const int rt0 = blockIdx.x * RT;
+  int rts[RT];
+#pragma unroll
+  for (int r = 0; r < RT; ++r) rts[r] = min(rt0 + r, n_rt - 1);
+
+  float acc[RT][NT][4];
+#pragma unroll
+  for (int r = 0; r < RT; ++r)
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[r][n][i] = 0.f;
+
+  const half* xrow[NT];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) xrow[n] = X + (size_t)min(n * 8 + g, M - 1) * K;
+
+  // contiguous chunk range of this warp
+  const int per = (NCK + WARPS - 1) / WARPS;
+  const int c_begin = min(warp * per, NCK), c_end = min(c_begin + per, NCK);
+  GemvBuf<KIND, NT, RT, U> fa, fb;
+  if (c_begin < c_end) gemv_load<KIND, NT, RT, U, ASYM>(fa, c_begin, c_end, TK, xrow, Wv, Wm, Sc, Zb, rts, NC, T, G, GS, lane);
+  for (int c = c_begin; c < c_end; c += 2 * U) {
+    if (c + U < c_end) gemv_load<KIND, NT, RT, U, ASYM>(fb, c + U, c_end, TK, xrow, Wv, Wm, Sc, Zb, rts, NC, T, G, GS, lane);
+    gemv_compute<KIND, NT, RT, U>(fa, acc, c, c_end);
+    if (c + U >= c_end) break;
+    if (c + 2 * U < c_end) gemv_load<KIND, NT, RT, U, ASYM>(fa, c + 2 * U, c_end, TK, xrow, Wv, Wm, Sc, Zb, rts, NC, T, G, GS, lane);
+    gemv_compute<KIND, NT, RT, U>(fb, acc, c + U, c_end);
+  }
+
+  // cross-warp reduction
+  constexpr int NV = RT * NT * 4;
+#pragma unroll
+  for (int r = 0; r < RT; ++r)
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) red[((warp * NV) + (r * NT + n) * 4 + i) * 32 + lane] = acc[r][n][i];
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < NV * 32; idx += WARPS * 32) {
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) s += red[w * NV * 32 + idx];
+    const int l = idx & 31, v = idx >> 5;
+    const int i = v & 3, n = (v >> 2) % NT, r = (v >> 2) / NT;
+    const int row = (rt0 + r) * 16 + (l >> 2) + ((i >> 1) << 3);
+    const int tok = n * 8 + 2 * (l & 3) + (i & 1);
+    if (rt0 + r < n_rt && row < N && tok < M) Y[(size_t)tok * N + row] = __float2half_rn(s);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ GEMM (prefill)
+// Block tile BM (weight rows) x BN (tokens) x BK, WM x WN warps, STAGES-deep cp.async pipeline. Shared memory per
+// stage: the weight fragments of the tile (already in fragment order: plain 16-byte copies, conflict-free reads),
+// the sparse metadata, the scale/zero slots of the quantization groups the tile touches, and X[BN][BK] with a
+// 16-byte XOR swizzle for ldmatrix. Blocks are rasterized in groups of GROUP weight-row tiles so that a wave keeps
+// a few weight tiles resident in L2 while the tokens stream.
+template <int KIND, int BM, int BN, int BK, int WM, int WN, int STAGES, bool ASYM>
+struct GemmCfg {
+  using Tr = KindTraits<KIND>;
+  static constexpr int kThreads = WM * WN * 32;
+  static constexpr int kWTM = BM / WM, kWTN = BN / WN;  // warp tile
+  static constexpr int kMT = kWTM / 16, kNT = kWTN / 8;
+  static constexpr int kSteps = BK / 32;
+  static constexpr int kBytesPerStep = Tr::kSparse ? (KIND == KIND_SP16 ? 512 : 128) : 256;  // per 16-row tile
+  static constexpr int kABytes = (BM / 16) * kSteps * kBytesPerStep;
+  static constexpr int kMetaBytes = Tr::kSparse ? (BM / 16) * (kSteps / 2) * 128 : 0;
+  static constexpr int kSlots = Tr::kQuant ? (KIND == KIND_SP4 ? kSteps : 2 * kSteps) : 0;  // groups a tile spans
+  static constexpr int kScaleBytes = (BM / 16) * kSlots * 32 * (ASYM ? 2 : 1);
+  static constexpr int kXBytes = BN * BK * 2;
+  static constexpr int kStageBytes = kABytes + kMetaBytes + kScaleBytes + kXBytes;
+  static constexpr int kCBytes = BN * (BM + 8) * 2;
+  static constexpr int kSmem = (STAGES * kStageBytes > kCBytes) ? STAGES * kStageBytes : kCBytes;
+  static_assert(BM % (16 * WM) == 0 && BN % (8 * WN) == 0, "tile/warp mismatch");
+  static_assert(BK % 64 == 0, "BK must be a multiple of 64");
+  static_assert(KIND != KIND_SP4 || BK % 128 == 0, "int4 2:4 tiles need BK % 128 == 0");
+  static_assert(kABytes % 16 == 0 && kMetaBytes % 16 == 0 && kXBytes % 16 == 0, "16-byte copies");
+};
+
+template <int KIND, int BM, int BN, int BK, int WM, int WN, int STAGES, bool ASYM>
+__device__ __forceinline__ void gemm_body(const half* __restrict__ X, const uint4* __restrict__ Wv,
+                                          const uint32_t* __restrict__ Wm, const uint32_t* __restrict__ Sc,
+                                          const uint32_t* __restrict__ Zb, half* __restrict__ Y, int M, int N, int K,
+                                          int T, int G, int GS, int GROUP) {
+  using C = GemmCfg<KIND, BM, BN, BK, WM, WN, STAGES, ASYM>;
+  using Tr = KindTraits<KIND>;
+  constexpr int CH = Tr::kStepsPerChunk;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, q = lane & 3;
+  const int wm = warp / WN, wn = warp % WN;
+  const int n_rt = (N + 15) >> 4;  // 16-row tiles that exist in the weight arrays
+  const int tiles_m = (n_rt * 16 + BM - 1) / BM, tiles_n = (M + BN - 1) / BN;
+
+  // grouped rasterization
+  const int pid = blockIdx.x;
+  const int per_group = GROUP * tiles_n;
+  const int grp_id = pid / per_group;
+  const int first_m = grp_id * GROUP;
+  const int gsize = min(tiles_m - first_m, GROUP);
+  const int tm = first_m + (pid % per_group) % gsize;
+  const int tn = (pid % per_group) / gsize;
+  const int row_tile0 = tm * (BM / 16);  // first 16-row tile of the block
+  const int tok0 = tn * BN;
+  const int KT = (T * 32) / BK;  // k tiles over the padded K
+
+  auto stage_ptr = [&](int s) { return smem + s * C::kStageBytes; };
+
+  auto load_stage = [&](int s, int kt) {
+    unsigned char* base = stage_ptr(s);
+    // weights: per row tile, (BK/32)/CH chunks x 32 lanes x 16 B, contiguous in global memory
+    {
+      constexpr int chunks_per_rt = (C::kSteps / CH) * 32;
+      constexpr int total = (BM / 16) * chunks_per_rt;
+      const int c_first = kt * (C::kSteps / CH);
+      for (int i = tid; i < total; i += C::kThreads) {
+        const int r = i / chunks_per_rt, j = i % chunks_per_rt;
+        const int rt = row_tile0 + r;
+        const bool ok = rt < n_rt;
+        const uint4* src = Wv + ((size_t)(ok ? rt : 0) * (T / CH) + c_first) * 32 + j;
+        cp_async16(base + (size_t)i * 16, src, ok);
+      }
+    }
+    if constexpr (Tr::kSparse) {
+      constexpr int per_rt = (C::kSteps / 2) * 8;  // 16-byte pieces of metadata per row tile
+      constexpr int total = (BM / 16) * per_rt;
+      const int p_first = kt * (C::kSteps / 2);
+      for (int i = tid; i < total; i += C::kThreads) {
+        const int r = i / per_rt, j = i % per_rt;
+        const int rt = row_tile0 + r;
+        const bool ok = rt < n_rt;
+        const unsigned char* src =
+            reinterpret_cast<const unsigned char*>(Wm + ((size_t)(ok ? rt : 0) * (T / 2) + p_first) * 32) + j * 16;
+        cp_async16(base + C::kABytes + (size_t)i * 16, src, ok);
+      }
+    }
+    if constexpr (Tr::kQuant) {
+      // slot s of row tile r <- group min(g0 + s, G - 1): 8 half2 = 32 bytes (x2 for zeros)
+      const int g0 = (KIND == KIND_SP4) ? (kt * (BK / 2)) / GS : (kt * BK) / GS;
+      constexpr int pieces = (BM / 16) * C::kSlots * 2;
+      unsigned char* sbase = base + C::kABytes + C::kMetaBytes;
+      for (int i = tid; i < pieces * (ASYM ? 2 : 1); i += C::kThreads) {
+        const int which = i / pieces, k = i % pieces;  // which: 0 scales, 1 zeros
+        const int r = k / (C::kSlots * 2), sl = (k / 2) % C::kSlots, half_ = k & 1;
+        const int rt = row_tile0 + r;
+        const bool ok = rt < n_rt;
+        const int grp = min(g0 + sl, G - 1);
+        const uint32_t* arr = which ? Zb : Sc;
+        const unsigned char* src = reinterpret_cast<const unsigned char*>(arr + ((size_t)(ok ? rt : 0) * G + grp) * 8) + half_ * 16;
+        cp_async16(sbase + (size_t)i * 16, src, ok);
+      }
+    }
+    {
+      // X tile [BN][BK] halves, 16-byte chunk c of row r stored at chunk (c ^ (r & 7))
+      constexpr int cpr = BK / 8;
+      constexpr int total = BN * cpr;
+      unsigned char* xb = base + C::kABytes + C::kMetaBytes + C::kScaleBytes;
+      const int k_first = kt * BK;
+      for (int i = tid; i < total; i += C::kThreads) {
+        const int r = i / cpr, c = i % cpr;
+        const int tok = tok0 + r, k = k_first + c * 8;
+        const bool ok = tok < M && k < K;
+        const half* src = X + (ok ? ((size_t)tok * K + k) : 0);
+        cp_async16(xb + ((size_t)r * cpr + (c ^ (r & 7))) * 16, src, ok);
+      }
+    }
+  };
+
+  float acc[C::kMT][C::kNT][4];
+#pragma unroll
+  for (int a = 0; a < C::kMT; ++a)
+#pragma unroll
+    for (int b = 0; b < C::kNT; ++b)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[a][b][i] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < KT) load_stage(s, s);
+    cp_async_commit();
+  }
+
+  for (int kt = 0; kt < KT; ++kt) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();
+    {
+      const int nk = kt + STAGES - 1;
+      if (nk < KT) load_stage(nk % STAGES, nk);
+      cp_async_commit();
+    }
+    const unsigned char* base = stage_ptr(kt % STAGES);
+    const unsigned char* xb = base + C::kABytes + C::kMetaBytes + C::kScaleBytes;
+    const uint32_t* sb = reinterpret_cast<const uint32_t*>(base + C::kABytes + C::kMetaBytes);
+    const int g0 = Tr::kQuant ? ((KIND == KIND_SP4) ? (kt * (BK / 2)) / GS : (kt * BK) / GS) : 0;
+#pragma unroll
+    for (int ks = 0; ks < C::kSteps; ++ks) {
+      uint32_t b[C::kNT][4];
+#pragma unroll
+      for (int n = 0; n < C::kNT; ++n) {
+        const int r = wn * C::kWTN + n * 8 + (lane & 7);
+        const int c = ks * 4 + (lane >> 3);  // 16-byte chunk (8 halves) within the row
+        ldmatrix_x4(b[n], xb + ((size_t)r * (BK / 8) + (c ^ (r & 7))) * 16);
+      }
+#pragma unroll
+      for (int mt = 0; mt < C::kMT; ++mt) {
+        const int r = wm * C::kMT + mt;  // row tile within the block
+        if constexpr (KIND == KIND_SP16) {
+          const uint4 v = *reinterpret_cast<const uint4*>(base + ((size_t)(r * C::kSteps + ks) * 32 + lane) * 16);
+          const uint32_t a[4] = {v.x, v.y, v.z, v.w};
+          const uint32_t e =
+              *reinterpret_cast<const uint32_t*>(base + C::kABytes + ((size_t)(r * (C::kSteps / 2) + ks / 2) * 32 + lane) * 4);
+#pragma unroll
+          for (int n = 0; n < C::kNT; ++n) {
+            if (ks & 1) mma_sp_16832<1>(acc[mt][n], a, b[n], e);
+            else mma_sp_16832<0>(acc[mt][n], a, b[n], e);
+          }
+        } else if constexpr (KIND == KIND_SP4) {
+          const uint32_t w = *reinterpret_cast<const uint32_t*>(
+              base + ((size_t)(r * (C::kSteps / 4) + ks / 4) * 32 + lane) * 16 + (ks % 4) * 4);
+          const int t = kt * C::kSteps + ks;
+          const int sl = (t * 16) / GS - g0;
+          const uint32_t sc = sb[(r * C::kSlots + sl) * 8 + g];
+          const uint32_t zb = ASYM ? sb[(BM / 16) * C::kSlots * 8 + (r * C::kSlots + sl) * 8 + g] : 0x64086408u;
+          uint32_t a[4];
+          dequant8(w, sc, zb, a);
+          const uint32_t e =
+              *reinterpret_cast<const uint32_t*>(base + C::kABytes + ((size_t)(r * (C::kSteps / 2) + ks / 2) * 32 + lane) * 4);
+#pragma unroll
+          for (int n = 0; n < C::kNT; ++n) {
+            if (ks & 1) mma_sp_16832<1>(acc[mt][n], a, b[n], e);
+            else mma_sp_16832<0>(acc[mt][n], a, b[n], e);
+          }
+        } else {  // KIND_DQ4
+          const uint2 w2 = *reinterpret_cast<const uint2*>(
+              base + ((size_t)(r * (C::kSteps / 2) + ks / 2) * 32 + lane) * 16 + (ks % 2) * 8);
+          const uint32_t ws[2] = {w2.x, w2.y};
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int v = 2 * (kt * C::kSteps + ks) + h;
+            const int sl = (v * 16) / GS - g0;
+            const uint32_t sc = sb[(r * C::kSlots + sl) * 8 + g];
+            const uint32_t zb = ASYM ? sb[(BM / 16) * C::kSlots * 8 + (r * C::kSlots + sl) * 8 + g] : 0x64086408u;
+            uint32_t a[4];
+            dequant8(ws[h], sc, zb, a);
+#pragma unroll
+            for (int n = 0; n < C::kNT; ++n) mma_16816(acc[mt][n], a, b[n][2 * h], b[n][2 * h + 1]);
+          }
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // epilogue: registers -> smem C[BN][BM+8] (token-major) -> 16-byte stores of Y rows
+  half* cs = reinterpret_cast<half*>(smem);
+  constexpr int LDC = BM + 8;
+#pragma unroll
+  for (int mt = 0; mt < C::kMT; ++mt)
+#pragma unroll
+    for (int n = 0; n < C::kNT; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int m = wm * C::kWTM + mt * 16 + g + ((i >> 1) << 3);
+        const int tk = wn * C::kWTN + n * 8 + 2 * q + (i & 1);
+        cs[tk * LDC + m] = __float2half_rn(acc[mt][n][i]);
+      }
+  __syncthreads();
+  const int row0 = tm * BM;
+  if ((N & 7) == 0) {
+    constexpr int cpr = BM / 8;
+    for (int i = tid; i < BN * cpr; i += C::kThreads) {
+      const int tk = i / cpr, c = i % cpr;
+      const int tok = tok0 + tk, col = row0 + c * 8;
+      if (tok < M && col < N)
+        *reinterpret_cast<uint4*>(Y + (size_t)tok * N + col) = *reinterpret_cast<const uint4*>(cs + tk * LDC + c * 8);
+    }
+  } else {
+    for (int i = tid; i < BN * BM; i += C::kThreads) {
+      const int tk = i / BM, c = i % BM;
+      const int tok = tok0 + tk, col = row0 + c;
+      if (tok < M && col < N) Y[(size_t)tok * N + col] = cs[tk * LDC + c];
+    }
+  }
+}
+
+}  // namespace sparsec

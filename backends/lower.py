@@ -1,0 +1,699 @@
+"""Lowering: sparsec graph IR -> one TVM Relax function (``main``), built with ``relax.BlockBuilder``.
+
+- **Linear** (also MoE routers and experts): the kernel chosen by the registry
+  (:func:`sparsec.backends.kernels.registry.select_kernel`) for the weight's format and the target, called with
+  ``relax.call_tir`` on the activations flattened to ``[M, in]`` (``M`` symbolic). Dense weights without a registered
+  kernel take TVM's dense path (``relax.op.matmul``, legalized then scheduled by DLight on GPU / LLVM on CPU).
+  ``LowRank`` weights are decomposed: ``base(x) + (x @ B.T) @ A.T`` (two small Relax matmuls).
+- **LayerNorm / RMSNorm / Embedding / Residual**: Relax ops (``nn.layer_norm``, ``nn.rms_norm``, ``take``, ``add``).
+- **MoE**: router through the registry, ``softmax``/``sigmoid``, ``topk``, optional renormalization, the route
+  weights scattered to a dense ``[tokens, experts]`` matrix (``one_hot``; merged experts through the
+  ``expert_map`` as a one-hot ``[routes, experts]`` matmul) and ``y = sum_e w[:, e] * expert_e(x)``. This is the
+  *dense-equivalent* lowering: every expert runs on every token (``experts/top_k`` times the FLOPs of a routed
+  implementation) and tokens not routed to an expert get weight 0, so the result equals the executor's routed
+  computation. A gather/scatter implementation needs data-dependent shapes and is left for later.
+- **Generic ONNX nodes**: TVM's own ONNX converters (``tvm.relax.frontend.onnx``), called node by node on the same
+  BlockBuilder, with the node's attributes rebuilt as ONNX ``AttributeProto`` s.
+
+Dynamic dims: every named symbolic dim of the graph inputs (``batch``, ``seq``...) is one ``tirx.Var`` (int64);
+unnamed unknown dims get fresh ones. The library therefore serves any batch size and sequence length.
+
+Weights are **parameters**, not constants: ``main(inputs..., params...)`` (``num_input`` attribute). :class:`Lowered`
+lists every parameter with where it comes from (``ParamBinding.source``): a kernel's prepared weights
+(``{"kind": "kernel", "linear", "path", "kernel", "config", "index"}``: the runtime re-runs that kernel's registered
+``prepare`` on the format read from ``weights.safetensors``), a node's array (``{"kind": "node", "node", "role"}``),
+a low-rank factor or a graph constant. Only small constants (integers, and float tensors of at most
+``CONST_INLINE_MAX`` elements: shapes, axes, scalars, masks) are inlined in the library; so are constants a TVM
+converter needs at compile time (e.g. a Reshape's shape).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..compressor.errors import BuildError, UnsupportedOpError
+from ..compressor.formats import LowRank
+from ..compressor.ir import Embedding, Generic, Graph, LayerNorm, Linear, MoE, Residual, RMSNorm
+from .kernels.registry import KernelImpl, ShapeHints, format_key, select_kernel
+
+CONST_INLINE_MAX = 64
+BROADCAST_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Where", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual",
+                 "And", "Or", "Xor", "Max", "Min", "Mod", "BitwiseAnd", "BitwiseOr", "PRelu", "MatMul", "Sum", "Mean"}  # fmt: skip
+
+
+@dataclass
+class ParamBinding:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    source: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": [int(s) for s in self.shape], "dtype": self.dtype, "source": self.source}
+
+
+@dataclass
+class Lowered:
+    mod: Any  # tvm.IRModule
+    inputs: list[dict[str, Any]]
+    outputs: list[str]
+    params: list[ParamBinding]
+    kernels: list[dict[str, Any]]  # per Linear: layer, format, kernel, config, tuned, note
+    sources: dict[str, str] = field(default_factory=dict)  # PrimFunc name -> TVMScript source (generated kernels)
+    input_ranges: dict[str, list[int]] = field(default_factory=dict)  # int inputs feeding an Embedding: [0, vocab)
+    moe: list[str] = field(default_factory=list)
+    extra_modules: list[Any] = field(default_factory=list)  # KernelImpl.extra_modules of every kernel used
+
+
+def _sanitize(name: str) -> str:
+    s = re.sub(r"[^0-9A-Za-z_]", "_", name)
+    return s if s and (s[0].isalpha() or s[0] == "_") else f"_{s}"
+
+
+class _Lowerer:
+    def __init__(self, graph: Graph, target, tuning, act_dtype: str = "float32", dense_kernel: str | None = None):
+        from tvm import relax
+
+        self.relax = relax
+        self.g = graph
+        self.target = target
+        self.tuning = tuning
+        self.act_dtype = act_dtype
+        self.dense_kernel = dense_kernel  # force a generator name for dense layers (bench: "tvm.dense")
+        self.bb = relax.BlockBuilder()
+        self.env: dict[str, Any] = {}
+        self.params: list[ParamBinding] = []
+        self.param_vars: list[Any] = []
+        self.kernels: list[dict[str, Any]] = []
+        self.sources: dict[str, str] = {}
+        self._funcs: dict[tuple, Any] = {}  # (kernel name, source) -> GlobalVar
+        self._func_names: set[str] = set()
+        self.sym: dict[str, Any] = {}
+        self.input_syms: list[Any] = []
+        self.const_params: dict[str, tuple[Any, Any]] = {}  # var name -> (var, tvm tensor) for TVM's get_constant
+        self.input_ranges: dict[str, list[int]] = {}
+        self.moe_notes: list[str] = []
+        self.extra_modules: list[Any] = []
+        self._importer = None
+
+    # ---- parameters ----------------------------------------------------------------------------------------
+    def add_param(self, shape, dtype: str, source: dict[str, Any], hint: str):
+        relax = self.relax
+        name = f"p{len(self.params)}_{_sanitize(hint)[:48]}"
+        v = relax.Var(name, relax.TensorType([int(s) for s in shape], dtype))
+        self.params.append(ParamBinding(name, tuple(int(s) for s in shape), dtype, source))
+        self.param_vars.append(v)
+        return v
+
+    def node_param(self, node, role: str, array: np.ndarray, dtype: str | None = None):
+        dt = dtype or _dtype_name(array.dtype)
+        return self.add_param(array.shape, dt, {"kind": "node", "node": node.name, "role": role, "dtype": dt}, f"{node.name}.{role}")
+
+    # ---- inputs --------------------------------------------------------------------------------------------
+    def dim(self, d, fresh: str):
+        from tvm import tirx
+
+        if isinstance(d, int):
+            return d
+        key = d if isinstance(d, str) else fresh
+        if key not in self.sym:
+            self.sym[key] = tirx.Var(_sanitize(key), "int64")
+        return self.sym[key]
+
+    def input_vars(self):
+        relax = self.relax
+        vars_, info = [], []
+        for i, name in enumerate(self.g.inputs):
+            v = self.g.values.get(name)
+            if v is None or v.shape is None:
+                raise UnsupportedOpError(f"graph input '{name}' has an unknown rank: the library needs at least the rank")
+            shape = [self.dim(d, f"{name}_d{j}") for j, d in enumerate(v.shape)]
+            var = relax.Var(_sanitize(name), relax.TensorType(shape, v.dtype))
+            self.input_syms.extend(d for d in shape if not isinstance(d, int) and all(not d.same_as(s) for s in self.input_syms))
+            vars_.append(var)
+            self.env[name] = var
+            info.append({"name": name, "dtype": v.dtype, "shape": [d if isinstance(d, int) else str(d) for d in shape]})
+        return vars_, info
+
+    # ---- values --------------------------------------------------------------------------------------------
+    def value(self, name: str):
+        if not name:
+            return None
+        if name in self.env:
+            return self.env[name]
+        if name in self.g.constants:
+            return self.constant(name)
+        raise BuildError(f"value '{name}' is used before it is computed")
+
+    def constant(self, name: str):
+        import tvm
+
+        relax = self.relax
+        a = np.asarray(self.g.constants[name])
+        if a.dtype.kind in "USO":
+            raise UnsupportedOpError(f"constant '{name}' holds strings: not supported by the compiled backend")
+        if a.dtype.kind in "biu" or a.size <= CONST_INLINE_MAX:
+            e = relax.const(np.array(a, order="C"), _dtype_name(a.dtype))
+        else:
+            dt = _dtype_name(a.dtype)
+            e = self.add_param(a.shape, dt, {"kind": "constant", "name": name, "dtype": dt}, f"const_{name}")
+            self.const_params[e.name] = (e, tvm.runtime.tensor(np.array(a, order="C")))
+        self.env[name] = e
+        return e
+
+    # ---- Linear --------------------------------------------------------------------------------------------
+    def flatten(self, x, in_features: int, where: str):
+        relax = self.relax
+        shape = _shape_of(x)
+        if shape is None:
+            raise UnsupportedOpError(f"the input of '{where}' has an unknown shape", hint="give the model static ranks")
+        lead = list(shape[:-1])
+        m = 1
+        for d in lead:
+            m = m * d
+        if len(lead) == 1:
+            return x, lead, lead[0]
+        x2 = self.bb.emit(relax.op.reshape(x, (m, in_features)))
+        return x2, lead, m
+
+    def unflatten(self, y, lead, out_features: int):
+        if len(lead) == 1:
+            return y
+        return self.bb.emit(self.relax.op.reshape(y, (*lead, out_features)))
+
+    def linear2d(self, lin: Linear, x2, m, path: tuple[str, ...] = (), weight=None, bias_handled=False):
+        """``[m, in] -> [m, out]`` for a Linear (or a view of it: ``path`` names the nested format, e.g. LowRank base)."""
+        relax = self.relax
+        w = weight if weight is not None else lin.weight
+        if isinstance(w, LowRank):
+            view = Linear(lin.name, lin.inputs, lin.outputs, weight=w.base, bias=lin.bias)
+            y = self.linear2d(view, x2, m, path + ("base",), weight=w.base)
+            dt = self.act_dtype
+            bt = self.add_param((w.in_features, w.rank), dt, {"kind": "lowrank", "linear": lin.name, "path": list(path),
+                                                             "factor": "b_t", "dtype": dt}, f"{lin.name}.lr_b")  # fmt: skip
+            at = self.add_param((w.rank, w.out_features), dt, {"kind": "lowrank", "linear": lin.name, "path": list(path),
+                                                              "factor": "a_t", "dtype": dt}, f"{lin.name}.lr_a")  # fmt: skip
+            xin = x2 if _dtype_of(x2) == dt else self.bb.emit(relax.op.astype(x2, dt))
+            t = self.bb.emit(relax.op.matmul(xin, bt))
+            r = self.bb.emit(relax.op.matmul(t, at))
+            if _dtype_of(r) != _dtype_of(y):
+                r = self.bb.emit(relax.op.astype(r, _dtype_of(y)))
+            self.kernels.append({"layer": lin.name, "part": ".".join(path + ("lowrank",)), "format": f"rank {w.rank}",
+                                 "kernel": "tvm.dense", "config": {}, "tuned": False, "note": "low-rank residual: Relax matmuls"})  # fmt: skip
+            return self.bb.emit(relax.op.add(y, r))
+        hints = ShapeHints(m="m", act_dtype=self.act_dtype)
+        only = self.dense_kernel if (self.dense_kernel and format_key(w) == "dense") else None
+        try:
+            impl = select_kernel(lin, self.target, hints, self.tuning, only=only)
+        except (ValueError, LookupError) as e:
+            raise BuildError(f"layer '{lin.name}': {e}")
+        pvars = []
+        for i, p in enumerate(impl.params):
+            src = {"kind": "kernel", "linear": lin.name, "path": list(path), "kernel": impl.name, "config": impl.config, "index": i}
+            pvars.append(self.add_param(p.shape, p.dtype, src, f"{lin.name}.{p.name}"))
+        xin = x2 if _dtype_of(x2) == impl.act_dtype else self.bb.emit(relax.op.astype(x2, impl.act_dtype))
+        out_f = w.shape[0]
+        self.extra_modules.extend(impl.extra_modules)
+        if impl.func is not None:
+            gv = self.kernel_func(impl, lin)
+            y = self.bb.emit(relax.call_tir(gv, [xin, *pvars], relax.TensorType((m, out_f), impl.out_dtype)))
+        else:
+            y = impl.emit(self.bb, xin, pvars)
+        model_dt = _dtype_of(x2)
+        if impl.out_dtype != model_dt:
+            y = self.bb.emit(relax.op.astype(y, model_dt))
+        if lin.bias is not None and not impl.fuses_bias:
+            b = self.add_param(lin.bias.shape, model_dt, {"kind": "node", "node": lin.name, "role": "bias", "dtype": model_dt},
+                               f"{lin.name}.bias")  # fmt: skip
+            y = self.bb.emit(relax.op.add(y, b))
+        self.kernels.append({"layer": lin.name, "part": ".".join(path), "format": w.describe(), "format_key": format_key(w),
+                             "kernel": impl.name, "config": impl.config, "tuned": bool(impl.tuned), "note": impl.note})  # fmt: skip
+        return y
+
+    def kernel_func(self, impl: KernelImpl, lin: Linear):
+        src = getattr(impl, "source", None)
+        key = (impl.name, src) if src is not None else (impl.name, id(impl.func))
+        gv = self._funcs.get(key)
+        if gv is None:
+            base = _sanitize(f"{impl.name}_{lin.weight.shape[0]}x{lin.weight.shape[1]}")
+            name, i = base, 1
+            while name in self._func_names:
+                name, i = f"{base}_{i}", i + 1
+            self._func_names.add(name)
+            gv = self.bb.add_func(impl.func, name)
+            self._funcs[key] = gv
+            if src is not None:
+                self.sources[gv.name_hint] = src
+        return gv
+
+    def linear(self, lin: Linear, x):
+        x2, lead, m = self.flatten(x, lin.in_features, lin.name)
+        y = self.linear2d(lin, x2, m)
+        return self.unflatten(y, lead, lin.out_features)
+
+    # ---- other raised ops ----------------------------------------------------------------------------------
+    def layernorm(self, n: LayerNorm, x):
+        relax = self.relax
+        d = n.dim or _last_dim(x)
+        dt = _dtype_of(x)
+        gamma = self.node_param(n, "weight", n.weight, dt) if n.weight is not None else relax.const(np.ones(d, dt))
+        beta = self.node_param(n, "bias", n.bias, dt) if n.bias is not None else relax.const(np.zeros(d, dt))
+        return self.bb.emit(relax.op.nn.layer_norm(x, gamma, beta, axes=[-1], epsilon=float(n.eps)))
+
+    def rmsnorm(self, n: RMSNorm, x):
+        relax = self.relax
+        d = n.dim or _last_dim(x)
+        dt = _dtype_of(x)
+        w = self.node_param(n, "weight", n.weight, dt) if n.weight is not None else relax.const(np.ones(d, dt))
+        return self.bb.emit(relax.op.nn.rms_norm(x, w, axes=[-1], epsilon=float(n.eps)))
+
+    def embedding(self, n: Embedding, ids):
+        relax = self.relax
+        table = self.node_param(n, "table", n.table, self.act_dtype if n.table.dtype.kind == "f" else None)
+        if n.inputs[0] in self.g.inputs:
+            self.input_ranges[n.inputs[0]] = [-int(n.table.shape[0]), int(n.table.shape[0])]
+        return self.bb.emit(relax.op.take(table, ids, axis=0, mode="wrap"))
+
+    def moe(self, n: MoE, x):
+        relax = self.relax
+        op = relax.op
+        d = n.router.in_features
+        x2, lead, m = self.flatten(x, d, n.name)
+        logits = self.linear2d(n.router, x2, m)
+        lf = logits if _dtype_of(logits) == "float32" else self.bb.emit(op.astype(logits, "float32"))
+        probs = self.bb.emit(op.nn.softmax(lf, axis=-1) if n.score == "softmax" else op.sigmoid(lf))
+        tk = self.bb.emit(op.topk(probs, k=int(n.top_k), axis=-1, ret_type="both", largest=True, dtype="int64"))
+        topv = self.bb.emit(relax.TupleGetItem(tk, 0))
+        topi = self.bb.emit(relax.TupleGetItem(tk, 1))
+        if n.renormalize:
+            topv = self.bb.emit(op.divide(topv, op.sum(topv, axis=-1, keepdims=True)))
+        routes = n.num_routes
+        oh = self.bb.emit(op.astype(op.one_hot(topi, 1.0, 0.0, depth=routes, axis=-1), "float32"))
+        wr = self.bb.emit(op.sum(op.multiply(oh, op.expand_dims(topv, -1)), axis=1))  # [T, routes]
+        ne = len(n.experts)
+        if n.expert_map is not None:
+            emap = np.zeros((routes, ne), dtype=np.float32)
+            emap[np.arange(routes), np.asarray(n.expert_map)] = 1.0
+            wr = self.bb.emit(op.matmul(wr, relax.const(emap)))
+        dt = _dtype_of(x2)
+        if dt != "float32":
+            wr = self.bb.emit(op.astype(wr, dt))
+        acc = None
+        for ei, e in enumerate(n.experts):
+            h_up = self.linear2d(e.up, x2, m)
+            if e.gate is not None:
+                h = self.bb.emit(op.multiply(self.act(e.act, self.linear2d(e.gate, x2, m)), h_up))
+            else:
+                h = self.act(e.act, h_up)
+            ye = self.linear2d(e.down, h, m)
+            we = self.bb.emit(op.strided_slice(wr, axes=[1], begin=[ei], end=[ei + 1]))
+            ye = self.bb.emit(op.multiply(ye, we))
+            acc = ye if acc is None else self.bb.emit(op.add(acc, ye))
+        self.moe_notes.append(n.name)
+        return self.unflatten(acc, lead, d)
+
+    def act(self, name: str, x):
+        op = self.relax.op
+        if name == "identity":
+            return x
+        f = {"silu": op.nn.silu, "gelu": op.nn.gelu, "gelu_tanh": op.nn.gelu_tanh, "relu": op.nn.relu}[name]
+        return self.bb.emit(f(x))
+
+    # ---- generic ONNX nodes --------------------------------------------------------------------------------
+    def importer(self):
+        if self._importer is None:
+            from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
+
+            imp = ONNXGraphImporter({}, {})
+            imp.bb = self.bb
+            imp.opset = int(self.g.opset.get("", 17))
+            self._importer = imp
+        return self._importer
+
+    def generic(self, n: Generic, ins):
+        import tvm
+        from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map, onnx_input
+
+        from ..compressor.onnx_export import _attribute
+
+        relax = self.relax
+        if n.op_type == "Range" and not n.domain:
+            return [(n.outputs[0], self.refine(n.outputs[0], self.range_(ins)))]
+        conv = _get_convert_map().get(n.op_type)
+        if conv is None:
+            raise UnsupportedOpError(f"{n.op_type} (node '{n.name}') has no TVM lowering", hint="use --engine onnx to run it")
+        imp = self.importer()
+        attrs = imp._parse_attr([_attribute(k, v, n.attr_types.get(k)) for k, v in sorted(n.attributes.items())])
+        attrs["tvm_custom"] = {"name": n.name, "num_outputs": len(n.outputs)}
+        if n.op_type in BROADCAST_OPS:
+            ins = self.unify_broadcast(n.op_type, list(ins))
+        inputs = onnx_input()
+        for e in ins:
+            inputs.append(e)
+        nodes = {v.name: v for v in inputs if isinstance(v, relax.Var)}
+        opset = int(self.g.opset.get(n.domain or "", self.g.opset.get("", 17)))
+        def call(args):
+            out = conv.get_converter(opset)(self.bb, args, attrs, [nodes, self.const_params])
+            return self.bb.normalize(out) if isinstance(out, relax.Expr) else out
+
+        try:
+            out = call(inputs)
+        except Exception as e:  # noqa: BLE001 - any converter failure: one line naming the node
+            # TVM's converters keep sizes read from shapes as PrimValues (Squeeze/Gather of Shape, their products);
+            # most converters want tensors: retry with PrimValue inputs as 0-d int64 tensors
+            prims = [i for i, v in enumerate(inputs) if v is not None and isinstance(getattr(v, "ty", None), tvm.ir.type.PrimType)]
+            out = None
+            if prims:
+                args = onnx_input()
+                for i, v in enumerate(inputs):
+                    args.append(self.prim_to_tensor(v) if i in prims else v)
+                try:
+                    out = call(args)
+                except Exception:  # noqa: BLE001
+                    out = None
+            if out is None:
+                msg = str(e).strip().splitlines()
+                raise UnsupportedOpError(f"{n.op_type} (node '{n.name}') cannot be lowered by TVM: {msg[-1][:200] if msg else type(e).__name__}")
+        outs = [o for o in n.outputs]
+        if isinstance(out, relax.Tuple):
+            items = list(out.fields)
+        elif isinstance(out.ty, relax.TupleType):
+            items = [self.bb.emit(relax.TupleGetItem(out, i)) for i in range(len(out.ty.fields))]
+        else:
+            items = [out]
+        if len(items) < len([o for o in outs if o]):
+            raise UnsupportedOpError(f"{n.op_type} (node '{n.name}'): TVM produced {len(items)} outputs for {len(outs)}")
+        res = []
+        for o, e in zip(outs, items):
+            if o:
+                # like TVM's own importer, keep shape expressions, constants and vars as they are (converters such
+                # as Squeeze/Reshape/Concat look for ShapeExpr inputs); bind calls once so consumers share them
+                if isinstance(e, relax.Call):
+                    e = self.bb.emit(e)
+                res.append((o, self.refine(o, e)))
+        return res
+
+    def range_(self, ins):
+        """ONNX Range. TVM's converter defines the length as a symbolic var with a ``match_cast`` of a runtime shape
+        that no later binding uses; TVM's passes then drop that binding and compilation fails with "PrimExpr ...
+        range_len has not been computed". Here the matched shape itself feeds the result
+        so the definition stays."""
+        from tvm import tirx
+
+        relax = self.relax
+        op = relax.op
+        sym = self.range_symbolic(ins)
+        if sym is not None:
+            return sym
+        start, limit, delta = [self.prim_to_tensor(v) for v in ins]
+        dt = _dtype_of(start)
+        f = [self.bb.emit(op.astype(v, "float64")) for v in (start, limit, delta)]
+        cnt = self.bb.emit(op.astype(op.maximum(op.ceil(op.divide(op.subtract(f[1], f[0]), f[2])), relax.const(0.0, "float64")), "int64"))
+        shp = self.bb.emit(op.tensor_to_shape(op.reshape(cnt, (1,))))
+        n_var = tirx.Var(f"range_len_{len(self.sym)}", "int64")
+        self.sym[n_var.name] = n_var
+        shp = self.bb.match_cast(shp, relax.ShapeType([n_var]))
+        idx = self.bb.emit(op.arange(relax.prim_value(tirx.IntImm("int64", 0)), relax.prim_value(n_var), relax.prim_value(tirx.IntImm("int64", 1)), dt))
+        # a no-op reshape by the matched shape var (what RewriteDataflowReshape emits), so that var stays used
+        idx = self.bb.emit(relax.call_pure_packed("vm.builtin.reshape", idx, shp, ty_args=relax.TensorType([n_var], dt)))
+        return self.bb.emit(op.add(op.multiply(idx, delta), start))
+
+    def range_symbolic(self, ins):
+        """Range with constant start/delta and a limit that is a size (a PrimValue from Shape/Gather/Squeeze,
+        possibly through casts): the length is a symbolic expression of the input dims, no runtime match needed."""
+        import tvm
+        from tvm import tirx
+
+        relax = self.relax
+        start, limit, delta = ins
+
+        def const_val(v):
+            if isinstance(v, tvm.ir.GenericConst):
+                a = v.value.numpy()
+                return a.item() if a.size == 1 else None
+            if isinstance(v, (tirx.IntImm, tirx.FloatImm)):
+                return v.value
+            return None
+
+        s0, d0 = const_val(start), const_val(delta)
+        if s0 is None or d0 is None or d0 == 0 or not isinstance(getattr(limit, "ty", None), tvm.ir.type.PrimType):
+            return None
+        lim = limit
+        while isinstance(lim, tirx.Cast):  # Cast(float32, seq) and back: exact for sizes below 2**24
+            lim = lim.value
+        if not str(lim.ty).startswith("int") or float(s0) != int(s0) or float(d0) != int(d0):
+            return None
+        dt = _dtype_of(start) if isinstance(start, tvm.ir.GenericConst) else str(start.ty)
+        lim = lim if str(lim.ty) == "int64" else tirx.Cast("int64", lim)
+        return self.bb.emit(relax.op.arange(relax.prim_value(tirx.IntImm("int64", int(s0))), relax.prim_value(lim),
+                                            relax.prim_value(tirx.IntImm("int64", int(d0))), dt))  # fmt: skip
+
+    def prim_to_tensor(self, v):
+        """A PrimValue (an int64 size) as a 0-d int64 tensor."""
+        import tvm
+        from tvm import tirx
+
+        relax = self.relax
+        if not isinstance(getattr(v, "ty", None), tvm.ir.type.PrimType):
+            return v
+        try:
+            val = v if str(v.ty) == "int64" else tirx.Cast("int64", v)
+            t = relax.op.shape_to_tensor(relax.ShapeExpr([val]))
+        except Exception:  # noqa: BLE001 - not a TIR expression (a Relax var of PrimType): leave it
+            return v
+        return self.bb.emit(relax.op.reshape(t, ()))
+
+    def refine(self, name: str, e):
+        """Give ``e`` the shape the graph IR knows for value ``name`` when TVM's converter lost it (data-dependent
+        sizes such as ``Range(0, Squeeze(Shape(x)))`` become fresh vars; broadcasting with them loses the shape): a
+        ``match_cast`` to the IR's symbolic shape, checked at run time."""
+        relax = self.relax
+        v = self.g.values.get(name)
+        ty = e.ty
+        if v is None or v.shape is None or any(d is None for d in v.shape) or not isinstance(ty, relax.TensorType):
+            return e
+        if ty.ndim not in (-1, len(v.shape)):
+            return e
+        have = _shape_of(e)
+        want = [d if isinstance(d, int) else self.sym_expr(d) for d in v.shape]
+        if have is None or len(have) != len(want):
+            return self.bb.match_cast(e, relax.TensorType(want, ty.dtype))
+        best = []
+        for h, w in zip(have, want):
+            if self.known(h) or not self.known(w):
+                best.append(h)  # TVM's dim is in terms of the inputs (or the IR knows no better): keep it
+            else:
+                best.append(w)
+        if all(b is h for b, h in zip(best, have)):
+            return e
+        return self.bb.match_cast(e, relax.TensorType(best, ty.dtype))
+
+    def unify_broadcast(self, op_type: str, ins: list):
+        """Broadcasting ops (and MatMul's batch and inner dims) whose inputs disagree only because one side has a
+        size TVM cannot relate to the graph inputs (``range_len_0`` from a ``Range`` over ``Shape``, ``unk__0``
+        from ONNX shape inference) while the other side's size is known: ONNX requires them to be equal (or 1), so the
+        unknown side is ``match_cast`` to the known size (checked at run time). Without it the result's shape is
+        lost and TVM cannot legalize the ops downstream."""
+        relax = self.relax
+        tensors = [(i, v) for i, v in enumerate(ins) if v is not None and isinstance(getattr(v, "ty", None), relax.TensorType)]
+        shapes = {i: _shape_of(v) for i, v in tensors}
+        if len(tensors) < 2 or any(sh is None for sh in shapes.values()):
+            return ins
+        if op_type == "MatMul":
+            a, b = shapes.get(0), shapes.get(1)
+            if a is None or b is None or len(a) < 2 or len(b) < 2:
+                return ins
+            # batch dims right-aligned, and a's last == b's second to last
+            pairs = [(0, len(a) - 1, 1, len(b) - 2)]
+            for k in range(1, min(len(a), len(b)) - 1):
+                pairs.append((0, len(a) - 2 - k, 1, len(b) - 2 - k))
+        else:
+            rank = max(len(sh) for sh in shapes.values())
+            pairs = []
+            idx = [i for i, _ in tensors]
+            for k in range(1, rank + 1):
+                for x in range(len(idx)):
+                    for y in range(x + 1, len(idx)):
+                        sa, sb = shapes[idx[x]], shapes[idx[y]]
+                        if k <= len(sa) and k <= len(sb):
+                            pairs.append((idx[x], len(sa) - k, idx[y], len(sb) - k))
+        new = {i: list(sh) for i, sh in shapes.items()}
+        changed = set()
+        for ia, da, ib, db in pairs:
+            ha, hb = new[ia][da], new[ib][db]
+            if _is_one(ha) or _is_one(hb) or _same_dim_expr(ha, hb):
+                continue
+            ka, kb = self.known(ha), self.known(hb)
+            if ka and not kb:
+                new[ib][db] = ha
+                changed.add(ib)
+            elif kb and not ka:
+                new[ia][da] = hb
+                changed.add(ia)
+        if not changed:
+            return ins
+        out = list(ins)
+        for i in sorted(changed):
+            out[i] = self.bb.match_cast(ins[i], relax.TensorType(new[i], str(ins[i].ty.dtype)))
+        return out
+
+    def known(self, d) -> bool:
+        """``d`` is a constant or an expression of the graph inputs' symbolic dims only."""
+        from tvm import tirx
+
+        if isinstance(d, int):
+            return True
+        for var in tirx.analysis.undefined_vars(d):
+            if not any(var.same_as(s) for s in self.input_syms):
+                return False
+        return True
+
+    def sym_expr(self, text: str):
+        """A symbolic dim of the IR (``s70``, ``Min(128, s70)``, ``2*s1 + 1`` ...) as a TIR expression over the same
+        vars; anything unparsable becomes its own var (bound by the match_cast)."""
+        import ast
+
+        from tvm import tirx
+
+        def conv(node):
+            if isinstance(node, ast.Expression):
+                return conv(node.body)
+            if isinstance(node, ast.Constant) and isinstance(node.value, int):
+                return tirx.IntImm("int64", node.value)
+            if isinstance(node, ast.Name):
+                return self.dim(node.id, node.id)
+            if isinstance(node, ast.BinOp):
+                a, b = conv(node.left), conv(node.right)
+                ops = {ast.Add: lambda: a + b, ast.Sub: lambda: a - b, ast.Mult: lambda: a * b,
+                       ast.FloorDiv: lambda: tirx.floordiv(a, b), ast.Mod: lambda: tirx.floormod(a, b)}  # fmt: skip
+                if type(node.op) in ops:
+                    return ops[type(node.op)]()
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and len(node.args) == 2 and not node.keywords:
+                a, b = conv(node.args[0]), conv(node.args[1])
+                if node.func.id in ("Min", "min"):
+                    return tirx.min(a, b)
+                if node.func.id in ("Max", "max"):
+                    return tirx.max(a, b)
+            raise ValueError(text)
+
+        try:
+            return conv(ast.parse(text, mode="eval"))
+        except (SyntaxError, ValueError, RecursionError):
+            return self.dim(text, text)
+
+    # ---- driver --------------------------------------------------------------------------------------------
+    def run(self) -> Lowered:
+        relax = self.relax
+        in_vars, in_info = self.input_vars()
+        g = self.g
+        # parameters become known while lowering; the function signature is fixed at the end (see below)
+        with self.bb.function("main", params=None):
+            with self.bb.dataflow():
+                for n in g.nodes:
+                    ins = [self.value(i) for i in n.inputs]
+                    try:
+                        if isinstance(n, Linear):
+                            outs = [(n.outputs[0], self.linear(n, ins[0]))]
+                        elif isinstance(n, LayerNorm):
+                            outs = [(n.outputs[0], self.layernorm(n, ins[0]))]
+                        elif isinstance(n, RMSNorm):
+                            outs = [(n.outputs[0], self.rmsnorm(n, ins[0]))]
+                        elif isinstance(n, Embedding):
+                            outs = [(n.outputs[0], self.embedding(n, ins[0]))]
+                        elif isinstance(n, Residual):
+                            outs = [(n.outputs[0], self.bb.emit(relax.op.add(ins[0], ins[1])))]
+                        elif isinstance(n, MoE):
+                            outs = [(n.outputs[0], self.moe(n, ins[0]))]
+                        elif isinstance(n, Generic):
+                            outs = self.generic(n, ins)
+                        else:
+                            raise UnsupportedOpError(f"{n.op} (node '{n.name}') cannot be lowered")
+                    except (UnsupportedOpError, BuildError):
+                        raise
+                    except Exception as e:  # noqa: BLE001 - a TVM failure on a node is reported naming the node
+                        if isinstance(e, (KeyboardInterrupt, MemoryError)):
+                            raise
+                        msg = str(e).strip().splitlines()
+                        raise BuildError(f"node '{n.name}' ({n.op}): {msg[-1][:300] if msg else type(e).__name__}")
+                    for name, e in outs:
+                        self.env[name] = e
+                results = [self.value(o) for o in g.outputs]
+                res = results[0] if len(results) == 1 else relax.Tuple(results)
+                out = self.bb.emit_output(res)
+            self.bb.emit_func_output(out, params=in_vars + self.param_vars)
+        mod = self.bb.get()
+        mod["main"] = mod["main"].with_attr("num_input", len(in_vars))
+        return Lowered(mod, in_info, list(g.outputs), self.params, self.kernels, self.sources, self.input_ranges, self.moe_notes,
+                       self.extra_modules)
+
+
+def lower(graph: Graph, target, tuning=None, act_dtype: str = "float32", dense_kernel: str | None = None) -> Lowered:
+    """Lower ``graph`` for ``target`` (a :class:`sparsec.backends.targets.Target`) into a Relax module."""
+    from .tune import TuningDB
+
+    return _Lowerer(graph, target, tuning if tuning is not None else TuningDB.empty(), act_dtype, dense_kernel).run()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def _dtype_name(dt) -> str:
+    dt = np.dtype(dt)
+    return "bool" if dt == np.bool_ else dt.name
+
+
+def _shape_of(e):
+    ty = e.ty
+    shape = getattr(ty, "shape", None)
+    if shape is None:
+        return None
+    vals = getattr(shape, "values", None)
+    return None if vals is None else list(vals)
+
+
+def _is_one(d) -> bool:
+    from tvm import tirx
+
+    return isinstance(d, (int, tirx.IntImm)) and int(d) == 1
+
+
+def _same_dim_expr(a, b) -> bool:
+    from tvm import tirx
+
+    if isinstance(a, (int, tirx.IntImm)) and isinstance(b, (int, tirx.IntImm)):
+        return int(a) == int(b)
+    try:
+        return bool(tvm_structural_equal(a, b))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def tvm_structural_equal(a, b) -> bool:
+    import tvm
+
+    return tvm.ir.structural_equal(a, b, map_free_vars=False)
+
+
+def _same_dim(h, w) -> bool:
+    from tvm import tirx
+
+    if isinstance(w, int):
+        return isinstance(h, (int, tirx.IntImm)) and int(h) == w
+    return isinstance(h, tirx.Var) and h.same_as(w)
+
+
+def _dtype_of(e) -> str:
+    return str(e.ty.dtype)
+
+
+def _last_dim(e) -> int:
+    s = _shape_of(e)
+    if not s:
+        raise UnsupportedOpError("normalization over an unknown dimension")
+    return int(s[-1])
+
+
+def product(xs) -> Any:
+    return math.prod(xs)

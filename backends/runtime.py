@@ -1,0 +1,259 @@
+"""Run an artifact's compiled library (``lib/model.so``) with the TVM runtime (Relax VM) on the local device.
+
+``run_lib(artifact, inputs) -> {output name: array}`` (used by ``sparsec run --engine lib|auto``).
+:class:`LoadedLib` loads once and runs many times (``sparsec bench``).
+
+Weights: the library's ``main`` takes the model inputs then every weight parameter. The parameters are built at load
+time from the artifact's ``weights.safetensors`` + ``graph.json`` (the compressed formats) following
+``lib/manifest.json``: a kernel's parameters by re-running that kernel's registered ``prepare`` (pure numpy: repacking
+into the kernel's layout), node arrays (norm weights, embedding tables, biases), low-rank factors and graph constants
+by name. Nothing is read from anywhere else, and the library holds no weights.
+
+Devices: CPU targets run on the local CPU when the library's triple matches the machine; CUDA targets need a GPU
+(TVM's CUDA runtime is loaded on demand and the fatbin embedded at build time is loaded as is; nothing is compiled).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..compressor.errors import ArtifactError, ShapeError, ToolMissingError
+
+LIB_SCHEMA = "sparsec.lib/1"
+
+
+def _artifact(a):
+    from ..compressor.artifact import Artifact, load_artifact
+
+    return a if isinstance(a, Artifact) else load_artifact(a)
+
+
+def read_lib_manifest(lib_dir: Path) -> dict[str, Any]:
+    p = Path(lib_dir) / "manifest.json"
+    try:
+        doc = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{lib_dir.parent}: has no compiled library (lib/manifest.json is missing)")
+    except (OSError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{p}: cannot be read ({e})")
+    if doc.get("schema") != LIB_SCHEMA:
+        raise ArtifactError(f"{p}: library schema {doc.get('schema')!r}, this sparsec reads {LIB_SCHEMA!r}")
+    return doc
+
+
+def lib_runnable_here(manifest: dict[str, Any]) -> str | None:
+    """Why this machine cannot run the library (None when it can, as far as we can tell without loading it)."""
+    kind = manifest.get("kind")
+    if kind == "cuda":
+        try:
+            import tvm  # noqa: F401
+
+            from .cuda_build import load_cuda_runtime
+
+            load_cuda_runtime()
+            import tvm as _tvm
+
+            if not _tvm.cuda(0).exist:
+                return f"the library targets {manifest.get('target')} (CUDA) and this machine has no GPU"
+        except ToolMissingError as e:
+            return f"the library targets {manifest.get('target')} (CUDA): {e.message}"
+        return None
+    if manifest.get("standalone"):  # aarch64 / wasm: the C API library under qemu-aarch64 / node (backends/cross.py)
+        from .cross import runner_missing
+
+        return runner_missing(manifest)
+    triple = str((manifest.get("tvm_target") or {}).get("mtriple", ""))
+    machine = platform.machine()
+    if triple and not triple.startswith(machine) and not (machine == "AMD64" and triple.startswith("x86_64")):
+        return f"the library targets {triple} and this machine is {machine}"
+    return None
+
+
+class LoadedLib:
+    """A loaded library with its parameters bound: ``run(feeds) -> outputs``."""
+
+    def __init__(self, artifact=None, *, lib_dir=None, graph=None):
+        """From an artifact directory, or from a ``lib/`` directory plus the graph whose weights it binds."""
+        import tvm
+        from tvm.runtime.vm import VirtualMachine  # not tvm.relax: that package needs the compiler library
+
+        if artifact is not None:
+            a = _artifact(artifact)
+            lib_dir, graph, root = a.lib_dir, a.graph, a.path
+        else:
+            lib_dir, root = Path(lib_dir), Path(lib_dir).parent
+        self.lib_dir = Path(lib_dir)
+        self.manifest = read_lib_manifest(self.lib_dir)
+        why = lib_runnable_here(self.manifest)
+        if why is not None:
+            raise ToolMissingError(why)
+        kind = self.manifest["kind"]
+        if kind == "cuda":
+            from .cuda_build import install_loader
+
+            install_loader()
+            self.dev = tvm.cuda(0)
+        else:
+            self.dev = tvm.cpu(0)
+        path = self.lib_dir / self.manifest.get("library", "model.so")
+        if not path.exists():
+            raise ArtifactError(f"{root}: {path.relative_to(root)} is missing")
+        try:
+            self.lib = tvm.runtime.load_module(str(path))
+        except Exception as e:  # noqa: BLE001
+            raise ArtifactError(f"{path}: cannot be loaded by the TVM runtime ({str(e).strip().splitlines()[-1][:200]})")
+        self.vm = VirtualMachine(self.lib, self.dev)
+        self.params = [tvm.runtime.tensor(arr, self.dev) for arr in build_params(graph, self.manifest)]
+        self.inputs = self.manifest["inputs"]
+        self.outputs = self.manifest["outputs"]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import tvm
+
+        args = []
+        for spec in self.inputs:
+            name = spec["name"]
+            if name not in feeds:
+                raise ShapeError(f"missing input {name!r}; the model's inputs are {[s['name'] for s in self.inputs]}")
+            x = np.asarray(feeds[name])
+            if x.ndim != len(spec["shape"]):
+                raise ShapeError(f"input {name!r} has rank {x.ndim}, the model expects {len(spec['shape'])}")
+            for i, (got, want) in enumerate(zip(x.shape, spec["shape"])):
+                if isinstance(want, int) and got != want:
+                    raise ShapeError(f"input {name!r} has size {got} in dim {i}, the model expects {want}")
+            if x.dtype != np.dtype(spec["dtype"]):
+                if x.dtype.kind != np.dtype(spec["dtype"]).kind:
+                    raise ShapeError(f"input {name!r} is {x.dtype}, the model expects {spec['dtype']}")
+                x = x.astype(spec["dtype"])
+            rng = self.manifest.get("input_ranges", {}).get(name)
+            if rng is not None and x.size and (int(x.min()) < rng[0] or int(x.max()) >= rng[1]):
+                raise ShapeError(f"input {name!r}: token ids must be in [0, {rng[1]}), got values in [{int(x.min())}, {int(x.max())}]")
+            args.append(tvm.runtime.tensor(np.require(x, requirements="C"), self.dev))
+        out = self.vm["main"](*args, *self.params)
+        outs = _flatten_outputs(out)
+        if len(outs) != len(self.outputs):
+            raise ArtifactError(f"the library returned {len(outs)} outputs for {len(self.outputs)} names")
+        return dict(zip(self.outputs, outs))
+
+    def timer(self, feeds: dict[str, np.ndarray]):
+        """A zero-argument callable running the model once on ``feeds`` already on the device (for timing)."""
+        import tvm
+
+        args = [tvm.runtime.tensor(np.require(np.asarray(feeds[s["name"]]).astype(s["dtype"]), requirements="C"), self.dev) for s in self.inputs]
+        # a closure with the arguments bound once (no per-call argument conversion), as a deployment would call it
+        self.vm.save_function("main", "__sparsec_timed", *args, *self.params)
+        f = self.vm["__sparsec_timed"]
+        dev = self.dev
+
+        def call():
+            f()
+            dev.sync()
+
+        return call
+
+
+def _flatten_outputs(out) -> list[np.ndarray]:
+    if hasattr(out, "numpy"):
+        return [out.numpy()]
+    res = []
+    for o in out:
+        res.extend(_flatten_outputs(o))
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def _find_node(graph, name: str):
+    from ..compressor.ir import iter_all_nodes
+
+    for n in iter_all_nodes(graph):
+        if n.name == name:
+            return n
+    raise ArtifactError(f"the library needs node {name!r}, which is not in graph.json")
+
+
+def _descend(weight, path):
+    for p in path:
+        weight = getattr(weight, p)
+    return weight
+
+
+def build_params(graph, manifest: dict[str, Any]) -> list[np.ndarray]:
+    """The library's weight parameters, in order, from the artifact's graph (see the module docstring)."""
+    from ..compressor.ir import Linear
+    from .kernels.registry import get_prepare
+
+    cache: dict[tuple, list[np.ndarray]] = {}
+    out: list[np.ndarray] = []
+    for p in manifest["params"]:
+        src = p["source"]
+        kind = src["kind"]
+        if kind == "kernel":
+            key = (src["linear"], tuple(src["path"]), src["kernel"], json.dumps(src["config"], sort_keys=True))
+            arrays = cache.get(key)
+            if arrays is None:
+                lin = _find_node(graph, src["linear"])
+                w = _descend(lin.weight, src["path"])
+                view = lin if not src["path"] else Linear(lin.name, lin.inputs, lin.outputs, weight=w, bias=lin.bias)
+                try:
+                    prep = get_prepare(src["kernel"])
+                except KeyError as e:
+                    raise ArtifactError(f"the library uses kernel {src['kernel']!r}, unknown to this sparsec ({e})")
+                arrays = [np.require(a, requirements="C") for a in prep(view, src["config"])]
+                cache[key] = arrays
+            a = arrays[src["index"]]
+        elif kind == "node":
+            n = _find_node(graph, src["node"])
+            v = n.params().get(src["role"])
+            if v is None:
+                raise ArtifactError(f"node {src['node']!r} has no {src['role']}")
+            a = np.asarray(v)
+        elif kind == "lowrank":
+            lin = _find_node(graph, src["linear"])
+            lr = _descend(lin.weight, src["path"])
+            a = lr.b.T if src["factor"] == "b_t" else lr.a.T
+        elif kind == "constant":
+            if src["name"] not in graph.constants:
+                raise ArtifactError(f"constant {src['name']!r} is missing from graph.json")
+            a = graph.constants[src["name"]]
+        else:
+            raise ArtifactError(f"unknown parameter source {kind!r} in lib/manifest.json")
+        a = np.require(np.asarray(a).astype(p["dtype"], copy=False), requirements="C")
+        if list(a.shape) != list(p["shape"]):
+            raise ArtifactError(f"parameter {p['name']}: built {list(a.shape)}, the library expects {p['shape']}")
+        out.append(a)
+    return out
+
+
+_CACHE: dict[str, LoadedLib] = {}
+
+
+def load_lib(artifact) -> LoadedLib:
+    a = _artifact(artifact)
+    key = os.path.realpath(a.path)
+    st = (a.lib_dir / "model.so").stat().st_mtime_ns if (a.lib_dir / "model.so").exists() else 0
+    cached = _CACHE.get(key)
+    if cached is not None and getattr(cached, "_stamp", None) == st:
+        return cached
+    lib = LoadedLib(a)
+    lib._stamp = st  # type: ignore[attr-defined]
+    _CACHE[key] = lib
+    return lib
+
+
+def run_lib(artifact, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run the artifact's compiled library on ``inputs`` (name -> array); returns name -> array."""
+    a = _artifact(artifact)
+    manifest = read_lib_manifest(a.lib_dir)
+    if manifest.get("standalone"):  # aarch64 (qemu-aarch64) / wasm (node): backends/cross.py
+        from .cross import run_standalone, runner_missing
+
+        why = runner_missing(manifest)
+        if why is not None:
+            raise ToolMissingError(why)
+        return run_standalone(a.lib_dir, manifest, inputs)[0]
+    return load_lib(a).run(inputs)

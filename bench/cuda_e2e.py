@@ -1,0 +1,122 @@
+"""End to end on the GPU: the golden GPT compiled for h100 with each of sparsec's CUDA kernel kinds, run by the TVM
+runtime (Relax VM, runtime-only TVM) and compared with sparsec's executor on the same compressed graph.
+
+    python bench/cuda_e2e.py build --src <artifact of `sparsec compress --example tiny-gpt --nm 2:4`> --out .devpack/e2e
+    python bench/cuda_e2e.py run --dir .devpack/e2e --out DIR      # on the GPU machine -> DIR/cuda_e2e.json
+
+Variants: ``nm24`` (2:4 fp16: cuda.nm24_mma_sp), ``nm24_int4`` (2:4 with int4 g32 RTN kept values:
+cuda.nm24_int4_mma_sp), ``int4`` (dense int4 g32 asymmetric RTN: cuda.int4_dequant_mma). Token counts 1 (decode
+GEMV), 64 (small GEMM) and 8 x 128 (large GEMM).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def rtn(w, gs, sym):
+    import numpy as np
+
+    from sparsec.compressor.formats import GroupQuant
+
+    n, k = w.shape
+    g = w.reshape(n, k // gs, gs).astype(np.float64)
+    if sym:
+        s = np.maximum(np.abs(g).max(-1), 1e-8) / 7.0
+        u = np.clip(np.round(g / s[..., None]) + 8, 0, 15)
+        z = None
+    else:
+        lo, hi = g.min(-1), g.max(-1)
+        s = np.maximum(hi - lo, 1e-8) / 15.0
+        z = np.clip(np.round(-lo / s), 0, 15)
+        u = np.clip(np.round(g / s[..., None]) + z[..., None], 0, 15)
+    return GroupQuant.from_codes(u.reshape(n, k).astype(np.uint8), s.astype(np.float16),
+                                 None if z is None else z.astype(np.uint8), 4, gs)  # fmt: skip
+
+
+def variants(src: str):
+    from sparsec.compressor.artifact import load_graph
+    from sparsec.compressor.formats import NMSparse
+
+    base = load_graph(src)
+    out = {"nm24": base.copy()}
+    g = base.copy()
+    for lin in g.linears():
+        if isinstance(lin.weight, NMSparse):
+            lin.weight = lin.weight.with_values(rtn(lin.weight.values.materialize(), 32 if lin.weight.shape[1] // 2 % 32 == 0 else 16, True))
+    out["nm24_int4"] = g
+    g = base.copy()
+    for lin in g.linears():
+        if isinstance(lin.weight, NMSparse):
+            lin.weight = rtn(lin.weight.materialize(), 32, False)
+    out["int4"] = g
+    return out
+
+
+def cmd_build(a):
+    from sparsec.backends.build import build
+    from sparsec.compressor.artifact import ArtifactContent, write_artifact
+
+    for name, g in variants(a.src).items():
+        t = time.time()
+        info, writer = build(g, "h100")
+        write_artifact(Path(a.out) / name, ArtifactContent(g, {"e2e": name}, {"build": info}, writers=[("lib", writer)]), force=True)
+        print(name, info["kernels"], f"{time.time() - t:.0f}s")
+
+
+def cmd_run(a):
+    import numpy as np
+
+    from sparsec.backends.runtime import LoadedLib
+    from sparsec.compressor.artifact import load_graph
+    from sparsec.compressor.executor import Executor
+
+    res = {"runs": []}
+    rng = np.random.default_rng(0)
+    for d in sorted(p for p in Path(a.dir).iterdir() if p.is_dir()):
+        g = load_graph(d)
+        lib = LoadedLib(d)
+        ex = Executor(g, "cuda")
+        for b, s in ((1, 1), (1, 64), (8, 128)):
+            ids = rng.integers(0, 256, size=(b, s), dtype=np.int64)
+            out = lib.run({"input_ids": ids})
+            ref = ex.run({"input_ids": ids})
+            y = np.asarray(list(out.values())[0], dtype=np.float64)
+            r = np.asarray(list(ref.values())[0], dtype=np.float64)
+            rel = float(np.linalg.norm(y - r) / max(np.linalg.norm(r), 1e-30))
+            call = lib.timer({"input_ids": ids})
+            for _ in range(3):
+                call()
+            t0 = time.perf_counter()
+            for _ in range(20):
+                call()
+            ms = (time.perf_counter() - t0) / 20 * 1e3
+            row = {"variant": d.name, "batch": b, "seq": s, "tokens": b * s, "rel_err_vs_executor": rel,
+                   "finite": bool(np.isfinite(y).all()), "ms": ms}  # fmt: skip
+            res["runs"].append(row)
+            print(row, flush=True)
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    (Path(a.out) / "cuda_e2e.json").write_text(json.dumps(res, indent=1))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("--src", required=True)
+    b.add_argument("--out", default=".devpack/e2e")
+    r = sub.add_parser("run")
+    r.add_argument("--dir", default=".devpack/e2e")
+    r.add_argument("--out", required=True)
+    a = ap.parse_args()
+    {"build": cmd_build, "run": cmd_run}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()
