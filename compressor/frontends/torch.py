@@ -100,7 +100,9 @@ class _Placeholder(nn.Module):
         self.router_fn = router_fn
         self.returns_logits = returns_logits
 
-    def forward(self, x, *args, **kwargs):
+    def forward(self, *args, **kwargs):
+        # the hidden states: the first float tensor (an unflattened dynamic program passes symbolic sizes first)
+        x = _first_tensor(args, kwargs)
         y = torch.ops.sparsec.moe_placeholder(x, self.index)
         if self.returns_logits:
             return y, self.router_fn(x.reshape(-1, x.shape[-1]))
@@ -476,12 +478,12 @@ def _dynamic_shapes(example_inputs: tuple, dynamic: bool):
     return tuple(out)
 
 
-def _dynamic_shapes_for(model: nn.Module, example_inputs: tuple, dynamic: bool):
+def _dynamic_shapes_for(model: nn.Module, example_inputs: tuple, dynamic):
     """Dynamic shapes matching ``forward``'s signature (``forward(*args)``, as torch.export.unflatten makes it,
-    takes one tuple for all positional inputs)."""
+    takes one tuple for all positional inputs). ``dynamic``: bool, or a tuple of per-input dim specs."""
     import inspect
 
-    dyn = _dynamic_shapes(example_inputs, dynamic)
+    dyn = dynamic if isinstance(dynamic, tuple) else _dynamic_shapes(example_inputs, dynamic)
     if dyn is None:
         return None
     try:
@@ -687,7 +689,15 @@ def load_pt2(path: str, *, name: str | None = None, check: bool = True) -> Graph
             moe = []
     names = [s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     if moe and module is not None:
-        proto = export_onnx_proto(module, example_inputs, input_names=names, moe=moe)
+        # keep the program's own dynamism: dims it specialized stay static
+        user = [s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+        vals = {nd.name: nd.meta.get("val") for nd in ep.graph.nodes if nd.op == "placeholder"}
+        spec = []
+        for nm in user:
+            v = vals.get(nm)
+            shape = getattr(v, "shape", None)
+            spec.append(None if shape is None else {i: torch.export.Dim.AUTO for i, d in enumerate(shape) if not isinstance(d, int)} or None)
+        proto = export_onnx_proto(module, example_inputs, input_names=names, moe=moe, dynamic=tuple(spec))
     else:
         try:
             with _quiet():
