@@ -233,9 +233,9 @@ def build(graph: Graph, target: Target | str, recipe=None, console=None, *, tuni
     if low.sources:
         files["kernels.tvmscript"] = "".join(f"# ---- {name}\n{src}\n" for name, src in sorted(low.sources.items())).encode()
     if target.name.partition(":")[0] == "aarch64":  # + the standalone C API library run under qemu (backends/cross.py)
-        from .cross import build_standalone
+        from .cross import build_standalone_or_note
 
-        sa_info, sa_files = build_standalone(graph, low, target)
+        sa_info, sa_files = build_standalone_or_note(graph, low, target)
         files.update(sa_files)
         extra.update(sa_info)
     manifest = lib_manifest(low, target, extra)

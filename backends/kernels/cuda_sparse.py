@@ -96,8 +96,12 @@ def default_config(kind: str, arch: str = "sm_90a") -> dict[str, Any]:
 
 
 def gemm_smem_bytes(kind: str, c: dict[str, int], asym: bool) -> int:
-    """Dynamic shared memory of a GEMM instantiation (mirrors GemmCfg in sparsec_mma.cuh)."""
+    """Dynamic shared memory of a GEMM instantiation (mirrors GemmCfg / WgCfg in sparsec_mma.cuh)."""
     bm, bn, bk, st = c["bm"], c["bn"], c["bk"], c["stages"]
+    if c.get("wgmma"):
+        steps = bk // 32
+        stage = _pad_to(bn * bk * 2 + (bm // 16) * steps * 512 + (bm // 16) * (steps // 2) * 128, 1024)
+        return 1024 + max(st * stage, bn * (bm + 8) * 2)
     steps = bk // 32
     bps = {"sp16": 512, "sp4": 128, "dq4": 256}[kind]
     a = (bm // 16) * steps * bps
@@ -110,6 +114,12 @@ def gemm_smem_bytes(kind: str, c: dict[str, int], asym: bool) -> int:
 
 def gemm_valid(kind: str, c: dict[str, int], asym: bool = False, arch: str = "sm_90a") -> bool:
     bm, bn, bk, wm, wn = c["bm"], c["bn"], c["bk"], c["wm"], c["wn"]
+    if c.get("wgmma"):  # Hopper wgmma.sp path: sp16 only, sm_90a only, one warp per 16 weight rows, BK = 64
+        if kind != "sp16" or arch != "sm_90a" or bk != 64 or bn not in (128, 256) or bm % 64 or bm > 128:
+            return False
+        if wm != bm // 16 or wn != 1 or c["stages"] < 3:
+            return False
+        return gemm_smem_bytes(kind, c, asym) <= SMEM_LIMIT[arch]
     if bk % 64 or (kind == "sp4" and bk % 128) or K_ALIGN % bk:
         return False
     if bm % (16 * wm) or bn % (8 * wn) or c["stages"] < 2:
@@ -138,6 +148,12 @@ def search_space(kind: str, arch: str = "sm_90a") -> dict[str, list[dict[str, in
                             large.append(c)
                         if bm <= 128 and bn <= 64 and wm * wn <= 8:
                             small.append(dict(c, group=8))
+    if kind == "sp16" and arch == "sm_90a":  # Hopper wgmma.sp GEMM (large M)
+        for bm, bn, bk in ((128, 256, 64), (128, 128, 64), (64, 256, 64)):
+            for st in (3, 4, 5, 6, 8):
+                c = {"bm": bm, "bn": bn, "bk": bk, "wm": bm // 16, "wn": 1, "stages": st, "group": 16, "wgmma": 1}
+                if gemm_valid(kind, c, arch=arch):
+                    large.append(c)
     return {"gemv": gemv, "gemm": large, "gemm_small": small}
 
 
@@ -188,7 +204,8 @@ def _inst_name(kind: str, asym: bool, path: str, c: dict[str, int], nt: int) -> 
     a = "a" if asym else "s"
     if path.startswith("gemv"):
         return f"sparsec_gemv_{kind}{a}_nt{nt}_w{c['warps']}_r{c['rt']}_u{c['u']}"
-    return f"sparsec_gemm_{kind}{a}_{c['bm']}x{c['bn']}x{c['bk']}_w{c['wm']}x{c['wn']}_s{c['stages']}"
+    wg = "_wgmma" if c.get("wgmma") else ""
+    return f"sparsec_gemm{wg}_{kind}{a}_{c['bm']}x{c['bn']}x{c['bk']}_w{c['wm']}x{c['wn']}_s{c['stages']}"
 
 
 def _gemv_smem(c: dict[str, int], nt: int) -> int:
@@ -438,6 +455,15 @@ def render_device_source(variants: list[Variant]) -> str:
             c = v.cfg(path)
             name = _inst_name(v.kind, v.asym, path, c, 0)
             threads = c["wm"] * c["wn"] * 32
+            if c.get("wgmma"):
+                seen[name] = (
+                    f'extern "C" __global__ void __launch_bounds__({threads}, 1) {name}(const half* __restrict__ X, '
+                    "const uint4* __restrict__ Wv, const uint32_t* __restrict__ Wm, const uint32_t* __restrict__ Sc, "
+                    "const uint32_t* __restrict__ Zb, half* __restrict__ Y, int M, int N, int K, int T, int G, int GS, "
+                    "int GROUP) {\n"
+                    f"  sparsec::gemm_wgmma_body<{c['bm']}, {c['bn']}, {c['bk']}, {c['stages']}>(X, Wv, Wm, Y, M, N, K, T, GROUP);\n}}\n"
+                )
+                continue
             seen[name] = (
                 f'extern "C" __global__ void __launch_bounds__({threads}, 1) {name}(const half* __restrict__ X, '
                 "const uint4* __restrict__ Wv, const uint32_t* __restrict__ Wm, const uint32_t* __restrict__ Sc, "

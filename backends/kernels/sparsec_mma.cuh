@@ -554,4 +554,263 @@ __device__ __forceinline__ void gemm_body(const half* __restrict__ X, const uint
   }
 }
 
+// ------------------------------------------------------------------------------------------------ Hopper GEMM (sp16)
+// wgmma.mma_async.sp (sm_90a): the 2:4 weight is the sparse A operand, read from REGISTERS (the per-warp fragment of
+// wgmma's register A is the mma.sp.m16n8k32 fragment, so the KIND_SP16 layout is used unchanged: one 16-byte
+// shared-memory load per lane and k32 step), its metadata likewise (per-warp layout of mma.sp's ordered metadata,
+// sparsity selector = k step parity). The activations are the dense B operand, read by the tensor core straight from
+// shared memory through a matrix descriptor: X[BN tokens][64 k] tiles, K-major, 128-byte swizzle (16-byte chunk c of
+// row r at chunk c ^ (r & 7), 8-row groups 1024 bytes apart) -- no ldmatrix, no register traffic for B.
+// WGS warpgroups split the BM = 64*WGS weight rows; each issues m64nBNk32 for all BN tokens. Pipeline: STAGES
+// cp.async stages, prefetch distance STAGES-2 (one wgmma group stays in flight while the next k tile is issued; the
+// stage being overwritten was read by a group every warpgroup has waited for before the barrier).
+__device__ __forceinline__ void wgmma_fence() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+__device__ __forceinline__ void fence_proxy_async() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+// K-major, 128-byte swizzle, 8-row groups 1024 bytes apart (SBO), LBO unused (1)
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t smem_addr) {
+  return (uint64_t)((smem_addr & 0x3FFFF) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
+}
+
+template <int SEL>
+__device__ __forceinline__ void wgmma_sp_m64n256k32_rs(float (&d)[32][4], const uint32_t (&a)[4], uint64_t desc_b, uint32_t e) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %134, 0;\n"
+      "wgmma.mma_async.sp.sync.aligned.m64n256k32.f32.f16.f16 "
+      "{"
+      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
+      "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
+      "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,"
+      "%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,"
+      "%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,"
+      "%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,"
+      "%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127"
+      "}, "
+      "{%128,%129,%130,%131}, %132, %133, %135, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3]), "+f"(d[16][0]), "+f"(d[16][1]), "+f"(d[16][2]), "+f"(d[16][3]), "+f"(d[17][0]), "+f"(d[17][1]), "+f"(d[17][2]), "+f"(d[17][3]), "+f"(d[18][0]), "+f"(d[18][1]), "+f"(d[18][2]), "+f"(d[18][3]), "+f"(d[19][0]), "+f"(d[19][1]), "+f"(d[19][2]), "+f"(d[19][3]), "+f"(d[20][0]), "+f"(d[20][1]), "+f"(d[20][2]), "+f"(d[20][3]), "+f"(d[21][0]), "+f"(d[21][1]), "+f"(d[21][2]), "+f"(d[21][3]), "+f"(d[22][0]), "+f"(d[22][1]), "+f"(d[22][2]), "+f"(d[22][3]), "+f"(d[23][0]), "+f"(d[23][1]), "+f"(d[23][2]), "+f"(d[23][3]), "+f"(d[24][0]), "+f"(d[24][1]), "+f"(d[24][2]), "+f"(d[24][3]), "+f"(d[25][0]), "+f"(d[25][1]), "+f"(d[25][2]), "+f"(d[25][3]), "+f"(d[26][0]), "+f"(d[26][1]), "+f"(d[26][2]), "+f"(d[26][3]), "+f"(d[27][0]), "+f"(d[27][1]), "+f"(d[27][2]), "+f"(d[27][3]), "+f"(d[28][0]), "+f"(d[28][1]), "+f"(d[28][2]), "+f"(d[28][3]), "+f"(d[29][0]), "+f"(d[29][1]), "+f"(d[29][2]), "+f"(d[29][3]), "+f"(d[30][0]), "+f"(d[30][1]), "+f"(d[30][2]), "+f"(d[30][3]), "+f"(d[31][0]), "+f"(d[31][1]), "+f"(d[31][2]), "+f"(d[31][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(e), "r"(1), "n"(SEL));
+#else
+  __trap();
+#endif
+}
+
+template <int SEL>
+__device__ __forceinline__ void wgmma_sp_m64n128k32_rs(float (&d)[16][4], const uint32_t (&a)[4], uint64_t desc_b, uint32_t e) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %70, 0;\n"
+      "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.f16.f16 "
+      "{"
+      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
+      "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
+      "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63"
+      "}, "
+      "{%64,%65,%66,%67}, %68, %69, %71, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(e), "r"(1), "n"(SEL));
+#else
+  __trap();
+#endif
+}
+
+
+template <int BN>
+struct WgmmaSp;
+template <>
+struct WgmmaSp<256> {
+  template <int SEL>
+  static __device__ __forceinline__ void run(float (&d)[32][4], const uint32_t (&a)[4], uint64_t desc, uint32_t e) {
+    wgmma_sp_m64n256k32_rs<SEL>(d, a, desc, e);
+  }
+};
+template <>
+struct WgmmaSp<128> {
+  template <int SEL>
+  static __device__ __forceinline__ void run(float (&d)[16][4], const uint32_t (&a)[4], uint64_t desc, uint32_t e) {
+    wgmma_sp_m64n128k32_rs<SEL>(d, a, desc, e);
+  }
+};
+
+template <int BM, int BN, int BK, int STAGES>
+struct WgCfg {
+  static constexpr int kWGS = BM / 64;
+  static constexpr int kThreads = kWGS * 128;
+  static constexpr int kSteps = BK / 32;                     // k32 steps per stage
+  static constexpr int kXBytes = BN * BK * 2;                // BK/64 swizzle atoms X[BN][64] fp16, one after another
+  static constexpr int kABytes = (BM / 16) * kSteps * 512;   // fragments per 16-row tile and k32 step
+  static constexpr int kMetaBytes = (BM / 16) * (kSteps / 2) * 128;  // metadata pairs per 16-row tile
+  static constexpr int kStageBytes = (kXBytes + kABytes + kMetaBytes + 1023) / 1024 * 1024;
+  static constexpr int kCBytes = BN * (BM + 8) * 2;
+  static constexpr int kSmem = 1024 + ((STAGES * kStageBytes > kCBytes) ? STAGES * kStageBytes : kCBytes);
+  static_assert(BM % 64 == 0 && (BN == 128 || BN == 256) && STAGES >= 3 && BK % 64 == 0, "wgmma tile");
+};
+
+template <int BM, int BN, int BK, int STAGES>
+__device__ __forceinline__ void gemm_wgmma_body(const half* __restrict__ X, const uint4* __restrict__ Wv,
+                                                const uint32_t* __restrict__ Wm, half* __restrict__ Y, int M, int N,
+                                                int K, int T, int GROUP) {
+  using C = WgCfg<BM, BN, BK, STAGES>;
+  constexpr int S = C::kSteps;
+  constexpr int P = STAGES - 2;  // prefetch distance
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char* smem =
+      smem_raw + ((1024 - (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & 1023)) & 1023);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, q = lane & 3;
+  const int n_rt = (N + 15) >> 4;
+  const int tiles_m = (n_rt * 16 + BM - 1) / BM, tiles_n = (M + BN - 1) / BN;
+  const int pid = blockIdx.x;
+  const int per_group = GROUP * tiles_n;
+  const int grp_id = pid / per_group;
+  const int first_m = grp_id * GROUP;
+  const int gsize = min(tiles_m - first_m, GROUP);
+  const int tm = first_m + (pid % per_group) % gsize;
+  const int tn = (pid % per_group) / gsize;
+  const int row_tile0 = tm * (BM / 16);
+  const int tok0 = tn * BN;
+  const int KT = (T * 32) / BK;  // k tiles over the padded K
+
+  auto load_stage = [&](int s, int kt) {
+    unsigned char* base = smem + s * C::kStageBytes;
+    {  // X tile [BN][BK]: per 64-wide atom h, 8 chunks per row, swizzled
+      constexpr int cpr = BK / 8;
+      const int k_first = kt * BK;
+#pragma unroll 4
+      for (int i = tid; i < BN * cpr; i += C::kThreads) {
+        const int r = i / cpr, c = i % cpr;
+        const int h = c >> 3, cc = c & 7;
+        const int tok = tok0 + r, k = k_first + c * 8;
+        const bool ok = tok < M && k < K;
+        const half* src = X + (ok ? ((size_t)tok * K + k) : 0);
+        cp_async16(base + (size_t)h * BN * 128 + ((size_t)r * 8 + (cc ^ (r & 7))) * 16, src, ok);
+      }
+    }
+    {  // weight fragments: per row tile S steps x 32 lanes x 16 B, contiguous
+      constexpr int total = (BM / 16) * S * 32;
+      for (int i = tid; i < total; i += C::kThreads) {
+        const int r = i / (S * 32), j = i % (S * 32);
+        const int rt = row_tile0 + r;
+        const bool ok = rt < n_rt;
+        const uint4* src = Wv + ((size_t)(ok ? rt : 0) * T + kt * S) * 32 + j;
+        cp_async16(base + C::kXBytes + (size_t)i * 16, src, ok);
+      }
+    }
+    {  // metadata: per row tile S/2 x 128 B
+      constexpr int per = (S / 2) * 8;
+      constexpr int total = (BM / 16) * per;
+      for (int i = tid; i < total; i += C::kThreads) {
+        const int r = i / per, j = i % per;
+        const int rt = row_tile0 + r;
+        const bool ok = rt < n_rt;
+        const unsigned char* src =
+            reinterpret_cast<const unsigned char*>(Wm + ((size_t)(ok ? rt : 0) * (T / 2) + kt * (S / 2)) * 32) + j * 16;
+        cp_async16(base + C::kXBytes + C::kABytes + (size_t)i * 16, src, ok);
+      }
+    }
+  };
+
+  float acc[BN / 8][4];
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < P; ++s) {
+    if (s < KT) load_stage(s, s);
+    cp_async_commit();
+  }
+  const int r_tile = warp;  // 16-row tile of this warp inside the block (warpgroup w/4 rows 64*(w/4)...)
+  const uint32_t smem_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+
+  static_assert(S == 2, "one 64-wide swizzle atom per stage (a BK = 128 generalisation measured slower)");
+  auto compute = [&](int kt, uint32_t (&a0)[4], uint32_t (&a1)[4]) {
+    const int s = kt % STAGES;
+    const unsigned char* base = smem + s * C::kStageBytes;
+    const uint4 v0 = *reinterpret_cast<const uint4*>(base + C::kXBytes + ((size_t)(r_tile * 2 + 0) * 32 + lane) * 16);
+    const uint4 v1 = *reinterpret_cast<const uint4*>(base + C::kXBytes + ((size_t)(r_tile * 2 + 1) * 32 + lane) * 16);
+    const uint32_t e = *reinterpret_cast<const uint32_t*>(base + C::kXBytes + C::kABytes + ((size_t)r_tile * 32 + lane) * 4);
+    a0[0] = v0.x; a0[1] = v0.y; a0[2] = v0.z; a0[3] = v0.w;
+    a1[0] = v1.x; a1[1] = v1.y; a1[2] = v1.z; a1[3] = v1.w;
+    const uint64_t desc = sw128_desc(smem_s + s * C::kStageBytes);
+    wgmma_fence();
+    WgmmaSp<BN>::template run<0>(acc, a0, desc, e);
+    WgmmaSp<BN>::template run<1>(acc, a1, desc + 4, e);  // +64 bytes: k 32..63 of the swizzled rows
+    wgmma_commit();
+  };
+
+  uint32_t fa0[4], fa1[4], fb0[4], fb1[4];  // A fragments of two consecutive k tiles (in flight while the next issues)
+  auto step = [&](int kt, uint32_t (&a0)[4], uint32_t (&a1)[4]) {
+    cp_async_wait<P - 1>();
+    fence_proxy_async();
+    __syncthreads();
+    {
+      const int nk = kt + P;
+      if (nk < KT) load_stage(nk % STAGES, nk);
+      cp_async_commit();
+    }
+    compute(kt, a0, a1);
+    wgmma_wait<1>();
+  };
+  int kt = 0;
+  for (; kt + 1 < KT; kt += 2) {
+    step(kt, fa0, fa1);
+    step(kt + 1, fb0, fb1);
+  }
+  if (kt < KT) step(kt, fa0, fa1);
+  wgmma_wait<0>();
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // epilogue: registers -> smem C[BN][BM+8] (token-major) -> 16-byte stores of Y rows
+  half* cs = reinterpret_cast<half*>(smem);
+  constexpr int LDC = BM + 8;
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int m = r_tile * 16 + g + ((i >> 1) << 3);
+      const int tk = j * 8 + 2 * q + (i & 1);
+      cs[tk * LDC + m] = __float2half_rn(acc[j][i]);
+    }
+  __syncthreads();
+  const int row0 = tm * BM;
+  if ((N & 7) == 0) {
+    constexpr int cpr = BM / 8;
+    for (int i = tid; i < BN * cpr; i += C::kThreads) {
+      const int tk = i / cpr, c = i % cpr;
+      const int tok = tok0 + tk, col = row0 + c * 8;
+      if (tok < M && col < N)
+        *reinterpret_cast<uint4*>(Y + (size_t)tok * N + col) = *reinterpret_cast<const uint4*>(cs + tk * LDC + c * 8);
+    }
+  } else {
+    for (int i = tid; i < BN * BM; i += C::kThreads) {
+      const int tk = i / BM, c = i % BM;
+      const int tok = tok0 + tk, col = row0 + c;
+      if (tok < M && col < N) Y[(size_t)tok * N + col] = cs[tk * LDC + c];
+    }
+  }
+}
+
 }  // namespace sparsec
