@@ -366,8 +366,8 @@ class PassContext:
 
     def track(self, iterable, description: str = "", total: int | None = None):
         """Wrap ``iterable`` in a rich progress bar when showing progress on a console."""
-        if not self.show_progress or self.console is None:
-            return iterable
+        if not self.show_progress or self.console is None or not self.console.is_terminal:
+            return iterable  # no bars in logs / pipes (rich would leave a blank line there)
         from rich.progress import track
 
         return track(iterable, description=description, total=total, console=self.console, transient=True)

@@ -235,14 +235,55 @@ def render(report: dict[str, Any], console=None, max_rows: int | None = None) ->
             console.print(f"[yellow]warning[/yellow] ({p['name']}): {w}")
     q = report.get("quality") or {}
     if q:
-        parts = [f"{k}={_fmt(v, '.5g') if isinstance(v, float) else v}" for k, v in q.items() if not isinstance(v, (dict, list))]
-        console.print("[bold]quality[/bold] " + "  ".join(parts))
+        render_quality(q, console, m)
     b = report.get("build") or {}
     if b:
-        parts = [f"{k}={v}" for k, v in b.items() if not isinstance(v, (dict, list))]
-        console.print("[bold]build[/bold] " + "  ".join(parts))
+        parts = [f"{k}={_fmt(v, '.3g') if isinstance(v, float) else v}" for k, v in b.items() if not isinstance(v, (dict, list))]
+        console.print("[bold]build[/bold] " + "  ".join(parts), highlight=False)
     for w in report.get("warnings", []):
         console.print(f"[yellow]warning[/yellow]: {w}")
+
+
+# quality keys that are labels of the reference evaluation, shown once in the caption instead of as rows
+_QUALITY_LABELS = ("metric", "split", "eval_source", "value", "windows", "eval_tokens")
+_QUALITY_ORDER = ("perplexity", "nll", "accuracy", "output_rel_error", "output_cosine", "onnx_vs_executor_rel_error")
+
+
+def quality_rows(q: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(metric, original, compressed) rows from report.json's ``quality`` block: ``<k>_original`` pairs with ``<k>``;
+    a figure measured only against the original (output error, cosine) has no original value."""
+    keys = [k for k in q if not k.endswith("_original") and k not in _QUALITY_LABELS and k not in ("seconds", "eval_samples")
+            and not isinstance(q[k], (dict, list))]  # fmt: skip
+    keys += [k[: -len("_original")] for k in q if k.endswith("_original") and k[: -len("_original")] not in q
+             and k[: -len("_original")] not in _QUALITY_LABELS]  # fmt: skip
+    keys.sort(key=lambda k: (_QUALITY_ORDER.index(k) if k in _QUALITY_ORDER else len(_QUALITY_ORDER), k))
+    return [(k, q.get(f"{k}_original"), q.get(k)) for k in keys]
+
+
+def render_quality(q: dict[str, Any], console, model: dict[str, Any] | None = None) -> None:
+    from rich.table import Table
+
+    t = Table(title="quality", title_justify="left")
+    for c, j in (("metric", "left"), ("original", "right"), ("compressed", "right"), ("change", "right")):
+        t.add_column(c, justify=j)
+    for k, a, b in quality_rows(q):
+        change = ""
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+            change = f"{b - a:+.4g}" + (f" ({(b / a - 1) * 100:+.1f}%)" if a else "")
+        t.add_row(k, _fmt(a, ".5g") if a is not None else "", _fmt(b, ".5g"), change)
+    m = model or {}
+    if m.get("bytes") and m.get("bytes_after"):
+        t.add_row("model bytes", _fmt_bytes(m["bytes"]), _fmt_bytes(m["bytes_after"]), f"x{m['bytes'] / m['bytes_after']:.2f} smaller")
+    cap = []
+    if q.get("eval_source") is not None:
+        cap.append(f"held-out: {q['eval_source']}" + (f", {q['eval_samples']} samples" if q.get("eval_samples") is not None else ""))
+    if q.get("metric") is not None:
+        cap.append(f"reference metric: {q['metric']}" + (f" on {q['split']}" if q.get("split") else "")
+                   + (f", {q['eval_tokens']} tokens" if q.get("eval_tokens") else ""))  # fmt: skip
+    if q.get("seconds") is not None:
+        cap.append(f"{_fmt(q['seconds'], '.1f')}s")
+    t.caption = "; ".join(cap) or None
+    console.print(t)
 
 
 def _params_str(params: dict) -> str:

@@ -16,6 +16,8 @@ from typing import Any, Iterable
 class PassProgress:
     def __init__(self, ctx: Any, title: str, layers: int):
         self.enabled = bool(getattr(ctx, "show_progress", False)) and getattr(ctx, "console", None) is not None
+        # no bars in logs / pipes: rich would leave a blank line on stderr there
+        self.enabled = self.enabled and bool(getattr(ctx.console, "is_terminal", False))
         self.ctx = ctx
         self.title = title
         self.layers = layers

@@ -1,0 +1,87 @@
+"""Output directory problems, SIGINT during a run, and byte-identical artifacts for the same inputs + seed."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from ._common import listing, one_line_error, popen, run_many
+
+
+def test_unwritable_output(mlp, tmp_path):
+    """An output path under a regular file cannot be created (as root, chmod'ing a directory read-only does not stop
+    writes, and a read-only bind mount needs privileges a test does not have: this is the portable case)."""
+    path, calib = mlp
+    (tmp_path / "afile").write_text("x")
+    cases = {"under a file": (("compress", path, "--nm", "2:4", "--calib", calib, "-o", "afile/out", "--no-build"), tmp_path),
+             "is a file": (("compress", path, "--nm", "2:4", "--calib", calib, "-o", "afile", "--no-build"), tmp_path)}
+    if os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        cases["read-only dir"] = (("compress", path, "--nm", "2:4", "--calib", calib, "-o", "ro/out", "--no-build"), tmp_path)
+    for case, p in run_many(cases).items():
+        one_line_error(p, 7, "afile" if "file" in case else "ro")
+    assert (tmp_path / "afile").read_text() == "x"
+    assert [p for p in listing(tmp_path) if p not in ("ro",)] == ["afile"]
+
+
+def test_existing_output_without_force_is_untouched(mlp, tmp_path):
+    path, calib = mlp
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    (out / "sub").mkdir()
+    p = run_many({0: (("compress", path, "--nm", "2:4", "--calib", calib, "-o", "out", "--no-build"), tmp_path)})[0]
+    one_line_error(p, 7, "out", "--force")
+    assert listing(tmp_path) == ["out", "out/keep.txt", "out/sub"]
+    assert (out / "keep.txt").read_text() == "user data"
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc to see that the run has started working")
+def test_sigint_during_compress(gpt2_ts, tmp_path):
+    """SIGINT while SparseGPT calibrates: exit 130, one line, no artifact and no temp directory left."""
+    p = popen("compress", gpt2_ts, "--nm", "2:4", "--method", "sparsegpt", "--calib-samples", "8192", "--seq-len", "64",
+              "-o", "out", "--no-build", cwd=tmp_path)  # fmt: skip
+    try:
+        t0 = time.time()
+        # past interpreter start-up and imports (~2-3 s of CPU), into loading and calibrating
+        while _cpu_seconds(p.pid) < 4.0 and p.poll() is None and time.time() - t0 < 120:
+            time.sleep(0.1)
+        assert p.poll() is None, ("the run ended before it could be interrupted", p.communicate())
+        p.send_signal(signal.SIGINT)
+        _, stderr = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, (p.returncode, stderr[-2000:])
+    lines = stderr.splitlines()
+    assert lines == ["sparsec: interrupted"], stderr[-2000:]
+    assert listing(tmp_path) == [], listing(tmp_path)
+
+
+def test_same_inputs_and_seed_give_byte_identical_artifact(gpt2_ts, tmp_path):
+    args = ("compress", gpt2_ts, "--nm", "2:4", "--method", "sparsegpt", "--seed", "11", "--calib-samples", "24",
+            "--seq-len", "32", "--no-build", "--quiet")  # fmt: skip
+    res = run_many({d: ((*args, "-o", d), tmp_path) for d in ("a", "b")})
+    for p in res.values():
+        assert p.returncode == 0, p.stderr[-2000:]
+    files = [f for f in listing(tmp_path / "a") if f != "timings.json"]
+    assert {"weights.safetensors", "model.onnx", "graph.json", "report.json", "manifest.json"} <= set(files)
+    assert files == [f for f in listing(tmp_path / "b") if f != "timings.json"]
+    for f in files:
+        if (tmp_path / "a" / f).is_file():
+            assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    import json
+
+    rep = json.loads((tmp_path / "a" / "report.json").read_text())
+    rows = rep["passes"][0]["rows"]
+    assert any(r["status"] == "compressed" and abs(r["sparsity"] - 0.5) < 0.01 for r in rows), "the pass really pruned"
