@@ -181,6 +181,14 @@ def build_recipe(recipe_path, target, seed, calib, calib_samples, seq_len, heldo
     return r
 
 
+def parse_quant(quant) -> int:
+    """--quant int8/int4/int3/int2 (or 8/4/3/2) -> bits (shared by `compress` and `batch`)."""
+    qmap = {"int8": 8, "int4": 4, "int3": 3, "int2": 2, "8": 8, "4": 4, "3": 3, "2": 2}
+    if str(quant).lower() not in qmap:
+        raise E.RecipeError(f"--quant {quant!r}: expected one of int8, int4, int3, int2")
+    return qmap[str(quant).lower()]
+
+
 def passes_from_flags(f: dict):
     """CLI flags -> pass specs (the same keys a YAML recipe uses)."""
     from sparsec.compressor.pipeline import PassSpec
@@ -282,10 +290,7 @@ def compress(
 
     check_output_dir(output, force)
     if quant is not None:
-        qmap = {"int8": 8, "int4": 4, "int3": 3, "int2": 2, "8": 8, "4": 4, "3": 3, "2": 2}
-        if quant.lower() not in qmap:
-            raise E.RecipeError(f"--quant {quant!r}: expected one of int8, int4, int3, int2")
-        quant = qmap[quant.lower()]
+        quant = parse_quant(quant)
     flags = dict(nm=nm, method=method, include=include, exclude=exclude, quant=quant, group_size=group_size, quant_method=quant_method,
                  symmetric=symmetric, act_order=act_order, gqsa=gqsa, auto_bits=auto_bits, compensate=compensate, rank=rank,
                  slice=slice_, merge_experts=merge_experts, merge_method=merge_method)  # fmt: skip
@@ -367,6 +372,65 @@ def report(
         render(doc, console=out, max_rows=rows)
         if html is not None:
             err.print(f"wrote {html}")
+
+
+@app.command(epilog="Examples:\n\n  sparsec diff out_wanda/ out_sparsegpt/\n\n  sparsec diff a/ b/ --changed --rows 20\n\n  sparsec diff a/ b/ --json > diff.json")
+def diff(
+    artifact_a: Path = typer.Argument(..., help="First artifact directory (A)."),
+    artifact_b: Path = typer.Argument(..., help="Second artifact directory (B)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
+    changed: bool = typer.Option(False, "--changed", help="List only layers that differ."),
+    rows: Optional[int] = typer.Option(None, "--rows", help="Show at most this many layers."),
+):
+    """Two artifacts' reports side by side: quality, totals, and per-layer format / bytes / error (B against A)."""
+    from sparsec.compressor.artifact import load_artifact
+    from sparsec.compressor.diff import diff_reports, render_diff
+
+    a, b = load_artifact(artifact_a), load_artifact(artifact_b)
+    doc = diff_reports(a.report, b.report, str(artifact_a), str(artifact_b))
+    if as_json:
+        print(json.dumps(doc, indent=1))
+    else:
+        render_diff(doc, out, max_rows=rows, changed_only=changed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+@app.command(epilog="Examples:\n\n  sparsec batch jobs.yaml --jobs 2 --json summary.json\n\n"
+             "  sparsec batch jobs.yaml --out artifacts/ --cache ~/.cache/sparsec-ci --no-build\n\n"
+             "Exit codes: 0 every job passed its thresholds; 1 a threshold failed; 2 a job errored (also: a usage "
+             "error); 6 invalid job file. Job file reference: docs/ci.md.")  # fmt: skip
+def batch(
+    job_file: Path = typer.Argument(..., help="YAML job file: `jobs:` (and optional `defaults:`), keys = compress's long flags."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Jobs run in parallel (separate processes)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Directory for the artifacts, one per job (default: sparsec-out/ next to the job file)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Content-addressed cache (default: .sparsec-cache/ next to the job file)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Recompute every job (and do not store results)."),
+    no_build: bool = typer.Option(False, "--no-build", help="Skip compiling libraries for every job."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write the summary JSON to this file ('-': stdout)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No table."),
+):
+    """Compress many models x recipes x targets from a job file, in parallel, cached, with quality thresholds."""
+    from sparsec.compressor import batch as B
+
+    jl = B.load_jobs(job_file, no_build=no_build)
+    base = job_file.resolve().parent
+    out_dir = out_dir if out_dir is not None else base / "sparsec-out"
+    cache_dir = None if no_cache else (cache if cache is not None else base / ".sparsec-cache")
+    show = not quiet and json_path != "-"
+
+    def done(r):
+        if show:
+            err.print(f"{r['name']}: {r['status']}" + (" (cached)" if r.get("cached") else "") + (f" - {r['error']}" if r.get("error") else ""))
+
+    results = B.run_batch(jl, out_dir, cache_dir, workers=jobs, on_done=done)
+    doc = B.summary(results, str(job_file), str(out_dir), str(cache_dir) if cache_dir else None)
+    if json_path == "-":
+        print(json.dumps(doc, indent=1, sort_keys=True))
+    elif json_path:
+        B.write_summary(doc, json_path)
+    if show:
+        B.render_summary(doc, out)
+    return doc["exit_code"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -481,10 +545,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         rv = app(args=argv, prog_name="sparsec", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
+        if code == E.EXIT_INTERRUPTED:  # typer turns Ctrl-C into a silent Exit(130) (returned without standalone mode)
+            print("sparsec: interrupted", file=sys.stderr)
     except _EXIT as e:
         code = getattr(e, "exit_code", 0)
     except _ABORT:
-        err.print("interrupted")
+        print("sparsec: interrupted", file=sys.stderr)
         code = E.EXIT_INTERRUPTED
     except _CLICK as e:
         e.show(file=sys.stderr)

@@ -112,8 +112,10 @@ class Executor:
         self.g = graph
         self.device = resolve_device(device)
         self.opset = int(graph.opset.get("", 17))
-        self._wcache: dict[int, tuple[int, torch.Tensor, torch.Tensor | None]] = {}
-        self._pcache: dict[tuple[int, str], tuple[int, torch.Tensor]] = {}
+        # entries keep the weight/bias objects they were made from and hits compare by identity: ids of freed
+        # objects are reused by new ones (e.g. experts replaced while merging), so an id alone is not a key
+        self._wcache: dict[int, tuple[Any, Any, torch.Tensor, torch.Tensor | None]] = {}
+        self._pcache: dict[tuple[int, str], tuple[Any, torch.Tensor]] = {}
         self._ccache: dict[str, tuple[int, torch.Tensor]] = {}
         self.refresh()
 
@@ -148,20 +150,19 @@ class Executor:
             return None
         key = (id(node), role)
         hit = self._pcache.get(key)
-        if hit is not None and hit[0] == id(arr):
+        if hit is not None and hit[0] is arr:
             return hit[1]
         t = torch.from_numpy(np.asarray(arr, order="C")).to(self.device)
-        self._pcache[key] = (id(arr), t)
+        self._pcache[key] = (arr, t)
         return t
 
     def linear_params(self, lin: Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
         hit = self._wcache.get(id(lin))
-        wid = id(lin.weight) ^ (id(lin.bias) << 1)
-        if hit is not None and hit[0] == wid:
-            return hit[1], hit[2]
+        if hit is not None and hit[0] is lin.weight and hit[1] is lin.bias:
+            return hit[2], hit[3]
         w = torch.from_numpy(np.asarray(lin.weight.materialize(), order="C")).to(self.device)
         b = None if lin.bias is None else torch.from_numpy(np.asarray(lin.bias, order="C")).to(self.device)
-        self._wcache[id(lin)] = (wid, w, b)
+        self._wcache[id(lin)] = (lin.weight, lin.bias, w, b)
         return w, b
 
     # ---- running ---------------------------------------------------------------------------------------------
