@@ -185,6 +185,17 @@ def token_inputs(graph: Graph) -> dict[str, int]:
     return out
 
 
+def max_positions(graph: Graph) -> int | None:
+    """Rows of the smallest learned position table (an embedding not indexed by a graph input): the longest
+    sequence the model accepts, so that generated data stays within it."""
+    rows = []
+    for n in graph.nodes:
+        # (tiny tables, e.g. token types indexed by an internal zeros tensor, are not position tables)
+        if isinstance(n, Embedding) and n.inputs[0] not in graph.inputs and n.table.shape[0] >= 16:
+            rows.append(int(n.table.shape[0]))
+    return min(rows) if rows else None
+
+
 def static_batch(graph: Graph) -> int | None:
     """The fixed batch size of a model whose inputs all have a static leading dimension (None when dynamic)."""
     dims = set()
@@ -200,7 +211,7 @@ def generate(graph: Graph, samples: int, seq_len: int | None, seed: int) -> dict
     """Inputs from the model's input spec (see module docstring)."""
     rng = np.random.default_rng(seed)
     vocab = token_inputs(graph)
-    seq = seq_len or 128
+    seq = seq_len or min(128, max_positions(graph) or 128)
     sym: dict[str, int] = {}
     out = {}
     for name in graph.inputs:

@@ -183,3 +183,19 @@ def test_collect_resumes_only_while_earlier_nodes_are_unchanged():
         q = g.linear("layers.0.q")
         q.weight = Dense(q.weight.materialize() * 3)  # before the kept point: must restart from the block start
         np.testing.assert_allclose(step.collect(["layers.0.down"])["layers.0.down"].H.numpy(), fresh("layers.0.down"), rtol=1e-6)
+
+
+def test_generated_sequences_fit_learned_positions():
+    """A GPT-2-style model with 64 learned positions: generated calibration stays within them, so a plain
+    `--nm 2:4` without --seq-len works."""
+    from sparsec.calibration.data import generate
+    from sparsec.compressor.executor import Executor
+    from sparsec.compressor.frontends.torch import load_torch
+
+    from . import models as tm
+
+    m = tm.build("gpt2", maxpos=48)
+    g = load_torch(m, m.example_inputs())
+    arrays = generate(g, 3, None, 0)
+    assert arrays["input_ids"].shape == (3, 48)
+    Executor(g).run(arrays)
