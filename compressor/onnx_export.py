@@ -85,6 +85,8 @@ class Builder:
 
 LinearLowering = Callable[[Builder, Linear, str, str, dict], bool]
 LINEAR_LOWERINGS: list[LinearLowering] = []
+# hooks that may raise the export opset of a graph (default opset only): fn(graph, opset) -> opset
+OPSET_HOOKS: list[Callable[[Graph, int], int]] = []
 
 
 def register_linear_lowering(fn: LinearLowering, first: bool = True) -> LinearLowering:
@@ -286,6 +288,9 @@ def _value_info(g: Graph, name: str) -> onnx.ValueInfoProto:
 def to_onnx(g: Graph, options: ExportOptions | None = None) -> onnx.ModelProto:
     options = options or ExportOptions()
     opset = options.opset or int(g.opset.get("", 17))
+    if options.opset is None and options.weights == "native":
+        for hook in OPSET_HOOKS:
+            opset = hook(g, opset)
     b = Builder(opset=opset, options=options)
     b.taken.update(g.inputs)
     b.taken.update(g.constants)
@@ -360,3 +365,8 @@ def save_onnx(model: onnx.ModelProto, path: str) -> list[str]:
     with open(path, "wb") as f:
         f.write(model.SerializeToString(deterministic=True))
     return [path]
+
+
+from . import onnx_lowerings as _lowerings  # noqa: E402  (compressed-format lowerings register themselves)
+
+_lowerings.register()
