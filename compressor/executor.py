@@ -291,7 +291,9 @@ class Executor:
         if n.expert_map is not None:
             emap = torch.tensor(n.expert_map, device=x2.device, dtype=torch.long)
             topi = emap[topi]
-        out = torch.zeros_like(x2)
+        # experts may write a different width than they read (e.g. mid-way through slicing the residual stream)
+        dout = n.experts[0].down.out_features if n.experts else shape[-1]
+        out = x2.new_zeros(x2.shape[0], dout)
         ne = len(n.experts)
         # weight of each expert per token: sum of the weights of the selected routes it serves
         dense = torch.zeros(x2.shape[0], ne, dtype=torch.float32, device=x2.device)
@@ -303,7 +305,7 @@ class Executor:
                 continue
             ye = self.expert(e, x2[tok], observer)
             out.index_add_(0, tok, ye * dense[tok, e_idx : e_idx + 1].to(ye.dtype))
-        return out.reshape(shape)
+        return out.reshape(*shape[:-1], dout)
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:

@@ -270,10 +270,18 @@ def test_gqsa_removes_exactly_the_requested_share(sparsity):
     gm, W1 = gqsa_mask(W, H, 16, 0.5, rounds=1)
     assert sal[~gm].max() <= sal[gm].min()
     assert not W1[np.repeat(~gm, 16, axis=1)].any()
-    # progressive selection (8 steps, recompensated) prunes with less output error than one step
-    gm8, W8 = gqsa_mask(W, H, 16, 0.5, rounds=8)
-    assert int((~gm8).sum()) == int((~gm).sum())
-    assert layer_error(W, W8, H) < layer_error(W, W1, H)
+    # progressive selection (8 steps, recompensated) prunes with less output error than one step (on random problems
+    # by ~2% on average, not on every one: summed over three; on real layers by 1-40%)
+    one = eight = 0.0
+    for trial in range(3):
+        Wt, Xt = correlated_problem(rng, 64, 96)
+        Ht = Xt.T @ Xt
+        gm1, W1t = gqsa_mask(Wt, Ht, 16, 0.5, rounds=1)
+        gm8, W8t = gqsa_mask(Wt, Ht, 16, 0.5, rounds=8)
+        assert int((~gm8).sum()) == int((~gm1).sum()) == 192
+        one += layer_error(Wt, W1t, Ht) / layer_error(Wt, 0 * Wt, Ht)
+        eight += layer_error(Wt, W8t, Ht) / layer_error(Wt, 0 * Wt, Ht)
+    assert eight < one
     # stage 2 compensates: GQSA's output error is below zeroing the same groups and rounding the rest
     q, _ = quantize_gqsa(W, 4, 16, 0.5, H=H)
     naive, _ = quantize_dense(W * np.repeat(q.group_mask(), 16, axis=1), 4, 16)
