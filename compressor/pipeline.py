@@ -261,8 +261,9 @@ def pass_registry() -> dict[str, type["Pass"]]:
 class Selection:
     """Which Linear layers a pass touches: ``include``/``exclude`` regexes searched in the layer name.
 
-    By default the output head (a Linear whose output reaches a graph output through no other Linear) and MoE
-    routers are left out; an ``include`` pattern that names them explicitly brings them in.
+    By default the output head (a Linear whose output reaches a graph output through no other Linear), MoE
+    routers and the residual shortcuts that slicing adds are left out; an ``include`` pattern that names them
+    explicitly brings them in.
     """
 
     include: list[str] = field(default_factory=list)
@@ -284,6 +285,8 @@ class Selection:
                 out[name] = (False, "output head (include it by name to compress it)")
             elif name in routers and not (inc and any(p.search(name) for p in inc)):
                 out[name] = (False, "MoE router (include it by name to compress it)")
+            elif lin.meta.get("sparsec.slicing") and not (inc and any(p.search(name) for p in inc)):
+                out[name] = (False, "residual shortcut added by slicing (include it by name to compress it)")
             else:
                 out[name] = (True, "")
         return out

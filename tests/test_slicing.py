@@ -1,0 +1,409 @@
+"""Slicing (SliceGPT): computational invariance, PCA slicing, structure discovery, export, CLI.
+
+References are independent of sparsec's code: the PyTorch modules themselves (tests/models.py) for the invariance,
+numpy eigendecompositions of activations computed from the modules' own weights for the PCA, onnxruntime for the
+exported artifacts. Inputs of every check are fresh random token sequences (a new seed per run), of other batch
+and sequence sizes than the calibration data.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from sparsec.calibration.data import CalibrationSet
+from sparsec.compressor.errors import PassError, RecipeError
+from sparsec.compressor.executor import Executor
+from sparsec.compressor.formats import NMSparse, nm_mask_valid
+from sparsec.compressor.ir import Embedding, Generic, Graph, LayerNorm, Linear, Residual, RMSNorm
+from sparsec.compressor.pipeline import PassContext, PassSpec, Recipe, build_passes, run_passes
+from sparsec.passes.slicing import discover, sliced_dim
+
+from . import models as tm
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls: one thread avoids thread-pool stalls when the cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _seed() -> int:
+    return int(np.random.default_rng().integers(1 << 30))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# models: each built and imported once per test session (graphs are copied per test)
+_CACHE: dict = {}
+
+
+def _model(kind: str, how: str):
+    key = (kind, how)
+    if key not in _CACHE:
+        import tempfile
+
+        from sparsec.compressor.frontends.onnx import load_onnx
+        from sparsec.compressor.frontends.torch import load_torch
+
+        torch.manual_seed(0)
+        m = tm.build(kind, layers=2)
+        if how == "torch":
+            g = load_torch(m, m.example_inputs())
+        else:
+            d = tempfile.mkdtemp(prefix=f"sparsec-slicing-{kind}-")
+            path = tm.export_onnx(m, f"{d}/{kind}.onnx", how, 17 if how == "torchscript" else 18)
+            g = load_onnx(path)
+        _CACHE[key] = (m, g)
+    m, g = _CACHE[key]
+    return m, g.copy()
+
+
+def _calib(model, b=16, t=16, seed=3, heldout_b=8):
+    fit = CalibrationSet(tm.feeds_for(model, b=b, t=t, seed=seed), "fit", batch_size=8)
+    held = CalibrationSet(tm.feeds_for(model, b=heldout_b, t=t, seed=seed + 1), "held", batch_size=8)
+    return fit, held
+
+
+def _slice(g: Graph, model, **params):
+    fit, held = _calib(model)
+    r = Recipe(passes=[PassSpec("slicing", params)])
+    (rep,) = run_passes(g, build_passes(r), PassContext(r, calib=fit, heldout=held))
+    return rep
+
+
+def _torch_out(model, feeds) -> np.ndarray:
+    with torch.no_grad():
+        return model(*[torch.from_numpy(v) for v in feeds.values()]).numpy()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# computational invariance: rotation without slicing leaves the outputs unchanged
+INVARIANCE = [
+    ("bert", "torch"),  # post-norm LayerNorm, token types, learned positions
+    ("bert", "torchscript"),
+    ("gpt2", "torch"),  # pre-norm LayerNorm, learned positions added to token embeddings, tied head
+    ("gpt2", "dynamo"),
+    ("llama", "torch"),  # RMSNorm, rotary positions (no position table), untied head
+    ("llama", "torchscript"),
+]
+
+
+@pytest.mark.parametrize("kind,how", INVARIANCE, ids=[f"{k}-{h}" for k, h in INVARIANCE])
+def test_rotation_without_slicing_is_exact(kind, how):
+    model, g = _model(kind, how)
+    orig = g.copy()
+    rep = _slice(g, model, fraction=0.0)
+    g.validate()
+    seed = _seed()
+    feeds = tm.feeds_for(model, b=3, t=11, seed=seed)
+    ref = _torch_out(model, feeds)
+    got = Executor(g).run(feeds)[g.outputs[0]]
+    assert got.shape == ref.shape
+    assert tm.rel(got, ref) <= 1e-4, (seed, tm.rel(got, ref))
+    # not vacuous: every norm became a weightless RMSNorm, the stream was rotated, the shortcuts are Linear nodes
+    assert not any(isinstance(n, LayerNorm) for n in g.nodes)
+    assert all(n.weight is None for n in g.nodes if isinstance(n, RMSNorm))
+    emb0 = next(n for n in orig.nodes if isinstance(n, Embedding))
+    emb1 = next(n for n in g.nodes if n.name == emb0.name)
+    assert emb1.table.shape == emb0.table.shape and not np.allclose(emb1.table, emb0.table, atol=1e-3)
+    shortcuts = [n.name for n in g.nodes if isinstance(n, Linear) and n.name.endswith("_shortcut")]
+    assert sorted(shortcuts) == sorted(n.name for n in g.nodes if n.meta.get("sparsec.slicing") == "shortcut")
+    assert len(shortcuts) == 4  # 2 blocks x (attention, MLP)
+    assert all(re.search(r"\.(attn|mlp)_shortcut$", s) for s in shortcuts)
+    blocks = rep.extra["blocks"]
+    assert [b["dim_after"] for b in blocks] == [b["dim_before"] for b in blocks] == [64] * 5
+    assert all(b["output_error"] < 1e-5 for b in blocks)
+    assert rep.totals["mode"] == ("rmsnorm" if kind == "llama" else "layernorm")
+    if kind == "gpt2":  # the tied head is untied (after rotation it differs from the embedding table)
+        assert rep.totals["untied"] == ["lm_head (was tied to wte)"]
+        assert any("untied lm_head" in w for w in rep.warnings)
+        assert "tied_to" not in g.linear("lm_head").meta
+    if kind == "bert":  # the encoder's output is rotated back (with the last LayerNorm's scale and bias)
+        (restore,) = [n for n in g.nodes if n.meta.get("sparsec.slicing") == "restore"]
+        assert restore.outputs == g.outputs and restore.bias is not None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# slicing 25%: shapes, parameter reduction, PCA, export
+WRITERS = {"bert": r"(attention\.output\.dense|\.output\.dense)$", "gpt2": r"c_proj$", "llama": r"(o_proj|down_proj)$"}
+READERS = {"bert": r"(query|key|value|intermediate\.dense)$", "gpt2": r"(c_attn|c_fc|lm_head)$", "llama": r"(q_proj|k_proj|v_proj|gate_proj|up_proj|lm_head)$"}
+
+
+SLICE = [("bert", "torch"), ("bert", "torchscript"), ("gpt2", "torch"), ("gpt2", "dynamo"), ("gpt2", "torchscript"),
+         ("llama", "torch"), ("llama", "torchscript")]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind,how", SLICE, ids=[f"{k}-{h}" for k, h in SLICE])
+def test_slice_25_percent_shapes_params_and_onnxruntime(kind, how, tmp_path):
+    """Exporters write the hidden dim into reshapes (constants, ``x.size(-1)``, ``b, t, d = x.shape``): each is
+    followed; the sliced model runs in sparsec and, exported, in onnxruntime."""
+    import onnxruntime as ort
+
+    from sparsec.compressor.onnx_export import to_onnx
+
+    model, g = _model(kind, how)
+    orig = g.copy()
+    rep = _slice(g, model, fraction=0.25)
+    g.validate()
+    d, dn = 64, 48
+    before = after = 0
+    for lin in orig.linears():
+        new = g.linear(lin.name)
+        o, i = lin.weight.shape
+        if re.search(WRITERS[kind], lin.name):
+            assert new.weight.shape == (dn, i), lin.name
+        elif re.search(READERS[kind], lin.name):
+            assert new.weight.shape == (o, dn), lin.name
+        else:
+            raise AssertionError(f"unexpected layer {lin.name}")
+        before += o * i
+        after += int(np.prod(new.weight.shape))
+    for e in (n for n in orig.nodes if isinstance(n, Embedding)):
+        before += e.table.size
+        after += g.node(e.name).table.size
+        assert g.node(e.name).table.shape == (e.table.shape[0], dn)
+    assert after == before * 3 // 4  # exactly the requested fraction of every sliced matrix
+    assert rep.totals["sliced_params_before"] == before and rep.totals["sliced_params_after"] == after
+    assert rep.totals["sliced_params_reduction"] == pytest.approx(0.25)
+    sc = [n for n in g.nodes if n.meta.get("sparsec.slicing") == "shortcut"]
+    assert len(sc) == 4 and all(n.weight.shape == (dn, dn) for n in sc)
+    added = [n for n in g.nodes if n.meta.get("sparsec.slicing") in ("shortcut", "restore")]
+    assert rep.totals["added_params"] == sum(n.param_count() for n in added) > 0
+    assert rep.totals["model_params_after"] == g.param_count() < orig.param_count()
+    for b in rep.extra["blocks"]:
+        assert (b["dim_before"], b["dim_after"]) == (d, dn) and 0.5 < b["retained_variance"] <= 1.0
+        assert 0 < b["output_error"] < 1.0
+    # a sliced model still computes the same function approximately, and exports
+    seed = _seed()
+    feeds = tm.feeds_for(model, b=2, t=13, seed=seed)
+    got = Executor(g).run(feeds)
+    ref = _torch_out(model, feeds)
+    assert tm.rel(got[g.outputs[0]], ref) < 0.6
+    path = tmp_path / "sliced.onnx"
+    path.write_bytes(to_onnx(g).SerializeToString())
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (o,) = sess.run(None, feeds)
+    assert o.shape == ref.shape
+    assert tm.rel(o, got[g.outputs[0]]) < 1e-5, seed
+
+
+def test_pca_rotation_diagonalizes_the_stream_covariance():
+    """The sliced embedding segment of the LLaMA-style model holds the top principal components: on the
+    calibration tokens, the sliced embeddings' Gram matrix is diag(top eigenvalues) of the original's (numpy),
+    by decreasing variance, or (default) interleaved so that N:M groups of 4 channels mix variance ranks."""
+    model, _ = _model("llama", "torch")
+    table = model.model.embed_tokens.weight.detach().numpy().astype(np.float64)
+    fit, _ = _calib(model)
+    X = table[fit.arrays["input_ids"].reshape(-1)]
+    ev = np.linalg.eigvalsh(X.T @ X / len(X))[::-1]
+    for interleave in (False, True):
+        g = _model("llama", "torch")[1]
+        rep = _slice(g, model, fraction=0.25, interleave=interleave)
+        E = g.node("model.embed_tokens").table.astype(np.float64)
+        Y = E[fit.arrays["input_ids"].reshape(-1)]
+        C = Y.T @ Y / len(Y)
+        off = C - np.diag(np.diag(C))
+        assert np.abs(off).max() < 1e-4 * ev[0]
+        var = np.diag(C)
+        if not interleave:  # decreasing variance
+            np.testing.assert_allclose(var, ev[:48], rtol=1e-4)
+        else:  # the same top-48 components; every group of 4 channels holds one from each variance quartile
+            np.testing.assert_allclose(np.sort(var)[::-1], ev[:48], rtol=1e-4)
+            rank = np.argsort(np.argsort(-var))
+            for grp in rank.reshape(-1, 4):
+                assert sorted(grp // 12) == [0, 1, 2, 3], grp
+        emb = rep.extra["blocks"][0]
+        assert emb["segment"] == "embeddings"
+        assert emb["retained_variance"] == pytest.approx(ev[:48].sum() / ev.sum(), rel=1e-6)
+
+
+def test_overrides_round_to_and_mixed_dims():
+    """Per-segment fractions: the dims of consecutive segments differ, the shortcuts map between them."""
+    model, g = _model("gpt2", "torch")
+    rep = _slice(g, model, fraction=0.25, round_to=16,
+                 overrides=[{"match": r"^h\.0\.attn$", "fraction": 0.5}, {"match": r"mlp", "skip": True}])  # fmt: skip
+    dims = {b["segment"]: b["dim_after"] for b in rep.extra["blocks"]}
+    assert dims == {"embeddings": 48, "h.0.attn": 32, "h.0.mlp": 64, "h.1.attn": 48, "h.1.mlp": 64}
+    assert g.node("h.0.attn_shortcut").weight.shape == (32, 48)
+    assert g.node("h.0.mlp_shortcut").weight.shape == (64, 32)
+    assert g.node("h.1.attn_shortcut").weight.shape == (48, 64)
+    assert g.linear("h.0.mlp.c_fc").in_features == 32 and g.linear("lm_head").in_features == 64
+    g.validate()
+    feeds = tm.feeds_for(model, b=2, t=9, seed=_seed())
+    out = Executor(g).run(feeds)[g.outputs[0]]
+    assert np.isfinite(out).all() and tm.rel(out, _torch_out(model, feeds)) < 0.6
+
+
+def test_sliced_dim_rounding():
+    assert sliced_dim(128, 0.25, 8) == 96
+    assert sliced_dim(128, 0.10, 8) == 112  # 115.2 -> nearest multiple of 8
+    assert sliced_dim(128, 0.20, 8) == 104  # 102.4
+    assert sliced_dim(128, 0.10, 1) == 115
+    assert sliced_dim(128, 0.0, 8) == 128
+    assert sliced_dim(64, 0.05, 16) == 64  # too small a fraction for the rounding: nothing sliced
+    assert sliced_dim(64, 0.99, 16) == 16  # at least one multiple
+    assert sliced_dim(12, 0.5, 16) == 6  # rounding larger than the dim: exact
+
+
+def test_same_inputs_same_result():
+    model, g1 = _model("llama", "torch")
+    _, g2 = _model("llama", "torch")
+    _slice(g1, model, fraction=0.25)
+    _slice(g2, model, fraction=0.25)
+    for a, b in zip(g1.linears(), g2.linears()):
+        assert a.name == b.name
+        np.testing.assert_array_equal(a.weight.materialize(), b.weight.materialize())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# errors
+def test_bad_params_are_recipe_errors():
+    for params in ({"fraction": 1.0}, {"fraction": -0.1}, {"round_to": 0}, {"fraction": 0.2, "bogus": 1},
+                   {"overrides": [{"match": "x", "nm": "2:4"}]}, {"overrides": [{"match": "x", "fraction": 2}]}):  # fmt: skip
+        with pytest.raises(RecipeError):
+            build_passes(Recipe(passes=[PassSpec("slicing", params)]))
+
+
+def _stream_graph(op_on_stream: str) -> Graph:
+    """ids -> Embedding -> e; Linear(e) -> h; Residual(e, h) -> s; then ``op_on_stream`` reads s."""
+    rng = np.random.default_rng(0)
+    g = Graph("handmade")
+    g.add_value("ids", "int64", ("b", "t"))
+    g.inputs = ["ids"]
+    for v in ("e", "h", "s"):
+        g.add_value(v, "float32", ("b", "t", 8))
+    g.add_node(Embedding("emb", ["ids"], ["e"], {"module": "emb"}, table=rng.standard_normal((10, 8)).astype(np.float32)))
+    g.add_node(Linear("layers.0.mlp", ["e"], ["h"], {"module": "layers.0.mlp"}, weight=rng.standard_normal((8, 8)).astype(np.float32)))
+    g.add_node(Residual("layers.0.residual", ["e", "h"], ["s"], {"module": "layers.0"}))
+    if op_on_stream == "vector_mul":
+        g.add_constant("vec", rng.standard_normal(8).astype(np.float32))
+        g.add_value("y", "float32", ("b", "t", 8))
+        g.add_node(Generic("scale_by_vector", ["s", "vec"], ["y"], {}, op_type="Mul"))
+    elif op_on_stream == "softmax":
+        g.add_value("y", "float32", ("b", "t", 8))
+        g.add_node(Generic("softmax_on_stream", ["s"], ["y"], {}, op_type="Softmax", attributes={"axis": -1}))
+    g.outputs = ["y"]
+    g.validate()
+    return g
+
+
+@pytest.mark.parametrize("op,node", [("vector_mul", "scale_by_vector"), ("softmax", "softmax_on_stream")])
+def test_unfollowable_stream_op_names_the_node(op, node):
+    g = _stream_graph(op)
+    with pytest.raises(PassError, match=rf"cannot slice: '{node}' \(\w+\) reads the residual stream"):
+        discover(g)
+    fit = CalibrationSet({"ids": np.random.default_rng(1).integers(0, 10, (4, 5))}, "x")
+    r = Recipe(passes=[PassSpec("slicing", {"fraction": 0.25})])
+    before = [n.name for n in g.nodes]
+    with pytest.raises(PassError, match="cannot slice"):
+        run_passes(g, build_passes(r), PassContext(r, calib=fit))
+    assert [n.name for n in g.nodes] == before  # refused before anything was rewritten
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+def _cli(monkeypatch, capsys, *args):
+    from .test_nm_prune import sparsec_inproc
+
+    return sparsec_inproc(monkeypatch, capsys, *args)
+
+
+def test_cli_mlp_without_residual_stream_exits_10(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    code, stdout, err = _cli(monkeypatch, capsys, "compress", "--example", "digits", "--slice", "0.25", "-o", out)
+    assert code == 10, err
+    assert "cannot slice: no residual connection found" in err and "'fc1'" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_cli_slice_then_nm_2_4(tmp_path, monkeypatch, capsys):
+    import onnxruntime as ort
+
+    from sparsec.compressor.artifact import load_artifact
+
+    model = tm.build("llama", layers=2)
+    path = tm.export_onnx(model, str(tmp_path / "llama.onnx"), "torchscript", 17)
+    out = tmp_path / "out"
+    code, stdout, err = _cli(monkeypatch, capsys, "compress", path, "--slice", "0.25", "--nm", "2:4", "--method", "wanda",
+                             "--seq-len", "16", "--calib-samples", "24", "-o", out, "--json")  # fmt: skip
+    assert code == 0, err
+    doc = json.loads(stdout)
+    sl, nm = doc["passes"]
+    assert (sl["name"], nm["name"]) == ("slicing", "nm_prune")
+    assert sl["params"]["fraction"] == 0.25 and sl["totals"]["sliced_params_reduction"] == pytest.approx(0.25)
+    assert [b["dim_after"] for b in sl["extra"]["blocks"]] == [48] * 5
+    pruned = {r["name"] for r in nm["rows"] if r["format_after"] == "2:4"}
+    assert len(pruned) == 14 and "model.layers.0.self_attn.q_proj" in pruned  # 2 blocks x (q, k, v, o, gate, up, down)
+    # the residual path is left dense unless named (pruning it 2:4 damages every later block)
+    sc = [r for r in nm["rows"] if r["name"].endswith("_shortcut")]
+    assert len(sc) == 4 and all(r["status"] == "excluded" and "residual shortcut" in r["note"] for r in sc)
+    assert doc["quality"]["onnx_vs_executor_rel_error"] < 1e-5
+    a = load_artifact(out)
+    g = a.graph
+    for lin in g.linears():
+        if lin.name in pruned:
+            assert isinstance(lin.weight, NMSparse) and nm_mask_valid(lin.weight.materialize() != 0, 2, 4)
+    assert g.linear("model.layers.0.self_attn.q_proj").in_features == 48
+    feeds = tm.feeds_for(model, b=2, t=10, seed=_seed())
+    sess = ort.InferenceSession(str(a.onnx_path), providers=["CPUExecutionProvider"])
+    (o,) = sess.run(None, feeds)
+    ref = Executor(g).run(feeds)[g.outputs[0]]
+    assert tm.rel(o, ref) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def test_mixtral_style_moe_invariance_and_slicing():
+    model, g = _model("mixtral", "torch")
+    g0 = g.copy()
+    _slice(g0, model, fraction=0.0)
+    feeds = tm.feeds_for(model, b=2, t=10, seed=_seed())
+    ref = _torch_out(model, feeds)
+    assert tm.rel(Executor(g0).run(feeds)[g0.outputs[0]], ref) <= 1e-4
+    rep = _slice(g, model, fraction=0.25)
+    g.validate()
+    moe = next(n for n in g.nodes if n.op == "MoE")
+    assert moe.router.in_features == 48 and all(e.down.out_features == 48 and e.up.in_features == 48 for e in moe.experts)
+    assert rep.totals["sliced_params_reduction"] == pytest.approx(0.25)
+
+
+class _PositionParameterGPT(tm.GPT2Style):
+    """GPT-2-style, but the learned positions are a parameter sliced to the sequence length and added (as ViT and
+    some decoders write it): a constant written to the stream through a Slice."""
+
+    def __init__(self):
+        super().__init__(layers=2)
+        self.pos = torch.nn.Parameter(torch.randn(1, 64, 64) * 0.1)
+
+    def forward(self, input_ids):
+        x = self.wte(input_ids) + self.pos[:, : input_ids.shape[1]]
+        for blk in self.h:
+            x = blk(x)
+        return self.lm_head(self.ln_f(x))
+
+
+def test_position_parameter_added_to_the_stream():
+    from sparsec.compressor.frontends.torch import load_torch
+
+    torch.manual_seed(0)
+    model = _PositionParameterGPT().eval()
+    g = load_torch(model, model.example_inputs())
+    g0 = g.copy()
+    _slice(g0, model, fraction=0.0)
+    feeds = tm.feeds_for(model, b=2, t=11, seed=_seed())
+    ref = _torch_out(model, feeds)
+    assert tm.rel(Executor(g0).run(feeds)[g0.outputs[0]], ref) <= 1e-4
+    rep = _slice(g, model, fraction=0.25)
+    rows = {r.name: r for r in rep.rows}
+    (pos,) = [r for n, r in rows.items() if n.startswith("const:")]
+    assert pos.shape_before == [1, 64, 64] and pos.shape_after == [1, 64, 48]
+    assert rep.totals["sliced_params_reduction"] == pytest.approx(0.25)
+    assert "pos" not in g.constants and g.param_count() == rep.totals["model_params_after"]
+    out = Executor(g).run(feeds)[g.outputs[0]]
+    assert out.shape == ref.shape and tm.rel(out, ref) < 0.6
