@@ -269,7 +269,7 @@ def compress(
     rank: Optional[int] = typer.Option(None, "--rank", help="Rank of the low-rank compensation."),
     slice_: Optional[float] = typer.Option(None, "--slice", help="SliceGPT: fraction of the embedding dimension to remove."),
     merge_experts: Optional[float] = typer.Option(None, "--merge-experts", help="MC-SMoE: experts to keep per MoE layer (count, or fraction < 1)."),
-    merge_method: Optional[str] = typer.Option(None, "--merge-method", help="Expert merging method: mcsmoe, average, drop."),
+    merge_method: Optional[str] = typer.Option(None, "--merge-method", help="Expert merging method: mcsmoe (default), average, drop, prune (docs/expert-merging.md)."),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration data: .npz keyed by input name, .npy, or a directory."),
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Samples used (fit + held out); default 128."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Sequence length of token inputs (crop / generate)."),
@@ -531,6 +531,28 @@ def tune(
         tab.add_row(r["kernel"], r["format"], r["shape"], f"{r['speedup_vs_default']:.2f}x",
                     " ".join(f"{k}={v}" for k, v in cfg.items() if k in ("block_o", "tile_m", "rows", "unroll", "parallel_gemv")))  # fmt: skip
     out.print(tab)
+
+
+@app.command(epilog="Examples:\n\n  sparsec compress --example tiny-gpt --target wasm -o out/ && sparsec serve out/\n\n"
+             "  sparsec serve out/ --port 0 --no-open   (any free port; the URL is printed)\n\n"
+             "Exit codes: 0 stopped with Ctrl-C; 13 not an artifact / no wasm build; 7 the port cannot be used.")  # fmt: skip
+def serve(
+    artifact: Path = typer.Argument(..., help="Artifact directory compressed with --target wasm."),
+    port: int = typer.Option(8000, "--port", "-p", min=0, max=65535, help="TCP port (0: any free port)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: this machine only)."),
+    open_browser: bool = typer.Option(False, "--open/--no-open", help="Open the demo page in the default browser."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not log requests."),
+):
+    """Serve a wasm artifact's lib/ on a local web server: a demo page runs the model in the browser."""
+    from sparsec.backends.serve import serve as run_server
+
+    def say(msg: str) -> None:
+        print(msg, flush=True)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    return run_server(artifact, host=host, port=port, open_browser=open_browser, say=say, log=None if quiet else log)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -94,16 +94,29 @@ def _translation_table():
 
 
 class _Placeholder(nn.Module):
-    def __init__(self, index: int, router_fn=None, returns_logits: bool = False):
+    def __init__(self, index: int, router_fn=None, returns_logits: bool = False, out_spec: list | None = None):
         super().__init__()
         self.index = index
         self.router_fn = router_fn
         self.returns_logits = returns_logits
+        self.out_spec = out_spec
 
     def forward(self, *args, **kwargs):
         # the hidden states: the first float tensor (an unflattened dynamic program passes symbolic sizes first)
         x = _first_tensor(args, kwargs)
         y = torch.ops.sparsec.moe_placeholder(x, self.index)
+        if self.out_spec is not None:
+            outs = []
+            for item in self.out_spec:
+                if item == "y":
+                    outs.append(y)
+                elif item == "logits":
+                    outs.append(self.router_fn(x.reshape(-1, x.shape[-1])))
+                elif item == "tokens":
+                    outs.append(x.numel() // x.shape[-1])
+                else:
+                    outs.append(x.shape[item[1]])
+            return outs
         if self.returns_logits:
             return y, self.router_fn(x.reshape(-1, x.shape[-1]))
         return y
@@ -145,6 +158,9 @@ class _MoECandidate:
     hint_k: int | None
     returns_logits: bool = False
     spec: dict[str, Any] | None = None
+    # outputs of a block returning a list/tuple: "y" (hidden states), "logits", or "tokens"/("dim", i) for the
+    # symbolic sizes an unflattened dynamic program passes on (e.g. [b*t, y]); None: y alone or (y, logits)
+    out_spec: list | None = None
 
 
 def _np(t: torch.Tensor | None) -> np.ndarray | None:
@@ -357,6 +373,25 @@ def _first_tensor(args, kwargs) -> torch.Tensor | None:
     return None
 
 
+def _out_spec(out, x: torch.Tensor) -> list | None:
+    """What each output of a block returning several values is: the hidden states (same shape as ``x``), router
+    logits ([tokens, experts]), or a size of ``x`` (an unflattened dynamic program returns the symbolic sizes that
+    later modules use, e.g. ``[b*t, y]``). None when an output is none of these."""
+    spec, tokens = [], x.numel() // x.shape[-1]
+    for o in out:
+        if isinstance(o, torch.Tensor) and o.shape == x.shape and "y" not in spec:
+            spec.append("y")
+        elif isinstance(o, torch.Tensor) and o.ndim == 2 and o.shape[0] == tokens and "logits" not in spec:
+            spec.append("logits")
+        elif isinstance(o, int) and not isinstance(o, bool) and o == tokens:
+            spec.append("tokens")
+        elif isinstance(o, int) and not isinstance(o, bool) and o in tuple(x.shape):
+            spec.append(("dim", tuple(x.shape).index(o)))
+        else:
+            return None
+    return spec if "y" in spec else None
+
+
 def discover_moe(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None = None) -> tuple[list[_MoECandidate], list[str]]:
     blocks = find_moe_blocks(model)
     if not blocks:
@@ -383,13 +418,20 @@ def discover_moe(model: nn.Module, example_inputs: tuple, example_kwargs: dict |
         x, out = captured[path]
         returns_logits = isinstance(out, tuple)
         y = out[0] if isinstance(out, tuple) else out
+        out_spec = _out_spec(out, x) if isinstance(out, (tuple, list)) else None
+        if out_spec is not None and isinstance(out, tuple) and out_spec == ["y", "logits"]:
+            out_spec = None  # the usual (y, router_logits)
+        if out_spec is not None:
+            y, returns_logits = out[out_spec.index("y")], False
         if not isinstance(y, torch.Tensor) or y.shape != x.shape:
             warns.append(f"MoE-like block '{path}' returns {type(out).__name__} of another shape; its layers are imported individually")
             continue
-        if isinstance(out, tuple) and len(out) > 2:
+        if isinstance(out, tuple) and len(out) > 2 and out_spec is None:
             warns.append(f"MoE-like block '{path}' returns {len(out)} values; its layers are imported individually")
             continue
         cand = _identify(mod, path, info, x, y, returns_logits)
+        if cand is not None and out_spec is not None:
+            cand.out_spec = out_spec
         if cand is None:
             warns.append(
                 f"MoE-like block '{path}' (router '{info[0][0]}', {info[0][1][0].shape[0]} experts) matched no known routing "
@@ -444,7 +486,8 @@ def _swapped(model: nn.Module, cands: list[_MoECandidate]):
         w, b = c.router
         wt = torch.from_numpy(w)
         bt = None if b is None else torch.from_numpy(b)
-        ph = _Placeholder(i, (lambda x, wt=wt, bt=bt: F.linear(x, wt.to(x.dtype), None if bt is None else bt.to(x.dtype))), c.returns_logits)
+        ph = _Placeholder(i, (lambda x, wt=wt, bt=bt: F.linear(x, wt.to(x.dtype), None if bt is None else bt.to(x.dtype))), c.returns_logits,
+                          c.out_spec)  # fmt: skip
         saved.append((parent, attr, getattr(parent, attr)))
         setattr(parent, attr, ph)
     try:
