@@ -741,7 +741,7 @@ class GroupQuantize(Pass):
         cap = budget * nweights / 8.0
         low = fixed_bytes + sum(min(nbytes[n].values()) for n in free)
         if low > cap + 1e-9:
-            raise PassError(f"--auto-bits {budget:g}: the budget is below the smallest choice ({8 * low / nweights:.3f} bits per weight "
+            raise RecipeError(f"--auto-bits {budget:g}: the budget is below the smallest choice ({8 * low / nweights:.3f} bits per weight "
                             f"with every free layer at {min(choices)} bits, scales and zero points included)")  # fmt: skip
         want = set(free)
         if ctx.calib is not None and want:

@@ -426,7 +426,7 @@ def test_auto_bits_respects_the_budget_and_follows_sensitivity():
     for name, d in ab["layers"].items():
         errs = [d["error_by_bits"][str(b)] for b in (2, 3, 4, 8)]
         assert errs == sorted(errs, reverse=True)
-    with pytest.raises(PassError, match="below the smallest"):
+    with pytest.raises(RecipeError, match="below the smallest"):
         run_recipe(raised_graph(rng, layers=1), [("group_quant", {"auto_bits": 1.5})])
 
 
