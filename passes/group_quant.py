@@ -90,7 +90,7 @@ import torch
 
 from ..compressor.errors import NumericalError, PassError, RecipeError
 from ..compressor.formats import Dense, GroupQuant, NMSparse, nm_mask_valid
-from ..compressor.ir import Graph, Linear
+from ..compressor.ir import Graph, Linear, MoE
 from ..compressor.pipeline import Pass, PassContext, Selection, make_row, parse_overrides, parse_params, register_pass
 from ..compressor.report import PassReport
 from . import _reference
@@ -359,6 +359,28 @@ def _obs_info(res) -> dict[str, Any]:
     if res.dead:
         d["dead_inputs"] = res.dead
     return d
+
+
+def _token_shares(names: list[str], stats: dict, expert_of: dict) -> dict[str, float]:
+    """Share of a block's tokens that each MoE expert Linear among ``names`` saw in calibration: its token count over
+    the tokens entering its MoE layer, taken as the most tokens any non-expert Linear of the block saw, else (a block
+    of experts alone) as the experts' counts summed over ``top_k``."""
+    dense_n = [stats[n].n for n in names if n not in expert_of and stats[n].n]
+    out: dict[str, float] = {}
+    for n in names:
+        if n not in expert_of:
+            continue
+        m, _ = expert_of[n]
+        if dense_n:
+            total = max(dense_n)
+        else:
+            firsts = [e.linears()[0].name for e in m.experts]
+            if not all(f in stats for f in firsts):
+                continue
+            total = sum(stats[f].n for f in firsts) / max(1, m.top_k)
+        if total > 0:
+            out[n] = min(1.0, stats[n].n / total)
+    return out
 
 
 def allocate_bits(err: dict[str, dict[int, float]], nbytes: dict[str, dict[int, int]], budget: float) -> dict[str, int]:
@@ -744,12 +766,17 @@ class GroupQuantize(Pass):
             raise RecipeError(f"--auto-bits {budget:g}: the budget is below the smallest choice ({8 * low / nweights:.3f} bits per weight "
                             f"with every free layer at {min(choices)} bits, scales and zero points included)")  # fmt: skip
         want = set(free)
+        # MoE experts serve a share of the tokens: their error is weighted by it (frequently used experts get the bits,
+        # as QuantMoE-Bench observes); expert Linear name -> (MoE, expert index)
+        expert_of = {lin.name: (m, i) for m in graph.nodes if isinstance(m, MoE) for i, e in enumerate(m.experts) for lin in e.linears()}
+        share: dict[str, float] = {}
         if ctx.calib is not None and want:
             for step in sequential(graph, ctx.calib, None, ctx.device, progress=ctx.track, description="group_quant: sensitivity"):
                 names = [l.name for l in step.linears() if l.name in want]
                 if not names:
                     continue
                 stats = step.collect(names)
+                share.update(_token_shares(names, stats, expert_of))
                 for name in names:
                     W = lins[name].weight.materialize()
                     st = stats[name]
@@ -761,7 +788,8 @@ class GroupQuantize(Pass):
             if name not in sens:
                 W = lins[name].weight.materialize()
                 sens[name] = {b: float(np.linalg.norm(W - fmt_for(lins[name], todo[name], b).materialize()) / max(np.linalg.norm(W), 1e-30)) for b in choices}
-        cur = allocate_bits(sens, nbytes, cap - fixed_bytes)
+        weighted = {n: {b: e * math.sqrt(share[n]) for b, e in sens[n].items()} if n in share else sens[n] for n in free}
+        cur = allocate_bits(weighted, nbytes, cap - fixed_bytes)
         total = fixed_bytes + sum(nbytes[n][cur[n]] for n in free)
         for n in free:
             todo[n].cfg.nbits = cur[n]
@@ -772,7 +800,9 @@ class GroupQuantize(Pass):
             "choices": choices,
             "sensitivity_measured_with": "rtn",
             "layers": {n: {"bits": cur[n], "bytes": nbytes[n][cur[n]], "error_by_bits": {str(b): sens[n][b] for b in choices},
-                           "bytes_by_bits": {str(b): nbytes[n][b] for b in choices}} for n in free},  # fmt: skip
+                           "bytes_by_bits": {str(b): nbytes[n][b] for b in choices},
+                           **({"token_share": share[n]} if n in share else {})} for n in free},  # fmt: skip
+            "objective": "sum over layers of (token share x relative output error^2); token share = 1 except MoE experts",
             "fixed": {n: pl.cfg.nbits for n, pl in todo.items() if pl.fixed_bits},
         }
 

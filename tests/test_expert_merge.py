@@ -239,3 +239,41 @@ def test_cli_refuses_models_without_moe(tmp_path, capsys):
     tm.export_onnx(tm.build("mixtral"), str(tmp_path / "hf.onnx"), "torchscript", 17)
     code, _, err = cli(capsys, "compress", tmp_path / "hf.onnx", "--merge-experts", "0.5", "--no-build", "-q", "-o", tmp_path / "o3")
     assert code == 10 and "torch.onnx" in err and not (tmp_path / "o3").exists()
+
+
+def test_auto_bits_weights_expert_error_by_token_share():
+    """Mixed precision on an MoE (QuantMoE-Bench: frequently used experts need more bits): each expert's error is
+    weighted by the share of tokens routed to it (numpy top-k on the MoE inputs), so among identical experts the
+    more used ones never get fewer bits."""
+    g = mixtral_graph()
+    fit, held = calib(g, 16, 16, seed=int(np.random.default_rng().integers(1 << 30)))
+    for m in moes(g):
+        for e in m.experts[1:]:  # identical experts: equal sensitivity, only the token share differs
+            for dst, src in zip(e.linears(), m.experts[0].linears()):
+                dst.weight = Dense(src.weight.materialize().copy())
+        # skewed routing: along the mean MoE input, expert 0 gains +2 logits on average, expert 3 loses 2
+        ex = Executor(g)
+        x = np.concatenate([ex.run(b, outputs=[m.inputs[0]])[m.inputs[0]].reshape(-1, m.router.in_features) for b in fit.batches()])
+        mu = x.mean(0)
+        w = m.router.weight.materialize().copy()
+        for e, c in zip(range(len(w)), np.linspace(2, -2, len(w))):
+            w[e] += (c * mu / (mu @ mu)).astype(np.float32)
+        m.router.weight = Dense(w)
+    r = Recipe(passes=[PassSpec("group_quant", {"auto_bits": 5, "method": "rtn", "group_size": 16, "include": [r"experts"]})])
+    ctx = PassContext(r, calib=fit, heldout=held)
+    (rep,) = run_passes(g.copy(), build_passes(r), ctx)
+    layers = rep.extra["auto_bits"]["layers"]
+    ex = Executor(g)
+    for m in moes(g):
+        x = np.concatenate([ex.run(b, outputs=[m.inputs[0]])[m.inputs[0]].reshape(-1, m.router.in_features) for b in fit.batches()])
+        logits = x @ m.router.weight.materialize().T
+        top = np.argsort(-logits, axis=1, kind="stable")[:, : m.top_k]
+        ref = np.array([(top == e).any(1).mean() for e in range(len(m.experts))])
+        assert ref.max() > ref.min() + 0.05  # the routing is skewed
+        for i, e in enumerate(m.experts):
+            for lin in e.linears():
+                assert layers[lin.name]["token_share"] == pytest.approx(ref[i], abs=1e-9), lin.name
+        for kind in range(len(m.experts[0].linears())):
+            order = np.argsort(-ref, kind="stable")
+            bits = [layers[m.experts[i].linears()[kind].name]["bits"] for i in order]
+            assert bits == sorted(bits, reverse=True), (ref[order], bits)
