@@ -240,6 +240,8 @@ def render(report: dict[str, Any], console=None, max_rows: int | None = None) ->
     if b:
         parts = [f"{k}={_fmt(v, '.3g') if isinstance(v, float) else v}" for k, v in b.items() if not isinstance(v, (dict, list))]
         console.print("[bold]build[/bold] " + "  ".join(parts), highlight=False)
+        for n in b.get("notes") or []:  # e.g. "int8 activations (sdot)": kernels whose numerics differ from the executor
+            console.print(f"[yellow]note[/yellow] (build): {n}", highlight=False)
     for w in report.get("warnings", []):
         console.print(f"[yellow]warning[/yellow]: {w}")
 
