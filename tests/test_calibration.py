@@ -199,3 +199,32 @@ def test_generated_sequences_fit_learned_positions():
     arrays = generate(g, 3, None, 0)
     assert arrays["input_ids"].shape == (3, 48)
     Executor(g).run(arrays)
+
+
+def test_generated_inputs_take_a_symbolic_feature_dim_from_the_linear_reading_it(tmp_path):
+    """An MLP exported with every axis dynamic (input ['N', 'F']): generated data takes F from the first Linear's
+    input width, so the export check and calibration run (the model then matches onnxruntime)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sparsec.calibration.data import generate
+    from sparsec.compressor.frontends.onnx import load_onnx
+
+    rng = np.random.default_rng()
+    f, h = int(rng.integers(5, 40)), int(rng.integers(3, 20))
+    w = rng.standard_normal((f, h)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "F"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", h])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    path = tmp_path / "mlp.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    g = load_onnx(str(path))
+    arrays = generate(g, 3, None, 0)
+    assert arrays["x"].shape == (3, f)
+    got = Executor(g).run(arrays)[g.outputs[0]]
+    (ref,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, arrays)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
