@@ -357,9 +357,10 @@ class ExpertMerge(Pass):
         super().requires(graph, ctx)
         moes = [n for n in graph.nodes if isinstance(n, MoE)]
         if not moes:
-            raise PassError("the model has no MoE layer sparsec recognizes: MoE blocks are found in PyTorch modules and "
-                            ".pt2 programs (Mixtral/Switch-style router + experts) and in ONNX files written by sparsec; "
-                            "expert loops exported by torch.onnx import as plain layers")  # fmt: skip
+            raise PassError("the model has no MoE layer sparsec recognizes: MoE blocks (router Linear, softmax/sigmoid, "
+                            "top-k, expert MLPs) are found in PyTorch modules, .pt2 programs and ONNX files (torch.onnx "
+                            "exports and sparsec's own), and raised only when verified numerically; import warnings "
+                            "(sparsec inspect) say why a block was not")  # fmt: skip
         for m in moes:
             for lin in m.linears():
                 if not isinstance(lin.weight, Dense):

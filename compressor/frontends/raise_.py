@@ -12,12 +12,12 @@ Patterns recognized (each as the TorchScript and the dynamo exporters of torch.o
   ``RMSNormalization`` (opset 23) and ``com.microsoft.SimplifiedLayerNormalization``;
 - ``Embedding``: ``Gather(table, ids)`` with a constant 2-D float table, axis 0;
 - ``Residual``: ``Add`` of two non-constant float activations of the same shape;
-- ``MoE``: the form sparsec itself exports (nodes tagged with ``sparsec.moe`` metadata).
-
-MoE blocks exported from PyTorch by torch.onnx (data-dependent loops over experts, NonZero/ScatterND/Loop) are
-*not* recognized as MoE in ONNX files: their expert Linear layers are raised individually (so pruning and
-quantization apply), but expert merging needs the MoE structure -- import such models from PyTorch (``.pt2`` or
-``nn.Module``), where sparsec recognizes the block by module structure and verifies it numerically.
+- ``MoE``: the form sparsec itself exports (nodes tagged with ``sparsec.moe`` metadata), and MoE blocks as torch.onnx
+  writes them (both exporters: expert loops unrolled with one_hot/Equal, NonZero, Gather/GatherND, index_add/
+  ScatterND/ScatterElements, boolean-mask index_put, or dense forms weighting every expert by a routing mask), found
+  by dataflow from a ``TopK``/``ArgMax`` over a router ``Linear`` and identified and verified numerically
+  (``moe_onnx.py``). A block that does not verify keeps its plain layers (pruning and quantization still apply) and
+  gets an import warning saying why.
 """
 from __future__ import annotations
 
@@ -717,6 +717,17 @@ def raise_graph(g: Graph) -> dict[str, int]:
         counts[label] = counts.get(label, 0) + _run_pattern(g, fn)
     counts["MoE"] = raise_sparsec_moe(g)
     _name_raised(g)
+    # MoE blocks as torch.onnx writes them: found by dataflow, semantics and verification by numbers (moe_onnx.py)
+    from .moe_onnx import raise_onnx_moe
+
+    g.toposort()
+    n_moe, moe_warnings = raise_onnx_moe(g)
+    if n_moe:
+        counts["MoE"] += n_moe
+        counts["Residual"] = counts.get("Residual", 0) + _run_pattern(g, match_residual)  # adds after the MoE output
+        _name_raised(g)
+    if moe_warnings:
+        g.meta.setdefault("import_warnings", []).extend(moe_warnings)
     remove_dead(g)
     mark_ties(g)
     g.toposort()

@@ -580,11 +580,28 @@ def load_torch(model: nn.Module, example_inputs: Sequence[Any], *, input_names: 
     _place_moe(g, moe)
     g.meta["frontend"] = "torch"
     if warns:
-        g.meta["import_warnings"] = warns
+        g.meta["import_warnings"] = _merge_warnings(g, warns)
     g.validate()
     if check:
         _check_against_module(g, model, example_inputs)
     return g
+
+
+def _merge_warnings(g: Graph, warns: list[str]) -> list[str]:
+    """The frontend's warnings next to the ONNX importer's; a block the frontend could not identify but the ONNX
+    MoE raiser did (moe_onnx.py: by dataflow and numbers) is no longer warned about."""
+    raised = {n.name for n in g.nodes if isinstance(n, MoE)} | {n.module for n in g.nodes if isinstance(n, MoE) and n.module}
+    onnx_side = list(g.meta.get("import_warnings", []))
+    # a block the ONNX raiser also tried is warned about once, with its (more specific) reason
+    keep = [w for w in warns if not any(f"block '{r}'" in w for r in raised)
+            and not any(f"block '{b}'" in o for o in onnx_side for b in _blocks_named(w))]  # fmt: skip
+    return onnx_side + keep
+
+
+def _blocks_named(warning: str) -> list[str]:
+    import re
+
+    return re.findall(r"block '([^']+)'", warning)
 
 
 def _place_moe(g: Graph, moe: list[_MoECandidate]) -> None:
@@ -756,7 +773,7 @@ def load_pt2(path: str, *, name: str | None = None, check: bool = True) -> Graph
 
     g.meta["source_sha256"] = file_sha256(path)
     if warns:
-        g.meta["import_warnings"] = warns
+        g.meta["import_warnings"] = _merge_warnings(g, warns)
     g.validate()
     if check:
         _check_against_module(g, ep.module(), example_inputs)

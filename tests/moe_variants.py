@@ -1,0 +1,162 @@
+"""MoE blocks written the ways model code writes them, for the ONNX MoE raiser tests (tests/test_moe_onnx.py).
+
+Each block takes ``[b, t, d]`` hidden states and returns ``(y, router_logits)`` like HF's, so it can stand in for
+``MixtralSparseMoeBlock`` inside :func:`tests.models.MixtralStyle` (:func:`build_variant`).
+
+- ``mixtral``: the test Mixtral itself (softmax, top-2, renormalized, loop with where/index_add_);
+- ``qwen``: Qwen2-MoE style, top-2 of 6 *without* renormalization, plus a shared expert (different width) with a
+  sigmoid gate, added next to the routed experts (it stays outside the MoE as plain layers);
+- ``switch``: Switch-Transformer style, top-1 by argmax, non-gated ReLU experts (``wi``/``wo``) applied with a boolean
+  token mask (``next_states[mask] = expert(h[mask])``), output scaled by the max router probability;
+- ``dense_sigmoid``: every expert on every token, weighted by a routing mask built with ``scatter``: sigmoid scores,
+  top-2, renormalized (DeepSeek-V3-like scoring without the bias), GELU experts;
+- ``topk_softmax``: top-k of the *logits*, softmax over the selected ones (= softmax, top-k, renormalized),
+  experts stacked and weighted by ``gather``;
+- ``squared`` (not an MoE sparsec can express): routing weights squared -> must stay plain layers, with a warning.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import models as tm
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, d, f, act=F.silu):
+        super().__init__()
+        self.gate_proj = nn.Linear(d, f, bias=False)
+        self.up_proj = nn.Linear(d, f, bias=False)
+        self.down_proj = nn.Linear(f, d, bias=False)
+        self.act = act
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SwitchDense(nn.Module):
+    def __init__(self, d, f):
+        super().__init__()
+        self.wi = nn.Linear(d, f, bias=True)
+        self.wo = nn.Linear(f, d, bias=True)
+
+    def forward(self, x):
+        return self.wo(F.relu(self.wi(x)))
+
+
+class QwenStyleMoe(nn.Module):
+    def __init__(self, d, f, num_experts=6, top_k=2, shared=True):
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.gate = nn.Linear(d, num_experts, bias=False)
+        self.experts = nn.ModuleList([GatedMLP(d, f) for _ in range(num_experts)])
+        self.shared = shared
+        if shared:
+            self.shared_expert = GatedMLP(d, 2 * f)
+            self.shared_expert_gate = nn.Linear(d, 1, bias=False)
+
+    def forward(self, hidden_states):
+        b, t, d = hidden_states.shape
+        x = hidden_states.view(-1, d)
+        router_logits = self.gate(x)
+        w = F.softmax(router_logits, dim=1, dtype=torch.float)
+        w, sel = torch.topk(w, self.top_k, dim=-1)  # norm_topk_prob = False
+        final = torch.zeros((b * t, d), dtype=x.dtype)
+        mask = F.one_hot(sel, num_classes=self.num_experts).permute(2, 1, 0)
+        for e in range(self.num_experts):
+            idx, top_x = torch.where(mask[e])
+            cur = self.experts[e](x[None, top_x].reshape(-1, d)) * w[top_x, idx, None]
+            final.index_add_(0, top_x, cur.to(x.dtype))
+        if self.shared:
+            final = final + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return final.reshape(b, t, d), router_logits
+
+
+class SwitchStyleMoe(nn.Module):
+    def __init__(self, d, f, num_experts=4, top_k=1):
+        super().__init__()
+        self.num_experts = num_experts
+        self.router = nn.Linear(d, num_experts, bias=False)
+        self.experts = nn.ModuleList([SwitchDense(d, f) for _ in range(num_experts)])
+
+    def forward(self, h):
+        logits = self.router(h)
+        probs = torch.softmax(logits, dim=-1)
+        index = torch.argmax(probs, dim=-1)
+        mask = F.one_hot(index, num_classes=self.num_experts)
+        pmax = torch.max(probs, dim=-1).values.unsqueeze(-1)
+        nxt = h.clone()
+        for i, e in enumerate(self.experts):
+            tok = mask[:, :, i].bool()
+            nxt[tok] = e(h[tok]).to(nxt.dtype)
+        return pmax * nxt, logits
+
+
+class DenseSigmoidMoe(nn.Module):
+    def __init__(self, d, f, num_experts=4, top_k=2):
+        super().__init__()
+        self.top_k = top_k
+        self.gate = nn.Linear(d, num_experts, bias=False)
+        self.experts = nn.ModuleList([GatedMLP(d, f, act=F.gelu) for _ in range(num_experts)])
+
+    def forward(self, h):
+        b, t, d = h.shape
+        x = h.reshape(-1, d)
+        logits = self.gate(x)
+        scores = torch.sigmoid(logits)
+        topv, topi = torch.topk(scores, self.top_k, dim=-1)
+        topv = topv / topv.sum(-1, keepdim=True)
+        weights = torch.zeros_like(scores).scatter(1, topi, topv)
+        y = torch.zeros_like(x)
+        for j, e in enumerate(self.experts):
+            y = y + weights[:, j : j + 1] * e(x)
+        return y.reshape(b, t, d), logits
+
+
+class TopkSoftmaxMoe(nn.Module):
+    def __init__(self, d, f, num_experts=4, top_k=2, square=False):
+        super().__init__()
+        self.top_k, self.square = top_k, square
+        self.gate = nn.Linear(d, num_experts, bias=False)
+        self.experts = nn.ModuleList([GatedMLP(d, f) for _ in range(num_experts)])
+
+    def forward(self, h):
+        b, t, d = h.shape
+        x = h.reshape(-1, d)
+        logits = self.gate(x)
+        topl, topi = torch.topk(logits, self.top_k, dim=-1)
+        w = torch.softmax(topl, dim=-1)
+        if self.square:
+            w = w * w
+        stacked = torch.stack([e(x) for e in self.experts], dim=1)  # [T, E, d]
+        sel = torch.gather(stacked, 1, topi[:, :, None].expand(-1, -1, d))  # [T, k, d]
+        y = (sel * w[:, :, None]).sum(1)
+        return y.reshape(b, t, d), logits
+
+
+# name -> (block factory, expected (experts, top_k, renormalize, score) per MoE layer)
+VARIANTS = {
+    "mixtral": (None, (4, 2, True, "softmax")),
+    "qwen": (lambda d, f: QwenStyleMoe(d, f), (6, 2, False, "softmax")),
+    "switch": (lambda d, f: SwitchStyleMoe(d, f), (4, 1, None, None)),  # top-1: renormalize/score are equivalent
+    "dense_sigmoid": (lambda d, f: DenseSigmoidMoe(d, f), (4, 2, True, "sigmoid")),
+    "topk_softmax": (lambda d, f: TopkSoftmaxMoe(d, f), (4, 2, True, "softmax")),
+    "squared": (lambda d, f: TopkSoftmaxMoe(d, f, square=True), None),
+}
+
+
+def build_variant(name: str, seed: int = 0, identical: bool = False) -> nn.Module:
+    """MixtralStyle (2 decoder layers) with each MoE block replaced by the variant's; ``identical``: every expert of a
+    layer is a copy of its first expert."""
+    model = tm.build("mixtral", seed=seed)
+    factory = VARIANTS[name][0]
+    torch.manual_seed(seed + 1)
+    for layer in model.model.layers:
+        if factory is not None:
+            layer.block_sparse_moe = factory(64, 128)
+        if identical:
+            experts = layer.block_sparse_moe.experts
+            for e in experts[1:]:
+                e.load_state_dict(experts[0].state_dict())
+    return model.eval()

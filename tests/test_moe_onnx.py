@@ -1,0 +1,227 @@
+"""MoE blocks in ONNX files as torch.onnx writes them (TorchScript and dynamo exporters, external .data weights):
+raised to MoE nodes by dataflow + numbers (compressor/frontends/moe_onnx.py), checked against onnxruntime on the
+original file and against the PyTorch module; expert merging through the CLI; identical experts merge losslessly;
+a block sparsec cannot express keeps its plain layers with a warning."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime is needed as the independent reference")
+
+from sparsec.compressor.executor import Executor
+from sparsec.compressor.frontends.onnx import load_onnx
+from sparsec.compressor.ir import Linear, MoE
+from sparsec.compressor.onnx_export import to_onnx
+
+from . import models as tm
+from .moe_variants import VARIANTS, build_variant
+
+EXPORTERS = [("torchscript", 17), ("dynamo", 18)]
+RAISED = ["mixtral", "qwen", "switch", "dense_sigmoid", "topk_softmax"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    cache = {}
+
+    def get(variant, exporter, opset, identical=False):
+        key = (variant, exporter, opset, identical)
+        if key not in cache:
+            model = build_variant(variant, identical=identical)
+            path = str(tmp_path_factory.mktemp(f"{variant}-{exporter}") / "model.onnx")
+            tm.export_onnx(model, path, exporter, opset)
+            cache[key] = (model, path)
+        return cache[key]
+
+    return get
+
+
+def ort_run(src, ids):
+    if isinstance(src, onnx.ModelProto):
+        src = src.SerializeToString()
+    return ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})[0]
+
+
+def fresh_ids(rng, b=None, t=None):
+    b = b or int(rng.integers(1, 4))
+    t = t or int(rng.integers(2, 10))
+    return rng.integers(0, 128, size=(b, t)).astype(np.int64)
+
+
+def moes(g):
+    return [n for n in g.nodes if isinstance(n, MoE)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("exporter,opset", EXPORTERS, ids=[e for e, _ in EXPORTERS])
+@pytest.mark.parametrize("variant", RAISED)
+def test_torch_onnx_moe_is_raised(exported, variant, exporter, opset):
+    model, path = exported(variant, exporter, opset)
+    if exporter == "dynamo":
+        assert any(f.endswith(".data") for f in __import__("os").listdir(__import__("os").path.dirname(path)))
+    g = load_onnx(path)
+    assert not g.meta.get("import_warnings"), g.meta.get("import_warnings")
+    n_experts, top_k, renorm, score = VARIANTS[variant][1]
+    ms = moes(g)
+    assert [m.name for m in ms] == ["model.layers.0.block_sparse_moe", "model.layers.1.block_sparse_moe"]
+    for m in ms:
+        assert len(m.experts) == n_experts and m.top_k == top_k and m.expert_map is None
+        if renorm is not None:
+            assert m.renormalize == renorm and m.score == score
+        # route i is served by the module's experts[i] (the route -> expert mapping was solved, not assumed)
+        for i, e in enumerate(m.experts):
+            assert all(f".experts.{i}." in lin.name for lin in e.linears()), [lin.name for lin in e.linears()]
+        assert m.meta["moe_verify_error"] <= 1e-5
+    plain = [n.name for n in g.nodes if isinstance(n, Linear)]
+    assert not any(".experts." in n for n in plain)  # every routed expert layer is inside an MoE
+    if variant == "qwen":  # the shared expert (added next to the routed ones) stays outside as plain layers
+        assert sum(".shared_expert" in n for n in plain) == 2 * 4
+    rng = np.random.default_rng()
+    for ids in (fresh_ids(rng), fresh_ids(rng, 1, 2), fresh_ids(rng, 3, 9)):
+        ref = ort_run(path, ids)
+        got = Executor(g).run({"input_ids": ids})[g.outputs[0]]
+        assert tm.rel(got, ref) <= 1e-4
+        with torch.no_grad():
+            mod = model(torch.from_numpy(ids)).numpy()
+        assert tm.rel(got, mod) <= 1e-4
+    # sparsec's ONNX export of the raised graph (MoE written in sparsec's form) agrees with the executor
+    out = to_onnx(g)
+    ids = fresh_ids(rng)
+    assert tm.rel(ort_run(out, ids), Executor(g).run({"input_ids": ids})[g.outputs[0]]) <= 1e-5
+
+
+@pytest.mark.parametrize("exporter,opset", EXPORTERS, ids=[e for e, _ in EXPORTERS])
+def test_unexpressible_routing_keeps_plain_layers_with_a_warning(exported, exporter, opset):
+    """Squared routing weights are no softmax/sigmoid top-k mixture: the block must not be raised to a wrong MoE."""
+    model, path = exported("squared", exporter, opset)
+    g = load_onnx(path)
+    assert not moes(g)
+    warns = g.meta.get("import_warnings", [])
+    for layer in (0, 1):
+        w = [x for x in warns if f"'model.layers.{layer}.block_sparse_moe'" in x]
+        assert len(w) == 1 and "not raised" in w[0] and "mixture" in w[0], warns
+    experts = [n for n in g.nodes if isinstance(n, Linear) and ".experts." in n.name]
+    assert len(experts) == 2 * 4 * 3  # imported individually: pruning and quantization still apply
+    ids = fresh_ids(np.random.default_rng())
+    assert tm.rel(Executor(g).run({"input_ids": ids})[g.outputs[0]], ort_run(path, ids)) <= 1e-4
+
+
+@pytest.mark.parametrize("exporter,opset", EXPORTERS, ids=[e for e, _ in EXPORTERS])
+def test_identical_experts_from_onnx_merge_losslessly(exported, exporter, opset):
+    from .test_expert_merge import run_merge
+
+    _, path = exported("mixtral", exporter, opset, identical=True)
+    g = load_onnx(path)
+    assert [len(m.experts) for m in moes(g)] == [4, 4]
+    (rep,), _ = run_merge(g, experts=2)
+    assert [len(m.experts) for m in moes(g)] == [2, 2]
+    assert all(r.error is not None and r.error < 1e-5 for r in rep.rows)
+    ids = fresh_ids(np.random.default_rng())
+    before = ort_run(path, ids)
+    assert tm.rel(Executor(g).run({"input_ids": ids})[g.outputs[0]], before) <= 1e-5
+    assert tm.rel(ort_run(to_onnx(g), ids), before) <= 1e-5
+
+
+def cli(capsys, *args):
+    from sparsec.cli.main import main
+
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+@pytest.mark.parametrize("exporter,opset", EXPORTERS, ids=[e for e, _ in EXPORTERS])
+def test_cli_merges_experts_of_a_torch_onnx_export(exported, exporter, opset, tmp_path, capsys):
+    from sparsec.compressor.artifact import load_graph
+
+    _, path = exported("mixtral", exporter, opset)
+    code, out, err = cli(capsys, "compress", path, "--merge-experts", "2", "-o", tmp_path / "out", "--no-build", "-q", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    rows = doc["passes"][0]["rows"]
+    assert doc["passes"][0]["name"] == "expert_merge" and [r["shape_after"] for r in rows] == [[2], [2]]
+    assert all(r["status"] == "compressed" and r["bytes_after"] < r["bytes_before"] for r in rows)
+    g = load_graph(tmp_path / "out")
+    assert [len(m.experts) for m in moes(g)] == [2, 2]
+    rng = np.random.default_rng()
+    for ids in (fresh_ids(rng), fresh_ids(rng, 1, 2)):
+        got = ort_run(str(tmp_path / "out" / "model.onnx"), ids)
+        assert tm.rel(got, Executor(g).run({"input_ids": ids})[g.outputs[0]]) <= 1e-4
+
+
+def test_module_import_falls_back_to_the_onnx_raiser():
+    """An nn.Module whose block the torch frontend cannot identify (Qwen-style: the shared expert is part of the block's
+    output) still imports as MoE: the exported graph's routed experts are raised by the ONNX raiser, the shared expert
+    stays plain layers, and no warning is left for the block."""
+    from sparsec.compressor.frontends.torch import load_torch
+
+    model = build_variant("qwen")
+    g = load_torch(model, model.example_inputs())
+    assert [(len(m.experts), m.top_k, m.renormalize) for m in moes(g)] == [(6, 2, False)] * 2
+    assert not g.meta.get("import_warnings"), g.meta.get("import_warnings")
+    ids = fresh_ids(np.random.default_rng())
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids)).numpy()
+    assert tm.rel(Executor(g).run({g.inputs[0]: ids})[g.outputs[0]], ref) <= 1e-4
+
+
+class _ReturnsRouterLogits(torch.nn.Module):
+    """One Mixtral decoder layer whose model also returns the MoE's router logits (HF ``output_router_logits``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.m = tm.build("mixtral")
+
+    def forward(self, input_ids):
+        x = self.m.model.embed_tokens(input_ids)
+        layer = self.m.model.layers[0]
+        x = x + layer.self_attn(layer.input_layernorm(x))
+        h, logits = layer.block_sparse_moe(layer.post_attention_layernorm(x))
+        return x + h, logits
+
+
+def test_router_logits_used_outside_keep_a_plain_router(tmp_path):
+    import warnings
+
+    model = _ReturnsRouterLogits().eval()
+    path = str(tmp_path / "logits.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(2, 8, dtype=torch.int64),), path, dynamo=False, opset_version=17,
+                          input_names=["input_ids"], output_names=["output", "router_logits"],
+                          dynamic_axes={"input_ids": {0: "batch", 1: "seq"}})  # fmt: skip
+    g = load_onnx(path)
+    (m,) = moes(g)
+    assert len(m.experts) == 4 and m.top_k == 2 and not g.meta.get("import_warnings")
+    routers = [n for n in g.nodes if isinstance(n, Linear) and n.out_features == 4]
+    assert len(routers) == 1  # the router stays as a plain layer for the logits output, next to the MoE's own copy
+    ids = fresh_ids(np.random.default_rng())
+    ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})
+    got = Executor(g).run({"input_ids": ids})
+    for name, r in zip(g.outputs, ref):
+        assert tm.rel(got[name], r) <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ["dense_sigmoid", "mixtral"])
+def test_static_shape_export_is_raised(variant, tmp_path):
+    """Exported without dynamic axes: the block is identified and verified at its one size (several samples)."""
+    import warnings
+
+    model = build_variant(variant)
+    path = str(tmp_path / "static.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, model.example_inputs(b=2, t=8), path, dynamo=False, opset_version=17, input_names=["input_ids"])
+    g = load_onnx(path)
+    n_experts, top_k, renorm, score = VARIANTS[variant][1]
+    assert [(len(m.experts), m.top_k, m.renormalize, m.score) for m in moes(g)] == [(n_experts, top_k, renorm, score)] * 2
+    ids = np.random.default_rng().integers(0, 128, size=(2, 8)).astype(np.int64)
+    ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})[0]
+    assert tm.rel(Executor(g).run({"input_ids": ids})[g.outputs[0]], ref) <= 1e-4
