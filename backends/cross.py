@@ -396,7 +396,8 @@ def link_wasm(work: str, kernels_o: str, model_c_path: str, simd: bool) -> dict[
     flags = ["--target=wasm32-unknown-unknown", "-O2", "-ffreestanding", "-fno-builtin", "-nostdlib", "-fvisibility=hidden", "-I", str(CAPI)]
     flags += ["-msimd128"] if simd else ["-mno-simd128"]
     objs = []
-    for src in (str(CAPI / "sparsec_rt.c"), model_c_path):
+    # simd128: + the C 2:4 GEMV that the swizzle kernels call (kernels/cpu.py, gemv_impl "c"; constant swizzle masks)
+    for src in (str(CAPI / "sparsec_rt.c"), model_c_path) + ((str(CAPI / "wasm_swizzle.c"),) if simd else ()):
         o = os.path.join(work, Path(src).stem + ".wo")
         _run([clang, *flags, "-c", src, "-o", o], f"compiling {Path(src).name} for wasm32")
         objs.append(o)

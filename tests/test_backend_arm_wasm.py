@@ -206,7 +206,8 @@ def test_wasm_hot_loops_use_simd128_and_nosimd_has_none(digits_graph, digits_was
     for kernel in ("cpu_nm_sparse", "cpu_group_quant"):
         c = {}
         for f, d in simd.items():
-            if f.startswith(kernel):
+            # 2:4 GEMV: the C kernel the TVM one calls (backends/capi/wasm_swizzle.c, tests/test_wasm_swizzle.py)
+            if f.startswith(kernel) or (kernel == "cpu_nm_sparse" and f.startswith("sparsec_swz24")):
                 for k, v in d.items():
                     c[k] = c.get(k, 0) + v
         assert c.get("f32x4.mul", 0) >= 16 and c.get("f32x4.add", 0) >= 16 and c.get("v128.load", 0) > 0, (kernel, c)
@@ -278,9 +279,12 @@ def test_cli_run_uses_node_and_missing_node_is_exit_code_12(digits_wasm_artifact
 @pytest.mark.slow
 @need_arm
 def test_tiny_gpt_aarch64_under_qemu_matches_executor(tmp_path):
+    # feature flags reach LLVM; i8mm, not dotprod: `aarch64:dotprod` selects the int8-activation sdot kernels for the
+    # int8 layers, whose numerics differ from the executor by design (tests/test_arm_sdot.py states that bound)
     g = compressed_golden("tiny-gpt")
-    manifest = build_lib(g, "aarch64:dotprod", tmp_path / "lib")
-    assert "+dotprod" in manifest["tvm_target"]["mattr"]
+    manifest = build_lib(g, "aarch64:i8mm", tmp_path / "lib")
+    assert "+i8mm" in manifest["tvm_target"]["mattr"]
+    assert "arm.int8_sdot" not in {k["kernel"] for k in manifest["kernels"]}
     check_against_executor(g, tmp_path / "lib", manifest, [(1, 1), (2, 16), (1, 128)], seed=21)
 
 

@@ -11,6 +11,18 @@ source (kept in the build report's kernel dump) and holds several loop nests beh
   ``MB`` input rows held in ``MB x V`` accumulators. Dense and group-quantized layers multiply by a broadcast
   ``x[m, k]``; N:M layers either expand each group to dense weights in registers (``gemv_mode=select``) or gather
   ``x[m, col]`` by the decoded position (``col = group*m + index``, ``gemv_mode=gather``).
+- **wasm swizzle GEMV** (``gemv_mode=swizzle``, the default on wasm simd128 for N:4 formats with 4 | out): no gather
+  and no select. The 4 output rows of a block are the 4 f32 lanes; for each group of 4 inputs ``x[4g..4g+3]`` is ONE
+  v128 load, and each kept column picks, per lane, the input its row kept with ``i8x16.swizzle`` (byte-level table
+  lookup inside the 16 bytes of x). The swizzle masks are built in registers from the stored positions: one 16-byte
+  load holds 4 kept columns x 4 rows (one byte = 4 * position), a lane-spread swizzle (masks in the 64-byte ``spread``
+  parameter) and an ``or`` with the byte offsets 0,1,2,3 make the mask. int4/int8 kept values are int32 words of 8/4
+  codes per lane, dequantized in registers with their group's scale and zero point. ``n`` multiply-adds per group
+  instead of ``m``; the masks and weights are decoded once per block and reused by the tier's ``MB`` rows. The GEMM
+  path reads the same layout with scalar decoding. For 2:4 (``gemv_impl=c``) the GEMV is C instead:
+  ``backends/capi/wasm_swizzle.c``, the same loop with CONSTANT spread masks (clang keeps ``i8x16.swizzle``; TVM's
+  LLVM turns a constant one into a slow ``i8x16.shuffle``), called through ``T.call_extern`` and linked into
+  model.wasm by cross.link_wasm (int4/int8: from ``QUANT_C_GEMV_FROM_M`` rows on).
 - **GEMM** (prefill, ``M`` above the last tier): rows of ``x`` are taken ``tile_m`` at a time and transposed into a
   per-thread ``[in, tile_m]`` buffer; for ``rows`` output rows at a time, each stored weight is decoded once as a
   scalar and multiplies a contiguous ``tile_m`` vector of ``x`` (the N:M position selects the row of the transposed
@@ -26,6 +38,9 @@ Formats and parameters (``V`` = ``block_o``; all interleaved by output-row block
 ``nm_sparse[dense]``   ``Wv[out/V, in*n/m, V]`` kept values; ``I[out/V, in*n/m / per, V]`` uint8 positions,
                        ``per`` per byte (2-bit for M <= 4, 4-bit for M <= 16, 8-bit above)
 ``nm_sparse[gq]``      codes/scales/zeros of the kept values (groups along the kept columns) + ``I`` as above
+swizzle layout         (``gemv_mode=swizzle``, V = 4) ``I[out/4, J*4]`` uint8, byte ``4j + lane`` = 4 * position;
+                       ``spread[64]`` uint8; int4/int8 codes ``C[out/4, J/8 | J/4, 4]`` int32 words (code of kept
+                       column ``8q+k`` in bits ``4k..4k+3``; int8: ``4q+k`` in bits ``8k..8k+7``)
 bias                   ``B[out]`` float32 (fused into the store)
 =====================  ================================================================================
 
@@ -75,6 +90,15 @@ class Spec:
     @property
     def per(self) -> int:  # positions per byte
         return 8 // self.ib
+
+    @property
+    def swizzle_unit(self) -> int:
+        """Unroll granularity of the wasm swizzle layout (16-byte position loads, 8 int4 / 4 int8 codes per word)."""
+        return _lcm(_lcm(4, self.n or 1), 8 if self.bits == 4 else 4)
+
+    def swizzle_ok(self) -> bool:
+        """Whether the wasm ``swizzle`` GEMV applies: N:4 sparsity (a group of 4 inputs is one v128 of x)."""
+        return self.kind in ("nm", "nm_gq") and self.m == 4 and self.O % 4 == 0 and self.J % self.swizzle_unit == 0
 
     @property
     def unit(self) -> int:
@@ -156,32 +180,68 @@ def _index_array(nm, spec: Spec, V: int) -> np.ndarray:
     return _interleave(packed, V)
 
 
+# The 4 lane-spread masks of the swizzle GEMV: mask jj (bytes 16*jj..16*jj+15) copies byte 4*jj + r of a 16-byte
+# position chunk into the 4 bytes of lane r. A kernel parameter, not a constant: LLVM folds an i8x16.swizzle with
+# constant indices into an i8x16.shuffle, which V8 lowers to a slow generic sequence (measured in
+# bench/results/wasm_gemv_variants.md: spread_shuf vs spread_mem).
+SPREAD_MASKS = np.repeat(np.arange(16, dtype=np.uint8), 4)
+
+
+def _swizzle_positions(nm, spec: Spec) -> np.ndarray:
+    """wasm swizzle layout of N:4 positions: ``[O/4, J*4]`` uint8, byte ``4*j + lane`` = 4 * position (the byte offset
+    of the kept column's input inside its group of 4 floats): 16 bytes hold 4 kept columns of 4 output rows."""
+    idx = nm.indices().reshape(spec.O, spec.J).astype(np.uint8) * 4
+    return np.ascontiguousarray(_interleave(idx, 4).reshape(spec.O // 4, spec.J * 4))
+
+
+def _swizzle_codes(gq, spec: Spec) -> list[np.ndarray]:
+    """wasm swizzle layout of quantized kept values: ``[O/4, J/per, 4]`` int32 words, lane = output row, code of kept
+    column ``per*q + k`` in bits ``[b*k, b*k+b)`` (per = 8 int4 / 4 int8 codes a word); scales/zeros as interleaved."""
+    codes = gq.codes().astype(np.uint32).reshape(spec.O, spec.J)
+    per, b = (8, 4) if spec.bits == 4 else (4, 8)
+    words = np.zeros((spec.O, spec.J // per), dtype=np.uint32)
+    for k in range(per):
+        words |= codes[:, k::per] << np.uint32(b * k)
+    S = gq.scale_grid().astype(np.float32)
+    Z = gq.zero_grid().astype(np.float32)
+    return [_interleave(words.view(np.int32), 4), _interleave(S, 4), _interleave(Z, 4)]
+
+
 def prepare_cpu(linear, config: dict[str, Any]) -> list[np.ndarray]:
     spec = spec_of(linear)
     if spec is None:
         raise ValueError(f"{linear.name}: no CPU kernel for {format_key(linear.weight)}")
     V = int(config["block_o"])
     w = linear.weight
+    swz = config.get("gemv_mode") == "swizzle"
     if spec.kind == "dense":
         arrays = [_interleave(w.materialize().astype(np.float32), V)]
     elif spec.kind == "gq":
         arrays = _quant_arrays(w, V)
     elif spec.kind == "nm":
-        arrays = [_interleave(w.values.materialize().astype(np.float32), V), _index_array(w, spec, V)]
+        arrays = [_interleave(w.values.materialize().astype(np.float32), V)]
+        arrays.append(_swizzle_positions(w, spec) if swz else _index_array(w, spec, V))
     else:
-        arrays = _quant_arrays(w.values, V) + [_index_array(w, spec, V)]
+        arrays = _swizzle_codes(w.values, spec) if swz else _quant_arrays(w.values, V)
+        arrays.append(_swizzle_positions(w, spec) if swz else _index_array(w, spec, V))
+    if swz:
+        arrays.append(SPREAD_MASKS.copy())
     if spec.bias:
         arrays.append(np.ascontiguousarray(linear.bias.astype(np.float32)))
     return arrays
 
 
-def param_specs(spec: Spec, V: int) -> list[WeightParam]:
+def param_specs(spec: Spec, V: int, swizzle: bool = False) -> list[WeightParam]:
     OB = spec.O // V
     out: list[WeightParam] = []
 
     def quant(cols):
-        ncb = cols // 2 if spec.bits == 4 else cols
-        return [WeightParam("codes", (OB, ncb, V), "uint8"), WeightParam("scales", (OB, cols // spec.G, V), "float32"),
+        if swizzle:
+            per = 8 if spec.bits == 4 else 4
+            c = WeightParam("codes", (OB, cols // per, V), "int32")
+        else:
+            c = WeightParam("codes", (OB, cols // 2 if spec.bits == 4 else cols, V), "uint8")
+        return [c, WeightParam("scales", (OB, cols // spec.G, V), "float32"),
                 WeightParam("zeros", (OB, cols // spec.G, V), "float32")]  # fmt: skip
 
     if spec.kind == "dense":
@@ -193,7 +253,11 @@ def param_specs(spec: Spec, V: int) -> list[WeightParam]:
     else:
         out += quant(spec.J)
     if spec.kind in ("nm", "nm_gq"):
-        out.append(WeightParam("index", (OB, spec.J // spec.per, V), "uint8"))
+        if swizzle:
+            out.append(WeightParam("index", (OB, spec.J * V), "uint8"))
+            out.append(WeightParam("spread", (64,), "uint8"))
+        else:
+            out.append(WeightParam("index", (OB, spec.J // spec.per, V), "uint8"))
     if spec.bias:
         out.append(WeightParam("bias", (spec.O,), "float32"))
     return out
@@ -222,12 +286,64 @@ def default_config(spec: Spec, target) -> dict[str, Any]:
         "parallel": True,
         "parallel_gemv": spec.O * spec.J >= 1 << 18,
         "gemv_mode": "select" if spec.kind in ("nm", "nm_gq") and spec.m <= 8 else "gather",
+    } if not (_wasm_simd(target) and spec.swizzle_ok()) else {
+        # wasm simd128, N:4: the swizzle GEMV (gemv_swizzle in kernel_source), output rows in the 4 f32 lanes
+        "block_o": 4,
+        "tile_m": 2 * lanes,
+        # the GEMM's (the swizzle GEMV unrolls by its own unit, see _gemv_unroll): whole code words per iteration
+        # (static shifts), 2 rows at a time for int4 (tiny-gpt 2:4+int4 prefill: 7.6 ms vs 8.7 ms at unroll 4 x
+        # 4 rows, 11.2 ms at 8 x 4; the generic layout's GEMM: 7.7 ms; one node process, this machine)
+        "rows": 2 if spec.bits == 4 else 4,
+        "unroll": _lcm(unroll, 8) if spec.bits == 4 else _lcm(unroll, 4) if spec.bits == 8 else unroll,
+        "gemv_tiers": [1, 4, GEMV_MAX],
+        "parallel": True,
+        "parallel_gemv": False,
+        "gemv_mode": "swizzle",
+        # 2:4: the GEMV is the C kernel of backends/capi/wasm_swizzle.c (constant swizzle masks, see _c_gemv)
+        "gemv_impl": "c" if _c_gemv(spec) else "tir",
     }
 
 
-def check_config(spec: Spec, cfg: dict[str, Any]) -> str | None:
-    """Why ``cfg`` is invalid for ``spec`` (None when valid)."""
+def _gemv_unroll(spec: Spec) -> int:
+    """Kept columns per iteration of the swizzle GEMV: 8 (or 12 for 3:4) when they divide the kept columns."""
+    u = spec.swizzle_unit * max(1, 8 // spec.swizzle_unit)
+    return u if spec.J % u == 0 else spec.swizzle_unit
+
+
+# int4/int8 2:4 on wasm simd128: 2 = the TIR 1-row GEMV at M = 1 and the C GEMV for M = 2..16; 1 = the C GEMV at
+# every M <= 16 (bench/bench_wasm_c_gemv.py times both; only 1 and 2 are meaningful)
+QUANT_C_GEMV_FROM_M = 2
+
+
+def _c_gemv(spec: Spec) -> str | None:
+    """The C GEMV (backends/capi/wasm_swizzle.c, linked into simd128 model.wasm) for ``spec``'s swizzle layout: 2:4
+    with fp32 kept values, or int4/int8 ones whose quantization groups hold whole chunks of 4 kept columns."""
+    if not spec.swizzle_ok() or spec.n != 2:
+        return None
+    if spec.kind == "nm":
+        return "sparsec_swz24_f32"
+    return f"sparsec_swz24_int{spec.bits}" if spec.bits in (4, 8) and spec.G % 4 == 0 else None
+
+
+def _wasm_simd(target) -> bool:
+    return target is not None and target.name.partition(":")[0] == "wasm" and "simd128" in tuple(target.features)
+
+
+def check_config(spec: Spec, cfg: dict[str, Any], target=None) -> str | None:
+    """Why ``cfg`` is invalid for ``spec`` (on ``target`` when given; None when valid)."""
     V, U, R, MT = int(cfg["block_o"]), int(cfg["unroll"]), int(cfg["rows"]), int(cfg["tile_m"])
+    if cfg.get("gemv_mode") == "swizzle":
+        if not spec.swizzle_ok():
+            return "gemv_mode 'swizzle' needs N:4 sparsity with 4 | out and the kept columns a multiple of " \
+                   f"{spec.swizzle_unit if spec.m == 4 else 4}"
+        if target is not None and not _wasm_simd(target):
+            return "gemv_mode 'swizzle' needs a wasm simd128 target (i8x16.swizzle)"
+        if V != 4:
+            return "gemv_mode 'swizzle' needs block_o 4"
+    if cfg.get("gemv_impl", "tir") not in ("tir", "c"):
+        return f"gemv_impl {cfg.get('gemv_impl')!r} is not one of tir, c"
+    if cfg.get("gemv_impl") == "c" and (cfg.get("gemv_mode") != "swizzle" or _c_gemv(spec) is None):
+        return "gemv_impl 'c' needs gemv_mode 'swizzle' and 2:4 sparsity (int4/int8: group size a multiple of 4)"
     if V < 1 or spec.O % V:
         return f"block_o {V} does not divide out={spec.O}"
     if U < 1 or U % spec.unit or spec.J % U:
@@ -242,8 +358,8 @@ def check_config(spec: Spec, cfg: dict[str, Any]) -> str | None:
     if spec.kind in ("gq", "nm_gq") and spec.J % spec.G:
         return "group size does not divide the columns"
     mode = cfg.get("gemv_mode", "gather")
-    if mode not in ("gather", "select") or (mode == "select" and spec.m > 16):
-        return f"gemv_mode {mode!r} is not one of gather, select (select needs M <= 16)"
+    if mode not in ("gather", "select", "swizzle") or (mode == "select" and spec.m > 16):
+        return f"gemv_mode {mode!r} is not one of gather, select, swizzle (select needs M <= 16)"
     return None
 
 
@@ -260,9 +376,14 @@ def search_space(linear, target, hints) -> list[dict[str, Any]]:
             for R in (4, 8):
                 for U in sorted({spec.unit, 2 * spec.unit, 4 * spec.unit, 8 * spec.unit}):
                     for pg in (False, True):
-                        for mode in (("select", "gather") if spec.kind in ("nm", "nm_gq") else (base["gemv_mode"],)):
+                        modes = ("select", "gather") if spec.kind in ("nm", "nm_gq") else (base["gemv_mode"],)
+                        if _wasm_simd(target) and spec.swizzle_ok():
+                            modes = ("swizzle",) + modes
+                        for mode in modes:
                             c = dict(base, block_o=V, tile_m=MT, rows=min(R, V), unroll=U, parallel_gemv=pg, gemv_mode=mode)
-                            if check_config(spec, c) is None and c not in out:
+                            if mode != "swizzle":
+                                c.pop("gemv_impl", None)  # the C GEMV reads the swizzle layout only
+                            if check_config(spec, c, target) is None and c not in out:
                                 out.append(c)
     return out
 
@@ -290,30 +411,38 @@ class _Src:
         return _B()
 
 
-def _weight_expr(spec: Spec, U: int, ob: str, ko: str, ku: int, lane: str) -> str:
+def _weight_expr(spec: Spec, U: int, ob: str, ko: str, ku: int, lane: str, swz: bool = False) -> str:
     """The decoded float32 weight at stored column ``ko*U+ku`` of interleaved lane ``lane``."""
     j = f"{ko} * {U} + {ku}"
     if spec.kind in ("dense", "nm"):
         buf = "W" if spec.kind == "dense" else "Wv"
         return f"{buf}[{ob}, {j}, {lane}]"
     g = f"({j}) // {spec.G}"
-    if spec.bits == 4:
+    if swz:  # int32 words of 8 int4 / 4 int8 codes (see _swizzle_codes)
+        per, b = (8, 4) if spec.bits == 4 else (4, 8)
+        if U % per == 0:
+            code = f"T.Cast(\"float32\", T.shift_right(C[{ob}, {ko} * {U // per} + {ku // per}, {lane}], {b * (ku % per)}) & {(1 << b) - 1})"
+        else:
+            code = f"T.Cast(\"float32\", T.shift_right(C[{ob}, ({j}) // {per}, {lane}], ({j}) % {per} * {b}) & {(1 << b) - 1})"
+    elif spec.bits == 4:
         code = f"T.Cast(\"float32\", T.shift_right(C[{ob}, {ko} * {U // 2} + {ku // 2}, {lane}], T.uint8({4 * (ku % 2)})) & T.uint8(15))"
     else:
         code = f"T.Cast(\"float32\", C[{ob}, {j}, {lane}])"
     return f"({code} - Z[{ob}, {g}, {lane}]) * S[{ob}, {g}, {lane}]"
 
 
-def _col_expr(spec: Spec, U: int, ob: str, ko: str, ku: int, lane: str) -> str:
+def _col_expr(spec: Spec, U: int, ob: str, ko: str, ku: int, lane: str, swz: bool = False) -> str:
     """The input column of stored column ``ko*U+ku`` (dense formats: the column itself)."""
     if spec.kind in ("dense", "gq"):
         return f"{ko} * {U} + {ku}"
     grp = f"({ko} * {U // spec.n} + {ku // spec.n}) * {spec.m}"
-    return f"{grp} + {_pos_expr(spec, U, ob, ko, ku, lane)}"
+    return f"{grp} + {_pos_expr(spec, U, ob, ko, ku, lane, swz)}"
 
 
-def _pos_expr(spec: Spec, U: int, ob: str, ko: str, ku: int, lane: str) -> str:
+def _pos_expr(spec: Spec, U: int, ob: str, ko: str, ku: int, lane: str, swz: bool = False) -> str:
     """The position (0..m-1) inside its group of stored column ``ko*U+ku`` (N:M formats)."""
+    if swz:  # one byte per (kept column, lane) holding 4 * position (see _swizzle_positions)
+        return f"T.shift_right(T.Cast(\"int32\", I[{ob}, ({ko} * {U} + {ku}) * 4 + {lane}]), 2)"
     per, ib = spec.per, spec.ib
     byte = f"I[{ob}, {ko} * {U // per} + {ku // per}, {lane}]"
     if per == 1:
@@ -326,8 +455,9 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
     tiers = [int(t) for t in cfg["gemv_tiers"]]
     OB, J, K, O = spec.O // V, spec.J, spec.K, spec.O
     sparse = spec.kind in ("nm", "nm_gq")
-    params = param_specs(spec, V)
-    short = {"weight": "W", "values": "Wv", "codes": "C", "scales": "S", "zeros": "Z", "index": "I", "bias": "B"}
+    swz = cfg.get("gemv_mode") == "swizzle"
+    params = param_specs(spec, V, swz)
+    short = {"weight": "W", "values": "Wv", "codes": "C", "scales": "S", "zeros": "Z", "index": "I", "spread": "SP", "bias": "B"}
     sig = ", ".join(f"{short[p.name]}: T.Buffer({tuple(p.shape)}, \"{p.dtype}\")" for p in params)
     s = _Src()
     s("@T.prim_func(private=True)")
@@ -341,11 +471,69 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
 
         select = cfg.get("gemv_mode", "gather") == "select"
 
+        def gemv_swizzle(MB: int):
+            U = _gemv_unroll(spec)
+            # wasm simd128 N:4 GEMV, no gather: the 4 output rows of a block are the 4 f32 lanes; per group of 4
+            # inputs, x[4g..4g+3] is ONE v128 load, and each kept column picks its input per lane with
+            # i8x16.swizzle; the swizzle masks come from 16-byte position loads (4 kept columns x 4 rows, one byte
+            # = 4 * position each) spread per lane by a swizzle with the `spread` masks (a parameter, see
+            # SPREAD_MASKS) and or-ed with the byte offsets 0,1,2,3.
+            # n multiply-adds per group (not m), weights decoded once per block and reused by the MB rows.
+            n_ = spec.n
+            NA = 4 if MB == 1 else 2 if MB <= 4 else 1  # independent accumulators (add latency)
+            R4 = "T.Ramp(0, 1, 4)"
+            loop = "T.parallel" if cfg.get("parallel_gemv") else "range"
+            swzl = lambda a, b: f'T.call_llvm_pure_intrin("int8x16", "llvm.wasm.swizzle", {a}, {b})'  # noqa: E731
+            for jj in range(4):
+                s(f'sp{jj}: T.let = T.reinterpret("int8x16", SP[T.Ramp({16 * jj}, 1, 16)])')
+            s(f"for ob in {loop}({OB}):")
+            with s.block():
+                s(f'acc = T.alloc_buffer(({MB}, {NA}, 4), "float32", scope="local")')
+                s(f"for mi in T.unroll({MB}):")
+                with s.block():
+                    s(f"for a in T.unroll({NA}):")
+                    with s.block():
+                        s(f"acc[mi, a, {R4}] = T.Broadcast(T.float32(0), 4)")
+                s(f"for ko in range({J // U}):")
+                with s.block():
+                    for c4 in range(U // 4):
+                        s(f'pk{c4}: T.let = T.reinterpret("int8x16", I[ob, T.Ramp((ko * {U} + {4 * c4}) * 4, 1, 16)])')
+                    for ku in range(U):
+                        jj = ku % 4
+                        s(f'mk{ku}: T.let = T.reinterpret("int8x16", T.reinterpret("int32x4", {swzl(f"pk{ku // 4}", f"sp{jj}")}) | T.Broadcast(T.int32({0x03020100}), 4))')
+                        j = f"ko * {U} + {ku}"
+                        if spec.kind == "nm":
+                            s(f"w{ku}: T.let = Wv[ob, {j}, {R4}]")
+                        else:
+                            per, b = (8, 4) if spec.bits == 4 else (4, 8)
+                            word = f"C[ob, ko * {U // per} + {ku // per}, {R4}]"
+                            if ku % per:
+                                word = f"T.shift_right({word}, T.Broadcast(T.int32({b * (ku % per)}), 4))"
+                            word = f"({word} & T.Broadcast(T.int32({(1 << b) - 1}), 4))"  # shifts are arithmetic
+                            g = f"({j}) // {spec.G}"
+                            s(f'w{ku}: T.let = (T.Cast("float32x4", {word}) - Z[ob, {g}, {R4}]) * S[ob, {g}, {R4}]')
+                    s(f"for mi in T.unroll({MB}):")
+                    with s.block():
+                        row = "T.min(T.Cast(\"int64\", mi), M - T.int64(1))"
+                        for gi in range(U // n_):
+                            s(f'xg{gi}: T.let = T.reinterpret("int8x16", x[{row}, T.Ramp((ko * {U // n_} + {gi}) * 4, 1, 4)])')
+                        for ku in range(U):
+                            a = ku % NA
+                            s(f'acc[mi, {a}, {R4}] = acc[mi, {a}, {R4}] + w{ku} * T.reinterpret("float32x4", {swzl(f"xg{ku // n_}", f"mk{ku}")})')
+                s(f"for mi in T.unroll({MB}):")
+                with s.block():
+                    s("if T.Cast(\"int64\", mi) < M:")
+                    with s.block():
+                        tot = " + ".join(f"acc[mi, {a}, {R4}]" for a in range(NA))
+                        b_ = f" + B[T.Ramp(ob * 4, 1, 4)]" if spec.bias else ""
+                        s(f"y[mi, T.Ramp(ob * 4, 1, 4)] = {tot}{b_}")
+
         def gemv(MB: int):
             loop = "T.parallel" if cfg.get("parallel_gemv") else "range"
             s(f"for ob in {loop}({OB}):")
             with s.block():
-                s(f'acc = T.alloc_buffer(({MB}, {V}), "float32", scope="local")')
+                NA = 4 if MB == 1 else 2 if MB <= 4 else 1  # independent accumulators per row (add latency)
+                s(f'acc = T.alloc_buffer(({MB}, {NA}, {V}), "float32", scope="local")')
                 s(f'wv = T.alloc_buffer(({U}, {V}), "float32", scope="local")')
                 if sparse:
                     s(f'cv = T.alloc_buffer(({U}, {V}), "int32", scope="local")')
@@ -353,7 +541,8 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
                 with s.block():
                     s(f"for l in T.vectorized({V}):")
                     with s.block():
-                        s("acc[mi, l] = T.float32(0)")
+                        for a in range(NA):
+                            s(f"acc[mi, {a}, l] = T.float32(0)")
                 s(f"for ko in range({J // U}):")
                 with s.block():
                     if sparse and select:
@@ -380,7 +569,8 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
                                     col = f"(ko * {U // n_} + {gi}) * {m_} + {c}"
                                     s(f"for l in T.vectorized({V}):")
                                     with s.block():
-                                        s(f"acc[mi, l] = acc[mi, l] + wd[{gi * m_ + c}, l] * x[{row}, {col}]")
+                                        a = (gi * m_ + c) % NA
+                                        s(f"acc[mi, {a}, l] = acc[mi, {a}, l] + wd[{gi * m_ + c}, l] * x[{row}, {col}]")
                     else:
                         for ku in range(U):
                             s(f"for l in T.vectorized({V}):")
@@ -395,14 +585,15 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
                                 col = f"cv[{ku}, l]" if sparse else f"ko * {U} + {ku}"
                                 s(f"for l in T.vectorized({V}):")
                                 with s.block():
-                                    s(f"acc[mi, l] = acc[mi, l] + wv[{ku}, l] * x[{row}, {col}]")
+                                    s(f"acc[mi, {ku % NA}, l] = acc[mi, {ku % NA}, l] + wv[{ku}, l] * x[{row}, {col}]")
                 s(f"for mi in T.unroll({MB}):")
                 with s.block():
                     s("if T.Cast(\"int64\", mi) < M:")
                     with s.block():
                         s(f"for l in T.vectorized({V}):")
                         with s.block():
-                            s(f"y[mi, ob * {V} + l] = acc[mi, l]{bias(f'ob * {V} + l')}")
+                            tot = " + ".join(f"acc[mi, {a}, l]" for a in range(NA))
+                            s(f"y[mi, ob * {V} + l] = {tot}{bias(f'ob * {V} + l')}")
 
         def gemm():
             loop = "T.parallel" if cfg.get("parallel", True) else "range"
@@ -430,8 +621,8 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
                                 s(f"for r in T.unroll({R}):")
                                 with s.block():
                                     lane = f"rb * {R} + r"
-                                    w = _weight_expr(spec, U, "ob", "ko", ku, lane)
-                                    c = _col_expr(spec, U, "ob", "ko", ku, lane)
+                                    w = _weight_expr(spec, U, "ob", "ko", ku, lane, swz)
+                                    c = _col_expr(spec, U, "ob", "ko", ku, lane, swz)
                                     s(f"for mm in T.vectorized({MT}):")
                                     with s.block():
                                         s(f"acc[r, mm] = acc[r, mm] + {w} * xT[{c}, mm]")
@@ -444,13 +635,42 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
                                     o = f"ob * {V} + rb * {R} + r"
                                     s(f"y[mt * T.int64({MT}) + T.Cast(\"int64\", mm), {o}] = acc[r, mm]{bias(o)}")
 
+        def gemv_c():
+            # the C GEMV of backends/capi/wasm_swizzle.c (all rows up to the last tier), linked by cross.link_wasm
+            h = lambda b: f"{b}.data"  # noqa: E731
+            ptrs = [h("x")] + ([h("Wv")] if spec.kind == "nm" else [h("C"), h("S"), h("Z")]) + [h("I")]
+            ptrs += [h("B") if spec.bias else h("y"), h("y")]
+            ints = ["T.Cast(\"int32\", M)", f"T.int32({O})", f"T.int32({J})"]
+            ints += [] if spec.kind == "nm" else [f"T.int32({spec.G})"]
+            ints.append(f"T.int32({int(spec.bias)})")
+            s(f'T.evaluate(T.call_extern("int32", "{_c_gemv(spec)}", {", ".join(ptrs + ints)}))')
+
         def chain(i: int):
             if i == len(tiers):
                 gemm()
                 return
+            if swz and cfg.get("gemv_impl") == "c":
+                if spec.kind == "nm_gq" and i == 0 and tiers[0] == 1 and QUANT_C_GEMV_FROM_M > 1:
+                    # int4/int8 at M = 1: the TIR swizzle GEMV (8 kept columns per iteration), faster than the C one
+                    # there (bench/results/wasm_c_gemv.md, "c_all"); C from M = 2 on, where it decodes each weight
+                    # once for 4 rows
+                    s("if M <= T.int64(1):")
+                    with s.block():
+                        gemv_swizzle(1)
+                    s("else:")
+                    with s.block():
+                        chain(1)
+                    return
+                s(f"if M <= T.int64({tiers[-1]}):")
+                with s.block():
+                    gemv_c()
+                s("else:")
+                with s.block():
+                    gemm()
+                return
             s(f"if M <= T.int64({tiers[i]}):")
             with s.block():
-                gemv(tiers[i])
+                (gemv_swizzle if swz else gemv)(tiers[i])
             s("else:")
             with s.block():
                 chain(i + 1)
@@ -479,17 +699,17 @@ def _generate(kernel_name: str, linear, target, hints: ShapeHints, tuning) -> Ke
         cfg = dict(hints.config)
     else:
         found = tuning.lookup(kernel_name, target, linear_key(linear, hints))
-        if found is not None and check_config(spec, {**default_config(spec, target), **found}) is None:
+        if found is not None and check_config(spec, {**default_config(spec, target), **found}, target) is None:
             cfg, tuned = {**default_config(spec, target), **found}, True
     if cfg is None:
         cfg = default_config(spec, target)
-    bad = check_config(spec, cfg)
+    bad = check_config(spec, cfg, target)
     if bad is not None:
         if hints.config is not None:
             raise ValueError(f"config {cfg} is invalid for {linear.name}: {bad}")
         return None
     func, src = build_prim_func(spec, cfg)
-    impl = KernelImpl(kernel_name, param_specs(spec, int(cfg["block_o"])), func=func, act_dtype="float32",
+    impl = KernelImpl(kernel_name, param_specs(spec, int(cfg["block_o"]), cfg.get("gemv_mode") == "swizzle"), func=func, act_dtype="float32",
                       fuses_bias=spec.bias, config=cfg, tuned=tuned)  # fmt: skip
     impl.source = src  # type: ignore[attr-defined]
     return impl
