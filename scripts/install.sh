@@ -32,6 +32,15 @@ $PY -m pip install -q "torch==2.13.0"
 $PY -m pip install -q -e ".[test]"
 command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
 
+# JS packages of the wasm benchmark (bench/bench_arm_wasm.py): onnxruntime-web, pinned by bench/web/package-lock.json.
+# Needs node/npm and the npm registry; without them the benchmark leaves out its onnxruntime-web baseline.
+if command -v npm >/dev/null 2>&1; then
+  (cd bench/web && npm ci --no-audit --no-fund --loglevel=error >/dev/null) \
+    || echo "warning: npm ci in bench/web failed: the wasm benchmark runs without its onnxruntime-web baseline" >&2
+else
+  echo "warning: npm is not installed: the wasm benchmark runs without its onnxruntime-web baseline" >&2
+fi
+
 if [ "${1:-}" != "--no-example" ]; then
   mkdir -p out
   $PY -m sparsec compress --example tiny-gpt -o out/example-tiny-gpt --force
