@@ -11,7 +11,6 @@ model (exact, fp32 activations) has no ``sdot`` at all. Tools missing -> skip wi
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -41,15 +40,7 @@ need_xcc = pytest.mark.skipif(not (HAS_XCC and OBJDUMP), reason="aarch64-linux-g
 SDOT_TOL = 5e-2  # stated bound, int8 activations vs the fp32 executor (relative to max |output|; measured ~0.5-3e-2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _no_user_tuning_db(tmp_path_factory):
-    old = os.environ.get("SPARSEC_TUNING_DB")
-    os.environ["SPARSEC_TUNING_DB"] = str(tmp_path_factory.mktemp("tune") / "none.json")
-    yield
-    if old is None:
-        os.environ.pop("SPARSEC_TUNING_DB", None)
-    else:
-        os.environ["SPARSEC_TUNING_DB"] = old
+pytestmark = pytest.mark.usefixtures("no_user_tuning_db")
 
 
 def int8_format(w: np.ndarray, kind: str, rng) -> object:

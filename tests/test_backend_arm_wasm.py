@@ -26,6 +26,8 @@ from sparsec.backends.targets import get_target  # noqa: E402
 from sparsec.compressor.errors import RecipeError, ShapeError, ToolMissingError  # noqa: E402
 from sparsec.compressor.formats import GroupQuant, NMSparse  # noqa: E402
 
+from .wasm_disasm import wasm_ops  # noqa: E402
+
 HAS_QEMU = shutil.which("qemu-aarch64") is not None and Path("/usr/aarch64-linux-gnu/lib").is_dir()
 HAS_XCC = shutil.which("aarch64-linux-gnu-gcc") is not None
 HAS_NODE = shutil.which("node") is not None
@@ -37,15 +39,7 @@ need_node = pytest.mark.skipif(not (HAS_NODE and HAS_WASM_LD), reason="node, cla
 need_wasm_build = pytest.mark.skipif(not HAS_WASM_LD, reason="clang / wasm-ld is not installed (scripts/install.sh)")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _no_user_tuning_db(tmp_path_factory):
-    old = os.environ.get("SPARSEC_TUNING_DB")
-    os.environ["SPARSEC_TUNING_DB"] = str(tmp_path_factory.mktemp("tune") / "none.json")
-    yield
-    if old is None:
-        os.environ.pop("SPARSEC_TUNING_DB", None)
-    else:
-        os.environ["SPARSEC_TUNING_DB"] = old
+pytestmark = pytest.mark.usefixtures("no_user_tuning_db")
 
 
 def compressed_golden(name: str):
@@ -186,23 +180,7 @@ def test_wasm_hot_loops_use_simd128_and_nosimd_has_none(digits_graph, digits_was
     if objdump is None:
         pytest.skip("wasm-objdump (wabt) is not installed")
 
-    def ops(path):
-        dis = subprocess.run([objdump, "-d", str(path)], capture_output=True, text=True).stdout
-        count: dict[str, dict[str, int]] = {}
-        name = ""
-        for line in dis.splitlines():
-            m = re.match(r"^[0-9a-f]+ func\[\d+\] <(.*)>:", line)
-            if m:
-                name = m.group(1)
-                continue
-            if "|" in line:
-                op = line.split("|", 1)[1].split()
-                if op:
-                    count.setdefault(name, {}).setdefault(op[0], 0)
-                    count[name][op[0]] += 1
-        return count
-
-    simd = ops(digits_wasm[0] / "model.wasm")
+    simd = wasm_ops(digits_wasm[0] / "model.wasm")
     for kernel in ("cpu_nm_sparse", "cpu_group_quant"):
         c = {}
         for f, d in simd.items():
@@ -213,7 +191,7 @@ def test_wasm_hot_loops_use_simd128_and_nosimd_has_none(digits_graph, digits_was
         assert c.get("f32x4.mul", 0) >= 16 and c.get("f32x4.add", 0) >= 16 and c.get("v128.load", 0) > 0, (kernel, c)
     out = tmp_path / "nosimd"
     manifest = build_lib(digits_graph, "wasm:nosimd", out)
-    plain = ops(out / "model.wasm")
+    plain = wasm_ops(out / "model.wasm")
     assert not any(k.startswith(("v128", "f32x4", "i8x16", "i32x4")) for d in plain.values() for k in d)
     if HAS_NODE:
         check_against_executor(digits_graph, out, manifest, [(3, 64)], seed=13)

@@ -38,16 +38,7 @@ from sparsec.compressor.ir import Embedding, Expert, Generic, Graph, LayerNorm, 
 X86 = get_target("x86")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _no_user_tuning_db(tmp_path_factory):
-    """Builds read the user's tuning database by default: point it at an empty file for reproducible tests."""
-    old = os.environ.get("SPARSEC_TUNING_DB")
-    os.environ["SPARSEC_TUNING_DB"] = str(tmp_path_factory.mktemp("tune") / "none.json")
-    yield
-    if old is None:
-        os.environ.pop("SPARSEC_TUNING_DB", None)
-    else:
-        os.environ["SPARSEC_TUNING_DB"] = old
+pytestmark = pytest.mark.usefixtures("no_user_tuning_db")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -14,12 +14,7 @@ from sparsec.compressor.executor import Executor, Observer
 from .test_nm_prune import raised_graph
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _ids(rng, n, t, vocab=50):

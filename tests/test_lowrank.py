@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from sparsec.compressor.errors import RecipeError
 from sparsec.compressor.formats import Dense, GroupQuant, LowRank, NMSparse
@@ -18,12 +17,7 @@ from sparsec.passes.lowrank import lowrank_factors
 from .test_quant import ort_vs_executor, one_linear_graph, raised_graph, run_recipe
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def skewed_problem(rng, out, inn, tokens=400):

@@ -26,20 +26,14 @@ from sparsec.backends.targets import get_target  # noqa: E402
 from sparsec.compressor.formats import GroupQuant, NMSparse  # noqa: E402
 from sparsec.compressor.ir import Graph, Linear  # noqa: E402
 
+from .wasm_disasm import wasm_ops  # noqa: E402
+
 HAS_NODE = shutil.which("node") is not None
 HAS_WASM_LD = shutil.which("clang") is not None and (shutil.which("wasm-ld") or shutil.which("wasm-ld-14")) is not None
 need_node = pytest.mark.skipif(not (HAS_NODE and HAS_WASM_LD), reason="node, clang or wasm-ld is not installed (scripts/install.sh)")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _no_user_tuning_db(tmp_path_factory):
-    old = os.environ.get("SPARSEC_TUNING_DB")
-    os.environ["SPARSEC_TUNING_DB"] = str(tmp_path_factory.mktemp("tune") / "none.json")
-    yield
-    if old is None:
-        os.environ.pop("SPARSEC_TUNING_DB", None)
-    else:
-        os.environ["SPARSEC_TUNING_DB"] = old
+pytestmark = pytest.mark.usefixtures("no_user_tuning_db")
 
 
 def weight(kind: str, o: int, k: int, n: int, rng, bits: int = 4, G: int = 16, asym: bool = False, gmask: bool = False):
@@ -156,24 +150,6 @@ def test_swizzle_config_is_wasm_simd_only():
     idx = w.indices().reshape(16, 16)
     assert arrays[1].shape == (4, 64) and arrays[1].dtype == np.uint8
     assert np.array_equal(arrays[1].reshape(4, 16, 4).transpose(0, 2, 1).reshape(16, 16), 4 * idx)
-
-
-def wasm_ops(path: Path) -> dict[str, dict[str, int]]:
-    objdump = shutil.which("wasm-objdump")
-    dis = subprocess.run([objdump, "-d", str(path)], capture_output=True, text=True).stdout
-    count: dict[str, dict[str, int]] = {}
-    name = ""
-    for line in dis.splitlines():
-        m = re.match(r"^[0-9a-f]+ func\[\d+\] <(.*)>:", line)
-        if m:
-            name = m.group(1)
-            continue
-        if "|" in line:
-            op = line.split("|", 1)[1].split()
-            if op:
-                count.setdefault(name, {}).setdefault(op[0], 0)
-                count[name][op[0]] += 1
-    return count
 
 
 @need_node
