@@ -30,18 +30,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import subprocess_env  # noqa: E402  (bench/ is on sys.path)
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 METHODS = ("magnitude", "wanda", "sparsegpt")
 LOADS: list = []  # 1-minute load average before / after each run: other work on the machine skews timings
 
 
-def _env(threads: int) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[k] = str(threads)
-    return env
 
 
 def _cores(threads: int) -> list[str]:
@@ -58,7 +54,7 @@ def compress(args: list[str], threads: int) -> tuple[dict, dict, float]:
         cmd = _cores(threads) + [sys.executable, "-m", "sparsec", "compress", *args, "-o", str(out), "--json"]
         load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         t0 = time.perf_counter()
-        p = subprocess.run(cmd, cwd=ROOT, env=_env(threads), capture_output=True, text=True)
+        p = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(threads), capture_output=True, text=True)
         wall = time.perf_counter() - t0
         LOADS.append((load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else None))
         if p.returncode not in (0, 1):

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import subprocess_env  # noqa: E402  (bench/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -49,19 +50,13 @@ CONFIGS = [
 ]
 
 
-def _env(threads: int) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[k] = str(threads)
-    return env
 
 
 def compress(args: list[str], threads: int) -> tuple[dict, float]:
     with tempfile.TemporaryDirectory(prefix="sparsec-bench-") as tmp:
         cmd = [sys.executable, "-m", "sparsec", "compress", "--example", "tiny-gpt", *args, "--no-build", "-o", str(Path(tmp) / "out"), "--json"]
         t0 = time.perf_counter()
-        p = subprocess.run(cmd, cwd=ROOT, env=_env(threads), capture_output=True, text=True)
+        p = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(threads), capture_output=True, text=True)
         wall = time.perf_counter() - t0
         if p.returncode not in (0, 1):
             raise SystemExit(f"command failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr[-3000:]}")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -27,17 +26,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import subprocess_env  # noqa: E402  (bench/ is on sys.path)
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 FRACTIONS = (0.0, 0.10, 0.20, 0.25, 0.30)
 
 
-def _env(threads: int) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[k] = str(threads)
-    return env
 
 
 def compress(args: list[str], threads: int, recipe: dict | None = None) -> tuple[dict, float, list[str]]:
@@ -52,7 +47,7 @@ def compress(args: list[str], threads: int, recipe: dict | None = None) -> tuple
             extra = ["--recipe", str(rp)]
         cmd = [sys.executable, "-m", "sparsec", "compress", "--example", "tiny-gpt", *args, *extra, "--no-build", "-o", str(out), "--json"]
         t0 = time.perf_counter()
-        p = subprocess.run(cmd, cwd=ROOT, env=_env(threads), capture_output=True, text=True)
+        p = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(threads), capture_output=True, text=True)
         wall = time.perf_counter() - t0
         if p.returncode not in (0, 1):
             raise SystemExit(f"command failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr[-3000:]}")
