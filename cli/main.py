@@ -297,6 +297,11 @@ def compress(
     r = build_recipe(str(recipe) if recipe else None, target, seed, calib, calib_samples, seq_len, heldout, batch_size, max_error, device, flags)
     if no_build:
         r.build = False
+    from sparsec.backends.targets import get_target
+    from sparsec.compressor.pipeline import build_passes
+
+    get_target(r.target)  # recipe and target errors before a (possibly long) model load
+    build_passes(r)
     src = _load(model, example)
     result = run_compress(src, r, output, force=force, console=None if quiet or as_json else err, progress=not (quiet or as_json))
     doc = merge_timings(result.report, result.timings)

@@ -99,3 +99,14 @@ def test_nm_that_does_not_divide_the_input_dim(tmp_path):
     y = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert y.shape == (5, 8) and np.isfinite(y).all()
     assert load_file(str(tmp_path / "out" / "weights.safetensors"))
+
+
+def test_recipe_and_target_errors_come_before_the_model_load(tmp_path):
+    """A typo in --nm or --target is reported as such (exit 6) even when the model file is unreadable: the recipe is
+    checked before a possibly long import; the corrupt model alone gives its own exit code."""
+    (tmp_path / "m.onnx").write_bytes(b"\x08\x07 not a model")
+    one_line_error(sparsec("compress", "m.onnx", "--nm", "5:4", "-o", "out", cwd=tmp_path), 6, "5:4")
+    one_line_error(sparsec("compress", "m.onnx", "--nm", "2:4", "--target", "x68", "-o", "out", cwd=tmp_path), 6, "x68", "x86")
+    bad_model = sparsec("compress", "m.onnx", "--nm", "2:4", "-o", "out", cwd=tmp_path)
+    assert bad_model.returncode not in (0, 6), bad_model.stderr
+    assert listing(tmp_path) == ["m.onnx"]
