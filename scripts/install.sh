@@ -30,6 +30,11 @@ fi
 # Python packages. torch is pinned to the CPU wheel (2.13.0) before anything else can pull a CUDA build.
 $PY -m pip install -q "torch==2.13.0"
 $PY -m pip install -q -e ".[test]"
+# cuobjdump + nvdisasm (SASS checks of the CUDA kernels in tests/test_cuda_kernels.py; x86_64 Linux wheels only)
+if [ "$(uname -m)" = "x86_64" ]; then
+  $PY -m pip install -q "nvidia-cuda-cuobjdump==13.5.37" "nvidia-cuda-nvdisasm==13.5.37" \
+    || echo "warning: cuobjdump/nvdisasm wheels not installed: the SASS checks of the CUDA kernels will skip" >&2
+fi
 command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
 
 # JS packages of the wasm benchmark (bench/bench_arm_wasm.py): onnxruntime-web, pinned by bench/web/package-lock.json.

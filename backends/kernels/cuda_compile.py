@@ -82,9 +82,26 @@ def _run(cmd: list[str], cwd: str, what: str) -> str:
     return (r.stderr or "") + (r.stdout or "")
 
 
+def check_archs(variants, archs: list[str]) -> None:
+    """BuildError when a variant holds a config that cannot be compiled for one of ``archs`` (the warp-specialized
+    TMA GEMM exists for sm_90a only)."""
+    from .cuda_sparse import ws_config_error
+
+    for v in variants:
+        for path in ("gemm_small", "gemm"):
+            c = v.cfg(path)
+            if not c.get("ws"):
+                continue
+            for a in archs:
+                err = ws_config_error(v.kind, c, a)
+                if err is not None:
+                    raise BuildError(f"{v.func_name} ({path}): {err}")
+
+
 def compile_fatbin(variants, archs: list[str], workdir: str, extra_flags: list[str] | None = None) -> Path:
     from .cuda_sparse import HEADER_PATH, render_device_source
 
+    check_archs(variants, archs)
     nvcc = nvcc_path()
     if nvcc is None:
         raise ToolMissingError("nvcc is not on PATH: CUDA targets need it at compile time (the artifact carries SASS)")
@@ -151,6 +168,7 @@ _PTXAS_FN = re.compile(r"Compiling entry function '(\w+)' for '(sm_\w+)'")
 _PTXAS_USE = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_STACK = re.compile(r"(\d+) bytes stack frame")
+_PTXAS_SERIAL = re.compile(r"wgmma\.mma_async instructions are serialized.*in the function '(\w+)'")
 
 
 def ptxas_report(variants, arch: str, workdir: str | None = None) -> dict[str, dict[str, int]]:
@@ -161,21 +179,24 @@ def ptxas_report(variants, arch: str, workdir: str | None = None) -> dict[str, d
     nvcc = nvcc_path()
     if nvcc is None:
         raise ToolMissingError("nvcc is not on PATH")
+    variants = _variants([CudaKernelSource(tuple(variants))])
+    check_archs(variants, [arch])
     own = workdir is None
     d = Path(workdir or tempfile.mkdtemp(prefix="sparsec-ptxas-"))
     try:
         d.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(HEADER_PATH, d / HEADER_PATH.name)
-        (d / "kernels.cu").write_text(render_device_source(_variants([CudaKernelSource(tuple(variants))])))
+        (d / "kernels.cu").write_text(render_device_source(variants))
         log = _run([nvcc, "-cubin", "-O3", "-std=c++17", "-I", str(d), *gencode(arch), "-Xptxas", "-v", "-o", "k.cubin",
                     "kernels.cu"], str(d), f"nvcc/ptxas ({arch})")  # fmt: skip
         out: dict[str, dict[str, int]] = {}
+        serialized = set(_PTXAS_SERIAL.findall(log))  # ptxas C7514: wgmma pipelining lost (a performance bug)
         cur = None
         for line in log.splitlines():
             m = _PTXAS_FN.search(line)
             if m:
                 cur = m.group(1)
-                out[cur] = {"registers": 0, "spill_bytes": 0, "stack": 0}
+                out[cur] = {"registers": 0, "spill_bytes": 0, "stack": 0, "wgmma_serialized": int(cur in serialized)}
                 continue
             if cur is None:
                 continue

@@ -98,6 +98,8 @@ def default_config(kind: str, arch: str = "sm_90a") -> dict[str, Any]:
 def gemm_smem_bytes(kind: str, c: dict[str, int], asym: bool) -> int:
     """Dynamic shared memory of a GEMM instantiation (mirrors GemmCfg / WgCfg in sparsec_mma.cuh)."""
     bm, bn, bk, st = c["bm"], c["bn"], c["bk"], c["stages"]
+    if c.get("ws"):
+        return ws_layout(c)["smem"]
     if c.get("wgmma"):
         steps = bk // 32
         stage = _pad_to(bn * bk * 2 + (bm // 16) * steps * 512 + (bm // 16) * (steps // 2) * 128, 1024)
@@ -112,8 +114,36 @@ def gemm_smem_bytes(kind: str, c: dict[str, int], asym: bool) -> int:
     return max(st * (a + meta + sc + x), bn * (bm + 8) * 2)
 
 
+def ws_config_error(kind: str, c: dict[str, int], arch: str = "sm_90a") -> str | None:
+    """Why a warp-specialized (``"ws": 1``) GEMM config cannot be built for ``arch``, or None when it can."""
+    if kind != "sp16":
+        return f"the warp-specialized TMA GEMM exists for sp16 only, not {kind}"
+    if arch != "sm_90a":
+        return (f"the warp-specialized TMA GEMM needs sm_90a (wgmma.mma_async.sp, TMA, setmaxnreg); {arch} has none "
+                "of them")  # fmt: skip
+    bm, bn, bk = c["bm"], c["bn"], c["bk"]
+    if bm not in (128, 256) or bn not in (128, 256) or bk not in (64, 128):
+        return f"ws tile {bm}x{bn}x{bk}: BM and BN must be 128 or 256, BK 64 or 128"
+    if bm * bn > 128 * 256:
+        return f"ws tile {bm}x{bn}: more than 128 accumulator registers per consumer thread"
+    if c.get("wm") != bm // 64 or c.get("wn") != 1 or c["stages"] < 2 or c["stages"] > 16:
+        return "ws config: wm must be BM/64 (m64 slabs), wn 1, 2..16 stages"
+    if c.get("persistent", 0) not in (0, 1) or c.get("cluster", 1) not in (1, 2):
+        return "ws config: persistent must be 0 or 1, cluster 1 or 2"
+    if c.get("persistent") and c.get("cluster", 1) != 1:
+        return "ws config: a cluster of 2 is for one tile per CTA (not persistent)"
+    if K_ALIGN % bk:
+        return f"BK {bk} does not divide the weight's K alignment {K_ALIGN}"
+    smem = gemm_smem_bytes(kind, c, False)
+    if smem > SMEM_LIMIT[arch]:
+        return f"ws config needs {smem} bytes of shared memory, {arch} has {SMEM_LIMIT[arch]}"
+    return None
+
+
 def gemm_valid(kind: str, c: dict[str, int], asym: bool = False, arch: str = "sm_90a") -> bool:
     bm, bn, bk, wm, wn = c["bm"], c["bn"], c["bk"], c["wm"], c["wn"]
+    if c.get("ws"):  # Hopper warp-specialized TMA + wgmma.sp path
+        return ws_config_error(kind, c, arch) is None
     if c.get("wgmma"):  # Hopper wgmma.sp path: sp16 only, sm_90a only, one warp per 16 weight rows, BK = 64
         if kind != "sp16" or arch != "sm_90a" or bk != 64 or bn not in (128, 256) or bm % 64 or bm > 128:
             return False
@@ -154,7 +184,71 @@ def search_space(kind: str, arch: str = "sm_90a") -> dict[str, list[dict[str, in
                 c = {"bm": bm, "bn": bn, "bk": bk, "wm": bm // 16, "wn": 1, "stages": st, "group": 16, "wgmma": 1}
                 if gemm_valid(kind, c, arch=arch):
                     large.append(c)
+        large += ws_search_space(kind, arch)
     return {"gemv": gemv, "gemm": large, "gemm_small": small}
+
+
+def ws_search_space(kind: str, arch: str = "sm_90a") -> list[dict[str, int]]:
+    """The warp-specialized TMA GEMM's candidates (``"ws": 1``; sp16 on sm_90a only; UNMEASURED until a device run)."""
+    out = []
+    if kind != "sp16" or arch != "sm_90a":
+        return out
+    one_tile = ((128, 256, 64, (4, 5)), (256, 128, 64, (4, 5, 6)), (128, 128, 64, (6, 8)), (128, 128, 128, (3, 4)),
+                (256, 128, 128, (3,)))  # fmt: skip
+    persistent = ((128, 256, 64, (3,)), (256, 128, 64, (4,)), (128, 128, 64, (6, 7)), (128, 128, 128, (3,)))
+    cluster = ((128, 256, 64, (4, 5)), (256, 128, 64, (5, 6)), (128, 128, 128, (4,)), (256, 128, 128, (3,)))
+    for extra, tiles in (({}, one_tile), ({"persistent": 1}, persistent), ({"cluster": 2, "group": 8}, cluster)):
+        for bm, bn, bk, stages in tiles:
+            for st in stages:
+                c = {"bm": bm, "bn": bn, "bk": bk, "wm": bm // 64, "wn": 1, "stages": st, "group": 16, "ws": 1, **extra}
+                if gemm_valid(kind, c, arch=arch):
+                    out.append(c)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- ws layout
+WS_CONSUMERS = 2  # consumer warpgroups of the warp-specialized GEMM (+ 1 producer warpgroup)
+WS_THREADS = 128 * (WS_CONSUMERS + 1)
+# CUtensorMap enums (cuda.h): CU_TENSOR_MAP_DATA_TYPE_FLOAT16, CU_TENSOR_MAP_SWIZZLE_128B,
+# CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE (zeros)
+TMA_FLOAT16, TMA_SWIZZLE_128B, TMA_L2_256B, TMA_INTERLEAVE_NONE, TMA_OOB_ZERO = 6, 3, 3, 0, 0
+
+
+def ws_layout(c: dict[str, int]) -> dict[str, int]:
+    """Shared-memory layout of the warp-specialized GEMM (mirrors WsCfg in sparsec_mma.cuh): per stage the X tile
+    (BK/64 swizzle atoms of [BN][64] fp16, atom h at h*BN*128), then the A fragments of the BM/16 row tiles, then
+    their metadata; stages 1024-byte aligned; mbarriers in the first 256 bytes, data aligned up to 1024; the epilogue's
+    C[BN][BM+8] reuses the stages, or follows them for a persistent config (``"persistent": 1``)."""
+    bm, bn, bk, st = c["bm"], c["bn"], c["bk"], c["stages"]
+    steps = bk // 32
+    x = bn * bk * 2
+    a = (bm // 16) * steps * 512
+    meta = (bm // 16) * (steps // 2) * 128
+    stage = _pad_to(x + a + meta, 1024)
+    cbytes = bn * (bm + 8) * 2
+    pers = bool(c.get("persistent"))
+    data = st * stage + cbytes if pers else max(st * stage, cbytes)
+    return {"x_bytes": x, "a_bytes": a, "meta_bytes": meta, "tx_bytes": x + a + meta, "stage_bytes": stage,
+            "atoms": bk // 64, "atom_bytes": bn * 128, "a_copy_bytes": steps * 512, "meta_copy_bytes": (steps // 2) * 128,
+            "c_bytes": cbytes, "c_offset": st * stage if pers else 0, "bar_bytes": 256, "smem": 256 + 1024 + data}  # fmt: skip
+
+
+def tma_x_params(c: dict[str, int], m: int, k: int) -> dict[str, Any]:
+    """cuTensorMapEncodeTiled arguments for the activations X[m, k] (fp16, row-major) of the warp-specialized GEMM:
+    dimension 0 = k (contiguous), dimension 1 = tokens; one box = one 128-byte-swizzle atom [BN tokens][64 k]
+    (inner box extent 64 x 2 B = the 128-byte swizzle span), or its BN/2-row half with a cluster of 2 (each CTA
+    multicasts its half into both). The launcher renders the same constants."""
+    if k <= 0 or m <= 0 or (k * 2) % 16:
+        raise ValueError(f"X[{m}, {k}]: TMA needs K * 2 bytes to be a positive multiple of 16")
+    cl = c.get("cluster", 1)
+    return {"data_type": TMA_FLOAT16, "rank": 2, "global_dim": (k, m), "global_strides": (k * 2,),
+            "box_dim": (64, c["bn"] // cl), "element_strides": (1, 1), "interleave": TMA_INTERLEAVE_NONE,
+            "swizzle": TMA_SWIZZLE_128B, "l2_promotion": TMA_L2_256B, "oob_fill": TMA_OOB_ZERO,
+            "boxes_per_stage": c["bk"] // 64, "box_bytes": 64 * 2 * c["bn"] // cl, "cluster": cl}  # fmt: skip
+
+
+def gemm_threads(c: dict[str, int]) -> int:
+    return WS_THREADS if c.get("ws") else c["wm"] * c["wn"] * 32
 
 
 # ----------------------------------------------------------------------------------------------------- variants
@@ -205,6 +299,8 @@ def _inst_name(kind: str, asym: bool, path: str, c: dict[str, int], nt: int) -> 
     if path.startswith("gemv"):
         return f"sparsec_gemv_{kind}{a}_nt{nt}_w{c['warps']}_r{c['rt']}_u{c['u']}"
     wg = "_wgmma" if c.get("wgmma") else ""
+    if c.get("ws"):
+        wg = "_ws" + ("p" if c.get("persistent") else "") + (f"c{c['cluster']}" if c.get("cluster", 1) > 1 else "")
     return f"sparsec_gemm{wg}_{kind}{a}_{c['bm']}x{c['bn']}x{c['bk']}_w{c['wm']}x{c['wn']}_s{c['stages']}"
 
 
@@ -454,7 +550,18 @@ def render_device_source(variants: list[Variant]) -> str:
         for path in ("gemm_small", "gemm"):
             c = v.cfg(path)
             name = _inst_name(v.kind, v.asym, path, c, 0)
-            threads = c["wm"] * c["wn"] * 32
+            threads = gemm_threads(c)
+            if c.get("ws"):
+                cl = c.get("cluster", 1)
+                dims = f"__cluster_dims__({cl}, 1, 1) " if cl > 1 else ""
+                seen[name] = (
+                    f'extern "C" __global__ void {dims}__launch_bounds__({threads}, 1) {name}(const __grid_constant__ '
+                    "CUtensorMap tmap, const uint4* __restrict__ Wv, const uint32_t* __restrict__ Wm, "
+                    "half* __restrict__ Y, int M, int N, int K, int T, int GROUP) {\n"
+                    f"  sparsec::gemm_ws_body<{c['bm']}, {c['bn']}, {c['bk']}, {c['stages']}, "
+                    f"{'true' if c.get('persistent') else 'false'}, {cl}>(&tmap, Wv, Wm, Y, M, N, K, T, GROUP);\n}}\n"
+                )
+                continue
             if c.get("wgmma"):
                 seen[name] = (
                     f'extern "C" __global__ void __launch_bounds__({threads}, 1) {name}(const half* __restrict__ X, '
@@ -483,6 +590,7 @@ _HOST_PRELUDE = r"""// generated by sparsec.backends.kernels.cuda_sparse: TVM FF
 #include <tvm/ffi/extra/c_env_api.h>
 #include <tvm/ffi/function.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <mutex>
 #include <string>
@@ -499,10 +607,14 @@ typedef struct CUctx_st* CUcontext;
 typedef struct CUmod_st* CUmodule;
 typedef struct CUfunc_st* CUfunction;
 typedef struct CUstream_st* CUstream;
+struct alignas(128) TmaMap {  // CUtensorMap (cuda.h): 128 opaque bytes
+  uint64_t opaque[16];
+};
 
 struct Driver {
   CUresult (*Init)(unsigned) = nullptr;
   CUresult (*DeviceGet)(CUdevice*, int) = nullptr;
+  CUresult (*DeviceGetAttribute)(int*, int, CUdevice) = nullptr;
   CUresult (*PrimaryCtxRetain)(CUcontext*, CUdevice) = nullptr;
   CUresult (*CtxGetCurrent)(CUcontext*) = nullptr;
   CUresult (*CtxSetCurrent)(CUcontext) = nullptr;
@@ -512,6 +624,9 @@ struct Driver {
   CUresult (*LaunchKernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, CUstream,
                            void**, void**) = nullptr;
   CUresult (*GetErrorString)(CUresult, const char**) = nullptr;
+  // optional (CUDA 12+ drivers): only the warp-specialized TMA kernels need it; they fail loudly without it
+  CUresult (*TensorMapEncodeTiled)(TmaMap*, int, unsigned, void*, const uint64_t*, const uint64_t*, const unsigned*,
+                                   const unsigned*, int, int, int, int) = nullptr;
   std::string error;
 };
 
@@ -527,6 +642,7 @@ Driver& driver() {
 #define SPARSEC_SYM(field, name) r.field = reinterpret_cast<decltype(r.field)>(dlsym(h, name))
     SPARSEC_SYM(Init, "cuInit");
     SPARSEC_SYM(DeviceGet, "cuDeviceGet");
+    SPARSEC_SYM(DeviceGetAttribute, "cuDeviceGetAttribute");
     SPARSEC_SYM(PrimaryCtxRetain, "cuDevicePrimaryCtxRetain");
     SPARSEC_SYM(CtxGetCurrent, "cuCtxGetCurrent");
     SPARSEC_SYM(CtxSetCurrent, "cuCtxSetCurrent");
@@ -535,9 +651,10 @@ Driver& driver() {
     SPARSEC_SYM(FuncSetAttribute, "cuFuncSetAttribute");
     SPARSEC_SYM(LaunchKernel, "cuLaunchKernel");
     SPARSEC_SYM(GetErrorString, "cuGetErrorString");
+    SPARSEC_SYM(TensorMapEncodeTiled, "cuTensorMapEncodeTiled");
 #undef SPARSEC_SYM
-    if (!r.Init || !r.DeviceGet || !r.PrimaryCtxRetain || !r.CtxGetCurrent || !r.CtxSetCurrent || !r.ModuleLoadData ||
-        !r.ModuleGetFunction || !r.FuncSetAttribute || !r.LaunchKernel) {
+    if (!r.Init || !r.DeviceGet || !r.DeviceGetAttribute || !r.PrimaryCtxRetain || !r.CtxGetCurrent ||
+        !r.CtxSetCurrent || !r.ModuleLoadData || !r.ModuleGetFunction || !r.FuncSetAttribute || !r.LaunchKernel) {
       r.error = "sparsec CUDA kernels: the CUDA driver lacks a needed entry point";
       return r;
     }
@@ -557,7 +674,44 @@ void check(CUresult rc, const char* what) {
 struct Kernel {
   const char* name;
   int smem;
+  // warp-specialized TMA GEMM (sparsec_mma.cuh gemm_ws_body): a per-call CUtensorMap of the activations X[M, K]
+  // (cuda_sparse.tma_x_params: box {box_k, box_rows}, data type / swizzle / L2 promotion / OOB fill enums)
+  int ws = 0;
+  unsigned box_k = 0, box_rows = 0;
+  int tma_dtype = 0, tma_swizzle = 0, tma_l2 = 0, tma_oob = 0;
+  int persistent = 0;  // one CTA per SM looping over the output tiles
+  int cluster = 1;     // CTAs per cluster along the weight rows (__cluster_dims__ of the kernel; they share X tiles)
 };
+
+int sm_count(int device_id) {
+  static std::mutex mu;
+  static std::unordered_map<int, int> counts;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = counts.find(device_id);
+  if (it != counts.end()) return it->second;
+  CUdevice dev;
+  int n = 0;
+  check(driver().DeviceGet(&dev, device_id), "cuDeviceGet");
+  check(driver().DeviceGetAttribute(&n, 16 /*CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT*/, dev), "cuDeviceGetAttribute");
+  if (n <= 0) TVM_FFI_THROW(RuntimeError) << "sparsec CUDA kernels: the GPU reports " << n << " multiprocessors";
+  counts[device_id] = n;
+  return n;
+}
+
+// X[M, K] fp16 row-major -> CUtensorMap (dimension 0 = k, contiguous; dimension 1 = tokens). Throws on failure.
+void encode_x_map(TmaMap* tm, const void* X, int64_t M, int64_t K, const Kernel& k) {
+  Driver& d = driver();
+  if (!d.TensorMapEncodeTiled)
+    TVM_FFI_THROW(RuntimeError) << "sparsec CUDA kernels: " << k.name
+                                << " needs cuTensorMapEncodeTiled, which this CUDA driver lacks (CUDA 12+ needed)";
+  const uint64_t gdim[2] = {static_cast<uint64_t>(K), static_cast<uint64_t>(M)};
+  const uint64_t gstride[1] = {static_cast<uint64_t>(K) * 2};
+  const unsigned box[2] = {k.box_k, k.box_rows};
+  const unsigned estride[2] = {1, 1};
+  check(d.TensorMapEncodeTiled(tm, k.tma_dtype, 2, const_cast<void*>(X), gdim, gstride, box, estride,
+                               0 /*INTERLEAVE_NONE*/, k.tma_swizzle, k.tma_l2, k.tma_oob),
+        "cuTensorMapEncodeTiled (activations of the warp-specialized GEMM)");
+}
 
 // Module + functions per device (primary context), loaded on first use.
 CUfunction get_function(int device_id, const Kernel& k) {
@@ -666,8 +820,20 @@ void run(const Variant& v, const TensorView& x, const TensorView* w, int nw, con
   int group = small ? v.gs_group : v.gl_group;
   const int threads = small ? v.gs_threads : v.gl_threads;
   CUfunction f = get_function(dev, k);
+  int64_t tiles = static_cast<int64_t>((n_rt * 16 + bm - 1) / bm) * ((M + bn - 1) / bn);
+  if (k.ws) {
+    if (k.cluster > 1)  // whole clusters: the weight-row tiles rounded up to a multiple of the cluster size
+      tiles = static_cast<int64_t>((n_rt * 16 + bm * k.cluster - 1) / (bm * k.cluster)) * k.cluster * ((M + bn - 1) / bn);
+    // TMA descriptor of this call's activations, passed by value (__grid_constant__)
+    TmaMap tm;
+    encode_x_map(&tm, X, M, K, k);
+    void* args[] = {&tm, &Wv, &Wm, &Y, &iM, &iN, &iK, &T, &group};
+    const int64_t grid = k.persistent ? std::min<int64_t>(tiles, sm_count(dev)) : tiles;
+    check(driver().LaunchKernel(f, static_cast<unsigned>(grid), 1, 1, threads, 1, 1, k.smem, stream, args, nullptr),
+          "launch (gemm, warp-specialized)");
+    return;
+  }
   void* args[] = {&X, &Wv, &Wm, &Sc, &Zb, &Y, &iM, &iN, &iK, &T, &G, &GS, &group};
-  const int64_t tiles = static_cast<int64_t>((n_rt * 16 + bm - 1) / bm) * ((M + bn - 1) / bn);
   check(driver().LaunchKernel(f, static_cast<unsigned>(tiles), 1, 1, threads, 1, 1, k.smem, stream, args, nullptr),
         "launch (gemm)");
 }
@@ -694,12 +860,18 @@ def render_host_source(variants: list[Variant], fatbin_path: str, symbol: str = 
             "gemm": gemm_smem_bytes(v.kind, gl, v.asym),
         }
         kern = {p: f'{{"{kn[p]}", {smem[p]}}}' for p in kn}
+        for p, c in (("gemm_small", gs), ("gemm", gl)):
+            if c.get("ws"):  # + the activations' TMA box (tma_x_params) for the per-call CUtensorMap
+                t = tma_x_params(c, 1, 64)
+                kern[p] = (f'{{"{kn[p]}", {smem[p]}, 1, {t["box_dim"][0]}, {t["box_dim"][1]}, {t["data_type"]}, '
+                           f'{t["swizzle"]}, {t["l2_promotion"]}, {t["oob_fill"]}, {int(bool(c.get("persistent")))}, '
+                           f'{t["cluster"]}}}')  # fmt: skip
         args = ", ".join(f"TensorView w{i}" for i in range(nw))
         ws = ", ".join(f"w{i}" for i in range(nw))
         out.append(
             f"namespace {{\nconst Variant kV_{v.ident} = {{{kind}, {str(v.asym).lower()}, {v.gs}, {kern['gemv1']}, "
             f"{kern['gemv2']}, {kern['gemm_small']}, {kern['gemm']}, {gv['warps'] * 32}, {gv['rt']}, "
-            f"{gs['wm'] * gs['wn'] * 32}, {gs['bm']}, {gs['bn']}, {gs['group']}, {gl['wm'] * gl['wn'] * 32}, "
+            f"{gemm_threads(gs)}, {gs['bm']}, {gs['bn']}, {gs['group']}, {gemm_threads(gl)}, "
             f"{gl['bm']}, {gl['bn']}, {gl['group']}, {v.small_max}}};\n"
             f"void {v.func_name}_impl(TensorView x, {args}, TensorView y) {{\n"
             f"  TensorView w[] = {{{ws}}};\n  run(kV_{v.ident}, x, w, {nw}, y);\n}}\n}}  // namespace\n"

@@ -20,6 +20,7 @@
 //   scales / zeros     [Np/16][G][8] x half2       : (row g, row g+8) of each 16-row tile and quantization group;
 //                                                    zeros are stored as 1024+z (exact in fp16)
 #pragma once
+#include <cuda.h>  // CUtensorMap: the warp-specialized GEMM's __grid_constant__ TMA descriptor
 #include <cuda_fp16.h>
 #include <stdint.h>
 
@@ -811,6 +812,357 @@ __device__ __forceinline__ void gemm_wgmma_body(const half* __restrict__ X, cons
       if (tok < M && col < N) Y[(size_t)tok * N + col] = cs[tk * LDC + c];
     }
   }
+}
+
+
+// ------------------------------------------------------------------------------------------------ Hopper GEMM, warp-specialized
+// gemm_ws_body (sm_90a, sp16): the same math as gemm_wgmma_body (2:4 weight = sparse A operand of wgmma.mma_async.sp
+// from REGISTERS in the mma.sp fragment layout, activations = dense B operand read by the tensor core from shared
+// memory through a 128-byte-swizzle K-major descriptor), but with a warp-specialized TMA pipeline:
+//   - 3 warpgroups (384 threads). Warpgroup 0 is the producer (setmaxnreg.dec 40): its warp 0 fills stages, the other
+//     three warps only release their registers and finish. Warpgroups 1 and 2 are consumers (setmaxnreg.inc 232),
+//     each owning BM/2 weight rows (1 or 2 m64 slabs) x all BN tokens.
+//   - stage s = X tile [BN tokens][BK k] as BK/64 TMA boxes {64 k, BN tokens} (CU_TENSOR_MAP_SWIZZLE_128B: 16-byte
+//     chunk c of row r lands at chunk c ^ (r & 7), exactly the layout sw128_desc describes; rows >= M and k >= K are
+//     zero-filled by TMA) + the weight fragments and metadata of the block's BM/16 row tiles, which are contiguous in
+//     global memory per row tile (prepare_sp16's layout), loaded with one cp.async.bulk per row tile and array.
+//   - full[s] (1 arrival: the producer's arrive.expect_tx of the stage's byte count, plus the copies' complete_tx)
+//     and empty[s] (one arrival per consumer warp, after the wgmma group that read the stage has completed).
+//     Consumers wait on full[s] with parity (kt / STAGES) & 1; the producer refills stage s for k tile kt >= STAGES
+//     after waiting on empty[s] with parity (kt / STAGES - 1) & 1 (the consumers' release of k tile kt - STAGES).
+//   - consumers keep one wgmma group in flight: k tile kt is issued, then wgmma.wait_group 1 retires kt - 1 and its
+//     stage is released. A fragments are double-buffered in registers (the in-flight group still reads its own).
+// TMA counts the whole box (OOB zeros included) towards complete_tx, so every stage delivers exactly kTxBytes. Weight
+// row tiles past the last one are clamped to it (valid memory; those rows are never stored). The k tiles cover the
+// real K (ceil(K / BK)); the prepared weight is zero past K up to its 128-aligned padded width.
+template <int BM, int BN, int BK, int STAGES, bool PERSIST = false, int CLUSTER = 1>
+struct WsCfg {
+  static constexpr int kConsumers = 2;                  // consumer warpgroups
+  static constexpr int kThreads = 128 * (kConsumers + 1);
+  static constexpr int kSlabs = BM / 64 / kConsumers;   // m64 slabs per consumer warpgroup
+  static constexpr int kSteps = BK / 32;                // k32 steps per stage
+  static constexpr int kAtoms = BK / 64;                // 64-wide swizzle atoms (TMA boxes) per stage
+  static constexpr int kRowTiles = BM / 16;
+  static constexpr int kXBytes = BN * BK * 2;
+  static constexpr int kABytes = kRowTiles * kSteps * 512;
+  static constexpr int kMetaBytes = kRowTiles * (kSteps / 2) * 128;
+  static constexpr int kTxBytes = kXBytes + kABytes + kMetaBytes;  // bytes one stage's copies deliver
+  static constexpr int kStageBytes = (kTxBytes + 1023) / 1024 * 1024;
+  static constexpr int kCBytes = BN * (BM + 8) * 2;
+  static constexpr int kBarBytes = 256;  // full[STAGES], empty[STAGES] at the start of dynamic smem
+  // C[BN][BM+8] reuses the stage memory (one tile per CTA), or has its own region after the stages (PERSIST: the
+  // producer already fills stages for the CTA's next tile while the consumers run the epilogue)
+  static constexpr int kCOffset = PERSIST ? STAGES * kStageBytes : 0;
+  static constexpr int kData = PERSIST ? STAGES * kStageBytes + kCBytes
+                                       : (STAGES * kStageBytes > kCBytes ? STAGES * kStageBytes : kCBytes);
+  static constexpr int kSmem = kBarBytes + 1024 + kData;  // + 1024: the data region is aligned up to 1024 bytes
+  // registers per thread: 168 at launch (65536 / 384, rounded down to 8, one CTA per SM); setmaxnreg moves 128 per
+  // producer thread to the consumers: 40 / 232 (256 * (232 - 168) == 128 * (168 - 40), the whole pool)
+  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
+  static_assert(kSlabs >= 1 && BM == 64 * kSlabs * kConsumers, "BM = 128 or 256");
+  static_assert(BN == 128 || BN == 256, "BN = 128 or 256 (TMA box rows <= 256)");
+  static_assert(BK == 64 || BK == 128, "BK = 64 or 128");
+  static_assert(STAGES >= 2 && 16 * STAGES <= kBarBytes, "stages");
+  static_assert(2 * kRowTiles <= 32, "one producer lane per weight/metadata bulk copy");
+  static_assert(kSlabs * BN / 2 <= 128, "accumulator registers per consumer thread");
+  static_assert(kTxBytes < (1 << 20), "mbarrier tx-count range");
+  // CLUSTER = 2: two CTAs (consecutive weight-row tiles, same token tile) share the X tile: each loads BN/2 of its
+  // rows by TMA multicast into both; the empty barriers then also count the peer's consumer warps
+  static_assert(CLUSTER == 1 || (CLUSTER == 2 && !PERSIST), "cluster of 2 (one tile per CTA) or none");
+  static constexpr int kBoxRows = BN / CLUSTER;
+  static constexpr int kEmptyArrivals = 4 * kConsumers * CLUSTER;
+  static_assert((kSteps * 512) % 16 == 0 && ((kSteps / 2) * 128) % 16 == 0, "bulk copy sizes");
+};
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_fence_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Spin until the phase of parity `parity` has completed. The loop is one asm statement (labels are local to its
+// { } scope), so the warp leaves it converged for the .aligned instructions (wgmma) that follow.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred p;\nSPARSEC_MBAR_WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      "@!p bra SPARSEC_MBAR_WAIT;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+// TMA: box {c0 (inner, k), c1 (tokens)} of the tensor map -> shared memory, completion counted on bar
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* tmap, uint32_t bar, int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(tmap)), "r"(bar), "r"(c0), "r"(c1)
+      : "memory");
+}
+__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+               "l"(src), "r"(bytes), "r"(bar)
+               : "memory");
+}
+// the same box, written at the same shared-memory offset of every CTA in cta_mask, complete_tx on the mbarrier at
+// the same offset in each of them
+__device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const void* tmap, uint32_t bar, int c0, int c1,
+                                                      uint16_t cta_mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster "
+      "[%0], [%1, {%3, %4}], [%2], %5;\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(tmap)), "r"(bar), "r"(c0), "r"(c1), "h"(cta_mask)
+      : "memory");
+}
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+// arrive on the mbarrier at the same shared-memory offset in CTA `cta` of the cluster
+__device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, uint32_t cta) {
+  asm volatile(
+      "{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, %0, %1;\n"
+      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\n}\n" ::"r"(bar),
+      "r"(cta)
+      : "memory");
+}
+__device__ __forceinline__ void prefetch_tmap(const void* tmap) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(tmap)) : "memory");
+}
+template <int R>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R));
+}
+template <int R>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(R));
+}
+__device__ __forceinline__ void named_bar_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+#endif
+
+template <int BM, int BN, int BK, int STAGES, bool PERSIST, int CLUSTER>
+__device__ __forceinline__ void gemm_ws_body(const CUtensorMap* tmap, const uint4* __restrict__ Wv,
+                                             const uint32_t* __restrict__ Wm, half* __restrict__ Y, int M, int N,
+                                             int K, int T, int GROUP) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using C = WsCfg<BM, BN, BK, STAGES, PERSIST, CLUSTER>;
+  constexpr int S = C::kSteps, SL = C::kSlabs;
+  extern __shared__ __align__(1024) unsigned char ws_smem[];
+  const uint32_t raw = smem_u32(ws_smem);
+  const uint32_t data = (raw + C::kBarBytes + 1023) & ~1023u;  // 1024-aligned: 128B-swizzle atoms
+  unsigned char* const dptr = ws_smem + (data - raw);
+  auto full = [&](int s) { return raw + 8u * s; };
+  auto empty = [&](int s) { return raw + 8u * (STAGES + s); };
+
+  const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7, wwarp = (tid >> 5) & 3;
+  const int n_rt = (N + 15) >> 4;
+  // CLUSTER = 2: the grid holds 2 CTAs per (pair of weight-row tiles, token tile); rank r takes row tile 2 * tmc + r
+  // (past the last row tile it clamps its weight loads and stores nothing, but still loads its half of X)
+  const int crank = CLUSTER == 2 ? cluster_ctarank() : 0;
+  const int tiles_m = (n_rt * 16 + BM * CLUSTER - 1) / (BM * CLUSTER), tiles_n = (M + BN - 1) / BN;
+  const int n_tiles = tiles_m * tiles_n;
+  const int per_group = GROUP * tiles_n;
+  // grouped rasterization of output tile `pid` -> (weight-row tile tm, token tile tn), as gemm_wgmma_body
+  auto tile_of = [&](int pid, int& tm, int& tn) {
+    const int first_m = (pid / per_group) * GROUP;
+    const int gsize = min(tiles_m - first_m, GROUP);
+    tm = (first_m + (pid % per_group) % gsize) * CLUSTER + crank;
+    tn = (pid % per_group) / gsize;
+  };
+  // k tiles over the real K: past K the weight is zero padding (prepare pads K to 128, so (KT * BK) <= T * 32), and
+  // the last tile's X box is partially out of bounds at most (TMA zero-fills k >= K); no box lies entirely outside
+  const int KT = (K + BK - 1) / BK;
+  // tiles of this CTA: blockIdx.x / CLUSTER, + gridDim.x / CLUSTER, ... (one tile unless PERSIST: the launcher then
+  // starts one CTA per SM). Stage / phase bookkeeping runs on `it`, the CTA's k-tile counter over all its tiles.
+
+  if (tid == 0) {
+#pragma unroll
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(full(s), 1);
+      mbar_init(empty(s), C::kEmptyArrivals);
+    }
+    mbar_fence_init();
+  }
+  // the last CTA-wide (cluster-wide) barrier: after the role split only mbarriers and named barrier 1 are used. With a
+  // cluster the peer's barriers must be initialised before its multicasts / remote arrivals can reach them.
+  if constexpr (CLUSTER == 2) cluster_sync();
+  else __syncthreads();
+
+  if (wg == 0) {
+    // ---------------------------------------------------------------- producer
+    setmaxnreg_dec<C::kProducerRegs>();
+    if (wwarp != 0) return;  // warps 1..3 of the producer warpgroup have nothing to do
+    if (lane == 0) prefetch_tmap(tmap);
+    int it = 0;
+    for (int tile = blockIdx.x / CLUSTER; tile < n_tiles; tile += gridDim.x / CLUSTER) {
+    int tm, tn;
+    tile_of(tile, tm, tn);
+    const int row_tile0 = tm * C::kRowTiles, tok0 = tn * BN;
+    for (int kt = 0; kt < KT; ++kt, ++it) {
+      const int s = it % STAGES;
+      if (it >= STAGES) mbar_wait(empty(s), ((it / STAGES) - 1) & 1);
+      const uint32_t base = data + s * C::kStageBytes;
+      if (lane == 0) {
+        mbar_arrive_expect_tx(full(s), C::kTxBytes);  // the whole X tile: both halves land here (CLUSTER = 2)
+#pragma unroll
+        for (int h = 0; h < C::kAtoms; ++h) {
+          const uint32_t dst = base + h * BN * 128 + crank * (C::kBoxRows * 128);
+          if constexpr (CLUSTER == 2)
+            tma_load_2d_multicast(dst, tmap, full(s), kt * BK + h * 64, tok0 + crank * C::kBoxRows, 0x3);
+          else
+            tma_load_2d(dst, tmap, full(s), kt * BK + h * 64, tok0);
+        }
+      }
+      __syncwarp();
+      if (lane < C::kRowTiles) {
+        const int rt = min(row_tile0 + lane, n_rt - 1);
+        bulk_load(base + C::kXBytes + lane * (S * 512), Wv + ((size_t)rt * T + (size_t)kt * S) * 32, S * 512, full(s));
+      } else if (lane < 2 * C::kRowTiles) {
+        const int r = lane - C::kRowTiles;
+        const int rt = min(row_tile0 + r, n_rt - 1);
+        bulk_load(base + C::kXBytes + C::kABytes + r * ((S / 2) * 128),
+                  Wm + ((size_t)rt * (T / 2) + (size_t)kt * (S / 2)) * 32, (S / 2) * 128, full(s));
+      }
+    }
+    }
+    if constexpr (CLUSTER == 2) {
+      // do not exit (freeing this CTA's shared memory) before every consumer warp of both CTAs has released every
+      // stage this producer filled: the peer's remote arrivals on our empty barriers must have landed
+      for (int i = 0; i < STAGES; ++i, ++it)
+        if (it >= STAGES) mbar_wait(empty(it % STAGES), ((it / STAGES) - 1) & 1);
+    }
+    return;
+  }
+
+  // ------------------------------------------------------------------ consumers
+  setmaxnreg_inc<C::kConsumerRegs>();
+  const int cw = wg - 1;  // consumer warpgroup 0/1
+  const int g = lane >> 2, q = lane & 3;
+  float acc[SL][BN / 8][4];
+
+  // k iteration it: wait for its stage, A fragments + metadata smem -> registers, issue S x SL wgmma.sp, commit
+  auto issue = [&](int it, uint32_t (&a)[SL][S][4]) {
+    const int s = it % STAGES;
+    mbar_wait(full(s), (it / STAGES) & 1);
+    const unsigned char* base = dptr + s * C::kStageBytes;
+    uint32_t e[SL][S / 2];
+#pragma unroll
+    for (int j = 0; j < SL; ++j) {
+      const int rtile = (cw * SL + j) * 4 + wwarp;  // 16-row tile of this warp inside the block
+#pragma unroll
+      for (int st = 0; st < S; ++st) {
+        const uint4 v = *reinterpret_cast<const uint4*>(base + C::kXBytes + ((size_t)(rtile * S + st) * 32 + lane) * 16);
+        a[j][st][0] = v.x; a[j][st][1] = v.y; a[j][st][2] = v.z; a[j][st][3] = v.w;
+      }
+#pragma unroll
+      for (int p = 0; p < S / 2; ++p)
+        e[j][p] = *reinterpret_cast<const uint32_t*>(base + C::kXBytes + C::kABytes +
+                                                     ((size_t)(rtile * (S / 2) + p) * 32 + lane) * 4);
+    }
+    wgmma_fence();  // the A registers were just written by ordinary loads
+    const uint32_t xs = data + s * C::kStageBytes;
+#pragma unroll
+    for (int st = 0; st < S; ++st) {
+      const uint64_t desc = sw128_desc(xs + (st >> 1) * (BN * 128)) + 4 * (st & 1);  // +64 B: k 32..63 of the atom
+#pragma unroll
+      for (int j = 0; j < SL; ++j) {
+        if (st & 1) WgmmaSp<BN>::template run<1>(acc[j], a[j][st], desc, e[j][st >> 1]);
+        else WgmmaSp<BN>::template run<0>(acc[j], a[j][st], desc, e[j][st >> 1]);
+      }
+    }
+    wgmma_commit();
+  };
+  auto release = [&](int it) {  // the wgmma group of iteration it has completed: its stage may be refilled
+    __syncwarp();
+    if (lane == 0) {
+      mbar_arrive(empty(it % STAGES));
+      if constexpr (CLUSTER == 2) mbar_arrive_cluster(empty(it % STAGES), crank ^ 1);  // the peer multicasts here too
+    }
+  };
+  uint32_t fa[SL][S][4], fb[SL][S][4];
+  half* const cs = reinterpret_cast<half*>(dptr + C::kCOffset);
+  constexpr int LDC = BM + 8;
+  int it = 0;
+  for (int tile = blockIdx.x / CLUSTER; tile < n_tiles; tile += gridDim.x / CLUSTER) {
+  int tm, tn;
+  tile_of(tile, tm, tn);
+  const int tok0 = tn * BN;
+#pragma unroll
+  for (int j = 0; j < SL; ++j)
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[j][n][i] = 0.f;
+  // two k tiles per trip (A registers fa / fb alternate); after issuing one, wgmma.wait_group 1 retires the other
+  int kt = 0;
+  for (; kt + 1 < KT; kt += 2, it += 2) {
+    issue(it, fa);
+    wgmma_wait<1>();
+    if (kt > 0) release(it - 1);
+    issue(it + 1, fb);
+    wgmma_wait<1>();
+    release(it);
+  }
+  wgmma_wait<0>();
+  if (kt > 0) release(it - 1);
+  if (kt < KT) {  // odd number of k tiles (BK = 128 and Kp / 128 odd): the last one on its own
+    issue(it, fa);
+    wgmma_wait<0>();
+    release(it);
+    ++it;
+  }
+
+  // epilogue: C[BN][BM+8] (token-major) -> 16-byte stores of Y rows. The barrier orders this tile's C writes after
+  // every consumer thread's reads of the previous C (PERSIST) or after both warpgroups are done with the stage memory
+  // that C reuses (all TMA writes were awaited, all wgmma retired).
+  named_bar_sync(1, 128 * C::kConsumers);
+#pragma unroll
+  for (int j = 0; j < SL; ++j) {
+    const int rtile = (cw * SL + j) * 4 + wwarp;
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int m = rtile * 16 + g + ((i >> 1) << 3);
+        const int tk = n * 8 + 2 * q + (i & 1);
+        cs[tk * LDC + m] = __float2half_rn(acc[j][n][i]);
+      }
+  }
+  named_bar_sync(1, 128 * C::kConsumers);
+  const int ctid = tid - 128, cthreads = 128 * C::kConsumers;
+  const int row0 = tm * BM;
+  if ((N & 7) == 0) {
+    constexpr int cpr = BM / 8;
+    for (int i = ctid; i < BN * cpr; i += cthreads) {
+      const int tk = i / cpr, c = i % cpr;
+      const int tok = tok0 + tk, col = row0 + c * 8;
+      if (tok < M && col < N)
+        *reinterpret_cast<uint4*>(Y + (size_t)tok * N + col) = *reinterpret_cast<const uint4*>(cs + tk * LDC + c * 8);
+    }
+  } else {
+    for (int i = ctid; i < BN * BM; i += cthreads) {
+      const int tk = i / BM, c = i % BM;
+      const int tok = tok0 + tk, col = row0 + c;
+      if (tok < M && col < N) Y[(size_t)tok * N + col] = cs[tk * LDC + c];
+    }
+  }
+  }
+#else
+  __trap();
+#endif
 }
 
 }  // namespace sparsec
