@@ -13,7 +13,7 @@ dense model and against the dense model compiled by the same backend, at batch x
 1x128 and 4x128; then each CPU kernel alone on LLM layer shapes (4096x4096, 11008x4096, 4096x11008) at M = 1, 16,
 128 against the dense kernel (and GB/s at M=1 against a numpy copy). Every ratio is against baselines measured in the
 same process. Results:
-``bench/results/bench_x86.json`` and ``.md``. The quantized variants use plain round-to-nearest: they measure speed,
+``bench/results/bench_x86.json`` and ``.md`` (``bench_x86_t<N>.*`` for ``--threads N`` > 1). The quantized variants use plain round-to-nearest: they measure speed,
 not quality (see the quantization pass for GPTQ).
 """
 from __future__ import annotations
@@ -152,14 +152,17 @@ def main() -> None:
         print(table_markdown(docs[name]), flush=True)
     report = {"schema": "sparsec.bench_x86/1", "command": f"python bench/bench_x86.py --threads {args.threads} --runs {args.runs}",
               "variants": docs, "kernels": kernels, "copy_bandwidth_gbps": bw}  # fmt: skip
+    if not args.kernels:
+        report["command"] += " --no-kernels"
     outd = Path(args.out)
     outd.mkdir(parents=True, exist_ok=True)
-    (outd / "bench_x86.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+    stem = "bench_x86" if args.threads == 1 else f"bench_x86_t{args.threads}"  # one file per thread count
+    (outd / f"{stem}.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
     lines = [f"# golden tiny-gpt on x86: sparsec vs onnxruntime ({args.threads} thread(s))", "", f"Command: `{report['command']}`", ""]
     for name, doc in docs.items():
         lines += [f"## {name}", "", table_markdown(doc), ""]
     if kernels:
-        lines += ["## kernels alone, LLM layer shapes (default schedules)", "",
+        lines += ["## kernels alone, LLM layer shapes (default schedules; M > 16: the panel GEMM)", "",
                   f"numpy copy bandwidth on this machine: {bw:.1f} GB/s (read + write).", "",
                   "| shape | format | kernel | weight MB | M=1 ms | vs dense | GB/s | M=16 ms | vs dense | M=128 ms | vs dense |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -167,8 +170,8 @@ def main() -> None:
             lines.append(f"| {r['shape']} | {r['format']} | {r['kernel']} | {r['weight_bytes'] / 1e6:.1f} | {r['ms_m1']:.3f} | {r['speedup_m1']:.2f}x | "
                          f"{r['gbps_m1']:.1f} | {r['ms_m16']:.3f} | {r['speedup_m16']:.2f}x | {r['ms_m128']:.2f} | {r['speedup_m128']:.2f}x |")  # fmt: skip
         lines.append("")
-    (outd / "bench_x86.md").write_text("\n".join(lines))
-    print(f"wrote {outd / 'bench_x86.json'} and {outd / 'bench_x86.md'}")
+    (outd / f"{stem}.md").write_text("\n".join(lines))
+    print(f"wrote {outd / f'{stem}.json'} and {outd / f'{stem}.md'}")
 
 
 if __name__ == "__main__":

@@ -170,6 +170,121 @@ def test_kernel_source_really_skips_pruned_weights():
     assert dense.params[0].shape == (32 // V, 64, V)
 
 
+# the prefill GEMM on x86 (M above the GEMV tiers): each format decoded once per (output block, K block) into a dense
+# panel, then a register-blocked micro-kernel over every tile of x rows. Tails everywhere: M not a multiple of the
+# row tile, an odd number of output blocks (no block pairing), K split into blocks accumulated in y, wide N:M groups
+# (scattered panel), int4/int8 with zero points and groups of 32/64/128.
+PANEL_CASES = [  # (kind, out, in, quant group, gemm_kb, bias)
+    ("dense", 96, 200, 0, 512, True),
+    ("dense", 48, 192, 0, 64, False),
+    ("int4a", 96, 256, 32, 512, True),
+    ("int4a", 40, 192, 64, 64, True),
+    ("int4s", 48, 384, 128, 128, False),
+    ("int8a", 64, 128, 32, 512, False),
+    ("nm2:4", 96, 256, 0, 64, True),
+    ("nm1:4", 48, 128, 0, 512, False),
+    ("nm2:8", 40, 256, 0, 512, True),
+    ("nm4:16", 48, 256, 0, 128, True),
+    ("nm2:4+int4a", 96, 256, 32, 64, True),
+    ("nm2:4+int4s", 48, 512, 64, 512, False),
+    ("nm2:4+int8a", 40, 256, 128, 512, True),
+]
+
+
+def _panel_weight(kind, out_f, in_f, g, rng):
+    if kind == "dense" or (kind.startswith("nm") and "+" not in kind):
+        return make_weight(kind, out_f, in_f, rng)
+    if kind.startswith("int"):
+        return _quant_parts(rng, out_f, in_f, int(kind[3]), g, kind[4] == "s")
+    nmpart, _, qpart = kind[2:].partition("+")
+    n, m = (int(v) for v in nmpart.split(":"))
+    mask = _nm_mask(rng, out_f, in_f, n, m)
+    fmt = NMSparse.from_mask(rng.standard_normal((out_f, in_f)).astype(np.float32), mask, n, m)
+    vals, vref = _quant_parts(rng, out_f, in_f // m * n, int(qpart[3]), g, qpart[4] == "s")
+    ref = np.zeros((out_f, in_f))
+    ref[mask] = vref.reshape(-1)
+    return fmt.with_values(vals), ref
+
+
+@pytest.mark.parametrize("case", PANEL_CASES, ids=lambda c: f"{c[0]}-{c[1]}x{c[2]}-g{c[3]}-kb{c[4]}")
+def test_cpu_panel_gemm_matches_float64_reference(case):
+    kind, out_f, in_f, g, kb, with_bias = case
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = np.random.default_rng(seed)
+    fmt, wref = _panel_weight(kind, out_f, in_f, g, rng)
+    bias = rng.standard_normal(out_f).astype(np.float32) if with_bias else None
+    lin = Linear("l", ["x"], ["y"], weight=fmt, bias=bias)
+    default = select_kernel(lin, X86, ShapeHints(), TuningDB.empty())
+    assert default.config["gemm"] == "panel"
+    impl = select_kernel(lin, X86, ShapeHints(config=dict(default.config, gemm_kb=kb)), TuningDB.empty(), only=default.name)
+    spec = cpu.spec_of(lin)
+    jb = cpu._panel_cols(spec, impl.config)
+    if kb < in_f:
+        assert spec.J // jb > 1, "the K-blocked case must really split K"
+    if kind != "dense":
+        assert "P = T.alloc_buffer" in impl.source  # the decoded panel
+    f = _compile(impl)
+    params = [tvm.runtime.tensor(a) for a in prepare_params(impl, lin)]
+    for m in (17, 64, 130):
+        x = rng.standard_normal((m, in_f)).astype(np.float32)
+        ref = x.astype(np.float64) @ wref.T + (0 if bias is None else bias)
+        got = _call(f, params, x, out_f)
+        err = np.abs(got - ref).max() / np.abs(ref).max()
+        assert err < 1e-5, f"{case} M={m} seed={seed}: rel err {err}"
+
+
+# the schedules sparsec adds for operators TVM legalizes (backends/cpu_schedule.py), on symbolic batch/sequence:
+# attention's Q @ K^T (+ scale + mask) and P @ V as tiled micro-kernels and softmax per row with rfactor-ed
+# reductions, each with a run-time dispatch (the scheduled body when the sequence is a multiple of the tiles, the
+# previous schedule otherwise), and elementwise blocks vectorized along a static innermost axis
+def _attention_module():
+    from tvm.script import relax as R
+
+    @tvm.script.ir_module
+    class Attn:
+        @R.function
+        def main(q: R.Tensor(("b", 4, "s", 32), "float32"), kt: R.Tensor(("b", 4, 32, "s"), "float32"),
+                 v: R.Tensor(("b", 4, "s", 32), "float32"), mask: R.Tensor(("s", "s"), "float32"),
+                 g: R.Tensor(("b", "s", 48), "float32")):  # fmt: skip
+            with R.dataflow():
+                sc = R.add(R.multiply(R.matmul(q, kt), R.const(0.17677, "float32")), mask)
+                o = R.matmul(R.nn.softmax(sc, axis=-1), v)
+                h = R.multiply(R.sigmoid(g), g)
+                t = R.permute_dims(R.add(R.multiply(q, R.const(2.0, "float32")), v), [0, 1, 3, 2])  # symbolic innermost
+                R.output(o, h, t)
+            return (o, h, t)
+
+    return Attn
+
+
+def test_cpu_schedules_for_legalized_attention_ops_match_numpy():
+    from sparsec.backends.build import _tvm_target, cpu_pipeline
+    from tvm.runtime.vm import VirtualMachine
+
+    mod = _attention_module()
+    tt = _tvm_target(X86)
+    with tvm.transform.PassContext(opt_level=3):
+        lowered = cpu_pipeline(tt)(mod)
+        vm = VirtualMachine(tvm.compile(mod, target=tt, relax_pipeline=cpu_pipeline(tt)), tvm.cpu())
+    tir = "".join(f.script() for gv, f in lowered.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
+    # tiled matmuls and row-wise softmax, each behind its run-time dispatch
+    assert tir.count("pragma_loop_partition_hint") >= 6 and "s % T.int64(32) == T.int64(0)" in tir and "rf" in tir
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    for b, s in ((1, 128), (2, 64), (1, 96), (1, 37), (2, 16), (1, 1)):  # the tiled / row paths and the fallbacks
+        q, kt, v = rng.standard_normal((b, 4, s, 32)), rng.standard_normal((b, 4, 32, s)), rng.standard_normal((b, 4, s, 32))
+        mask, g = rng.standard_normal((s, s)), rng.standard_normal((b, s, 48))
+        args = [tvm.runtime.tensor(a.astype(np.float32)) for a in (q, kt, v, mask, g)]
+        o, h, t = vm["main"](*args)
+        sc = np.matmul(q.astype(np.float32).astype(np.float64), kt.astype(np.float32)) * np.float32(0.17677) + mask.astype(np.float32)
+        p = np.exp(sc - sc.max(-1, keepdims=True))
+        ref_o = (p / p.sum(-1, keepdims=True)) @ v.astype(np.float32)
+        g32 = g.astype(np.float32).astype(np.float64)
+        assert np.abs(o.numpy() - ref_o).max() / np.abs(ref_o).max() < 1e-5, (b, s)
+        assert np.abs(h.numpy() - g32 / (1 + np.exp(-g32))).max() < 1e-5, (b, s)
+        ref_t = (q.astype(np.float32) * 2 + v.astype(np.float32)).transpose(0, 1, 3, 2)
+        assert np.abs(t.numpy() - ref_t).max() < 1e-5, (b, s)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # a whole model
 def small_graph(seed: int = 0) -> Graph:

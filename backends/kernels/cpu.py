@@ -23,7 +23,16 @@ source (kept in the build report's kernel dump) and holds several loop nests beh
   ``backends/capi/wasm_swizzle.c``, the same loop with CONSTANT spread masks (clang keeps ``i8x16.swizzle``; TVM's
   LLVM turns a constant one into a slow ``i8x16.shuffle``), called through ``T.call_extern`` and linked into
   model.wasm by cross.link_wasm (int4/int8: from ``QUANT_C_GEMV_FROM_M`` rows on).
-- **GEMM** (prefill, ``M`` above the last tier): rows of ``x`` are taken ``tile_m`` at a time and transposed into a
+- **panel GEMM** (prefill, ``M`` above the last tier, ``gemm=panel``: the x86 default): for each pair of output-row
+  blocks (``gemm_nb``) and each K block (at most ``gemm_kb`` input columns), the weights are decoded ONCE into a
+  dense fp32 panel ``P[nb, KB, V]`` (int4/int8 dequantized, N:M groups expanded by position selects, groups wider
+  than 8 scattered into a zeroed panel); a register-blocked micro-kernel then runs every ``gemm_mr``-row tile of
+  ``x`` over the panel: ``gemm_mr x nb x V`` accumulators, one panel vector load per block and one broadcast
+  ``x[m, k]`` per row and input column. The dequantization is amortized over all M rows (int4 at M=128 on the LLM
+  shapes: 2.2-2.4x faster than the tile GEMM below, 0.99-1.14x of the dense panel GEMM, which is itself 1.6-2x
+  faster than the dense tile GEMM: bench/results/bench_x86.md; 2:4 does the dense FLOPs). K blocks run outermost
+  (the ``x`` block stays in cache across output blocks) and accumulate into ``y``; output blocks run in parallel.
+- **tile GEMM** (``gemm=tile``, aarch64/wasm): rows of ``x`` are taken ``tile_m`` at a time and transposed into a
   per-thread ``[in, tile_m]`` buffer; for ``rows`` output rows at a time, each stored weight is decoded once as a
   scalar and multiplies a contiguous ``tile_m`` vector of ``x`` (the N:M position selects the row of the transposed
   tile: a sparse row times a dense tile, the multiply-adds of pruned weights are skipped). Tiles run in parallel.
@@ -47,7 +56,8 @@ bias                   ``B[out]`` float32 (fused into the store)
 Decoding is exactly the reference semantics of :mod:`sparsec.compressor.formats`: ``(float(code) - z) * s``.
 
 Schedule configuration (``config``; the tuner searches it, see :func:`search_space`): ``block_o`` (V), ``tile_m``,
-``rows``, ``unroll``, ``gemv_tiers``, ``parallel`` (GEMM tiles in parallel), ``parallel_gemv``, and for N:M formats
+``rows``, ``unroll``, ``gemv_tiers``, ``parallel`` (GEMM tiles in parallel), ``parallel_gemv``, ``gemm``
+(``panel`` | ``tile``) with ``gemm_mr`` / ``gemm_nb`` (0: automatic) / ``gemm_kb`` for the panel GEMM, and for N:M formats
 ``gemv_mode``: ``select`` (default for M <= 8: each group of ``m`` input columns is decoded to ``m`` dense weights in
 registers by comparing the stored positions, then multiplied by broadcast ``x`` values: no gathers, ``m`` multiply-adds
 per group, ``n/m`` of the weight bytes) or ``gather`` (``n`` multiply-adds per group on gathered ``x`` values; fewer
@@ -286,6 +296,12 @@ def default_config(spec: Spec, target) -> dict[str, Any]:
         "parallel": True,
         "parallel_gemv": spec.O * spec.J >= 1 << 18,
         "gemv_mode": "select" if spec.kind in ("nm", "nm_gq") and spec.m <= 8 else "gather",
+        # prefill GEMM (M above the last tier): decoded panels + register micro-kernel on x86 (gemm_panel in
+        # kernel_source); the transposed-tile GEMM elsewhere (not re-measured on aarch64 / wasm)
+        "gemm": "panel" if _x86(target) else "tile",
+        "gemm_mr": 8 if lanes >= 16 else 4,
+        "gemm_nb": 0,  # 0: 2 output-row blocks per panel when 2 * block_o <= 32, else 1
+        "gemm_kb": 512,
     } if not (_wasm_simd(target) and spec.swizzle_ok()) else {
         # wasm simd128, N:4: the swizzle GEMV (gemv_swizzle in kernel_source), output rows in the 4 f32 lanes
         "block_o": 4,
@@ -325,6 +341,30 @@ def _c_gemv(spec: Spec) -> str | None:
     return f"sparsec_swz24_int{spec.bits}" if spec.bits in (4, 8) and spec.G % 4 == 0 else None
 
 
+def _panel_cols(spec: Spec, cfg: dict[str, Any]) -> int:
+    """Stored columns per K block of the panel GEMM: the largest multiple of ``unroll`` dividing the stored columns
+    whose input columns fit ``gemm_kb`` (the whole row when no block of at least 64 input columns divides it)."""
+    U, J = int(cfg["unroll"]), spec.J
+    cap = int(cfg.get("gemm_kb", 512))
+    if spec.kind in ("nm", "nm_gq"):
+        cap = cap * spec.n // spec.m
+    best = max((jb for jb in range(U, min(cap, J) + 1, U) if J % jb == 0), default=J)
+    lo = 64 * spec.n // spec.m if spec.kind in ("nm", "nm_gq") else 64
+    return best if best >= lo else J
+
+
+def _panel_nb(spec: Spec, cfg: dict[str, Any]) -> int:
+    """Output-row blocks per panel of the panel GEMM: ``gemm_nb`` (0: 2 when ``2 * block_o <= 32`` floats, else 1)
+    if it divides the number of blocks, else 1."""
+    V = int(cfg["block_o"])
+    nb = int(cfg.get("gemm_nb", 0)) or (2 if 2 * V <= 32 else 1)
+    return nb if (spec.O // V) % nb == 0 else 1
+
+
+def _x86(target) -> bool:
+    return target is not None and target.name.partition(":")[0] == "x86"
+
+
 def _wasm_simd(target) -> bool:
     return target is not None and target.name.partition(":")[0] == "wasm" and "simd128" in tuple(target.features)
 
@@ -352,6 +392,10 @@ def check_config(spec: Spec, cfg: dict[str, Any], target=None) -> str | None:
         return f"rows {R} must divide block_o {V}"
     if MT < 1:
         return "tile_m must be positive"
+    if cfg.get("gemm", "tile") not in ("tile", "panel"):
+        return f"gemm {cfg.get('gemm')!r} is not one of tile, panel"
+    if not 1 <= int(cfg.get("gemm_mr", 8)) <= 32 or int(cfg.get("gemm_nb", 0)) < 0 or int(cfg.get("gemm_kb", 512)) < 1:
+        return "gemm_mr must be in 1..32, gemm_nb >= 0 (0: automatic), gemm_kb >= 1"
     tiers = list(cfg["gemv_tiers"])
     if not tiers or tiers != sorted(set(tiers)) or tiers[0] < 1 or tiers[-1] > 64:
         return "gemv_tiers must be increasing in 1..64"
@@ -635,6 +679,105 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
                                     o = f"ob * {V} + rb * {R} + r"
                                     s(f"y[mt * T.int64({MT}) + T.Cast(\"int64\", mm), {o}] = acc[r, mm]{bias(o)}")
 
+        def gemm_panel():
+            # prefill at M above the last tier, x86: the weights of NB blocks of V output rows x JB stored columns are
+            # decoded ONCE into a dense fp32 panel P[NB, KB, V] (int4/int8 dequantized, N:M groups expanded by
+            # position selects); a register-blocked micro-kernel then runs every MR-row tile of x over it: MR x NB x V
+            # accumulators, NB panel vector loads and MR broadcast x values per input column (the decode cost is
+            # amortized over all M rows; 2:4 does the dense FLOPs: its saving at large M is the bytes). K is blocked
+            # (kb outer, serial) so the x block [M, KB] stays in cache across the output blocks; blocks after the
+            # first accumulate into y.
+            MR = int(cfg.get("gemm_mr", 8))
+            NB = _panel_nb(spec, cfg)
+            JB = _panel_cols(spec, cfg)
+            KB = JB // spec.n * spec.m if sparse else JB
+            NKB = J // JB
+            loop = "T.parallel" if cfg.get("parallel", True) else "range"
+            kk = f"(kb * {JB // U} + ko)"  # the stored-column unroll block inside the whole row
+            ob = f"(obp * {NB} + b)"
+            s(f"for kb in range({NKB}):")
+            with s.block():
+                s(f"for obp in {loop}({OB // NB}):")
+                with s.block():
+                    if spec.kind == "dense":
+                        panel = lambda k: f"W[obp * {NB} + b, kb * {KB} + {k}, l]"  # noqa: E731 - the stored layout is the panel
+                    else:
+                        s(f'P = T.alloc_buffer(({NB}, {KB}, {V}), "float32")')
+                        panel = lambda k: f"P[b, {k}, l]"  # noqa: E731
+                        s(f"for b in range({NB}):")
+                        with s.block():
+                            if not sparse:
+                                s(f"for ko in range({JB // U}):")
+                                with s.block():
+                                    for ku in range(U):
+                                        s(f"for l in T.vectorized({V}):")
+                                        with s.block():
+                                            s(f"P[b, ko * {U} + {ku}, l] = {_weight_expr(spec, U, ob, kk, ku, 'l')}")
+                            elif spec.m <= 8:
+                                n_, m_ = spec.n, spec.m
+                                s(f'wv = T.alloc_buffer(({U}, {V}), "float32", scope="local")')
+                                s(f'cv = T.alloc_buffer(({U}, {V}), "int32", scope="local")')
+                                s(f"for ko in range({JB // U}):")
+                                with s.block():
+                                    for ku in range(U):
+                                        s(f"for l in T.vectorized({V}):")
+                                        with s.block():
+                                            s(f"wv[{ku}, l] = {_weight_expr(spec, U, ob, kk, ku, 'l')}")
+                                            s(f"cv[{ku}, l] = {_pos_expr(spec, U, ob, kk, ku, 'l')}")
+                                    for gi in range(U // n_):
+                                        for c in range(m_):
+                                            terms = " + ".join(f"T.Select(cv[{gi * n_ + t}, l] == {c}, wv[{gi * n_ + t}, l], T.float32(0))" for t in range(n_))
+                                            s(f"for l in T.vectorized({V}):")
+                                            with s.block():
+                                                s(f"P[b, (ko * {U // n_} + {gi}) * {m_} + {c}, l] = {terms}")
+                            else:  # wide groups: zero the panel, scatter the kept values
+                                s(f"for k in range({KB}):")
+                                with s.block():
+                                    s(f"for l in T.vectorized({V}):")
+                                    with s.block():
+                                        s("P[b, k, l] = T.float32(0)")
+                                s(f"for ko in range({JB // U}):")
+                                with s.block():
+                                    for ku in range(U):
+                                        s(f"for l in range({V}):")
+                                        with s.block():
+                                            col = f"(ko * {U // spec.n} + {ku // spec.n}) * {spec.m} + {_pos_expr(spec, U, ob, kk, ku, 'l')}"
+                                            s(f"P[b, {col}, l] = {_weight_expr(spec, U, ob, kk, ku, 'l')}")
+                    s(f"for mt in range((M + T.int64({MR - 1})) // T.int64({MR})):")
+                    with s.block():
+                        row = f"T.min(mt * T.int64({MR}) + T.Cast(\"int64\", mi), M - T.int64(1))"
+                        o = f"(obp * {NB} + b) * {V} + l"
+                        s(f'acc = T.alloc_buffer(({MR}, {NB}, {V}), "float32", scope="local")')
+                        s(f"for mi in T.unroll({MR}):")
+                        with s.block():
+                            s(f"for b in T.unroll({NB}):")
+                            with s.block():
+                                s(f"for l in T.vectorized({V}):")
+                                with s.block():
+                                    if NKB == 1:
+                                        s("acc[mi, b, l] = T.float32(0)")
+                                    else:
+                                        s(f"acc[mi, b, l] = T.Select(kb == 0, T.float32(0), y[{row}, {o}])")
+                        s(f"for k in range({KB}):")
+                        with s.block():
+                            s(f"for mi in T.unroll({MR}):")
+                            with s.block():
+                                s(f"for b in T.unroll({NB}):")
+                                with s.block():
+                                    s(f"for l in T.vectorized({V}):")
+                                    with s.block():
+                                        s(f"acc[mi, b, l] = acc[mi, b, l] + x[{row}, kb * {KB} + k] * {panel('k')}")
+                        s(f"for mi in T.unroll({MR}):")
+                        with s.block():
+                            s(f"if mt * T.int64({MR}) + T.Cast(\"int64\", mi) < M:")
+                            with s.block():
+                                s(f"for b in T.unroll({NB}):")
+                                with s.block():
+                                    s(f"for l in T.vectorized({V}):")
+                                    with s.block():
+                                        b_ = "" if not spec.bias else (f" + B[{o}]" if NKB == 1 else f" + T.Select(kb == {NKB - 1}, B[{o}], T.float32(0))")
+                                        s(f"y[mt * T.int64({MR}) + T.Cast(\"int64\", mi), {o}] = acc[mi, b, l]{b_}")
+
         def gemv_c():
             # the C GEMV of backends/capi/wasm_swizzle.c (all rows up to the last tier), linked by cross.link_wasm
             h = lambda b: f"{b}.data"  # noqa: E731
@@ -647,7 +790,7 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
 
         def chain(i: int):
             if i == len(tiers):
-                gemm()
+                (gemm_panel if cfg.get("gemm", "tile") == "panel" else gemm)()
                 return
             if swz and cfg.get("gemv_impl") == "c":
                 if spec.kind == "nm_gq" and i == 0 and tiers[0] == 1 and QUANT_C_GEMV_FROM_M > 1:
