@@ -40,13 +40,13 @@ WEB = HERE / "web"
 PARAMS_MAGIC = b"SPARSECP"
 HEADER = 64
 ALIGN = 64
-_CODES = {"int": 0, "uint": 1, "float": 2, "bool": 1}
+_CODES = {"int": 0, "uint": 1, "float": 2, "bool": 6}
 
 
 def _dtype_code(dt: str) -> tuple[int, int]:
     dt = str(dt)
     if dt == "bool":
-        return 1, 8
+        return 6, 8  # DLPack kDLBool: TVM's kernels check it (uint8 here made `mask == 0` fail at run time)
     for k in ("uint", "int", "float"):
         if dt.startswith(k):
             return _CODES[k], int(dt[len(k):])
@@ -192,11 +192,15 @@ class _C:
             for b in block.bindings:
                 self.binding(b)
         ret = body.body
-        outs = list(ret.fields) if isinstance(ret, relax.Tuple) else [ret]
-        if len(outs) != len(self.low.outputs):
-            raise BuildError(f"standalone build: main returns {len(outs)} values for {len(self.low.outputs)} outputs")
-        for i, o in enumerate(outs):
-            t = self.ref(o)
+        if isinstance(ret, relax.Tuple):
+            refs = [self.ref(o) for o in ret.fields]
+        elif isinstance(ret, relax.Var) and ret in self.tuples:
+            refs = list(self.tuples[ret])  # several outputs: the planned main returns a var bound to the tuple
+        else:
+            refs = [self.ref(ret)]
+        if len(refs) != len(self.low.outputs) or any(r is None for r in refs):
+            raise BuildError(f"standalone build: main returns {len(refs)} values for {len(self.low.outputs)} outputs")
+        for i, t in enumerate(refs):
             nd, dt = self.tinfo[t.lstrip("&")]
             code, bits = _dtype_code(dt)
             tn = t.lstrip("&")
@@ -449,8 +453,8 @@ def read_spt(path) -> np.ndarray:
         raise BuildError(f"{path}: not a .spt tensor")
     code, bits, nd = np.frombuffer(b[4:16], "<i4")
     shape = tuple(int(s) for s in np.frombuffer(b[16:16 + 8 * nd], "<i8"))
-    dt = {0: "i", 1: "u", 2: "f"}[int(code)] + str(int(bits) // 8)
-    return np.frombuffer(b[16 + 8 * nd:], "<" + dt).reshape(shape).copy()
+    dt = "?" if int(code) == 6 else {0: "i", 1: "u", 2: "f"}[int(code)] + str(int(bits) // 8)
+    return np.frombuffer(b[16 + 8 * nd:], "<" + dt if dt != "?" else dt).reshape(shape).copy()
 
 
 def _feeds_in_order(manifest, feeds):

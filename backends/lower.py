@@ -268,12 +268,23 @@ class _Lowerer:
         relax = self.relax
         d = n.dim or _last_dim(x)
         dt = _dtype_of(x)
+        iv = self.g.values.get(n.inputs[0])
+        if dt == "float16" and iv is not None and iv.dtype == "float16":
+            # a float16 model's RMSNorm is computed in float32 and cast back (as HF and sparsec's executor do)
+            xf = self.bb.emit(relax.op.astype(x, "float32"))
+            y = self.bb.emit(relax.op.nn.rms_norm(xf, relax.const(np.ones(d, "float32")), axes=[-1], epsilon=float(n.eps)))
+            y = self.bb.emit(relax.op.astype(y, dt))
+            if n.weight is None:
+                return y
+            return self.bb.emit(relax.op.multiply(y, self.node_param(n, "weight", n.weight, dt)))
         w = self.node_param(n, "weight", n.weight, dt) if n.weight is not None else relax.const(np.ones(d, dt))
         return self.bb.emit(relax.op.nn.rms_norm(x, w, axes=[-1], epsilon=float(n.eps)))
 
     def embedding(self, n: Embedding, ids):
         relax = self.relax
-        table = self.node_param(n, "table", n.table, self.act_dtype if n.table.dtype.kind == "f" else None)
+        # a float16 model's table stays float16 (its stream is float16: the residual adds need one dtype)
+        dt = None if n.table.dtype.kind != "f" else ("float16" if n.table.dtype == np.float16 else self.act_dtype)
+        table = self.node_param(n, "table", n.table, dt)
         if n.inputs[0] in self.g.inputs:
             self.input_ranges[n.inputs[0]] = [-int(n.table.shape[0]), int(n.table.shape[0])]
         return self.bb.emit(relax.op.take(table, ids, axis=0, mode="wrap"))

@@ -97,7 +97,8 @@ def register_linear_lowering(fn: LinearLowering, first: bool = True) -> LinearLo
 
 def lower_linear_dense(b: Builder, lin: Linear, x: str, y: str, meta: dict) -> bool:
     w = lin.weight.materialize() if lin.weight.kind != "dense" else lin.weight.data
-    wt = np.asarray(w.T, order="C").astype(_np_float(b.options.float_dtype) if lin.weight.kind != "dense" else w.dtype)
+    # weights in the activation dtype: a pass leaves float32 arrays, a float16 model's MatMul needs float16 ones
+    wt = np.asarray(w.T, order="C").astype(_np_float(b.options.float_dtype))
     wname = b.init(f"{lin.name}.weight_t", wt)
     if lin.bias is None:
         b.node("MatMul", [x, wname], [y], name=f"{lin.name}/MatMul", meta=meta)
@@ -109,7 +110,7 @@ def lower_linear_dense(b: Builder, lin: Linear, x: str, y: str, meta: dict) -> b
 
 
 def _np_float(name: str):
-    return np.float16 if name == "float16" else np.float32
+    return {"float16": np.float16, "float64": np.float64}.get(name, np.float32)
 
 
 def lower_linear(b: Builder, lin: Linear, x: str, y: str, meta: dict) -> None:
@@ -128,18 +129,24 @@ def _linear_meta(lin: Linear, extra: dict | None = None) -> dict:
 
 
 def _lower_rmsnorm(b: Builder, n: RMSNorm, x: str, y: str, meta: dict) -> None:
-    two = b.init(f"{n.name}/two", np.array(2.0, dtype=np.float32))
+    fdt = _np_float(b.options.float_dtype)
+    half = fdt == np.float16  # computed in float32 and cast back (HF's RMSNorm, sparsec's executor)
+    cdt = np.float32 if half else fdt
+    if half:
+        (x,) = b.node("Cast", [x], 1, name=f"{n.name}/Cast", meta=meta, to=onnx.TensorProto.FLOAT)
+    two = b.init(f"{n.name}/two", np.array(2.0, dtype=cdt))
     (sq,) = b.node("Pow", [x, two], 1, name=f"{n.name}/Pow", meta=meta)
     (ms,) = b.axes_input_or_attr("ReduceMean", sq, [-1], f"{n.name}/ReduceMean", meta)
-    eps = b.init(f"{n.name}/eps", np.array(n.eps, dtype=np.float32))
+    eps = b.init(f"{n.name}/eps", np.array(n.eps, dtype=cdt))
     (a,) = b.node("Add", [ms, eps], 1, name=f"{n.name}/Add", meta=meta)
     (s,) = b.node("Sqrt", [a], 1, name=f"{n.name}/Sqrt", meta=meta)
     (r,) = b.node("Reciprocal", [s], 1, name=f"{n.name}/Reciprocal", meta=meta)
-    if n.weight is None:
-        b.node("Mul", [x, r], [y], name=f"{n.name}/Mul", meta=meta)
-    else:
-        (nx,) = b.node("Mul", [x, r], 1, name=f"{n.name}/Mul", meta=meta)
-        w = b.init(f"{n.name}.weight", n.weight)
+    last = n.weight is None and not half
+    (nx,) = b.node("Mul", [x, r], [y] if last else 1, name=f"{n.name}/Mul", meta=meta)
+    if half:
+        (nx,) = b.node("Cast", [nx], [y] if n.weight is None else 1, name=f"{n.name}/Cast_1", meta=meta, to=onnx.TensorProto.FLOAT16)
+    if n.weight is not None:
+        w = b.init(f"{n.name}.weight", np.asarray(n.weight).astype(fdt))
         b.node("Mul", [nx, w], [y], name=f"{n.name}/Mul_1", meta=meta)
 
 
@@ -148,10 +155,11 @@ def _lower_layernorm(b: Builder, n: LayerNorm, x: str, y: str, meta: dict, dim: 
         size = n.dim or dim
         if size is None:
             raise IRError("LayerNorm without affine parameters needs a known channel dim to export", node=n.name)
+        fdt = _np_float(b.options.float_dtype)
         scale = n.weight if n.weight is not None else np.ones(size, dtype=np.float32)
-        ins = [x, b.init(f"{n.name}.weight", scale)]
+        ins = [x, b.init(f"{n.name}.weight", np.asarray(scale).astype(fdt))]
         if n.bias is not None:
-            ins.append(b.init(f"{n.name}.bias", n.bias))
+            ins.append(b.init(f"{n.name}.bias", np.asarray(n.bias).astype(fdt)))
         b.node("LayerNormalization", ins, [y], name=f"{n.name}/LayerNormalization", meta=meta, axis=-1, epsilon=float(n.eps))
         return
     (mean,) = b.axes_input_or_attr("ReduceMean", x, [-1], f"{n.name}/ReduceMean", meta)
@@ -298,8 +306,13 @@ def to_onnx(g: Graph, options: ExportOptions | None = None) -> onnx.ModelProto:
         b.taken.update(o for o in n.outputs if o)
     for cname, arr in g.constants.items():
         b.initializers.append(numpy_helper.from_array(np.asarray(arr, order="C"), cname))
+    default_float = options.float_dtype
     for n in g.nodes:
         meta = {"sparsec.module": n.module} if n.module else {}
+        # compressed layers and norms are written in their input's float dtype (float16 exports)
+        xv = g.values.get(n.inputs[0]) if n.inputs and n.inputs[0] else None
+        act = xv.dtype if xv is not None else None
+        options.float_dtype = act if act in ("float16", "float32", "float64") else default_float
         if isinstance(n, Generic):
             nd = helper.make_node(n.op_type, list(n.inputs), list(n.outputs), name=b.fresh(n.name), domain=n.domain or None)
             for k in sorted(n.attributes):
@@ -327,6 +340,7 @@ def to_onnx(g: Graph, options: ExportOptions | None = None) -> onnx.ModelProto:
             _lower_moe(b, n, n.inputs[0], n.outputs[0])
         else:
             raise IRError(f"cannot export op {n.op}", node=n.name)
+    options.float_dtype = default_float
     graph = helper.make_graph(
         b.nodes,
         g.name,

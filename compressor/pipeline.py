@@ -313,7 +313,24 @@ def output_heads(graph: Graph) -> set[str]:
         if n.op in ("MoE", "Residual"):
             continue
         stack.extend(i for i in n.inputs if i and i not in graph.constants)
-    return heads
+    # a Linear whose output also feeds another Linear is not a head: a decoder exported with its KV cache returns
+    # k_proj / v_proj outputs (through rotary, concat) as ``present.*`` graph outputs, but they feed o_proj too
+    return {h for h in heads if not _feeds_linear(graph, graph.linear(h))}
+
+
+def _feeds_linear(graph: Graph, lin: Linear) -> bool:
+    cons = graph.consumers()
+    stack, seen = list(lin.outputs), set()
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        for n in cons.get(v, ()):
+            if isinstance(n, Linear) or n.op == "MoE":
+                return True
+            stack.extend(o for o in n.outputs if o)
+    return False
 
 
 @dataclass

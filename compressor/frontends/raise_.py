@@ -416,6 +416,16 @@ def match_rmsnorm(v: _View, m: Generic) -> _Match | None:
     if cast is not None and v.dtype(cast.outputs[0]) == v.dtype(normed) and v.dtype(normed) is not None:
         nodes.append(cast)
         normed = cast.outputs[0]
+    elif cast is not None:
+        # a float16 model as HF writes it: x.to(float32) -> normalize -> .to(input dtype) [-> weight *]; RMSNorm's
+        # semantics (computed in float32, cast back to the input's dtype) are exactly that
+        up = v.gen(x, "Cast")
+        low = v.dtype(cast.outputs[0])
+        if (up is not None and low in _FLOAT and v.dtype(up.inputs[0]) == low and low != v.dtype(x)
+                and up.inputs[0] not in v.g.constants and v.private(x, *nodes)):  # fmt: skip
+            nodes = [up, *nodes, cast]
+            normed = cast.outputs[0]
+            x = up.inputs[0]
     weight, _, out = _affine_tail(v, normed, nodes, _last_dim(v, x), allow_bias=False)
     rms = RMSNorm(m.name, [x], [out], _meta(*nodes), weight=weight, eps=eps)
     return _Match(nodes, rms)
@@ -525,9 +535,31 @@ def match_residual(v: _View, n: Generic) -> _Match | None:
         return None
     # a residual connection adds a layer's output (a Linear or an MoE, possibly through dropout / cast) to the
     # stream; sums of other activations (rotary q*cos + rotate_half(q)*sin, token + position embeddings) are not
-    if _writes_stream(v, a) == _writes_stream(v, b):
+    wa, wb = _writes_stream(v, a), _writes_stream(v, b)
+    if wa == wb:
+        return None
+    # the stream side must not be computed from the layer's output: ``x + 0.044715 * x**3`` inside a decomposed
+    # tanh-GELU (gelu_new, Gemma's GeGLU at opset < 20) adds a Linear's output to a function of itself
+    if _depends_on(v, b if wa else a, a if wa else b):
         return None
     return _Match([n], Residual(n.name, [a, b], [n.outputs[0]], _meta(n)))
+
+
+def _depends_on(v: _View, value: str, ancestor: str, limit: int = 64) -> bool:
+    """Whether ``value`` is computed from ``ancestor`` (looking back at most ``limit`` nodes; a real residual's
+    stream is upstream of the layer output, so the bound only shortens the search)."""
+    stack, seen = [value], set()
+    while stack and len(seen) < limit:
+        u = stack.pop()
+        if u == ancestor:
+            return True
+        if u in seen:
+            continue
+        seen.add(u)
+        p = v.prod.get(u)
+        if p is not None:
+            stack.extend(i for i in p.inputs if i and i not in v.g.constants)
+    return False
 
 
 _PASS_THROUGH = {"Dropout", "Identity", "Cast"}
@@ -547,6 +579,9 @@ def _writes_stream(v: _View, value: str, depth: int = 0) -> bool:
             return _writes_stream(v, n.inputs[0], depth + 1)
         if n.op_type in ("Mul", "Div") and len(n.inputs) == 2 and n.inputs[1] in v.g.constants and v.g.constants[n.inputs[1]].size == 1:
             return _writes_stream(v, n.inputs[0], depth + 1)  # a scaled branch (e.g. residual scaling)
+        if n.op_type == "Add" and n.domain == "" and len(n.inputs) == 2 and all(n.inputs):
+            # parallel attention + MLP (GPT-J, GPT-NeoX, Phi-2, Falcon): ``attn(h) + mlp(h) + x``
+            return _writes_stream(v, n.inputs[0], depth + 1) and _writes_stream(v, n.inputs[1], depth + 1)
     return False
 
 

@@ -729,6 +729,40 @@ def _example_inputs_of(ep) -> tuple:
     raise ModelLoadError("the .pt2 archive holds no example inputs (save it with torch.export.save from a program exported with example inputs)")
 
 
+def _output_names(ep) -> list[str] | None:
+    """Output names from the program's output tree: dict / ModelOutput keys (``logits``, ``past_key_values.0.1``),
+    ``output`` for a lone tensor, ``output_<i>`` for a tuple. ``None`` when the tree cannot be read. (Without this
+    the outputs carry FX node names such as ``linear_14``.)"""
+    try:
+        import torch.utils._pytree as pytree
+
+        spec = ep.call_spec.out_spec
+        tree = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
+        paths = [p for p, _ in pytree.tree_flatten_with_path(tree)[0]]
+    except Exception:  # noqa: BLE001
+        return None
+
+    def part(k, top):
+        if hasattr(k, "key"):
+            return str(k.key)
+        if hasattr(k, "name"):
+            return str(k.name)
+        if hasattr(k, "idx"):
+            return f"output_{k.idx}" if top else str(k.idx)
+        return None
+
+    names = []
+    for p in paths:
+        parts = [part(k, i == 0) for i, k in enumerate(p)]
+        if any(x is None for x in parts):
+            return None
+        names.append(".".join(parts) if parts else "output")
+    user_outputs = [s for s in ep.graph_signature.output_specs if s.kind.name == "USER_OUTPUT"]
+    if len(names) != len(user_outputs) or len(set(names)) != len(names):
+        return None
+    return names
+
+
 def load_pt2(path: str, *, name: str | None = None, check: bool = True) -> Graph:
     """Import a ``torch.export.save`` archive. MoE blocks are recognized on the unflattened module tree."""
     from .onnx import load_onnx
@@ -748,6 +782,7 @@ def load_pt2(path: str, *, name: str | None = None, check: bool = True) -> Graph
             warns = [f"MoE discovery failed on the unflattened program ({type(e).__name__}); layers imported individually"]
             moe = []
     names = [s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    out_names = _output_names(ep)
     if moe and module is not None:
         # keep the program's own dynamism: dims it specialized stay static
         user = [s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
@@ -757,11 +792,11 @@ def load_pt2(path: str, *, name: str | None = None, check: bool = True) -> Graph
             v = vals.get(nm)
             shape = getattr(v, "shape", None)
             spec.append(None if shape is None else {i: torch.export.Dim.AUTO for i, d in enumerate(shape) if not isinstance(d, int)} or None)
-        proto = export_onnx_proto(module, example_inputs, input_names=names, moe=moe, dynamic=tuple(spec))
+        proto = export_onnx_proto(module, example_inputs, input_names=names, output_names=out_names, moe=moe, dynamic=tuple(spec))
     else:
         try:
             with _quiet():
-                prog = torch.onnx.export(ep, example_inputs, dynamo=True, opset_version=18, input_names=names, optimize=True, verify=False)
+                prog = torch.onnx.export(ep, example_inputs, dynamo=True, opset_version=18, input_names=names, output_names=out_names, optimize=True, verify=False)
             proto = prog.model_proto
         except Exception as e:  # noqa: BLE001
             raise UnsupportedOpError(f"{path}: the exported program could not be converted ({str(e).strip().splitlines()[0][:300]})")
