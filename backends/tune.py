@@ -271,42 +271,46 @@ def tunable_kernel(linear, target) -> str | None:
     return impl.name
 
 
+def probes(graph, formats: list[str] | None = None, seed: int = 0):
+    """(label, Linear) per Linear layer of ``graph`` and weight format: the layer's own weight when ``formats`` is None,
+    else a synthetic weight of each format spec (:func:`parse_format_spec`) that fits the layer's shape."""
+    from ..compressor.ir import Linear
+
+    for lin in graph.linears():
+        if formats is None:
+            yield lin.weight.describe(), Linear(lin.name, ["x"], ["y"], weight=lin.weight, bias=lin.bias)
+            continue
+        for f in formats:
+            w = synthetic_weight(parse_format_spec(f), lin.out_features, lin.in_features, seed)
+            if w is not None:
+                yield f, Linear(lin.name, ["x"], ["y"], weight=w, bias=lin.bias)
+
+
 def tune_graph(graph, target, db: TuningDB, formats: list[str] | None = None, m_values=(1, 16, 128), max_candidates: int = 24,
-               seed: int = 0, console=None, only_formats_of_graph: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+               seed: int = 0, console=None, only_formats_of_graph: bool = False,
+               include_unverified: bool | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Tune the kernels of every distinct Linear shape of ``graph`` for each format in ``formats`` (format specs, see
     :func:`parse_format_spec`; None: the formats the graph's layers already have). Results are recorded in ``db``."""
     import platform
 
-    from ..compressor.ir import Linear
+    if target.kind == "cuda":  # the hand-written CUDA kernels, measured on the local GPU (backends/cuda_tune.py)
+        from .cuda_tune import tune_cuda_graph
 
-    if target.kind == "cuda":
-        from ..compressor.errors import ToolMissingError
-
-        raise ToolMissingError("tuning CUDA kernels needs a local GPU; run `sparsec tune` on the GPU machine (measure there, "
-                               "then ship the database), or use the shipped database")  # fmt: skip
-    jobs: list[tuple[str, Any]] = []
+        return tune_cuda_graph(graph, target, db, formats, m_values, max_candidates, seed, console,
+                               include_unverified=include_unverified)  # fmt: skip
+    jobs: list[tuple[str, Any, str]] = []
     seen = set()
-    for lin in graph.linears():
-        weights = []
-        if formats is None:
-            weights.append((lin.weight.describe(), lin.weight))
-        else:
-            for f in formats:
-                w = synthetic_weight(parse_format_spec(f), lin.out_features, lin.in_features, seed)
-                if w is not None:
-                    weights.append((f, w))
-        for label, w in weights:
-            probe = Linear(lin.name, ["x"], ["y"], weight=w, bias=lin.bias)
-            kname = tunable_kernel(probe, target)
-            if kname is None:
-                continue
-            from .kernels.registry import linear_key
+    for label, probe in probes(graph, formats, seed):
+        kname = tunable_kernel(probe, target)
+        if kname is None:
+            continue
+        from .kernels.registry import linear_key
 
-            k = (kname, _canon(linear_key(probe)))
-            if k in seen:
-                continue
-            seen.add(k)
-            jobs.append((label, probe, kname))
+        k = (kname, _canon(linear_key(probe)))
+        if k in seen:
+            continue
+        seen.add(k)
+        jobs.append((label, probe, kname))
     rows = []
     device = f"{platform.machine()} {target.tvm_dict().get('mcpu', '')}".strip()
     for i, (label, probe, kname) in enumerate(jobs):

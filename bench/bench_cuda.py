@@ -28,7 +28,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -75,15 +74,18 @@ WITH_WS = os.environ.get("SPARSEC_BENCH_WITH_WS") == "1"
 def pack_variants():
     """(variants, manifest rows): defaults for every kind/asym/group size in use, plus the search candidates of the
     symmetric kinds at the LLM group size."""
-    from sparsec.backends.kernels.cuda_sparse import Variant, default_config, search_space
+    from sparsec.backends.cuda_tune import candidate_configs
+    from sparsec.backends.kernels.cuda_sparse import Variant, default_config
 
     rows, seen = [], set()
 
     def add(kind, asym, gs, cfg, role, path=None):
         v = Variant.make(kind, asym, gs, cfg)
-        if v.func_name in seen:
+        if v.func_name in seen and not (role == "candidate" and (v.func_name, path) not in seen):
             return
+        # the default config competes in every path's search (same function as the default row)
         seen.add(v.func_name)
+        seen.add((v.func_name, path))
         rows.append({"func": v.func_name, "kind": kind, "asym": asym, "gs": gs, "role": role, "path": path,
                      "config": v.config_dict()})  # fmt: skip
         return v
@@ -94,13 +96,13 @@ def pack_variants():
         for asym in asyms:
             for gs in sorted(gss):
                 add(kind, asym, gs, {}, "default")
-        sp = search_space(kind, "sm_90a")
+        # the same candidates as `sparsec tune` (sparsec.backends.cuda_tune.candidate_configs), unbounded; "ws" ones
+        # only with WITH_WS (unmeasured: bench_gemm_v2.py, one subprocess per candidate with hang timeouts, runs them)
+        sp = candidate_configs(kind, "sm_90a", None, include_unverified=WITH_WS)
         base = default_config(kind)
         gs = 0 if kind == "sp16" else LLM_GS
         for path in ("gemv", "gemm_small", "gemm"):
             for c in sp[path]:
-                if c.get("ws") and not WITH_WS:
-                    continue  # unmeasured: bench_gemm_v2.py (one subprocess per candidate, hang timeouts) runs them first
                 add(kind, False, gs, dict(base, **{path: c}), "candidate", path)
     variants = [Variant.make(r["kind"], r["asym"], r["gs"], r["config"]) for r in rows]
     return variants, rows
@@ -153,29 +155,15 @@ class Ctx:
         return self.funcs[name]
 
     def time(self, f, n=None, min_n=8, budget_s=0.15):
-        """Median ms of n calls, L2 flushed before each call; n from a first estimate (within ``budget_s``)."""
-        torch = self.torch
+        """Median ms of n calls, L2 flushed before each call; n from a first estimate (within ``budget_s``): the
+        procedure of `sparsec tune` (sparsec.backends.cuda_tune.time_call), here with torch CUDA events."""
+        from sparsec.backends.cuda_tune import TorchTimer, time_call
+
         if DRY:
             t0 = time.perf_counter()
             f()
             return (time.perf_counter() - t0) * 1e3
-        f()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        f()
-        torch.cuda.synchronize()
-        est = time.perf_counter() - t0
-        if n is None:
-            n = int(max(min_n, min(50, budget_s / max(est + 1e-4, 1e-6))))
-        st = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        en = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        for i in range(n):
-            self.flush.zero_()
-            st[i].record()
-            f()
-            en[i].record()
-        torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) for s, e in zip(st, en))
+        return time_call(f, TorchTimer(self.torch, self.flush), n=n, min_n=min_n, budget_s=budget_s)
 
 
 def _random_nm24(n, k, values, rng):
@@ -259,6 +247,8 @@ def run_ours(ctx, func, wt, x, y):
 
 
 def check(ctx, func, wt, m, seed):
+    from sparsec.backends.cuda_tune import judge
+
     torch = ctx.torch
     g = torch.Generator(device=DEV).manual_seed(seed)
     x = torch.randn(m, wt.k, device=DEV, dtype=torch.float16, generator=g)
@@ -269,7 +259,7 @@ def check(ctx, func, wt, m, seed):
     ref = x.double() @ wt.w_dense32.double().T
     unwritten = int(torch.isnan(y).sum().item())
     rel = float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
-    ok = unwritten == 0 and math.isfinite(rel) and rel <= 1e-2
+    ok = judge(rel, unwritten)  # the acceptance rule of `sparsec tune` (rel <= 1e-2, every output written)
     return {"func": func, "kind": wt.kind, "asym": wt.asym, "gs": wt.gs, "out": wt.n, "in": wt.k, "m": m,
             "rel_err": rel, "unwritten": unwritten, "ok": ok}  # fmt: skip
 

@@ -486,19 +486,25 @@ def bench(
 
 
 @app.command(epilog="Examples:\n\n  sparsec tune model.onnx --target x86\n\n  sparsec tune --example tiny-gpt --formats dense,2:4,int4g32,2:4+int4g32\n\n"
-             "  sparsec tune out/ --db my-tuning.json   (an artifact: tunes exactly its layers' formats)")  # fmt: skip
+             "  sparsec tune out/ --db my-tuning.json   (an artifact: tunes exactly its layers' formats)\n\n"
+             "  sparsec tune model.onnx --target h100 --formats 2:4,int4g128   (on the H100 machine: CUDA kernels)\n\n"
+             "Exit codes: 12 no CUDA GPU/driver here, or the local GPU is not the target's arch.")  # fmt: skip
 def tune(
     model: Optional[str] = typer.Argument(None, help="Model file (.onnx, .pt2) or an artifact directory."),
     example: Optional[str] = typer.Option(None, "--example", help="An embedded reference model: tiny-gpt, tiny-moe, digits."),
-    target: str = typer.Option("x86", "--target", "-t", help="Target to tune for (must be this machine: x86 here)."),
+    target: str = typer.Option("x86", "--target", "-t", help="Target to tune for, measured on this machine: x86, or a100/h100 "
+                                                           "on a machine with that GPU (sm_80 / sm_90)."),
     formats: Optional[str] = typer.Option(None, "--formats", help="Weight formats to tune, e.g. dense,2:4,int4g32,int8g32a,2:4+int4g32 "
                                                                   "(default: those of an artifact; for a model file: dense,2:4,int4g32,int8g32,2:4+int4g32)."),
     m_values: str = typer.Option("1,16,128", "--m", help="Token counts M the kernels are timed at (decode and prefill)."),
-    candidates: int = typer.Option(16, "--candidates", min=1, help="Schedules tried per kernel (the default one always competes)."),
+    candidates: int = typer.Option(16, "--candidates", min=1, help="Schedules tried per kernel (CUDA: per path gemv / small GEMM / GEMM; the default one always competes)."),
     db: Optional[Path] = typer.Option(None, "--db", help="Tuning database to update (default: ~/.cache/sparsec/tuning/<target>.json or $SPARSEC_TUNING_DB)."),
     ship: bool = typer.Option(False, "--ship", help="Update the database shipped with sparsec (golden/tuning/<target>.json) instead."),
     seed: int = typer.Option(0, "--seed", help="Seed for the candidate order and the synthetic weights."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    include_unverified: bool = typer.Option(False, "--include-unverified", help="CUDA (h100): also search the warp-specialized "
+                                            "TMA GEMM candidates, each in its own subprocess with a timeout (not yet "
+                                            "verified on a GPU; also SPARSEC_TUNE_UNVERIFIED=1)."),
 ):
     """Search kernel schedules for a model's layer shapes on this machine and store the best in a tuning database."""
     from sparsec.backends.targets import get_target
@@ -517,8 +523,10 @@ def tune(
         raise E.RecipeError("give --db or --ship, not both")
     path = shipped_db_path(t.name) if ship else (db or default_user_db(t.name))
     store = TuningDB(entries=TuningDB.read(path), sources=[str(path)], path=Path(path))
+    if include_unverified and t.kind != "cuda":
+        raise E.RecipeError(f"--include-unverified is for CUDA targets (a100, h100), not {t.name}")
     rows = tune_graph(graph, t, store, fmts, m_values=_int_list(m_values, "--m"), max_candidates=candidates, seed=seed,
-                      console=None if as_json else err)  # fmt: skip
+                      console=None if as_json else err, include_unverified=include_unverified or None)  # fmt: skip
     try:
         store.save(path, t.name.partition(":")[0])
     except OSError as e:
@@ -533,8 +541,15 @@ def tune(
         tab.add_column(c)
     for r in rows:
         cfg = r["config"]
-        tab.add_row(r["kernel"], r["format"], r["shape"], f"{r['speedup_vs_default']:.2f}x",
-                    " ".join(f"{k}={v}" for k, v in cfg.items() if k in ("block_o", "tile_m", "rows", "unroll", "parallel_gemv")))  # fmt: skip
+        if "error" in r:  # CUDA: no correct candidate for a path (nothing recorded)
+            tab.add_row(r["kernel"], r["format"], r["shape"], "—", f"[red]{r['error']}[/red]")
+            continue
+        if "gemv" in cfg:  # CUDA kernels: one config per path
+            desc = "; ".join(f"{p} " + " ".join(f"{k}={v}" for k, v in sorted(cfg[p].items())) for p in ("gemv", "gemm_small", "gemm"))
+            desc += f" ({r['rejected']} wrong candidates rejected)" if r.get("rejected") else ""
+        else:
+            desc = " ".join(f"{k}={v}" for k, v in cfg.items() if k in ("block_o", "tile_m", "rows", "unroll", "parallel_gemv"))
+        tab.add_row(r["kernel"], r["format"], r["shape"], f"{r['speedup_vs_default']:.2f}x", desc)
     out.print(tab)
 
 
