@@ -99,6 +99,8 @@ class _Lowerer:
         self.moe_notes: list[str] = []
         self.extra_modules: list[Any] = []
         self._importer = None
+        self.shape_values: dict[str, Any] = {}  # small int tensors known at compile time (see fold)
+        self._ana = None
 
     # ---- parameters ----------------------------------------------------------------------------------------
     def add_param(self, shape, dtype: str, source: dict[str, Any], hint: str):
@@ -352,6 +354,13 @@ class _Lowerer:
         from ..compressor.onnx_export import _attribute
 
         relax = self.relax
+        folded = self.fold(n, ins) if not n.domain else None
+        if folded is not None:
+            return folded
+        if n.op_type == "Expand" and not n.domain:
+            out = self.expand(n, ins)
+            if out is not None:
+                return [(n.outputs[0], self.refine(n.outputs[0], out))]
         if n.op_type == "Range" and not n.domain:
             return [(n.outputs[0], self.refine(n.outputs[0], self.range_(ins)))]
         conv = _get_convert_map().get(n.op_type)
@@ -407,6 +416,227 @@ class _Lowerer:
                     e = self.bb.emit(e)
                 res.append((o, self.refine(o, e)))
         return res
+
+    # ---- shape arithmetic -----------------------------------------------------------------------------------
+    def shape_value(self, name: str, e):
+        """The value of a small integer tensor (a shape, a size, an index, a bound computed from them) as a numpy
+        object array of ints and TIR expressions of the symbolic dims, or None when it is not known at compile time."""
+        import tvm
+        from tvm import tirx
+
+        relax = self.relax
+        if name in self.shape_values:
+            return self.shape_values[name]
+        if name in self.g.constants:
+            a = np.asarray(self.g.constants[name])
+            if a.dtype.kind in "biu" and a.size <= CONST_INLINE_MAX:
+                return np.array(a.tolist() if a.ndim else a.item(), dtype=object)
+            return None
+        if isinstance(e, tvm.ir.GenericConst):
+            a = e.value.numpy()
+            if a.dtype.kind in "biu" and a.size <= CONST_INLINE_MAX:
+                return np.array(a.tolist() if a.ndim else a.item(), dtype=object)
+            return None
+        if isinstance(e, relax.ShapeExpr):
+            return np.array([_sv_elem(d) for d in e.values] + [None], dtype=object)[:-1]
+        if isinstance(e, relax.PrimValue) and str(e.value.ty).startswith("int"):
+            box = np.empty((), dtype=object)
+            box[()] = _sv_elem(e.value)
+            return box
+        return None
+
+    def fold(self, n: Generic, ins):
+        """Shape arithmetic evaluated at compile time. Exporters compute sizes, slice bounds and target shapes with
+        ``Shape -> Gather -> Add/Div/Mul -> Concat/ScatterElements ...`` (TorchScript's ``chunk``, ``view``,
+        ``expand``). TVM's converters turn most of these into runtime tensors, so a ``Slice`` bounded by them gets
+        an unknown output shape, and ops downstream (a MatMul between two such values) cannot be legalized. Here the
+        values are computed on ints and TIR expressions of the symbolic dims (``batch``, ``seq``...); a result
+        known to be constant is emitted as a constant (so ``Slice``/``Reshape``/``Expand`` get static bounds), a
+        symbolic one is remembered for the ops that consume it and lowered by TVM as before."""
+        try:
+            val = self._fold(n, ins)
+        except Exception:  # noqa: BLE001 - anything not foldable is lowered by TVM as usual
+            val = None
+        if val is not None and not isinstance(val, np.ndarray):  # numpy returns 0-d picks as the element
+            box = np.empty((), dtype=object)
+            box[()] = val
+            val = box
+        if val is None or len(n.outputs) != 1 or val.size > CONST_INLINE_MAX:
+            return None
+        out = n.outputs[0]
+        self.shape_values[out] = val
+        flat = list(val.reshape(-1))
+        if not all(isinstance(x, (bool, int)) for x in flat):
+            return None
+        v = self.g.values.get(out)
+        if all(isinstance(x, bool) for x in flat) and flat:
+            dt = "bool"
+        else:
+            dt = v.dtype if v is not None and v.dtype and v.dtype.startswith(("int", "uint", "bool")) else "int64"
+        arr = np.array(val.tolist(), dtype=dt).reshape(val.shape)
+        return [(out, self.relax.const(arr, dt))]
+
+    def _fold(self, n: Generic, ins):
+        from tvm import tirx
+
+        op = n.op_type
+        a = n.attributes
+        if op == "Shape":
+            sh = _shape_of(ins[0]) if ins and hasattr(getattr(ins[0], "ty", None), "shape") else None
+            if sh is None:
+                return None
+            vals = [_sv_elem(d) for d in sh]
+            start, end = a.get("start", 0), a.get("end")
+            return _obj(vals[start:end])
+        if op == "Size":
+            sh = _shape_of(ins[0]) if ins else None
+            if sh is None:
+                return None
+            r = 1
+            for d in sh:
+                r = r * _sv_elem(d)
+            return np.array(self.simp(r), dtype=object)
+        if op not in _FOLD_OPS:
+            return None
+        vals = [self.shape_value(name, e) if name else None for name, e in zip(n.inputs, ins)]
+        need = {"Reshape": 2, "Unsqueeze": 1, "Squeeze": 1, "Slice": 3, "Gather": 2, "Where": 3, "ScatterElements": 3,
+                "ConstantOfShape": 1, "Expand": 2, "Range": 3}.get(op, len(vals))  # fmt: skip
+        if len(vals) < need or any(v is None for v in vals[:need]) or any(
+                v is None for nm, v in zip(n.inputs, vals) if nm):
+            return None
+        if op == "Identity":
+            return vals[0]
+        if op == "Cast":
+            to = int(a.get("to", 7))
+            if to in (6, 7, 12, 13):  # int32/int64/uint32/uint64: sizes stay exact
+                return vals[0]
+            if to == 9:
+                return _ints_only(vals[0], bool)
+            return None
+        if op in ("Unsqueeze", "Squeeze"):
+            x = vals[0]
+            axes = [int(i) for i in (vals[1].reshape(-1) if len(vals) > 1 and vals[1] is not None else a.get("axes", []))]
+            if op == "Unsqueeze":
+                r = x.ndim + len(axes)
+                axes = sorted(i % r for i in axes)
+                for ax in axes:
+                    x = np.expand_dims(x, ax)
+                return x
+            axes = [i % x.ndim for i in axes] if axes else [i for i, d in enumerate(x.shape) if d == 1]
+            return x.reshape([d for i, d in enumerate(x.shape) if i not in axes])
+        if op == "Reshape":
+            shp = [int(d) for d in vals[1].reshape(-1)]
+            shp = [vals[0].shape[i] if d == 0 and not a.get("allowzero") else d for i, d in enumerate(shp)]
+            return vals[0].reshape(shp)
+        if op == "Concat":
+            return np.concatenate([v for v in vals if v is not None], axis=int(a.get("axis", 0)))
+        if op == "Gather":
+            idx = np.array(vals[1].tolist(), dtype=np.int64)
+            axis = int(a.get("axis", 0))
+            idx = np.where(idx < 0, idx + vals[0].shape[axis], idx)
+            return np.take(vals[0], idx, axis=axis)
+        if op == "Slice":
+            x = vals[0]
+            st, en = [int(i) for i in vals[1].reshape(-1)], [int(i) for i in vals[2].reshape(-1)]
+            axes = [int(i) for i in vals[3].reshape(-1)] if len(vals) > 3 and vals[3] is not None else list(range(len(st)))
+            steps = [int(i) for i in vals[4].reshape(-1)] if len(vals) > 4 and vals[4] is not None else [1] * len(st)
+            sl = [slice(None)] * x.ndim
+            for s0, e0, ax, sp in zip(st, en, axes, steps):
+                sl[ax % x.ndim] = slice(s0, max(min(e0, 2**62), -(2**62)), sp)
+            return x[tuple(sl)]
+        if op == "ScatterElements":
+            x, idx, upd = vals[0].copy(), np.array(vals[1].tolist(), dtype=np.int64), vals[2]
+            if x.ndim != 1 or a.get("reduction", "none") != "none":
+                return None
+            for i, u in zip(idx.reshape(-1), upd.reshape(-1)):
+                x[int(i) % x.shape[0]] = u
+            return x
+        if op == "ConstantOfShape":
+            shp = [int(d) for d in vals[0].reshape(-1)]
+            fill = np.asarray(a.get("value", np.zeros(1, np.float32))).reshape(-1)[0]
+            if np.asarray(fill).dtype.kind not in "biu" or math.prod(shp) > CONST_INLINE_MAX:
+                return None
+            return np.full(shp, fill.item(), dtype=object)
+        if op == "Expand":
+            shp = np.broadcast_shapes(vals[0].shape, tuple(int(d) for d in vals[1].reshape(-1)))
+            if math.prod(shp) > CONST_INLINE_MAX:
+                return None
+            return np.broadcast_to(vals[0], shp).copy()
+        if op == "Range":
+            s0, l0, d0 = (_int_scalar(v) for v in vals)
+            if None in (s0, l0, d0) or d0 == 0 or len(range(s0, l0, d0)) > CONST_INLINE_MAX:
+                return None
+            return _obj(list(range(s0, l0, d0)))
+        if op == "Where":
+            c = _ints_only(vals[0], bool)
+            if c is None:
+                return None
+            c, x, y = np.broadcast_arrays(c, vals[1], vals[2])
+            return np.where(c.astype(bool), x, y).astype(object)
+        f = _FOLD_OPS[op]
+        bs = np.broadcast_arrays(*vals)
+        out = np.empty(bs[0].shape, dtype=object)
+        for ix in np.ndindex(out.shape):
+            r = self.simp(f(*[b[ix] for b in bs]))
+            if op in _FOLD_BOOL and not isinstance(r, bool):
+                return None  # a comparison not decided at compile time
+            out[ix] = r
+        return out
+
+    def simp(self, x):
+        from tvm import tirx
+
+        if isinstance(x, (bool, np.bool_)):
+            return bool(x)
+        if isinstance(x, (int, np.integer)):
+            return int(x)
+        if self._ana is None:
+            import tvm
+
+            self._ana = tvm.arith.Analyzer()
+            for v in self.input_syms:
+                self._ana.update(v, tvm.arith.ConstIntBound(0, 2**62))
+        r = self._ana.simplify(x)
+        if isinstance(r, tirx.IntImm):
+            return bool(r.value) if str(r.ty) == "bool" else int(r.value)
+        return r
+
+    def expand(self, n: Generic, ins):
+        """ONNX Expand (bidirectional broadcast) with a compile-time target shape (constant or from shape
+        arithmetic) on data with symbolic dims: TVM's converter reads ``.value`` of every data dim, so any symbolic
+        dim (``batch``) fails (multi-query attention's ``expand(-1, heads, -1, -1)``). Returns None to let TVM try."""
+        from tvm import tirx
+
+        relax = self.relax
+        data, shape = ins[0], ins[1]
+        dsh = _shape_of(data)
+        sv = self.shape_value(n.inputs[1], shape)
+        if dsh is None or sv is None or sv.ndim != 1:
+            return None
+        tgt = [_sv_elem(d) for d in sv]
+        r = max(len(dsh), len(tgt))
+        d = [1] * (r - len(dsh)) + [_sv_elem(x) for x in dsh]
+        t = [1] * (r - len(tgt)) + tgt
+        out = []
+        for dd, tt in zip(d, t):
+            if isinstance(tt, int) and tt in (1, -1):  # -1 (TorchScript's expand(-1, ...)): keep, as TVM's converter
+                out.append(dd)
+            elif isinstance(dd, int) and dd == 1:
+                out.append(tt)
+            elif isinstance(dd, int) and isinstance(tt, int):
+                if dd != tt:
+                    raise UnsupportedOpError(f"Expand: cannot broadcast a dim of {dd} to {tt}")
+                out.append(dd)
+            elif isinstance(tt, int):
+                out.append(tt)  # ONNX: the data dim must be 1 or tt
+            else:
+                out.append(tt if not self.known(dd) or self.known(tt) else dd)
+        if len(out) == len(dsh) and all(_same_dim_expr(_as_prim(o), x) for o, x in zip(out, dsh)):
+            return data
+        x = data
+        if r > len(dsh):
+            x = self.bb.emit(relax.op.reshape(x, [_as_prim(v) for v in d]))
+        return self.bb.emit(relax.op.broadcast_to(x, relax.ShapeExpr([_as_prim(v) for v in out])))
 
     def range_(self, ins):
         """ONNX Range. TVM's converter defines the length as a symbolic var with a ``match_cast`` of a runtime shape
@@ -650,6 +880,113 @@ def lower(graph: Graph, target, tuning=None, act_dtype: str = "float32", dense_k
 
 
 # ----------------------------------------------------------------------------------------------------------------
+def _sv_elem(d):
+    """A shape-value element: a Python int/bool when constant, else the TIR expression."""
+    from tvm import tirx
+
+    if isinstance(d, (bool, np.bool_)):
+        return bool(d)
+    if isinstance(d, (int, np.integer)):
+        return int(d)
+    if isinstance(d, tirx.IntImm):
+        return bool(d.value) if str(d.ty) == "bool" else int(d.value)
+    return d
+
+
+def _as_prim(v):
+    from tvm import tirx
+
+    return tirx.IntImm("int64", v) if isinstance(v, int) else v
+
+
+def _obj(items) -> np.ndarray:
+    out = np.empty(len(items), dtype=object)
+    for i, x in enumerate(items):
+        out[i] = x
+    return out
+
+
+def _ints_only(v, kind=int):
+    if not all(isinstance(x, (bool, int)) for x in v.reshape(-1)):
+        return None
+    return np.array([kind(x) for x in v.reshape(-1)] + [0], dtype=object)[:-1].reshape(v.shape)
+
+
+def _int_scalar(v):
+    flat = list(np.asarray(v, dtype=object).reshape(-1))
+    return int(flat[0]) if len(flat) == 1 and isinstance(flat[0], int) else None
+
+
+def _tdiv(a, b):
+    from tvm import tirx
+
+    if isinstance(a, int) and isinstance(b, int):
+        q = abs(a) // abs(b)
+        return q if (a >= 0) == (b >= 0) else -q
+    return tirx.truncdiv(_as_prim(a), _as_prim(b))
+
+
+def _tmod(a, b):
+    from tvm import tirx
+
+    if isinstance(a, int) and isinstance(b, int):
+        return a % b  # ONNX Mod (fmod=0): the sign of the divisor, like Python
+    return tirx.floormod(_as_prim(a), _as_prim(b))
+
+
+def _cmp(f, g):
+    def c(a, b):
+        if isinstance(a, int) and isinstance(b, int):
+            return f(a, b)
+        return g(_as_prim(a), _as_prim(b))
+    return c
+
+
+def _fold_ops():
+    from tvm import tirx
+    import operator as o
+
+    return {
+        "Add": lambda a, b: a + b, "Sub": lambda a, b: a - b, "Mul": lambda a, b: a * b, "Div": _tdiv, "Mod": _tmod,
+        "Neg": lambda a: -a, "Abs": lambda a: abs(a) if isinstance(a, int) else tirx.abs(a),
+        "Min": lambda *xs: min(xs) if all(isinstance(x, int) for x in xs) else _reduce(tirx.min, xs),
+        "Max": lambda *xs: max(xs) if all(isinstance(x, int) for x in xs) else _reduce(tirx.max, xs),
+        "Equal": _cmp(o.eq, tirx.EQ), "Less": _cmp(o.lt, tirx.LT), "LessOrEqual": _cmp(o.le, tirx.LE),
+        "Greater": _cmp(o.gt, tirx.GT), "GreaterOrEqual": _cmp(o.ge, tirx.GE),
+        "Not": lambda a: (not a) if isinstance(a, bool) else None,
+        "And": lambda a, b: (a and b) if isinstance(a, bool) and isinstance(b, bool) else None,
+        "Or": lambda a, b: (a or b) if isinstance(a, bool) and isinstance(b, bool) else None,
+        "Identity": None, "Cast": None, "Unsqueeze": None, "Squeeze": None, "Reshape": None, "Concat": None,
+        "Gather": None, "Slice": None, "ScatterElements": None, "ConstantOfShape": None, "Expand": None, "Range": None,
+        "Where": None,
+    }  # fmt: skip
+
+
+def _reduce(f, xs):
+    r = _as_prim(xs[0])
+    for x in xs[1:]:
+        r = f(r, _as_prim(x))
+    return r
+
+
+class _LazyOps(dict):
+    def _load(self):
+        if not dict.__len__(self):
+            self.update(_fold_ops())
+
+    def __contains__(self, k):
+        self._load()
+        return dict.__contains__(self, k)
+
+    def __getitem__(self, k):
+        self._load()
+        return dict.__getitem__(self, k)
+
+
+_FOLD_OPS = _LazyOps()
+_FOLD_BOOL = {"Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Not", "And", "Or"}
+
+
 def _dtype_name(dt) -> str:
     dt = np.dtype(dt)
     return "bool" if dt == np.bool_ else dt.name

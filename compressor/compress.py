@@ -273,6 +273,16 @@ def compress(source: Source, recipe: Recipe, out: str | os.PathLike, *, force: b
     else:
         build_info["status"] = "not built: this sparsec has no compiled backend yet; `sparsec run` uses model.onnx"
     build_info["seconds"] = time.perf_counter() - tb
+    if recipe.build and str(build_info.get("status", "")).startswith("not built"):
+        # the user asked for a target build and gets none (an op TVM cannot lower, a missing toolchain): the artifact
+        # is complete and runs through model.onnx (exit 0, documented), but say so where it cannot be missed
+        why = str(build_info["status"])[len("not built"):].lstrip(":; ")
+        w = f"no compiled library for --target {target.name}: {why}"
+        warnings.append(w)
+        if console is None:
+            import sys
+
+            print(f"sparsec: warning: {w}", file=sys.stderr)
 
     model_info = {
         "name": graph.name,

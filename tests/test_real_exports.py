@@ -289,3 +289,125 @@ def test_kv_cache_decoder_standalone_build(exported, tmp_path, target):
     assert list(got) == m.output_names
     for k in ref:
         assert rel(got[k], ref[k]) < 1e-4, k
+
+
+# ------------------------------------------------------------------------------------------------ x86 builds: shape arithmetic
+def _chunk_mqa_model(path, dim=16, heads=4):
+    """TorchScript-style attention in plain ONNX: a fused QKV split by ``chunk`` (Slice bounds computed from
+    ``Shape -> Gather -> Add -> Div -> Mul``, so ONNX shape inference leaves ``unk__`` dims), a multi-query K/V
+    (1 head) broadcast by ``Expand`` to ``heads`` with a symbolic batch, a Reshape with a shape built from
+    ``Shape`` of the input, and the attention MatMuls between them."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    dh = dim // heads
+    rng = np.random.default_rng(0)
+    inits = {
+        "w_qkv": rng.standard_normal((dim, dim + 2 * dh)).astype(np.float32) * 0.3,
+        "w_o": rng.standard_normal((dim, dim)).astype(np.float32) * 0.3,
+        "i0": np.array(0, np.int64), "i1": np.array(1, np.int64),
+        "c_two": np.array([2], np.int64),
+        "ax0": np.array([0], np.int64), "ax_last": np.array([-1], np.int64), "big": np.array([2**63 - 1], np.int64),
+        "i_last1": np.array([-1], np.int64), "one1": np.array([1], np.int64), "q_end": np.array([dim], np.int64),
+        "c_heads": np.array([heads], np.int64), "c_dh": np.array([dh], np.int64), "c_mq": np.array([1, heads, 1, 1], np.int64),
+        "kv_shape": np.array([0, 0, 1, dh], np.int64), "o_shape": np.array([0, 0, dim], np.int64),
+    }  # fmt: skip
+    N = helper.make_node
+    nodes = [
+        N("MatMul", ["x", "w_qkv"], ["qkv"]),
+        # sizes from the shape as TorchScript's chunk writes them (a 1-D Gather at index [-1], 1-D arithmetic, axes
+        # [-1]): q ends at dim, k at dim + dh
+        N("Shape", ["qkv"], ["sh"]), N("Gather", ["sh", "i_last1"], ["last"], axis=0),
+        N("Sub", ["last", "q_end"], ["two_dh"]), N("Div", ["two_dh", "c_two"], ["dh_1"]),
+        N("Mul", ["dh_1", "one1"], ["dh_m"]), N("Add", ["q_end", "dh_m"], ["k_end"]),
+        N("Slice", ["qkv", "ax0", "q_end", "ax_last"], ["q"]),
+        N("Slice", ["qkv", "q_end", "k_end", "ax_last"], ["k"]),
+        N("Slice", ["qkv", "k_end", "big", "ax_last"], ["v"]),
+        # q: [b, s, heads, dh] from Shape(x)
+        N("Shape", ["x"], ["shx"]), N("Gather", ["shx", "i0"], ["b_s"]), N("Gather", ["shx", "i1"], ["s_s"]),
+        N("Unsqueeze", ["b_s", "ax0"], ["b_1"]), N("Unsqueeze", ["s_s", "ax0"], ["s_1"]),
+        N("Concat", ["b_1", "s_1", "c_heads", "c_dh"], ["q_shape"], axis=0),
+        N("Reshape", ["q", "q_shape"], ["q4"]), N("Transpose", ["q4"], ["qt"], perm=[0, 2, 1, 3]),
+        N("Reshape", ["k", "kv_shape"], ["k4"]), N("Transpose", ["k4"], ["kt"], perm=[0, 2, 3, 1]),
+        N("Expand", ["kt", "c_mq"], ["ke"]),
+        N("Reshape", ["v", "kv_shape"], ["v4"]), N("Transpose", ["v4"], ["vt"], perm=[0, 2, 1, 3]),
+        N("Expand", ["vt", "c_mq"], ["ve"]),
+        N("MatMul", ["qt", "ke"], ["att"]), N("Softmax", ["att"], ["p"], axis=-1),
+        N("MatMul", ["p", "ve"], ["o4"]), N("Transpose", ["o4"], ["ot"], perm=[0, 2, 1, 3]),
+        N("Reshape", ["ot", "o_shape"], ["o"]), N("MatMul", ["o", "w_o"], ["y"]),
+    ]
+    g = helper.make_graph(nodes, "chunk_mqa", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", dim])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", dim])],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])  # fmt: skip
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    onnx.save(m, path)
+
+
+def test_shape_arithmetic_and_multi_query_expand_build_for_x86(tmp_path):
+    """TorchScript GPT-NeoX's x86 build failed (exit 11: TVM could not legalize the attention MatMul between the
+    ``unk__`` shapes of Slices bounded by Shape arithmetic) and Falcon's was "not built" (TVM's Expand converter
+    cannot take a symbolic batch). The lowering now folds the shape arithmetic and lowers Expand itself; the
+    library must match onnxruntime for batch/sequence sizes other than any seen before."""
+    path = tmp_path / "m.onnx"
+    _chunk_mqa_model(str(path))
+    rng = np.random.default_rng()
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((4, 8, 16)).astype(np.float32))
+    out = tmp_path / "art"
+    p = sparsec("compress", path, "--target", "x86", "--nm", "2:4", "--calib", tmp_path / "calib.npz", "-o", out, "-q")
+    assert p.returncode == 0, p.stderr[-2000:]
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["build"]["status"] == "built", rep["build"]
+    assert "warning" not in p.stderr
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    for b, t in ((1, int(rng.integers(2, 6))), (3, int(rng.integers(7, 20)))):
+        x = rng.standard_normal((b, t, 16)).astype(np.float32)
+        np.savez(tmp_path / "x.npz", x=x)
+        p = sparsec("run", out, "--inputs", tmp_path / "x.npz", "-o", tmp_path / "y.npz", "--engine", "lib")
+        assert p.returncode == 0, p.stderr[-2000:]
+        got = np.load(tmp_path / "y.npz")["y"]
+        assert got.shape == (b, t, 16)
+        assert rel(got, sess.run(None, {"x": x})[0]) < 1e-5
+
+
+def test_a_build_that_cannot_lower_warns(tmp_path):
+    """An op TVM has no converter for (``Celu``): the artifact runs through model.onnx (exit 0, documented), but the
+    user who asked for ``--target x86`` is told, naming the op, on stderr even with ``-q`` and in report.json."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng().standard_normal((16, 16)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Celu", ["h"], ["y"], alpha=0.7)],
+                          "celu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])], [numpy_helper.from_array(w, "w")])  # fmt: skip
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng().standard_normal((8, 16)).astype(np.float32))
+    out = tmp_path / "art"
+    p = sparsec("compress", tmp_path / "m.onnx", "--target", "x86", "--nm", "2:4", "--calib", tmp_path / "calib.npz", "-o", out, "-q")
+    assert p.returncode == 0, p.stderr[-2000:]
+    line = [ln for ln in p.stderr.splitlines() if "warning" in ln]
+    assert line and "Celu" in line[0] and "x86" in line[0], p.stderr[-2000:]
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["build"]["status"].startswith("not built") and any("Celu" in w for w in rep["warnings"])
+    assert not (out / "lib").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,exporter", [("gptneox", "torchscript"), ("falcon", "dynamo"), ("falcon", "torchscript")])
+def test_attention_exports_build_for_x86(exported, tmp_path, family, exporter):
+    """The real exports behind the two failures above: compiled library vs onnxruntime on the artifact."""
+    m, path, d = exported(family, exporter)
+    out = tmp_path / "art"
+    p = sparsec("compress", path, "--target", "x86", "--nm", "2:4", "--calib", d / "calib.npz", "-o", out, "-q")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads((out / "report.json").read_text())["build"]["status"] == "built"
+    feeds = mm.feeds(m, b=2, t=int(np.random.default_rng().integers(5, 16)), seed=int(np.random.default_rng().integers(1 << 30)))
+    np.savez(tmp_path / "x.npz", **feeds)
+    p = sparsec("run", out, "--inputs", tmp_path / "x.npz", "-o", tmp_path / "y.npz", "--engine", "lib")
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = dict(np.load(tmp_path / "y.npz"))
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    ref = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    for k in ref:
+        assert rel(got[k], ref[k]) < 1e-5, k
