@@ -57,19 +57,23 @@ def exported(tmp_path_factory):
     return get
 
 
-def compress_and_run(m, path, d, tmp_path, *flags):
-    """`sparsec compress` + `sparsec run` on fresh inputs; returns (report, run outputs, ORT on the artifact)."""
+def compress_and_run(m, path, d, tmp_path, *flags, build=False, skip_unbuilt=False, t=None):
+    """`sparsec compress` + `sparsec run` on fresh inputs; returns (report, run outputs, ORT on the artifact).
+    ``build``: compile the library and run it (``--engine lib``); ``skip_unbuilt``: skip when this machine could not
+    build for the target (cross toolchain missing); ``t``: sequence length of the inputs."""
     out = tmp_path / "art"
-    p = sparsec("compress", path, *flags, "--calib", d / "calib.npz", "-o", out, "--no-build", "-q", "--force")
+    p = sparsec("compress", path, *flags, "--calib", d / "calib.npz", "-o", out, *(() if build else ("--no-build",)), "-q", "--force")
     assert p.returncode == 0, p.stderr[-2000:]
-    feeds = mm.feeds(m, b=2, seed=int(np.random.default_rng().integers(1 << 30)))
+    rep = json.loads((out / "report.json").read_text())
+    if build and skip_unbuilt and "not built" in rep["build"].get("status", ""):
+        pytest.skip(f"no build here: {rep['build']['status']}")
+    feeds = mm.feeds(m, b=2, seed=int(np.random.default_rng().integers(1 << 30)), **({} if t is None else {"t": t}))
     np.savez(tmp_path / "x.npz", **feeds)
-    p = sparsec("run", out, "--inputs", tmp_path / "x.npz", "-o", tmp_path / "y.npz")
+    p = sparsec("run", out, "--inputs", tmp_path / "x.npz", "-o", tmp_path / "y.npz", *(("--engine", "lib") if build else ()))
     assert p.returncode == 0, p.stderr[-2000:]
     got = dict(np.load(tmp_path / "y.npz"))
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     ref = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
-    rep = json.loads((out / "report.json").read_text())
     return rep, got, ref, feeds
 
 
@@ -222,18 +226,8 @@ def test_distilbert_mask_runs_on_aarch64(exported, tmp_path):
     if not (shutil.which("qemu-aarch64") or shutil.which("qemu-aarch64-static")):
         pytest.skip("qemu-aarch64 is not installed")
     m, path, d = exported("distilbert", "torchscript")
-    out = tmp_path / "art"
-    p = sparsec("compress", path, "--target", "aarch64", "--nm", "2:4", "--calib", d / "calib.npz", "-o", out, "-q")
-    assert p.returncode == 0, p.stderr[-2000:]
-    rep = json.loads((out / "report.json").read_text())
-    if "not built" in rep["build"].get("status", ""):
-        pytest.skip(f"no aarch64 build here: {rep['build']['status']}")
-    feeds = mm.feeds(m, b=2, seed=int(np.random.default_rng().integers(1 << 30)))
-    np.savez(tmp_path / "x.npz", **feeds)
-    p = sparsec("run", out, "--inputs", tmp_path / "x.npz", "-o", tmp_path / "y.npz", "--engine", "lib")
-    assert p.returncode == 0, p.stderr[-2000:]
-    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    assert rel(np.load(tmp_path / "y.npz")["logits"], sess.run(None, feeds)[0]) < 1e-4
+    _, got, ref, _ = compress_and_run(m, path, d, tmp_path, "--target", "aarch64", "--nm", "2:4", build=True, skip_unbuilt=True)
+    assert rel(got["logits"], ref["logits"]) < 1e-4
 
 
 def test_float16_rmsnorm_is_raised_and_sliced(exported, tmp_path):
@@ -253,18 +247,10 @@ def test_float16_rmsnorm_is_raised_and_sliced(exported, tmp_path):
 def test_float16_export_builds_for_x86(exported, tmp_path):
     """The x86 build of a float16 model failed: the embedding table was lowered as float32 next to a float16 stream."""
     m, path, d = exported("mistral_sdpa", "dynamo", half=True)
-    out = tmp_path / "art"
-    p = sparsec("compress", path, "--nm", "2:4", "--slice", "0.1", "--calib", d / "calib.npz", "-o", out, "-q")
-    assert p.returncode == 0, p.stderr[-2000:]
-    feeds = mm.feeds(m, b=2, seed=int(np.random.default_rng().integers(1 << 30)))
-    np.savez(tmp_path / "x.npz", **feeds)
-    p = sparsec("run", out, "--inputs", tmp_path / "x.npz", "-o", tmp_path / "y.npz", "--engine", "lib")
-    assert p.returncode == 0, p.stderr[-2000:]
-    got = np.load(tmp_path / "y.npz")["logits"]
-    assert got.dtype == np.float16
-    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    _, got, ref, _ = compress_and_run(m, path, d, tmp_path, "--nm", "2:4", "--slice", "0.1", build=True)
+    assert got["logits"].dtype == np.float16
     # onnxruntime's own float16 CPU kernels are 1.3e-2 off the float32 model on the unmodified export
-    assert rel(got, sess.run(None, feeds)[0]) < 3e-2
+    assert rel(got["logits"], ref["logits"]) < 3e-2
 
 
 @pytest.mark.slow
@@ -273,19 +259,7 @@ def test_kv_cache_decoder_standalone_build(exported, tmp_path, target):
     """Standalone builds refused every model with several outputs ('main returns 1 values for 5 outputs'): the
     planned main returns a var bound to the output tuple, not a tuple literal."""
     m, path, d = exported("llama_kv", "dynamo")
-    out = tmp_path / "art"
-    p = sparsec("compress", path, "--target", target, "--nm", "2:4", "--calib", d / "calib.npz", "-o", out, "-q")
-    assert p.returncode == 0, p.stderr[-2000:]
-    rep = json.loads((out / "report.json").read_text())
-    if "not built" in rep["build"].get("status", ""):
-        pytest.skip(f"no {target} build here: {rep['build']['status']}")
-    feeds = mm.feeds(m, b=2, seed=int(np.random.default_rng().integers(1 << 30)))
-    np.savez(tmp_path / "x.npz", **feeds)
-    p = sparsec("run", out, "--inputs", tmp_path / "x.npz", "-o", tmp_path / "y.npz", "--engine", "lib")
-    assert p.returncode == 0, p.stderr[-2000:]
-    got = dict(np.load(tmp_path / "y.npz"))
-    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    ref = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    _, got, ref, _ = compress_and_run(m, path, d, tmp_path, "--target", target, "--nm", "2:4", build=True, skip_unbuilt=True)
     assert list(got) == m.output_names
     for k in ref:
         assert rel(got[k], ref[k]) < 1e-4, k
@@ -398,16 +372,8 @@ def test_a_build_that_cannot_lower_warns(tmp_path):
 def test_attention_exports_build_for_x86(exported, tmp_path, family, exporter):
     """The real exports behind the two failures above: compiled library vs onnxruntime on the artifact."""
     m, path, d = exported(family, exporter)
-    out = tmp_path / "art"
-    p = sparsec("compress", path, "--target", "x86", "--nm", "2:4", "--calib", d / "calib.npz", "-o", out, "-q")
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert json.loads((out / "report.json").read_text())["build"]["status"] == "built"
-    feeds = mm.feeds(m, b=2, t=int(np.random.default_rng().integers(5, 16)), seed=int(np.random.default_rng().integers(1 << 30)))
-    np.savez(tmp_path / "x.npz", **feeds)
-    p = sparsec("run", out, "--inputs", tmp_path / "x.npz", "-o", tmp_path / "y.npz", "--engine", "lib")
-    assert p.returncode == 0, p.stderr[-2000:]
-    got = dict(np.load(tmp_path / "y.npz"))
-    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    ref = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    rep, got, ref, _ = compress_and_run(m, path, d, tmp_path, "--target", "x86", "--nm", "2:4", build=True,
+                                        t=int(np.random.default_rng().integers(5, 16)))  # fmt: skip
+    assert rep["build"]["status"] == "built"
     for k in ref:
         assert rel(got[k], ref[k]) < 1e-5, k
