@@ -226,27 +226,19 @@ def cmd_cand(args):
             "checks": [], "bench": []}  # fmt: skip
     _write(path, part)
     W = _weights(ctx, Path(args.cache))
-    if args.smoke:
-        for (n, k), m in SMOKE:
-            part["stage"] = f"smoke {n}x{k} M={m}"
+    # smoke shapes (ws) first, then the correctness checks; the stage names what a hang or failure interrupted
+    phases = ([("smoke", "smoke", SMOKE, 500)] if args.smoke else []) + [("check", "checks", CHECK, 1000)]
+    for label, key, shapes, seed0 in phases:
+        for (n, k), m in shapes:
+            part["stage"] = f"{label} {n}x{k} M={m}"
             _write(path, part)
-            c = bc.check(ctx, args.func, W(n, k), m, seed=500 + m + n)
-            part["smoke"].append(c)
+            c = bc.check(ctx, args.func, W(n, k), m, seed=seed0 + m + n)
+            part[key].append(c)
             if not c["ok"]:
-                part["stage"] = f"smoke failed {n}x{k} M={m}"
+                part["stage"] = f"{label} failed {n}x{k} M={m}"
                 _write(path, part)
                 print("WRONG", c, flush=True)
                 return 1
-    for (n, k), m in CHECK:
-        part["stage"] = f"check {n}x{k} M={m}"
-        _write(path, part)
-        c = bc.check(ctx, args.func, W(n, k), m, seed=1000 + m + n)
-        part["checks"].append(c)
-        if not c["ok"]:
-            part["stage"] = f"check failed {n}x{k} M={m}"
-            _write(path, part)
-            print("WRONG", c, flush=True)
-            return 1
     if not args.no_bench:
         for n, k in bc.LLM_SHAPES:
             wt = W(n, k)
