@@ -106,6 +106,18 @@ def _call(f, params, x, out_f):
     return y.numpy()
 
 
+def _assert_matches_float64(impl, lin, wref, ms, tol, rng, what):
+    """``impl`` compiled and run at each M in ``ms`` on fresh inputs, against x @ wref.T (+ bias) in float64."""
+    f = _compile(impl)
+    params = [tvm.runtime.tensor(a) for a in prepare_params(impl, lin)]
+    for m in ms:
+        x = rng.standard_normal((m, lin.in_features)).astype(np.float32)
+        ref = x.astype(np.float64) @ wref.T + (0 if lin.bias is None else lin.bias)
+        got = _call(f, params, x, lin.out_features)
+        err = np.abs(got - ref).max() / np.abs(ref).max()
+        assert err < tol, f"{what} M={m}: rel err {err}"
+
+
 KINDS = ["dense", "nm2:4", "nm1:4", "nm2:8", "int4s", "int4a", "int8s", "int8a", "int4s-gm", "nm2:4+int4s", "nm2:4+int4a", "nm2:4+int8a"]
 MS = (1, 3, 4, 5, 16, 17, 37)
 
@@ -122,14 +134,8 @@ def test_cpu_kernel_matches_float64_reference(kind):
     expect = {"dense": "cpu.dense", "group_quant": "cpu.group_quant", "nm_sparse[dense]": "cpu.nm_sparse",
               "nm_sparse[group_quant]": "cpu.nm_group_quant"}[format_key(fmt)]  # fmt: skip
     assert impl.name == expect and impl.func is not None and not impl.tuned
-    f = _compile(impl)
-    params = [tvm.runtime.tensor(a) for a in prepare_params(impl, lin)]
-    for m in MS:  # GEMV tiers 1/4/16 (with padding rows) and the GEMM path with a ragged last tile
-        x = rng.standard_normal((m, in_f)).astype(np.float32)
-        ref = x.astype(np.float64) @ wref.T + (0 if bias is None else bias)
-        got = _call(f, params, x, out_f)
-        err = np.abs(got - ref).max() / np.abs(ref).max()
-        assert err < 2e-6, f"{kind} M={m} seed={seed}: rel err {err}"
+    # GEMV tiers 1/4/16 (with padding rows) and the GEMM path with a ragged last tile
+    _assert_matches_float64(impl, lin, wref, MS, 2e-6, rng, f"{kind} seed={seed}")
 
 
 def test_cpu_kernels_in_their_search_space_are_correct():
@@ -147,13 +153,7 @@ def test_cpu_kernels_in_their_search_space_are_correct():
         assert cpu.check_config(spec, cfg) is None
         impl = select_kernel(lin, X86, ShapeHints(config=cfg), TuningDB.empty(), only="cpu.nm_group_quant")
         assert impl.config == cfg
-        f = _compile(impl)
-        params = [tvm.runtime.tensor(a) for a in prepare_params(impl, lin)]
-        for m in (1, 2, 7, 9, 21):
-            x = rng.standard_normal((m, 64)).astype(np.float32)
-            ref = x.astype(np.float64) @ wref.T + lin.bias
-            got = _call(f, params, x, 32)
-            assert np.abs(got - ref).max() / np.abs(ref).max() < 2e-6, (cfg, m)
+        _assert_matches_float64(impl, lin, wref, (1, 2, 7, 9, 21), 2e-6, rng, str(cfg))
 
 
 def test_kernel_source_really_skips_pruned_weights():
@@ -223,14 +223,7 @@ def test_cpu_panel_gemm_matches_float64_reference(case):
         assert spec.J // jb > 1, "the K-blocked case must really split K"
     if kind != "dense":
         assert "P = T.alloc_buffer" in impl.source  # the decoded panel
-    f = _compile(impl)
-    params = [tvm.runtime.tensor(a) for a in prepare_params(impl, lin)]
-    for m in (17, 64, 130):
-        x = rng.standard_normal((m, in_f)).astype(np.float32)
-        ref = x.astype(np.float64) @ wref.T + (0 if bias is None else bias)
-        got = _call(f, params, x, out_f)
-        err = np.abs(got - ref).max() / np.abs(ref).max()
-        assert err < 1e-5, f"{case} M={m} seed={seed}: rel err {err}"
+    _assert_matches_float64(impl, lin, wref, (17, 64, 130), 1e-5, rng, f"{case} seed={seed}")
 
 
 # the schedules sparsec adds for operators TVM legalizes (backends/cpu_schedule.py), on symbolic batch/sequence:
