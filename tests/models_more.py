@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .models import LlamaMLP, LlamaRMSNorm, MixtralSparseMoeBlock, rotate_half
+from .models import BertIntermediate, LlamaMLP, LlamaRMSNorm, MixtralSparseMoeBlock, rotate_half
 
 
 # ---------------------------------------------------------------------------------------------------------------- common
@@ -794,13 +794,7 @@ class ViTAttention(nn.Module):
         return self.output(self.attention(x))
 
 
-class ViTIntermediate(nn.Module):
-    def __init__(self, d, f):
-        super().__init__()
-        self.dense = nn.Linear(d, f)
-
-    def forward(self, x):
-        return F.gelu(self.dense(x))
+ViTIntermediate = BertIntermediate  # HF's ViTIntermediate is a copy of BertIntermediate (Linear + exact GELU)
 
 
 class ViTOutput(nn.Module):
