@@ -591,11 +591,11 @@ class _Lowerer:
         if isinstance(x, (int, np.integer)):
             return int(x)
         if self._ana is None:
-            import tvm
+            from tvm import sym  # TVM 0.27: the arithmetic analyzer lives in tvm.sym (was tvm.arith)
 
-            self._ana = tvm.arith.Analyzer()
+            self._ana = sym.Analyzer()
             for v in self.input_syms:
-                self._ana.update(v, tvm.arith.ConstIntBound(0, 2**62))
+                self._ana.update(v, sym.ConstIntBound(0, 2**62))
         r = self._ana.simplify(x)
         if isinstance(r, tirx.IntImm):
             return bool(r.value) if str(r.ty) == "bool" else int(r.value)

@@ -344,6 +344,45 @@ def test_shape_arithmetic_and_multi_query_expand_build_for_x86(tmp_path):
         assert rel(got, sess.run(None, {"x": x})[0]) < 1e-5
 
 
+def test_symbolic_shape_comparisons_are_decided_at_compile_time(tmp_path):
+    """TorchScript's ``expand`` guard ``Where(Equal(shape, -1), 1, shape)`` compares a shape holding the symbolic
+    batch with -1. The lowering decides such comparisons with TVM's arithmetic analyzer (dims >= 0); it was looked
+    up as ``tvm.arith`` (gone in TVM 0.27: ``tvm.sym``), every symbolic comparison raised, and TVM's converter
+    folded ``Equal([batch, -1], -1)`` to [False, False]. Here the comparison reaches the output: y = x @ w +
+    Cast(Equal([batch, -1], -1)), so the library must add [0, 1] like onnxruntime does."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng()
+    w = rng.standard_normal((2, 2)).astype(np.float32)
+    N = helper.make_node
+    inits = {"w": w, "z": np.array(0, np.int64), "i0": np.array([0], np.int64), "m1": np.array([-1], np.int64)}
+    # as TorchScript writes it: s = Reshape(Concat(batch, -1), [-1]); Equal(s, ConstantOfShape(Shape(s)) * -1)
+    nodes = [N("Shape", ["x"], ["shx"]), N("Gather", ["shx", "z"], ["b0"]), N("Unsqueeze", ["b0", "i0"], ["b"]),
+             N("Concat", ["b", "m1"], ["s0"], axis=0),
+             N("Reshape", ["s0", "m1"], ["s"]), N("Shape", ["s"], ["ss"]),
+             N("ConstantOfShape", ["ss"], ["ones"], value=numpy_helper.from_array(np.array([1], np.int64))),
+             N("Mul", ["ones", "m1"], ["neg"]), N("Equal", ["s", "neg"], ["eq"]),
+             N("Cast", ["eq"], ["eqf"], to=TensorProto.FLOAT),
+             N("MatMul", ["x", "w"], ["h"]), N("Add", ["h", "eqf"], ["y"])]  # fmt: skip
+    g = helper.make_graph(nodes, "eq_guard", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])  # fmt: skip
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    out = tmp_path / "art"
+    p = sparsec("compress", tmp_path / "m.onnx", "--target", "x86", "-o", out, "-q")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads((out / "report.json").read_text())["build"]["status"] == "built"
+    x = rng.standard_normal((int(rng.integers(2, 9)), 2)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    p = sparsec("run", out, "--inputs", tmp_path / "x.npz", "-o", tmp_path / "y.npz", "--engine", "lib")
+    assert p.returncode == 0, p.stderr[-2000:]
+    ref = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(ref - x @ w, np.broadcast_to([0.0, 1.0], x.shape), atol=1e-6)  # the reference itself
+    assert rel(np.load(tmp_path / "y.npz")["y"], ref) < 1e-6
+
+
 def test_a_build_that_cannot_lower_warns(tmp_path):
     """An op TVM has no converter for (``Celu``): the artifact runs through model.onnx (exit 0, documented), but the
     user who asked for ``--target x86`` is told, naming the op, on stderr even with ``-q`` and in report.json."""
