@@ -363,6 +363,12 @@ class _Lowerer:
                 return [(n.outputs[0], self.refine(n.outputs[0], out))]
         if n.op_type == "Range" and not n.domain:
             return [(n.outputs[0], self.refine(n.outputs[0], self.range_(ins)))]
+        if n.op_type in _CMP_OPS and not n.domain and len(ins) == 2 and any(
+                isinstance(e, relax.ShapeExpr) or isinstance(getattr(e, "ty", None), tvm.ir.type.PrimType) for e in ins):
+            # sizes not compared at compile time (fold): compare at run time. TVM's converters fold shape expressions
+            # structurally (Equal([batch], [seq]) -> False even when they are equal) or fail on them (Less)
+            a, b = (self.as_tensor(e) for e in ins)
+            return [(n.outputs[0], self.refine(n.outputs[0], self.bb.emit(getattr(relax.op, _CMP_OPS[n.op_type])(a, b))))]
         conv = _get_convert_map().get(n.op_type)
         if conv is None:
             raise UnsupportedOpError(f"{n.op_type} (node '{n.name}') has no TVM lowering", hint="use --engine onnx to run it")
@@ -439,9 +445,12 @@ class _Lowerer:
             return None
         if isinstance(e, relax.ShapeExpr):
             return np.array([_sv_elem(d) for d in e.values] + [None], dtype=object)[:-1]
-        if isinstance(e, relax.PrimValue) and str(e.value.ty).startswith("int"):
+        # an int size (TVM 0.27: a PrimValue is the TIR expression itself, e.g. ``batch * 4``); a Var of PrimType
+        # is only usable when it is one of the graph inputs' symbolic dims (a bound Relax var has no TIR value)
+        if tvm.ir.is_prim_expr(e) and str(e.ty).startswith("int") and (
+                not tvm.ir.is_prim_var(e) or any(e.same_as(s) for s in self.input_syms)):
             box = np.empty((), dtype=object)
-            box[()] = _sv_elem(e.value)
+            box[()] = _sv_elem(e)
             return box
         return None
 
@@ -455,6 +464,8 @@ class _Lowerer:
         symbolic one is remembered for the ops that consume it and lowered by TVM as before."""
         try:
             val = self._fold(n, ins)
+        except (ImportError, NameError, AttributeError):
+            raise  # a bug in the folding itself (an API that moved), not a value it cannot fold
         except Exception:  # noqa: BLE001 - anything not foldable is lowered by TVM as usual
             val = None
         if val is not None and not isinstance(val, np.ndarray):  # numpy returns 0-d picks as the element
@@ -692,6 +703,17 @@ class _Lowerer:
         lim = lim if str(lim.ty) == "int64" else tirx.Cast("int64", lim)
         return self.bb.emit(relax.op.arange(relax.prim_value(tirx.IntImm("int64", int(s0))), relax.prim_value(lim),
                                             relax.prim_value(tirx.IntImm("int64", int(d0))), dt))  # fmt: skip
+
+    def as_tensor(self, e):
+        """A shape expression or an int size (PrimValue) as an int64 tensor; tensors unchanged."""
+        import tvm
+
+        relax = self.relax
+        if isinstance(e, relax.ShapeExpr):
+            return self.bb.emit(relax.op.shape_to_tensor(e))
+        if isinstance(getattr(e, "ty", None), tvm.ir.type.PrimType):
+            return self.prim_to_tensor(e)
+        return e
 
     def prim_to_tensor(self, v):
         """A PrimValue (an int64 size) as a 0-d int64 tensor."""
@@ -984,6 +1006,8 @@ class _LazyOps(dict):
 
 
 _FOLD_OPS = _LazyOps()
+_CMP_OPS = {"Equal": "equal", "Less": "less", "LessOrEqual": "less_equal", "Greater": "greater",
+            "GreaterOrEqual": "greater_equal"}  # fmt: skip
 _FOLD_BOOL = {"Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Not", "And", "Or"}
 
 
@@ -1019,9 +1043,9 @@ def _same_dim_expr(a, b) -> bool:
 
 
 def tvm_structural_equal(a, b) -> bool:
-    import tvm
+    import tvm_ffi  # TVM 0.27: structural_equal lives in tvm_ffi (was tvm.ir)
 
-    return tvm.ir.structural_equal(a, b, map_free_vars=False)
+    return tvm_ffi.structural_equal(a, b, map_free_vars=False)
 
 
 def _same_dim(h, w) -> bool:
