@@ -14,8 +14,10 @@ triple loop. These two DLight rules fill that gap and run after TVM's own (:func
 
 On x86, three more rules come first (measured in bench/results/profile_x86.md): :class:`CpuMatmulTiled` (attention
 matmuls as register micro-kernels), :class:`CpuRowReduce` (softmax per row, rfactor-ed reductions) and
-:class:`CpuInjectiveInner` (elementwise blocks vectorized along a static innermost axis). The first two dispatch at
-run time between the tiled body and the previous schedule on the symbolic sequence length (:func:`_dispatch`).
+:class:`CpuInjectiveInner` (elementwise blocks vectorized along a static innermost axis). The first two cover any
+symbolic sequence length; they dispatch at run time (:func:`_dispatch`) between whole column tiles and padded
+columns (matmuls) and between the row body and the plain loops for short rows (softmax); bench/results/
+attn_seq_x86.md measures lengths that are and are not multiples of the tiles.
 
 They never touch sparsec's own kernels (those are already-scheduled loop nests without schedulable blocks).
 """
@@ -106,30 +108,46 @@ class CpuMatmulTiled(CPUScheduleRule):
     ``P @ V``) as a register-blocked micro-kernel: ``MI`` rows x ``NJ`` SIMD vectors of ``j`` accumulated in local
     registers (cache_write) over the reduction, the epilogue applied per tile, the batch x head axes in parallel.
 
-    The sequence axes are symbolic: tile predicates inside the micro-kernel make LLVM emit masked, branchy code (10x
-    slower), so the row-tile and column-tile loops carry ``pragma_loop_partition_hint`` (TVM's LoopPartition splits
-    off the predicate-free body) and the function dispatches at run time: the tiled body when every symbolic extent
-    is a multiple of its tile, else the previous schedule (:class:`CpuMatmul`, or the plain loop nest). Golden GPT,
-    128 tokens, 1 thread: ``P @ V`` 0.097 -> 0.025 ms, ``Q @ K^T`` (+ scale + mask) 0.083 -> 0.028 ms per call."""
+    The sequence axes are symbolic and any length runs a tiled body. Rows: the row-tile loop carries
+    ``pragma_loop_partition_hint``, so TVM's LoopPartition splits the whole row tiles (predicate-free) off the partial
+    last one (its per-row ``if`` does not depend on the SIMD lane, so it stays vector code). Columns: a predicate on
+    the vectorized lane would make the vectorizer scalarize the tile (branchy scalar code, 10x slower; TVM's
+    buffer-level predication does not apply to these accesses), so a symbolic column axis dispatches at run time:
+    a multiple of the column tile runs the tile loop directly, any other length the same micro-kernel on columns
+    padded to whole tiles (``pad_einsum``: the operand indexed by the column copied into a zero-padded buffer per
+    batch x head, the product computed into a padded buffer) with the epilogue (or the copy into the output) as its
+    own row-parallel loop over the real columns, vectorized, its last partial vector split off by LoopPartition;
+    fewer than ``MIN_PAD`` columns run the previous schedule (:class:`CpuMatmul` or the plain loop nest: the padded
+    body's fixed cost, about 4 us per call, is more than a 1-16 token product costs).
+    Golden GPT, 128 tokens, 1 thread: ``P @ V`` 0.097 -> 0.025 ms, ``Q @ K^T`` (+ scale + mask) 0.083 -> 0.028 ms per
+    call; at lengths that are not multiples of the tiles see bench/results/attn_seq_x86.md."""
 
     MI, NJ = 8, 2
+    MIN_PAD = 20  # fewer columns than this (and not a multiple of the tile): the previous schedule (measured faster)
 
     def apply(self, func, target: Target, tunable: bool):
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target) or not _x86(target):
             return None
         try:
-            got = self._tiled(func, target)
+            got = self._tiled(func, target, pad=False)
+            if got is None:
+                return None
+            fast, cond, _ = got
+            if cond is not None:  # a symbolic column axis: whole column tiles, else padded ones, short rows as before
+                prev = CpuMatmul().apply(func, target, tunable)
+                prev = prev.mod["main"] if prev is not None else func
+                padded = self._tiled(func, target, pad=True)
+                if padded is not None:
+                    cols = padded[2]
+                    prev = _dispatch(padded[0], prev, tirx.GE(cols, tirx.const(self.MIN_PAD, str(cols.ty.dtype))))
+                fast = _dispatch(fast, prev, cond)
         except Exception:  # noqa: BLE001 - a block shape this rule does not cover: leave it to the next rule
             return None
-        if got is None:
-            return None
-        fast, cond = got
-        if cond is not None:
-            prev = CpuMatmul().apply(func, target, tunable)
-            fast = _dispatch(fast, prev.mod["main"] if prev is not None else func, cond)
         return s_tir.Schedule(fast)
 
-    def _tiled(self, func, target):
+    def _tiled(self, func, target, pad: bool):
+        """The tiled schedule, the run-time condition under which it needs no column padding (None: never pads) and
+        the column extent. ``pad``: pad the symbolic column axis to whole tiles (the body for any length)."""
         sch = s_tir.Schedule(func)
         infos = normalize_prim_func(sch)
         if infos is None:
@@ -147,7 +165,7 @@ class CpuMatmulTiled(CPUScheduleRule):
             return None  # a reduction of one tensor (a norm's sum of squares), not a product of two
         for b in rest[:-1]:
             sch.compute_inline(b.block_rv)
-        epi = rest[-1] if rest else None
+        epi = rest[-1].block_rv if rest else None
         lanes = _lanes(target)
         block = main.block_rv
         *outer, i, j, k = sch.get_loops(block)
@@ -163,34 +181,69 @@ class CpuMatmulTiled(CPUScheduleRule):
             nj = self.NJ if jext % (self.NJ * lanes) == 0 else 1
         else:
             nj = self.NJ
-        conds = []
-        for ext, tile in ((iext, mi), (jext, nj * lanes)):
-            if not isinstance(ext, int):
-                rem = tirx.floormod(ext, tile)
-                conds.append(tirx.EQ(rem, tirx.const(0, str(rem.ty.dtype))))
+        cond = None
+        if not isinstance(jext, int):
+            rem = tirx.floormod(jext, nj * lanes)
+            cond = tirx.EQ(rem, tirx.const(0, str(rem.ty.dtype)))
+        pads, epi_at_row = [], False
+        if pad and cond is not None:
+            pads = self._pad_columns(sch, block, nj * lanes)
+            out = sch.get_consumers(block)
+            if len(out) != 1:
+                return None
+            if epi is not None:
+                sch.compute_inline(out[0])  # the epilogue reads the padded product directly
+            else:
+                epi = out[0]  # the copy from the padded product into the output is the epilogue
+            epi_at_row = True
+            *outer, i, j, k = sch.get_loops(block)
         jo, jv, ji = sch.split(j, [None, nj, lanes])
         io, ii = sch.split(i, [None, mi])
         sch.reorder(*outer, io, jo, k, ii, jv, ji)
         sch.vectorize(ji)
         sch.unroll(jv)
         sch.unroll(ii)
+        par = None
         if outer:
-            sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+            par = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+            sch.parallel(par)
         wb = sch.cache_write(block, 0, "local")
         sch.reverse_compute_at(wb, jo)
-        for blk in [wb] + ([epi.block_rv] if epi is not None else []):
-            if blk is not wb:
-                sch.reverse_compute_at(blk, jo)
-            inner = sch.get_loops(blk)[-2:]
-            _, v = sch.split(sch.fuse(*inner), [None, lanes])
-            sch.vectorize(v)
+        for blk in [wb] + ([epi] if epi is not None else []):
+            if blk is wb or not epi_at_row:
+                if blk is not wb:
+                    sch.reverse_compute_at(blk, jo)
+                inner = sch.get_loops(blk)[-2:]
+                _, v = sch.split(sch.fuse(*inner), [None, lanes])
+                sch.vectorize(v)
+            else:  # its own loop nest over the real (unpadded) rows: one predicated vector at each row's end
+                *rows, col = sch.get_loops(blk)
+                sch.parallel(sch.fuse(*rows) if len(rows) > 1 else rows[0])
+                co, ci = sch.split(col, [None, lanes])
+                sch.vectorize(ci)
+                sch.annotate(co, "pragma_loop_partition_hint", 1)
         sch.decompose_reduction(block, k)
+        for p in pads:  # each batch x head pads its own operand slice (in parallel, while it is in cache)
+            if par is not None:
+                sch.compute_at(p, par)
+            co, ci = sch.split(sch.get_loops(p)[-1], [None, lanes])
+            sch.vectorize(ci)
+            sch.annotate(co, "pragma_loop_partition_hint", 1)
+        # rows stay predicated: TVM's LoopPartition splits the last (partial) row tile off the predicate-free ones
         sch.annotate(io, "pragma_loop_partition_hint", 1)
         sch.annotate(jo, "pragma_loop_partition_hint", 1)
-        cond = None
-        for c in conds:
-            cond = c if cond is None else tirx.And(cond, c)
-        return sch.mod["main"], cond
+        return sch.mod["main"], cond, jext
+
+    @staticmethod
+    def _pad_columns(sch, block, tile):
+        """pad_einsum of ``block``'s second-to-last (column) axis to a multiple of ``tile``: the operand indexed by
+        the column copied into a zero-padded buffer and the product computed into a padded one. Returns the operand
+        pad blocks it added."""
+        before = {sch.get(b).name_hint for b in sch.get_producers(block)}
+        pads = [1] * len(sch.get_loops(block))
+        pads[-2] = tile
+        sch.pad_einsum(block, pads)
+        return [b for b in sch.get_producers(block) if sch.get(b).name_hint not in before]
 
 
 class CpuInjective(CPUScheduleRule):
@@ -227,11 +280,18 @@ class CpuInjective(CPUScheduleRule):
 
 class CpuRowReduce(CPUScheduleRule):
     """Row-wise reductions followed by an elementwise pass over the same rows (softmax: max, exp, sum, divide) on a
-    symbolic last axis: one parallel loop over the rows with every block computed per row, each reduction split by
-    the SIMD width and rfactor-ed into SIMD-width partial results (LLVM does not vectorize float reductions without
-    reassociation: the plain loops are latency-bound scalar chains), the elementwise passes vectorized. Dispatched at
-    run time like :class:`CpuMatmulTiled`: rows of a multiple of the SIMD width and at least ``MIN_ROW`` long take
-    this body (shorter rows pay more for the per-row partial reductions than they save), others the plain loops."""
+    symbolic last axis: each reduction split by the SIMD width and rfactor-ed into SIMD-width partial results (LLVM
+    does not vectorize float reductions without reassociation: the plain loops are latency-bound scalar chains), the
+    elementwise passes vectorized, all in parallel loops over the rows. Rows of any length: the partial last chunk of
+    a row keeps the split's predicate and LoopPartition (``pragma_loop_partition_hint`` on every chunk loop) splits
+    it off the predicate-free ones. The blocks are gathered per row from the front: each partial reduction keeps its
+    own row loop and the blocks after it are computed per row under it (reverse_compute_at), then the row loops are
+    merged into one parallel loop (softmax: max + exp, sum, divide; each row's passes back to back while it is in
+    cache). Gathering from the back (compute_at of every block at the last one's row, the previous schedule) is not
+    used: TVM's compute_at of an rfactor-ed block drops the split's predicate, so the partial last chunk read past
+    the row at lengths that are not a multiple of the SIMD width. Dispatched at run time: rows of at least
+    ``MIN_ROW`` take this body (shorter rows pay more for the per-row partial reductions than they save: measured at
+    16-47), others the plain loops."""
 
     MIN_ROW = 64
 
@@ -245,9 +305,7 @@ class CpuRowReduce(CPUScheduleRule):
         if got is None:
             return None
         fast, ext = got
-        lanes = _lanes(target)
-        rem = tirx.floormod(ext, lanes)
-        cond = tirx.And(tirx.EQ(rem, tirx.const(0, str(rem.ty.dtype))), tirx.GE(ext, tirx.const(self.MIN_ROW, str(rem.ty.dtype))))
+        cond = tirx.GE(ext, tirx.const(self.MIN_ROW, str(ext.ty.dtype)))
         return s_tir.Schedule(_dispatch(fast, func, cond))
 
     def _rows(self, func, target):
@@ -276,33 +334,73 @@ class CpuRowReduce(CPUScheduleRule):
         if nred == 0:
             return None
         lanes = _lanes(target)
-        order = []
+        naxes = len(outer)
+        order, rf_row = [], {}
         for b in keep:
             if b.is_injective():
                 order.append((b.block_rv, "S"))
                 continue
-            loops = sch.get_loops(b.block_rv)
-            _, ki = sch.split(loops[-1], [None, lanes])
-            order += [(sch.rfactor(ki, len(loops) - 1), "RF"), (b.block_rv, "R")]
-        *outer, inner = sch.get_loops(last.block_rv)
-        row = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-        sch.parallel(row)
-        for blk, _kind in reversed(order):
-            sch.compute_at(blk, row)
-        for blk, kind in order + [(last.block_rv, "S")]:
-            loops = sch.get_loops(blk)
+            _, ki = sch.split(sch.get_loops(b.block_rv)[-1], [None, lanes])
+            rf = sch.rfactor(ki, naxes)
+            rows = sch.get_loops(rf)[:naxes]
+            rf_row[len(order)] = sch.fuse(*rows) if len(rows) > 1 else rows[0]
+            lane, chunk = sch.get_loops(rf)[-2:]  # row loops, then chunk and lane in either order -> chunk, lane
+            if get_extent(sch, chunk) == lanes:
+                lane, chunk = chunk, lane
+            sch.reorder(chunk, lane)
+            init = sch.decompose_reduction(rf, chunk)
+            sch.vectorize(sch.get_loops(init)[-1])
+            sch.unroll(lane)
+            sch.annotate(chunk, "pragma_loop_partition_hint", 1)
+            order += [(rf, "RF"), (b.block_rv, "R")]
+        # each partial reduction keeps its own row loop (compute_at of an rfactor-ed block drops the split's
+        # predicate: the partial last chunk of a row would then read past it), every other block is computed per row
+        # after its producers (reverse_compute_at) or, when those are in two row loops (softmax's normalization reads
+        # the exps and their sum), in a row loop of its own; the row loops are merged into one at the end
+        row, segs = None, []
+        for n, (blk, kind) in enumerate(order + [(last.block_rv, "S")]):
+            if kind == "RF":
+                row = rf_row[n]
+                segs.append(row)
+            elif row is not None:
+                try:
+                    sch.reverse_compute_at(blk, row)
+                except s_tir.ScheduleError:  # producers in two segments (the exps and their sum): a segment of its own
+                    row = None
+            if row is None:
+                rows = sch.get_loops(blk)[:naxes]
+                row = sch.fuse(*rows) if len(rows) > 1 else rows[0]
+                segs.append(row)
             if kind == "S":
-                ko, ki = sch.split(loops[-1], [None, lanes])
+                ko, ki = sch.split(sch.get_loops(blk)[-1], [None, lanes])
                 sch.vectorize(ki)
                 sch.annotate(ko, "pragma_loop_partition_hint", 1)
-            elif kind == "RF":  # loops: row, lane (spatial), chunk (reduction) -> row, chunk, lane
-                lane, chunk = loops[-2], loops[-1]
-                sch.reorder(chunk, lane)
-                init = sch.decompose_reduction(blk, chunk)
-                sch.vectorize(sch.get_loops(init)[-1])
-                sch.unroll(lane)
-                sch.annotate(chunk, "pragma_loop_partition_hint", 1)
-        return sch.mod["main"], ext
+        if len(segs) == 1:
+            return sch.mod["main"], ext
+        # one row loop for all: each row's blocks run back to back while the row is in cache (1.3x faster than three
+        # passes over the rows). merge() leaves a serial loop and parallel() refuses it (the rfactor-ed blocks are
+        # not "complete" blocks under it); the rows are independent (every buffer written is indexed by the row), so
+        # the merged loop is marked parallel directly
+        merged = sch.get(sch.merge(*segs))
+        return _parallel_root_loop(sch.mod["main"], merged), ext
+
+
+def _parallel_root_loop(func, loop):
+    """``func`` with ``loop`` (a statement of its root block's body) made a parallel loop."""
+    from tvm.s_tir import SBlock, SBlockRealize
+
+    par = tirx.For(loop.loop_var, loop.min, loop.extent, tirx.ForKind.PARALLEL, loop.body, annotations=loop.annotations)
+    root = func.body.block
+    body = root.body
+    if body.same_as(loop):
+        body = par
+    elif isinstance(body, tirx.SeqStmt) and any(st.same_as(loop) for st in body.seq):
+        body = tirx.SeqStmt([par if st.same_as(loop) else st for st in body.seq])
+    else:
+        raise ValueError("the loop is not a statement of the root block")
+    blk = SBlock(root.iter_vars, root.reads, root.writes, root.name_hint, body, root.init, list(root.alloc_buffers),
+                 list(root.match_buffers), root.annotations)  # fmt: skip
+    return func.with_body(SBlockRealize([], True, blk))
 
 
 _LIBM = ("exp", "exp2", "exp10", "log", "log2", "log10", "log1p", "pow", "sin", "cos", "tan", "asin", "acos", "atan",

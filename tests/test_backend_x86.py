@@ -227,9 +227,10 @@ def test_cpu_panel_gemm_matches_float64_reference(case):
 
 
 # the schedules sparsec adds for operators TVM legalizes (backends/cpu_schedule.py), on symbolic batch/sequence:
-# attention's Q @ K^T (+ scale + mask) and P @ V as tiled micro-kernels and softmax per row with rfactor-ed
-# reductions, each with a run-time dispatch (the scheduled body when the sequence is a multiple of the tiles, the
-# previous schedule otherwise), and elementwise blocks vectorized along a static innermost axis
+# attention's Q @ K^T (+ scale + mask) and P @ V as tiled micro-kernels (any sequence length: a symbolic column axis
+# that is not a multiple of the tile is padded from 20 columns on, the partial last row tile split off by
+# LoopPartition) and softmax per row with rfactor-ed reductions (rows of 64 and more, any length; shorter rows keep
+# the plain loops), and elementwise blocks vectorized along a static innermost axis
 def _attention_module():
     from tvm.script import relax as R
 
@@ -260,10 +261,13 @@ def test_cpu_schedules_for_legalized_attention_ops_match_numpy():
         lowered = cpu_pipeline(tt)(mod)
         vm = VirtualMachine(tvm.compile(mod, target=tt, relax_pipeline=cpu_pipeline(tt)), tvm.cpu())
     tir = "".join(f.script() for gv, f in lowered.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
-    # tiled matmuls and row-wise softmax, each behind its run-time dispatch
+    # tiled matmuls (whole column tiles or the padded body) and row-wise softmax (rows >= 64), each behind its dispatch
     assert tir.count("pragma_loop_partition_hint") >= 6 and "s % T.int64(32) == T.int64(0)" in tir and "rf" in tir
+    assert "kt_pad" in tir and "s >= T.int64(64)" in tir
     rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
-    for b, s in ((1, 128), (2, 64), (1, 96), (1, 37), (2, 16), (1, 1)):  # the tiled / row paths and the fallbacks
+    # multiples of the tiles, odd lengths (padded columns, a partial row tile, a partial last SIMD chunk per row) and
+    # short rows (softmax's plain loops)
+    for b, s in ((1, 128), (2, 64), (1, 96), (1, 37), (2, 16), (1, 1), (1, 33), (2, 47), (1, 100), (1, 129), (3, 1), (1, 65)):
         q, kt, v = rng.standard_normal((b, 4, s, 32)), rng.standard_normal((b, 4, 32, s)), rng.standard_normal((b, 4, s, 32))
         mask, g = rng.standard_normal((s, s)), rng.standard_normal((b, s, 48))
         args = [tvm.runtime.tensor(a.astype(np.float32)) for a in (q, kt, v, mask, g)]
@@ -276,6 +280,123 @@ def test_cpu_schedules_for_legalized_attention_ops_match_numpy():
         assert np.abs(h.numpy() - g32 / (1 + np.exp(-g32))).max() < 1e-5, (b, s)
         ref_t = (q.astype(np.float32) * 2 + v.astype(np.float32)).transpose(0, 1, 3, 2)
         assert np.abs(t.numpy() - ref_t).max() < 1e-5, (b, s)
+
+
+def _legalized(mod, name, without=None):
+    """The legalized (unscheduled) PrimFunc of ``mod`` whose name contains ``name`` (and not ``without``)."""
+    from sparsec.backends.build import _tvm_target
+    from sparsec.backends.cpu_schedule import fast_math
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    tt = _tvm_target(X86)
+    with tvm.transform.PassContext(opt_level=3), tt:
+        low = tvm.transform.Sequential(fast_math() + cpu.legalize_passes(tt))(mod)
+    (func,) = [f for gv, f in low.functions.items()
+               if isinstance(f, tvm.tirx.PrimFunc) and name in gv.name_hint and not (without and without in gv.name_hint)]  # fmt: skip
+    return func, tt
+
+
+def _only_branch(func, path):
+    """``func`` (run-time dispatches of bodies, backends/cpu_schedule._dispatch, possibly nested in the else branch)
+    with only the body at ``path`` (a branch per dispatch: True then, False else) kept, every other one emptied: run
+    where another body would be taken, it leaves its output unwritten."""
+    from tvm.s_tir import SBlock, SBlockRealize
+
+    nop = tvm.tirx.Evaluate(tvm.tirx.const(0, "int32"))
+
+    def keep(stmt, path):
+        if not path:
+            return stmt
+        assert isinstance(stmt, tvm.tirx.IfThenElse), type(stmt)
+        if path[0]:
+            return tvm.tirx.IfThenElse(stmt.condition, keep(stmt.then_case, path[1:]), nop)
+        return tvm.tirx.IfThenElse(stmt.condition, nop, keep(stmt.else_case, path[1:]))
+
+    root = func.body.block
+    blk = SBlock([], [], [], "root", keep(root.body, list(path)), alloc_buffers=list(root.alloc_buffers))
+    return func.with_body(SBlockRealize([], True, blk))
+
+
+def _run_tir(func, tt, arrays):
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=tt)
+    args = [tvm.runtime.tensor(a) for a in arrays]
+    lib["main"](*args)
+    return args[-1].numpy()
+
+
+@pytest.mark.parametrize("s", [1, 16, 20, 33, 47, 100, 127, 129])
+def test_attention_fast_bodies_run_at_odd_sequence_lengths(s):
+    """At a length that is not a multiple of the tiles, the tiled Q @ K^T (padded columns), the tiled P @ V and the
+    rfactor-ed row softmax are what runs (short lengths: the previous schedules, as dispatched): every body the
+    dispatch would not take is emptied (its output left NaN), and the result still matches float64 numpy on fresh
+    random inputs."""
+    from sparsec.backends.cpu_schedule import CpuMatmulTiled, CpuRowReduce
+    from tvm.script import relax as R
+
+    @tvm.script.ir_module
+    class Ops:
+        @R.function
+        def qk(q: R.Tensor(("b", 4, "s", 32), "float32"), kt: R.Tensor(("b", 4, 32, "s"), "float32"),
+               mask: R.Tensor(("s", "s"), "float32")):  # fmt: skip
+            with R.dataflow():
+                sc = R.add(R.multiply(R.matmul(q, kt), R.const(0.125, "float32")), mask)
+                R.output(sc)
+            return sc
+
+        @R.function
+        def pv(p: R.Tensor(("b", 4, "s", "s"), "float32"), v: R.Tensor(("b", 4, "s", 32), "float32")):
+            with R.dataflow():
+                o = R.matmul(p, v)
+                R.output(o)
+            return o
+
+        @R.function
+        def sm(x: R.Tensor(("b", 4, "s", "s"), "float32")):
+            with R.dataflow():
+                o = R.nn.softmax(x, axis=-1)
+                R.output(o)
+            return o
+
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    b = 2
+    # Q @ K^T + scale + mask: from MIN_PAD columns on the tiled body on zero-padded columns (the whole-tile body and
+    # the previous schedule emptied), shorter the previous schedule (the two tiled bodies emptied)
+    func, tt = _legalized(Ops, "multiply")
+    with tt:
+        sched = CpuMatmulTiled().apply(func, tt, False).mod["main"]
+    padded = sched.body.block.body.else_case.then_case.script()
+    assert "_pad" in padded and '"local"' in padded and "T.vectorized" in padded  # micro-kernel on padded columns
+    q, kt, mask = rng.standard_normal((b, 4, s, 32)), rng.standard_normal((b, 4, 32, s)), rng.standard_normal((s, s))
+    out = np.full((b, 4, s, s), np.nan, np.float32)
+    path = [False, s >= CpuMatmulTiled.MIN_PAD]
+    got = _run_tir(_only_branch(sched, path), tt, [x.astype(np.float32) for x in (q, kt, mask)] + [out])
+    f64 = [x.astype(np.float32).astype(np.float64) for x in (q, kt, mask)]
+    ref = f64[0] @ f64[1] * 0.125 + f64[2]
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max(), s
+    # P @ V (static columns): one tiled body for every length, no dispatch (the partial row tile split off by
+    # LoopPartition)
+    func, tt = _legalized(Ops, "matmul", without="multiply")
+    with tt:
+        sched = CpuMatmulTiled().apply(func, tt, False).mod["main"]
+    body = sched.script()
+    assert '"local"' in body and "T.vectorized" in body and "if " not in body, body
+    pm, v = rng.random((b, 4, s, s)), rng.standard_normal((b, 4, s, 32))
+    out = np.full((b, 4, s, 32), np.nan, np.float32)
+    got = _run_tir(sched, tt, [pm.astype(np.float32), v.astype(np.float32), out])
+    ref = pm.astype(np.float32).astype(np.float64) @ v.astype(np.float32).astype(np.float64)
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max(), s
+    # softmax: rows of MIN_ROW and more run the rfactor-ed row body (the plain loops emptied), shorter rows the plain
+    # loops (measured faster there; the row body emptied)
+    func, tt = _legalized(Ops, "softmax")
+    with tt:
+        sched = CpuRowReduce().apply(func, tt, False).mod["main"]
+    assert "_rf" in sched.body.block.body.then_case.script()
+    x = rng.standard_normal((b, 4, s, s)) * 4
+    out = np.full((b, 4, s, s), np.nan, np.float32)
+    got = _run_tir(_only_branch(sched, [s >= CpuRowReduce.MIN_ROW]), tt, [x.astype(np.float32), out])
+    x64 = x.astype(np.float32).astype(np.float64)
+    p = np.exp(x64 - x64.max(-1, keepdims=True))
+    assert np.abs(got - p / p.sum(-1, keepdims=True)).max() < 1e-6, s
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -572,7 +693,7 @@ def test_golden_model_compiled_matches_executor(name, tmp_path):
     build_to_dir(g, "x86", tmp_path / "lib")
     lib = LoadedLib(lib_dir=tmp_path / "lib", graph=g)
     ex = Executor(g)
-    shapes = [(1, 64), (5, 64)] if name == "digits" else [(1, 1), (2, 16), (1, 128)]
+    shapes = [(1, 64), (5, 64)] if name == "digits" else [(1, 1), (2, 16), (1, 128), (1, 100), (2, 37)]  # odd lengths too
     for shape in shapes:
         x = rng.standard_normal(shape).astype(np.float32) if name == "digits" else rng.integers(0, 256, shape)
         feeds = {g.inputs[0]: x}
