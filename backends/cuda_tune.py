@@ -26,9 +26,11 @@ or ``golden/tuning/<target>.json`` with ``--ship``) is keyed exactly as the buil
 and M), the default's times (``default_ms``), the candidates tried, the rejected ones, the device name and ``"tuned":
 true``.
 
-The warp-specialized TMA candidates (``"ws": 1``, H100 only) are UNMEASURED code: a bug may hang the GPU. They are
-left out unless ``--include-unverified`` (or ``SPARSEC_TUNE_UNVERIFIED=1``); then each runs in its own subprocess,
-killed after ``SPARSEC_TUNE_ISOLATED_TIMEOUT`` seconds (default 120) and rejected as "timeout".
+The warp-specialized TMA candidates (``"ws": 1``, H100 only) that were checked on an H100 (``VERIFIED_WS`` in
+kernels/cuda_sparse.py; the sm_90a default is one of them) are searched like the others. A ws config not checked on a
+GPU yet may hang it: such configs are left out unless ``--include-unverified`` (or ``SPARSEC_TUNE_UNVERIFIED=1``);
+then each runs in its own subprocess, killed after ``SPARSEC_TUNE_ISOLATED_TIMEOUT`` seconds (default 120) and
+rejected as "timeout".
 
 The measurement primitives (:func:`time_call` with its timers, :func:`judge`, :func:`candidate_configs`) are shared
 with ``bench/bench_cuda.py`` (whose device step uses torch tensors).
@@ -498,14 +500,14 @@ class EmulatedLib:
 def candidate_configs(kind: str, arch: str, max_per_path: int | None = None, seed: int = 0,
                       include_unverified: bool = False) -> dict[str, list[dict[str, Any]]]:  # fmt: skip
     """Per path: the default config first, then the search space's other configs (seeded shuffle when bounded by
-    ``max_per_path``); warp-specialized (``"ws"``) configs only with ``include_unverified``."""
+    ``max_per_path``); warp-specialized (``"ws"``) configs not yet checked on a GPU only with ``include_unverified``."""
     from .kernels.cuda_sparse import default_config, search_space
 
     base = default_config(kind, arch)
     sp = search_space(kind, arch)
     out = {}
     for p in PATHS:
-        rest = [c for c in sp[p] if c != base[p] and (include_unverified or not c.get("ws"))]
+        rest = [c for c in sp[p] if c != base[p] and (include_unverified or not unverified(c))]
         if max_per_path is not None:
             random.Random(f"{seed}:{kind}:{p}").shuffle(rest)
             rest = rest[: max(0, max_per_path - 1)]
@@ -514,7 +516,10 @@ def candidate_configs(kind: str, arch: str, max_per_path: int | None = None, see
 
 
 def unverified(cfg: dict[str, Any]) -> bool:
-    return bool(cfg.get("ws"))
+    """A warp-specialized config no device run has checked yet (cuda_sparse.VERIFIED_WS)."""
+    from .kernels.cuda_sparse import VERIFIED_WS, ws_tag
+
+    return bool(cfg.get("ws")) and ws_tag(cfg) not in VERIFIED_WS
 
 
 @dataclass

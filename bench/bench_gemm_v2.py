@@ -64,7 +64,7 @@ def _family(c: dict) -> int:
 
 
 def variants():
-    from sparsec.backends.kernels.cuda_sparse import Variant, default_config, search_space
+    from sparsec.backends.kernels.cuda_sparse import DEFAULT_GEMM, Variant, default_config, search_space
 
     base = default_config("sp16")
     rows, seen = [], set()
@@ -75,7 +75,8 @@ def variants():
         seen.add(v.func_name)
         rows.append({"func": v.func_name, "kind": "sp16", "asym": False, "gs": 0, "config": v.config_dict(),
                      "path": _path(c), "wgmma": bool(c.get("wgmma") or c.get("ws")), "ws": bool(c.get("ws")),
-                     "default": c == base["gemm"], "kernel": v.kernel_names()["gemm"]})  # fmt: skip
+                     "default": c == base["gemm"], "reference": c == DEFAULT_GEMM["sp16"],
+                     "kernel": v.kernel_names()["gemm"]})  # fmt: skip
     return [Variant.make("sp16", False, 0, r["config"]) for r in rows], rows
 
 
@@ -307,9 +308,10 @@ def cmd_device(args):
     parts.mkdir(parents=True, exist_ok=True)
     man = json.loads((pack / "manifest.json").read_text())
     keep = SETS[args.set]
-    rows = [r for r in man["variants"] if r["path"] in keep or r["default"]]
+    always = lambda r: r["default"] or r.get("reference")  # noqa: E731 - the sm_90a default and the mma.sp tile
+    rows = [r for r in man["variants"] if r["path"] in keep or always(r)]
     if args.only:
-        rows = [r for r in rows if r["default"] or any(s in r["kernel"] for s in args.only)]
+        rows = [r for r in rows if always(r) or any(s in r["kernel"] for s in args.only)]
     # ws first (the largest tiles and deepest pipelines first), then wgmma, then mma.sp
     rows.sort(key=lambda r: (PATHS[::-1].index(r["path"]), _family(r["config"]["gemm"]),
                              -r["config"]["gemm"]["bm"] * r["config"]["gemm"]["bn"], r["config"]["gemm"]["bk"],
@@ -450,6 +452,36 @@ def cmd_report(args):
           "`python bench/bench_gemm_v2.py report --raw $OUT/cuda_gemm_v2.json`."]  # fmt: skip
     (dst / "cuda_gemm_v2.md").write_text("\n".join(L) + "\n")
     print("\n".join(L[:24]))
+    if args.tuning:
+        print(update_tuning(raw, Path(args.tuning)))
+
+
+def update_tuning(raw: dict, db_path: Path) -> str:
+    """Record this run's fastest correct large-GEMM config per LLM shape (least total time over the M of the run)
+    in the 2:4 fp16 entries of a tuning DB (golden/tuning/h100.json), with its times and the run it comes from; the
+    other paths (decode GEMV, small GEMM) of an entry are left as bench_cuda.py measured them."""
+    ok = {c["func"] for c in raw.get("candidates", []) if c["status"] == "ok"}
+    tot: dict = {}
+    for r in raw.get("bench", []):
+        if r["func"] in ok:
+            tot.setdefault((r["out"], r["in"], r["func"]), []).append(r)
+    n_m = len({r["m"] for r in raw.get("bench", [])})
+    db = json.loads(db_path.read_text())
+    done = []
+    for e in db["entries"]:
+        k = e["key"]
+        if e["kernel"] != bc.KERNEL_OF_KIND["sp16"]:
+            continue
+        rows = [v for (n, kk, _), v in tot.items() if (n, kk) == (k["out"], k["in"]) and len(v) == n_m]
+        if not rows:
+            continue
+        best = min(rows, key=lambda v: sum(r["ms_ours"] for r in v))
+        e["config"]["gemm"] = dict(best[0]["config"])
+        e.setdefault("ms", {})["gemm"] = {str(r["m"]): r["ms_ours"] for r in best}
+        e["gemm_measured"] = f"bench/bench_gemm_v2.py on {raw.get('info', {}).get('gpu', '?')}, {raw['started']}"
+        done.append(f"{k['out']}x{k['in']}: {_cfg(best[0]['config'])}" + (" ws" if best[0]["config"].get("ws") else ""))
+    db_path.write_text(json.dumps(db, indent=1, sort_keys=True) + "\n")
+    return f"{db_path}: large-GEMM config of {len(done)} 2:4 fp16 entries from this run: " + "; ".join(done)
 
 
 def main():
@@ -462,7 +494,7 @@ def main():
     d.add_argument("--out", default=os.environ.get("OUT", "bench/results/tmp"))
     d.add_argument("--set", choices=sorted(SETS), default="hopper",
                    help="candidate paths: ws only, ws + wgmma (default; the mma.sp default config always runs too), all")
-    d.add_argument("--only", nargs="*", default=[], help="substrings of kernel names to keep (e.g. _ws_ 128x256x64); the mma.sp default always runs")
+    d.add_argument("--only", nargs="*", default=[], help="substrings of kernel names to keep (e.g. _ws_ 128x256x64); the default (ws on sm_90a) and the mma.sp reference tile always run")
     d.add_argument("--budget-s", type=float, default=540, help="whole command (the device tool allows 600 s)")
     d.add_argument("--reserve-s", type=float, default=45, help="kept for the winner checks and the final baseline")
     d.add_argument("--cand-timeout", type=float, default=90)
@@ -484,6 +516,7 @@ def main():
     r = sub.add_parser("report")
     r.add_argument("--raw", required=True)
     r.add_argument("--dst", default=str(ROOT / "bench" / "results"))
+    r.add_argument("--tuning", default=None, help="tuning DB to record the winners in (golden/tuning/h100.json)")
     a = ap.parse_args()
     rc = {"build": cmd_build, "device": cmd_device, "report": cmd_report, "cand": cmd_cand, "baseline": cmd_baseline}[a.cmd](a)
     sys.exit(rc or 0)

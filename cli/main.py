@@ -502,9 +502,9 @@ def tune(
     ship: bool = typer.Option(False, "--ship", help="Update the database shipped with sparsec (golden/tuning/<target>.json) instead."),
     seed: int = typer.Option(0, "--seed", help="Seed for the candidate order and the synthetic weights."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
-    include_unverified: bool = typer.Option(False, "--include-unverified", help="CUDA (h100): also search the warp-specialized "
-                                            "TMA GEMM candidates, each in its own subprocess with a timeout (not yet "
-                                            "verified on a GPU; also SPARSEC_TUNE_UNVERIFIED=1)."),
+    include_unverified: bool = typer.Option(False, "--include-unverified", help="CUDA (h100): also search warp-specialized "
+                                            "TMA GEMM candidates not yet checked on a GPU, each in its own subprocess "
+                                            "with a timeout (also SPARSEC_TUNE_UNVERIFIED=1)."),
 ):
     """Search kernel schedules for a model's layer shapes on this machine and store the best in a tuning database."""
     from sparsec.backends.targets import get_target

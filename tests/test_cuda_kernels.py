@@ -254,8 +254,9 @@ def test_kernel_matches_float64_reference(gpu_lib, kind, asym, n, k):
 
 
 # ------------------------------------------------------------------------------------------------ warp-specialized (CI)
-# The Hopper warp-specialized TMA GEMM (sparsec_mma.cuh gemm_ws_body, configs with "ws": 1). UNMEASURED until a device
-# run: here its configs, shared-memory layout, TMA descriptor parameters, ptxas resources and instructions are checked.
+# The Hopper warp-specialized TMA GEMM (sparsec_mma.cuh gemm_ws_body, configs with "ws": 1), the sm_90a default of the
+# 2:4 fp16 large GEMM since bench/bench_gemm_v2.py measured it on an H100 (bench/results/cuda_gemm_v2.md). Here (no
+# GPU): its configs, shared-memory layout, TMA descriptor parameters, ptxas resources and instructions.
 WS_CONFIGS = cs.ws_search_space("sp16", "sm_90a")
 
 
@@ -270,9 +271,38 @@ def test_ws_configs_only_for_sm90a_sp16():
     for kind in ("sp4", "dq4"):
         assert not any(c.get("ws") for c in cs.search_space(kind, "sm_90a")["gemm"])
         assert "sp16" in cs.ws_config_error(kind, WS_CONFIGS[0], "sm_90a")
-    # the defaults stay on measured kernels
-    for arch in ("sm_80", "sm_90a"):
-        assert not any(c.get("ws") for c in cs.default_config("sp16", arch).values() if isinstance(c, dict))
+    # the large-GEMM default is warp-specialized on sm_90a only (other archs, other kinds: mma.sp)
+    assert cs.default_config("sp16", "sm_90a")["gemm"] in WS_CONFIGS
+    for kind, arch in [("sp16", "sm_80"), ("sp16", "sm_90"), ("sp4", "sm_90a"), ("dq4", "sm_90a")]:
+        cfg = cs.default_config(kind, arch)
+        assert not any(c.get("ws") for c in cfg.values() if isinstance(c, dict))
+        assert cs.gemm_valid(kind, cfg["gemm"], True, arch)
+
+
+def test_a_tuned_tile_does_not_inherit_the_default_kernel_family():
+    """Variant.make fills a partial config from the default; a config naming its own tile (a tuning-DB entry for
+    mma.sp) must not pick up the sm_90a default's ``ws`` flag, and a ws entry keeps its own flags."""
+    mma = {"bm": 256, "bn": 128, "bk": 128, "wm": 4, "wn": 2, "stages": 3}
+    v = cs.Variant.make("sp16", False, 0, {"gemm": mma})
+    assert v.cfg("gemm") == dict(mma, group=16) and "ws" not in v.kernel_names()["gemm"]
+    w = next(c for c in WS_CONFIGS if c.get("persistent"))
+    assert cs.Variant.make("sp16", False, 0, {"gemm": w}).cfg("gemm") == w
+    assert cs.Variant.make("sp16", False, 0, {"gemm": {"stages": 4}}).cfg("gemm") == dict(
+        cs.default_config("sp16")["gemm"], stages=4)  # a partial override keeps the default's family
+
+
+def test_shipped_h100_db_picks_the_warp_specialized_gemm_for_llm_shapes():
+    """golden/tuning/h100.json's 2:4 fp16 entries of the LLM shapes carry the GEMM bench_gemm_v2.py measured fastest
+    (warp-specialized); a build for h100 uses it, one for a100 falls back to an mma.sp tile that fits sm_80."""
+    from sparsec.backends.kernels.registry import ShapeHints, select_kernel
+    from sparsec.backends.targets import get_target
+    from sparsec.backends.tune import TuningDB
+
+    lin = _linear(_weight("sp16", 4096, 4096, 0, False, _rng(7)))
+    impl = select_kernel(lin, get_target("h100"), ShapeHints(), TuningDB.for_target("h100"))
+    assert impl.tuned and impl.config["gemm"].get("ws") == 1 and cs.gemm_valid("sp16", impl.config["gemm"], False, "sm_90a")
+    impl = select_kernel(lin, get_target("a100"), ShapeHints(), TuningDB.for_target("a100"))
+    assert not impl.config["gemm"].get("ws") and cs.gemm_valid("sp16", impl.config["gemm"], False, "sm_80")
     # a tile whose accumulators do not fit, too many stages for the shared memory
     assert "accumulator" in cs.ws_config_error("sp16", dict(WS_CONFIGS[0], bm=256, bn=256, wm=4), "sm_90a")
     assert "shared memory" in cs.ws_config_error("sp16", dict(WS_CONFIGS[0], bm=128, bn=256, bk=64, stages=6), "sm_90a")

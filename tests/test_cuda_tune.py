@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from sparsec.backends import cuda_tune as ct
+from sparsec.backends.kernels import cuda_sparse as cs
 from sparsec.backends.targets import get_target
 from sparsec.backends.tune import TuningDB
 
@@ -153,7 +154,7 @@ def test_emulated_search_rejects_wrong_slow_loses_and_build_reads_db(tmp_path):
     g = groups[("sp16", False, 0)]
     base = ct.candidate_configs("sp16", "sm_90a", 3, seed)
     assert all(g[p][0].cfg(p) == base[p][0] for p in ct.PATHS)  # the default first in every path
-    assert all(len(g[p]) == 3 for p in ct.PATHS) and not any(v.cfg("gemm").get("ws") for v in g["gemm"])
+    assert all(len(g[p]) == 3 for p in ct.PATHS) and not any(ct.unverified(v.cfg("gemm")) for v in g["gemm"])
     wrong = g["gemv"][1]  # a non-default decode candidate computes wrong results
     slow = g["gemm_small"][2]  # a correct but slow small-GEMM candidate
     funcs = {v.func_name: (v.kind, v.gs) for p in ct.PATHS for v in g[p]}
@@ -233,7 +234,6 @@ def test_kernel_library_reads_the_dlpack_tensors(tmp_path):
     if shutil.which("nvcc") is None or shutil.which("g++") is None:
         pytest.skip("nvcc/g++ not on PATH")
     tvm_ffi = pytest.importorskip("tvm_ffi")
-    from sparsec.backends.kernels import cuda_sparse as cs
     from sparsec.backends.kernels.cuda_compile import build_shared
 
     v = cs.Variant.make("sp16", False, 0, cs.default_config("sp16", "sm_90a"))
@@ -259,9 +259,14 @@ def test_isolated_candidates_answer_or_time_out(tmp_path):
     g.add_value("y", "float32", ("n", 256))
     g.add_node(Linear("l", ["x"], ["y"], weight=Dense(np.random.default_rng().standard_normal((256, 128)).astype(np.float32))))
     jobs = ct.plan(g, graph_target, ["2:4"])
+    # every ws config of the search space has been checked on an H100; a new one (128x128x64, 5 stages) has not
     groups = ct.variants_for(jobs, "sm_90a", None, include_unverified=True)
-    ws = [v for v in groups[("sp16", False, 0)]["gemm"] if v.cfg("gemm").get("ws")]
-    assert ws, "no warp-specialized candidates for sp16 on sm_90a"
+    assert any(v.cfg("gemm").get("ws") for v in groups[("sp16", False, 0)]["gemm"])
+    assert not any(ct.unverified(v.cfg("gemm")) for v in groups[("sp16", False, 0)]["gemm"])
+    new = {"bm": 128, "bn": 128, "bk": 64, "wm": 2, "wn": 1, "stages": 5, "group": 16, "ws": 1}
+    assert cs.ws_config_error("sp16", new, "sm_90a") is None and ct.unverified(new)
+    assert not ct.unverified(cs.default_config("sp16", "sm_90a")["gemm"])
+    ws = [cs.Variant.make("sp16", False, 0, dict(cs.default_config("sp16", "sm_90a"), gemm=new))]
     one = {("sp16", False, 0): {"gemv": [], "gemm_small": [], "gemm": ws[:1]}}
     got = ct.IsolatedRunner("emulated", str(tmp_path), timeout_s=240).run_all(jobs, one, None)
     r = got[(ws[0].func_name, 0)]

@@ -75,6 +75,13 @@ DEFAULT_GEMM_SMALL = {
     "dq4": {"bm": 64, "bn": 64, "bk": 128, "wm": 2, "wn": 2, "stages": 3, "group": 8},
 }
 DEFAULT_SMALL_MAX = 128  # 16 < M <= small_max -> the small-tile GEMM
+_FAMILY_KEYS = ("ws", "wgmma", "persistent", "cluster")  # kernel family flags of a GEMM config
+# sm_90a (H100): the warp-specialized TMA + wgmma.sp GEMM, tried first. bench/bench_gemm_v2.py on an H100
+# (bench/results/cuda_gemm_v2.md): 0.93-1.04x cuBLAS at M = 2048 / 8192 on the LLM shapes where the mma.sp default
+# above runs 0.50-0.57x; all 22 warp-specialized candidates correct (smoke shapes with tails, float64 checks)
+DEFAULT_GEMM_HOPPER = {
+    "sp16": {"bm": 256, "bn": 128, "bk": 128, "wm": 4, "wn": 1, "stages": 3, "group": 16, "ws": 1},
+}
 
 
 # smaller fallbacks for GPUs with less shared memory than the H100 (A100: 163 KB per block)
@@ -87,10 +94,8 @@ FALLBACK_GEMM = {
 
 def default_config(kind: str, arch: str = "sm_90a") -> dict[str, Any]:
     """The untuned config: the H100 search's usual winners, or smaller tiles where they do not fit ``arch``."""
-    gemm = dict(DEFAULT_GEMM[kind])
-    for asym in (True,):
-        if not gemm_valid(kind, gemm, asym, arch):
-            gemm = dict(FALLBACK_GEMM[kind])
+    gemm = next((dict(c) for c in (DEFAULT_GEMM_HOPPER.get(kind), DEFAULT_GEMM[kind])
+                 if c is not None and gemm_valid(kind, c, True, arch)), dict(FALLBACK_GEMM[kind]))
     return {"gemv": dict(DEFAULT_GEMV), "gemm_small": dict(DEFAULT_GEMM_SMALL[kind]), "gemm": gemm,
             "small_max": DEFAULT_SMALL_MAX}  # fmt: skip
 
@@ -189,13 +194,14 @@ def search_space(kind: str, arch: str = "sm_90a") -> dict[str, list[dict[str, in
 
 
 def ws_search_space(kind: str, arch: str = "sm_90a") -> list[dict[str, int]]:
-    """The warp-specialized TMA GEMM's candidates (``"ws": 1``; sp16 on sm_90a only; UNMEASURED until a device run)."""
+    """The warp-specialized TMA GEMM's candidates (``"ws": 1``; sp16 on sm_90a only)."""
     out = []
     if kind != "sp16" or arch != "sm_90a":
         return out
     one_tile = ((128, 256, 64, (4, 5)), (256, 128, 64, (4, 5, 6)), (128, 128, 64, (6, 8)), (128, 128, 128, (3, 4)),
-                (256, 128, 128, (3,)))  # fmt: skip
-    persistent = ((128, 256, 64, (3,)), (256, 128, 64, (4,)), (128, 128, 64, (6, 7)), (128, 128, 128, (3,)))
+                (256, 128, 128, (3,)), (128, 256, 128, (2,)))  # fmt: skip
+    persistent = ((128, 256, 64, (3,)), (256, 128, 64, (4,)), (128, 128, 64, (6, 7)), (128, 128, 128, (3,)),
+                  (256, 128, 128, (2,)))  # fmt: skip
     cluster = ((128, 256, 64, (4, 5)), (256, 128, 64, (5, 6)), (128, 128, 128, (4,)), (256, 128, 128, (3,)))
     for extra, tiles in (({}, one_tile), ({"persistent": 1}, persistent), ({"cluster": 2, "group": 8}, cluster)):
         for bm, bn, bk, stages in tiles:
@@ -204,6 +210,25 @@ def ws_search_space(kind: str, arch: str = "sm_90a") -> list[dict[str, int]]:
                 if gemm_valid(kind, c, arch=arch):
                     out.append(c)
     return out
+
+
+# Warp-specialized configs run on an H100 at the LLM shapes (M = 2048 / 8192) and the smoke / tail shapes, every one
+# correct, none hung (bench/bench_gemm_v2.py, 2026-12-05: bench/results/cuda_gemm_v2*.json). `sparsec tune` searches
+# these like any other config; a ws config added later stays "unverified" (searched only with --include-unverified,
+# each in a killable subprocess) until a device run has checked it.
+VERIFIED_WS = frozenset({
+    "ws 128x256x64 s4", "ws 128x256x64 s5", "ws 256x128x64 s4", "ws 256x128x64 s5", "ws 256x128x64 s6",
+    "ws 128x128x64 s6", "ws 128x128x64 s8", "ws 128x128x128 s3", "ws 128x128x128 s4", "ws 256x128x128 s3",
+    "ws 128x256x128 s2", "wsp 128x256x64 s3", "wsp 256x128x64 s4", "wsp 128x128x64 s6", "wsp 128x128x64 s7",
+    "wsp 128x128x128 s3", "wsp 256x128x128 s2", "wsc2 128x256x64 s4", "wsc2 128x256x64 s5", "wsc2 256x128x64 s5",
+    "wsc2 256x128x64 s6", "wsc2 128x128x128 s4", "wsc2 256x128x128 s3",
+})  # fmt: skip
+
+
+def ws_tag(c: dict[str, int]) -> str:
+    """``ws`` / ``wsp`` (persistent) / ``wsc2`` (cluster of 2), tile and stages: the key of :data:`VERIFIED_WS`."""
+    fam = "wsp" if c.get("persistent") else f"wsc{c['cluster']}" if c.get("cluster", 1) > 1 else "ws"
+    return f"{fam} {c['bm']}x{c['bn']}x{c['bk']} s{c['stages']}"
 
 
 # ----------------------------------------------------------------------------------------------------- ws layout
@@ -269,7 +294,12 @@ class Variant:
         cfg = default_config(kind)
         for k in ("gemv", "gemm_small", "gemm"):
             if k in config:
-                cfg[k] = dict(cfg[k], **config[k])
+                # a config naming its tile does not inherit the default's kernel family (a tuned mma.sp tile
+                # must not become warp-specialized because the sm_90a default is); missing keys come from the default
+                base = cfg[k]
+                if "bm" in config[k]:
+                    base = {kk: vv for kk, vv in base.items() if kk not in _FAMILY_KEYS}
+                cfg[k] = dict(base, **config[k])
         return cls(kind, bool(asym), int(gs), tuple(sorted(cfg["gemv"].items())), tuple(sorted(cfg["gemm_small"].items())),
                    tuple(sorted(cfg["gemm"].items())), int(config.get("small_max", DEFAULT_SMALL_MAX)))  # fmt: skip
 
@@ -945,7 +975,7 @@ def _prepare_dq4(linear, config):
 def _space(kind):
     def fn(linear, target, hints):
         sp = search_space(kind, target.arch or "sm_80")
-        base = default_config(kind)
+        base = default_config(kind, target.arch or "sm_80")
         cands = [base]
         cands += [dict(base, gemv=c) for c in sp["gemv"] if c != base["gemv"]]
         cands += [dict(base, gemm=c) for c in sp["gemm"] if c != base["gemm"]]
