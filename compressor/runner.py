@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .artifact import Artifact, load_artifact
-from .errors import ArtifactError, CalibrationError, RecipeError
+from .errors import ArtifactError, CalibrationError, RecipeError, ShapeError
 from .executor import Executor, check_feeds
 
 ENGINES = ("auto", "lib", "onnx", "ir")
@@ -63,10 +63,15 @@ def run_artifact(artifact: str | Path, inputs, engine: str = "auto") -> RunResul
         if not a.onnx_path.exists():
             raise ArtifactError(f"{a.path}: model.onnx is missing")
         so = ort.SessionOptions()
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # fatal only: a failing run is reported once, as a sparsec error
         sess = ort.InferenceSession(str(a.onnx_path), so, providers=["CPUExecutionProvider"])
         names = [o.name for o in sess.get_outputs()]
-        outs = dict(zip(names, sess.run(None, feeds)))
+        try:
+            outs = dict(zip(names, sess.run(None, feeds)))
+        except Exception as e:  # noqa: BLE001 - onnxruntime rejects these inputs (the shapes the model allows), not a bug
+            msg = " ".join(str(e).split())
+            msg = msg.split("Status Message:")[-1].strip() if "Status Message:" in msg else msg
+            raise ShapeError(f"model.onnx cannot run on these inputs (onnxruntime): {msg[:300]}") from None
     else:
         outs = Executor(g).run(feeds)
     return RunResult({k: np.asarray(v) for k, v in outs.items()}, engine, time.perf_counter() - t0, note)

@@ -124,6 +124,11 @@ def test_run_rejects_wrong_shapes_and_missing_inputs(gpt2_onnx, tmp_path):
     assert p.returncode == 8 and "input_ids" in p.stderr, p.stderr
     p = sparsec("run", tmp_path / "nothing", "--inputs", tmp_path / "none.npz")
     assert p.returncode == 13, p.stderr
+    # more tokens than the model's learned positions (64): a shape error from every engine that can see it, one line
+    # (onnxruntime's failure was reported as an internal error, exit 70)
+    np.savez(tmp_path / "long.npz", input_ids=np.random.default_rng().integers(0, 96, (1, 65)).astype(np.int64))
+    for engine in ("onnx", "ir"):
+        _one_line_error(sparsec("run", art, "--inputs", tmp_path / "long.npz", "--engine", engine), 5, "shape")
 
 
 def test_existing_output_needs_force(gpt2_onnx, tmp_path):
