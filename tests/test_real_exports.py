@@ -364,8 +364,19 @@ def test_symbolic_shape_comparisons_are_decided_at_compile_time(tmp_path):
              N("Mul", ["ones", "m1"], ["neg"]), N("Equal", ["s", "neg"], ["eq"]),
              N("Cast", ["eq"], ["eqf"], to=TensorProto.FLOAT),
              N("MatMul", ["x", "w"], ["h"]), N("Add", ["h", "eqf"], ["y"])]  # fmt: skip
-    g = helper.make_graph(nodes, "eq_guard", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])],
+    out = _built_for_x86(tmp_path, nodes, inits, ["batch", 2])
+    x = rng.standard_normal((int(rng.integers(2, 9)), 2)).astype(np.float32)
+    ref = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(ref - x @ w, np.broadcast_to([0.0, 1.0], x.shape), atol=1e-6)  # the reference itself
+    assert rel(_run_lib(out, tmp_path, x), ref) < 1e-6
+
+
+def _built_for_x86(tmp_path, nodes, inits, shape):
+    """A one-input (``x``) one-output (``y``, same shape) ONNX graph of ``nodes`` compressed with a built x86 library."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
                           [numpy_helper.from_array(v, k) for k, v in inits.items()])  # fmt: skip
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
@@ -374,13 +385,14 @@ def test_symbolic_shape_comparisons_are_decided_at_compile_time(tmp_path):
     p = sparsec("compress", tmp_path / "m.onnx", "--target", "x86", "-o", out, "-q")
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads((out / "report.json").read_text())["build"]["status"] == "built"
-    x = rng.standard_normal((int(rng.integers(2, 9)), 2)).astype(np.float32)
+    return out
+
+
+def _run_lib(out, tmp_path, x):
     np.savez(tmp_path / "x.npz", x=x)
     p = sparsec("run", out, "--inputs", tmp_path / "x.npz", "-o", tmp_path / "y.npz", "--engine", "lib")
     assert p.returncode == 0, p.stderr[-2000:]
-    ref = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    np.testing.assert_allclose(ref - x @ w, np.broadcast_to([0.0, 1.0], x.shape), atol=1e-6)  # the reference itself
-    assert rel(np.load(tmp_path / "y.npz")["y"], ref) < 1e-6
+    return np.load(tmp_path / "y.npz")["y"]
 
 
 def test_symbolic_dim_helpers_work_on_the_installed_tvm():
@@ -409,7 +421,7 @@ def test_symbolic_shape_comparisons_not_decidable_run_at_run_time(tmp_path):
     """``Equal(batch, seq)`` / ``Less(batch, seq)`` cannot be decided at compile time. TVM's Equal converter compares
     shape expressions structurally and folds ``batch == seq`` to False even for inputs where they are equal; the
     lowering must leave such comparisons to run time. y = x @ w + Cast(Equal(b, s)) + 2 * Cast(Less(b, s))."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     rng = np.random.default_rng()
     w = rng.standard_normal((4, 4)).astype(np.float32)
@@ -424,26 +436,14 @@ def test_symbolic_shape_comparisons_not_decidable_run_at_run_time(tmp_path):
              N("Less", ["b", "s"], ["lt"]), N("Cast", ["lt"], ["ltf"], to=TensorProto.FLOAT),
              N("Mul", ["ltf", "two"], ["lt2"]), N("MatMul", ["x", "w"], ["h"]), N("Add", ["h", "eqf"], ["h2"]),
              N("Add", ["h2", "lt2"], ["y"])]  # fmt: skip
-    g = helper.make_graph(nodes, "cmp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 4])],
-                          [numpy_helper.from_array(v, k) for k, v in inits.items()])  # fmt: skip
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    onnx.save(m, str(tmp_path / "m.onnx"))
-    out = tmp_path / "art"
-    p = sparsec("compress", tmp_path / "m.onnx", "--target", "x86", "-o", out, "-q")
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert json.loads((out / "report.json").read_text())["build"]["status"] == "built"
+    out = _built_for_x86(tmp_path, nodes, inits, ["batch", "seq", 4])
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     n = int(rng.integers(2, 6))
     for b, t, extra in ((n, n, 1.0), (n, n + 1, 2.0), (n + 2, n, 0.0)):
         x = rng.standard_normal((b, t, 4)).astype(np.float32)
-        np.savez(tmp_path / "x.npz", x=x)
-        p = sparsec("run", out, "--inputs", tmp_path / "x.npz", "-o", tmp_path / "y.npz", "--engine", "lib")
-        assert p.returncode == 0, p.stderr[-2000:]
         ref = sess.run(None, {"x": x})[0]
         np.testing.assert_allclose(ref - x @ w, extra, atol=1e-5)  # the reference itself
-        assert rel(np.load(tmp_path / "y.npz")["y"], ref) < 1e-6, (b, t)
+        assert rel(_run_lib(out, tmp_path, x), ref) < 1e-6, (b, t)
 
 
 def test_a_build_that_cannot_lower_warns(tmp_path):
