@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from .cpu import _Src
 from .registry import KernelImpl, WeightParam, format_key, register_kernel
 
 NOTE = "int8 activations (sdot): activations quantized to int8 on the fly, per row and weight group (changes numerics vs the executor)"
@@ -143,22 +144,11 @@ def kernel_source(spec: _Spec, cfg: dict[str, Any], name: str = "kernel") -> str
         sig += f", ZC: T.Buffer(({OB}, {NG}, 4), \"float32\")"
     if spec.bias:
         sig += f", B: T.Buffer(({O},), \"float32\")"
-    L: list[str] = []
-    ind = [1]
-
-    def s(line: str) -> None:
-        L.append("    " * ind[0] + line)
-
-    class blk:
-        def __enter__(self):
-            ind[0] += 1
-
-        def __exit__(self, *a):
-            ind[0] -= 1
-
+    s = _Src()
+    s("@T.prim_func(private=True)")
+    s(f"def {name}(var_x: T.handle, {sig}, var_y: T.handle):")
+    s.ind = 1  # the body (every block below opens one level deeper)
     v4 = "T.ramp(0, 1, 4)"
-    L.append("@T.prim_func(private=True)")
-    L.append(f"def {name}(var_x: T.handle, {sig}, var_y: T.handle):")
     s('T.func_attr({"tirx.noalias": True, "op_pattern": 8})')
     s("M = T.int64()")
     s(f'x = T.match_buffer(var_x, (M, {K}), "float32")')
@@ -166,32 +156,24 @@ def kernel_source(spec: _Spec, cfg: dict[str, Any], name: str = "kernel") -> str
 
     def quantize(base: str, rows: int) -> None:
         """Rows base .. base+rows-1 of x (clamped to M-1) -> xq (int8), sx (scale per row and group), xs (group sums)."""
-        s(f"for r in range({rows}):")
-        with blk():
+        with s.scope(f"for r in range({rows}):"):
             s(f"row = T.min({base} + T.Cast(\"int64\", r), M - T.int64(1))")
-            s(f"for g in range({NG}):")
-            with blk():
+            with s.scope(f"for g in range({NG}):"):
                 s('amax = T.alloc_buffer((4,), "float32", scope="local")')
-                s("for l in T.vectorized(4):")
-                with blk():
+                with s.scope("for l in T.vectorized(4):"):
                     s("amax[l] = T.float32(0)")
-                s(f"for k4 in range({G // 4}):")
-                with blk():
-                    s("for l in T.vectorized(4):")
-                    with blk():
+                with s.scope(f"for k4 in range({G // 4}):"):
+                    with s.scope("for l in T.vectorized(4):"):
                         s(f"amax[l] = T.max(amax[l], T.fabs(x[row, g * {G} + k4 * 4 + l]))")
                 s("am = T.max(T.max(amax[0], amax[1]), T.max(amax[2], amax[3]))")
                 s("inv = T.if_then_else(am > T.float32(0), T.float32(127) / am, T.float32(0))")
                 s("sx[r, g] = am * T.float32(1.0 / 127.0)")
                 if not spec.sym:
                     s('gs = T.alloc_buffer((4,), "int32", scope="local")')
-                    s("for l in T.vectorized(4):")
-                    with blk():
+                    with s.scope("for l in T.vectorized(4):"):
                         s("gs[l] = 0")
-                s(f"for k4 in range({G // 4}):")
-                with blk():
-                    s("for l in T.vectorized(4):")
-                    with blk():
+                with s.scope(f"for k4 in range({G // 4}):"):
+                    with s.scope("for l in T.vectorized(4):"):
                         k = f"g * {G} + k4 * 4 + l"
                         s(f"xq[r * {K} + {k}] = T.Cast(\"int8\", T.max(T.min(T.round(x[row, {k}] * inv), T.float32(127)), T.float32(-127)))")
                         if not spec.sym:
@@ -203,41 +185,32 @@ def kernel_source(spec: _Spec, cfg: dict[str, Any], name: str = "kernel") -> str
         """Output block ob for the RR rows r0 .. r0+RR-1 of the quantized tile (global rows base + r)."""
         s(f'facc = T.alloc_buffer(({RR}, 4), "float32", scope="local")')
         s(f'iacc = T.alloc_buffer(({RR}, 4), "int32", scope="local")')
-        s(f"for r in T.unroll({RR}):")
-        with blk():
+        with s.scope(f"for r in T.unroll({RR}):"):
             s(f"facc[r, {v4}] = T.broadcast(T.float32(0), 4)")
-        s(f"for g in range({NG}):")
-        with blk():
-            s(f"for r in T.unroll({RR}):")
-            with blk():
+        with s.scope(f"for g in range({NG}):"):
+            with s.scope(f"for r in T.unroll({RR}):"):
                 s(f"iacc[r, {v4}] = T.broadcast(T.int32(0), 4)")
             if G % 16 == 0 and cfg.get("lane", G % 16 == 0):
                 # indexed form: one 16-byte load of x per row serves 4 sdot (sdot v.4s, v.16b, v.4b[lane])
                 for kk in range(G4):
                     s(f"w{kk} = Wq[ob, g * {G4} + {kk}, T.ramp(0, 1, 16)]")
-                    s(f"for r in T.unroll({RR}):")
-                    with blk():
+                    with s.scope(f"for r in T.unroll({RR}):"):
                         x16 = f"T.reinterpret(\"int32x4\", xq[T.ramp(({r0} + r) * {K} + g * {G} + {kk // 4 * 16}, 1, 16)])"
                         xv = f"T.reinterpret(\"int8x16\", T.Shuffle([{x16}], [{', '.join([str(kk % 4)] * 4)}]))"
                         s(f"iacc[r, {v4}] = T.call_llvm_pure_intrin(\"int32x4\", \"{SDOT}\", iacc[r, {v4}], w{kk}, {xv})")
             else:
-                s(f"for kk in T.unroll({G4}):")
-                with blk():
+                with s.scope(f"for kk in T.unroll({G4}):"):
                     s(f"w = Wq[ob, g * {G4} + kk, T.ramp(0, 1, 16)]")
-                    s(f"for r in T.unroll({RR}):")
-                    with blk():
+                    with s.scope(f"for r in T.unroll({RR}):"):
                         xv = f"T.reinterpret(\"int8x16\", T.broadcast(T.reinterpret(\"int32\", xq[T.ramp(({r0} + r) * {K} + g * {G} + kk * 4, 1, 4)]), 4))"
                         s(f"iacc[r, {v4}] = T.call_llvm_pure_intrin(\"int32x4\", \"{SDOT}\", iacc[r, {v4}], w, {xv})")
-            s(f"for r in T.unroll({RR}):")
-            with blk():
+            with s.scope(f"for r in T.unroll({RR}):"):
                 term = f"T.Cast(\"float32x4\", iacc[r, {v4}]) * S[ob, g, {v4}]"
                 if not spec.sym:
                     term = f"({term} + ZC[ob, g, {v4}] * T.broadcast(xs[{r0} + r, g], 4))"
                 s(f"facc[r, {v4}] = facc[r, {v4}] + {term} * T.broadcast(sx[{r0} + r, g], 4)")
-        s(f"for r in T.unroll({RR}):")
-        with blk():
-            s(f"if {base} + T.Cast(\"int64\", {r0} + r) < M:")
-            with blk():
+        with s.scope(f"for r in T.unroll({RR}):"):
+            with s.scope(f"if {base} + T.Cast(\"int64\", {r0} + r) < M:"):
                 b = f" + B[T.ramp(ob * 4, 1, 4)]" if spec.bias else ""
                 s(f"y[{base} + T.Cast(\"int64\", {r0} + r), T.ramp(ob * 4, 1, 4)] = facc[r, {v4}]{b}")
 
@@ -251,31 +224,24 @@ def kernel_source(spec: _Spec, cfg: dict[str, Any], name: str = "kernel") -> str
         buffers(MB)
         quantize("T.int64(0)", MB)
         loop = "T.parallel" if cfg.get("parallel_gemv") else "range"
-        s(f"for ob in {loop}({OB}):")
-        with blk():
+        with s.scope(f"for ob in {loop}({OB}):"):
             compute("T.int64(0)", "0", MB)
 
     def gemm() -> None:
-        s(f"for mt in T.parallel((M + T.int64({MT - 1})) // T.int64({MT})):")
-        with blk():
+        with s.scope(f"for mt in T.parallel((M + T.int64({MT - 1})) // T.int64({MT})):"):
             buffers(MT)
             quantize(f"mt * T.int64({MT})", MT)
-            s(f"for ob in range({OB}):")
-            with blk():
-                s(f"for rb in range({MT // R}):")
-                with blk():
+            with s.scope(f"for ob in range({OB}):"):
+                with s.scope(f"for rb in range({MT // R}):"):
                     compute(f"mt * T.int64({MT})", f"rb * {R}", R)
 
-    s("if M <= T.int64(1):")
-    with blk():
+    with s.scope("if M <= T.int64(1):"):
         gemv(1)
-    s("elif M <= T.int64(4):")
-    with blk():
+    with s.scope("elif M <= T.int64(4):"):
         gemv(4)
-    s("else:")
-    with blk():
+    with s.scope("else:"):
         gemm()
-    return "\n".join(L) + "\n"
+    return "\n".join(s.lines) + "\n"
 
 
 def default_config(spec: _Spec, target) -> dict[str, Any]:

@@ -454,6 +454,11 @@ class _Src:
 
         return _B()
 
+    def scope(self, line: str):
+        """``line`` (a ``for``/``if`` header) and the indented block under it: ``with s.scope("for i in ...:"):``."""
+        self(line)
+        return self.block()
+
 
 def _weight_expr(spec: Spec, U: int, ob: str, ko: str, ku: int, lane: str, swz: bool = False) -> str:
     """The decoded float32 weight at stored column ``ko*U+ku`` of interleaved lane ``lane``."""
@@ -505,8 +510,7 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
     sig = ", ".join(f"{short[p.name]}: T.Buffer({tuple(p.shape)}, \"{p.dtype}\")" for p in params)
     s = _Src()
     s("@T.prim_func(private=True)")
-    s(f"def {name}(var_x: T.handle, {sig}, var_y: T.handle):")
-    with s.block():
+    with s.scope(f"def {name}(var_x: T.handle, {sig}, var_y: T.handle):"):
         s('T.func_attr({"tirx.noalias": True, "op_pattern": 8})')
         s("M = T.int64()")
         s(f'x = T.match_buffer(var_x, (M, {K}), "float32")')
@@ -514,6 +518,20 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
         bias = (lambda o: f" + B[{o}]") if spec.bias else (lambda o: "")
 
         select = cfg.get("gemv_mode", "gather") == "select"
+
+        def nm_select_decode(ob: str, ko: str, dst):
+            """The U stored values of block ``ob``, unroll step ``ko`` (into wv) and their positions (into cv), then
+            each group of n kept values expanded to its m dense weights by position selects, written to dst(gi, c)."""
+            n_, m_ = spec.n, spec.m
+            for ku in range(U):
+                with s.scope(f"for l in T.vectorized({V}):"):
+                    s(f"wv[{ku}, l] = {_weight_expr(spec, U, ob, ko, ku, 'l')}")
+                    s(f"cv[{ku}, l] = {_pos_expr(spec, U, ob, ko, ku, 'l')}")
+            for gi in range(U // n_):
+                for c in range(m_):
+                    terms = " + ".join(f"T.Select(cv[{gi * n_ + t}, l] == {c}, wv[{gi * n_ + t}, l], T.float32(0))" for t in range(n_))
+                    with s.scope(f"for l in T.vectorized({V}):"):
+                        s(f"{dst(gi, c)} = {terms}")
 
         def gemv_swizzle(MB: int):
             U = _gemv_unroll(spec)
@@ -530,16 +548,12 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
             swzl = lambda a, b: f'T.call_llvm_pure_intrin("int8x16", "llvm.wasm.swizzle", {a}, {b})'  # noqa: E731
             for jj in range(4):
                 s(f'sp{jj}: T.let = T.reinterpret("int8x16", SP[T.Ramp({16 * jj}, 1, 16)])')
-            s(f"for ob in {loop}({OB}):")
-            with s.block():
+            with s.scope(f"for ob in {loop}({OB}):"):
                 s(f'acc = T.alloc_buffer(({MB}, {NA}, 4), "float32", scope="local")')
-                s(f"for mi in T.unroll({MB}):")
-                with s.block():
-                    s(f"for a in T.unroll({NA}):")
-                    with s.block():
+                with s.scope(f"for mi in T.unroll({MB}):"):
+                    with s.scope(f"for a in T.unroll({NA}):"):
                         s(f"acc[mi, a, {R4}] = T.Broadcast(T.float32(0), 4)")
-                s(f"for ko in range({J // U}):")
-                with s.block():
+                with s.scope(f"for ko in range({J // U}):"):
                     for c4 in range(U // 4):
                         s(f'pk{c4}: T.let = T.reinterpret("int8x16", I[ob, T.Ramp((ko * {U} + {4 * c4}) * 4, 1, 16)])')
                     for ku in range(U):
@@ -556,126 +570,88 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
                             word = f"({word} & T.Broadcast(T.int32({(1 << b) - 1}), 4))"  # shifts are arithmetic
                             g = f"({j}) // {spec.G}"
                             s(f'w{ku}: T.let = (T.Cast("float32x4", {word}) - Z[ob, {g}, {R4}]) * S[ob, {g}, {R4}]')
-                    s(f"for mi in T.unroll({MB}):")
-                    with s.block():
+                    with s.scope(f"for mi in T.unroll({MB}):"):
                         row = "T.min(T.Cast(\"int64\", mi), M - T.int64(1))"
                         for gi in range(U // n_):
                             s(f'xg{gi}: T.let = T.reinterpret("int8x16", x[{row}, T.Ramp((ko * {U // n_} + {gi}) * 4, 1, 4)])')
                         for ku in range(U):
                             a = ku % NA
                             s(f'acc[mi, {a}, {R4}] = acc[mi, {a}, {R4}] + w{ku} * T.reinterpret("float32x4", {swzl(f"xg{ku // n_}", f"mk{ku}")})')
-                s(f"for mi in T.unroll({MB}):")
-                with s.block():
-                    s("if T.Cast(\"int64\", mi) < M:")
-                    with s.block():
+                with s.scope(f"for mi in T.unroll({MB}):"):
+                    with s.scope("if T.Cast(\"int64\", mi) < M:"):
                         tot = " + ".join(f"acc[mi, {a}, {R4}]" for a in range(NA))
                         b_ = f" + B[T.Ramp(ob * 4, 1, 4)]" if spec.bias else ""
                         s(f"y[mi, T.Ramp(ob * 4, 1, 4)] = {tot}{b_}")
 
         def gemv(MB: int):
             loop = "T.parallel" if cfg.get("parallel_gemv") else "range"
-            s(f"for ob in {loop}({OB}):")
-            with s.block():
+            with s.scope(f"for ob in {loop}({OB}):"):
                 NA = 4 if MB == 1 else 2 if MB <= 4 else 1  # independent accumulators per row (add latency)
                 s(f'acc = T.alloc_buffer(({MB}, {NA}, {V}), "float32", scope="local")')
                 s(f'wv = T.alloc_buffer(({U}, {V}), "float32", scope="local")')
                 if sparse:
                     s(f'cv = T.alloc_buffer(({U}, {V}), "int32", scope="local")')
-                s(f"for mi in T.unroll({MB}):")
-                with s.block():
-                    s(f"for l in T.vectorized({V}):")
-                    with s.block():
+                with s.scope(f"for mi in T.unroll({MB}):"):
+                    with s.scope(f"for l in T.vectorized({V}):"):
                         for a in range(NA):
                             s(f"acc[mi, {a}, l] = T.float32(0)")
-                s(f"for ko in range({J // U}):")
-                with s.block():
+                with s.scope(f"for ko in range({J // U}):"):
                     if sparse and select:
                         # decode each group of m input columns to m dense weights in registers (select by the
                         # stored positions): no gather of x, m multiply-adds per group on broadcast x values
                         n_, m_ = spec.n, spec.m
                         s(f'wd = T.alloc_buffer(({U // n_ * m_}, {V}), "float32", scope="local")')
-                        for ku in range(U):
-                            s(f"for l in T.vectorized({V}):")
-                            with s.block():
-                                s(f"wv[{ku}, l] = {_weight_expr(spec, U, 'ob', 'ko', ku, 'l')}")
-                                s(f"cv[{ku}, l] = {_pos_expr(spec, U, 'ob', 'ko', ku, 'l')}")
-                        for gi in range(U // n_):
-                            for c in range(m_):
-                                terms = " + ".join(f"T.Select(cv[{gi * n_ + t}, l] == {c}, wv[{gi * n_ + t}, l], T.float32(0))" for t in range(n_))
-                                s(f"for l in T.vectorized({V}):")
-                                with s.block():
-                                    s(f"wd[{gi * m_ + c}, l] = {terms}")
-                        s(f"for mi in T.unroll({MB}):")
-                        with s.block():
+                        nm_select_decode("ob", "ko", lambda gi, c: f"wd[{gi * m_ + c}, l]")
+                        with s.scope(f"for mi in T.unroll({MB}):"):
                             row = "T.min(T.Cast(\"int64\", mi), M - T.int64(1))"
                             for gi in range(U // n_):
                                 for c in range(m_):
                                     col = f"(ko * {U // n_} + {gi}) * {m_} + {c}"
-                                    s(f"for l in T.vectorized({V}):")
-                                    with s.block():
+                                    with s.scope(f"for l in T.vectorized({V}):"):
                                         a = (gi * m_ + c) % NA
                                         s(f"acc[mi, {a}, l] = acc[mi, {a}, l] + wd[{gi * m_ + c}, l] * x[{row}, {col}]")
                     else:
                         for ku in range(U):
-                            s(f"for l in T.vectorized({V}):")
-                            with s.block():
+                            with s.scope(f"for l in T.vectorized({V}):"):
                                 s(f"wv[{ku}, l] = {_weight_expr(spec, U, 'ob', 'ko', ku, 'l')}")
                                 if sparse:
                                     s(f"cv[{ku}, l] = {_col_expr(spec, U, 'ob', 'ko', ku, 'l')}")
-                        s(f"for mi in T.unroll({MB}):")
-                        with s.block():
+                        with s.scope(f"for mi in T.unroll({MB}):"):
                             row = "T.min(T.Cast(\"int64\", mi), M - T.int64(1))"
                             for ku in range(U):
                                 col = f"cv[{ku}, l]" if sparse else f"ko * {U} + {ku}"
-                                s(f"for l in T.vectorized({V}):")
-                                with s.block():
+                                with s.scope(f"for l in T.vectorized({V}):"):
                                     s(f"acc[mi, {ku % NA}, l] = acc[mi, {ku % NA}, l] + wv[{ku}, l] * x[{row}, {col}]")
-                s(f"for mi in T.unroll({MB}):")
-                with s.block():
-                    s("if T.Cast(\"int64\", mi) < M:")
-                    with s.block():
-                        s(f"for l in T.vectorized({V}):")
-                        with s.block():
+                with s.scope(f"for mi in T.unroll({MB}):"):
+                    with s.scope("if T.Cast(\"int64\", mi) < M:"):
+                        with s.scope(f"for l in T.vectorized({V}):"):
                             tot = " + ".join(f"acc[mi, {a}, l]" for a in range(NA))
                             s(f"y[mi, ob * {V} + l] = {tot}{bias(f'ob * {V} + l')}")
 
         def gemm():
             loop = "T.parallel" if cfg.get("parallel", True) else "range"
-            s(f"for mt in {loop}((M + T.int64({MT - 1})) // T.int64({MT})):")
-            with s.block():
+            with s.scope(f"for mt in {loop}((M + T.int64({MT - 1})) // T.int64({MT})):"):
                 s(f'xT = T.alloc_buffer(({K}, {MT}), "float32")')
-                s(f"for k in range({K}):")
-                with s.block():
-                    s(f"for mm in range({MT}):")
-                    with s.block():
+                with s.scope(f"for k in range({K}):"):
+                    with s.scope(f"for mm in range({MT}):"):
                         s(f"xT[k, mm] = x[T.min(mt * T.int64({MT}) + T.Cast(\"int64\", mm), M - T.int64(1)), k]")
-                s(f"for ob in range({OB}):")
-                with s.block():
-                    s(f"for rb in range({V // R}):")
-                    with s.block():
+                with s.scope(f"for ob in range({OB}):"):
+                    with s.scope(f"for rb in range({V // R}):"):
                         s(f'acc = T.alloc_buffer(({R}, {MT}), "float32", scope="local")')
-                        s(f"for r in T.unroll({R}):")
-                        with s.block():
-                            s(f"for mm in T.vectorized({MT}):")
-                            with s.block():
+                        with s.scope(f"for r in T.unroll({R}):"):
+                            with s.scope(f"for mm in T.vectorized({MT}):"):
                                 s("acc[r, mm] = T.float32(0)")
-                        s(f"for ko in range({J // U}):")
-                        with s.block():
+                        with s.scope(f"for ko in range({J // U}):"):
                             for ku in range(U):
-                                s(f"for r in T.unroll({R}):")
-                                with s.block():
+                                with s.scope(f"for r in T.unroll({R}):"):
                                     lane = f"rb * {R} + r"
                                     w = _weight_expr(spec, U, "ob", "ko", ku, lane, swz)
                                     c = _col_expr(spec, U, "ob", "ko", ku, lane, swz)
-                                    s(f"for mm in T.vectorized({MT}):")
-                                    with s.block():
+                                    with s.scope(f"for mm in T.vectorized({MT}):"):
                                         s(f"acc[r, mm] = acc[r, mm] + {w} * xT[{c}, mm]")
-                        s(f"for r in T.unroll({R}):")
-                        with s.block():
-                            s(f"for mm in range({MT}):")
-                            with s.block():
-                                s(f"if mt * T.int64({MT}) + T.Cast(\"int64\", mm) < M:")
-                                with s.block():
+                        with s.scope(f"for r in T.unroll({R}):"):
+                            with s.scope(f"for mm in range({MT}):"):
+                                with s.scope(f"if mt * T.int64({MT}) + T.Cast(\"int64\", mm) < M:"):
                                     o = f"ob * {V} + rb * {R} + r"
                                     s(f"y[mt * T.int64({MT}) + T.Cast(\"int64\", mm), {o}] = acc[r, mm]{bias(o)}")
 
@@ -695,86 +671,54 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
             loop = "T.parallel" if cfg.get("parallel", True) else "range"
             kk = f"(kb * {JB // U} + ko)"  # the stored-column unroll block inside the whole row
             ob = f"(obp * {NB} + b)"
-            s(f"for kb in range({NKB}):")
-            with s.block():
-                s(f"for obp in {loop}({OB // NB}):")
-                with s.block():
+            with s.scope(f"for kb in range({NKB}):"):
+                with s.scope(f"for obp in {loop}({OB // NB}):"):
                     if spec.kind == "dense":
                         panel = lambda k: f"W[obp * {NB} + b, kb * {KB} + {k}, l]"  # noqa: E731 - the stored layout is the panel
                     else:
                         s(f'P = T.alloc_buffer(({NB}, {KB}, {V}), "float32")')
                         panel = lambda k: f"P[b, {k}, l]"  # noqa: E731
-                        s(f"for b in range({NB}):")
-                        with s.block():
+                        with s.scope(f"for b in range({NB}):"):
                             if not sparse:
-                                s(f"for ko in range({JB // U}):")
-                                with s.block():
+                                with s.scope(f"for ko in range({JB // U}):"):
                                     for ku in range(U):
-                                        s(f"for l in T.vectorized({V}):")
-                                        with s.block():
+                                        with s.scope(f"for l in T.vectorized({V}):"):
                                             s(f"P[b, ko * {U} + {ku}, l] = {_weight_expr(spec, U, ob, kk, ku, 'l')}")
                             elif spec.m <= 8:
                                 n_, m_ = spec.n, spec.m
                                 s(f'wv = T.alloc_buffer(({U}, {V}), "float32", scope="local")')
                                 s(f'cv = T.alloc_buffer(({U}, {V}), "int32", scope="local")')
-                                s(f"for ko in range({JB // U}):")
-                                with s.block():
-                                    for ku in range(U):
-                                        s(f"for l in T.vectorized({V}):")
-                                        with s.block():
-                                            s(f"wv[{ku}, l] = {_weight_expr(spec, U, ob, kk, ku, 'l')}")
-                                            s(f"cv[{ku}, l] = {_pos_expr(spec, U, ob, kk, ku, 'l')}")
-                                    for gi in range(U // n_):
-                                        for c in range(m_):
-                                            terms = " + ".join(f"T.Select(cv[{gi * n_ + t}, l] == {c}, wv[{gi * n_ + t}, l], T.float32(0))" for t in range(n_))
-                                            s(f"for l in T.vectorized({V}):")
-                                            with s.block():
-                                                s(f"P[b, (ko * {U // n_} + {gi}) * {m_} + {c}, l] = {terms}")
+                                with s.scope(f"for ko in range({JB // U}):"):
+                                    nm_select_decode(ob, kk, lambda gi, c: f"P[b, (ko * {U // n_} + {gi}) * {m_} + {c}, l]")
                             else:  # wide groups: zero the panel, scatter the kept values
-                                s(f"for k in range({KB}):")
-                                with s.block():
-                                    s(f"for l in T.vectorized({V}):")
-                                    with s.block():
+                                with s.scope(f"for k in range({KB}):"):
+                                    with s.scope(f"for l in T.vectorized({V}):"):
                                         s("P[b, k, l] = T.float32(0)")
-                                s(f"for ko in range({JB // U}):")
-                                with s.block():
+                                with s.scope(f"for ko in range({JB // U}):"):
                                     for ku in range(U):
-                                        s(f"for l in range({V}):")
-                                        with s.block():
+                                        with s.scope(f"for l in range({V}):"):
                                             col = f"(ko * {U // spec.n} + {ku // spec.n}) * {spec.m} + {_pos_expr(spec, U, ob, kk, ku, 'l')}"
                                             s(f"P[b, {col}, l] = {_weight_expr(spec, U, ob, kk, ku, 'l')}")
-                    s(f"for mt in range((M + T.int64({MR - 1})) // T.int64({MR})):")
-                    with s.block():
+                    with s.scope(f"for mt in range((M + T.int64({MR - 1})) // T.int64({MR})):"):
                         row = f"T.min(mt * T.int64({MR}) + T.Cast(\"int64\", mi), M - T.int64(1))"
                         o = f"(obp * {NB} + b) * {V} + l"
                         s(f'acc = T.alloc_buffer(({MR}, {NB}, {V}), "float32", scope="local")')
-                        s(f"for mi in T.unroll({MR}):")
-                        with s.block():
-                            s(f"for b in T.unroll({NB}):")
-                            with s.block():
-                                s(f"for l in T.vectorized({V}):")
-                                with s.block():
+                        with s.scope(f"for mi in T.unroll({MR}):"):
+                            with s.scope(f"for b in T.unroll({NB}):"):
+                                with s.scope(f"for l in T.vectorized({V}):"):
                                     if NKB == 1:
                                         s("acc[mi, b, l] = T.float32(0)")
                                     else:
                                         s(f"acc[mi, b, l] = T.Select(kb == 0, T.float32(0), y[{row}, {o}])")
-                        s(f"for k in range({KB}):")
-                        with s.block():
-                            s(f"for mi in T.unroll({MR}):")
-                            with s.block():
-                                s(f"for b in T.unroll({NB}):")
-                                with s.block():
-                                    s(f"for l in T.vectorized({V}):")
-                                    with s.block():
+                        with s.scope(f"for k in range({KB}):"):
+                            with s.scope(f"for mi in T.unroll({MR}):"):
+                                with s.scope(f"for b in T.unroll({NB}):"):
+                                    with s.scope(f"for l in T.vectorized({V}):"):
                                         s(f"acc[mi, b, l] = acc[mi, b, l] + x[{row}, kb * {KB} + k] * {panel('k')}")
-                        s(f"for mi in T.unroll({MR}):")
-                        with s.block():
-                            s(f"if mt * T.int64({MR}) + T.Cast(\"int64\", mi) < M:")
-                            with s.block():
-                                s(f"for b in T.unroll({NB}):")
-                                with s.block():
-                                    s(f"for l in T.vectorized({V}):")
-                                    with s.block():
+                        with s.scope(f"for mi in T.unroll({MR}):"):
+                            with s.scope(f"if mt * T.int64({MR}) + T.Cast(\"int64\", mi) < M:"):
+                                with s.scope(f"for b in T.unroll({NB}):"):
+                                    with s.scope(f"for l in T.vectorized({V}):"):
                                         b_ = "" if not spec.bias else (f" + B[{o}]" if NKB == 1 else f" + T.Select(kb == {NKB - 1}, B[{o}], T.float32(0))")
                                         s(f"y[mt * T.int64({MR}) + T.Cast(\"int64\", mi), {o}] = acc[mi, b, l]{b_}")
 
@@ -797,25 +741,19 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
                     # int4/int8 at M = 1: the TIR swizzle GEMV (8 kept columns per iteration), faster than the C one
                     # there (bench/results/wasm_c_gemv.md, "c_all"); C from M = 2 on, where it decodes each weight
                     # once for 4 rows
-                    s("if M <= T.int64(1):")
-                    with s.block():
+                    with s.scope("if M <= T.int64(1):"):
                         gemv_swizzle(1)
-                    s("else:")
-                    with s.block():
+                    with s.scope("else:"):
                         chain(1)
                     return
-                s(f"if M <= T.int64({tiers[-1]}):")
-                with s.block():
+                with s.scope(f"if M <= T.int64({tiers[-1]}):"):
                     gemv_c()
-                s("else:")
-                with s.block():
+                with s.scope("else:"):
                     gemm()
                 return
-            s(f"if M <= T.int64({tiers[i]}):")
-            with s.block():
+            with s.scope(f"if M <= T.int64({tiers[i]}):"):
                 (gemv_swizzle if swz else gemv)(tiers[i])
-            s("else:")
-            with s.block():
+            with s.scope("else:"):
                 chain(i + 1)
 
         chain(0)
