@@ -48,18 +48,12 @@ def group_of(sym: str) -> str:
 
 
 def profile_lib(lib, feeds, runs: int) -> dict:
-    import statistics
-
     import tvm
 
+    from sparsec.backends.bench import time_fn
+
     f = lib.timer(feeds)
-    for _ in range(3):
-        f()
-    ts = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t0)
+    total_ms = time_fn(f, runs, 3)["median_ms"]
     acc: dict[str, float] = collections.defaultdict(float)
     cnt: collections.Counter = collections.Counter()
     start: dict[str, float] = {}
@@ -80,13 +74,13 @@ def profile_lib(lib, feeds, runs: int) -> dict:
     lib.vm.set_instrument(None)
     funcs = {k: {"ms": v / runs * 1e3, "calls": cnt[k] // runs, "group": group_of(k)} for k, v in acc.items()}
     groups = {gname: sum(v["ms"] for v in funcs.values() if v["group"] == gname) for gname in GROUPS}
-    return {"total_ms": statistics.median(ts) * 1e3, "groups_ms": groups, "funcs": funcs}
+    return {"total_ms": total_ms, "groups_ms": groups, "funcs": funcs}
 
 
 def ort_profile(onnx_path, feeds, threads: int, runs: int) -> dict:
-    import statistics
-
     import onnxruntime as ort
+
+    from sparsec.backends.bench import time_fn
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -95,13 +89,7 @@ def ort_profile(onnx_path, feeds, threads: int, runs: int) -> dict:
     sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
     fd = {k: feeds[k] for k in names}
-    for _ in range(3):
-        sess.run(None, fd)
-    ts = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, fd)
-        ts.append(time.perf_counter() - t0)
+    total_ms = time_fn(lambda: sess.run(None, fd), runs, 3)["median_ms"]
     so.enable_profiling = True
     so.profile_file_prefix = tempfile.mkdtemp(prefix="sparsec-ortprof-") + "/p"
     sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
@@ -112,7 +100,7 @@ def ort_profile(onnx_path, feeds, threads: int, runs: int) -> dict:
     for ev in prof:
         if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
             by_op[ev["args"]["op_name"]] += ev["dur"] / 1e3 / runs
-    return {"total_ms": statistics.median(ts) * 1e3, "op_types_ms": dict(sorted(by_op.items(), key=lambda kv: -kv[1]))}
+    return {"total_ms": total_ms, "op_types_ms": dict(sorted(by_op.items(), key=lambda kv: -kv[1]))}
 
 
 def flops(graph, batch: int, seq: int) -> dict:
