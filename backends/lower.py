@@ -428,18 +428,12 @@ class _Lowerer:
         """The value of a small integer tensor (a shape, a size, an index, a bound computed from them) as a numpy
         object array of ints and TIR expressions of the symbolic dims, or None when it is not known at compile time."""
         import tvm
-        from tvm import tirx
 
         relax = self.relax
         if name in self.shape_values:
             return self.shape_values[name]
-        if name in self.g.constants:
-            a = np.asarray(self.g.constants[name])
-            if a.dtype.kind in "biu" and a.size <= CONST_INLINE_MAX:
-                return np.array(a.tolist() if a.ndim else a.item(), dtype=object)
-            return None
-        if isinstance(e, tvm.ir.GenericConst):
-            a = e.value.numpy()
+        if name in self.g.constants or isinstance(e, tvm.ir.GenericConst):
+            a = np.asarray(self.g.constants[name]) if name in self.g.constants else e.value.numpy()
             if a.dtype.kind in "biu" and a.size <= CONST_INLINE_MAX:
                 return np.array(a.tolist() if a.ndim else a.item(), dtype=object)
             return None
@@ -449,9 +443,7 @@ class _Lowerer:
         # is only usable when it is one of the graph inputs' symbolic dims (a bound Relax var has no TIR value)
         if tvm.ir.is_prim_expr(e) and str(e.ty).startswith("int") and (
                 not tvm.ir.is_prim_var(e) or any(e.same_as(s) for s in self.input_syms)):
-            box = np.empty((), dtype=object)
-            box[()] = _sv_elem(e)
-            return box
+            return _box(_sv_elem(e))
         return None
 
     def fold(self, n: Generic, ins):
@@ -469,9 +461,7 @@ class _Lowerer:
         except Exception:  # noqa: BLE001 - anything not foldable is lowered by TVM as usual
             val = None
         if val is not None and not isinstance(val, np.ndarray):  # numpy returns 0-d picks as the element
-            box = np.empty((), dtype=object)
-            box[()] = val
-            val = box
+            val = _box(val)
         if val is None or len(n.outputs) != 1 or val.size > CONST_INLINE_MAX:
             return None
         out = n.outputs[0]
@@ -919,6 +909,13 @@ def _as_prim(v):
     from tvm import tirx
 
     return tirx.IntImm("int64", v) if isinstance(v, int) else v
+
+
+def _box(x) -> np.ndarray:
+    """``x`` (an int, bool or TIR expression) as a 0-d object array."""
+    box = np.empty((), dtype=object)
+    box[()] = x
+    return box
 
 
 def _obj(items) -> np.ndarray:
