@@ -146,6 +146,7 @@ def lib_manifest(low, target: Target, extra: dict[str, Any] | None = None) -> di
         "inputs": low.inputs,
         "outputs": low.outputs,
         "input_ranges": low.input_ranges,
+        "dim_limits": low.dim_limits,
         "params": [p.to_json() for p in low.params],
         "kernels": low.kernels,
     }

@@ -184,6 +184,14 @@ class _C:
                     L.append(f"  for (int64_t k = 0; k < {size}; ++k) {{ {ct} v = (({ct} *){nm}.data)[k];")
                     L.append(f"    if (v < {rng[0]} || v >= {rng[1]}) return rt_fail(\"input {self.low.inputs[i]['name']}: "
                              f"token ids must be in [{rng[0]}, {rng[1]})\", 0); }}")  # fmt: skip
+        for d, var in self.sym.items():  # sizes the model supports at most (a buffer sliced by them, positions)
+            lim = self.low.dim_limits.get(d.name)
+            if lim is not None:
+                why = str(lim[1]).replace("\\", "/").replace('"', "'")
+                where = next((f"input {it['name']}: dim {k}" for it in self.low.inputs for k, x in enumerate(it["shape"])
+                              if x == d.name), f"input dim {d.name}")  # fmt: skip
+                L.append(f"  if ({var} > {int(lim[0])}) return rt_fail(\"{where} is larger than the model supports "
+                         f"(at most {int(lim[0])}: {why})\", 0);")  # fmt: skip
         for j, p in enumerate(fn.params[n_in:]):
             self.names[p] = f"params[{j}]"
             self.tinfo[f"params[{j}]"] = (len(p.ty.shape.values), str(p.ty.dtype))

@@ -41,6 +41,8 @@ from ..compressor.ir import Embedding, Generic, Graph, LayerNorm, Linear, MoE, R
 from .kernels.registry import KernelImpl, ShapeHints, format_key, select_kernel
 
 CONST_INLINE_MAX = 64
+# ops whose output holds the same index values as their first input (positions through unsqueeze/expand/casts)
+_INDEX_PRESERVING = {"Unsqueeze", "Squeeze", "Reshape", "Expand", "Cast", "Identity", "Flatten", "Tile"}
 BROADCAST_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Where", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual",
                  "And", "Or", "Xor", "Max", "Min", "Mod", "BitwiseAnd", "BitwiseOr", "PRelu", "MatMul", "Sum", "Mean"}  # fmt: skip
 
@@ -67,6 +69,9 @@ class Lowered:
     input_ranges: dict[str, list[int]] = field(default_factory=dict)  # int inputs feeding an Embedding: [0, vocab)
     moe: list[str] = field(default_factory=list)
     extra_modules: list[Any] = field(default_factory=list)  # KernelImpl.extra_modules of every kernel used
+    # symbolic input dim -> [largest size the model supports, why]: a buffer sliced by it (causal mask), positions
+    # gathered by it (learned position embeddings). Checked by the runtimes before a call (TVM does not check it).
+    dim_limits: dict[str, list] = field(default_factory=dict)
 
 
 def _sanitize(name: str) -> str:
@@ -96,6 +101,8 @@ class _Lowerer:
         self.input_syms: list[Any] = []
         self.const_params: dict[str, tuple[Any, Any]] = {}  # var name -> (var, tvm tensor) for TVM's get_constant
         self.input_ranges: dict[str, list[int]] = {}
+        self.dim_limits: dict[str, list] = {}
+        self.index_limits: dict[str, Any] = {}  # value -> exclusive bound of its values (Range(0, seq) -> seq)
         self.moe_notes: list[str] = []
         self.extra_modules: list[Any] = []
         self._importer = None
@@ -289,7 +296,54 @@ class _Lowerer:
         table = self.node_param(n, "table", n.table, dt)
         if n.inputs[0] in self.g.inputs:
             self.input_ranges[n.inputs[0]] = [-int(n.table.shape[0]), int(n.table.shape[0])]
+        elif n.inputs[0] in self.index_limits:  # positions 0..seq-1 into a table of learned positions
+            self.limit(self.index_limits[n.inputs[0]], int(n.table.shape[0]), f"'{n.name}' has {int(n.table.shape[0])} position rows")
         return self.bb.emit(relax.op.take(table, ids, axis=0, mode="wrap"))
+
+    def limit(self, size, bound: int, why: str) -> None:
+        """Record that ``size`` (an expression of the inputs' symbolic dims) must be at most ``bound`` at run time.
+        Sizes of the form ``dim + c`` become a limit on that input dim; others cannot be checked and are left."""
+        from tvm import tirx
+
+        size = self.simp(_as_prim(size))
+        if isinstance(size, int) or self.simp(_as_prim(size) <= _as_prim(bound)) is True:
+            return
+        off = 0
+        if isinstance(size, tirx.Add) and isinstance(size.b, tirx.IntImm):
+            size, off = size.a, int(size.b.value)
+        if not (isinstance(size, tirx.Var) and any(size.same_as(v) for v in self.input_syms)):
+            return
+        cur = self.dim_limits.get(size.name)
+        if cur is None or bound - off < cur[0]:
+            self.dim_limits[size.name] = [bound - off, why]
+
+    def slice_limits(self, n: Generic, ins) -> None:
+        """ONNX Slice with a bound known only at run time (``causal_mask[:seq, :seq]``): TVM's converter assumes the
+        bound in range (``assume_inbound``), so more tokens than the buffer has rows read past its end and returned
+        garbage. ONNX would clamp (and the model then fails to broadcast): the bound becomes a limit on the input dim."""
+        dims = _shape_of(ins[0])
+        if dims is None or len(ins) < 3 or ins[2] is None:
+            return
+        vals = []
+        for i in (1, 2, 3, 4):
+            if i >= len(ins) or ins[i] is None or not n.inputs[i]:
+                vals.append(None)
+                continue
+            v = self.shape_value(n.inputs[i], ins[i])
+            if v is None:
+                return
+            vals.append([_sv_elem(x) for x in np.atleast_1d(v)])
+        starts, ends, axes, steps = vals
+        rank = len(dims)
+        axes = list(range(len(ends))) if axes is None else axes
+        steps = [1] * len(ends) if steps is None else steps
+        if len(axes) != len(ends) or len(steps) != len(ends) or not all(isinstance(a, int) and -rank <= a < rank for a in axes):
+            return
+        for a, e, st in zip(axes, ends, steps):
+            d = _sv_elem(dims[a + rank if a < 0 else a])
+            if isinstance(e, int) or not isinstance(d, int) or not (isinstance(st, int) and st > 0):
+                continue
+            self.limit(e, d, f"'{n.inputs[0]}' has {d} entries on axis {a}, sliced by this size in node '{n.name}'")
 
     def moe(self, n: MoE, x):
         relax = self.relax
@@ -354,6 +408,8 @@ class _Lowerer:
         from ..compressor.onnx_export import _attribute
 
         relax = self.relax
+        if n.op_type in _INDEX_PRESERVING and not n.domain and n.inputs and n.inputs[0] in self.index_limits:
+            self.index_limits[n.outputs[0]] = self.index_limits[n.inputs[0]]
         folded = self.fold(n, ins) if not n.domain else None
         if folded is not None:
             return folded
@@ -362,7 +418,13 @@ class _Lowerer:
             if out is not None:
                 return [(n.outputs[0], self.refine(n.outputs[0], out))]
         if n.op_type == "Range" and not n.domain:
+            sv = [self.shape_value(i, e) for i, e in zip(n.inputs, ins)]
+            if sv[0] is not None and sv[2] is not None and sv[1] is not None and sv[0].ndim == 0 and sv[1].ndim == 0 \
+                    and _sv_elem(sv[0].item()) == 0 and _sv_elem(sv[2].item()) == 1:
+                self.index_limits[n.outputs[0]] = _sv_elem(sv[1].item())
             return [(n.outputs[0], self.refine(n.outputs[0], self.range_(ins)))]
+        if n.op_type == "Slice" and not n.domain:
+            self.slice_limits(n, ins)
         if n.op_type in _CMP_OPS and not n.domain and len(ins) == 2 and any(
                 isinstance(e, relax.ShapeExpr) or isinstance(getattr(e, "ty", None), tvm.ir.type.PrimType) for e in ins):
             # sizes not compared at compile time (fold): compare at run time. TVM's converters fold shape expressions
@@ -881,7 +943,7 @@ class _Lowerer:
         mod = self.bb.get()
         mod["main"] = mod["main"].with_attr("num_input", len(in_vars))
         return Lowered(mod, in_info, list(g.outputs), self.params, self.kernels, self.sources, self.input_ranges, self.moe_notes,
-                       self.extra_modules)
+                       self.extra_modules, self.dim_limits)
 
 
 def lower(graph: Graph, target, tuning=None, act_dtype: str = "float32", dense_kernel: str | None = None) -> Lowered:

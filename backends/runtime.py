@@ -123,9 +123,13 @@ class LoadedLib:
             x = np.asarray(feeds[name])
             if x.ndim != len(spec["shape"]):
                 raise ShapeError(f"input {name!r} has rank {x.ndim}, the model expects {len(spec['shape'])}")
+            limits = self.manifest.get("dim_limits", {})
             for i, (got, want) in enumerate(zip(x.shape, spec["shape"])):
                 if isinstance(want, int) and got != want:
                     raise ShapeError(f"input {name!r} has size {got} in dim {i}, the model expects {want}")
+                if isinstance(want, str) and want in limits and got > limits[want][0]:
+                    raise ShapeError(f"input {name!r} has size {got} in dim {i}; the model supports at most "
+                                     f"{limits[want][0]} there ({limits[want][1]})")  # fmt: skip
             if x.dtype != np.dtype(spec["dtype"]):
                 if x.dtype.kind != np.dtype(spec["dtype"]).kind:
                     raise ShapeError(f"input {name!r} is {x.dtype}, the model expects {spec['dtype']}")

@@ -148,3 +148,38 @@ def test_usage_errors_exit_2():
     assert p.returncode == 6 and p.stderr.startswith("sparsec: ")
     p = sparsec("--help")
     assert p.returncode == 0 and "compress" in p.stdout
+
+
+@pytest.mark.parametrize("mask_rows", [None, 32])
+def test_compiled_library_refuses_more_tokens_than_the_model_has_positions(mask_rows, tmp_path):
+    """GPT-2 style: learned positions (64 rows) and a causal-mask buffer sliced by the sequence length (64 rows, or 32
+    when the blocks are built with a smaller buffer). The compiled library read past both (Gather wraps, TVM's Slice
+    assumes its bound in range) and returned garbage for longer inputs; now it refuses them like onnxruntime does."""
+    import torch
+
+    torch.manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    model = tm.build("gpt2")
+    if mask_rows is not None:
+        model.h = torch.nn.ModuleList([tm.GPT2Block(64, 4, 256, mask_rows) for _ in range(len(model.h))]).eval()
+    limit = mask_rows or model.wpe.num_embeddings
+    path = tmp_path / "m.onnx"
+    tm.export_onnx(model, str(path), "dynamo", 18)
+    out = tmp_path / "art"
+    p = sparsec("compress", path, "--target", "x86", "-o", out, "--quiet")
+    assert p.returncode == 0, p.stderr
+    assert (out / "lib").is_dir()
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng()
+    for t in (limit, limit + 1):
+        ids = rng.integers(0, model.wte.num_embeddings, (2, t)).astype(np.int64)
+        np.savez(tmp_path / "in.npz", input_ids=ids)
+        p = sparsec("run", out, "--inputs", tmp_path / "in.npz", "--output", tmp_path / "o.npz", "--engine", "lib")
+        if t == limit:
+            assert p.returncode == 0, p.stderr
+            got = np.load(tmp_path / "o.npz")
+            (ref,) = sess.run(None, {"input_ids": ids})
+            assert tm.rel(ref, got[got.files[0]]) < 1e-4
+        else:
+            err = p.stderr.strip()
+            assert p.returncode == 5 and len(err.splitlines()) == 1, p.stderr
+            assert f"at most {limit}" in err and ("position rows" if mask_rows is None else "sliced by this size") in err, err
