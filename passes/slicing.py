@@ -11,11 +11,14 @@ What the pass does, on sparsec's IR:
 1. **Structure discovery.** Starting from the residual additions it finds the *segments* of the stream: the value
    after each residual add (a tree of adds, e.g. token + position + token-type embeddings, counts as one), or a
    layer output that several nodes read (LLaMA's token embedding). For each segment: the *writers* (Linear, MoE,
-   Embedding, constants added to the stream), the *norms* reading it (LayerNorm / RMSNorm), the *readers*
-   (Linear / MoE reading the segment or a norm output of it), the residual *shortcuts* (a segment or a norm output
-   added into a later segment), graph outputs, and the shape-only ops in between (Reshape with the hidden dim in its
-   shape, Cast, Dropout, Identity, scalar Mul/Div, Gather/Slice/Transpose that keep the hidden axis last). Anything
-   else touching the stream stops the pass with ``cannot slice: ...`` naming the node: never a silently wrong model.
+   Embedding, constants added to the stream, and *sources*: values computed before the stream starts that no weight
+   can be rotated in place, e.g. ViT's ``Concat(cls, Conv patches)``, Whisper's ``Conv1d -> GELU -> transpose``, a
+   float graph input; step 2 projects them into the stream with an inserted Linear), the *norms* reading it
+   (LayerNorm / RMSNorm), the *readers* (Linear / MoE reading the segment or a norm output of it), the residual
+   *shortcuts* (a segment or a norm output added into a later segment), graph outputs, and the shape-only ops in
+   between (Reshape with the hidden dim in its shape, Cast, Dropout, Identity, scalar Mul/Div, Gather/Slice/Transpose
+   that keep the hidden axis last, ReduceMean/ReduceSum over other axes: mean-pooled heads). Anything else touching the stream stops the pass with ``cannot slice: ...``
+   naming the node: never a silently wrong model.
 2. **Norm fusion** (exact). LayerNorm models: every writer is centred (``W ← (I - 11ᵀ/d) W``), so the stream is
    mean-free and each ``LayerNorm(x) = RMSNorm(x) · γ + β``. The norms become weightless RMSNorm; ``γ``/``β`` (and
    RMSNorm weights) are folded into the Linear layers that read the norm (``W ← W diag(γ)``, ``b ← b + Wβ``).
@@ -23,7 +26,11 @@ What the pass does, on sparsec's IR:
    identity for pre-norm models, ``diag(γ)`` (+ ``β``, centred) for post-norm models (BERT), whose norm sits on the
    stream itself, so the shortcut carries the norm's affine part, which cannot commute with a rotation. A graph
    output taken from the stream gets an ``output_restore`` Linear (rotation back to the original basis, with the
-   final norm's ``γ``/``β``), so the model's interface does not change.
+   final norm's ``γ``/``β``), so the model's interface does not change. Every source gets an explicit projection
+   (``stream_in``: identity, centred for LayerNorm models, rotated to ``Q[:, :d']ᵀ`` in step 3, as SliceGPT does for
+   what it cannot rotate in place): the stem keeps its weights, its cls token and the constants concatenated to it;
+   constants *added* to the stream (positions) are rotated like any writer. A value computed from the stream itself
+   (a layer scale, a gate) is not a source: ``cannot slice: ... is computed from the residual stream``.
 3. **Rotation and slicing**, segment by segment in graph order, with sequential calibration
    (:mod:`sparsec.calibration.sequential`): the covariance ``Σ xxᵀ`` of a segment is collected on the calibration
    inputs as the *already sliced* earlier blocks produce them, ``Q`` = its eigenvectors by decreasing eigenvalue,
@@ -132,12 +139,17 @@ _OVERRIDE_KEYS = {"fraction"}
 class Contribution:
     """A writer whose output reaches the segment's add tree and nothing else."""
 
-    kind: str  # "linear" | "moe" | "embedding" | "const"
-    node: Node | None  # Linear / MoE / Embedding (None for constants)
+    kind: str  # "linear" | "moe" | "embedding" | "const" | "source"
+    node: Node | None  # Linear / MoE / Embedding (None for constants and sources)
     const: str | None = None  # constant name (kind "const")
     add: Node | None = None  # the add it feeds (None: root writer of the segment)
     index: int = 0
     user: Node | None = None  # kind "const": the node reading the constant (the add, or a Slice/Gather/... before it)
+    # kind "source": a value computed before the stream starts (a conv stem, a graph input, cls token + patches, ...)
+    # that no weight of sparsec can rotate: fusion projects it into the stream with an inserted Linear (identity,
+    # rotated to Qᵀ like any writer); ``width`` is its last dim (the stream dim, or 1 when broadcast over it)
+    value: str | None = None
+    width: int = 0
 
 
 @dataclass(eq=False)
@@ -188,6 +200,7 @@ class Segment:
     new_dim: int = 0
     fraction: float = 0.0
     shape_consts: list[str] = field(default_factory=list)
+    ref_value: str = ""  # the segment's value in the unsliced graph when fusion renamed it (a projected source)
 
     def writer_nodes(self) -> list[Node]:
         return [c.node for c in self.contributions if c.node is not None]
@@ -271,6 +284,17 @@ class _Finder:
                 return None
             axes = [int(a) % r for a in np.asarray(self.g.constants[n.inputs[3]]).reshape(-1)]
             return 0 if r - 1 not in axes else None
+        if op in ("ReduceMean", "ReduceSum"):  # pooling over tokens (mean-pooled heads): linear, per channel
+            r = self.rank(n.inputs[0])
+            if len(n.inputs) > 1 and n.inputs[1]:  # axes as an input (ReduceSum >= 13, ReduceMean >= 18)
+                if n.inputs[1] not in self.g.constants:
+                    return None
+                axes = np.asarray(self.g.constants[n.inputs[1]]).reshape(-1)
+            else:
+                axes = n.attributes.get("axes")
+            if r is None or axes is None or not len(axes):  # no axes: every axis, or none (noop_with_empty_axes)
+                return None
+            return 0 if r - 1 not in [int(a) % r for a in axes] else None
         return None
 
     def scaling(self, n: Node) -> bool:
@@ -406,9 +430,18 @@ class _Finder:
         if base in self.seg_of_value:
             return self.seg_of_value[base]
         p = self.prod.get(base)
-        if p is None:
-            what = "graph input" if base in self.g.inputs else "constant"
-            raise _cannot(f"the {what} '{base}' feeds the residual stream directly; sparsec cannot rotate a model's input")
+        if p is None and base not in self.g.inputs:
+            raise _cannot(f"the constant '{base}' feeds the residual stream directly; sparsec cannot rotate it")
+        if p is None or not (self.is_add(p) or self.is_writer(p) or self.is_norm(p)):
+            # the stream starts at a value no weight of sparsec can rotate (a conv stem, cls token + patches, a graph
+            # input): projected into the stream by an inserted Linear (see _Fusion._source)
+            self.check_source(base, p, None)
+            s = Segment(len(self.segs), base, p if p is not None else self._first_reader(base))
+            self.segs.append(s)
+            self.seg_of_value[base] = s
+            s.values.add(base)
+            s.contributions.append(Contribution("source", None, value=base))
+            return s
         if self.is_add(p):
             root = self.tree_root(p)
             if root is not p and root.outputs[0] not in self.seg_of_value:
@@ -429,10 +462,45 @@ class _Finder:
             src = self.prod.get(self.back(p.inputs[0])[0])
             raise _cannot(f"norm '{p.name}' is applied to the output of another norm"
                           f"{f' ({src.name})' if src is not None else ''}; sparsec cannot rotate a stream normalized twice")  # fmt: skip
-        else:
-            raise _cannot(f"'{p.name}' ({p.op}) produces the residual stream value '{base}'; only residual additions, "
-                          f"embeddings and Linear/MoE layers may write to it")  # fmt: skip
         return s
+
+    def check_source(self, v: str, p: Node | None, add: Node | None) -> None:
+        """``v`` (produced by ``p``, None for a graph input) may start the stream (be projected into it) when it is
+        a float value computed before the stream: no residual addition, norm or MoE upstream. A value computed from
+        the stream itself (a layer scale, a gate) is an op sparsec does not understand: named refusal."""
+        what = f"'{p.name}' ({p.op})" if p is not None else f"the graph input '{v}'"
+        how = (f"adds to the residual stream through '{add.name}'" if add is not None
+               else f"produces the residual stream value '{v}'")  # fmt: skip
+        if not self.is_float(v):
+            raise _cannot(f"{what} {how} with a non-float value")
+        dep = self.stream_dependency(v)
+        if dep is not None:
+            raise _cannot(f"{what} {how} but is computed from the residual stream (through {dep}); "
+                          f"only residual additions, Linear/MoE layers, embeddings, constants and values computed before "
+                          f"the stream starts may write to it")  # fmt: skip
+
+    def stream_dependency(self, v: str) -> str | None:
+        """The residual addition, norm, MoE or stream value that ``v`` is computed from, described (None: ``v`` is
+        computed before the stream)."""
+        stack, seen = [v], set()
+        while stack:
+            x = stack.pop()
+            if x in seen:
+                continue
+            seen.add(x)
+            p = self.prod.get(x)
+            if x in self.seg_of_value or isinstance(p, (Residual, LayerNorm, RMSNorm, MoE)):
+                return f"'{p.name}', {p.op}" if p is not None else f"the graph input '{x}'"
+            if p is not None:
+                stack.extend(i for i in p.inputs if i)
+        return None
+
+    def _first_reader(self, v: str) -> Node:
+        """The first node reading graph input ``v`` (a source segment needs a node to place it in the graph)."""
+        users = self.cons.get(v, [])
+        if not users:
+            raise _cannot(f"the graph input '{v}' feeds the residual stream but no node reads it")
+        return users[0]
 
     def tree(self, s: Segment, add: Node) -> None:
         """Classify the inputs of the add tree rooted at ``add`` into contributions and shortcuts."""
@@ -449,9 +517,20 @@ class _Finder:
             p = self.prod.get(base)
             uses = self.real_uses(base)
             exclusive = len(uses) == 1 and uses[0][0] is add and uses[0][1] == i
-            if p is None:
-                what = "graph input" if base in self.g.inputs else "value"
-                raise _cannot(f"the {what} '{base}' is added to the residual stream by '{add.name}'; sparsec cannot rotate a model's input")
+            if p is None and base not in self.g.inputs:
+                raise _cannot(f"the value '{base}' is added to the residual stream by '{add.name}' and has no producer")
+            if p is None or not (self.is_add(p) or self.is_writer(p) or self.is_norm(p)):
+                if base in self.seg_of_value or (not exclusive and all(
+                        c is not None and (self.is_add(c) or (self.is_norm(c) and k == 0)) for c, k, _, _ in uses)):
+                    # also read by the stream's first norm (pre-norm blocks): the stream starts at this value
+                    src = self.segment_at(base)
+                    sc = Shortcut(src, s, add, i)
+                    s.shortcuts_in.append(sc)
+                    src.shortcuts_out.append(sc)
+                    continue
+                self.check_source(u, p, add)
+                s.contributions.append(Contribution("source", None, add=add, index=i, value=u))
+                continue
             if self.is_add(p) and exclusive and base not in self.seg_of_value:
                 self._chain(s, chain, base)
                 self.tree(s, p)
@@ -469,9 +548,6 @@ class _Finder:
                 sc = Shortcut(src, s, add, i)
                 s.shortcuts_in.append(sc)
                 src.shortcuts_out.append(sc)
-            else:
-                raise _cannot(f"'{p.name}' ({p.op}) adds to the residual stream through '{add.name}'; only Linear/MoE "
-                              f"layers, embeddings, constants and residual paths may")  # fmt: skip
 
     def _chain(self, s: Segment, chain: list[Node], base: str | None = None) -> None:
         if base is not None:
@@ -532,6 +608,10 @@ class _Finder:
                     dims.add(c.node.router.in_features)
                 elif c.kind == "embedding":
                     dims.add(int(c.node.table.shape[1]))
+                elif c.kind == "source":
+                    c.width = self.last_dim(c.value) or 0
+                    if c.width > 1:
+                        dims.add(c.width)
                 else:
                     dims.add(int(self.g.constants[c.const].shape[-1]))
             for sc in s.shortcuts_in:
@@ -540,11 +620,24 @@ class _Finder:
             d = self.last_dim(s.value)
             if d is not None:
                 dims.add(d)
+            if not dims and any(c.kind == "source" for c in s.contributions):
+                # a stream starting at a value of symbolic shape (a float graph input exported with every dim
+                # dynamic): its size is the one its norms and readers are built for
+                dims = {n.dim for n in s.norms if n.dim is not None}
+                dims |= {(r.node.router if isinstance(r.node, MoE) else r.node).in_features for r in s.readers}
             if not dims:
                 raise _cannot(f"the residual stream value '{s.value}' has no writer sparsec can rotate")
             if len(dims) > 1:
                 raise _cannot(f"the writers of the residual stream value '{s.value}' disagree on its dim ({sorted(dims)})")
             s.dim = dims.pop()
+            for c in s.contributions:
+                if c.kind == "source" and c.width == 0 and c.add is None:
+                    c.width = s.dim  # the stream itself, not broadcast
+                if c.kind == "source" and c.width not in (1, s.dim):
+                    where = f"added to the residual stream by '{c.add.name}'" if c.add is not None else "starting the stream"
+                    raise _cannot(f"the value '{c.value}' {where} has no static hidden size (shape "
+                                  f"{self.g.values[c.value].shape if c.value in self.g.values else 'unknown'}); sparsec "
+                                  f"cannot size the projection that rotates it into the stream")  # fmt: skip
             for r in s.readers:
                 lin = r.node.router if isinstance(r.node, MoE) else r.node
                 if lin.in_features != s.dim:
@@ -558,7 +651,7 @@ class _Finder:
             mods = [n.module for n in s.adds if n.module] + [n.module for n in s.writer_nodes() if n.module]
             blocks = [b for b in (block_of_module(m) for m in mods) if b]
             s.block = blocks[0] if blocks else None
-            if any(c.kind == "embedding" for c in s.contributions) and s.block is None:
+            if any(c.kind in ("embedding", "source") for c in s.contributions) and s.block is None:
                 s.kind = "embeddings"
             else:
                 rel = []
@@ -793,7 +886,8 @@ class Slicing(Pass):
                     names = [s.value for s in here]
                     keep = _Keep(names)
                     step.observe(keep, heldout=True)
-                    refv = tracker.run_until(step.block.name, names)
+                    refv = tracker.run_until(step.block.name, [s.ref_value or s.value for s in here])
+                    refv = {s.value: refv.get(s.ref_value or s.value) for s in here}
                     for s in here:
                         info = blocks_info[s.id]
                         info["output_error"] = _stream_error(refv.get(s.value), keep.kept.get(s.value), info["_Q"], st.mode)
@@ -963,6 +1057,11 @@ class _Fusion:
     def apply(self) -> None:
         g, st = self.g, self.st
         centre = st.mode == "layernorm"
+        # 0. values computed before the stream (conv stems, cls token + patches, graph inputs): projected into it
+        for s in st.segments:
+            for c in s.contributions:
+                if c.kind == "source":
+                    self._source(s, c)
         # 1. norms -> weightless RMSNorm; remember γ, β
         replace: dict[int, RMSNorm] = {}
         for s in st.segments:
@@ -1063,6 +1162,43 @@ class _Fusion:
     def _dtype(self, s: "Segment"):
         v = self.g.values.get(s.value)
         return {"float16": np.float16, "float64": np.float64}.get(v.dtype if v is not None else "float32", np.float32)
+
+    def _source(self, s: Segment, c: Contribution) -> None:
+        """An explicit projection of the value ``c.value`` into the stream (SliceGPT's treatment of what it cannot
+        rotate in place): a Linear, identity for now (``ones(d, 1)`` for a value broadcast over the hidden axis), that
+        the rotation turns into ``Qᵀ`` (``d' x d``) like any writer. The source itself keeps its weights and its
+        other readers. Root of a segment: every reader of the value reads the projection instead."""
+        g = self.g
+        v = c.value
+        prod = g.producers().get(v)
+        name = g.unique_name(f"{s.block}.stream_in" if s.block else "stream_in")
+        out = g.unique_name(f"{v}.stream_in")
+        self._value_like(out, s.value if s.value in g.values else v, s.dim)
+        W = np.eye(s.dim) if c.width == s.dim else np.ones((s.dim, 1))
+        at = c.add if c.add is not None else (prod if prod is not None else s.producer)
+        module = at.module or (prod.module if prod is not None else None) or "stream_in"
+        lin = Linear(name, [v], [out], {"module": module}, weight=Dense(W.astype(self._dtype(s))), bias=None)
+        lin.meta["sparsec.slicing"] = "source"
+        what = f"'{prod.name}' ({prod.op})" if prod is not None else f"graph input '{v}'"
+        if c.add is not None:
+            self._insert_before(c.add, lin)
+            c.add.inputs[c.index] = out
+        else:
+            for n in g.nodes:
+                n.inputs = [out if i == v else i for i in n.inputs]
+            if prod is not None:
+                g.nodes.insert(g.nodes.index(prod) + 1, lin)
+            else:
+                self._insert_before(s.producer, lin)
+            s.restores = [o for o in s.restores if o.value != v]  # a graph output that is the source itself stays
+            s.values.discard(v)
+            s.ref_value = v
+            s.value = out
+            s.producer = lin
+        s.values.add(out)
+        c.kind, c.node = "linear", lin
+        self.added.append(lin)
+        self.added_notes[name] = f"projection of {what} into the residual stream (its output cannot be rotated in place)"
 
     def _shortcut(self, sc: Shortcut, centre: bool) -> None:
         g = self.g
@@ -1379,6 +1515,10 @@ class _RefTracker:
         if block_name not in names:
             return {}
         keep = _Keep(values)
+        for env in self.envs:  # a stream starting at a graph input (projected): no node computes it
+            for v in values:
+                if v in self.g.inputs and v in env:
+                    keep.value(v, env[v])
         stop = self.next + names.index(block_name) + 1
         for blk in self.blocks[self.next : stop]:
             self.envs = [self.ex.run_range(env, blk.start, blk.stop, keep) for env in self.envs]

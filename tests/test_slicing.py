@@ -401,3 +401,133 @@ def test_position_parameter_added_to_the_stream():
     assert "pos" not in g.constants and g.param_count() == rep.totals["model_params_after"]
     out = Executor(g).run(feeds)[g.outputs[0]]
     assert out.shape == ref.shape and tm.rel(out, ref) < 0.6
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# streams that do not start at an embedding table: projected into the stream by an inserted Linear
+class _SourceLlama(tm.LlamaStyle):
+    """LLaMA-style blocks whose stream starts at a value no weight can be rotated in place, read by both the first
+    norm and the first residual add: a float graph input (``inputs_embeds``), or a Conv1d + GELU stem transposed to
+    (batch, time, d) (Whisper's stem without positions)."""
+
+    def __init__(self, stem: str):
+        super().__init__(layers=2)
+        self.stem = stem
+        g = torch.Generator().manual_seed(7)
+        # anisotropic inputs in a random basis (a few strong directions, like real activations)
+        self.register_buffer("mix", torch.linalg.qr(torch.randn(64, 64, generator=g))[0] * torch.logspace(0, -1.5, 64)[:, None])
+        self.conv = torch.nn.Conv1d(8, 64, 3, padding=1)
+
+    def source(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.stem == "input" else torch.nn.functional.gelu(self.conv(x)).transpose(1, 2)
+
+    def forward(self, x):
+        h = self.source(x)
+        for layer in self.model.layers:
+            h = layer(h)
+        return self.lm_head(self.model.norm(h))
+
+    def example_inputs(self, b=2, t=16, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        if self.stem == "input":
+            return (torch.randn(b, t, 64, generator=g) @ self.mix,)
+        return (torch.randn(b, 8, t, generator=g),)
+
+
+@pytest.mark.parametrize("stem", ["input", "conv"])
+def test_stream_starting_at_an_input_or_a_conv_stem(stem):
+    """The stream's first value is projected by an inserted ``stream_in`` Linear: exact when only rotating; sliced,
+    that Linear holds the top principal directions of the source values (numpy eigendecomposition of the values
+    the torch module computes on the calibration inputs)."""
+    from sparsec.compressor.frontends.torch import load_torch
+
+    torch.manual_seed(0)
+    model = _SourceLlama(stem).eval()
+    g = load_torch(model, model.example_inputs())
+    (name,) = g.inputs
+
+    def feeds(b, seed):
+        return {name: model.example_inputs(b=b, t=12, seed=seed)[0].numpy()}
+
+    fit = CalibrationSet(feeds(16, 3), "fit", batch_size=8)
+    held = CalibrationSet(feeds(8, 4), "held", batch_size=8)
+
+    def run(g, fraction):
+        r = Recipe(passes=[PassSpec("slicing", {"fraction": fraction})])
+        (rep,) = run_passes(g, build_passes(r), PassContext(r, calib=fit, heldout=held))
+        g.validate()
+        return rep
+
+    x = feeds(3, _seed())
+    ref = _torch_out(model, x)
+    g0 = g.copy()
+    rep0 = run(g0, 0.0)
+    assert tm.rel(Executor(g0).run(x)[g0.outputs[0]], ref) <= 1e-5
+    (src,) = [n for n in g0.nodes if n.meta.get("sparsec.slicing") == "source"]
+    if stem == "input":
+        assert src.inputs == [name]
+    else:  # the stem's transposed output (after Conv -> GELU), which every stream reader now reads through src
+        assert g0.producers()[src.inputs[0]].op == "Transpose"
+        assert [n.name for n in g0.consumers()[src.inputs[0]]] == [src.name]
+    assert any(r.status == "added" and r.name == src.name for r in rep0.rows)
+    assert all(b["output_error"] < 1e-5 for b in rep0.extra["blocks"])
+
+    rep = run(g, 0.25)
+    (src,) = [n for n in g.nodes if n.meta.get("sparsec.slicing") == "source"]
+    assert tuple(src.weight.shape) == (48, 64)
+    assert g.linear("model.layers.0.self_attn.q_proj").in_features == 48 and g.linear("lm_head").in_features == 48
+    with torch.no_grad():
+        X = model.source(torch.from_numpy(fit.arrays[name])).reshape(-1, 64).double().numpy()
+    ev = np.linalg.eigvalsh(X.T @ X / len(X))[::-1]
+    Y = X @ src.weight.materialize().astype(np.float64).T
+    C = Y.T @ Y / len(Y)
+    assert np.abs(C - np.diag(np.diag(C))).max() < 1e-4 * ev[0]
+    np.testing.assert_allclose(np.sort(np.diag(C))[::-1], ev[:48], rtol=1e-4)
+    first = rep.extra["blocks"][0]
+    assert first["segment"] == "embeddings" and first["retained_variance"] == pytest.approx(ev[:48].sum() / ev.sum(), rel=1e-6)
+    out = Executor(g).run(x)[g.outputs[0]]
+    assert out.shape == ref.shape and 1e-3 < tm.rel(out, ref) < 0.6
+
+
+def test_graph_input_added_to_the_stream_and_broadcast_over_it():
+    """ids -> Embedding -> e; e + u (a float graph input of shape (b, t, 1), broadcast over the hidden axis) -> s0;
+    s0 + Linear(s0) -> s; head(s). ``u`` is projected by a (d', 1) Linear: exact when rotating, sliced otherwise;
+    the reference is numpy on the original weights."""
+    rng = np.random.default_rng(0)
+    g = Graph("broadcast_source")
+    g.add_value("ids", "int64", ("b", "t"))
+    g.add_value("u", "float32", ("b", "t", 1))
+    g.inputs = ["ids", "u"]
+    for v in ("e", "s0", "h", "s"):
+        g.add_value(v, "float32", ("b", "t", 16))
+    g.add_value("y", "float32", ("b", "t", 5))
+    table = rng.standard_normal((10, 16)).astype(np.float32)
+    W1, W2 = (rng.standard_normal(shape).astype(np.float32) * 0.3 for shape in ((16, 16), (5, 16)))
+    g.add_node(Embedding("emb", ["ids"], ["e"], {"module": "emb"}, table=table))
+    g.add_node(Generic("add_u", ["e", "u"], ["s0"], {"module": "emb"}, op_type="Add"))
+    g.add_node(Linear("layers.0.mlp", ["s0"], ["h"], {"module": "layers.0.mlp"}, weight=W1))
+    g.add_node(Residual("layers.0.residual", ["s0", "h"], ["s"], {"module": "layers.0"}))
+    g.add_node(Linear("head", ["s"], ["y"], {"module": "head"}, weight=W2))
+    g.outputs = ["y"]
+    g.validate()
+
+    def feeds(b, seed):
+        r = np.random.default_rng(seed)
+        return {"ids": r.integers(0, 10, (b, 7)), "u": r.standard_normal((b, 7, 1)).astype(np.float32)}
+
+    def numpy_ref(f):
+        s0 = table[f["ids"]].astype(np.float64) + f["u"]
+        return (s0 + s0 @ W1.T) @ W2.T
+
+    fit, held = CalibrationSet(feeds(16, 1), "fit", batch_size=8), CalibrationSet(feeds(8, 2), "held", batch_size=8)
+    x = feeds(3, _seed())
+    for fraction, dim in ((0.0, 16), (0.5, 8)):
+        g1 = g.copy()
+        r = Recipe(passes=[PassSpec("slicing", {"fraction": fraction, "round_to": 1})])
+        (rep,) = run_passes(g1, build_passes(r), PassContext(r, calib=fit, heldout=held))
+        g1.validate()
+        (src,) = [n for n in g1.nodes if n.meta.get("sparsec.slicing") == "source"]
+        assert src.inputs == ["u"] and tuple(src.weight.shape) == (dim, 1)
+        assert g1.node("emb").table.shape == (10, dim) and g1.linear("head").in_features == dim
+        e = tm.rel(Executor(g1).run(x)["y"], numpy_ref(x))
+        assert (e < 1e-5) if fraction == 0 else (1e-4 < e < 1.0), (fraction, e)
