@@ -7,6 +7,14 @@ Three steps (``bench/device_pack.sh`` runs the first and prints the command for 
     python bench/bench_cuda.py report --raw DIR/cuda_device.json # here: bench/results/cuda_kernels.{json,md},
                                                                  #       golden/tuning/h100.json (+ a100.json)
 
+Decode-only mode (split-K GEMV configs, two timing methods; docs/cuda.md "Decode GEMV: split-K and steady-state
+timing")::
+
+    python bench/bench_cuda.py build  --decode --pack .devpack_decode
+    python bench/bench_cuda.py device --decode --pack .devpack_decode --out DIR [--m 1,16] [--extra-shapes 4096x14336]
+    python bench/bench_cuda.py report --raw DIR/cuda_device_decode.json --decode-name NAME
+                                      # bench/results/cuda_kernels_decode_NAME.{json,md}
+
 ``device`` needs torch (and CuPy for the tensor-core peak measurement); it loads the kernel library with ``tvm_ffi``
 (no TVM needed) and calls the exported ``sparsec_cuda_<id>`` functions on torch tensors, exactly the functions a model
 library links. ``SPARSEC_BENCH_DRYRUN=1`` rehearses the device step on the CPU (tiny shapes, kernels emulated).
@@ -40,6 +48,9 @@ REF_SHAPES = [(128, 128), (352, 128), (128, 352), (256, 128), (128, 64), (64, 12
 CHECK_M = [1, 16, 128, 2048, 8192]
 EXTRA_M = [3, 13, 37]  # odd token counts: tails of every path
 DECODE_M = [1, 2, 4, 8, 16]
+# decode split-K checks: K not a multiple of the split counts (sp4: 86 chunks at K = 11008; 3 at K = 352)
+DECODE_CHECK_SHAPES = [(4096, 11008), (352, 352), (40, 1184)]
+DECODE_CHECK_M = [1, 2, 8, 16, 13]
 PREFILL_M = [128, 2048, 8192]
 LLM_GS = 128
 DRY = os.environ.get("SPARSEC_BENCH_DRYRUN") == "1"  # CPU rehearsal of the device script (no GPU, tiny shapes)
@@ -50,6 +61,7 @@ if DRY:
     CHECK_M = [1, 16, 40]
     EXTRA_M = [3]
     DECODE_M = [1, 16]
+    DECODE_CHECK_SHAPES = [(48, 256), (40, 352), (24, 1184)]
     PREFILL_M = [40]
     LLM_GS = 32
 KINDS_ORDER = ("sp16", "sp4", "dq4")
@@ -69,6 +81,51 @@ def ref_gs(kind: str, k: int) -> int:
 # each candidate in its own subprocess with a timeout, has shown them correct on the GPU (a hung mbarrier wait here
 # would take the whole device call). SPARSEC_BENCH_WITH_WS=1 puts them in.
 WITH_WS = os.environ.get("SPARSEC_BENCH_WITH_WS") == "1"
+
+
+# decode-only pack (build/device --decode): the GEMV configs timed there, each with every split count (0 = auto)
+DECODE_BASES = [(8, 2, 1), (4, 2, 1), (4, 1, 1), (8, 1, 1), (16, 2, 1), (8, 2, 2)]  # (warps, rt, u)
+DECODE_KS = (0, 1, 2, 4, 8)
+DECODE_SPLIT_KS = (0, 1, 2, 3, 4, 8)  # every kind and zero-point mode at the check shapes' group sizes, odd split too
+
+
+def decode_variant_rows():
+    """Manifest rows of the decode-only pack: the defaults (every kind / zero points / group size the checks use); per
+    kind, zero-point mode and check group size the default GEMV with each of DECODE_SPLIT_KS (correctness); per
+    symmetric kind at the LLM group size DECODE_BASES x DECODE_KS (correctness + timing)."""
+    from sparsec.backends.kernels.cuda_sparse import Variant, default_config
+
+    rows, seen = [], set()
+
+    def add(kind, asym, gs, gemv, role):
+        cfg = dict(default_config(kind), gemv=gemv) if gemv is not None else {}
+        v = Variant.make(kind, asym, gs, cfg)
+        if (v.func_name, role) in seen:
+            return
+        seen.add((v.func_name, role))
+        rows.append({"func": v.func_name, "kind": kind, "asym": asym, "gs": gs, "role": role, "path": "gemv",
+                     "config": v.config_dict()})  # fmt: skip
+
+    for kind in KINDS_ORDER:
+        check_gss = {decode_check_gs(kind, i) for i in range(len(DECODE_CHECK_SHAPES))}
+        for asym in ((False,) if kind == "sp16" else (False, True)):
+            for gs in sorted(check_gss | {0 if kind == "sp16" else LLM_GS}):
+                add(kind, asym, gs, None, "default")
+            for gs in sorted(check_gss):
+                for ks in DECODE_SPLIT_KS:
+                    add(kind, asym, gs, dict(default_config(kind)["gemv"], ks=ks), "split_check")
+        gs = 0 if kind == "sp16" else LLM_GS
+        for w, rt, u in DECODE_BASES:
+            for ks in DECODE_KS:
+                add(kind, False, gs, {"warps": w, "rt": rt, "u": u, "ks": ks}, "candidate")
+    return rows
+
+
+def decode_check_gs(kind, i):
+    """Group size of decode check shape i: the LLM group size on the first (an LLM shape), else the reference one."""
+    if kind == "sp16":
+        return 0
+    return LLM_GS if i == 0 else ref_gs(kind, DECODE_CHECK_SHAPES[i][1])
 
 
 def pack_variants():
@@ -113,12 +170,22 @@ def cmd_build(args):
 
     pack = Path(args.pack)
     pack.mkdir(parents=True, exist_ok=True)
-    variants, rows = pack_variants()
+    if args.decode:
+        from sparsec.backends.kernels.cuda_sparse import Variant
+
+        rows = decode_variant_rows()
+        variants = [Variant.make(r["kind"], r["asym"], r["gs"], r["config"]) for r in rows]
+    else:
+        variants, rows = pack_variants()
     t = time.time()
-    if args.manifest_only:
+    if args.manifest_only or (args.decode and DRY):
         (pack / "manifest.json").write_text(json.dumps({"archs": args.arch, "variants": rows}, indent=1))
         return
     build_shared(variants, args.arch, str(pack / "sparsec_cuda.so"), workdir=str(pack / "build"))
+    if args.decode:
+        (pack / "manifest.json").write_text(json.dumps({"archs": args.arch, "variants": rows, "decode": True}, indent=1))
+        print(f"built {len(rows)} decode kernel functions for {args.arch} in {time.time() - t:.0f}s -> {pack}/sparsec_cuda.so")
+        return
     import subprocess
 
     from sparsec.backends.kernels.cuda_compile import gencode
@@ -465,6 +532,393 @@ def cmd_device(args):
     print(f"done in {time.time() - t_start:.0f}s; {len(checks)} acceptance checks, {len(bad)} failed", flush=True)
 
 
+# ---------------------------------------------------------------------------------------------------- decode (device)
+def _l2_bytes(torch):
+    if DRY:
+        return 1 << 20
+    return int(getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0) or (50 << 20))
+
+
+class Steady:
+    """Steady-state decode timing: back-to-back calls that rotate over separate copies of their operands, the copies'
+    total >= 2x the L2 size (so no call finds its weight in L2 from an earlier call), device events around the whole
+    batch, time per call = total / calls. Two ways to issue the batch: a Python loop (``loop``: also returns the host
+    time per call, to tell whether the loop is launch-bound) and one CUDA graph holding the whole batch (``graph``: no
+    host overhead between calls; torch captures our launches because the tvm-ffi call passes torch's current stream
+    to the launcher, TVMFFIEnvGetStream)."""
+
+    MIN_CALLS = 96
+
+    def __init__(self, torch, l2_bytes):
+        self.torch, self.l2 = torch, l2_bytes
+
+    def n_copies(self, bytes_per_call):
+        return max(2, math.ceil(2 * self.l2 / max(1, bytes_per_call)))
+
+    def n_calls(self, copies):
+        return copies * math.ceil(self.MIN_CALLS / copies)
+
+    def loop(self, calls, reps=5):
+        """(device ms per call, host ms per call) of issuing ``calls`` in a Python loop, medians of ``reps``."""
+        import statistics
+
+        torch = self.torch
+        for c in calls:
+            c()
+        if DRY:
+            t0 = time.perf_counter()
+            for c in calls:
+                c()
+            ms = (time.perf_counter() - t0) * 1e3 / len(calls)
+            return ms, ms
+        torch.cuda.synchronize()
+        dev, host = [], []
+        for _ in range(reps):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            t0 = time.perf_counter()
+            for c in calls:
+                c()
+            t1 = time.perf_counter()
+            e1.record()
+            e1.synchronize()
+            dev.append(e0.elapsed_time(e1) / len(calls))
+            host.append((t1 - t0) * 1e3 / len(calls))
+        return statistics.median(dev), statistics.median(host)
+
+    def graph(self, calls, reps=7):
+        """Device ms per call of the batch captured as one CUDA graph (median of ``reps`` replays); None in dry runs."""
+        import statistics
+
+        if DRY:
+            return None
+        torch = self.torch
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):  # warm up on the capture stream (allocates per-stream workspaces: cuBLAS, split-K)
+            for c in calls[: min(len(calls), 4)]:
+                c()
+        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=s):
+            for c in calls:
+                c()
+        g.replay()
+        torch.cuda.synchronize()
+        out = []
+        for _ in range(reps):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            g.replay()
+            e1.record()
+            e1.synchronize()
+            out.append(e0.elapsed_time(e1) / len(calls))
+        del g
+        return statistics.median(out)
+
+
+def _check_decode(ctx, func, wt, m, seed, twice):
+    """``check`` plus, for split-K configs, a second call on the same input that must give bitwise the same output."""
+    c = check(ctx, func, wt, m, seed)
+    if twice:
+        torch = ctx.torch
+        g = torch.Generator(device=DEV).manual_seed(seed + 1000)
+        x = torch.randn(m, wt.k, device=DEV, dtype=torch.float16, generator=g)
+        y1 = torch.full((m, wt.n), float("nan"), device=DEV, dtype=torch.float16)
+        y2 = torch.full((m, wt.n), float("nan"), device=DEV, dtype=torch.float16)
+        run_ours(ctx, func, wt, x, y1)
+        run_ours(ctx, func, wt, x, y2)
+        c["bitwise_repeatable"] = bool(torch.equal(y1.view(torch.int16), y2.view(torch.int16)))
+        c["ok"] = c["ok"] and c["bitwise_repeatable"]
+    return c
+
+
+def cmd_device_decode(args):
+    """Decode-only device run: split-K correctness, then per (kind, LLM shape, M) the old per-call timing (L2 flushed
+    before each call) and the steady-state timing (Steady) of ours (default = auto split, ks = 1, best of the pack's
+    GEMV candidates by steady-state time) and cuBLAS, a plain read and a copy of the same bytes."""
+    import torch
+
+    from sparsec.backends.kernels.cuda_sparse import gemv_launch
+
+    if not DRY:
+        import tvm_ffi
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+    pack, out = Path(args.pack), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads((pack / "manifest.json").read_text())
+    lib = tvm_ffi.load_module(str(pack / "sparsec_cuda.so")) if not DRY else DryLib(manifest)
+    ctx = Ctx(lib, manifest, torch, out)
+    ctx.pack = pack
+    info = device_info(torch)
+    sms = info.get("sms", 132)
+    l2 = _l2_bytes(torch)
+    st = Steady(torch, l2)
+    res = {"mode": "decode", "info": dict(info, l2_bytes=l2), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "argv": sys.argv}  # fmt: skip
+    t_start = time.time()
+
+    def save():
+        res["seconds"] = time.time() - t_start
+        (out / "cuda_device_decode.json").write_text(json.dumps(res, indent=1))
+
+    # ---- 0. copy bandwidth: 1 GiB device copy (per-call method) and steady state (rotating 64 MiB copies)
+    if DRY:
+        res["ceilings"] = {"copy_gbs": 1.0, "copy_gbs_steady": 1.0}
+    else:
+        a = torch.empty(512 * 1024 * 1024, dtype=torch.float16, device=DEV).normal_()
+        b = torch.empty_like(a)
+        ms = ctx.time(lambda: b.copy_(a), n=20)
+        del a, b
+        nb = 64 << 20
+        cp = [(torch.empty(nb // 2, dtype=torch.float16, device=DEV).normal_(), torch.empty(nb // 2, dtype=torch.float16, device=DEV))
+              for _ in range(st.n_copies(2 * nb))]  # fmt: skip
+        calls = [(lambda s_=s_, d_=d_: d_.copy_(s_)) for s_, d_ in cp] * 4
+        ms_st = st.graph(calls)
+        res["ceilings"] = {"copy_gbs": 2 * 2**30 / (ms * 1e-3) / 1e9, "copy_gbs_steady": 2 * nb / (ms_st * 1e-3) / 1e9,
+                           "copy_note": "bytes read + written; 1 GiB copy timed per call, 64 MiB copies in a CUDA graph"}  # fmt: skip
+        del cp, calls
+    print("ceilings", res["ceilings"], flush=True)
+    save()
+
+    rows = manifest["variants"]
+    ms_list = [int(v) for v in args.m.split(",")]
+
+    # ---- 1. correctness: every function of the pack vs float64 at M = 1, 2, 8, 16, 13, split-K bitwise repeatable
+    checks = []
+    llm_check = DECODE_CHECK_SHAPES[0]
+    for r in rows:
+        kind, asym, gs = r["kind"], r["asym"], r["gs"]
+        cfg = r["config"]["gemv"]
+        shapes = [(0, llm_check)] if r["role"] == "candidate" else list(enumerate(DECODE_CHECK_SHAPES))
+        if r["role"] == "default":
+            shapes += [(0, nk) for nk in LLM_SHAPES]
+        for i, (n, k) in shapes:
+            if decode_check_gs(kind, i) != gs:
+                continue
+            wt = ctx.weight(kind, n, k, gs, asym)
+            for m in DECODE_CHECK_M:
+                c = _check_decode(ctx, r["func"], wt, m, seed=101 + m, twice=cfg.get("ks", 1) != 1)
+                c.update(role=r["role"], gemv=cfg, ks_used=gemv_launch(kind, n, k, m, cfg, sms)["ks"])
+                checks.append(c)
+                if not c["ok"]:
+                    print("WRONG", c, flush=True)
+    res["checks"] = checks
+    print(f"checks: {sum(c['ok'] for c in checks)}/{len(checks)} ok, max rel err "
+          f"{max(c['rel_err'] for c in checks):.2e}", flush=True)  # fmt: skip
+    save()
+    bad_funcs = {c["func"] for c in checks if not c["ok"]}
+
+    # ---- 2. timing
+    bench = []
+    default = {(r["kind"], r["asym"], r["gs"]): r["func"] for r in rows if r["role"] == "default"}
+    cands = {}
+    for r in rows:
+        if r["role"] == "candidate" and r["func"] not in bad_funcs:
+            cands.setdefault(r["kind"], []).append(r)
+    stopped = None
+    for kind in KINDS_ORDER:
+        gs = 0 if kind == "sp16" else LLM_GS
+        dflt = default[(kind, False, gs)]
+        dcfg = next(r["config"]["gemv"] for r in rows if r["func"] == dflt)
+        ks1 = next((r for r in cands.get(kind, []) if r["config"]["gemv"] == dict(dcfg, ks=1)), None)
+        extra = [tuple(int(v) for v in sh.split("x")) for sh in args.extra_shapes.split(",") if sh]
+        for n, k in LLM_SHAPES + extra:
+            if time.time() - t_start > args.budget_s:
+                stopped = stopped or f"budget reached before {kind} {n}x{k}"
+                break
+            wt = ctx.weight(kind, n, k, gs, False)
+            wcop = [wt.ws] + [[a.clone() for a in wt.ws] for _ in range(st.n_copies(wt.nbytes) - 1)]
+            dcop = [wt.w16] + [wt.w16.clone() for _ in range(st.n_copies(n * k * 2) - 1)]
+            nbuf = wt.nbytes // 2
+            rcop = [torch.empty(nbuf, dtype=torch.float16, device=DEV).normal_() for _ in range(st.n_copies(wt.nbytes))]
+            ccop = [(b_, torch.empty_like(b_)) for b_ in rcop[: st.n_copies(2 * wt.nbytes)]]
+            for m in ms_list:
+                xs = [torch.randn(m, k, device=DEV, dtype=torch.float16) for _ in range(max(len(wcop), len(dcop)))]
+                ys = [torch.empty(m, n, device=DEV, dtype=torch.float16) for _ in range(len(xs))]
+
+                def ours_calls(func):
+                    f = ctx.fn(func)
+                    nc = st.n_calls(len(wcop))
+                    return [(lambda i=i: f(xs[i % len(wcop)], *wcop[i % len(wcop)], ys[i % len(wcop)])) for i in range(nc)]
+
+                dense_calls = [(lambda i=i: torch.nn.functional.linear(xs[i % len(dcop)], dcop[i % len(dcop)]))
+                               for i in range(st.n_calls(len(dcop)))]  # fmt: skip
+                read_calls = [(lambda i=i: rcop[i % len(rcop)].sum()) for i in range(st.n_calls(len(rcop)))]
+                copy_calls = [(lambda i=i: ccop[i % len(ccop)][1].copy_(ccop[i % len(ccop)][0]))
+                              for i in range(st.n_calls(len(ccop)))]  # fmt: skip
+
+                def steady(calls):
+                    dev, host = st.loop(calls)
+                    try:
+                        g = st.graph(calls)
+                        gerr = None
+                    except Exception as e:  # noqa: BLE001
+                        g, gerr = None, repr(e)[:300]
+                    # launch-bound: the host needs longer to issue a call than the GPU to run it (graph time)
+                    d = {"loop_ms": dev, "host_ms": host, "graph_ms": g, "launch_bound": host >= (g if g is not None else dev)}
+                    if gerr:
+                        d["graph_error"] = gerr
+                    return d
+
+                # search: every correct candidate by steady-state (graph) time
+                search = []
+                for r in cands.get(kind, []):
+                    calls = ours_calls(r["func"])
+                    try:
+                        t = st.graph(calls)
+                    except Exception as e:  # noqa: BLE001
+                        t = None
+                        search.append({"func": r["func"], "gemv": r["config"]["gemv"], "error": repr(e)[:200]})
+                    if t is None:
+                        t = st.loop(calls)[0]
+                    search.append({"func": r["func"], "gemv": r["config"]["gemv"], "ms": t,
+                                   "ks_used": gemv_launch(kind, n, k, m, r["config"]["gemv"], sms)["ks"]})  # fmt: skip
+                ok_s = [x for x in search if "ms" in x]
+                best = min(ok_s, key=lambda x: x["ms"]) if ok_s else None
+                row = {"kind": kind, "out": n, "in": k, "m": m, "weight_bytes": wt.nbytes, "io_bytes": (m * k + m * n) * 2,
+                       "copies": {"ours": len(wcop), "dense": len(dcop), "read": len(rcop), "copy": len(ccop)},
+                       "calls_per_batch": {"ours": st.n_calls(len(wcop)), "dense": st.n_calls(len(dcop))},
+                       "search": search}  # fmt: skip
+                contenders = {"default": (dflt, dcfg)}
+                if ks1 is not None:
+                    contenders["ks1"] = (ks1["func"], ks1["config"]["gemv"])
+                if best is not None:
+                    contenders["best"] = (best["func"], best["gemv"])
+                for name, (func, cfg) in contenders.items():
+                    calls = ours_calls(func)
+                    d = steady(calls)
+                    d["flush_ms"] = ctx.time(lambda: run_ours(ctx, func, wt, xs[0], ys[0]))
+                    d.update(func=func, gemv=cfg, ks_used=gemv_launch(kind, n, k, m, cfg, sms)["ks"])
+                    row[name] = d
+                d = steady(dense_calls)
+                d["flush_ms"] = ctx.time(lambda: torch.nn.functional.linear(xs[0], wt.w16))
+                row["dense"] = d
+                row["read_same_bytes"] = {"flush_ms": ctx.time(lambda: rcop[0].sum()), "graph_ms": st.graph(read_calls),
+                                          "loop_ms": st.loop(read_calls)[0]}  # fmt: skip
+                row["copy_same_bytes"] = {"graph_ms": st.graph(copy_calls), "loop_ms": st.loop(copy_calls)[0]}
+                # the timed functions are also checked on this shape and M (fresh input, float64 reference)
+                row["checks"] = []
+                for name in ("default", "best"):
+                    if name in row:
+                        c = _check_decode(ctx, row[name]["func"], wt, m, seed=211 + m, twice=row[name]["gemv"].get("ks", 1) != 1)
+                        c.update(role=f"timed_{name}", gemv=row[name]["gemv"], ks_used=row[name]["ks_used"])
+                        row["checks"].append(c)
+                        checks.append(c)
+                        if not c["ok"]:
+                            print("WRONG (timed)", c, flush=True)
+                bench.append(row)
+                res["checks"] = checks
+
+                def sm(d):
+                    return d["graph_ms"] if d.get("graph_ms") is not None else d["loop_ms"]
+
+                msg = " ".join(f"{nm} {sm(row[nm]) * 1e3:.1f}/{row[nm]['flush_ms'] * 1e3:.1f}us"
+                               for nm in ("default", "ks1", "best", "dense") if nm in row)  # fmt: skip
+                print(f"decode {kind} {n}x{k} m={m}: steady/flush {msg}; best {best and best['gemv']} "
+                      f"host/call ours {row['default']['host_ms'] * 1e3:.1f}us dense {row['dense']['host_ms'] * 1e3:.1f}us",
+                      flush=True)  # fmt: skip
+                res["bench"] = bench
+                save()
+            del wcop, dcop, rcop, ccop
+        if stopped:
+            break
+    res["bench"] = bench
+    res["stopped"] = stopped
+    save()
+    print(f"done in {time.time() - t_start:.0f}s; {len(checks)} checks, {len(bad_funcs)} wrong functions"
+          + (f"; {stopped}" if stopped else ""), flush=True)  # fmt: skip
+
+
+def cmd_report_decode(args):
+    """bench/results/cuda_kernels_decode_<name>.{json,md} from a ``device --decode`` run."""
+    raw = json.loads(Path(args.raw).read_text())
+    outdir = ROOT / "bench" / "results"
+    name = args.decode_name
+    checks, bench, ceil = raw.get("checks", []), raw.get("bench", []), raw.get("ceilings", {})
+    copy = ceil.get("copy_gbs", 0)
+    summary = {"device": raw.get("info"), "ceilings": ceil, "checks_total": len(checks),
+               "checks_failed": sum(not c["ok"] for c in checks),
+               "max_rel_err": max((c["rel_err"] for c in checks), default=None),
+               "split_checks": sum(1 for c in checks if c.get("ks_used", 1) > 1),
+               "bitwise_repeatable": sum(1 for c in checks if c.get("bitwise_repeatable")),
+               "stopped": raw.get("stopped"), "seconds": raw.get("seconds")}  # fmt: skip
+    cmd = ("python bench/bench_cuda.py build --decode --pack .devpack_decode; on the GPU: python3 bench/bench_cuda.py "
+           f"device --decode --pack .devpack_decode --out $OUT; python bench/bench_cuda.py report --raw "
+           f"<out>/cuda_device_decode.json --decode-name {name}")  # fmt: skip
+    doc = {"schema": "sparsec.bench.cuda_decode/1", "command": cmd, "summary": summary, "bench": bench,
+           "checks": checks, "raw_started": raw.get("started")}  # fmt: skip
+    (outdir / f"cuda_kernels_decode_{name}.json").write_text(json.dumps(doc, indent=1))
+
+    def st(d):
+        return d["graph_ms"] if d.get("graph_ms") is not None else d["loop_ms"]
+
+    names = {"sp16": "2:4 fp16", "sp4": "2:4 + int4 g128", "dq4": "int4 g128"}
+    L = [f"# sparsec decode GEMV (split-K) on {raw['info']['gpu']} ({raw.get('started', '')})", ""]
+    L.append(f"L2 {raw['info'].get('l2_bytes', 0) / 2**20:.0f} MiB. Copy bandwidth (read + written): {copy:.0f} GB/s "
+             f"(1 GiB copy), {ceil.get('copy_gbs_steady', 0):.0f} GB/s (64 MiB copies, steady state).")  # fmt: skip
+    L.append("")
+    L.append(f"Correctness: {summary['checks_total'] - summary['checks_failed']}/{summary['checks_total']} checks ≤ 1e-2 "
+             f"relative error vs float64 (max {summary['max_rel_err'] or 0:.2e}); {summary['split_checks']} of them "
+             f"split-K (ks > 1), {summary['bitwise_repeatable']} repeated bitwise identical.")  # fmt: skip
+    L.append("")
+    L.append("Two timing methods, same run, same inputs. **flush**: L2 flushed before each call, events around that one "
+             "call (the method of cuda_kernels.md). **steady**: back-to-back calls rotating over separate copies of "
+             "weight/x/y totalling ≥ 2x L2, captured as one CUDA graph, events around the batch, time / calls. "
+             "GB/s = (weight bytes as stored + x + y) / steady time; % = of the 1 GiB copy bandwidth.")  # fmt: skip
+    L.append("")
+    dflt = {r["kind"]: r["default"]["gemv"] for r in bench}
+    L.append("\"ours\" = the default GEMV config of the code measured (ks 0 = automatic split, the split used in "
+             "brackets): " + "; ".join(f"{names[k]} warps {c['warps']}, rt {c['rt']}, u {c['u']}, ks {c['ks']}"
+                                       for k, c in dflt.items()) + ". \"best\" = the fastest of the run's 30 GEMV "
+             "configs per point by steady time (6 warp/tile/unroll bases x ks 0, 1, 2, 4, 8), what `sparsec tune` "
+             "would pick (chosen on the same measurement).")  # fmt: skip
+    L.append("")
+    L.append("| kernel | out×in | M | ours steady µs (ks) | ks=1 steady µs | cuBLAS steady µs | **vs dense steady** | "
+             "ours flush µs | cuBLAS flush µs | vs dense flush | ours GB/s (% copy) | read same bytes steady µs | "
+             "best config steady µs (config) | host µs/call ours / cuBLAS |")  # fmt: skip
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in bench:
+        d, dn = r["default"], r["dense"]
+        k1 = r.get("ks1")
+        b = r.get("best")
+        nb = r["weight_bytes"] + r["io_bytes"]
+        gbs = nb / (st(d) * 1e-3) / 1e9
+        r["derived"] = {"speedup_steady": st(dn) / st(d), "speedup_flush": dn["flush_ms"] / d["flush_ms"],
+                        "gbs_steady": gbs, "roofline_frac_steady": gbs / copy if copy else None,
+                        "speedup_steady_best": st(dn) / st(b) if b else None,
+                        "gbs_steady_best": nb / (st(b) * 1e-3) / 1e9 if b else None}  # fmt: skip
+        bc = (f"{st(b) * 1e3:.1f} (w{b['gemv']['warps']} rt{b['gemv']['rt']} u{b['gemv']['u']} ks{b['gemv']['ks']}"
+              f"{'→' + str(b['ks_used']) if b['gemv']['ks'] == 0 else ''}, {st(dn) / st(b):.2f}x)") if b else "—"  # fmt: skip
+        k1s = f"{st(k1) * 1e3:.1f}" if k1 else "—"
+        L.append(f"| {names[r['kind']]} | {r['out']}×{r['in']} | {r['m']} | {st(d) * 1e3:.1f} ({d['ks_used']}) | "
+                 f"{k1s} | {st(dn) * 1e3:.1f} | **{st(dn) / st(d):.2f}x** | {d['flush_ms'] * 1e3:.1f} | "
+                 f"{dn['flush_ms'] * 1e3:.1f} | {dn['flush_ms'] / d['flush_ms']:.2f}x | {gbs:.0f} "
+                 f"({100 * gbs / copy:.0f}%) | {st(r['read_same_bytes']) * 1e3:.1f} | {bc} | "
+                 f"{d['host_ms'] * 1e3:.1f} / {dn['host_ms'] * 1e3:.1f} |")  # fmt: skip
+    L.append("")
+    def lbound(d):  # host time to issue one call >= the call's device time in the graph (no gaps)
+        return d["host_ms"] >= st(d)
+
+    lb = [r for r in bench if lbound(r["default"])]
+    lbd = [r for r in bench if lbound(r["dense"])]
+    loop_gap = [r["default"]["loop_ms"] / st(r["default"]) for r in bench]
+    L.append(f"Launch loop without a graph: issuing one call of ours costs {min(r['default']['host_ms'] for r in bench) * 1e3:.1f}–"
+             f"{max(r['default']['host_ms'] for r in bench) * 1e3:.1f} µs of host time (tvm-ffi call + cuLaunchKernel), "
+             f"cuBLAS {min(r['dense']['host_ms'] for r in bench) * 1e3:.1f}–{max(r['dense']['host_ms'] for r in bench) * 1e3:.1f} µs "
+             f"(F.linear); ours is launch-bound (host time ≥ its device time) at {len(lb)} of {len(bench)} points, cuBLAS at "
+             f"{len(lbd)}; ours' loop time / graph time {min(loop_gap):.2f}–{max(loop_gap):.2f}. The steady columns use "
+             "the CUDA graph (no host time between calls); the loop times are in the JSON (`loop_ms`, `host_ms`).")  # fmt: skip
+    if raw.get("stopped"):
+        L.append(f"Run stopped early: {raw['stopped']}.")
+    L.append("")
+    L.append(f"Reproduce: `{cmd}`.")
+    (outdir / f"cuda_kernels_decode_{name}.json").write_text(json.dumps(doc, indent=1))
+    (outdir / f"cuda_kernels_decode_{name}.md").write_text("\n".join(L) + "\n")
+    print("\n".join(L))
+
+
 # ---------------------------------------------------------------------------------------------------- report (here)
 def _fmt_x(v):
     return f"{v:.2f}x" if v is not None else "—"
@@ -613,15 +1067,28 @@ def main(argv=None):
     b.add_argument("--pack", default=".devpack")
     b.add_argument("--arch", nargs="+", default=["sm_90a"])
     b.add_argument("--manifest-only", action="store_true", help="write the manifest without compiling (dry runs)")
+    b.add_argument("--decode", action="store_true", help="decode-only pack: GEMV configs x split counts (device --decode)")
     d = sub.add_parser("device")
     d.add_argument("--pack", default=".devpack")
     d.add_argument("--out", default=os.environ.get("OUT", "bench/results/tmp"))
     d.add_argument("--kinds", default="sp16,sp4,dq4")
     d.add_argument("--no-semi", action="store_true")
+    d.add_argument("--decode", action="store_true",
+                   help="decode only (M <= 16, LLM shapes): split-K checks, per-call (L2 flushed) and steady-state "
+                        "(rotating weight copies > 2x L2, CUDA graph and launch loop) timings -> cuda_device_decode.json")
+    d.add_argument("--m", default=",".join(map(str, DECODE_M)), help="decode token counts (with --decode)")
+    d.add_argument("--budget-s", type=float, default=330.0, help="with --decode: stop timing new points after this")
+    d.add_argument("--extra-shapes", default="", help="with --decode: more OUTxIN shapes to time, e.g. 4096x14336")
     r = sub.add_parser("report")
     r.add_argument("--raw", required=True)
     r.add_argument("--tuning", action="store_true", help="also write golden/tuning/{h100,a100}.json")
+    r.add_argument("--decode-name", default=None,
+                   help="the raw file is a --decode run: write bench/results/cuda_kernels_decode_<NAME>.{json,md}")
     a = ap.parse_args(argv)
+    if a.cmd == "device" and a.decode:
+        return cmd_device_decode(a)
+    if a.cmd == "report" and a.decode_name:
+        return cmd_report_decode(a)
     {"build": cmd_build, "device": cmd_device, "report": cmd_report}[a.cmd](a)
 
 

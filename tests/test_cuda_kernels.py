@@ -145,7 +145,9 @@ def test_tuning_entry_is_used_and_arch_limits_respected():
     db.record("cuda.nm24_mma_sp", "h100", dict(linear_key(lin, ShapeHints()), act_dtype="float16"),
               {"gemm": ok, "gemv": {"warps": 4, "rt": 1, "u": 2}})  # fmt: skip
     impl = select_kernel(lin, get_target("h100"), ShapeHints(), db)
-    assert impl.tuned and impl.config["gemm"] == ok and impl.config["gemv"] == {"warps": 4, "rt": 1, "u": 2}
+    # an entry without a split count ("ks", added later) gets the default one
+    assert impl.tuned and impl.config["gemm"] == ok
+    assert impl.config["gemv"] == {"warps": 4, "rt": 1, "u": 2, "ks": cs.default_config("sp16")["gemv"]["ks"]}
     forced = select_kernel(lin, get_target("a100"), ShapeHints(config={"gemm": big}), db)
     assert not forced.tuned and cs.gemm_valid("sp16", forced.config["gemm"], False, "sm_80")
     untuned = select_kernel(lin, get_target("a100"), ShapeHints(), TuningDB())
@@ -157,8 +159,10 @@ NVCC = shutil.which("nvcc")
 
 
 def _all_kinds():
+    split = dict(cs.default_config("sp4"), gemv=dict(cs.default_config("sp4")["gemv"], ks=4))  # a fixed split count too
     return [cs.Variant.make(k, a, gs, cs.default_config(k, arch)) for arch in ("sm_90a",)
-            for k, a, gs in (("sp16", False, 0), ("sp4", False, 64), ("sp4", True, 32), ("dq4", False, 128), ("dq4", True, 64))]  # fmt: skip
+            for k, a, gs in (("sp16", False, 0), ("sp4", False, 64), ("sp4", True, 32), ("dq4", False, 128), ("dq4", True, 64))] + [
+        cs.Variant.make("sp4", True, 32, split)]  # fmt: skip
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc/ptxas not on PATH: CUDA code generation cannot be checked here")
@@ -196,21 +200,161 @@ def test_host_launchers_compile(tmp_path):
         assert f"__tvm_ffi_{v.func_name}" in syms
 
 
+# ------------------------------------------------------------------------------------------------ split-K GEMV (CI)
+# The decode GEMV splits each row tile's K range among "ks" blocks (gridDim.y), then among the block's warps, with
+# sparsec_mma.cuh split_range; the launcher picks ks for "ks": 0 with gemv_auto_ks and sizes the workspace.
+def _chunk_cols(kind: str, k: int, c: int) -> tuple[int, int]:
+    """Input columns [lo, hi) of 16-byte weight chunk c (kind's k32 steps per chunk), clipped to K."""
+    w = {"sp16": 1, "sp4": 4, "dq4": 2}[kind] * 32
+    return min(c * w, k), min((c + 1) * w, k)
+
+
+@pytest.mark.parametrize("kind", cs.KINDS)
+@pytest.mark.parametrize("k", [64, 352, 1184, 4096, 11008])
+def test_split_k_partition_covers_k_once(kind, k):
+    """Every (split, warp) chunk range of the kernel's two-level split is disjoint and together they cover the K chunks
+    exactly once, for split counts that do and do not divide the chunk count (more splits than chunks included);
+    a numpy emulation of the partial sums reduced in split order equals x @ W^T."""
+    rng = _rng(hash((kind, k)) % 2**31)
+    nck = cs.gemv_chunks(kind, k)
+    assert nck == -(-k // ({"sp16": 32, "sp4": 128, "dq4": 64}[kind]))
+    w = rng.standard_normal((16, k))
+    x = rng.standard_normal((3, k))
+    ref = x @ w.T
+    for ks in (1, 2, 3, 4, 5, 8, 16):
+        for warps in (4, 8, 16):
+            owner = np.full(nck, -1)
+            total = np.zeros((3, 16))
+            for s in range(ks):
+                sb, se = cs.split_range(nck, ks, s)
+                part = np.zeros((3, 16))
+                for wp in range(warps):
+                    cb, ce = cs.split_range(se - sb, warps, wp)
+                    for c in range(sb + cb, sb + ce):
+                        assert owner[c] == -1, (ks, warps, c)
+                        owner[c] = s * warps + wp
+                        lo, hi = _chunk_cols(kind, k, c)
+                        part += x[:, lo:hi] @ w[:, lo:hi].T
+                total += part  # the last block's reduction: split order 0..ks-1
+            assert (owner >= 0).all(), f"chunks not covered at ks={ks} warps={warps}"
+            sizes = [cs.split_range(nck, ks, s)[1] - cs.split_range(nck, ks, s)[0] for s in range(ks)]
+            assert max(sizes) - min(sizes) <= 1  # balanced
+            np.testing.assert_allclose(total, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH: sparsec_mma.cuh split_range cannot be compiled here")
+def test_split_range_matches_the_device_code(tmp_path):
+    """sparsec_mma.cuh split_range (compiled by nvcc as host code) gives the ranges cuda_sparse.split_range gives."""
+    cases = [(n, p, i) for n in (0, 1, 3, 10, 86, 128, 344, 100003) for p in (1, 2, 3, 4, 7, 8, 16) for i in range(p)]
+    (tmp_path / "t.cu").write_text(
+        '#include "sparsec_mma.cuh"\n#include <cstdio>\nint main() {\n  int b, e;\n'
+        + "".join(f"  sparsec::split_range({n}, {p}, {i}, b, e); printf(\"%d %d\\n\", b, e);\n" for n, p, i in cases)
+        + "  return 0;\n}\n")  # fmt: skip
+    shutil.copyfile(cs.HEADER_PATH, tmp_path / cs.HEADER_PATH.name)
+    r = subprocess.run([NVCC, "-std=c++17", "-I", str(tmp_path), "-o", "t", "t.cu"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = subprocess.run(["./t"], cwd=tmp_path, capture_output=True, text=True, check=True).stdout.split("\n")
+    for (n, p, i), line in zip(cases, out):
+        assert tuple(map(int, line.split())) == cs.split_range(n, p, i), (n, p, i)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no g++: the launcher's gemv_auto_ks cannot be compiled here")
+def test_gemv_auto_ks_matches_the_launcher(tmp_path):
+    """The launcher's gemv_auto_ks (the C++ text rendered into every host source) agrees with the Python one, and the
+    choice has the intended properties: a power of two in 1..8, no warp with fewer than GEMV_MIN_CHUNKS chunks of its
+    split, no split once the grid alone has GEMV_WARPS_PER_SM warps per SM."""
+    host = cs.render_host_source(_all_kinds(), "x.fatbin", "sym")
+    assert cs._GEMV_KS_CXX in host
+    rng = _rng(77)
+    cases = [(int(g), int(w), int(c), int(s)) for g, w, c, s in zip(rng.integers(1, 2000, 300), rng.choice([1, 4, 8, 16], 300),
+             rng.integers(0, 400, 300), rng.choice([1, 80, 108, 132, 144], 300))]  # fmt: skip
+    cases += [(128, 8, 128, 132), (128, 8, 32, 132), (344, 8, 86, 132), (11, 8, 11, 132)]
+    (tmp_path / "t.cc").write_text(
+        "#include <algorithm>\n#include <cstdint>\n#include <cstdio>\n" + cs._GEMV_KS_CXX + "int main() {\n"
+        + "".join(f'  printf("%d\\n", gemv_auto_ks({g}, {w}, {c}, {s}));\n' for g, w, c, s in cases) + "}\n")  # fmt: skip
+    r = subprocess.run(["g++", "-std=c++17", "-o", "t", "t.cc"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = [int(v) for v in subprocess.run(["./t"], cwd=tmp_path, capture_output=True, text=True, check=True).stdout.split()]
+    for (g, w, c, s), ks in zip(cases, got):
+        assert ks == cs.gemv_auto_ks(g, w, c, s), (g, w, c, s)
+        assert ks in (1, 2, 4, 8)
+        if ks > 1:
+            assert c // (cs.GEMV_MIN_CHUNKS * w) >= ks  # every warp of every split keeps its minimum of chunks
+            assert g * (ks // 2) * w < s * cs.GEMV_WARPS_PER_SM  # half the split would not fill the SMs yet
+        if g * w >= s * cs.GEMV_WARPS_PER_SM:
+            assert ks == 1
+    # 4096-row weights on an H100 (132 SMs), 128 blocks of 8 warps: 2:4 fp16 at K = 4096 (128 chunks) stays whole,
+    # at K = 11008 (344 chunks) splits in 2 (3 rounded down to a power of two); with 16 warps neither splits
+    assert cs.gemv_auto_ks(128, 8, cs.gemv_chunks("sp16", 4096), 132) == 1
+    assert cs.gemv_auto_ks(128, 8, cs.gemv_chunks("sp16", 11008), 132) == 2
+    assert cs.gemv_auto_ks(128, 16, cs.gemv_chunks("sp16", 11008), 132) == 1
+
+
+def test_gemv_launch_workspace_holds_every_partial():
+    """The workspace the launcher sizes (cuda_sparse.gemv_launch) holds every partial the kernel writes
+    (index (blockIdx.x * ks + blockIdx.y) * NV*32 + idx, NV = RT*NT*4), and a split-free launch needs none."""
+    for kind, n, k, m, cfg in (("sp4", 4096, 4096, 1, {"warps": 8, "rt": 2, "u": 1, "ks": 4}),
+                               ("sp16", 11008, 4096, 16, {"warps": 4, "rt": 1, "u": 1, "ks": 3}),
+                               ("dq4", 40, 1184, 13, {"warps": 8, "rt": 4, "u": 2, "ks": 0}),
+                               ("sp16", 4096, 4096, 8, {"warps": 8, "rt": 2, "u": 1, "ks": 0}),
+                               ("dq4", 4096, 11008, 2, {"warps": 16, "rt": 2, "u": 1, "ks": 1})):  # fmt: skip
+        L = cs.gemv_launch(kind, n, k, m, cfg, 132)
+        assert L["grid_x"] * cfg["rt"] * 16 >= n > (L["grid_x"] - 1) * cfg["rt"] * 16
+        assert L["nt"] == (1 if m <= 8 else 2)
+        nv = cfg["rt"] * L["nt"] * 4
+        if L["ks"] == 1:
+            assert L["ws_floats"] == 0 and L["counters"] == 0
+            continue
+        bx, by, idx = np.meshgrid(np.arange(L["grid_x"]), np.arange(L["ks"]), np.arange(nv * 32), indexing="ij")
+        flat = ((bx * L["ks"] + by) * nv * 32 + idx).ravel()
+        assert flat.max() < L["ws_floats"] and len(np.unique(flat)) == flat.size  # in bounds, no two writers
+        assert L["counters"] == L["grid_x"]
+
+
+def test_gemv_split_config_search_and_fallback():
+    """ks is part of the GEMV search space and of the default; a stored config with an impossible split count falls
+    back to the default GEMV; different split counts are different exported functions sharing one kernel."""
+    from sparsec.backends.kernels.registry import ShapeHints
+    from sparsec.backends.targets import get_target
+    from sparsec.backends.tune import TuningDB
+    from sparsec.backends.kernels.registry import linear_key
+
+    sp = cs.search_space("sp4")["gemv"]
+    assert {c["ks"] for c in sp} == set(cs.GEMV_KS) and "ks" in cs.default_config("sp4")["gemv"]
+    assert not cs.gemv_valid({"warps": 8, "rt": 2, "u": 1, "ks": cs.GEMV_MAX_KS + 1})
+    lin = _linear(_weight("sp16", 64, 128, 0, False, _rng(5)))
+    db = TuningDB()
+    db.record("cuda.nm24_mma_sp", "h100", dict(linear_key(lin, ShapeHints()), act_dtype="float16"),
+              {"gemv": {"warps": 4, "rt": 1, "u": 2, "ks": 99}})  # fmt: skip
+    v, tuned = cs.variant_for(lin, get_target("h100"), ShapeHints(), db, "cuda.nm24_mma_sp", "sp16", False, 0)
+    assert not tuned and v.cfg("gemv") == cs.default_config("sp16")["gemv"]
+    a = cs.Variant.make("sp4", False, 64, dict(cs.default_config("sp4"), gemv={"warps": 8, "rt": 2, "u": 1, "ks": 1}))
+    b = cs.Variant.make("sp4", False, 64, dict(cs.default_config("sp4"), gemv={"warps": 8, "rt": 2, "u": 1, "ks": 4}))
+    assert a.func_name != b.func_name and a.kernel_names()["gemv1"] == b.kernel_names()["gemv1"]
+    host = cs.render_host_source([a, b], "x.fatbin", "sym")
+    assert f"{8 * 32}, 2, 1, " in host and f"{8 * 32}, 2, 4, " in host  # gemv_threads, gemv_rt, gemv_ks
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 LLM = [(4096, 4096), (11008, 4096), (4096, 11008)]
 REF = [(128, 128), (352, 128), (128, 352), (256, 128), (128, 64), (64, 128), (10, 64)]
 
 
-@pytest.fixture(scope="module")
-def gpu_lib(tmp_path_factory):
+def _gpu():
+    """torch, tvm_ffi and the local GPU's arch (sm_90a on a Hopper); skips without a CUDA GPU."""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
     tvm_ffi = pytest.importorskip("tvm_ffi")
+    cap = torch.cuda.get_device_capability()
+    return torch, tvm_ffi, "sm_90a" if cap == (9, 0) else f"sm_{cap[0]}{cap[1]}"
+
+
+@pytest.fixture(scope="module")
+def gpu_lib(tmp_path_factory):
+    torch, tvm_ffi, arch = _gpu()
     from sparsec.backends.kernels.cuda_compile import build_shared
 
-    cap = torch.cuda.get_device_capability()
-    arch = "sm_90a" if cap == (9, 0) else f"sm_{cap[0]}{cap[1]}"
     variants = {}
     for kind, asym in (("sp16", False), ("sp4", False), ("sp4", True), ("dq4", False), ("dq4", True)):
         for gs in ({0} if kind == "sp16" else {16, 32, 64, 128}):
@@ -557,3 +701,41 @@ def test_gemm_v2_driver_survives_a_hung_candidate(tmp_path):
     assert default and all(c["status"] == "ok" for c in default), default
     assert res["bench"] and all(b["path"] != "ws" for b in res["bench"]) and all(c["ok"] for c in res["checks"])
     assert res["baseline_start"]["run"]["status"] == "ok" and res["baseline_end"]["run"]["status"] == "ok"
+
+
+@pytest.mark.gpu
+def test_split_k_gemv_matches_float64_and_repeats_bitwise(tmp_path_factory):
+    """Split-K decode GEMV (fixed ks 2, 3, 8 and auto) of every kind, symmetric and asymmetric, at M = 1, 2, 8, 16 on
+    shapes whose chunk counts the splits do not divide: float64 reference on fresh inputs, every output written, and
+    two calls on the same input bitwise identical (the fixed-order reduction)."""
+    torch, tvm_ffi, arch = _gpu()
+    from sparsec.backends.kernels.cuda_compile import build_shared
+
+    shapes = [(40, 1184), (352, 352), (4096, 11008)]
+    variants = {}
+    for kind, asym in (("sp16", False), ("sp4", False), ("sp4", True), ("dq4", False), ("dq4", True)):
+        for n, k in shapes:
+            gs = _gs_for(kind, k)
+            for ks in (0, 2, 3, 8):
+                cfg = dict(cs.default_config(kind, arch), gemv=dict(cs.default_config(kind)["gemv"], ks=ks))
+                variants[(kind, asym, n, k, ks)] = cs.Variant.make(kind, asym, gs, cfg)
+    path = str(tmp_path_factory.mktemp("split") / "k.so")
+    build_shared(list({v.func_name: v for v in variants.values()}.values()), [arch], path)
+    lib = tvm_ffi.load_module(path)
+    for (kind, asym, n, k, ks), v in variants.items():
+        w = _weight(kind, n, k, _gs_for(kind, k), asym, _rng(hash((kind, asym, n, k)) % 2**31))
+        ws = [torch.from_numpy(a.view(np.int32) if a.dtype == np.uint32 else a).cuda() for a in cs.prepare(kind, w)]
+        wref = torch.from_numpy(w.materialize()).cuda().double()
+        f = lib[v.func_name]
+        for m in (1, 2, 8, 16):
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
+            y2 = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
+            f(x, *ws, y)
+            f(x, *ws, y2)
+            torch.cuda.synchronize()
+            ref = x.double() @ wref.T
+            assert not torch.isnan(y).any(), f"unwritten outputs {kind} ks={ks} {n}x{k} M={m}"
+            rel = float((y.double() - ref).norm() / ref.norm())
+            assert rel <= 1e-2, f"{kind} asym={asym} ks={ks} {n}x{k} M={m}: relative error {rel:.3e} (seed {SEED})"
+            assert torch.equal(y.view(torch.int16), y2.view(torch.int16)), f"{kind} ks={ks} not repeatable"

@@ -63,7 +63,21 @@ K_ALIGN = 128  # the weight's K is padded to this (zeros, valid metadata); activ
 SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_90": 227 * 1024, "sm_90a": 227 * 1024}
 
 # ----------------------------------------------------------------------------------------------------- configs
-DEFAULT_GEMV = {"warps": 8, "rt": 2, "u": 1}
+# decode GEMV: warps per block, 16-row tiles per block, chunks per pipeline stage, K splits per row tile ("ks": blocks
+# sharing a row tile's K range, reduced deterministically through a workspace; 0 = chosen at launch from the grid, K
+# and the GPU's SM count by gemv_auto_ks). Defaults from the H100 decode run bench/results/cuda_kernels_decode_splitk.md:
+# 16 warps x 2 row tiles was the best single config of the 30 searched for 2:4 fp16 and int4 (mean 1.06x of each
+# point's best); 2:4 + int4 keeps 8 warps (16 warps spill at M > 8 with zero points: 512 threads allow 128 registers).
+DEFAULT_GEMV = {"warps": 8, "rt": 2, "u": 1, "ks": 0}
+DEFAULT_GEMV_KIND = {"sp16": {"warps": 16, "rt": 2, "u": 1, "ks": 0}, "sp4": dict(DEFAULT_GEMV),
+                     "dq4": {"warps": 16, "rt": 2, "u": 1, "ks": 0}}  # fmt: skip
+GEMV_KS = (1, 2, 4, 8)  # fixed split counts in the search space (+ the default's 0 = auto)
+GEMV_MAX_KS = 16
+# gemv_auto_ks: split only while the grid has fewer than GEMV_WARPS_PER_SM warps per SM and every warp keeps at least
+# GEMV_MIN_CHUNKS chunks of its split (fitted on the H100 decode run: below ~8-12 chunks per warp the split's extra
+# pipeline start-up and workspace round trip cost more than the added bytes in flight gain)
+GEMV_WARPS_PER_SM = 16
+GEMV_MIN_CHUNKS = 12
 DEFAULT_GEMM = {
     "sp16": {"bm": 256, "bn": 128, "bk": 128, "wm": 4, "wn": 2, "stages": 3, "group": 16},
     "sp4": {"bm": 256, "bn": 128, "bk": 128, "wm": 4, "wn": 2, "stages": 3, "group": 16},
@@ -96,7 +110,7 @@ def default_config(kind: str, arch: str = "sm_90a") -> dict[str, Any]:
     """The untuned config: the H100 search's usual winners, or smaller tiles where they do not fit ``arch``."""
     gemm = next((dict(c) for c in (DEFAULT_GEMM_HOPPER.get(kind), DEFAULT_GEMM[kind])
                  if c is not None and gemm_valid(kind, c, True, arch)), dict(FALLBACK_GEMM[kind]))
-    return {"gemv": dict(DEFAULT_GEMV), "gemm_small": dict(DEFAULT_GEMM_SMALL[kind]), "gemm": gemm,
+    return {"gemv": dict(DEFAULT_GEMV_KIND[kind]), "gemm_small": dict(DEFAULT_GEMM_SMALL[kind]), "gemm": gemm,
             "small_max": DEFAULT_SMALL_MAX}  # fmt: skip
 
 
@@ -168,7 +182,8 @@ def gemm_valid(kind: str, c: dict[str, int], asym: bool = False, arch: str = "sm
 
 def search_space(kind: str, arch: str = "sm_90a") -> dict[str, list[dict[str, int]]]:
     """Candidate configs per path (searched independently: the paths serve disjoint token counts)."""
-    gemv = [{"warps": w, "rt": r, "u": u} for w in (4, 8, 16) for r in (1, 2, 4) for u in (1, 2)]
+    gemv = [{"warps": w, "rt": r, "u": u, "ks": ks} for w in (4, 8, 16) for r in (1, 2, 4) for u in (1, 2)
+            for ks in GEMV_KS]  # fmt: skip
     large, small = [], []
     layouts = ((2, 2), (2, 4), (4, 2), (4, 4), (2, 8))
     for bm in (64, 128, 256):
@@ -336,6 +351,65 @@ def _inst_name(kind: str, asym: bool, path: str, c: dict[str, int], nt: int) -> 
 
 def _gemv_smem(c: dict[str, int], nt: int) -> int:
     return c["warps"] * c["rt"] * nt * 4 * 32 * 4
+
+
+# ----------------------------------------------------------------------------------------------------- split-K GEMV
+# Host-side index math of the decode GEMV (mirrored by sparsec_mma.cuh split_range and the launcher's gemv_auto_ks;
+# tests/test_cuda_kernels.py compiles both and compares them with these).
+_STEPS_PER_CHUNK = {"sp16": 1, "sp4": 4, "dq4": 2}
+
+
+def split_range(n: int, parts: int, i: int) -> tuple[int, int]:
+    """Part ``i`` of ``n`` items in ``parts`` contiguous balanced ranges (sparsec_mma.cuh ``split_range``)."""
+    return (n * i) // parts, (n * (i + 1)) // parts
+
+
+def gemv_chunks(kind: str, k: int) -> int:
+    """16-byte weight chunks per row tile holding real k32 steps (``NCK`` of gemv_body)."""
+    ch = _STEPS_PER_CHUNK[kind]
+    return (k // 32 + ch - 1) // ch
+
+
+def gemv_auto_ks(grid_x: int, warps: int, nck: int, sms: int) -> int:
+    """The split count of a ``"ks": 0`` config: enough blocks for GEMV_WARPS_PER_SM warps per SM (one block per row
+    tile leaves e.g. 128 blocks x 8 warps for a 4096-row weight on 132 SMs), at most 8, no split leaving a warp fewer
+    than GEMV_MIN_CHUNKS chunks, rounded down to a power of two (the split counts measured). Only for M <= 8 (one n8
+    token tile): at M = 9..16 splitting was slower than the whole-K kernel at nearly every measured point (the
+    launcher and :func:`gemv_launch` use 1 there)."""
+    want = -(-(sms * GEMV_WARPS_PER_SM) // max(1, grid_x * warps))
+    ks = max(1, min(want, 8, nck // max(1, GEMV_MIN_CHUNKS * warps)))
+    return 1 << (ks.bit_length() - 1)
+
+
+_GEMV_KS_CXX = r"""
+// cuda_sparse.gemv_auto_ks (the split count of a "ks": 0 GEMV config), same formula
+int gemv_auto_ks(int64_t grid_x, int warps, int nck, int sms) {
+  const int64_t per = std::max<int64_t>(1, grid_x * warps);
+  const int64_t want = (static_cast<int64_t>(sms) * @WARPS_PER_SM@ + per - 1) / per;
+  const int64_t cap = nck / std::max<int64_t>(1, static_cast<int64_t>(@MIN_CHUNKS@) * warps);
+  const int64_t ks = std::max<int64_t>(1, std::min<int64_t>(std::min<int64_t>(want, 8), cap));
+  int p = 1;
+  while (2 * p <= ks) p *= 2;
+  return p;
+}
+""".replace("@WARPS_PER_SM@", str(GEMV_WARPS_PER_SM)).replace("@MIN_CHUNKS@", str(GEMV_MIN_CHUNKS))
+
+
+def gemv_launch(kind: str, n: int, k: int, m: int, cfg: dict[str, int], sms: int) -> dict[str, int]:
+    """Grid, split count and workspace of one decode GEMV launch (the launcher's arithmetic)."""
+    n_rt = (n + 15) // 16
+    gx = (n_rt + cfg["rt"] - 1) // cfg["rt"]
+    nck = gemv_chunks(kind, k)
+    ks = cfg.get("ks", 1) or (gemv_auto_ks(gx, cfg["warps"], nck, sms) if m <= 8 else 1)
+    nt = 1 if m <= 8 else 2
+    nv = cfg["rt"] * nt * 4
+    return {"grid_x": gx, "ks": ks, "nt": nt, "threads": cfg["warps"] * 32, "nck": nck,
+            "ws_floats": gx * ks * nv * 32 if ks > 1 else 0, "counters": gx if ks > 1 else 0}  # fmt: skip
+
+
+def gemv_valid(c: dict[str, int]) -> bool:
+    return (c.get("warps") in (1, 2, 4, 8, 16, 32) and c.get("rt", 0) >= 1 and c.get("u", 0) >= 1
+            and 0 <= c.get("ks", 1) <= GEMV_MAX_KS)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------- layouts
@@ -573,9 +647,10 @@ def render_device_source(variants: list[Variant]) -> str:
             seen[name] = (
                 f'extern "C" __global__ void __launch_bounds__({threads}) {name}(const half* __restrict__ X, '
                 "const uint4* __restrict__ Wv, const uint32_t* __restrict__ Wm, const uint32_t* __restrict__ Sc, "
-                "const uint32_t* __restrict__ Zb, half* __restrict__ Y, int M, int N, int K, int T, int G, int GS) {\n"
+                "const uint32_t* __restrict__ Zb, half* __restrict__ Y, float* __restrict__ Ws, "
+                "unsigned* __restrict__ Cnt, int M, int N, int K, int T, int G, int GS) {\n"
                 f"  sparsec::gemv_body<sparsec::{kenum}, {nt}, {c['warps']}, {c['rt']}, {c['u']}, {a}>"
-                "(X, Wv, Wm, Sc, Zb, Y, M, N, K, T, G, GS);\n}\n"
+                "(X, Wv, Wm, Sc, Zb, Y, Ws, Cnt, M, N, K, T, G, GS);\n}\n"
             )
         for path in ("gemm_small", "gemm"):
             c = v.cfg(path)
@@ -637,6 +712,7 @@ typedef struct CUctx_st* CUcontext;
 typedef struct CUmod_st* CUmodule;
 typedef struct CUfunc_st* CUfunction;
 typedef struct CUstream_st* CUstream;
+typedef unsigned long long CUdeviceptr;
 struct alignas(128) TmaMap {  // CUtensorMap (cuda.h): 128 opaque bytes
   uint64_t opaque[16];
 };
@@ -657,6 +733,10 @@ struct Driver {
   // optional (CUDA 12+ drivers): only the warp-specialized TMA kernels need it; they fail loudly without it
   CUresult (*TensorMapEncodeTiled)(TmaMap*, int, unsigned, void*, const uint64_t*, const uint64_t*, const unsigned*,
                                    const unsigned*, int, int, int, int) = nullptr;
+  // split-K GEMV workspace (resolved by name; a missing one fails the split-K launch loudly)
+  CUresult (*MemAlloc)(CUdeviceptr*, size_t) = nullptr;
+  CUresult (*MemsetD32Async)(CUdeviceptr, unsigned, size_t, CUstream) = nullptr;
+  CUresult (*StreamIsCapturing)(CUstream, int*) = nullptr;
   std::string error;
 };
 
@@ -682,6 +762,9 @@ Driver& driver() {
     SPARSEC_SYM(LaunchKernel, "cuLaunchKernel");
     SPARSEC_SYM(GetErrorString, "cuGetErrorString");
     SPARSEC_SYM(TensorMapEncodeTiled, "cuTensorMapEncodeTiled");
+    SPARSEC_SYM(MemAlloc, "cuMemAlloc_v2");
+    SPARSEC_SYM(MemsetD32Async, "cuMemsetD32Async");
+    SPARSEC_SYM(StreamIsCapturing, "cuStreamIsCapturing");
 #undef SPARSEC_SYM
     if (!r.Init || !r.DeviceGet || !r.DeviceGetAttribute || !r.PrimaryCtxRetain || !r.CtxGetCurrent ||
         !r.CtxSetCurrent || !r.ModuleLoadData || !r.ModuleGetFunction || !r.FuncSetAttribute || !r.LaunchKernel) {
@@ -726,6 +809,41 @@ int sm_count(int device_id) {
   if (n <= 0) TVM_FFI_THROW(RuntimeError) << "sparsec CUDA kernels: the GPU reports " << n << " multiprocessors";
   counts[device_id] = n;
   return n;
+}
+
+@GEMV_KS@
+// Split-K GEMV workspace per (device, stream): counters (zeroed once here; every launch leaves them 0) then the fp32
+// partial tiles. Grown on demand; an outgrown buffer is kept (a captured CUDA graph may still point at it). The first
+// split-K call on a stream allocates, so warm a stream up before capturing a CUDA graph on it.
+struct SplitWs {
+  CUdeviceptr base = 0;
+  size_t counters = 0, floats = 0;
+};
+
+void gemv_workspace(int device_id, CUstream stream, size_t counters, size_t floats, void** cnt, void** part) {
+  static std::mutex mu;
+  static std::unordered_map<int, std::unordered_map<CUstream, SplitWs>> all;
+  std::lock_guard<std::mutex> lock(mu);
+  SplitWs& w = all[device_id][stream];
+  if (w.counters < counters || w.floats < floats) {
+    Driver& d = driver();
+    if (!d.MemAlloc || !d.MemsetD32Async)
+      TVM_FFI_THROW(RuntimeError) << "sparsec CUDA kernels: the split-K GEMV needs cuMemAlloc_v2 / cuMemsetD32Async";
+    int capturing = 0;
+    if (d.StreamIsCapturing && d.StreamIsCapturing(stream, &capturing) == 0 && capturing)
+      TVM_FFI_THROW(RuntimeError) << "sparsec CUDA kernels: the split-K GEMV workspace of this stream must be allocated "
+                                     "before CUDA graph capture: call the kernel once on the stream first";
+    const size_t nc = std::max(counters, w.counters), nf = std::max(floats, w.floats);
+    const size_t cbytes = (nc * 4 + 255) / 256 * 256;
+    CUdeviceptr p = 0;
+    check(d.MemAlloc(&p, cbytes + nf * 4), "cuMemAlloc (split-K GEMV workspace)");
+    check(d.MemsetD32Async(p, 0u, cbytes / 4, stream), "cuMemsetD32Async (split-K GEMV counters)");
+    w.base = p;
+    w.counters = cbytes / 4;
+    w.floats = nf;
+  }
+  *cnt = reinterpret_cast<void*>(w.base);
+  *part = reinterpret_cast<void*>(w.base + (w.counters * 4));
 }
 
 // X[M, K] fp16 row-major -> CUtensorMap (dimension 0 = k, contiguous; dimension 1 = tokens). Throws on failure.
@@ -796,7 +914,7 @@ struct Variant {
   bool asym;
   int gs;
   Kernel gemv1, gemv2, gemm_small, gemm;
-  int gemv_threads, gemv_rt;
+  int gemv_threads, gemv_rt, gemv_ks;  // gemv_ks 0: gemv_auto_ks at launch
   int gs_threads, gs_bm, gs_bn, gs_group;
   int gl_threads, gl_bm, gl_bn, gl_group;
   int small_max;
@@ -839,9 +957,22 @@ void run(const Variant& v, const TensorView& x, const TensorView* w, int nw, con
   if (M <= 16) {
     const Kernel& k = M <= 8 ? v.gemv1 : v.gemv2;
     CUfunction f = get_function(dev, k);
-    void* args[] = {&X, &Wv, &Wm, &Sc, &Zb, &Y, &iM, &iN, &iK, &T, &G, &GS};
-    unsigned grid = static_cast<unsigned>((n_rt + v.gemv_rt - 1) / v.gemv_rt);
-    check(driver().LaunchKernel(f, grid, 1, 1, v.gemv_threads, 1, 1, k.smem, stream, args, nullptr), "launch (gemv)");
+    const int64_t grid = (n_rt + v.gemv_rt - 1) / v.gemv_rt;
+    const int steps_per_chunk = v.kind == 0 ? 1 : (v.kind == 1 ? 4 : 2);
+    const int nck = (iK / 32 + steps_per_chunk - 1) / steps_per_chunk;
+    const int warps = v.gemv_threads / 32;
+    // "ks": 0 -> automatic split, for one token tile only (M <= 8; cuda_sparse.gemv_auto_ks)
+    const int ks = v.gemv_ks > 0 ? v.gemv_ks : (M <= 8 ? gemv_auto_ks(grid, warps, nck, sm_count(dev)) : 1);
+    void* Ws = nullptr;
+    void* Cnt = nullptr;
+    if (ks > 1) {
+      const size_t nv = static_cast<size_t>(v.gemv_rt) * (M <= 8 ? 1 : 2) * 4 * 32;
+      gemv_workspace(dev, stream, static_cast<size_t>(grid), static_cast<size_t>(grid) * ks * nv, &Cnt, &Ws);
+    }
+    void* args[] = {&X, &Wv, &Wm, &Sc, &Zb, &Y, &Ws, &Cnt, &iM, &iN, &iK, &T, &G, &GS};
+    check(driver().LaunchKernel(f, static_cast<unsigned>(grid), static_cast<unsigned>(ks), 1, v.gemv_threads, 1, 1,
+                                k.smem, stream, args, nullptr),
+          "launch (gemv)");
     return;
   }
   const bool small = M <= v.small_max;
@@ -873,7 +1004,8 @@ void run(const Variant& v, const TensorView& x, const TensorView* w, int nw, con
 
 def render_host_source(variants: list[Variant], fatbin_path: str, symbol: str = "sparsec_fatbin") -> str:
     """The .cc file: driver-API launcher + one exported TVM FFI function per variant."""
-    out = [_HOST_PRELUDE.replace("@FATSYM@", symbol).replace("@FATBIN@", str(fatbin_path))]
+    out = [_HOST_PRELUDE.replace("@FATSYM@", symbol).replace("@FATBIN@", str(fatbin_path))
+           .replace("@GEMV_KS@", _GEMV_KS_CXX)]
     seen = set()
     for v in variants:
         if v.func_name in seen:
@@ -900,7 +1032,7 @@ def render_host_source(variants: list[Variant], fatbin_path: str, symbol: str = 
         ws = ", ".join(f"w{i}" for i in range(nw))
         out.append(
             f"namespace {{\nconst Variant kV_{v.ident} = {{{kind}, {str(v.asym).lower()}, {v.gs}, {kern['gemv1']}, "
-            f"{kern['gemv2']}, {kern['gemm_small']}, {kern['gemm']}, {gv['warps'] * 32}, {gv['rt']}, "
+            f"{kern['gemv2']}, {kern['gemm_small']}, {kern['gemm']}, {gv['warps'] * 32}, {gv['rt']}, {gv.get('ks', 1)}, "
             f"{gemm_threads(gs)}, {gs['bm']}, {gs['bn']}, {gs['group']}, {gemm_threads(gl)}, "
             f"{gl['bm']}, {gl['bn']}, {gl['group']}, {v.small_max}}};\n"
             f"void {v.func_name}_impl(TensorView x, {args}, TensorView y) {{\n"
@@ -928,6 +1060,9 @@ def variant_for(linear, target, hints: ShapeHints, tuning, kernel_name: str, kin
     arch = target.arch or "sm_80"
     base = default_config(kind, arch)
     v = Variant.make(kind, asym, gs, dict(base, **(cfg or {})))
+    if not gemv_valid(v.cfg("gemv")):  # e.g. a split count beyond GEMV_MAX_KS
+        v = Variant.make(kind, asym, gs, dict(v.config_dict(), gemv=base["gemv"]))
+        tuned = False
     for p in ("gemm_small", "gemm"):  # a stored config that does not fit this arch falls back to the default
         if not gemm_valid(kind, v.cfg(p), asym, arch):
             v = Variant.make(kind, asym, gs, dict(v.config_dict(), **{p: base[p]}))

@@ -138,11 +138,26 @@ __device__ __forceinline__ void load_b_global(uint32_t (&b)[4], const half* __re
 }
 
 // ------------------------------------------------------------------------------------------------ GEMV (M <= 16)
-// One block owns RT 16-row tiles of W for the whole K; its WARPS warps split K into contiguous ranges of 16-byte
-// chunks and reduce through shared memory at the end. W is streamed straight from global memory into registers
-// (16-byte loads, each warp reading 512 contiguous bytes per row tile and chunk); X (tiny) is read through L1.
-// Software pipelined: the loads of the next U chunks (weights, metadata, scales, activations) are issued before the
-// current U chunks are computed (two register buffers). NT = n8 token tiles (1: M<=8, 2: M<=16).
+// One block owns RT 16-row tiles of W and one of gridDim.y contiguous ranges of K (split-K: "ks" blocks per row
+// tile); its WARPS warps split that range into contiguous ranges of 16-byte chunks and reduce through shared memory.
+// W is streamed straight from global memory into registers (16-byte loads, each warp reading 512 contiguous bytes per
+// row tile and chunk); X (tiny) is read through L1. Software pipelined: the loads of the next U chunks (weights,
+// metadata, scales, activations) are issued before the current U chunks are computed (two register buffers).
+// NT = n8 token tiles (1: M<=8, 2: M<=16).
+//
+// Split-K (gridDim.y = ks > 1): every block writes its fp32 partial tile to the workspace Ws, then counts itself in
+// Cnt[blockIdx.x] (atomicAdd after __threadfence); the last of the ks blocks of a row tile sums the ks partials in
+// split order 0..ks-1 (a fixed order: the result is deterministic, independent of which block finishes last), writes
+// Y and resets the counter to 0 for the next launch. Ws: [gridDim.x][ks][RT*NT*4*32] floats; Cnt: gridDim.x words,
+// zero before the first launch (the launcher allocates and clears them once per device and stream).
+
+// [b, e) = part i of n items split into `parts` contiguous, balanced ranges (sizes differ by at most one).
+// The kernel splits K chunks with it twice: among the ks blocks of a row tile, then among the block's warps.
+__host__ __device__ __forceinline__ void split_range(int n, int parts, int i, int& b, int& e) {
+  b = static_cast<int>((static_cast<long long>(n) * i) / parts);
+  e = static_cast<int>((static_cast<long long>(n) * (i + 1)) / parts);
+}
+
 template <int KIND, int NT, int RT, int U>
 struct GemvBuf {
   using Tr = KindTraits<KIND>;
@@ -258,11 +273,12 @@ __device__ __forceinline__ void gemv_compute(const GemvBuf<KIND, NT, RT, U>& f, 
 template <int KIND, int NT, int WARPS, int RT, int U, bool ASYM>
 __device__ __forceinline__ void gemv_body(const half* __restrict__ X, const uint4* __restrict__ Wv,
                                           const uint32_t* __restrict__ Wm, const uint32_t* __restrict__ Sc,
-                                          const uint32_t* __restrict__ Zb, half* __restrict__ Y, int M, int N, int K,
-                                          int T, int G, int GS) {
+                                          const uint32_t* __restrict__ Zb, half* __restrict__ Y, float* __restrict__ Ws,
+                                          unsigned* __restrict__ Cnt, int M, int N, int K, int T, int G, int GS) {
   using Tr = KindTraits<KIND>;
   constexpr int CH = Tr::kStepsPerChunk;
   extern __shared__ float red[];  // [WARPS][RT*NT*4][32]
+  __shared__ int last_block;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2;
   const int n_rt = (N + 15) >> 4;
@@ -286,9 +302,13 @@ __device__ __forceinline__ void gemv_body(const half* __restrict__ X, const uint
 #pragma unroll
   for (int n = 0; n < NT; ++n) xrow[n] = X + (size_t)min(n * 8 + g, M - 1) * K;
 
-  // contiguous chunk range of this warp
-  const int per = (NCK + WARPS - 1) / WARPS;
-  const int c_begin = min(warp * per, NCK), c_end = min(c_begin + per, NCK);
+  // chunk range of this block's K split, then of this warp inside it
+  const int ks = gridDim.y;
+  int s_begin, s_end, c_begin, c_end;
+  split_range(NCK, ks, blockIdx.y, s_begin, s_end);
+  split_range(s_end - s_begin, WARPS, warp, c_begin, c_end);
+  c_begin += s_begin;
+  c_end += s_begin;
   GemvBuf<KIND, NT, RT, U> fa, fb;
   if (c_begin < c_end) gemv_load<KIND, NT, RT, U, ASYM>(fa, c_begin, c_end, TK, xrow, Wv, Wm, Sc, Zb, rts, NC, T, G, GS, lane);
   for (int c = c_begin; c < c_end; c += 2 * U) {
@@ -308,16 +328,42 @@ __device__ __forceinline__ void gemv_body(const half* __restrict__ X, const uint
 #pragma unroll
       for (int i = 0; i < 4; ++i) red[((warp * NV) + (r * NT + n) * 4 + i) * 32 + lane] = acc[r][n][i];
   __syncthreads();
-  for (int idx = threadIdx.x; idx < NV * 32; idx += WARPS * 32) {
-    float s = 0.f;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) s += red[w * NV * 32 + idx];
+  auto store = [&](int idx, float s) {
     const int l = idx & 31, v = idx >> 5;
     const int i = v & 3, n = (v >> 2) % NT, r = (v >> 2) / NT;
     const int row = (rt0 + r) * 16 + (l >> 2) + ((i >> 1) << 3);
     const int tok = n * 8 + 2 * (l & 3) + (i & 1);
     if (rt0 + r < n_rt && row < N && tok < M) Y[(size_t)tok * N + row] = __float2half_rn(s);
+  };
+  if (ks == 1) {
+    for (int idx = threadIdx.x; idx < NV * 32; idx += WARPS * 32) {
+      float s = 0.f;
+#pragma unroll
+      for (int w = 0; w < WARPS; ++w) s += red[w * NV * 32 + idx];
+      store(idx, s);
+    }
+    return;
   }
+  // split-K: partial tile -> workspace, the last block of the row tile reduces the ks partials in split order
+  float* part = Ws + (size_t)blockIdx.x * ks * (NV * 32);
+  for (int idx = threadIdx.x; idx < NV * 32; idx += WARPS * 32) {
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) s += red[w * NV * 32 + idx];
+    __stcg(part + (size_t)blockIdx.y * (NV * 32) + idx, s);
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last_block = atomicAdd(Cnt + blockIdx.x, 1u) == (unsigned)(ks - 1);
+  __syncthreads();
+  if (!last_block) return;
+  __threadfence();
+  for (int idx = threadIdx.x; idx < NV * 32; idx += WARPS * 32) {
+    float s = 0.f;
+    for (int k = 0; k < ks; ++k) s += __ldcg(part + (size_t)k * (NV * 32) + idx);
+    store(idx, s);
+  }
+  if (threadIdx.x == 0) Cnt[blockIdx.x] = 0u;  // ready for the next launch (stream order)
 }
 
 // ------------------------------------------------------------------------------------------------ GEMM (prefill)
