@@ -425,6 +425,15 @@ class _Lowerer:
             return [(n.outputs[0], self.refine(n.outputs[0], self.range_(ins)))]
         if n.op_type == "Slice" and not n.domain:
             self.slice_limits(n, ins)
+        if n.op_type == "Pow" and not n.domain and n.inputs[1] in self.g.constants:
+            e = np.asarray(self.g.constants[n.inputs[1]])
+            if e.size == 1 and float(e.reshape(-1)[0]) in (2.0, 3.0) and _dtype_of(ins[0]).startswith("float"):
+                # x**3 of a decomposed tanh-GELU: multiplies (TVM lowers pow to powf and warns about y >= 3 on stderr)
+                x = ins[0]
+                y = self.bb.emit(relax.op.multiply(x, x))
+                if float(e.reshape(-1)[0]) == 3.0:
+                    y = self.bb.emit(relax.op.multiply(y, x))
+                return [(n.outputs[0], self.refine(n.outputs[0], y))]
         if n.op_type in _CMP_OPS and not n.domain and len(ins) == 2 and any(
                 isinstance(e, relax.ShapeExpr) or isinstance(getattr(e, "ty", None), tvm.ir.type.PrimType) for e in ins):
             # sizes not compared at compile time (fold): compare at run time. TVM's converters fold shape expressions

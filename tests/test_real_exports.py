@@ -598,3 +598,23 @@ def test_attention_exports_build_for_x86(exported, tmp_path, family, exporter):
     assert rep["build"]["status"] == "built"
     for k in ref:
         assert rel(got[k], ref[k]) < 1e-5, k
+
+
+def test_pow_by_two_or_three_is_multiplied_and_others_stay_pow(tmp_path):
+    """x**3 (tanh-GELU as exporters decompose it) and x**2 are lowered to multiplies (TVM's pow printed a warning per
+    use on stderr during every build); other exponents (2.5 on |x|, a tensor exponent) still go through Pow."""
+    from onnx import helper
+
+    rng = np.random.default_rng()
+    N = helper.make_node
+    inits = {"three": np.array(3.0, np.float32), "two": np.array([2.0], np.float32), "e": np.array(2.5, np.float32),
+             "t": rng.uniform(1, 2, (1, 3)).astype(np.float32)}  # fmt: skip
+    nodes = [N("Pow", ["x", "three"], ["c"]), N("Pow", ["x", "two"], ["s"]), N("Abs", ["x"], ["a"]),
+             N("Pow", ["a", "e"], ["f"]), N("Pow", ["a", "t"], ["u"]), N("Sum", ["c", "s", "f", "u"], ["y"])]
+    p = tmp_path / "q"
+    p.mkdir()
+    out = _built_for_x86(p, nodes, inits, ["batch", 3])
+    x = rng.standard_normal((int(rng.integers(1, 6)), 3)).astype(np.float32)
+    a = np.abs(x)
+    ref = x**3 + x**2 + a**2.5 + a ** inits["t"]
+    assert rel(_run_lib(out, p, x), ref) < 1e-5
