@@ -304,8 +304,10 @@ def test_layer_error_is_measured_on_heldout_inputs():
 
     row = next(r for r in rep.rows if r.name == "layers.0.q")
     q_new = g.linear("layers.0.q").weight.materialize()
-    assert row.error == pytest.approx(output_error(q_dense, q_new, acts(held)), rel=1e-5)
-    assert row.error != pytest.approx(output_error(q_dense, q_new, acts(fit)), rel=1e-3)
+    err_held, err_fit = output_error(q_dense, q_new, acts(held)), output_error(q_dense, q_new, acts(fit))
+    assert row.error == pytest.approx(err_held, rel=1e-5)
+    # and not on the fit split (the two estimates can be close on random data: compare distances, not a margin)
+    assert abs(row.error - err_held) < abs(row.error - err_fit), (row.error, err_held, err_fit)
     # Wanda's selection uses the fit split only
     expect = nm_mask_from_scores(np.abs(q_dense) * np.linalg.norm(acts(fit), axis=0), 2, 4)
     np.testing.assert_array_equal(g.linear("layers.0.q").weight.mask(), expect)
