@@ -340,6 +340,23 @@ LLM = [(4096, 4096), (11008, 4096), (4096, 11008)]
 REF = [(128, 128), (352, 128), (128, 352), (256, 128), (128, 64), (64, 128), (10, 64)]
 
 
+def _on_gpu(torch, kind, w):
+    """The kernel's prepared weight arrays on the GPU (uint32 words as int32) and the weight as float64."""
+    ws = [torch.from_numpy(a.view(np.int32) if a.dtype == np.uint32 else a).cuda() for a in cs.prepare(kind, w)]
+    return ws, torch.from_numpy(w.materialize()).cuda().double()
+
+
+def _call_checked(torch, f, x, ws, ref, what):
+    """``f(x, *ws, y)`` into a NaN-poisoned ``y``: every output written and within 1e-2 of the float64 ``ref``."""
+    y = torch.full((x.shape[0], ref.shape[1]), float("nan"), device="cuda", dtype=torch.float16)
+    f(x, *ws, y)
+    torch.cuda.synchronize()
+    assert not torch.isnan(y).any(), f"{what}: unwritten outputs"
+    rel = float((y.double() - ref).norm() / ref.norm())
+    assert rel <= 1e-2, f"{what}: relative error {rel:.3e} (seed {SEED})"
+    return y
+
+
 def _gpu():
     """torch, tvm_ffi and the local GPU's arch (sm_90a on a Hopper); skips without a CUDA GPU."""
     torch = pytest.importorskip("torch")
@@ -382,19 +399,11 @@ def test_kernel_matches_float64_reference(gpu_lib, kind, asym, n, k):
     gs = _gs_for(kind, k)
     rng = _rng(hash((kind, asym, n, k)) % 2**31)
     w = _weight(kind, n, k, gs, asym, rng)
-    arrays = cs.prepare(kind, w)
-    ws = [torch.from_numpy(a.view(np.int32) if a.dtype == np.uint32 else a).cuda() for a in arrays]
-    wref = torch.from_numpy(w.materialize()).cuda().double()
+    ws, wref = _on_gpu(torch, kind, w)
     f = lib[variants[(kind, asym, gs)].func_name]
     for m in (1, 16, 128, 2048, 8192, 5, 37):
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-        y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
-        f(x, *ws, y)
-        torch.cuda.synchronize()
-        ref = x.double() @ wref.T
-        assert not torch.isnan(y).any(), f"unwritten outputs at M={m}"
-        rel = float((y.double() - ref).norm() / ref.norm())
-        assert rel <= 1e-2, f"{kind} asym={asym} {n}x{k} M={m}: relative error {rel:.3e} (seed {SEED})"
+        _call_checked(torch, f, x, ws, x.double() @ wref.T, f"{kind} asym={asym} {n}x{k} M={m}")
 
 
 # ------------------------------------------------------------------------------------------------ warp-specialized (CI)
@@ -654,17 +663,11 @@ def test_ws_kernel_matches_float64_reference(tmp_path_factory):
     for (n, k), m in (((256, 256), 256), ((264, 320), 200), ((128, 2048), 300), ((16, 64), 130), ((4096, 4096), 2048)):
         rng = _rng(n * 7 + k)
         w = _weight("sp16", n, k, 0, False, rng)
-        ws = [torch.from_numpy(a.view(np.int32) if a.dtype == np.uint32 else a).cuda() for a in cs.prepare("sp16", w)]
-        wref = torch.from_numpy(w.materialize()).cuda().double()
+        ws, wref = _on_gpu(torch, "sp16", w)
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         ref = x.double() @ wref.T
         for v in variants:
-            y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
-            lib[v.func_name](x, *ws, y)
-            torch.cuda.synchronize()
-            assert not torch.isnan(y).any(), f"{v.kernel_names()['gemm']}: unwritten outputs {n}x{k} M={m}"
-            rel = float((y.double() - ref).norm() / ref.norm())
-            assert rel <= 1e-2, f"{v.kernel_names()['gemm']} {n}x{k} M={m}: relative error {rel:.3e} (seed {SEED})"
+            _call_checked(torch, lib[v.func_name], x, ws, ref, f"{v.kernel_names()['gemm']} {n}x{k} M={m}")
 
 
 def test_gemm_v2_driver_survives_a_hung_candidate(tmp_path):
@@ -724,18 +727,12 @@ def test_split_k_gemv_matches_float64_and_repeats_bitwise(tmp_path_factory):
     lib = tvm_ffi.load_module(path)
     for (kind, asym, n, k, ks), v in variants.items():
         w = _weight(kind, n, k, _gs_for(kind, k), asym, _rng(hash((kind, asym, n, k)) % 2**31))
-        ws = [torch.from_numpy(a.view(np.int32) if a.dtype == np.uint32 else a).cuda() for a in cs.prepare(kind, w)]
-        wref = torch.from_numpy(w.materialize()).cuda().double()
+        ws, wref = _on_gpu(torch, kind, w)
         f = lib[v.func_name]
         for m in (1, 2, 8, 16):
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
-            y2 = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
-            f(x, *ws, y)
-            f(x, *ws, y2)
-            torch.cuda.synchronize()
             ref = x.double() @ wref.T
-            assert not torch.isnan(y).any(), f"unwritten outputs {kind} ks={ks} {n}x{k} M={m}"
-            rel = float((y.double() - ref).norm() / ref.norm())
-            assert rel <= 1e-2, f"{kind} asym={asym} ks={ks} {n}x{k} M={m}: relative error {rel:.3e} (seed {SEED})"
-            assert torch.equal(y.view(torch.int16), y2.view(torch.int16)), f"{kind} ks={ks} not repeatable"
+            what = f"{kind} asym={asym} ks={ks} {n}x{k} M={m}"
+            y = _call_checked(torch, f, x, ws, ref, what)
+            y2 = _call_checked(torch, f, x, ws, ref, what)
+            assert torch.equal(y.view(torch.int16), y2.view(torch.int16)), f"{what}: not repeatable"
