@@ -168,6 +168,11 @@ class _C:
                     self.sym[d] = f"v_{d.name}"
                     L.append(f"  const int64_t v_{d.name} = inputs[{i}].shape[{k}];")
                     L.append(f"  if (v_{d.name} < 1) return rt_fail(\"input {self.low.inputs[i]['name']}: empty dimension\", 0);")
+                    lim = self.low.dim_limits.get(d.name)  # the most the model holds (a buffer sliced by it, positions)
+                    if lim is not None:
+                        why = str(lim[1]).replace("\\", "/").replace('"', "'")
+                        L.append(f"  if (v_{d.name} > {int(lim[0])}) return rt_fail(\"input {self.low.inputs[i]['name']}: dim {k} "
+                                 f"is larger than the model supports (at most {int(lim[0])}: {why})\", 0);")  # fmt: skip
                 else:
                     L.append(f"  if (inputs[{i}].shape[{k}] != {self.expr(d)}) return rt_fail(\"input {self.low.inputs[i]['name']}: "
                              f"dimension {k} does not match the model\", 0);")  # fmt: skip
@@ -184,14 +189,6 @@ class _C:
                     L.append(f"  for (int64_t k = 0; k < {size}; ++k) {{ {ct} v = (({ct} *){nm}.data)[k];")
                     L.append(f"    if (v < {rng[0]} || v >= {rng[1]}) return rt_fail(\"input {self.low.inputs[i]['name']}: "
                              f"token ids must be in [{rng[0]}, {rng[1]})\", 0); }}")  # fmt: skip
-        for d, var in self.sym.items():  # sizes the model supports at most (a buffer sliced by them, positions)
-            lim = self.low.dim_limits.get(d.name)
-            if lim is not None:
-                why = str(lim[1]).replace("\\", "/").replace('"', "'")
-                where = next((f"input {it['name']}: dim {k}" for it in self.low.inputs for k, x in enumerate(it["shape"])
-                              if x == d.name), f"input dim {d.name}")  # fmt: skip
-                L.append(f"  if ({var} > {int(lim[0])}) return rt_fail(\"{where} is larger than the model supports "
-                         f"(at most {int(lim[0])}: {why})\", 0);")  # fmt: skip
         for j, p in enumerate(fn.params[n_in:]):
             self.names[p] = f"params[{j}]"
             self.tinfo[f"params[{j}]"] = (len(p.ty.shape.values), str(p.ty.dtype))

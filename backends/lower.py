@@ -325,7 +325,7 @@ class _Lowerer:
         if dims is None or len(ins) < 3 or ins[2] is None:
             return
         vals = []
-        for i in (1, 2, 3, 4):
+        for i in (2, 3, 4):  # ends, axes, steps (the starts do not bound the read)
             if i >= len(ins) or ins[i] is None or not n.inputs[i]:
                 vals.append(None)
                 continue
@@ -333,7 +333,7 @@ class _Lowerer:
             if v is None:
                 return
             vals.append([_sv_elem(x) for x in np.atleast_1d(v)])
-        starts, ends, axes, steps = vals
+        ends, axes, steps = vals
         rank = len(dims)
         axes = list(range(len(ends))) if axes is None else axes
         steps = [1] * len(ends) if steps is None else steps
@@ -418,20 +418,20 @@ class _Lowerer:
             if out is not None:
                 return [(n.outputs[0], self.refine(n.outputs[0], out))]
         if n.op_type == "Range" and not n.domain:
-            sv = [self.shape_value(i, e) for i, e in zip(n.inputs, ins)]
-            if sv[0] is not None and sv[2] is not None and sv[1] is not None and sv[0].ndim == 0 and sv[1].ndim == 0 \
-                    and _sv_elem(sv[0].item()) == 0 and _sv_elem(sv[2].item()) == 1:
-                self.index_limits[n.outputs[0]] = _sv_elem(sv[1].item())
+            start, lim, delta = (self.shape_value(i, e) for i, e in zip(n.inputs, ins))
+            if all(v is not None and v.ndim == 0 for v in (start, lim, delta)) and _sv_elem(start.item()) == 0 \
+                    and _sv_elem(delta.item()) == 1:  # positions 0..lim-1
+                self.index_limits[n.outputs[0]] = _sv_elem(lim.item())
             return [(n.outputs[0], self.refine(n.outputs[0], self.range_(ins)))]
         if n.op_type == "Slice" and not n.domain:
             self.slice_limits(n, ins)
         if n.op_type == "Pow" and not n.domain and n.inputs[1] in self.g.constants:
             e = np.asarray(self.g.constants[n.inputs[1]])
-            if e.size == 1 and float(e.reshape(-1)[0]) in (2.0, 3.0) and _dtype_of(ins[0]).startswith("float"):
+            x = ins[0]
+            if e.size == 1 and e.ndim <= x.ty.ndim and float(e.item()) in (2.0, 3.0) and _dtype_of(x).startswith("float"):
                 # x**3 of a decomposed tanh-GELU: multiplies (TVM lowers pow to powf and warns about y >= 3 on stderr)
-                x = ins[0]
                 y = self.bb.emit(relax.op.multiply(x, x))
-                if float(e.reshape(-1)[0]) == 3.0:
+                if float(e.item()) == 3.0:
                     y = self.bb.emit(relax.op.multiply(y, x))
                 return [(n.outputs[0], self.refine(n.outputs[0], y))]
         if n.op_type in _CMP_OPS and not n.domain and len(ins) == 2 and any(

@@ -116,6 +116,7 @@ class LoadedLib:
         import tvm
 
         args = []
+        limits = self.manifest.get("dim_limits", {})
         for spec in self.inputs:
             name = spec["name"]
             if name not in feeds:
@@ -123,7 +124,6 @@ class LoadedLib:
             x = np.asarray(feeds[name])
             if x.ndim != len(spec["shape"]):
                 raise ShapeError(f"input {name!r} has rank {x.ndim}, the model expects {len(spec['shape'])}")
-            limits = self.manifest.get("dim_limits", {})
             for i, (got, want) in enumerate(zip(x.shape, spec["shape"])):
                 if isinstance(want, int) and got != want:
                     raise ShapeError(f"input {name!r} has size {got} in dim {i}, the model expects {want}")

@@ -29,9 +29,9 @@ def _initialise_mkl() -> None:
 
     With torch's MKL build, the first call of a vectorised math function (exp, tanh, erf, ...) that runs on several
     threads at once races in MKL's one-time initialisation: one thread's chunk is computed by a different, less
-    accurate path (measured: 4096 of 8192 tanh values off by 4e-5 relative, in 1 of 4-15 fresh processes). The same
+    accurate path (measured: 4096 of 8192 tanh values off by 4e-5 relative, in 1 to 8 of 20 fresh processes). The same
     ``compress`` command then wrote different reports. A one-element call, which never runs in parallel, initialises
-    MKL before any parallel one (tests/test_executor.py::test_first_vector_math_call_is_deterministic)."""
+    MKL before any parallel one (tests/test_ir.py::test_first_vector_math_call_is_deterministic)."""
     torch.exp(torch.zeros(1))
 
 
