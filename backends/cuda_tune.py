@@ -569,7 +569,9 @@ def plan(graph, target, formats: list[str] | None, seed: int = 0) -> list[Job]:
 
 def variants_for(jobs: list[Job], arch: str, max_candidates: int | None, seed: int = 0,
                  include_unverified: bool = False) -> dict[tuple, dict[str, list]]:  # fmt: skip
-    """(kind, asym, gs) -> path -> [Variant] (default first): each variant differs from the default in one path."""
+    """(kind, asym, gs) -> path -> [Variant] (default first): each variant differs from the default in one path. The
+    decode GEMV's untuned config depends on the layer's rows (cuda_sparse.gemv_auto_warps): the one of every job's
+    shape follows the default, so that each job's own default is measured (:func:`measure_jobs` compares with it)."""
     from .kernels.cuda_sparse import Variant, default_config
 
     out: dict[tuple, dict[str, list]] = {}
@@ -578,6 +580,12 @@ def variants_for(jobs: list[Job], arch: str, max_candidates: int | None, seed: i
             continue
         base = default_config(j.kind, arch)
         cands = candidate_configs(j.kind, arch, max_candidates, seed, include_unverified)
+        gemv = list(cands["gemv"])
+        for jj in jobs:
+            c = default_config(jj.kind, arch, jj.n, jj.k, jj.asym)["gemv"]
+            if jj.group == j.group and c not in gemv:
+                gemv.insert(1, c)
+        cands = dict(cands, gemv=gemv)
         out[j.group] = {p: [Variant.make(j.kind, j.asym, j.gs, dict(base, **{p: c})) for c in cands[p]] for p in PATHS}
     return out
 
@@ -660,9 +668,13 @@ class Bench:
 
 
 def measure_jobs(jobs: list[Job], groups: dict[tuple, dict[str, list]], lib, dev, m_values=None, seed: int | None = None,
-                 log: Callable[[str], None] | None = None, isolated: "IsolatedRunner | None" = None) -> list[dict[str, Any]]:  # fmt: skip
+                 log: Callable[[str], None] | None = None, isolated: "IsolatedRunner | None" = None,
+                 arch: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Check and time every candidate of every job; returns one result per job: per path the candidates' Measured
-    and the winner. Unverified candidates run through ``isolated`` (skipped when it is None)."""
+    and the winner. Unverified candidates run through ``isolated`` (skipped when it is None). ``default`` of a path
+    is the untuned build's config for the job's shape (given ``arch``; else the group's first candidate)."""
+    from .kernels.cuda_sparse import default_config
+
     bench = Bench(lib, dev)
     rng = np.random.default_rng(seed if seed is not None else int.from_bytes(os.urandom(8), "little"))
     rejected: dict[str, str] = {}  # func -> why (a candidate wrong on one shape is wrong)
@@ -698,7 +710,9 @@ def measure_jobs(jobs: list[Job], groups: dict[tuple, dict[str, list]], lib, dev
                 meas.append(r)
             good = [r for r in meas if r.ok]
             win = min(good, key=lambda r: r.score) if good else None
-            res["paths"][p] = {"measured": meas, "winner": win, "default": meas[0] if meas and meas[0].ok else None}
+            own = default_config(j.kind, arch, n, k, j.asym)[p] if arch is not None else None
+            dm = next((r for r in meas if r.config == own), None) if own is not None else (meas[0] if meas else None)
+            res["paths"][p] = {"measured": meas, "winner": win, "default": dm if dm is not None and dm.ok else None}
             if log is not None and win is not None:
                 log(f"{j.kernel} {j.label} {n}x{k} {p}: {_cfg_str(win.config)} {win.score:.4f} ms "
                     f"({len(good)}/{len(meas)} candidates correct)")  # fmt: skip
@@ -903,7 +917,7 @@ def tune_cuda_graph(graph, target, db, formats: list[str] | None = None, m_value
         else:
             lib, dev, lib_path = backend(variants, wd)
         iso = IsolatedRunner(lib_path, wd) if include_unverified else None
-        results = measure_jobs(jobs, groups, lib, dev, m_values, seed=None, log=log, isolated=iso)
+        results = measure_jobs(jobs, groups, lib, dev, m_values, seed=None, log=log, isolated=iso, arch=arch)
     return record_results(db, target, results, device_name or "unknown device", arch)
 
 

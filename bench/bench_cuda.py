@@ -86,6 +86,10 @@ WITH_WS = os.environ.get("SPARSEC_BENCH_WITH_WS") == "1"
 # decode-only pack (build/device --decode): the GEMV configs timed there, each with every split count (0 = auto)
 DECODE_BASES = [(8, 2, 1), (4, 2, 1), (4, 1, 1), (8, 1, 1), (16, 2, 1), (8, 2, 2)]  # (warps, rt, u)
 DECODE_KS = (0, 1, 2, 4, 8)
+# L2 prefetch distances (chunks ahead, "pf") timed on every base with the automatic split; SPARSEC_DECODE_PF="4,8"
+# overrides (empty: none)
+# (the prefetch run, bench/results/cuda_kernels_decode_prefetch.md, used "2,4,8,16"; no distance won)
+DECODE_PF = tuple(int(x) for x in os.environ.get("SPARSEC_DECODE_PF", "").split(",") if x)
 DECODE_SPLIT_KS = (0, 1, 2, 3, 4, 8)  # every kind and zero-point mode at the check shapes' group sizes, odd split too
 
 
@@ -117,8 +121,15 @@ def decode_variant_rows():
         gs = 0 if kind == "sp16" else LLM_GS
         for w, rt, u in DECODE_BASES:
             for ks in DECODE_KS:
-                add(kind, False, gs, {"warps": w, "rt": rt, "u": u, "ks": ks}, "candidate")
+                add(kind, False, gs, {"warps": w, "rt": rt, "u": u, "ks": ks, "pf": 0}, "candidate")
+            for pf in DECODE_PF:
+                add(kind, False, gs, {"warps": w, "rt": rt, "u": u, "ks": 0, "pf": pf}, "candidate")
     return rows
+
+
+def _cfg_label(c):
+    """w16 rt2 u1 ks0 (pf8): a GEMV config as the decode report writes it."""
+    return f"w{c['warps']} rt{c['rt']} u{c['u']} ks{c['ks']}" + (f" pf{c['pf']}" if c.get("pf") else "")
 
 
 def decode_check_gs(kind, i):
@@ -640,7 +651,7 @@ def cmd_device_decode(args):
     GEMV candidates by steady-state time) and cuBLAS, a plain read and a copy of the same bytes."""
     import torch
 
-    from sparsec.backends.kernels.cuda_sparse import gemv_launch
+    from sparsec.backends.kernels.cuda_sparse import ARCH_SMS, gemv_auto_warps, gemv_chunks, gemv_launch
 
     if not DRY:
         import tvm_ffi
@@ -720,11 +731,17 @@ def cmd_device_decode(args):
     stopped = None
     for kind in KINDS_ORDER:
         gs = 0 if kind == "sp16" else LLM_GS
-        dflt = default[(kind, False, gs)]
-        dcfg = next(r["config"]["gemv"] for r in rows if r["func"] == dflt)
-        ks1 = next((r for r in cands.get(kind, []) if r["config"]["gemv"] == dict(dcfg, ks=1)), None)
+        kind_dflt = default[(kind, False, gs)]
+        kind_dcfg = next(r["config"]["gemv"] for r in rows if r["func"] == kind_dflt)
         extra = [tuple(int(v) for v in sh.split("x")) for sh in args.extra_shapes.split(",") if sh]
         for n, k in LLM_SHAPES + extra:
+            # the untuned build's config for this layer: warps from its row count (cuda_sparse.gemv_auto_warps,
+            # with the build's SM count for the arch); every such config is one of the DECODE_BASES candidates
+            dcfg = dict(kind_dcfg, warps=gemv_auto_warps(kind, n, kind_dcfg["rt"], ARCH_SMS["sm_90a"], gemv_chunks(kind, k)))
+            drow = next((r for r in rows if r["kind"] == kind and not r["asym"] and r["gs"] == gs
+                         and r["config"]["gemv"] == dcfg), None)  # fmt: skip
+            dflt, dcfg = (drow["func"], dcfg) if drow is not None else (kind_dflt, kind_dcfg)
+            ks1 = next((r for r in cands.get(kind, []) if r["config"]["gemv"] == dict(dcfg, ks=1)), None)
             if time.time() - t_start > args.budget_s:
                 stopped = stopped or f"budget reached before {kind} {n}x{k}"
                 break
@@ -868,14 +885,20 @@ def cmd_report_decode(args):
              "weight/x/y totalling ≥ 2x L2, captured as one CUDA graph, events around the batch, time / calls. "
              "GB/s = (weight bytes as stored + x + y) / steady time; % = of the 1 GiB copy bandwidth.")  # fmt: skip
     L.append("")
-    dflt = {r["kind"]: r["default"]["gemv"] for r in bench}
-    L.append("\"ours\" = the default GEMV config of the code measured (ks 0 = automatic split, the split used in "
-             "brackets): " + "; ".join(f"{names[k]} warps {c['warps']}, rt {c['rt']}, u {c['u']}, ks {c['ks']}"
-                                       for k, c in dflt.items()) + ". \"best\" = the fastest of the run's 30 GEMV "
-             "configs per point by steady time (6 warp/tile/unroll bases x ks 0, 1, 2, 4, 8), what `sparsec tune` "
-             "would pick (chosen on the same measurement).")  # fmt: skip
+    dflt = {}
+    for r in bench:
+        shapes = dflt.setdefault(r["kind"], {}).setdefault(_cfg_label(r["default"]["gemv"]), [])
+        if f"{r['out']}×{r['in']}" not in shapes:
+            shapes.append(f"{r['out']}×{r['in']}")
+    ncfg = max((len({_cfg_label(x["gemv"]) for x in r["search"]}) for r in bench), default=0)
+    L.append("\"ours\" = the GEMV config an untuned build uses for the layer (ks 0 = automatic split, the split used in "
+             "brackets): " + "; ".join(f"{names[k]} " + ", ".join(f"{c} ({', '.join(shapes)})" for c, shapes in cs.items())
+                                       for k, cs in dflt.items()) + f". \"best\" = the fastest of the run's {ncfg} GEMV "
+             "configs per point by steady time (warp/tile/unroll bases x ks 0, 1, 2, 4, 8"
+             + (", plus L2 prefetch distances pf with ks 0" if any(x["gemv"].get("pf") for r in bench for x in r["search"]) else "")
+             + "), what `sparsec tune` would pick (chosen on the same measurement).")  # fmt: skip
     L.append("")
-    L.append("| kernel | out×in | M | ours steady µs (ks) | ks=1 steady µs | cuBLAS steady µs | **vs dense steady** | "
+    L.append("| kernel | out×in | M | ours steady µs (warps, ks) | ks=1 steady µs | cuBLAS steady µs | **vs dense steady** | "
              "ours flush µs | cuBLAS flush µs | vs dense flush | ours GB/s (% copy) | read same bytes steady µs | "
              "best config steady µs (config) | host µs/call ours / cuBLAS |")  # fmt: skip
     L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -889,10 +912,10 @@ def cmd_report_decode(args):
                         "gbs_steady": gbs, "roofline_frac_steady": gbs / copy if copy else None,
                         "speedup_steady_best": st(dn) / st(b) if b else None,
                         "gbs_steady_best": nb / (st(b) * 1e-3) / 1e9 if b else None}  # fmt: skip
-        bc = (f"{st(b) * 1e3:.1f} (w{b['gemv']['warps']} rt{b['gemv']['rt']} u{b['gemv']['u']} ks{b['gemv']['ks']}"
+        bc = (f"{st(b) * 1e3:.1f} ({_cfg_label(b['gemv'])}"
               f"{'→' + str(b['ks_used']) if b['gemv']['ks'] == 0 else ''}, {st(dn) / st(b):.2f}x)") if b else "—"  # fmt: skip
         k1s = f"{st(k1) * 1e3:.1f}" if k1 else "—"
-        L.append(f"| {names[r['kind']]} | {r['out']}×{r['in']} | {r['m']} | {st(d) * 1e3:.1f} ({d['ks_used']}) | "
+        L.append(f"| {names[r['kind']]} | {r['out']}×{r['in']} | {r['m']} | {st(d) * 1e3:.1f} (w{d['gemv']['warps']}, {d['ks_used']}) | "
                  f"{k1s} | {st(dn) * 1e3:.1f} | **{st(dn) / st(d):.2f}x** | {d['flush_ms'] * 1e3:.1f} | "
                  f"{dn['flush_ms'] * 1e3:.1f} | {dn['flush_ms'] / d['flush_ms']:.2f}x | {gbs:.0f} "
                  f"({100 * gbs / copy:.0f}%) | {st(r['read_same_bytes']) * 1e3:.1f} | {bc} | "

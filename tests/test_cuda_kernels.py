@@ -147,7 +147,7 @@ def test_tuning_entry_is_used_and_arch_limits_respected():
     impl = select_kernel(lin, get_target("h100"), ShapeHints(), db)
     # an entry without a split count ("ks", added later) gets the default one
     assert impl.tuned and impl.config["gemm"] == ok
-    assert impl.config["gemv"] == {"warps": 4, "rt": 1, "u": 2, "ks": cs.default_config("sp16")["gemv"]["ks"]}
+    assert impl.config["gemv"] == dict(cs.default_config("sp16")["gemv"], warps=4, rt=1, u=2)
     forced = select_kernel(lin, get_target("a100"), ShapeHints(config={"gemm": big}), db)
     assert not forced.tuned and cs.gemm_valid("sp16", forced.config["gemm"], False, "sm_80")
     untuned = select_kernel(lin, get_target("a100"), ShapeHints(), TuningDB())
@@ -311,6 +311,72 @@ def test_gemv_launch_workspace_holds_every_partial():
         assert L["counters"] == L["grid_x"]
 
 
+def test_untuned_gemv_warps_follow_the_layer_rows():
+    """gemv_auto_warps: the fewest waves of row-tile blocks (an SM holds GEMV_WARP_BUDGET // warps blocks), the most
+    warps among those; never more warps for more rows. The H100 decode runs' winners: 16 warps for 4096 rows (every
+    kind), 11008 / 14336 rows 8 / 8 (2:4 fp16), 4 / 4 (2:4 + int4), 8 / 4 (int4). A build without a tuning entry uses
+    it (a100 has fewer SMs: fewer warps sooner), with no more warps than K has chunks; a tuning entry still wins; the
+    tuner measures each job's own default."""
+    from types import SimpleNamespace
+
+    from sparsec.backends import cuda_tune as ct
+    from sparsec.backends.kernels.registry import ShapeHints, linear_key
+    from sparsec.backends.targets import get_target
+    from sparsec.backends.tune import TuningDB
+
+    def waves(kind, n, rt, sms, w):
+        blocks = -(-(-(-n // 16)) // rt)
+        return -(-blocks // (sms * max(1, cs.GEMV_WARP_BUDGET[kind] // w)))
+
+    rng = np.random.default_rng()
+    for kind in ("sp16", "sp4", "dq4"):
+        for sms in (108, 132, int(rng.integers(20, 200))):
+            ns = np.sort(rng.integers(16, 70000, 40))
+            ws = [cs.gemv_auto_warps(kind, int(n), 2, sms) for n in ns]
+            assert all(a >= b for a, b in zip(ws, ws[1:]))  # more rows never get more warps
+            for n, w in zip(ns, ws):
+                best = min(waves(kind, int(n), 2, sms, c) for c in cs.GEMV_WARP_CHOICES)
+                assert waves(kind, int(n), 2, sms, w) == best
+                assert w == max(c for c in cs.GEMV_WARP_CHOICES if waves(kind, int(n), 2, sms, c) == best)
+    measured = {"sp16": (16, 8, 8), "sp4": (16, 4, 4), "dq4": (16, 8, 4)}
+    for kind, want in measured.items():
+        assert tuple(cs.gemv_auto_warps(kind, n, 2, cs.ARCH_SMS["sm_90a"]) for n in (4096, 11008, 14336)) == want
+
+    # the build: a 5120-row 2:4 + int4 layer gets 8 warps on h100 (160 blocks: two 8-warp blocks an SM), 16 on 4096
+    # rows; on a100 (108 SMs) 4096 rows already need two blocks an SM
+    def pick(n, target, db=None, k=2048):
+        lin = _linear(_weight("sp4", n, k, 64, False, _rng(n)))
+        v, tuned = cs.variant_for(lin, get_target(target), ShapeHints(), db, "cuda.nm24_int4_mma_sp", "sp4", False, 64)
+        return lin, v, tuned
+
+    assert pick(5120, "h100")[1].cfg("gemv")["warps"] == 8 and pick(4096, "h100")[1].cfg("gemv")["warps"] == 16
+    assert pick(4096, "a100")[1].cfg("gemv")["warps"] == 8
+    # with zero points 2:4 + int4 stays at 8 warps (its 16-warp M > 8 kernel spills registers)
+    lin = _linear(_weight("sp4", 4096, 2048, 64, True, _rng(9)))
+    v, _ = cs.variant_for(lin, get_target("h100"), ShapeHints(), None, "cuda.nm24_int4_mma_sp", "sp4", True, 64)
+    assert v.cfg("gemv")["warps"] == 8 and cs.default_config("sp4", "sm_90a", 4096, 2048)["gemv"]["warps"] == 16
+    # K = 256: 2 chunks of 4 k32 steps a row tile -> the smallest choice, 4 warps (16 would leave 14 idle)
+    assert cs.gemv_chunks("sp4", 256) == 2 and pick(4096, "h100", k=256)[1].cfg("gemv")["warps"] == 4
+    assert all(cs.gemv_auto_warps(kd, 4096, 2, 132, nck) == min(16, max(4, nck)) for kd in ("sp16", "sp4", "dq4")
+               for nck in (1, 4, 8, 16, 64))  # fmt: skip
+    lin, v, tuned = pick(5120, "h100")
+    assert not tuned and v.cfg("gemv") == cs.default_config("sp4", "sm_90a", 5120)["gemv"]
+    db = TuningDB()
+    db.record("cuda.nm24_int4_mma_sp", "h100", dict(linear_key(lin, ShapeHints()), act_dtype="float16"),
+              {"gemv": {"warps": 16, "rt": 1, "u": 1, "ks": 1}})  # fmt: skip
+    _, v, tuned = pick(5120, "h100", db)
+    assert tuned and v.cfg("gemv")["warps"] == 16 and v.cfg("gemv")["rt"] == 1
+
+    # the tuner: every job's own untuned GEMV config is a candidate of its group (and is what it is compared with)
+    jobs = [ct.Job("cuda.nm24_int4_mma_sp", "sp4", False, 64, "2:4+int4", SimpleNamespace(weight=np.empty((n, 2048))), {})
+            for n in (4096, 5120, 14336)]  # fmt: skip
+    gemv = [v.cfg("gemv") for v in ct.variants_for(jobs, "sm_90a", 3, 0)[("sp4", False, 64)]["gemv"]]
+    assert gemv[0] == cs.default_config("sp4", "sm_90a")["gemv"]
+    for j in jobs:
+        assert cs.default_config("sp4", "sm_90a", j.n, j.k)["gemv"] in gemv
+    assert len(gemv) == len({tuple(sorted(c.items())) for c in gemv})
+
+
 def test_gemv_split_config_search_and_fallback():
     """ks is part of the GEMV search space and of the default; a stored config with an impossible split count falls
     back to the default GEMV; different split counts are different exported functions sharing one kernel."""
@@ -327,7 +393,7 @@ def test_gemv_split_config_search_and_fallback():
     db.record("cuda.nm24_mma_sp", "h100", dict(linear_key(lin, ShapeHints()), act_dtype="float16"),
               {"gemv": {"warps": 4, "rt": 1, "u": 2, "ks": 99}})  # fmt: skip
     v, tuned = cs.variant_for(lin, get_target("h100"), ShapeHints(), db, "cuda.nm24_mma_sp", "sp16", False, 0)
-    assert not tuned and v.cfg("gemv") == cs.default_config("sp16")["gemv"]
+    assert not tuned and v.cfg("gemv") == cs.default_config("sp16", "sm_90a", 64, 128)["gemv"]
     a = cs.Variant.make("sp4", False, 64, dict(cs.default_config("sp4"), gemv={"warps": 8, "rt": 2, "u": 1, "ks": 1}))
     b = cs.Variant.make("sp4", False, 64, dict(cs.default_config("sp4"), gemv={"warps": 8, "rt": 2, "u": 1, "ks": 4}))
     assert a.func_name != b.func_name and a.kernel_names()["gemv1"] == b.kernel_names()["gemv1"]

@@ -154,8 +154,13 @@ def test_emulated_search_rejects_wrong_slow_loses_and_build_reads_db(tmp_path):
     g = groups[("sp16", False, 0)]
     base = ct.candidate_configs("sp16", "sm_90a", 3, seed)
     assert all(g[p][0].cfg(p) == base[p][0] for p in ct.PATHS)  # the default first in every path
-    assert all(len(g[p]) == 3 for p in ct.PATHS) and not any(ct.unverified(v.cfg("gemm")) for v in g["gemm"])
-    wrong = g["gemv"][1]  # a non-default decode candidate computes wrong results
+    # each job's own untuned GEMV config (warps from its shape) is measured too
+    own = [cs.default_config("sp16", "sm_90a", j.n, j.k)["gemv"] for j in jobs]
+    extra = {tuple(sorted(c.items())) for c in own} - {tuple(sorted(c.items())) for c in base["gemv"]}
+    assert len(g["gemv"]) == 3 + len(extra) and all(c in [v.cfg("gemv") for v in g["gemv"]] for c in own)
+    assert all(len(g[p]) == 3 for p in ("gemm_small", "gemm")) and not any(ct.unverified(v.cfg("gemm")) for v in g["gemm"])
+    wrong = g["gemv"][-1]  # a decode candidate that is no job's default computes wrong results
+    assert wrong.cfg("gemv") not in own
     slow = g["gemm_small"][2]  # a correct but slow small-GEMM candidate
     funcs = {v.func_name: (v.kind, v.gs) for p in ct.PATHS for v in g[p]}
     seen_variants = []

@@ -65,12 +65,24 @@ SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_9
 # ----------------------------------------------------------------------------------------------------- configs
 # decode GEMV: warps per block, 16-row tiles per block, chunks per pipeline stage, K splits per row tile ("ks": blocks
 # sharing a row tile's K range, reduced deterministically through a workspace; 0 = chosen at launch from the grid, K
-# and the GPU's SM count by gemv_auto_ks). Defaults from the H100 decode run bench/results/cuda_kernels_decode_splitk.md:
-# 16 warps x 2 row tiles was the best single config of the 30 searched for 2:4 fp16 and int4 (mean 1.06x of each
-# point's best); 2:4 + int4 keeps 8 warps (16 warps spill at M > 8 with zero points: 512 threads allow 128 registers).
-DEFAULT_GEMV = {"warps": 8, "rt": 2, "u": 1, "ks": 0}
-DEFAULT_GEMV_KIND = {"sp16": {"warps": 16, "rt": 2, "u": 1, "ks": 0}, "sp4": dict(DEFAULT_GEMV),
-                     "dq4": {"warps": 16, "rt": 2, "u": 1, "ks": 0}}  # fmt: skip
+# and the GPU's SM count by gemv_auto_ks), L2 prefetch distance in chunks ("pf", 0 = none: no distance beat 0 on the
+# H100, bench/results/cuda_kernels_decode_prefetch.md; kept for measuring, not in the search space). 2 row tiles per
+# block; the warps below are what a config without a layer shape gets, a build's layer gets gemv_auto_warps.
+DEFAULT_GEMV = {"warps": 8, "rt": 2, "u": 1, "ks": 0, "pf": 0}
+DEFAULT_GEMV_KIND = {"sp16": {"warps": 16, "rt": 2, "u": 1, "ks": 0, "pf": 0}, "sp4": dict(DEFAULT_GEMV),
+                     "dq4": {"warps": 16, "rt": 2, "u": 1, "ks": 0, "pf": 0}}  # fmt: skip
+GEMV_MAX_PF = 64
+# The warps of an untuned decode GEMV follow the layer's row count (gemv_auto_warps): the fewest waves of blocks, then
+# the most warps a block. GEMV_WARP_BUDGET: warps one SM holds at M <= 8 with the default tiles, 65536 registers /
+# (32 x the registers a thread that ptxas -v reports for sm_90a: 2:4 fp16 56-58, 2:4 + int4 116-126, int4 79-92).
+# Fitted on the H100 decode run cuda_kernels_decode_splitk (30 configs per point, the same winners in the later
+# cuda_kernels_decode_prefetch run), measured as the default in cuda_kernels_decode_autowarps: 16 warps for 4096 rows
+# (128 blocks: one per SM), fewer for 11008 / 14336 rows (2:4 fp16 8, 2:4 + int4 4, int4 8 / 4). 2:4 + int4 with zero
+# points stays at <= 8 warps: its 16-warp M > 8 kernel spills (2688 bytes; 128 without zero points).
+GEMV_WARP_BUDGET = {"sp16": 32, "sp4": 16, "dq4": 24}
+GEMV_WARP_CHOICES = (16, 8, 4)
+GEMV_MAX_WARPS_ASYM = {"sp4": 8}
+ARCH_SMS = {"sm_80": 108, "sm_86": 84, "sm_89": 128, "sm_90": 132, "sm_90a": 132}  # A100, A40/3090-class, L40, H100 SXM
 GEMV_KS = (1, 2, 4, 8)  # fixed split counts in the search space (+ the default's 0 = auto)
 GEMV_MAX_KS = 16
 # gemv_auto_ks: split only while the grid has fewer than GEMV_WARPS_PER_SM warps per SM and every warp keeps at least
@@ -106,12 +118,37 @@ FALLBACK_GEMM = {
 }
 
 
-def default_config(kind: str, arch: str = "sm_90a") -> dict[str, Any]:
-    """The untuned config: the H100 search's usual winners, or smaller tiles where they do not fit ``arch``."""
+def default_config(kind: str, arch: str = "sm_90a", n: int | None = None, k: int | None = None,
+                   asym: bool = False) -> dict[str, Any]:  # fmt: skip
+    """The untuned config: the H100 search's usual winners, or smaller tiles where they do not fit ``arch``. With the
+    layer's shape (``n`` output rows, ``k`` inputs) the decode GEMV's warps follow it (:func:`gemv_auto_warps`;
+    ``asym``: zero points, GEMV_MAX_WARPS_ASYM)."""
     gemm = next((dict(c) for c in (DEFAULT_GEMM_HOPPER.get(kind), DEFAULT_GEMM[kind])
                  if c is not None and gemm_valid(kind, c, True, arch)), dict(FALLBACK_GEMM[kind]))
-    return {"gemv": dict(DEFAULT_GEMV_KIND[kind]), "gemm_small": dict(DEFAULT_GEMM_SMALL[kind]), "gemm": gemm,
-            "small_max": DEFAULT_SMALL_MAX}  # fmt: skip
+    gemv = dict(DEFAULT_GEMV_KIND[kind])
+    if n is not None:
+        gemv["warps"] = gemv_auto_warps(kind, n, gemv["rt"], ARCH_SMS.get(arch, ARCH_SMS["sm_80"]),
+                                        gemv_chunks(kind, k) if k is not None else None,
+                                        GEMV_MAX_WARPS_ASYM.get(kind) if asym else None)
+    return {"gemv": gemv, "gemm_small": dict(DEFAULT_GEMM_SMALL[kind]), "gemm": gemm, "small_max": DEFAULT_SMALL_MAX}
+
+
+def gemv_auto_warps(kind: str, n: int, rt: int, sms: int, nck: int | None = None, max_warps: int | None = None) -> int:
+    """Warps a block of the untuned decode GEMV for ``n`` output rows: the choice (16, 8, 4) that runs the grid of
+    row-tile blocks in the fewest waves (an SM holds GEMV_WARP_BUDGET[kind] // warps blocks), the most warps among
+    those. One block per SM (4096 rows: 128 blocks on 132 SMs) gets 16 warps; 11008 rows (344 blocks) of 2:4 + int4
+    get 4 warps, so four blocks of an SM run the grid in one wave where 16-warp blocks would need three. With ``nck``
+    (16-byte chunks a row tile holds, :func:`gemv_chunks`) no more warps than chunks (the smallest choice at least):
+    a warp without a chunk of K would only wait for the others. ``max_warps`` caps the choice (register spills)."""
+    gx = -(-(-(-n // 16)) // rt)
+    choices = [w for w in GEMV_WARP_CHOICES if (nck is None or w <= nck) and (max_warps is None or w <= max_warps)]
+    choices = choices or [GEMV_WARP_CHOICES[-1]]
+    best = None
+    for w in choices:
+        waves = -(-gx // (sms * max(1, GEMV_WARP_BUDGET[kind] // w)))
+        if best is None or waves < best[0]:
+            best = (waves, w)
+    return best[1]
 
 
 def gemm_smem_bytes(kind: str, c: dict[str, int], asym: bool) -> int:
@@ -342,7 +379,8 @@ class Variant:
 def _inst_name(kind: str, asym: bool, path: str, c: dict[str, int], nt: int) -> str:
     a = "a" if asym else "s"
     if path.startswith("gemv"):
-        return f"sparsec_gemv_{kind}{a}_nt{nt}_w{c['warps']}_r{c['rt']}_u{c['u']}"
+        pf = f"_p{c['pf']}" if c.get("pf") else ""
+        return f"sparsec_gemv_{kind}{a}_nt{nt}_w{c['warps']}_r{c['rt']}_u{c['u']}{pf}"
     wg = "_wgmma" if c.get("wgmma") else ""
     if c.get("ws"):
         wg = "_ws" + ("p" if c.get("persistent") else "") + (f"c{c['cluster']}" if c.get("cluster", 1) > 1 else "")
@@ -409,7 +447,7 @@ def gemv_launch(kind: str, n: int, k: int, m: int, cfg: dict[str, int], sms: int
 
 def gemv_valid(c: dict[str, int]) -> bool:
     return (c.get("warps") in (1, 2, 4, 8, 16, 32) and c.get("rt", 0) >= 1 and c.get("u", 0) >= 1
-            and 0 <= c.get("ks", 1) <= GEMV_MAX_KS)  # fmt: skip
+            and 0 <= c.get("ks", 1) <= GEMV_MAX_KS and 0 <= c.get("pf", 0) <= GEMV_MAX_PF)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------- layouts
@@ -649,7 +687,7 @@ def render_device_source(variants: list[Variant]) -> str:
                 "const uint4* __restrict__ Wv, const uint32_t* __restrict__ Wm, const uint32_t* __restrict__ Sc, "
                 "const uint32_t* __restrict__ Zb, half* __restrict__ Y, float* __restrict__ Ws, "
                 "unsigned* __restrict__ Cnt, int M, int N, int K, int T, int G, int GS) {\n"
-                f"  sparsec::gemv_body<sparsec::{kenum}, {nt}, {c['warps']}, {c['rt']}, {c['u']}, {a}>"
+                f"  sparsec::gemv_body<sparsec::{kenum}, {nt}, {c['warps']}, {c['rt']}, {c['u']}, {a}, {c.get('pf', 0)}>"
                 "(X, Wv, Wm, Sc, Zb, Y, Ws, Cnt, M, N, K, T, G, GS);\n}\n"
             )
         for path in ("gemm_small", "gemm"):
@@ -1058,7 +1096,7 @@ def variant_for(linear, target, hints: ShapeHints, tuning, kernel_name: str, kin
             cfg = tuning.lookup(kernel_name, target, dict(key, act_dtype="float16"))
         tuned = cfg is not None and not cfg.get("untuned", False)
     arch = target.arch or "sm_80"
-    base = default_config(kind, arch)
+    base = default_config(kind, arch, *(int(d) for d in linear.weight.shape), asym=asym)
     v = Variant.make(kind, asym, gs, dict(base, **(cfg or {})))
     if not gemv_valid(v.cfg("gemv")):  # e.g. a split count beyond GEMV_MAX_KS
         v = Variant.make(kind, asym, gs, dict(v.config_dict(), gemv=base["gemv"]))

@@ -225,6 +225,33 @@ __device__ __forceinline__ void gemv_load(GemvBuf<KIND, NT, RT, U>& f, int c0, i
   }
 }
 
+// L2 prefetch of the U chunks from c (weights and, for 2:4 kinds, their metadata) of every row tile: one
+// prefetch.global.L2 per 512-byte chunk (each lane names its own 16 bytes). No registers are held for them, so the
+// bytes in flight are no longer bounded by the register buffers (2:4 + int4 needs ~120 registers a thread, which caps
+// it at 16 warps an SM and ~16 KB of loads in flight: about half of the copy bandwidth on the H100).
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
+
+template <int KIND, int RT, int U>
+__device__ __forceinline__ void gemv_prefetch(int c0, int c_end, const uint4* __restrict__ Wv,
+                                              const uint32_t* __restrict__ Wm, const int (&rts)[RT], int NC, int T,
+                                              int lane) {
+  constexpr int CH = KindTraits<KIND>::kStepsPerChunk;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int c = c0 + u;
+    if (c >= c_end) break;
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      prefetch_l2(Wv + ((size_t)rts[r] * NC + c) * 32 + lane);
+      if constexpr (KindTraits<KIND>::kSparse) {
+        // metadata: one 128-byte pair line per two k32 steps (CH == 1: every other chunk starts a pair)
+        if (CH > 1 || (c & 1) == 0) prefetch_l2(Wm + ((size_t)rts[r] * (T / 2) + (CH == 1 ? (c >> 1) : c * (CH / 2))) * 32 + lane);
+        if constexpr (CH == 4) prefetch_l2(Wm + ((size_t)rts[r] * (T / 2) + c * 2 + 1) * 32 + lane);
+      }
+    }
+  }
+}
+
 template <int KIND, int NT, int RT, int U>
 __device__ __forceinline__ void gemv_compute(const GemvBuf<KIND, NT, RT, U>& f, float (&acc)[RT][NT][4], int c0,
                                              int c_end) {
@@ -270,7 +297,7 @@ __device__ __forceinline__ void gemv_compute(const GemvBuf<KIND, NT, RT, U>& f, 
   }
 }
 
-template <int KIND, int NT, int WARPS, int RT, int U, bool ASYM>
+template <int KIND, int NT, int WARPS, int RT, int U, bool ASYM, int PF>
 __device__ __forceinline__ void gemv_body(const half* __restrict__ X, const uint4* __restrict__ Wv,
                                           const uint32_t* __restrict__ Wm, const uint32_t* __restrict__ Sc,
                                           const uint32_t* __restrict__ Zb, half* __restrict__ Y, float* __restrict__ Ws,
@@ -310,11 +337,19 @@ __device__ __forceinline__ void gemv_body(const half* __restrict__ X, const uint
   c_begin += s_begin;
   c_end += s_begin;
   GemvBuf<KIND, NT, RT, U> fa, fb;
+  // PF > 0: chunks [c + U, c + U + PF) are prefetched into L2 while chunks [c, c + U) load into registers; the
+  // prefetch window then slides U chunks with every register load
+  if constexpr (PF > 0) {
+#pragma unroll
+    for (int d = 0; d < PF; d += U) gemv_prefetch<KIND, RT, U>(c_begin + U + d, c_end, Wv, Wm, rts, NC, T, lane);
+  }
   if (c_begin < c_end) gemv_load<KIND, NT, RT, U, ASYM>(fa, c_begin, c_end, TK, xrow, Wv, Wm, Sc, Zb, rts, NC, T, G, GS, lane);
   for (int c = c_begin; c < c_end; c += 2 * U) {
+    if constexpr (PF > 0) gemv_prefetch<KIND, RT, U>(c + U + PF, c_end, Wv, Wm, rts, NC, T, lane);
     if (c + U < c_end) gemv_load<KIND, NT, RT, U, ASYM>(fb, c + U, c_end, TK, xrow, Wv, Wm, Sc, Zb, rts, NC, T, G, GS, lane);
     gemv_compute<KIND, NT, RT, U>(fa, acc, c, c_end);
     if (c + U >= c_end) break;
+    if constexpr (PF > 0) gemv_prefetch<KIND, RT, U>(c + 2 * U + PF, c_end, Wv, Wm, rts, NC, T, lane);
     if (c + 2 * U < c_end) gemv_load<KIND, NT, RT, U, ASYM>(fa, c + 2 * U, c_end, TK, xrow, Wv, Wm, Sc, Zb, rts, NC, T, G, GS, lane);
     gemv_compute<KIND, NT, RT, U>(fb, acc, c + U, c_end);
   }
