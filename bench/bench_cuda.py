@@ -86,6 +86,7 @@ WITH_WS = os.environ.get("SPARSEC_BENCH_WITH_WS") == "1"
 # decode-only pack (build/device --decode): the GEMV configs timed there, each with every split count (0 = auto)
 DECODE_BASES = [(8, 2, 1), (4, 2, 1), (4, 1, 1), (8, 1, 1), (16, 2, 1), (8, 2, 2)]  # (warps, rt, u)
 DECODE_KS = (0, 1, 2, 4, 8)
+DECODE_DEFAULT_SHAPES = LLM_SHAPES + [(4096, 14336), (14336, 4096)]  # + the --extra-shapes of the documented runs
 # L2 prefetch distances (chunks ahead, "pf") timed on every base with the automatic split; SPARSEC_DECODE_PF="4,8"
 # overrides (empty: none)
 # (the prefetch run, bench/results/cuda_kernels_decode_prefetch.md, used "2,4,8,16"; no distance won)
@@ -124,12 +125,22 @@ def decode_variant_rows():
                 add(kind, False, gs, {"warps": w, "rt": rt, "u": u, "ks": ks, "pf": 0}, "candidate")
             for pf in DECODE_PF:
                 add(kind, False, gs, {"warps": w, "rt": rt, "u": u, "ks": 0, "pf": pf}, "candidate")
+        # the untuned build's GEMV config of each timed shape (warps per token-tile count from the layer's rows), and
+        # its whole-K twin: both compete in the search too
+        for n, k in DECODE_DEFAULT_SHAPES:
+            c = default_config(kind, "sm_90a", n, k)["gemv"]
+            add(kind, False, gs, c, "candidate")
+            add(kind, False, gs, dict(c, ks=1), "candidate")
+            if kind != "sp16":  # the same with the scale applied before each MMA (the earlier int4 kernel)
+                add(kind, False, gs, dict(c, og=0), "candidate")
     return rows
 
 
 def _cfg_label(c):
     """w16 rt2 u1 ks0 (pf8): a GEMV config as the decode report writes it."""
-    return f"w{c['warps']} rt{c['rt']} u{c['u']} ks{c['ks']}" + (f" pf{c['pf']}" if c.get("pf") else "")
+    w2 = f"/{c['warps2']}" if c.get("warps2") and c["warps2"] != c["warps"] else ""
+    return (f"w{c['warps']}{w2} rt{c['rt']} u{c['u']} ks{c['ks']}" + (f" pf{c['pf']}" if c.get("pf") else "")
+            + (" og0" if c.get("og", 1) == 0 else ""))
 
 
 def decode_check_gs(kind, i):
@@ -651,7 +662,7 @@ def cmd_device_decode(args):
     GEMV candidates by steady-state time) and cuBLAS, a plain read and a copy of the same bytes."""
     import torch
 
-    from sparsec.backends.kernels.cuda_sparse import ARCH_SMS, gemv_auto_warps, gemv_chunks, gemv_launch
+    from sparsec.backends.kernels.cuda_sparse import default_config, gemv_launch
 
     if not DRY:
         import tvm_ffi
@@ -736,8 +747,8 @@ def cmd_device_decode(args):
         extra = [tuple(int(v) for v in sh.split("x")) for sh in args.extra_shapes.split(",") if sh]
         for n, k in LLM_SHAPES + extra:
             # the untuned build's config for this layer: warps from its row count (cuda_sparse.gemv_auto_warps,
-            # with the build's SM count for the arch); every such config is one of the DECODE_BASES candidates
-            dcfg = dict(kind_dcfg, warps=gemv_auto_warps(kind, n, kind_dcfg["rt"], ARCH_SMS["sm_90a"], gemv_chunks(kind, k)))
+            # with the build's SM count for the arch); built for DECODE_DEFAULT_SHAPES (else the kind's default)
+            dcfg = default_config(kind, "sm_90a", n, k)["gemv"]
             drow = next((r for r in rows if r["kind"] == kind and not r["asym"] and r["gs"] == gs
                          and r["config"]["gemv"] == dcfg), None)  # fmt: skip
             dflt, dcfg = (drow["func"], dcfg) if drow is not None else (kind_dflt, kind_dcfg)
@@ -850,6 +861,8 @@ def cmd_device_decode(args):
 
 def cmd_report_decode(args):
     """bench/results/cuda_kernels_decode_<name>.{json,md} from a ``device --decode`` run."""
+    from sparsec.backends.kernels.cuda_sparse import gemv_warps
+
     raw = json.loads(Path(args.raw).read_text())
     outdir = ROOT / "bench" / "results"
     name = args.decode_name
@@ -915,12 +928,30 @@ def cmd_report_decode(args):
         bc = (f"{st(b) * 1e3:.1f} ({_cfg_label(b['gemv'])}"
               f"{'→' + str(b['ks_used']) if b['gemv']['ks'] == 0 else ''}, {st(dn) / st(b):.2f}x)") if b else "—"  # fmt: skip
         k1s = f"{st(k1) * 1e3:.1f}" if k1 else "—"
-        L.append(f"| {names[r['kind']]} | {r['out']}×{r['in']} | {r['m']} | {st(d) * 1e3:.1f} (w{d['gemv']['warps']}, {d['ks_used']}) | "
+        L.append(f"| {names[r['kind']]} | {r['out']}×{r['in']} | {r['m']} | {st(d) * 1e3:.1f} (w{gemv_warps(d['gemv'], 1 if r['m'] <= 8 else 2)}, {d['ks_used']}) | "
                  f"{k1s} | {st(dn) * 1e3:.1f} | **{st(dn) / st(d):.2f}x** | {d['flush_ms'] * 1e3:.1f} | "
                  f"{dn['flush_ms'] * 1e3:.1f} | {dn['flush_ms'] / d['flush_ms']:.2f}x | {gbs:.0f} "
                  f"({100 * gbs / copy:.0f}%) | {st(r['read_same_bytes']) * 1e3:.1f} | {bc} | "
                  f"{d['host_ms'] * 1e3:.1f} / {dn['host_ms'] * 1e3:.1f} |")  # fmt: skip
     L.append("")
+    # int4 kinds: the untuned config with the scale applied before each MMA ("og": 0, the earlier kernel), timed in
+    # the same search (graph time of the search pass, against the default's own search time: same method)
+    og = []
+    for r in bench:
+        dg = r["default"]["gemv"]
+        t_og = next((x["ms"] for x in r["search"] if "ms" in x and x["gemv"] == dg), None)
+        t_old = next((x["ms"] for x in r["search"] if "ms" in x and x["gemv"] == dict(dg, og=0)), None)
+        if r["kind"] != "sp16" and t_og and t_old:
+            og.append((r, t_old / t_og))
+            r["derived"]["og0_over_og_search"] = t_old / t_og
+    if og:
+        L.append("Scale after the MMAs (one quantization group per chunk, `og` 1, the default) vs before each MMA (`og` 0): "
+                 "time with og 0 / time with og 1, same config otherwise, search pass of this run: "
+                 + "; ".join(f"{names[kd]} {min(x for r, x in og if r['kind'] == kd):.2f}–"
+                             f"{max(x for r, x in og if r['kind'] == kd):.2f}"
+                             for kd in ("sp4", "dq4") if any(r["kind"] == kd for r, _ in og)) + ".")  # fmt: skip
+        L.append("")
+
     def lbound(d):  # host time to issue one call >= the call's device time in the graph (no gaps)
         return d["host_ms"] >= st(d)
 
@@ -940,6 +971,8 @@ def cmd_report_decode(args):
     (outdir / f"cuda_kernels_decode_{name}.json").write_text(json.dumps(doc, indent=1))
     (outdir / f"cuda_kernels_decode_{name}.md").write_text("\n".join(L) + "\n")
     print("\n".join(L))
+    if args.tuning:
+        write_decode_tuning(raw, name)
 
 
 # ---------------------------------------------------------------------------------------------------- report (here)
@@ -1036,6 +1069,54 @@ def cmd_report(args):
     print("\n".join(lines))
     if args.tuning:
         write_tuning(raw)
+
+
+def write_decode_tuning(raw, name):
+    """A steady-state decode run -> the GEMV config of golden/tuning/h100.json's entries of the run's shapes (the
+    other paths and the entries' other data untouched): per (kind, shape) the searched config with the least geometric
+    mean over the run's token counts of time / that count's best (chosen on the same measurement, as `sparsec tune`
+    does). Zero-point entries (searched symmetric, marked estimated) keep 2:4 + int4's M > 8 kernel at <= 8 warps."""
+    import math
+
+    from sparsec.backends.kernels.cuda_sparse import GEMV_MAX_WARPS, gemv_warps
+    from sparsec.backends.tune import TuningDB, shipped_db_path
+
+    pick = {}
+    by_shape = {}
+    for r in raw.get("bench", []):
+        by_shape.setdefault((r["kind"], r["out"], r["in"]), []).append(r)
+    for key, rows in sorted(by_shape.items()):
+        score, ms = {}, {}
+        for r in rows:
+            ok = [x for x in r["search"] if "ms" in x]
+            best = min(x["ms"] for x in ok)
+            for x in ok:
+                c = json.dumps(x["gemv"], sort_keys=True)
+                score.setdefault(c, []).append(math.log(x["ms"] / best))
+                ms.setdefault(c, {})[str(r["m"])] = x["ms"]
+        full = [c for c, v in score.items() if len(v) == len(rows)]
+        if full:
+            c = min(full, key=lambda c: (sum(score[c]), c))
+            pick[key] = (json.loads(c), ms[c], math.exp(sum(score[c]) / len(rows)))
+    path = shipped_db_path("h100")
+    db = TuningDB(entries=TuningDB.read(path), path=path)
+    changed = 0
+    for e in db.entries:
+        kind = {v: k for k, v in KERNEL_OF_KIND.items()}.get(e["kernel"])
+        got = pick.get((kind, e["key"].get("out"), e["key"].get("in")))
+        if got is None or (kind != "sp16" and e["key"].get("group_size") != LLM_GS):
+            continue
+        gemv, ms, gm = dict(got[0]), got[1], got[2]
+        cap = GEMV_MAX_WARPS.get((kind, 2))
+        if cap is not None and not e["key"].get("symmetric", True) and gemv_warps(gemv, 2) > cap:
+            gemv["warps2"] = cap
+        e["config"]["gemv"] = gemv
+        e.setdefault("ms", {})["gemv"] = ms
+        e["gemv_from"] = {"run": f"bench/results/cuda_kernels_decode_{name}.json", "measured": raw.get("started"),
+                          "method": "steady state (CUDA graph, rotating weights)", "mean_time_over_best": round(gm, 4)}
+        changed += 1
+    db.save(path, "h100")
+    print(f"updated the GEMV config of {changed} entries in {path}")
 
 
 def write_tuning(raw):

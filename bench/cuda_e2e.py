@@ -5,8 +5,9 @@ runtime (Relax VM, runtime-only TVM) and compared with sparsec's executor on the
     python bench/cuda_e2e.py run --dir .devpack/e2e --out DIR      # on the GPU machine -> DIR/cuda_e2e.json
 
 Variants: ``nm24`` (2:4 fp16: cuda.nm24_mma_sp), ``nm24_int4`` (2:4 with int4 g32 RTN kept values:
-cuda.nm24_int4_mma_sp), ``int4`` (dense int4 g32 asymmetric RTN: cuda.int4_dequant_mma). Token counts 1 (decode
-GEMV), 64 (small GEMM) and 8 x 128 (large GEMM).
+cuda.nm24_int4_mma_sp), ``int4`` (dense int4 g32 asymmetric RTN: cuda.int4_dequant_mma), and with groups that hold
+whole 64-column chunks (the decode GEMV then scales after the MMAs): ``nm24_int4_g64`` (asymmetric) and ``int4_g128``
+(symmetric). Token counts 1 (decode GEMV), 64 (small GEMM) and 8 x 128 (large GEMM).
 """
 from __future__ import annotations
 
@@ -56,6 +57,18 @@ def variants(src: str):
         if isinstance(lin.weight, NMSparse):
             lin.weight = rtn(lin.weight.materialize(), 32, False)
     out["int4"] = g
+    # group sizes whose groups hold whole 64-column chunks: the decode GEMV's scale-after-MMA kernel ("og")
+    g = base.copy()
+    for lin in g.linears():
+        if isinstance(lin.weight, NMSparse):
+            cols = lin.weight.shape[1] // 2
+            lin.weight = lin.weight.with_values(rtn(lin.weight.values.materialize(), 64 if cols % 64 == 0 else 16, False))
+    out["nm24_int4_g64"] = g
+    g = base.copy()
+    for lin in g.linears():
+        if isinstance(lin.weight, NMSparse):
+            lin.weight = rtn(lin.weight.materialize(), 128 if lin.weight.shape[1] % 128 == 0 else 32, True)
+    out["int4_g128"] = g
     return out
 
 

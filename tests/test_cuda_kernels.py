@@ -9,6 +9,7 @@ reference on fresh random inputs, for the golden models' shapes and the LLM shap
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 
@@ -172,6 +173,9 @@ def test_ptxas_accepts_every_kernel(arch, tmp_path):
 
     variants = [cs.Variant.make(k, a, gs, cs.default_config(k, arch))
                 for k, a, gs in (("sp16", False, 0), ("sp4", False, 64), ("sp4", True, 32), ("dq4", False, 128), ("dq4", True, 64))]  # fmt: skip
+    # the untuned configs of LLM-sized layers (warps per token-tile count from the rows; 16-warp blocks)
+    variants += [cs.Variant.make(k, a, gs, cs.default_config(k, arch, n, 4096, a)) for n in (4096, 14336)
+                 for k, a, gs in (("sp16", False, 0), ("sp4", False, 128), ("sp4", True, 128), ("dq4", True, 128))]  # fmt: skip
     rep = ptxas_report(variants, arch, str(tmp_path))
     names = {n for v in variants for n in v.kernel_names().values()}
     assert names <= set(rep), f"kernels missing from ptxas output: {names - set(rep)}"
@@ -324,23 +328,27 @@ def test_untuned_gemv_warps_follow_the_layer_rows():
     from sparsec.backends.targets import get_target
     from sparsec.backends.tune import TuningDB
 
-    def waves(kind, n, rt, sms, w):
+    def waves(budget, n, rt, sms, w):
         blocks = -(-(-(-n // 16)) // rt)
-        return -(-blocks // (sms * max(1, cs.GEMV_WARP_BUDGET[kind] // w)))
+        return -(-blocks // (sms * max(1, budget // w)))
 
     rng = np.random.default_rng()
-    for kind in ("sp16", "sp4", "dq4"):
+    for budget in sorted(set(cs.GEMV_WARP_BUDGET.values())):
         for sms in (108, 132, int(rng.integers(20, 200))):
             ns = np.sort(rng.integers(16, 70000, 40))
-            ws = [cs.gemv_auto_warps(kind, int(n), 2, sms) for n in ns]
+            ws = [cs.gemv_auto_warps(budget, int(n), 2, sms) for n in ns]
             assert all(a >= b for a, b in zip(ws, ws[1:]))  # more rows never get more warps
             for n, w in zip(ns, ws):
-                best = min(waves(kind, int(n), 2, sms, c) for c in cs.GEMV_WARP_CHOICES)
-                assert waves(kind, int(n), 2, sms, w) == best
-                assert w == max(c for c in cs.GEMV_WARP_CHOICES if waves(kind, int(n), 2, sms, c) == best)
-    measured = {"sp16": (16, 8, 8), "sp4": (16, 4, 4), "dq4": (16, 8, 4)}
+                best = min(waves(budget, int(n), 2, sms, c) for c in cs.GEMV_WARP_CHOICES)
+                assert waves(budget, int(n), 2, sms, w) == best
+                assert w == max(c for c in cs.GEMV_WARP_CHOICES if waves(budget, int(n), 2, sms, c) == best)
+    # (warps, warps2) for 4096 / 11008 / 14336 rows x 4096 inputs: the M <= 8 winners of the H100 runs, and at M = 16
+    # 4 warps where 448 blocks of the two-token-tile kernel would otherwise take two waves (2:4 fp16, int4)
+    measured = {"sp16": ((16, 16), (8, 8), (8, 4)), "sp4": ((16, 8), (4, 4), (4, 4)), "dq4": ((16, 16), (8, 4), (4, 4))}
     for kind, want in measured.items():
-        assert tuple(cs.gemv_auto_warps(kind, n, 2, cs.ARCH_SMS["sm_90a"]) for n in (4096, 11008, 14336)) == want
+        got = tuple((g["warps"], g["warps2"]) for g in (cs.default_config(kind, "sm_90a", n, 4096)["gemv"]
+                                                       for n in (4096, 11008, 14336)))  # fmt: skip
+        assert got == want, (kind, got)
 
     # the build: a 5120-row 2:4 + int4 layer gets 8 warps on h100 (160 blocks: two 8-warp blocks an SM), 16 on 4096
     # rows; on a100 (108 SMs) 4096 rows already need two blocks an SM
@@ -351,21 +359,34 @@ def test_untuned_gemv_warps_follow_the_layer_rows():
 
     assert pick(5120, "h100")[1].cfg("gemv")["warps"] == 8 and pick(4096, "h100")[1].cfg("gemv")["warps"] == 16
     assert pick(4096, "a100")[1].cfg("gemv")["warps"] == 8
-    # with zero points 2:4 + int4 stays at 8 warps (its 16-warp M > 8 kernel spills registers)
+    # the M > 8 kernel of 2:4 + int4 stays at 8 warps (16 spill registers); int4 with zero points holds fewer warps
     lin = _linear(_weight("sp4", 4096, 2048, 64, True, _rng(9)))
     v, _ = cs.variant_for(lin, get_target("h100"), ShapeHints(), None, "cuda.nm24_int4_mma_sp", "sp4", True, 64)
-    assert v.cfg("gemv")["warps"] == 8 and cs.default_config("sp4", "sm_90a", 4096, 2048)["gemv"]["warps"] == 16
+    assert (v.cfg("gemv")["warps"], v.cfg("gemv")["warps2"]) == (16, 8)
+    # 11008 rows = 344 blocks: three 8-warp blocks an SM (budget 24) run them in one wave; with zero points (budget 16)
+    # two do not, four 4-warp blocks do
+    assert cs.default_config("dq4", "sm_90a", 11008, 4096)["gemv"]["warps"] == 8
+    assert cs.default_config("dq4", "sm_90a", 11008, 4096, asym=True)["gemv"]["warps"] == 4
     # K = 256: 2 chunks of 4 k32 steps a row tile -> the smallest choice, 4 warps (16 would leave 14 idle)
     assert cs.gemv_chunks("sp4", 256) == 2 and pick(4096, "h100", k=256)[1].cfg("gemv")["warps"] == 4
-    assert all(cs.gemv_auto_warps(kd, 4096, 2, 132, nck) == min(16, max(4, nck)) for kd in ("sp16", "sp4", "dq4")
+    assert all(cs.gemv_auto_warps(b, 4096, 2, 132, nck) == min(16, max(4, nck)) for b in (12, 16, 24, 32)
                for nck in (1, 4, 8, 16, 64))  # fmt: skip
     lin, v, tuned = pick(5120, "h100")
-    assert not tuned and v.cfg("gemv") == cs.default_config("sp4", "sm_90a", 5120)["gemv"]
+    assert not tuned and v.cfg("gemv") == cs.default_config("sp4", "sm_90a", 5120, 2048)["gemv"]
+    # the two token-tile kernels: their own warps in the kernel names, the launch and the host table
+    c = v.cfg("gemv")
+    assert c["warps2"] != c["warps"] and f"_nt2_w{c['warps2']}_" in v.kernel_names()["gemv2"]
+    assert f"_nt1_w{c['warps']}_" in v.kernel_names()["gemv1"]
+    assert cs.gemv_launch("sp4", 5120, 2048, 16, c, 132)["threads"] == 32 * c["warps2"]
+    assert cs.gemv_launch("sp4", 5120, 2048, 8, c, 132)["threads"] == 32 * c["warps"]
+    assert f"{32 * c['warps']}, {32 * c['warps2']}, {c['rt']}, " in cs.render_host_source([v], "x.fatbin", "sym")
+    assert f"gemv_body<sparsec::KIND_SP4, 2, {c['warps2']}," in cs.render_device_source([v])
     db = TuningDB()
     db.record("cuda.nm24_int4_mma_sp", "h100", dict(linear_key(lin, ShapeHints()), act_dtype="float16"),
               {"gemv": {"warps": 16, "rt": 1, "u": 1, "ks": 1}})  # fmt: skip
     _, v, tuned = pick(5120, "h100", db)
     assert tuned and v.cfg("gemv")["warps"] == 16 and v.cfg("gemv")["rt"] == 1
+    assert cs.gemv_warps(v.cfg("gemv"), 2) == 16  # an entry without warps2: the same warps for both kernels
 
     # the tuner: every job's own untuned GEMV config is a candidate of its group (and is what it is compared with)
     jobs = [ct.Job("cuda.nm24_int4_mma_sp", "sp4", False, 64, "2:4+int4", SimpleNamespace(weight=np.empty((n, 2048))), {})
@@ -375,6 +396,48 @@ def test_untuned_gemv_warps_follow_the_layer_rows():
     for j in jobs:
         assert cs.default_config("sp4", "sm_90a", j.n, j.k)["gemv"] in gemv
     assert len(gemv) == len({tuple(sorted(c.items())) for c in gemv})
+
+
+def test_one_group_gemv_kernel_is_chosen_by_group_size():
+    """int4 kinds whose quantization groups hold whole 64-column chunks get the kernel that scales after the MMAs
+    ("_og" instances, OG = true), unless the config says "og": 0; other group sizes and 2:4 fp16 keep the other one.
+    Its numbers: the GPU checks of bench_cuda.py --decode (float64 reference) and bench/cuda_e2e.py (g64 / g128)."""
+    for kind, gs, og in (("sp4", 64, True), ("sp4", 128, True), ("sp4", 32, False), ("sp4", 16, False),
+                         ("dq4", 128, True), ("dq4", 64, True), ("dq4", 32, False), ("sp16", 0, False)):  # fmt: skip
+        for asym in ((False,) if kind == "sp16" else (False, True)):
+            for flag in (1, 0):
+                c = dict(cs.default_config(kind), gemv=dict(cs.default_config(kind)["gemv"], og=flag))
+                v = cs.Variant.make(kind, asym, gs, c)
+                want = og and flag == 1
+                assert cs.gemv_one_group(kind, gs, v.cfg("gemv")) == want
+                names = v.kernel_names()
+                assert all(names[p].endswith("_og") == want for p in ("gemv1", "gemv2"))
+                src = cs.render_device_source([v])
+                for nt in (1, 2):
+                    line = next(ln for ln in src.splitlines() if re.search(rf"gemv_body<sparsec::KIND_\w+, {nt},", ln))
+                    assert line.rstrip().endswith(f"{'true' if want else 'false'}>(X, Wv, Wm, Sc, Zb, Y, Ws, Cnt, M, N, K, T, G, GS);")
+    assert not cs.gemv_valid(dict(cs.default_config("sp4")["gemv"], og=2))
+
+
+def test_shipped_h100_gemv_entries_are_valid_configs():
+    """golden/tuning/h100.json: every entry's GEMV config is valid, its two token-tile kernels have at most 16 warps,
+    and 2:4 + int4 entries with zero points keep the M > 8 kernel at <= 8 warps (16 spill registers)."""
+    import json
+    from pathlib import Path
+
+    entries = json.loads((Path(cs.__file__).resolve().parents[2] / "golden" / "tuning" / "h100.json").read_text())["entries"]
+    seen = 0
+    for e in entries:
+        kind = {"cuda.nm24_mma_sp": "sp16", "cuda.nm24_int4_mma_sp": "sp4", "cuda.int4_dequant_mma": "dq4"}.get(e["kernel"])
+        if kind is None or "gemv" not in e["config"]:
+            continue
+        v = cs.Variant.make(kind, not e["key"].get("symmetric", True), e["key"].get("group_size", 0), e["config"])
+        c = v.cfg("gemv")
+        assert cs.gemv_valid(c) and cs.gemv_warps(c, 1) <= 16 and cs.gemv_warps(c, 2) <= 16, e
+        if kind == "sp4" and not e["key"].get("symmetric", True):
+            assert cs.gemv_warps(c, 2) <= cs.GEMV_MAX_WARPS[("sp4", 2)], e
+        seen += 1
+    assert seen >= 3
 
 
 def test_gemv_split_config_search_and_fallback():

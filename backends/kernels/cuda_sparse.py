@@ -67,21 +67,25 @@ SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_9
 # sharing a row tile's K range, reduced deterministically through a workspace; 0 = chosen at launch from the grid, K
 # and the GPU's SM count by gemv_auto_ks), L2 prefetch distance in chunks ("pf", 0 = none: no distance beat 0 on the
 # H100, bench/results/cuda_kernels_decode_prefetch.md; kept for measuring, not in the search space). 2 row tiles per
-# block; the warps below are what a config without a layer shape gets, a build's layer gets gemv_auto_warps.
-DEFAULT_GEMV = {"warps": 8, "rt": 2, "u": 1, "ks": 0, "pf": 0}
-DEFAULT_GEMV_KIND = {"sp16": {"warps": 16, "rt": 2, "u": 1, "ks": 0, "pf": 0}, "sp4": dict(DEFAULT_GEMV),
-                     "dq4": {"warps": 16, "rt": 2, "u": 1, "ks": 0, "pf": 0}}  # fmt: skip
+# block; the warps below are what a config without a layer shape gets, a build's layer gets gemv_auto_warps. "warps2":
+# the warps of the M = 9..16 kernel (two token tiles: more registers a thread), 0 = the same as "warps".
+# "og": 1 = the int4 kinds' kernel that scales after the MMAs where a quantization group holds whole chunks
+# (gemv_one_group), 0 = dequantize with the scale before each MMA (the earlier kernel; kept to measure against).
+DEFAULT_GEMV = {"warps": 8, "rt": 2, "u": 1, "ks": 0, "pf": 0, "warps2": 0, "og": 1}
+DEFAULT_GEMV_KIND = {"sp16": dict(DEFAULT_GEMV, warps=16), "sp4": dict(DEFAULT_GEMV), "dq4": dict(DEFAULT_GEMV, warps=16)}
 GEMV_MAX_PF = 64
 # The warps of an untuned decode GEMV follow the layer's row count (gemv_auto_warps): the fewest waves of blocks, then
-# the most warps a block. GEMV_WARP_BUDGET: warps one SM holds at M <= 8 with the default tiles, 65536 registers /
-# (32 x the registers a thread that ptxas -v reports for sm_90a: 2:4 fp16 56-58, 2:4 + int4 116-126, int4 79-92).
+# the most warps a block. GEMV_WARP_BUDGET[(kind, token tiles)]: warps one SM holds with the default tiles, 65536
+# registers / (32 x the registers a thread that ptxas -v reports for sm_90a; one token tile (M <= 8): 2:4 fp16 56-58,
+# 2:4 + int4 116-126, int4 79-92 (113-115 with zero points); two (M = 9..16): 80-82, 158-177, 119-127).
 # Fitted on the H100 decode run cuda_kernels_decode_splitk (30 configs per point, the same winners in the later
 # cuda_kernels_decode_prefetch run), measured as the default in cuda_kernels_decode_autowarps: 16 warps for 4096 rows
-# (128 blocks: one per SM), fewer for 11008 / 14336 rows (2:4 fp16 8, 2:4 + int4 4, int4 8 / 4). 2:4 + int4 with zero
-# points stays at <= 8 warps: its 16-warp M > 8 kernel spills (2688 bytes; 128 without zero points).
-GEMV_WARP_BUDGET = {"sp16": 32, "sp4": 16, "dq4": 24}
+# (128 blocks: one per SM), fewer for 11008 / 14336 rows (2:4 fp16 8, 2:4 + int4 4, int4 8 / 4). The M > 8 kernel of
+# 2:4 + int4 stays at <= 8 warps: with 16 it spills (128 bytes; 2688 with zero points).
+GEMV_WARP_BUDGET = {("sp16", 1): 32, ("sp4", 1): 16, ("dq4", 1): 24, ("sp16", 2): 24, ("sp4", 2): 12, ("dq4", 2): 16}
+GEMV_WARP_BUDGET_ASYM = {("dq4", 1): 16}
 GEMV_WARP_CHOICES = (16, 8, 4)
-GEMV_MAX_WARPS_ASYM = {"sp4": 8}
+GEMV_MAX_WARPS = {("sp4", 2): 8}
 ARCH_SMS = {"sm_80": 108, "sm_86": 84, "sm_89": 128, "sm_90": 132, "sm_90a": 132}  # A100, A40/3090-class, L40, H100 SXM
 GEMV_KS = (1, 2, 4, 8)  # fixed split counts in the search space (+ the default's 0 = auto)
 GEMV_MAX_KS = 16
@@ -121,23 +125,25 @@ FALLBACK_GEMM = {
 def default_config(kind: str, arch: str = "sm_90a", n: int | None = None, k: int | None = None,
                    asym: bool = False) -> dict[str, Any]:  # fmt: skip
     """The untuned config: the H100 search's usual winners, or smaller tiles where they do not fit ``arch``. With the
-    layer's shape (``n`` output rows, ``k`` inputs) the decode GEMV's warps follow it (:func:`gemv_auto_warps`;
-    ``asym``: zero points, GEMV_MAX_WARPS_ASYM)."""
+    layer's shape (``n`` output rows, ``k`` inputs) the decode GEMV's warps, per token-tile count, follow it
+    (:func:`gemv_auto_warps`; ``asym``: zero points)."""
     gemm = next((dict(c) for c in (DEFAULT_GEMM_HOPPER.get(kind), DEFAULT_GEMM[kind])
                  if c is not None and gemm_valid(kind, c, True, arch)), dict(FALLBACK_GEMM[kind]))
     gemv = dict(DEFAULT_GEMV_KIND[kind])
     if n is not None:
-        gemv["warps"] = gemv_auto_warps(kind, n, gemv["rt"], ARCH_SMS.get(arch, ARCH_SMS["sm_80"]),
-                                        gemv_chunks(kind, k) if k is not None else None,
-                                        GEMV_MAX_WARPS_ASYM.get(kind) if asym else None)
+        for key, nt in (("warps", 1), ("warps2", 2)):
+            budget = (GEMV_WARP_BUDGET_ASYM if asym else {}).get((kind, nt), GEMV_WARP_BUDGET[(kind, nt)])
+            gemv[key] = gemv_auto_warps(budget, n, gemv["rt"], ARCH_SMS.get(arch, ARCH_SMS["sm_80"]),
+                                        gemv_chunks(kind, k) if k is not None else None, GEMV_MAX_WARPS.get((kind, nt)))
     return {"gemv": gemv, "gemm_small": dict(DEFAULT_GEMM_SMALL[kind]), "gemm": gemm, "small_max": DEFAULT_SMALL_MAX}
 
 
-def gemv_auto_warps(kind: str, n: int, rt: int, sms: int, nck: int | None = None, max_warps: int | None = None) -> int:
+def gemv_auto_warps(budget: int, n: int, rt: int, sms: int, nck: int | None = None, max_warps: int | None = None) -> int:
     """Warps a block of the untuned decode GEMV for ``n`` output rows: the choice (16, 8, 4) that runs the grid of
-    row-tile blocks in the fewest waves (an SM holds GEMV_WARP_BUDGET[kind] // warps blocks), the most warps among
-    those. One block per SM (4096 rows: 128 blocks on 132 SMs) gets 16 warps; 11008 rows (344 blocks) of 2:4 + int4
-    get 4 warps, so four blocks of an SM run the grid in one wave where 16-warp blocks would need three. With ``nck``
+    row-tile blocks in the fewest waves (an SM holds ``budget`` // warps blocks, ``budget`` = the warps its registers
+    hold: GEMV_WARP_BUDGET), the most warps among those. One block per SM (4096 rows: 128 blocks on 132 SMs) gets 16
+    warps; 11008 rows (344 blocks) of 2:4 + int4 at M <= 8 (budget 16) get 4 warps, so four blocks of an SM run the grid
+    in one wave where 16-warp blocks would need three. With ``nck``
     (16-byte chunks a row tile holds, :func:`gemv_chunks`) no more warps than chunks (the smallest choice at least):
     a warp without a chunk of K would only wait for the others. ``max_warps`` caps the choice (register spills)."""
     gx = -(-(-(-n // 16)) // rt)
@@ -145,7 +151,7 @@ def gemv_auto_warps(kind: str, n: int, rt: int, sms: int, nck: int | None = None
     choices = choices or [GEMV_WARP_CHOICES[-1]]
     best = None
     for w in choices:
-        waves = -(-gx // (sms * max(1, GEMV_WARP_BUDGET[kind] // w)))
+        waves = -(-gx // (sms * max(1, budget // w)))
         if best is None or waves < best[0]:
             best = (waves, w)
     return best[1]
@@ -372,23 +378,35 @@ class Variant:
         return f"sparsec_cuda_{self.ident}"
 
     def kernel_names(self) -> dict[str, str]:
-        return {p: _inst_name(self.kind, self.asym, p, self.cfg(p if p != "gemv1" and p != "gemv2" else "gemv"), nt)
+        og = gemv_one_group(self.kind, self.gs, self.cfg("gemv"))
+        return {p: _inst_name(self.kind, self.asym, p, self.cfg(p if p != "gemv1" and p != "gemv2" else "gemv"), nt, og)
                 for p, nt in (("gemv1", 1), ("gemv2", 2), ("gemm_small", 0), ("gemm", 0))}  # fmt: skip
 
 
-def _inst_name(kind: str, asym: bool, path: str, c: dict[str, int], nt: int) -> str:
+def gemv_one_group(kind: str, gs: int, c: dict[str, int] | None = None) -> bool:
+    """The int4 decode GEMV's "one group per chunk" kernel (scales applied after the MMAs): every 64-column chunk
+    (its own columns: compressed for 2:4 + int4) lies in one quantization group, and the config's "og" allows it."""
+    return kind in ("sp4", "dq4") and gs > 0 and gs % 64 == 0 and bool((c or {}).get("og", 1))
+
+
+def _inst_name(kind: str, asym: bool, path: str, c: dict[str, int], nt: int, og: bool = False) -> str:
     a = "a" if asym else "s"
     if path.startswith("gemv"):
         pf = f"_p{c['pf']}" if c.get("pf") else ""
-        return f"sparsec_gemv_{kind}{a}_nt{nt}_w{c['warps']}_r{c['rt']}_u{c['u']}{pf}"
+        return f"sparsec_gemv_{kind}{a}_nt{nt}_w{gemv_warps(c, nt)}_r{c['rt']}_u{c['u']}{pf}{'_og' if og else ''}"
     wg = "_wgmma" if c.get("wgmma") else ""
     if c.get("ws"):
         wg = "_ws" + ("p" if c.get("persistent") else "") + (f"c{c['cluster']}" if c.get("cluster", 1) > 1 else "")
     return f"sparsec_gemm{wg}_{kind}{a}_{c['bm']}x{c['bn']}x{c['bk']}_w{c['wm']}x{c['wn']}_s{c['stages']}"
 
 
+def gemv_warps(c: dict[str, int], nt: int) -> int:
+    """Warps a block of the GEMV kernel for ``nt`` token tiles (``warps2`` for two when set)."""
+    return c["warps2"] if nt == 2 and c.get("warps2") else c["warps"]
+
+
 def _gemv_smem(c: dict[str, int], nt: int) -> int:
-    return c["warps"] * c["rt"] * nt * 4 * 32 * 4
+    return gemv_warps(c, nt) * c["rt"] * nt * 4 * 32 * 4
 
 
 # ----------------------------------------------------------------------------------------------------- split-K GEMV
@@ -441,13 +459,14 @@ def gemv_launch(kind: str, n: int, k: int, m: int, cfg: dict[str, int], sms: int
     ks = cfg.get("ks", 1) or (gemv_auto_ks(gx, cfg["warps"], nck, sms) if m <= 8 else 1)
     nt = 1 if m <= 8 else 2
     nv = cfg["rt"] * nt * 4
-    return {"grid_x": gx, "ks": ks, "nt": nt, "threads": cfg["warps"] * 32, "nck": nck,
+    return {"grid_x": gx, "ks": ks, "nt": nt, "threads": gemv_warps(cfg, nt) * 32, "nck": nck,
             "ws_floats": gx * ks * nv * 32 if ks > 1 else 0, "counters": gx if ks > 1 else 0}  # fmt: skip
 
 
 def gemv_valid(c: dict[str, int]) -> bool:
     return (c.get("warps") in (1, 2, 4, 8, 16, 32) and c.get("rt", 0) >= 1 and c.get("u", 0) >= 1
-            and 0 <= c.get("ks", 1) <= GEMV_MAX_KS and 0 <= c.get("pf", 0) <= GEMV_MAX_PF)  # fmt: skip
+            and 0 <= c.get("ks", 1) <= GEMV_MAX_KS and 0 <= c.get("pf", 0) <= GEMV_MAX_PF
+            and c.get("warps2", 0) in (0, 1, 2, 4, 8, 16, 32) and c.get("og", 1) in (0, 1))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------- layouts
@@ -680,14 +699,15 @@ def render_device_source(variants: list[Variant]) -> str:
         a = "true" if v.asym else "false"
         for nt in (1, 2):
             c = v.cfg("gemv")
-            name = _inst_name(v.kind, v.asym, "gemv", c, nt)
-            threads = c["warps"] * 32
+            og = gemv_one_group(v.kind, v.gs, c)
+            name = _inst_name(v.kind, v.asym, "gemv", c, nt, og)
+            threads = gemv_warps(c, nt) * 32
             seen[name] = (
                 f'extern "C" __global__ void __launch_bounds__({threads}) {name}(const half* __restrict__ X, '
                 "const uint4* __restrict__ Wv, const uint32_t* __restrict__ Wm, const uint32_t* __restrict__ Sc, "
                 "const uint32_t* __restrict__ Zb, half* __restrict__ Y, float* __restrict__ Ws, "
                 "unsigned* __restrict__ Cnt, int M, int N, int K, int T, int G, int GS) {\n"
-                f"  sparsec::gemv_body<sparsec::{kenum}, {nt}, {c['warps']}, {c['rt']}, {c['u']}, {a}, {c.get('pf', 0)}>"
+                f"  sparsec::gemv_body<sparsec::{kenum}, {nt}, {gemv_warps(c, nt)}, {c['rt']}, {c['u']}, {a}, {c.get('pf', 0)}, {'true' if og else 'false'}>"
                 "(X, Wv, Wm, Sc, Zb, Y, Ws, Cnt, M, N, K, T, G, GS);\n}\n"
             )
         for path in ("gemm_small", "gemm"):
@@ -952,7 +972,7 @@ struct Variant {
   bool asym;
   int gs;
   Kernel gemv1, gemv2, gemm_small, gemm;
-  int gemv_threads, gemv_rt, gemv_ks;  // gemv_ks 0: gemv_auto_ks at launch
+  int gemv_threads, gemv_threads2, gemv_rt, gemv_ks;  // threads of the M <= 8 / M > 8 kernel; gemv_ks 0: gemv_auto_ks
   int gs_threads, gs_bm, gs_bn, gs_group;
   int gl_threads, gl_bm, gl_bn, gl_group;
   int small_max;
@@ -998,7 +1018,8 @@ void run(const Variant& v, const TensorView& x, const TensorView* w, int nw, con
     const int64_t grid = (n_rt + v.gemv_rt - 1) / v.gemv_rt;
     const int steps_per_chunk = v.kind == 0 ? 1 : (v.kind == 1 ? 4 : 2);
     const int nck = (iK / 32 + steps_per_chunk - 1) / steps_per_chunk;
-    const int warps = v.gemv_threads / 32;
+    const int threads = M <= 8 ? v.gemv_threads : v.gemv_threads2;
+    const int warps = threads / 32;
     // "ks": 0 -> automatic split, for one token tile only (M <= 8; cuda_sparse.gemv_auto_ks)
     const int ks = v.gemv_ks > 0 ? v.gemv_ks : (M <= 8 ? gemv_auto_ks(grid, warps, nck, sm_count(dev)) : 1);
     void* Ws = nullptr;
@@ -1008,7 +1029,7 @@ void run(const Variant& v, const TensorView& x, const TensorView* w, int nw, con
       gemv_workspace(dev, stream, static_cast<size_t>(grid), static_cast<size_t>(grid) * ks * nv, &Cnt, &Ws);
     }
     void* args[] = {&X, &Wv, &Wm, &Sc, &Zb, &Y, &Ws, &Cnt, &iM, &iN, &iK, &T, &G, &GS};
-    check(driver().LaunchKernel(f, static_cast<unsigned>(grid), static_cast<unsigned>(ks), 1, v.gemv_threads, 1, 1,
+    check(driver().LaunchKernel(f, static_cast<unsigned>(grid), static_cast<unsigned>(ks), 1, threads, 1, 1,
                                 k.smem, stream, args, nullptr),
           "launch (gemv)");
     return;
@@ -1070,7 +1091,8 @@ def render_host_source(variants: list[Variant], fatbin_path: str, symbol: str = 
         ws = ", ".join(f"w{i}" for i in range(nw))
         out.append(
             f"namespace {{\nconst Variant kV_{v.ident} = {{{kind}, {str(v.asym).lower()}, {v.gs}, {kern['gemv1']}, "
-            f"{kern['gemv2']}, {kern['gemm_small']}, {kern['gemm']}, {gv['warps'] * 32}, {gv['rt']}, {gv.get('ks', 1)}, "
+            f"{kern['gemv2']}, {kern['gemm_small']}, {kern['gemm']}, {gemv_warps(gv, 1) * 32}, {gemv_warps(gv, 2) * 32}, "
+            f"{gv['rt']}, {gv.get('ks', 1)}, "
             f"{gemm_threads(gs)}, {gs['bm']}, {gs['bn']}, {gs['group']}, {gemm_threads(gl)}, "
             f"{gl['bm']}, {gl['bn']}, {gl['group']}, {v.small_max}}};\n"
             f"void {v.func_name}_impl(TensorView x, {args}, TensorView y) {{\n"

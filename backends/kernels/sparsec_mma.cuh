@@ -130,6 +130,19 @@ __device__ __forceinline__ void dequant8(uint32_t q, uint32_t sc, uint32_t zb, u
   }
 }
 
+// The same without the scale: registers hold code - z (integers in [-15, 15], exact in fp16). The decode GEMV of a
+// weight whose quantization groups hold whole 64-column chunks (OG) multiplies by the scale once per chunk in fp32
+// after the MMAs (4 FFMA per token tile and row tile instead of 16 HMUL2 per chunk).
+__device__ __forceinline__ void dequant8_unscaled(uint32_t q, uint32_t zb, uint32_t (&a)[4]) {
+  half2 z2 = u32_as_h2(zb);
+  half2 z_lo = __low2half2(z2), z_hi = __high2half2(z2);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    uint32_t t = ((q >> (4 * i)) & 0x000F000Fu) | 0x64006400u;
+    a[i] = h2_as_u32(__hsub2(u32_as_h2(t), (i & 1) ? z_hi : z_lo));
+  }
+}
+
 // B fragment (k32 x n8) of one n8 token tile straight from global memory: registers j = 0..3 hold
 // X[tok][k0 + 8j + 2q .. +1] with tok = row (the caller clamps it to a valid row).
 __device__ __forceinline__ void load_b_global(uint32_t (&b)[4], const half* __restrict__ xrow, int k0, int q) {
@@ -171,7 +184,7 @@ struct GemvBuf {
   uint32_t b[U][CH][NT][4];
 };
 
-template <int KIND, int NT, int RT, int U, bool ASYM>
+template <int KIND, int NT, int RT, int U, bool ASYM, bool OG>
 __device__ __forceinline__ void gemv_load(GemvBuf<KIND, NT, RT, U>& f, int c0, int c_end, int TK, const half* const (&xrow)[NT],
                                           const uint4* __restrict__ Wv, const uint32_t* __restrict__ Wm,
                                           const uint32_t* __restrict__ Sc, const uint32_t* __restrict__ Zb,
@@ -197,7 +210,7 @@ __device__ __forceinline__ void gemv_load(GemvBuf<KIND, NT, RT, U>& f, int c0, i
       }
       if constexpr (KindTraits<KIND>::kQuant) {
         // a chunk spans 64 value columns: with GS % 64 == 0 it lies in one group (one load, replicated)
-        const bool one_group = (GS & 63) == 0;
+        const bool one_group = OG || (GS & 63) == 0;
 #pragma unroll
         for (int i = 0; i < B::NS; ++i) {
           if (one_group && i > 0) {
@@ -252,7 +265,7 @@ __device__ __forceinline__ void gemv_prefetch(int c0, int c_end, const uint4* __
   }
 }
 
-template <int KIND, int NT, int RT, int U>
+template <int KIND, int NT, int RT, int U, bool OG>
 __device__ __forceinline__ void gemv_compute(const GemvBuf<KIND, NT, RT, U>& f, float (&acc)[RT][NT][4], int c0,
                                              int c_end) {
   using B = GemvBuf<KIND, NT, RT, U>;
@@ -270,6 +283,41 @@ __device__ __forceinline__ void gemv_compute(const GemvBuf<KIND, NT, RT, U>& f, 
         for (int n = 0; n < NT; ++n) {
           if (t & 1) mma_sp_16832<1>(acc[r][n], a, f.b[u][0][n], f.m[u][r][0]);
           else mma_sp_16832<0>(acc[r][n], a, f.b[u][0][n], f.m[u][r][0]);
+        }
+      } else if constexpr (OG) {  // int4 kinds, one quantization group per chunk: scale after the MMAs, in fp32
+        float t[NT][4];
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) t[n][i] = 0.f;
+#pragma unroll
+        for (int s = 0; s < CH; ++s) {
+          if constexpr (KIND == KIND_SP4) {
+            uint32_t a[4];
+            dequant8_unscaled(w4[s], f.z[u][r][0], a);
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+              if (s & 1) mma_sp_16832<1>(t[n], a, f.b[u][s][n], f.m[u][r][s >> 1]);
+              else mma_sp_16832<0>(t[n], a, f.b[u][s][n], f.m[u][r][s >> 1]);
+            }
+          } else {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              uint32_t a[4];
+              dequant8_unscaled(w4[2 * s + h], f.z[u][r][0], a);
+#pragma unroll
+              for (int n = 0; n < NT; ++n) mma_16816(t[n], a, f.b[u][s][n][2 * h], f.b[u][s][n][2 * h + 1]);
+            }
+          }
+        }
+        const half2 s2 = u32_as_h2(f.s[u][r][0]);  // (row g, row g + 8): accumulators 0, 1 and 2, 3
+        const float s_lo = __low2float(s2), s_hi = __high2float(s2);
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          acc[r][n][0] = fmaf(s_lo, t[n][0], acc[r][n][0]);
+          acc[r][n][1] = fmaf(s_lo, t[n][1], acc[r][n][1]);
+          acc[r][n][2] = fmaf(s_hi, t[n][2], acc[r][n][2]);
+          acc[r][n][3] = fmaf(s_hi, t[n][3], acc[r][n][3]);
         }
       } else if constexpr (KIND == KIND_SP4) {
 #pragma unroll
@@ -297,7 +345,7 @@ __device__ __forceinline__ void gemv_compute(const GemvBuf<KIND, NT, RT, U>& f, 
   }
 }
 
-template <int KIND, int NT, int WARPS, int RT, int U, bool ASYM, int PF>
+template <int KIND, int NT, int WARPS, int RT, int U, bool ASYM, int PF, bool OG>
 __device__ __forceinline__ void gemv_body(const half* __restrict__ X, const uint4* __restrict__ Wv,
                                           const uint32_t* __restrict__ Wm, const uint32_t* __restrict__ Sc,
                                           const uint32_t* __restrict__ Zb, half* __restrict__ Y, float* __restrict__ Ws,
@@ -343,15 +391,15 @@ __device__ __forceinline__ void gemv_body(const half* __restrict__ X, const uint
 #pragma unroll
     for (int d = 0; d < PF; d += U) gemv_prefetch<KIND, RT, U>(c_begin + U + d, c_end, Wv, Wm, rts, NC, T, lane);
   }
-  if (c_begin < c_end) gemv_load<KIND, NT, RT, U, ASYM>(fa, c_begin, c_end, TK, xrow, Wv, Wm, Sc, Zb, rts, NC, T, G, GS, lane);
+  if (c_begin < c_end) gemv_load<KIND, NT, RT, U, ASYM, OG>(fa, c_begin, c_end, TK, xrow, Wv, Wm, Sc, Zb, rts, NC, T, G, GS, lane);
   for (int c = c_begin; c < c_end; c += 2 * U) {
     if constexpr (PF > 0) gemv_prefetch<KIND, RT, U>(c + U + PF, c_end, Wv, Wm, rts, NC, T, lane);
-    if (c + U < c_end) gemv_load<KIND, NT, RT, U, ASYM>(fb, c + U, c_end, TK, xrow, Wv, Wm, Sc, Zb, rts, NC, T, G, GS, lane);
-    gemv_compute<KIND, NT, RT, U>(fa, acc, c, c_end);
+    if (c + U < c_end) gemv_load<KIND, NT, RT, U, ASYM, OG>(fb, c + U, c_end, TK, xrow, Wv, Wm, Sc, Zb, rts, NC, T, G, GS, lane);
+    gemv_compute<KIND, NT, RT, U, OG>(fa, acc, c, c_end);
     if (c + U >= c_end) break;
     if constexpr (PF > 0) gemv_prefetch<KIND, RT, U>(c + 2 * U + PF, c_end, Wv, Wm, rts, NC, T, lane);
-    if (c + 2 * U < c_end) gemv_load<KIND, NT, RT, U, ASYM>(fa, c + 2 * U, c_end, TK, xrow, Wv, Wm, Sc, Zb, rts, NC, T, G, GS, lane);
-    gemv_compute<KIND, NT, RT, U>(fb, acc, c + U, c_end);
+    if (c + 2 * U < c_end) gemv_load<KIND, NT, RT, U, ASYM, OG>(fa, c + 2 * U, c_end, TK, xrow, Wv, Wm, Sc, Zb, rts, NC, T, G, GS, lane);
+    gemv_compute<KIND, NT, RT, U, OG>(fb, acc, c + U, c_end);
   }
 
   // cross-warp reduction
