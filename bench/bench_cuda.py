@@ -91,6 +91,9 @@ DECODE_DEFAULT_SHAPES = LLM_SHAPES + [(4096, 14336), (14336, 4096)]  # + the --e
 # overrides (empty: none)
 # (the prefetch run, bench/results/cuda_kernels_decode_prefetch.md, used "2,4,8,16"; no distance won)
 DECODE_PF = tuple(int(x) for x in os.environ.get("SPARSEC_DECODE_PF", "").split(",") if x)
+# cp.async ring stages ("st") timed on every base (u 1) with the automatic split: SPARSEC_DECODE_ST="2,3,4,6" (the ring
+# run, bench/results/cuda_kernels_decode_ring.md; no depth beat the register pipeline in general; empty: none)
+DECODE_ST = tuple(int(x) for x in os.environ.get("SPARSEC_DECODE_ST", "").split(",") if x)
 DECODE_SPLIT_KS = (0, 1, 2, 3, 4, 8)  # every kind and zero-point mode at the check shapes' group sizes, odd split too
 
 
@@ -119,12 +122,17 @@ def decode_variant_rows():
             for gs in sorted(check_gss):
                 for ks in DECODE_SPLIT_KS:
                     add(kind, asym, gs, dict(default_config(kind)["gemv"], ks=ks), "split_check")
+                for st, ks in ((3, 0), (2, 3)):  # the cp.async ring, with and without a split, every group size / zeros
+                    add(kind, asym, gs, dict(default_config(kind)["gemv"], warps=4, st=st, ks=ks), "ring_check")
         gs = 0 if kind == "sp16" else LLM_GS
         for w, rt, u in DECODE_BASES:
             for ks in DECODE_KS:
                 add(kind, False, gs, {"warps": w, "rt": rt, "u": u, "ks": ks, "pf": 0}, "candidate")
             for pf in DECODE_PF:
                 add(kind, False, gs, {"warps": w, "rt": rt, "u": u, "ks": 0, "pf": pf}, "candidate")
+            for st_ in DECODE_ST:
+                if u == 1:
+                    add(kind, False, gs, {"warps": w, "rt": rt, "u": 1, "ks": 0, "st": st_}, "candidate")
         # the untuned build's GEMV config of each timed shape (warps per token-tile count from the layer's rows), and
         # its whole-K twin: both compete in the search too
         for n, k in DECODE_DEFAULT_SHAPES:
@@ -140,7 +148,7 @@ def _cfg_label(c):
     """w16 rt2 u1 ks0 (pf8): a GEMV config as the decode report writes it."""
     w2 = f"/{c['warps2']}" if c.get("warps2") and c["warps2"] != c["warps"] else ""
     return (f"w{c['warps']}{w2} rt{c['rt']} u{c['u']} ks{c['ks']}" + (f" pf{c['pf']}" if c.get("pf") else "")
-            + (" og0" if c.get("og", 1) == 0 else ""))
+            + (f" st{c['st']}" if c.get("st") else "") + (" og0" if c.get("og", 1) == 0 else ""))
 
 
 def decode_check_gs(kind, i):

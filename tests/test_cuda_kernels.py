@@ -262,6 +262,46 @@ def test_split_range_matches_the_device_code(tmp_path):
         assert tuple(map(int, line.split())) == cs.split_range(n, p, i), (n, p, i)
 
 
+@pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH: the device header cannot be compiled here")
+def test_gemv_ring_layout_matches_the_device_code(tmp_path):
+    """The cp.async ring's stage size (sparsec_mma.cuh GemvRing, compiled by nvcc as host code) is the one the launcher
+    reserves (cuda_sparse.gemv_ring_stage_bytes), and a ring config's dynamic shared memory = reduction buffer + ring."""
+    enum = {"sp16": "KIND_SP16", "sp4": "KIND_SP4", "dq4": "KIND_DQ4"}
+    cases = [(k, rt, a, og) for k in enum for rt in (1, 2, 4) for a in ((False,) if k == "sp16" else (False, True))
+             for og in ((False,) if k == "sp16" else (False, True))]  # fmt: skip
+    (tmp_path / "t.cu").write_text(
+        '#include "sparsec_mma.cuh"\n#include <cstdio>\nint main() {\n'
+        + "".join(f"  printf(\"%d\\n\", sparsec::GemvRing<sparsec::{enum[k]}, {rt}, {str(a).lower()}, {str(og).lower()}>"
+                  "::kStageBytes);\n" for k, rt, a, og in cases)
+        + "  return 0;\n}\n")  # fmt: skip
+    shutil.copyfile(cs.HEADER_PATH, tmp_path / cs.HEADER_PATH.name)
+    r = subprocess.run([NVCC, "-std=c++17", "-I", str(tmp_path), "-o", "t", "t.cu"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = subprocess.run(["./t"], cwd=tmp_path, capture_output=True, text=True, check=True).stdout.split()
+    for (k, rt, a, og), got in zip(cases, out, strict=False):
+        assert int(got) == cs.gemv_ring_stage_bytes(k, rt, a, og), (k, rt, a, og)
+    c = dict(cs.default_config("sp4")["gemv"], warps=8, rt=2, st=3)
+    v = cs.Variant.make("sp4", True, 128, dict(cs.default_config("sp4"), gemv=c))
+    for nt in (1, 2):
+        assert cs._gemv_smem(v.cfg("gemv"), nt, "sp4", True, 128) == 8 * 2 * nt * 4 * 32 * 4 + 8 * 3 * cs.gemv_ring_stage_bytes("sp4", 2, True, True)
+    assert "_s3_" in v.kernel_names()["gemv1"] and ", true, 3>(X" in cs.render_device_source([v])
+    assert not cs.gemv_valid(dict(c, st=cs.GEMV_MAX_ST + 1))
+    # a stored ring too deep for the arch's shared memory falls back to the untuned GEMV (a100: 163 KB a block)
+    from sparsec.backends.kernels.registry import ShapeHints, linear_key
+    from sparsec.backends.targets import get_target
+    from sparsec.backends.tune import TuningDB
+
+    lin = _linear(_weight("sp4", 64, 512, 64, False, _rng(3)))
+    deep = dict(c, warps=16, rt=2, st=6)
+    assert cs.SMEM_LIMIT["sm_90a"] >= cs._gemv_smem(deep, 2, "sp4", False, 64) > cs.SMEM_LIMIT["sm_80"]
+    for target, arch, fits in (("a100", "sm_80", False), ("h100", "sm_90a", True)):
+        db = TuningDB()
+        db.record("cuda.nm24_int4_mma_sp", target, dict(linear_key(lin, ShapeHints()), act_dtype="float16"), {"gemv": deep})
+        v, tuned = cs.variant_for(lin, get_target(target), ShapeHints(), db, "cuda.nm24_int4_mma_sp", "sp4", False, 64)
+        want = deep if fits else cs.default_config("sp4", arch, 64, 512)["gemv"]
+        assert v.cfg("gemv") == dict(cs.default_config("sp4")["gemv"], **want) and tuned == fits
+
+
 @pytest.mark.skipif(shutil.which("g++") is None, reason="no g++: the launcher's gemv_auto_ks cannot be compiled here")
 def test_gemv_auto_ks_matches_the_launcher(tmp_path):
     """The launcher's gemv_auto_ks (the C++ text rendered into every host source) agrees with the Python one, and the
@@ -415,7 +455,7 @@ def test_one_group_gemv_kernel_is_chosen_by_group_size():
                 src = cs.render_device_source([v])
                 for nt in (1, 2):
                     line = next(ln for ln in src.splitlines() if re.search(rf"gemv_body<sparsec::KIND_\w+, {nt},", ln))
-                    assert line.rstrip().endswith(f"{'true' if want else 'false'}>(X, Wv, Wm, Sc, Zb, Y, Ws, Cnt, M, N, K, T, G, GS);")
+                    assert line.rstrip().endswith(f"{'true' if want else 'false'}, 0>(X, Wv, Wm, Sc, Zb, Y, Ws, Cnt, M, N, K, T, G, GS);")
     assert not cs.gemv_valid(dict(cs.default_config("sp4")["gemv"], og=2))
 
 

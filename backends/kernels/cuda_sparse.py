@@ -71,7 +71,9 @@ SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_9
 # the warps of the M = 9..16 kernel (two token tiles: more registers a thread), 0 = the same as "warps".
 # "og": 1 = the int4 kinds' kernel that scales after the MMAs where a quantization group holds whole chunks
 # (gemv_one_group), 0 = dequantize with the scale before each MMA (the earlier kernel; kept to measure against).
-DEFAULT_GEMV = {"warps": 8, "rt": 2, "u": 1, "ks": 0, "pf": 0, "warps2": 0, "og": 1}
+# "st": stages of the cp.async shared-memory ring that feeds the weights (0 = the two register buffers of "u" chunks).
+DEFAULT_GEMV = {"warps": 8, "rt": 2, "u": 1, "ks": 0, "pf": 0, "warps2": 0, "og": 1, "st": 0}
+GEMV_MAX_ST = 8
 DEFAULT_GEMV_KIND = {"sp16": dict(DEFAULT_GEMV, warps=16), "sp4": dict(DEFAULT_GEMV), "dq4": dict(DEFAULT_GEMV, warps=16)}
 GEMV_MAX_PF = 64
 # The warps of an untuned decode GEMV follow the layer's row count (gemv_auto_warps): the fewest waves of blocks, then
@@ -393,7 +395,8 @@ def _inst_name(kind: str, asym: bool, path: str, c: dict[str, int], nt: int, og:
     a = "a" if asym else "s"
     if path.startswith("gemv"):
         pf = f"_p{c['pf']}" if c.get("pf") else ""
-        return f"sparsec_gemv_{kind}{a}_nt{nt}_w{gemv_warps(c, nt)}_r{c['rt']}_u{c['u']}{pf}{'_og' if og else ''}"
+        st = f"_s{c['st']}" if c.get("st") else ""
+        return f"sparsec_gemv_{kind}{a}_nt{nt}_w{gemv_warps(c, nt)}_r{c['rt']}_u{c['u']}{pf}{st}{'_og' if og else ''}"
     wg = "_wgmma" if c.get("wgmma") else ""
     if c.get("ws"):
         wg = "_ws" + ("p" if c.get("persistent") else "") + (f"c{c['cluster']}" if c.get("cluster", 1) > 1 else "")
@@ -405,8 +408,21 @@ def gemv_warps(c: dict[str, int], nt: int) -> int:
     return c["warps2"] if nt == 2 and c.get("warps2") else c["warps"]
 
 
-def _gemv_smem(c: dict[str, int], nt: int) -> int:
-    return gemv_warps(c, nt) * c["rt"] * nt * 4 * 32 * 4
+def gemv_ring_stage_bytes(kind: str, rt: int, asym: bool, og: bool) -> int:
+    """Bytes of one warp's stage of the cp.async ring (sparsec_mma.cuh GemvRing::kStageBytes)."""
+    ch = _STEPS_PER_CHUNK[kind]
+    mp = (ch + 1) // 2 if kind in ("sp16", "sp4") else 0
+    ns = (1 if og else (2 * ch if kind == "dq4" else ch)) if kind in ("sp4", "dq4") else 0
+    nz = ns if asym else 0
+    return (4 * rt + rt * (mp + ns + nz)) * 128
+
+
+def _gemv_smem(c: dict[str, int], nt: int, kind: str = "sp16", asym: bool = False, gs: int = 0) -> int:
+    red = gemv_warps(c, nt) * c["rt"] * nt * 4 * 32 * 4
+    st = c.get("st", 0)
+    if not st:
+        return red
+    return red + gemv_warps(c, nt) * st * gemv_ring_stage_bytes(kind, c["rt"], asym, gemv_one_group(kind, gs, c))
 
 
 # ----------------------------------------------------------------------------------------------------- split-K GEMV
@@ -466,7 +482,8 @@ def gemv_launch(kind: str, n: int, k: int, m: int, cfg: dict[str, int], sms: int
 def gemv_valid(c: dict[str, int]) -> bool:
     return (c.get("warps") in (1, 2, 4, 8, 16, 32) and c.get("rt", 0) >= 1 and c.get("u", 0) >= 1
             and 0 <= c.get("ks", 1) <= GEMV_MAX_KS and 0 <= c.get("pf", 0) <= GEMV_MAX_PF
-            and c.get("warps2", 0) in (0, 1, 2, 4, 8, 16, 32) and c.get("og", 1) in (0, 1))  # fmt: skip
+            and c.get("warps2", 0) in (0, 1, 2, 4, 8, 16, 32) and c.get("og", 1) in (0, 1)
+            and 0 <= c.get("st", 0) <= GEMV_MAX_ST)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------- layouts
@@ -707,7 +724,7 @@ def render_device_source(variants: list[Variant]) -> str:
                 "const uint4* __restrict__ Wv, const uint32_t* __restrict__ Wm, const uint32_t* __restrict__ Sc, "
                 "const uint32_t* __restrict__ Zb, half* __restrict__ Y, float* __restrict__ Ws, "
                 "unsigned* __restrict__ Cnt, int M, int N, int K, int T, int G, int GS) {\n"
-                f"  sparsec::gemv_body<sparsec::{kenum}, {nt}, {gemv_warps(c, nt)}, {c['rt']}, {c['u']}, {a}, {c.get('pf', 0)}, {'true' if og else 'false'}>"
+                f"  sparsec::gemv_body<sparsec::{kenum}, {nt}, {gemv_warps(c, nt)}, {c['rt']}, {c['u']}, {a}, {c.get('pf', 0)}, {'true' if og else 'false'}, {c.get('st', 0)}>"
                 "(X, Wv, Wm, Sc, Zb, Y, Ws, Cnt, M, N, K, T, G, GS);\n}\n"
             )
         for path in ("gemm_small", "gemm"):
@@ -946,7 +963,8 @@ CUfunction get_function(int device_id, const Kernel& k) {
   if (f != dv.funcs.end()) return f->second;
   CUfunction fn;
   check(d.ModuleGetFunction(&fn, dv.mod, k.name), "cuModuleGetFunction");
-  if (k.smem > 48 * 1024) check(d.FuncSetAttribute(fn, 8 /*MAX_DYNAMIC_SHARED_SIZE_BYTES*/, k.smem), "cuFuncSetAttribute");
+  // any dynamic size: 48 KB dynamic + the kernel's static shared memory already needs the opt-in
+  if (k.smem > 0) check(d.FuncSetAttribute(fn, 8 /*MAX_DYNAMIC_SHARED_SIZE_BYTES*/, k.smem), "cuFuncSetAttribute");
   dv.funcs.emplace(k.name, fn);
   return fn;
 }
@@ -1075,8 +1093,8 @@ def render_host_source(variants: list[Variant], fatbin_path: str, symbol: str = 
         kind = KINDS.index(v.kind)
         nw = {"sp16": 2, "sp4": 4 if v.asym else 3, "dq4": 3 if v.asym else 2}[v.kind]
         smem = {
-            "gemv1": _gemv_smem(gv, 1),
-            "gemv2": _gemv_smem(gv, 2),
+            "gemv1": _gemv_smem(gv, 1, v.kind, v.asym, v.gs),
+            "gemv2": _gemv_smem(gv, 2, v.kind, v.asym, v.gs),
             "gemm_small": gemm_smem_bytes(v.kind, gs, v.asym),
             "gemm": gemm_smem_bytes(v.kind, gl, v.asym),
         }
@@ -1120,7 +1138,8 @@ def variant_for(linear, target, hints: ShapeHints, tuning, kernel_name: str, kin
     arch = target.arch or "sm_80"
     base = default_config(kind, arch, *(int(d) for d in linear.weight.shape), asym=asym)
     v = Variant.make(kind, asym, gs, dict(base, **(cfg or {})))
-    if not gemv_valid(v.cfg("gemv")):  # e.g. a split count beyond GEMV_MAX_KS
+    smem = max(_gemv_smem(v.cfg("gemv"), nt, kind, asym, gs) for nt in (1, 2))
+    if not gemv_valid(v.cfg("gemv")) or smem > SMEM_LIMIT.get(arch, 99 * 1024):  # e.g. ks > GEMV_MAX_KS, a deep ring
         v = Variant.make(kind, asym, gs, dict(v.config_dict(), gemv=base["gemv"]))
         tuned = False
     for p in ("gemm_small", "gemm"):  # a stored config that does not fit this arch falls back to the default

@@ -345,7 +345,94 @@ __device__ __forceinline__ void gemv_compute(const GemvBuf<KIND, NT, RT, U>& f, 
   }
 }
 
-template <int KIND, int NT, int WARPS, int RT, int U, bool ASYM, int PF, bool OG>
+// ---- cp.async ring (ST > 0): the weights, metadata, scales and zero points of the next ST chunks are copied into a
+// warp-private shared-memory ring by cp.async (no registers held for them: bytes in flight per warp = ST x RT x 512
+// of weights, independent of the register budget); the activations of a chunk are read from global (L1) when it is
+// computed. Every lane copies and later reads only its own words, so cp.async.wait_group is the only synchronisation.
+__device__ __forceinline__ void cp_async16_ring(uint32_t s, const void* gmem, bool pred) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(pred ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async4_ring(uint32_t s, const void* gmem, bool pred) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gmem), "r"(pred ? 4 : 0) : "memory");
+}
+
+template <int KIND, int RT, bool ASYM, bool OG>
+struct GemvRing {
+  using Tr = KindTraits<KIND>;
+  static constexpr int CH = Tr::kStepsPerChunk;
+  static constexpr int MP = Tr::kSparse ? (CH + 1) / 2 : 0;                        // metadata words per chunk
+  static constexpr int NS = Tr::kQuant ? (OG ? 1 : (KIND == KIND_DQ4 ? 2 * CH : CH)) : 0;  // scale words per chunk
+  static constexpr int NZ = ASYM ? NS : 0;
+  static constexpr int kWords = 4 * RT + RT * (MP + NS + NZ);  // 32-bit words a lane holds per stage
+  static constexpr int kStageBytes = kWords * 128;               // per warp: [slot][32 lanes] words
+  // word offsets (x 32 lanes) of the slots inside a stage
+  static constexpr int kM = 4 * RT, kS = kM + RT * MP, kZ = kS + RT * NS;
+};
+
+template <int KIND, int RT, bool ASYM, bool OG>
+__device__ __forceinline__ void gemv_ring_issue(uint32_t stage, int c, int c_end, const uint4* __restrict__ Wv,
+                                                const uint32_t* __restrict__ Wm, const uint32_t* __restrict__ Sc,
+                                                const uint32_t* __restrict__ Zb, const int (&rts)[RT], int NC, int T,
+                                                int G, int GS, int lane) {
+  using R = GemvRing<KIND, RT, ASYM, OG>;
+  const bool ok = c < c_end;
+  const int cc = ok ? c : 0;
+  const int g = lane >> 2;
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+    const int rt = rts[r];
+    cp_async16_ring(stage + (r * 32 + lane) * 16, Wv + ((size_t)rt * NC + cc) * 32 + lane, ok);
+#pragma unroll
+    for (int p = 0; p < R::MP; ++p) {
+      const int pair = R::CH == 1 ? (cc >> 1) : cc * (R::CH / 2) + p;
+      cp_async4_ring(stage + ((R::kM + r * R::MP + p) * 32 + lane) * 4, Wm + ((size_t)rt * (T / 2) + pair) * 32 + lane, ok);
+    }
+#pragma unroll
+    for (int i = 0; i < R::NS; ++i) {
+      const int col = KIND == KIND_SP4 ? (cc * R::CH + i) * 16 : (2 * cc * R::CH + i) * 16;
+      const int grp = col / GS;
+      cp_async4_ring(stage + ((R::kS + r * R::NS + i) * 32 + lane) * 4, Sc + ((size_t)rt * G + grp) * 8 + g, ok);
+      if constexpr (ASYM)
+        cp_async4_ring(stage + ((R::kZ + r * R::NS + i) * 32 + lane) * 4, Zb + ((size_t)rt * G + grp) * 8 + g, ok);
+    }
+  }
+  cp_async_commit();
+}
+
+// the ring stage of chunk c + its activations -> the register buffer gemv_compute takes
+template <int KIND, int NT, int RT, bool ASYM, bool OG>
+__device__ __forceinline__ void gemv_ring_read(GemvBuf<KIND, NT, RT, 1>& f, const unsigned char* stage, int c, int TK,
+                                               const half* const (&xrow)[NT], int lane) {
+  using R = GemvRing<KIND, RT, ASYM, OG>;
+  using B = GemvBuf<KIND, NT, RT, 1>;
+  const int q = lane & 3;
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(stage);
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+    f.a[0][r] = reinterpret_cast<const uint4*>(stage)[r * 32 + lane];
+#pragma unroll
+    for (int p = 0; p < R::MP; ++p) f.m[0][r][p] = w[(R::kM + r * R::MP + p) * 32 + lane];
+    if constexpr (KindTraits<KIND>::kQuant) {
+#pragma unroll
+      for (int i = 0; i < B::NS; ++i) {
+        const int j = R::NS == 1 ? 0 : i;
+        f.s[0][r][i] = w[(R::kS + r * R::NS + j) * 32 + lane];
+        f.z[0][r][i] = ASYM ? w[(R::kZ + r * R::NS + j) * 32 + lane] : 0x64086408u;
+      }
+    }
+  }
+#pragma unroll
+  for (int s = 0; s < R::CH; ++s) {
+    const int t = c * R::CH + s;
+    const bool tok = t < TK;
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) f.b[0][s][n][j] = tok ? ldg_u32(xrow[n] + t * 32 + 8 * j + 2 * q) : 0u;
+  }
+}
+
+template <int KIND, int NT, int WARPS, int RT, int U, bool ASYM, int PF, bool OG, int ST>
 __device__ __forceinline__ void gemv_body(const half* __restrict__ X, const uint4* __restrict__ Wv,
                                           const uint32_t* __restrict__ Wm, const uint32_t* __restrict__ Sc,
                                           const uint32_t* __restrict__ Zb, half* __restrict__ Y, float* __restrict__ Ws,
@@ -384,6 +471,28 @@ __device__ __forceinline__ void gemv_body(const half* __restrict__ X, const uint
   split_range(s_end - s_begin, WARPS, warp, c_begin, c_end);
   c_begin += s_begin;
   c_end += s_begin;
+  if constexpr (ST > 0) {
+    using R = GemvRing<KIND, RT, ASYM, OG>;
+    // ring after the reduction buffer: [WARPS][ST] stages of R::kStageBytes
+    unsigned char* ring = reinterpret_cast<unsigned char*>(red + WARPS * RT * NT * 4 * 32) + (size_t)warp * ST * R::kStageBytes;
+    const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
+#pragma unroll
+    for (int d = 0; d < ST; ++d)
+      gemv_ring_issue<KIND, RT, ASYM, OG>(ring_s + d * R::kStageBytes, c_begin + d, c_end, Wv, Wm, Sc, Zb, rts, NC, T, G, GS, lane);
+    for (int c0 = c_begin; c0 < c_end; c0 += ST) {
+#pragma unroll
+      for (int d = 0; d < ST; ++d) {
+        const int c = c0 + d;
+        if (c >= c_end) break;
+        cp_async_wait<ST - 1>();
+        GemvBuf<KIND, NT, RT, 1> f;
+        gemv_ring_read<KIND, NT, RT, ASYM, OG>(f, ring + d * R::kStageBytes, c, TK, xrow, lane);
+        gemv_compute<KIND, NT, RT, 1, OG>(f, acc, c, c_end);
+        gemv_ring_issue<KIND, RT, ASYM, OG>(ring_s + d * R::kStageBytes, c + ST, c_end, Wv, Wm, Sc, Zb, rts, NC, T, G, GS, lane);
+      }
+    }
+    cp_async_wait<0>();
+  } else {
   GemvBuf<KIND, NT, RT, U> fa, fb;
   // PF > 0: chunks [c + U, c + U + PF) are prefetched into L2 while chunks [c, c + U) load into registers; the
   // prefetch window then slides U chunks with every register load
@@ -400,6 +509,7 @@ __device__ __forceinline__ void gemv_body(const half* __restrict__ X, const uint
     if constexpr (PF > 0) gemv_prefetch<KIND, RT, U>(c + 2 * U + PF, c_end, Wv, Wm, rts, NC, T, lane);
     if (c + 2 * U < c_end) gemv_load<KIND, NT, RT, U, ASYM, OG>(fa, c + 2 * U, c_end, TK, xrow, Wv, Wm, Sc, Zb, rts, NC, T, G, GS, lane);
     gemv_compute<KIND, NT, RT, U, OG>(fb, acc, c + U, c_end);
+  }
   }
 
   // cross-warp reduction
