@@ -94,6 +94,8 @@ DECODE_PF = tuple(int(x) for x in os.environ.get("SPARSEC_DECODE_PF", "").split(
 # cp.async ring stages ("st") timed on every base (u 1) with the automatic split: SPARSEC_DECODE_ST="2,3,4,6" (the ring
 # run, bench/results/cuda_kernels_decode_ring.md; no depth beat the register pipeline in general; empty: none)
 DECODE_ST = tuple(int(x) for x in os.environ.get("SPARSEC_DECODE_ST", "").split(",") if x)
+# SPARSEC_DECODE_XS=1: every base also with the activations staged in shared memory and read by ldmatrix ("xs")
+DECODE_XS = os.environ.get("SPARSEC_DECODE_XS", "") == "1"
 DECODE_SPLIT_KS = (0, 1, 2, 3, 4, 8)  # every kind and zero-point mode at the check shapes' group sizes, odd split too
 
 
@@ -124,6 +126,9 @@ def decode_variant_rows():
                     add(kind, asym, gs, dict(default_config(kind)["gemv"], ks=ks), "split_check")
                 for st, ks in ((3, 0), (2, 3)):  # the cp.async ring, with and without a split, every group size / zeros
                     add(kind, asym, gs, dict(default_config(kind)["gemv"], warps=4, st=st, ks=ks), "ring_check")
+                if DECODE_XS:  # staged activations, with and without a split, two chunks a stage
+                    for u, ks in ((1, 0), (2, 3)):
+                        add(kind, asym, gs, dict(default_config(kind)["gemv"], warps=4, u=u, xs=1, ks=ks), "xs_check")
         gs = 0 if kind == "sp16" else LLM_GS
         for w, rt, u in DECODE_BASES:
             for ks in DECODE_KS:
@@ -133,6 +138,9 @@ def decode_variant_rows():
             for st_ in DECODE_ST:
                 if u == 1:
                     add(kind, False, gs, {"warps": w, "rt": rt, "u": 1, "ks": 0, "st": st_}, "candidate")
+            if DECODE_XS:
+                add(kind, False, gs, {"warps": w, "rt": rt, "u": u, "ks": 0, "xs": 1}, "candidate")
+                add(kind, False, gs, {"warps": w, "rt": rt, "u": u, "ks": 1, "xs": 1}, "candidate")
         # the untuned build's GEMV config of each timed shape (warps per token-tile count from the layer's rows), and
         # its whole-K twin: both compete in the search too
         for n, k in DECODE_DEFAULT_SHAPES:
@@ -141,6 +149,7 @@ def decode_variant_rows():
             add(kind, False, gs, dict(c, ks=1), "candidate")
             if kind != "sp16":  # the same with the scale applied before each MMA (the earlier int4 kernel)
                 add(kind, False, gs, dict(c, og=0), "candidate")
+            add(kind, False, gs, dict(c, xs=1 - c.get("xs", 0)), "candidate")  # activations staged or not
     return rows
 
 
@@ -148,7 +157,8 @@ def _cfg_label(c):
     """w16 rt2 u1 ks0 (pf8): a GEMV config as the decode report writes it."""
     w2 = f"/{c['warps2']}" if c.get("warps2") and c["warps2"] != c["warps"] else ""
     return (f"w{c['warps']}{w2} rt{c['rt']} u{c['u']} ks{c['ks']}" + (f" pf{c['pf']}" if c.get("pf") else "")
-            + (f" st{c['st']}" if c.get("st") else "") + (" og0" if c.get("og", 1) == 0 else ""))
+            + (f" st{c['st']}" if c.get("st") else "") + (" xs" if c.get("xs") else "")
+            + (" og0" if c.get("og", 1) == 0 else ""))
 
 
 def decode_check_gs(kind, i):
@@ -952,12 +962,25 @@ def cmd_report_decode(args):
         if r["kind"] != "sp16" and t_og and t_old:
             og.append((r, t_old / t_og))
             r["derived"]["og0_over_og_search"] = t_old / t_og
+        t_xs = next((x["ms"] for x in r["search"] if "ms" in x and x["gemv"] == dict(dg, xs=1 - dg.get("xs", 0))), None)
+        if t_og and t_xs:
+            r["derived"]["other_xs_over_default_search"] = t_xs / t_og
     if og:
         L.append("Scale after the MMAs (one quantization group per chunk, `og` 1, the default) vs before each MMA (`og` 0): "
                  "time with og 0 / time with og 1, same config otherwise, search pass of this run: "
                  + "; ".join(f"{names[kd]} {min(x for r, x in og if r['kind'] == kd):.2f}–"
                              f"{max(x for r, x in og if r['kind'] == kd):.2f}"
                              for kd in ("sp4", "dq4") if any(r["kind"] == kd for r, _ in og)) + ".")  # fmt: skip
+        L.append("")
+
+    xsr = [r for r in bench if "other_xs_over_default_search" in r.get("derived", {})]
+    if xsr:
+        L.append("Activations staged in shared memory + ldmatrix (`xs`) or loaded per fragment: time of the default "
+                 "config with `xs` flipped / the default's, same search pass: " + "; ".join(
+                     f"{names[kd]} (default xs {int(any(r['default']['gemv'].get('xs') for r in xsr if r['kind'] == kd))}) "
+                     f"{min(r['derived']['other_xs_over_default_search'] for r in xsr if r['kind'] == kd):.2f}–"
+                     f"{max(r['derived']['other_xs_over_default_search'] for r in xsr if r['kind'] == kd):.2f}"
+                     for kd in ("sp16", "sp4", "dq4") if any(r["kind"] == kd for r in xsr)) + ".")  # fmt: skip
         L.append("")
 
     def lbound(d):  # host time to issue one call >= the call's device time in the graph (no gaps)

@@ -280,11 +280,25 @@ def test_gemv_ring_layout_matches_the_device_code(tmp_path):
     out = subprocess.run(["./t"], cwd=tmp_path, capture_output=True, text=True, check=True).stdout.split()
     for (k, rt, a, og), got in zip(cases, out, strict=False):
         assert int(got) == cs.gemv_ring_stage_bytes(k, rt, a, og), (k, rt, a, og)
+    # the staged activations ("xs"): two XTile buffers a warp after the reduction buffer
+    xcases = [(k, nt, u) for k in enum for nt in (1, 2) for u in (1, 2)]
+    (tmp_path / "x.cu").write_text(
+        '#include "sparsec_mma.cuh"\n#include <cstdio>\nint main() {\n'
+        + "".join(f"  printf(\"%d\\n\", sparsec::XTile<sparsec::{enum[k]}, {nt}, {u}>::kBytes);\n" for k, nt, u in xcases)
+        + "  return 0;\n}\n")  # fmt: skip
+    r = subprocess.run([NVCC, "-std=c++17", "-I", str(tmp_path), "-o", "x", "x.cu"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    xout = subprocess.run(["./x"], cwd=tmp_path, capture_output=True, text=True, check=True).stdout.split()
+    for (k, nt, u), got in zip(xcases, xout, strict=True):
+        c = dict(cs.default_config(k)["gemv"], warps=8, rt=2, u=u, xs=1, st=0)
+        assert cs._gemv_smem(c, nt, k) == 8 * 2 * nt * 4 * 32 * 4 + 8 * 2 * int(got), (k, nt, u)
     c = dict(cs.default_config("sp4")["gemv"], warps=8, rt=2, st=3)
     v = cs.Variant.make("sp4", True, 128, dict(cs.default_config("sp4"), gemv=c))
     for nt in (1, 2):
         assert cs._gemv_smem(v.cfg("gemv"), nt, "sp4", True, 128) == 8 * 2 * nt * 4 * 32 * 4 + 8 * 3 * cs.gemv_ring_stage_bytes("sp4", 2, True, True)
-    assert "_s3_" in v.kernel_names()["gemv1"] and ", true, 3>(X" in cs.render_device_source([v])
+    # the ring feeds the activations itself: "xs" (on by default for 2:4 + int4) does not apply under it
+    assert "_s3_" in v.kernel_names()["gemv1"] and "_x" not in v.kernel_names()["gemv1"]
+    assert ", true, 3, false>(X" in cs.render_device_source([v])
     assert not cs.gemv_valid(dict(c, st=cs.GEMV_MAX_ST + 1))
     # a stored ring too deep for the arch's shared memory falls back to the untuned GEMV (a100: 163 KB a block)
     from sparsec.backends.kernels.registry import ShapeHints, linear_key
@@ -413,14 +427,16 @@ def test_untuned_gemv_warps_follow_the_layer_rows():
                for nck in (1, 4, 8, 16, 64))  # fmt: skip
     lin, v, tuned = pick(5120, "h100")
     assert not tuned and v.cfg("gemv") == cs.default_config("sp4", "sm_90a", 5120, 2048)["gemv"]
-    # the two token-tile kernels: their own warps in the kernel names, the launch and the host table
-    c = v.cfg("gemv")
-    assert c["warps2"] != c["warps"] and f"_nt2_w{c['warps2']}_" in v.kernel_names()["gemv2"]
-    assert f"_nt1_w{c['warps']}_" in v.kernel_names()["gemv1"]
-    assert cs.gemv_launch("sp4", 5120, 2048, 16, c, 132)["threads"] == 32 * c["warps2"]
-    assert cs.gemv_launch("sp4", 5120, 2048, 8, c, 132)["threads"] == 32 * c["warps"]
-    assert f"{32 * c['warps']}, {32 * c['warps2']}, {c['rt']}, " in cs.render_host_source([v], "x.fatbin", "sym")
-    assert f"gemv_body<sparsec::KIND_SP4, 2, {c['warps2']}," in cs.render_device_source([v])
+    # the two token-tile kernels: their own warps in the kernel names, the launch and the host table (4096 rows:
+    # 16 warps at M <= 8, 8 at M > 8)
+    _, v4096, _ = pick(4096, "h100")
+    c = v4096.cfg("gemv")
+    assert c["warps2"] != c["warps"] and f"_nt2_w{c['warps2']}_" in v4096.kernel_names()["gemv2"]
+    assert f"_nt1_w{c['warps']}_" in v4096.kernel_names()["gemv1"]
+    assert cs.gemv_launch("sp4", 4096, 2048, 16, c, 132)["threads"] == 32 * c["warps2"]
+    assert cs.gemv_launch("sp4", 4096, 2048, 8, c, 132)["threads"] == 32 * c["warps"]
+    assert f"{32 * c['warps']}, {32 * c['warps2']}, {c['rt']}, " in cs.render_host_source([v4096], "x.fatbin", "sym")
+    assert f"gemv_body<sparsec::KIND_SP4, 2, {c['warps2']}," in cs.render_device_source([v4096])
     db = TuningDB()
     db.record("cuda.nm24_int4_mma_sp", "h100", dict(linear_key(lin, ShapeHints()), act_dtype="float16"),
               {"gemv": {"warps": 16, "rt": 1, "u": 1, "ks": 1}})  # fmt: skip
@@ -455,7 +471,8 @@ def test_one_group_gemv_kernel_is_chosen_by_group_size():
                 src = cs.render_device_source([v])
                 for nt in (1, 2):
                     line = next(ln for ln in src.splitlines() if re.search(rf"gemv_body<sparsec::KIND_\w+, {nt},", ln))
-                    assert line.rstrip().endswith(f"{'true' if want else 'false'}, 0>(X, Wv, Wm, Sc, Zb, Y, Ws, Cnt, M, N, K, T, G, GS);")
+                    xs = "true" if kind == "sp4" else "false"  # 2:4 + int4 stages its activations by default
+                    assert line.rstrip().endswith(f"{'true' if want else 'false'}, 0, {xs}>(X, Wv, Wm, Sc, Zb, Y, Ws, Cnt, M, N, K, T, G, GS);")
     assert not cs.gemv_valid(dict(cs.default_config("sp4")["gemv"], og=2))
 
 

@@ -72,20 +72,25 @@ SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_9
 # "og": 1 = the int4 kinds' kernel that scales after the MMAs where a quantization group holds whole chunks
 # (gemv_one_group), 0 = dequantize with the scale before each MMA (the earlier kernel; kept to measure against).
 # "st": stages of the cp.async shared-memory ring that feeds the weights (0 = the two register buffers of "u" chunks).
-DEFAULT_GEMV = {"warps": 8, "rt": 2, "u": 1, "ks": 0, "pf": 0, "warps2": 0, "og": 1, "st": 0}
+# "xs": 1 = activations staged in shared memory by cp.async and read with ldmatrix (register pipeline only).
+DEFAULT_GEMV = {"warps": 8, "rt": 2, "u": 1, "ks": 0, "pf": 0, "warps2": 0, "og": 1, "st": 0, "xs": 0}
 GEMV_MAX_ST = 8
-DEFAULT_GEMV_KIND = {"sp16": dict(DEFAULT_GEMV, warps=16), "sp4": dict(DEFAULT_GEMV), "dq4": dict(DEFAULT_GEMV, warps=16)}
+# 2:4 + int4 stages its activations (xs): 16 32-bit activation loads a chunk were its largest instruction count
+# (bench/results/cuda_kernels_decode_xs.md, per-point medians over the configs: 0.94-1.08x at M <= 8, 1.17-1.30x at
+# M = 16 over the same config without); 2:4 fp16 (4 loads a chunk) and int4 gain nothing or lose at M <= 8.
+DEFAULT_GEMV_KIND = {"sp16": dict(DEFAULT_GEMV, warps=16), "sp4": dict(DEFAULT_GEMV, xs=1), "dq4": dict(DEFAULT_GEMV, warps=16)}
 GEMV_MAX_PF = 64
 # The warps of an untuned decode GEMV follow the layer's row count (gemv_auto_warps): the fewest waves of blocks, then
 # the most warps a block. GEMV_WARP_BUDGET[(kind, token tiles)]: warps one SM holds with the default tiles, 65536
 # registers / (32 x the registers a thread that ptxas -v reports for sm_90a; one token tile (M <= 8): 2:4 fp16 56-58,
-# 2:4 + int4 116-126, int4 79-92 (113-115 with zero points); two (M = 9..16): 80-82, 158-177, 119-127).
+# 2:4 + int4 (xs) 92-94 (122-124 with zero points), int4 79-92 (113-115 with zero points); two (M = 9..16): 80-82,
+# 128 (152), 119-127).
 # Fitted on the H100 decode run cuda_kernels_decode_splitk (30 configs per point, the same winners in the later
 # cuda_kernels_decode_prefetch run), measured as the default in cuda_kernels_decode_autowarps: 16 warps for 4096 rows
 # (128 blocks: one per SM), fewer for 11008 / 14336 rows (2:4 fp16 8, 2:4 + int4 4, int4 8 / 4). The M > 8 kernel of
 # 2:4 + int4 stays at <= 8 warps: with 16 it spills (128 bytes; 2688 with zero points).
-GEMV_WARP_BUDGET = {("sp16", 1): 32, ("sp4", 1): 16, ("dq4", 1): 24, ("sp16", 2): 24, ("sp4", 2): 12, ("dq4", 2): 16}
-GEMV_WARP_BUDGET_ASYM = {("dq4", 1): 16}
+GEMV_WARP_BUDGET = {("sp16", 1): 32, ("sp4", 1): 20, ("dq4", 1): 24, ("sp16", 2): 24, ("sp4", 2): 16, ("dq4", 2): 16}
+GEMV_WARP_BUDGET_ASYM = {("dq4", 1): 16, ("sp4", 1): 16, ("sp4", 2): 12}
 GEMV_WARP_CHOICES = (16, 8, 4)
 GEMV_MAX_WARPS = {("sp4", 2): 8}
 ARCH_SMS = {"sm_80": 108, "sm_86": 84, "sm_89": 128, "sm_90": 132, "sm_90a": 132}  # A100, A40/3090-class, L40, H100 SXM
@@ -396,11 +401,17 @@ def _inst_name(kind: str, asym: bool, path: str, c: dict[str, int], nt: int, og:
     if path.startswith("gemv"):
         pf = f"_p{c['pf']}" if c.get("pf") else ""
         st = f"_s{c['st']}" if c.get("st") else ""
-        return f"sparsec_gemv_{kind}{a}_nt{nt}_w{gemv_warps(c, nt)}_r{c['rt']}_u{c['u']}{pf}{st}{'_og' if og else ''}"
+        xs = "_x" if gemv_xs(c) else ""
+        return f"sparsec_gemv_{kind}{a}_nt{nt}_w{gemv_warps(c, nt)}_r{c['rt']}_u{c['u']}{pf}{st}{xs}{'_og' if og else ''}"
     wg = "_wgmma" if c.get("wgmma") else ""
     if c.get("ws"):
         wg = "_ws" + ("p" if c.get("persistent") else "") + (f"c{c['cluster']}" if c.get("cluster", 1) > 1 else "")
     return f"sparsec_gemm{wg}_{kind}{a}_{c['bm']}x{c['bn']}x{c['bk']}_w{c['wm']}x{c['wn']}_s{c['stages']}"
+
+
+def gemv_xs(c: dict[str, int]) -> bool:
+    """Activations staged in shared memory ("xs"): a register-pipeline option, off under the cp.async ring ("st")."""
+    return bool(c.get("xs")) and not c.get("st")
 
 
 def gemv_warps(c: dict[str, int], nt: int) -> int:
@@ -421,6 +432,8 @@ def _gemv_smem(c: dict[str, int], nt: int, kind: str = "sp16", asym: bool = Fals
     red = gemv_warps(c, nt) * c["rt"] * nt * 4 * 32 * 4
     st = c.get("st", 0)
     if not st:
+        if gemv_xs(c):  # two buffers of U chunks x NT*8 rows x (CH k32 steps + 16 bytes) (sparsec_mma.cuh XTile)
+            return red + gemv_warps(c, nt) * 2 * c["u"] * nt * 8 * (_STEPS_PER_CHUNK[kind] * 64 + 16)
         return red
     return red + gemv_warps(c, nt) * st * gemv_ring_stage_bytes(kind, c["rt"], asym, gemv_one_group(kind, gs, c))
 
@@ -483,7 +496,7 @@ def gemv_valid(c: dict[str, int]) -> bool:
     return (c.get("warps") in (1, 2, 4, 8, 16, 32) and c.get("rt", 0) >= 1 and c.get("u", 0) >= 1
             and 0 <= c.get("ks", 1) <= GEMV_MAX_KS and 0 <= c.get("pf", 0) <= GEMV_MAX_PF
             and c.get("warps2", 0) in (0, 1, 2, 4, 8, 16, 32) and c.get("og", 1) in (0, 1)
-            and 0 <= c.get("st", 0) <= GEMV_MAX_ST)  # fmt: skip
+            and 0 <= c.get("st", 0) <= GEMV_MAX_ST and c.get("xs", 0) in (0, 1))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------- layouts
@@ -724,7 +737,8 @@ def render_device_source(variants: list[Variant]) -> str:
                 "const uint4* __restrict__ Wv, const uint32_t* __restrict__ Wm, const uint32_t* __restrict__ Sc, "
                 "const uint32_t* __restrict__ Zb, half* __restrict__ Y, float* __restrict__ Ws, "
                 "unsigned* __restrict__ Cnt, int M, int N, int K, int T, int G, int GS) {\n"
-                f"  sparsec::gemv_body<sparsec::{kenum}, {nt}, {gemv_warps(c, nt)}, {c['rt']}, {c['u']}, {a}, {c.get('pf', 0)}, {'true' if og else 'false'}, {c.get('st', 0)}>"
+                f"  sparsec::gemv_body<sparsec::{kenum}, {nt}, {gemv_warps(c, nt)}, {c['rt']}, {c['u']}, {a}, {c.get('pf', 0)}, {'true' if og else 'false'}, {c.get('st', 0)}, "
+                f"{'true' if gemv_xs(c) else 'false'}>"
                 "(X, Wv, Wm, Sc, Zb, Y, Ws, Cnt, M, N, K, T, G, GS);\n}\n"
             )
         for path in ("gemm_small", "gemm"):

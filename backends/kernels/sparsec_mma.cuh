@@ -184,7 +184,7 @@ struct GemvBuf {
   uint32_t b[U][CH][NT][4];
 };
 
-template <int KIND, int NT, int RT, int U, bool ASYM, bool OG>
+template <int KIND, int NT, int RT, int U, bool ASYM, bool OG, bool XS = false>
 __device__ __forceinline__ void gemv_load(GemvBuf<KIND, NT, RT, U>& f, int c0, int c_end, int TK, const half* const (&xrow)[NT],
                                           const uint4* __restrict__ Wv, const uint32_t* __restrict__ Wm,
                                           const uint32_t* __restrict__ Sc, const uint32_t* __restrict__ Zb,
@@ -226,14 +226,16 @@ __device__ __forceinline__ void gemv_load(GemvBuf<KIND, NT, RT, U>& f, int c0, i
         }
       }
     }
+    if constexpr (!XS) {  // XS: the activations are staged in shared memory instead (gemv_stage_x)
 #pragma unroll
-    for (int s = 0; s < CH; ++s) {
-      const int t = cc * CH + s;
-      const bool tok = ok && t < TK;
+      for (int s = 0; s < CH; ++s) {
+        const int t = cc * CH + s;
+        const bool tok = ok && t < TK;
 #pragma unroll
-      for (int n = 0; n < NT; ++n)
+        for (int n = 0; n < NT; ++n)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) f.b[u][s][n][j] = tok ? ldg_u32(xrow[n] + t * 32 + 8 * j + 2 * q) : 0u;
+          for (int j = 0; j < 4; ++j) f.b[u][s][n][j] = tok ? ldg_u32(xrow[n] + t * 32 + 8 * j + 2 * q) : 0u;
+      }
     }
   }
 }
@@ -432,7 +434,55 @@ __device__ __forceinline__ void gemv_ring_read(GemvBuf<KIND, NT, RT, 1>& f, cons
   }
 }
 
-template <int KIND, int NT, int WARPS, int RT, int U, bool ASYM, int PF, bool OG, int ST>
+// ---- XS: the activations of a warp's next U chunks are staged into a warp-private shared buffer by cp.async (rows
+// < M only, 16 bytes a copy) and read as B fragments with ldmatrix.x4: one instruction per k32 step and token tile
+// instead of four 32-bit loads. Rows are padded by 16 bytes so the 8 rows an ldmatrix phase reads hit distinct banks.
+template <int KIND, int NT, int U>
+struct XTile {
+  static constexpr int CH = KindTraits<KIND>::kStepsPerChunk;
+  static constexpr int kRowBytes = CH * 64 + 16;
+  static constexpr int kChunkBytes = NT * 8 * kRowBytes;
+  static constexpr int kBytes = U * kChunkBytes;  // one of the two buffers
+  static constexpr int kPieces = CH * 4;          // 16-byte pieces a row
+};
+
+template <int KIND, int NT, int U>
+__device__ __forceinline__ void gemv_stage_x(uint32_t buf, int c0, int c_end, int TK, const half* __restrict__ X, int M,
+                                             int K, int lane) {
+  using XT = XTile<KIND, NT, U>;
+  const int rows = min(M, NT * 8);
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int c = c0 + u;
+    if (c >= c_end) break;
+    for (int i = lane; i < rows * XT::kPieces; i += 32) {
+      const int r = i / XT::kPieces, p = i % XT::kPieces;
+      const int t = c * XT::CH + p / 4;  // k32 step of the piece
+      const bool ok = t < TK;
+      cp_async16_ring(buf + u * XT::kChunkBytes + r * XT::kRowBytes + p * 16, X + (size_t)r * K + (ok ? t * 32 + (p & 3) * 8 : 0), ok);
+    }
+  }
+  cp_async_commit();
+}
+
+template <int KIND, int NT, int RT, int U>
+__device__ __forceinline__ void gemv_xfrag(GemvBuf<KIND, NT, RT, U>& f, const unsigned char* buf, int c0, int c_end, int M,
+                                           int lane) {
+  using XT = XTile<KIND, NT, U>;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    if (c0 + u >= c_end) break;
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      const int row = min(n * 8 + (lane & 7), M - 1);  // lanes 8j..8j+7: the rows of matrix j
+      const unsigned char* base = buf + u * XT::kChunkBytes + row * XT::kRowBytes + (lane >> 3) * 16;
+#pragma unroll
+      for (int s = 0; s < XT::CH; ++s) ldmatrix_x4(f.b[u][s][n], base + s * 64);
+    }
+  }
+}
+
+template <int KIND, int NT, int WARPS, int RT, int U, bool ASYM, int PF, bool OG, int ST, bool XS>
 __device__ __forceinline__ void gemv_body(const half* __restrict__ X, const uint4* __restrict__ Wv,
                                           const uint32_t* __restrict__ Wm, const uint32_t* __restrict__ Sc,
                                           const uint32_t* __restrict__ Zb, half* __restrict__ Y, float* __restrict__ Ws,
@@ -494,22 +544,44 @@ __device__ __forceinline__ void gemv_body(const half* __restrict__ X, const uint
     cp_async_wait<0>();
   } else {
   GemvBuf<KIND, NT, RT, U> fa, fb;
+  using XT = XTile<KIND, NT, U>;
+  // XS: two activation buffers after the reduction buffer, [WARPS][2][XT::kBytes]
+  unsigned char* xb = reinterpret_cast<unsigned char*>(red + WARPS * RT * NT * 4 * 32) + (size_t)warp * 2 * XT::kBytes;
+  const uint32_t xs0 = XS ? static_cast<uint32_t>(__cvta_generic_to_shared(xb)) : 0u, xs1 = xs0 + XT::kBytes;
   // PF > 0: chunks [c + U, c + U + PF) are prefetched into L2 while chunks [c, c + U) load into registers; the
   // prefetch window then slides U chunks with every register load
   if constexpr (PF > 0) {
 #pragma unroll
     for (int d = 0; d < PF; d += U) gemv_prefetch<KIND, RT, U>(c_begin + U + d, c_end, Wv, Wm, rts, NC, T, lane);
   }
-  if (c_begin < c_end) gemv_load<KIND, NT, RT, U, ASYM, OG>(fa, c_begin, c_end, TK, xrow, Wv, Wm, Sc, Zb, rts, NC, T, G, GS, lane);
+  if (c_begin < c_end) {
+    gemv_load<KIND, NT, RT, U, ASYM, OG, XS>(fa, c_begin, c_end, TK, xrow, Wv, Wm, Sc, Zb, rts, NC, T, G, GS, lane);
+    if constexpr (XS) gemv_stage_x<KIND, NT, U>(xs0, c_begin, c_end, TK, X, M, K, lane);
+  }
   for (int c = c_begin; c < c_end; c += 2 * U) {
     if constexpr (PF > 0) gemv_prefetch<KIND, RT, U>(c + U + PF, c_end, Wv, Wm, rts, NC, T, lane);
-    if (c + U < c_end) gemv_load<KIND, NT, RT, U, ASYM, OG>(fb, c + U, c_end, TK, xrow, Wv, Wm, Sc, Zb, rts, NC, T, G, GS, lane);
+    if (c + U < c_end) gemv_load<KIND, NT, RT, U, ASYM, OG, XS>(fb, c + U, c_end, TK, xrow, Wv, Wm, Sc, Zb, rts, NC, T, G, GS, lane);
+    if constexpr (XS) {  // one commit group per buffer fill (empty past the end), so wait_group 1 = the older one
+      gemv_stage_x<KIND, NT, U>(xs1, c + U, c_end, TK, X, M, K, lane);
+      cp_async_wait<1>();
+      __syncwarp();
+      gemv_xfrag<KIND, NT, RT, U>(fa, xb, c, c_end, M, lane);
+    }
     gemv_compute<KIND, NT, RT, U, OG>(fa, acc, c, c_end);
     if (c + U >= c_end) break;
+    if constexpr (XS) __syncwarp();  // every lane's ldmatrix of buffer 0 is done before it is refilled
     if constexpr (PF > 0) gemv_prefetch<KIND, RT, U>(c + 2 * U + PF, c_end, Wv, Wm, rts, NC, T, lane);
-    if (c + 2 * U < c_end) gemv_load<KIND, NT, RT, U, ASYM, OG>(fa, c + 2 * U, c_end, TK, xrow, Wv, Wm, Sc, Zb, rts, NC, T, G, GS, lane);
+    if (c + 2 * U < c_end) gemv_load<KIND, NT, RT, U, ASYM, OG, XS>(fa, c + 2 * U, c_end, TK, xrow, Wv, Wm, Sc, Zb, rts, NC, T, G, GS, lane);
+    if constexpr (XS) {
+      gemv_stage_x<KIND, NT, U>(xs0, c + 2 * U, c_end, TK, X, M, K, lane);
+      cp_async_wait<1>();
+      __syncwarp();
+      gemv_xfrag<KIND, NT, RT, U>(fb, xb + XT::kBytes, c + U, c_end, M, lane);
+    }
     gemv_compute<KIND, NT, RT, U, OG>(fb, acc, c + U, c_end);
+    if constexpr (XS) __syncwarp();
   }
+  if constexpr (XS) cp_async_wait<0>();
   }
 
   // cross-warp reduction
