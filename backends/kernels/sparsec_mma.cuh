@@ -156,7 +156,9 @@ __device__ __forceinline__ void load_b_global(uint32_t (&b)[4], const half* __re
 // W is streamed straight from global memory into registers (16-byte loads, each warp reading 512 contiguous bytes per
 // row tile and chunk); X (tiny) is read through L1. Software pipelined: the loads of the next U chunks (weights,
 // metadata, scales, activations) are issued before the current U chunks are computed (two register buffers).
-// NT = n8 token tiles (1: M<=8, 2: M<=16).
+// NT = n8 token tiles (1: M<=8, 2: M<=16). Options (template parameters): XS stages the activations in shared memory
+// and reads them with ldmatrix (gemv_stage_x / gemv_xfrag); ST > 0 replaces the register buffers by a cp.async ring
+// (GemvRing); PF prefetches weights into L2; OG scales int4 products after the MMAs.
 //
 // Split-K (gridDim.y = ks > 1): every block writes its fp32 partial tile to the workspace Ws, then counts itself in
 // Cnt[blockIdx.x] (atomicAdd after __threadfence); the last of the ks blocks of a row tile sums the ks partials in
@@ -241,9 +243,9 @@ __device__ __forceinline__ void gemv_load(GemvBuf<KIND, NT, RT, U>& f, int c0, i
 }
 
 // L2 prefetch of the U chunks from c (weights and, for 2:4 kinds, their metadata) of every row tile: one
-// prefetch.global.L2 per 512-byte chunk (each lane names its own 16 bytes). No registers are held for them, so the
-// bytes in flight are no longer bounded by the register buffers (2:4 + int4 needs ~120 registers a thread, which caps
-// it at 16 warps an SM and ~16 KB of loads in flight: about half of the copy bandwidth on the H100).
+// prefetch.global.L2 per 512-byte chunk (each lane names its own 16 bytes), no registers held. Meant to raise the bytes
+// in flight beyond what the register buffers allow; measured slower at every distance on the H100
+// (bench/results/cuda_kernels_decode_prefetch.md), so PF is 0 by default and outside the search space.
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
 
 template <int KIND, int RT, int U>
