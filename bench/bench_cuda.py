@@ -157,7 +157,7 @@ def _cfg_label(c):
     """w16 rt2 u1 ks0 (pf8): a GEMV config as the decode report writes it."""
     w2 = f"/{c['warps2']}" if c.get("warps2") and c["warps2"] != c["warps"] else ""
     return (f"w{c['warps']}{w2} rt{c['rt']} u{c['u']} ks{c['ks']}" + (f" pf{c['pf']}" if c.get("pf") else "")
-            + (f" st{c['st']}" if c.get("st") else "") + (" xs" if c.get("xs") else "")
+            + (f" st{c['st']}" if c.get("st") else "") + (" xs" if c.get("xs") and not c.get("st") else "")
             + (" og0" if c.get("og", 1) == 0 else ""))
 
 
