@@ -290,7 +290,7 @@ def test_gemv_ring_layout_matches_the_device_code(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     xout = subprocess.run(["./x"], cwd=tmp_path, capture_output=True, text=True, check=True).stdout.split()
     for (k, nt, u), got in zip(xcases, xout, strict=True):
-        c = dict(cs.default_config(k)["gemv"], warps=8, rt=2, u=u, xs=1, st=0)
+        c = dict(cs.default_config(k)["gemv"], warps=8, rt=2, u=u, xs=3, st=0)
         assert cs._gemv_smem(c, nt, k) == 8 * 2 * nt * 4 * 32 * 4 + 8 * 2 * int(got), (k, nt, u)
     c = dict(cs.default_config("sp4")["gemv"], warps=8, rt=2, st=3)
     v = cs.Variant.make("sp4", True, 128, dict(cs.default_config("sp4"), gemv=c))
@@ -427,6 +427,15 @@ def test_untuned_gemv_warps_follow_the_layer_rows():
                for nck in (1, 4, 8, 16, 64))  # fmt: skip
     lin, v, tuned = pick(5120, "h100")
     assert not tuned and v.cfg("gemv") == cs.default_config("sp4", "sm_90a", 5120, 2048)["gemv"]
+    # 2:4 + int4 stages its activations in both kernels with >= 8 warps at M <= 8, else only at M > 8
+    for n, xs in ((4096, 3), (11008, 2), (14336, 2), (5120, 3)):
+        g = cs.default_config("sp4", "sm_90a", n, 4096)["gemv"]
+        assert g["xs"] == xs and cs.gemv_xs(g, 1) == (xs == 3) and cs.gemv_xs(g, 2), (n, g)
+        v = cs.Variant.make("sp4", False, 128, dict(cs.default_config("sp4"), gemv=g))
+        assert v.kernel_names()["gemv1"].endswith("_og") and ("_x_" in v.kernel_names()["gemv1"]) == (xs == 3)
+        assert "_x_og" in v.kernel_names()["gemv2"]
+        assert cs._gemv_smem(g, 1, "sp4", False, 128) == g["warps"] * 2 * 4 * 128 + (g["warps"] * 2 * 8 * 272 if xs == 3 else 0)
+    assert cs.default_config("sp16", "sm_90a", 4096, 4096)["gemv"]["xs"] == 0
     # the two token-tile kernels: their own warps in the kernel names, the launch and the host table (4096 rows:
     # 16 warps at M <= 8, 8 at M > 8)
     _, v4096, _ = pick(4096, "h100")

@@ -72,13 +72,17 @@ SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_9
 # "og": 1 = the int4 kinds' kernel that scales after the MMAs where a quantization group holds whole chunks
 # (gemv_one_group), 0 = dequantize with the scale before each MMA (the earlier kernel; kept to measure against).
 # "st": stages of the cp.async shared-memory ring that feeds the weights (0 = the two register buffers of "u" chunks).
-# "xs": 1 = activations staged in shared memory by cp.async and read with ldmatrix (register pipeline only).
+# "xs": activations staged in shared memory by cp.async and read with ldmatrix (register pipeline only), a bit per
+# token-tile kernel: 1 = the M <= 8 kernel, 2 = the M > 8 one, 3 = both.
 DEFAULT_GEMV = {"warps": 8, "rt": 2, "u": 1, "ks": 0, "pf": 0, "warps2": 0, "og": 1, "st": 0, "xs": 0}
+# 2:4 + int4 with 4-warp blocks at M <= 8 (rows beyond ~1.5 waves of 16-warp blocks): the staged path was 0.86-0.99x
+# of the unstaged one at M = 2-8 (bench/results/cuda_kernels_decode_xs_default.md), so those layers stage only at M > 8
+GEMV_XS_MIN_WARPS = {"sp4": 8}
 GEMV_MAX_ST = 8
 # 2:4 + int4 stages its activations (xs): 16 32-bit activation loads a chunk were its largest instruction count
 # (bench/results/cuda_kernels_decode_xs.md, per-point medians over the configs: 0.94-1.08x at M <= 8, 1.17-1.30x at
 # M = 16 over the same config without); 2:4 fp16 (4 loads a chunk) and int4 gain nothing or lose at M <= 8.
-DEFAULT_GEMV_KIND = {"sp16": dict(DEFAULT_GEMV, warps=16), "sp4": dict(DEFAULT_GEMV, xs=1), "dq4": dict(DEFAULT_GEMV, warps=16)}
+DEFAULT_GEMV_KIND = {"sp16": dict(DEFAULT_GEMV, warps=16), "sp4": dict(DEFAULT_GEMV, xs=3), "dq4": dict(DEFAULT_GEMV, warps=16)}
 GEMV_MAX_PF = 64
 # The warps of an untuned decode GEMV follow the layer's row count (gemv_auto_warps): the fewest waves of blocks, then
 # the most warps a block. GEMV_WARP_BUDGET[(kind, token tiles)]: warps one SM holds with the default tiles, 65536
@@ -142,6 +146,8 @@ def default_config(kind: str, arch: str = "sm_90a", n: int | None = None, k: int
             budget = (GEMV_WARP_BUDGET_ASYM if asym else {}).get((kind, nt), GEMV_WARP_BUDGET[(kind, nt)])
             gemv[key] = gemv_auto_warps(budget, n, gemv["rt"], ARCH_SMS.get(arch, ARCH_SMS["sm_80"]),
                                         gemv_chunks(kind, k) if k is not None else None, GEMV_MAX_WARPS.get((kind, nt)))
+        if gemv.get("xs") and gemv["warps"] < GEMV_XS_MIN_WARPS.get(kind, 0):
+            gemv["xs"] &= ~1
     return {"gemv": gemv, "gemm_small": dict(DEFAULT_GEMM_SMALL[kind]), "gemm": gemm, "small_max": DEFAULT_SMALL_MAX}
 
 
@@ -401,7 +407,7 @@ def _inst_name(kind: str, asym: bool, path: str, c: dict[str, int], nt: int, og:
     if path.startswith("gemv"):
         pf = f"_p{c['pf']}" if c.get("pf") else ""
         st = f"_s{c['st']}" if c.get("st") else ""
-        xs = "_x" if gemv_xs(c) else ""
+        xs = "_x" if gemv_xs(c, nt) else ""
         return f"sparsec_gemv_{kind}{a}_nt{nt}_w{gemv_warps(c, nt)}_r{c['rt']}_u{c['u']}{pf}{st}{xs}{'_og' if og else ''}"
     wg = "_wgmma" if c.get("wgmma") else ""
     if c.get("ws"):
@@ -409,9 +415,10 @@ def _inst_name(kind: str, asym: bool, path: str, c: dict[str, int], nt: int, og:
     return f"sparsec_gemm{wg}_{kind}{a}_{c['bm']}x{c['bn']}x{c['bk']}_w{c['wm']}x{c['wn']}_s{c['stages']}"
 
 
-def gemv_xs(c: dict[str, int]) -> bool:
-    """Activations staged in shared memory ("xs"): a register-pipeline option, off under the cp.async ring ("st")."""
-    return bool(c.get("xs")) and not c.get("st")
+def gemv_xs(c: dict[str, int], nt: int) -> bool:
+    """Activations staged in shared memory ("xs", bit nt - 1) for the ``nt`` token-tile kernel: a register-pipeline
+    option, off under the cp.async ring ("st")."""
+    return bool(c.get("xs", 0) & (1 << (nt - 1))) and not c.get("st")
 
 
 def gemv_warps(c: dict[str, int], nt: int) -> int:
@@ -432,7 +439,7 @@ def _gemv_smem(c: dict[str, int], nt: int, kind: str = "sp16", asym: bool = Fals
     red = gemv_warps(c, nt) * c["rt"] * nt * 4 * 32 * 4
     st = c.get("st", 0)
     if not st:
-        if gemv_xs(c):  # two buffers of U chunks x NT*8 rows x (CH k32 steps + 16 bytes) (sparsec_mma.cuh XTile)
+        if gemv_xs(c, nt):  # two buffers of U chunks x NT*8 rows x (CH k32 steps + 16 bytes) (sparsec_mma.cuh XTile)
             return red + gemv_warps(c, nt) * 2 * c["u"] * nt * 8 * (_STEPS_PER_CHUNK[kind] * 64 + 16)
         return red
     return red + gemv_warps(c, nt) * st * gemv_ring_stage_bytes(kind, c["rt"], asym, gemv_one_group(kind, gs, c))
@@ -496,7 +503,7 @@ def gemv_valid(c: dict[str, int]) -> bool:
     return (c.get("warps") in (1, 2, 4, 8, 16, 32) and c.get("rt", 0) >= 1 and c.get("u", 0) >= 1
             and 0 <= c.get("ks", 1) <= GEMV_MAX_KS and 0 <= c.get("pf", 0) <= GEMV_MAX_PF
             and c.get("warps2", 0) in (0, 1, 2, 4, 8, 16, 32) and c.get("og", 1) in (0, 1)
-            and 0 <= c.get("st", 0) <= GEMV_MAX_ST and c.get("xs", 0) in (0, 1))  # fmt: skip
+            and 0 <= c.get("st", 0) <= GEMV_MAX_ST and c.get("xs", 0) in (0, 1, 2, 3))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------- layouts
@@ -738,7 +745,7 @@ def render_device_source(variants: list[Variant]) -> str:
                 "const uint32_t* __restrict__ Zb, half* __restrict__ Y, float* __restrict__ Ws, "
                 "unsigned* __restrict__ Cnt, int M, int N, int K, int T, int G, int GS) {\n"
                 f"  sparsec::gemv_body<sparsec::{kenum}, {nt}, {gemv_warps(c, nt)}, {c['rt']}, {c['u']}, {a}, {c.get('pf', 0)}, {'true' if og else 'false'}, {c.get('st', 0)}, "
-                f"{'true' if gemv_xs(c) else 'false'}>"
+                f"{'true' if gemv_xs(c, nt) else 'false'}>"
                 "(X, Wv, Wm, Sc, Zb, Y, Ws, Cnt, M, N, K, T, G, GS);\n}\n"
             )
         for path in ("gemm_small", "gemm"):
