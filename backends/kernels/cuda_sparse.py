@@ -155,7 +155,7 @@ def gemv_auto_warps(budget: int, n: int, rt: int, sms: int, nck: int | None = No
     """Warps a block of the untuned decode GEMV for ``n`` output rows: the choice (16, 8, 4) that runs the grid of
     row-tile blocks in the fewest waves (an SM holds ``budget`` // warps blocks, ``budget`` = the warps its registers
     hold: GEMV_WARP_BUDGET), the most warps among those. One block per SM (4096 rows: 128 blocks on 132 SMs) gets 16
-    warps; 11008 rows (344 blocks) of 2:4 + int4 at M <= 8 (budget 16) get 4 warps, so four blocks of an SM run the grid
+    warps; 11008 rows (344 blocks) of 2:4 + int4 at M <= 8 (budget 20) get 4 warps, so five blocks of an SM run the grid
     in one wave where 16-warp blocks would need three. With ``nck``
     (16-byte chunks a row tile holds, :func:`gemv_chunks`) no more warps than chunks (the smallest choice at least):
     a warp without a chunk of K would only wait for the others. ``max_warps`` caps the choice (register spills)."""
