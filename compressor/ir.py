@@ -804,6 +804,22 @@ def dumps_json(doc: dict[str, Any]) -> str:
     return json.dumps(doc, sort_keys=True, indent=1, separators=(",", ": "), allow_nan=False) + "\n"
 
 
+def walk_up(prod: dict[str, Node], starts: Iterable[str], into=None) -> Iterator[tuple[str, Node | None]]:
+    """Depth-first over the values ``starts`` are computed from, each value once: yields (value, its producer or None
+    for a graph input / constant); a producer's inputs are visited when ``into(value, producer)`` is true (always
+    without ``into``). ``prod``: output value -> node (:meth:`Graph.producers`)."""
+    stack, seen = list(starts), set()
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        p = prod.get(v)
+        yield v, p
+        if p is not None and (into is None or into(v, p)):
+            stack.extend(i for i in p.inputs if i)
+
+
 def iter_all_nodes(graph: Graph) -> Iterator[Node]:
     for n in graph.nodes:
         yield n

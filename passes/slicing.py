@@ -80,6 +80,7 @@ from ..compressor.ir import (
     Residual,
     RMSNorm,
     block_of_module,
+    walk_up,
 )
 from ..compressor.pipeline import Pass, PassContext, make_row, parse_overrides, parse_params, register_pass
 from ..compressor.report import LayerRow, PassReport
@@ -482,17 +483,9 @@ class _Finder:
     def stream_dependency(self, v: str) -> str | None:
         """The residual addition, norm, MoE or stream value that ``v`` is computed from, described (None: ``v`` is
         computed before the stream)."""
-        stack, seen = [v], set()
-        while stack:
-            x = stack.pop()
-            if x in seen:
-                continue
-            seen.add(x)
-            p = self.prod.get(x)
+        for x, p in walk_up(self.prod, [v]):
             if x in self.seg_of_value or isinstance(p, (Residual, LayerNorm, RMSNorm, MoE)):
                 return f"'{p.name}', {p.op}" if p is not None else f"the graph input '{x}'"
-            if p is not None:
-                stack.extend(i for i in p.inputs if i)
         return None
 
     def _first_reader(self, v: str) -> Node:

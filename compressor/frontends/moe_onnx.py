@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..ir import ACTIVATIONS, Expert, Generic, Graph, Linear, MoE, Node
+from ..ir import ACTIVATIONS, Expert, Generic, Graph, Linear, MoE, Node, walk_up
 
 _FLOAT = ("float32", "float16", "float64", "bfloat16")
 # ops that only move or re-type values: x -> router input, and the block output -> a reshape back to x's shape
@@ -311,19 +311,8 @@ class _Region:
         self.external = sorted({i for n in region for i in n.inputs if i and i not in produced and i != x and i not in G.g.constants})
         # values used outside the region (router logits returned next to the output ...): keep what computes them
         leaks = [o for o in produced if o != y and (o in G.outputs or any(id(c) not in ids for c in G.cons.get(o, [])))]
-        keep: set[int] = set()
-        stack = list(leaks)
-        seen: set[str] = set()
-        while stack:
-            v = stack.pop()
-            if v in seen:
-                continue
-            seen.add(v)
-            p = G.prod.get(v)
-            if p is not None and id(p) in ids and id(p) not in keep:
-                keep.add(id(p))
-                stack.extend(i for i in p.inputs if i)
-        self.keep = keep
+        walked = walk_up(G.prod, leaks, into=lambda _v, p: id(p) in ids)  # up through region nodes only
+        self.keep = {id(p) for _, p in walked if p is not None and id(p) in ids}
         self.linears = [n for n in region if isinstance(n, Linear)]
 
     def removable(self) -> list[Node]:
