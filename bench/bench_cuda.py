@@ -154,6 +154,11 @@ def decode_variant_rows():
     return rows
 
 
+def _steady_ms(d):
+    """A decode timing's steady-state ms: the CUDA-graph time, the launch loop's where no graph was captured."""
+    return d["graph_ms"] if d.get("graph_ms") is not None else d["loop_ms"]
+
+
 def _cfg_label(c):
     """w16 rt2 u1 ks0 (pf8): a GEMV config as the decode report writes it."""
     w2 = f"/{c['warps2']}" if c.get("warps2") and c["warps2"] != c["warps"] else ""
@@ -859,10 +864,7 @@ def cmd_device_decode(args):
                 bench.append(row)
                 res["checks"] = checks
 
-                def sm(d):
-                    return d["graph_ms"] if d.get("graph_ms") is not None else d["loop_ms"]
-
-                msg = " ".join(f"{nm} {sm(row[nm]) * 1e3:.1f}/{row[nm]['flush_ms'] * 1e3:.1f}us"
+                msg = " ".join(f"{nm} {_steady_ms(row[nm]) * 1e3:.1f}/{row[nm]['flush_ms'] * 1e3:.1f}us"
                                for nm in ("default", "ks1", "best", "dense") if nm in row)  # fmt: skip
                 print(f"decode {kind} {n}x{k} m={m}: steady/flush {msg}; best {best and best['gemv']} "
                       f"host/call ours {row['default']['host_ms'] * 1e3:.1f}us dense {row['dense']['host_ms'] * 1e3:.1f}us",
@@ -901,9 +903,7 @@ def cmd_report_decode(args):
            "checks": checks, "raw_started": raw.get("started")}  # fmt: skip
     (outdir / f"cuda_kernels_decode_{name}.json").write_text(json.dumps(doc, indent=1))
 
-    def st(d):
-        return d["graph_ms"] if d.get("graph_ms") is not None else d["loop_ms"]
-
+    st = _steady_ms
     names = {"sp16": "2:4 fp16", "sp4": "2:4 + int4 g128", "dq4": "int4 g128"}
     L = [f"# sparsec decode GEMV (split-K) on {raw['info']['gpu']} ({raw.get('started', '')})", ""]
     L.append(f"L2 {raw['info'].get('l2_bytes', 0) / 2**20:.0f} MiB. Copy bandwidth (read + written): {copy:.0f} GB/s "
@@ -1138,8 +1138,9 @@ def write_decode_tuning(raw, name):
     path = shipped_db_path("h100")
     db = TuningDB(entries=TuningDB.read(path), path=path)
     changed = 0
+    kind_of = {v: k for k, v in KERNEL_OF_KIND.items()}
     for e in db.entries:
-        kind = {v: k for k, v in KERNEL_OF_KIND.items()}.get(e["kernel"])
+        kind = kind_of.get(e["kernel"])
         got = pick.get((kind, e["key"].get("out"), e["key"].get("in")))
         if got is None or (kind != "sp16" and e["key"].get("group_size") != LLM_GS):
             continue

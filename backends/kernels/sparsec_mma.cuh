@@ -173,6 +173,25 @@ __host__ __device__ __forceinline__ void split_range(int n, int parts, int i, in
   e = static_cast<int>((static_cast<long long>(n) * (i + 1)) / parts);
 }
 
+// One lane's addresses for chunk c of row tile rt (shared by the register loads, the L2 prefetch and the ring): its 16
+// weight bytes, metadata word p of the chunk, and the scale / zero word of lookup i (sp4: k32 step c*CH+i, 16 value
+// columns each; dq4: k16 unit 2*c*CH+i).
+template <int KIND>
+struct GemvAddr {
+  static constexpr int CH = KindTraits<KIND>::kStepsPerChunk;
+  static __device__ __forceinline__ const uint4* w(const uint4* Wv, int rt, int NC, int c, int lane) {
+    return Wv + ((size_t)rt * NC + c) * 32 + lane;
+  }
+  static __device__ __forceinline__ const uint32_t* meta(const uint32_t* Wm, int rt, int T, int c, int p, int lane) {
+    const int pair = CH == 1 ? (c >> 1) : c * (CH / 2) + p;
+    return Wm + ((size_t)rt * (T / 2) + pair) * 32 + lane;
+  }
+  static __device__ __forceinline__ size_t scale(int rt, int G, int c, int i, int GS, int g) {
+    const int col = KIND == KIND_SP4 ? (c * CH + i) * 16 : (2 * c * CH + i) * 16;
+    return ((size_t)rt * G + col / GS) * 8 + g;
+  }
+};
+
 template <int KIND, int NT, int RT, int U>
 struct GemvBuf {
   using Tr = KindTraits<KIND>;
@@ -202,13 +221,10 @@ __device__ __forceinline__ void gemv_load(GemvBuf<KIND, NT, RT, U>& f, int c0, i
 #pragma unroll
     for (int r = 0; r < RT; ++r) {
       const int rt = rts[r];
-      f.a[u][r] = ok ? ldg_u128(Wv + ((size_t)rt * NC + cc) * 32 + lane) : make_uint4(0, 0, 0, 0);
+      f.a[u][r] = ok ? ldg_u128(GemvAddr<KIND>::w(Wv, rt, NC, cc, lane)) : make_uint4(0, 0, 0, 0);
       if constexpr (KindTraits<KIND>::kSparse) {
 #pragma unroll
-        for (int p = 0; p < B::MP; ++p) {
-          const int pair = CH == 1 ? (cc >> 1) : cc * (CH / 2) + p;
-          f.m[u][r][p] = ldg_u32(Wm + ((size_t)rt * (T / 2) + pair) * 32 + lane);
-        }
+        for (int p = 0; p < B::MP; ++p) f.m[u][r][p] = ldg_u32(GemvAddr<KIND>::meta(Wm, rt, T, cc, p, lane));
       }
       if constexpr (KindTraits<KIND>::kQuant) {
         // a chunk spans 64 value columns: with GS % 64 == 0 it lies in one group (one load, replicated)
@@ -220,11 +236,9 @@ __device__ __forceinline__ void gemv_load(GemvBuf<KIND, NT, RT, U>& f, int c0, i
             f.z[u][r][i] = f.z[u][r][0];
             continue;
           }
-          // sp4: lookup i = step cc*CH+i (16 value columns each); dq4: k16 unit 2*(cc*CH)+i
-          const int col = KIND == KIND_SP4 ? (cc * CH + i) * 16 : (2 * cc * CH + i) * 16;
-          const int grp = col / GS;
-          f.s[u][r][i] = ldg_u32(Sc + ((size_t)rt * G + grp) * 8 + g);
-          f.z[u][r][i] = ASYM ? ldg_u32(Zb + ((size_t)rt * G + grp) * 8 + g) : 0x64086408u;
+          const size_t si = GemvAddr<KIND>::scale(rt, G, cc, i, GS, g);
+          f.s[u][r][i] = ldg_u32(Sc + si);
+          f.z[u][r][i] = ASYM ? ldg_u32(Zb + si) : 0x64086408u;
         }
       }
     }
@@ -259,11 +273,11 @@ __device__ __forceinline__ void gemv_prefetch(int c0, int c_end, const uint4* __
     if (c >= c_end) break;
 #pragma unroll
     for (int r = 0; r < RT; ++r) {
-      prefetch_l2(Wv + ((size_t)rts[r] * NC + c) * 32 + lane);
+      prefetch_l2(GemvAddr<KIND>::w(Wv, rts[r], NC, c, lane));
       if constexpr (KindTraits<KIND>::kSparse) {
         // metadata: one 128-byte pair line per two k32 steps (CH == 1: every other chunk starts a pair)
-        if (CH > 1 || (c & 1) == 0) prefetch_l2(Wm + ((size_t)rts[r] * (T / 2) + (CH == 1 ? (c >> 1) : c * (CH / 2))) * 32 + lane);
-        if constexpr (CH == 4) prefetch_l2(Wm + ((size_t)rts[r] * (T / 2) + c * 2 + 1) * 32 + lane);
+        if (CH > 1 || (c & 1) == 0) prefetch_l2(GemvAddr<KIND>::meta(Wm, rts[r], T, c, 0, lane));
+        if constexpr (CH == 4) prefetch_l2(GemvAddr<KIND>::meta(Wm, rts[r], T, c, 1, lane));
       }
     }
   }
@@ -385,19 +399,15 @@ __device__ __forceinline__ void gemv_ring_issue(uint32_t stage, int c, int c_end
 #pragma unroll
   for (int r = 0; r < RT; ++r) {
     const int rt = rts[r];
-    cp_async16_ring(stage + (r * 32 + lane) * 16, Wv + ((size_t)rt * NC + cc) * 32 + lane, ok);
+    cp_async16_ring(stage + (r * 32 + lane) * 16, GemvAddr<KIND>::w(Wv, rt, NC, cc, lane), ok);
 #pragma unroll
-    for (int p = 0; p < R::MP; ++p) {
-      const int pair = R::CH == 1 ? (cc >> 1) : cc * (R::CH / 2) + p;
-      cp_async4_ring(stage + ((R::kM + r * R::MP + p) * 32 + lane) * 4, Wm + ((size_t)rt * (T / 2) + pair) * 32 + lane, ok);
-    }
+    for (int p = 0; p < R::MP; ++p)
+      cp_async4_ring(stage + ((R::kM + r * R::MP + p) * 32 + lane) * 4, GemvAddr<KIND>::meta(Wm, rt, T, cc, p, lane), ok);
 #pragma unroll
     for (int i = 0; i < R::NS; ++i) {
-      const int col = KIND == KIND_SP4 ? (cc * R::CH + i) * 16 : (2 * cc * R::CH + i) * 16;
-      const int grp = col / GS;
-      cp_async4_ring(stage + ((R::kS + r * R::NS + i) * 32 + lane) * 4, Sc + ((size_t)rt * G + grp) * 8 + g, ok);
-      if constexpr (ASYM)
-        cp_async4_ring(stage + ((R::kZ + r * R::NS + i) * 32 + lane) * 4, Zb + ((size_t)rt * G + grp) * 8 + g, ok);
+      const size_t si = GemvAddr<KIND>::scale(rt, G, cc, i, GS, g);
+      cp_async4_ring(stage + ((R::kS + r * R::NS + i) * 32 + lane) * 4, Sc + si, ok);
+      if constexpr (ASYM) cp_async4_ring(stage + ((R::kZ + r * R::NS + i) * 32 + lane) * 4, Zb + si, ok);
     }
   }
   cp_async_commit();
