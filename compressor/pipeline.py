@@ -36,7 +36,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 
 from .errors import PassError, RecipeError
-from .ir import Graph, Linear
+from .ir import Graph, Linear, walk_up
 from .report import LayerRow, PassReport
 
 
@@ -295,24 +295,10 @@ class Selection:
 def output_heads(graph: Graph) -> set[str]:
     """Linear layers whose output reaches a graph output without passing through another Linear or a residual add
     (the output projections of an encoder's last block feed the residual stream: they are not a head)."""
-    prod = graph.producers()
-    heads: set[str] = set()
-    seen: set[str] = set()
-    stack = list(graph.outputs)
-    while stack:
-        v = stack.pop()
-        if v in seen:
-            continue
-        seen.add(v)
-        n = prod.get(v)
-        if n is None:
-            continue
-        if isinstance(n, Linear):
-            heads.add(n.name)
-            continue
-        if n.op in ("MoE", "Residual"):
-            continue
-        stack.extend(i for i in n.inputs if i and i not in graph.constants)
+    def through(_v, n):  # the walk stops at a Linear (a head candidate), an MoE block and a residual add
+        return not isinstance(n, Linear) and n.op not in ("MoE", "Residual")
+
+    heads = {n.name for _v, n in walk_up(graph.producers(), graph.outputs, through) if isinstance(n, Linear)}
     # a Linear whose output also feeds another Linear is not a head: a decoder exported with its KV cache returns
     # k_proj / v_proj outputs (through rotary, concat) as ``present.*`` graph outputs, but they feed o_proj too
     return {h for h in heads if not _feeds_linear(graph, graph.linear(h))}
