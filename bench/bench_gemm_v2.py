@@ -37,7 +37,9 @@ import bench_cuda as bc  # noqa: E402
 
 PREFILL_M = [2048, 8192]
 CHECK = [((4096, 4096), 300), ((4096, 4096), 2048), ((352, 128), 37 + 256), ((128, 352), 300), ((10, 64), 200),
-         ((11008, 4096), 8192), ((4096, 11008), 2048)]  # fmt: skip
+         ((11008, 4096), 8192), ((4096, 11008), 2048), ((11008, 4096), 2048), ((272, 3808), 150)]  # fmt: skip
+# tail split ("tail": N) on 132 SMs: 11008x4096 M = 2048 is 660 whole tiles + 28 tiles in 4 parts (256x128 tiles);
+# (272, 3808) M = 150: 4 tiles, 30 k tiles of 128 in 7 (N = 8) / 4 / 2 parts of uneven, odd lengths, K tail
 # first stage of every ws candidate (written without a GPU): tiny, tails everywhere. (264, 320): 5 / 3 k tiles
 # (BK 64 / 128: an odd count, the tail path) with the last X box partly beyond K, a weight-row tail and a token tail;
 # (128, 2048): 32 / 16 k tiles, so every stage's full/empty mbarriers go through several phases; (16, 64): a single
@@ -76,7 +78,7 @@ def variants():
         rows.append({"func": v.func_name, "kind": "sp16", "asym": False, "gs": 0, "config": v.config_dict(),
                      "path": _path(c), "wgmma": bool(c.get("wgmma") or c.get("ws")), "ws": bool(c.get("ws")),
                      "default": c == base["gemm"], "reference": c == DEFAULT_GEMM["sp16"],
-                     "kernel": v.kernel_names()["gemm"]})  # fmt: skip
+                     "kernel": v.kernel_names().get("gemm_tail", v.kernel_names()["gemm"])})  # fmt: skip
     return [Variant.make("sp16", False, 0, r["config"]) for r in rows], rows
 
 
@@ -196,6 +198,7 @@ def cmd_baseline(args):
     for n, k in bc.LLM_SHAPES:
         wt = W(n, k)
         semi = None
+        ms = args.prefill_m
         if not bc.DRY:
             try:
                 from torch.sparse import to_sparse_semi_structured
@@ -203,7 +206,7 @@ def cmd_baseline(args):
                 semi = to_sparse_semi_structured(wt.w16)
             except Exception as e:  # the dense baseline still counts; the semi column says why it is missing
                 part.setdefault("semi_error", f"{type(e).__name__}: {e}"[:300])
-        for m in PREFILL_M:
+        for m in ms:
             part["stage"] = f"baseline {n}x{k} M={m}"
             _write(path, part)
             x = torch.randn(m, k, device=bc.DEV, dtype=torch.float16)
@@ -243,7 +246,7 @@ def cmd_cand(args):
     if not args.no_bench:
         for n, k in bc.LLM_SHAPES:
             wt = W(n, k)
-            for m in PREFILL_M:
+            for m in args.prefill_m:
                 part["stage"] = f"bench {n}x{k} M={m}"
                 _write(path, part)
                 x = torch.randn(m, k, device=bc.DEV, dtype=torch.float16)
@@ -264,6 +267,86 @@ def cmd_cand(args):
     part["stage"] = "done"
     _write(path, part)
     return 0
+
+
+def _pick(man: dict, picks: list[str]) -> list[dict]:
+    """Manifest rows named by ``KERNEL_SUBSTRING[:TAIL]`` (tail: the config's "tail", 0 = none)."""
+    out = []
+    for p in picks:
+        sub, _, tail = p.partition(":")
+        rows = [r for r in man["variants"] if sub in r["kernel"] and r["config"]["gemm"].get("tail", 0) == int(tail or 0)]
+        if len(rows) != 1:
+            raise SystemExit(f"--pick {p}: {len(rows)} manifest rows match (need exactly one)")
+        out.append(rows[0])
+    return out
+
+
+def cmd_ab(args):
+    """Interleaved A/B timing of already-verified candidates and cuBLAS: for every LLM shape and M, ``--rounds`` rounds,
+    each timing every candidate and cuBLAS once (bench_cuda.Ctx.time: L2 flushed before each call) in an order that
+    rotates from round to round, so clock and temperature drift during the run, and the heat the previous contender
+    left (at M = 8192 the first contender after cuBLAS ran up to 15 % slower in a fixed order), hit all alike. -> <out>/cuda_gemm_v2_ab.json (medians in ab-report)."""
+    pack, out = Path(args.pack), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch, man, ctx = _ctx(pack, out)
+    rows = _pick(man, args.pick)
+    W = _weights(ctx, Path(args.cache))
+    res = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv, "info": bc.device_info(torch),
+           "candidates": [{"func": r["func"], "kernel": r["kernel"], "config": r["config"]["gemm"]} for r in rows],
+           "checks": [], "times": []}  # fmt: skip
+    for n, k in bc.LLM_SHAPES:
+        wt = W(n, k)
+        for m in args.prefill_m:
+            for r in rows:  # correctness of each candidate at this very shape first (float64, fresh inputs)
+                c = bc.check(ctx, r["func"], wt, m, seed=5 + m + n)
+                res["checks"].append(dict(c, func=r["func"]))
+                if not c["ok"]:
+                    print("WRONG", r["kernel"], c, flush=True)
+                    _write(out / "cuda_gemm_v2_ab.json", res)
+                    return 1
+            x = torch.randn(m, k, device=bc.DEV, dtype=torch.float16)
+            y = torch.empty(m, n, device=bc.DEV, dtype=torch.float16)
+            t = {"cublas": []} | {r["func"]: [] for r in rows}
+            calls = [("cublas", lambda: torch.nn.functional.linear(x, wt.w16))]
+            calls += [(r["func"], lambda f=r["func"]: bc.run_ours(ctx, f, wt, x, y)) for r in rows]
+            for i in range(args.rounds):  # the order rotates every round: each contender follows each other one alike
+                for name, fn in calls[i % len(calls):] + calls[: i % len(calls)]:
+                    t[name].append(ctx.time(fn))
+            res["times"].append({"out": n, "in": k, "m": m, "ms": t})
+            med = {f: sorted(v)[len(v) // 2] for f, v in t.items()}
+            print(f"{n}x{k} M={m}: cuBLAS {med['cublas']:.4f} ms; "
+                  + "; ".join(f"{r['kernel'][13:]} t{r['config']['gemm'].get('tail', 0)} {med[r['func']]:.4f} "
+                              f"({med['cublas'] / med[r['func']]:.3f}x)" for r in rows), flush=True)  # fmt: skip
+            _write(out / "cuda_gemm_v2_ab.json", res)
+    return 0
+
+
+def cmd_ab_report(args):
+    raw = json.loads(Path(args.raw).read_text())
+    dst = Path(args.dst)
+    (dst / f"{args.name}.json").write_text(json.dumps(raw, indent=1))
+    cands = raw["candidates"]
+    label = {c["func"]: _cfg(c["config"]) for c in cands}
+    ch = raw["checks"]
+    L = [f"# 2:4 fp16 prefill GEMM, interleaved A/B vs cuBLAS ({raw['info'].get('gpu', '')}, {raw['started']})", "",
+         f"Median of {len(raw['times'][0]['ms']['cublas'])} rounds; every round times cuBLAS (`F.linear`, dense fp16 "
+         "weight with the same values) and each candidate once, in an order rotating from round to round, L2 flushed "
+         "before each call. Correctness in the same "
+         f"run: {sum(c['ok'] for c in ch)}/{len(ch)} checks within 1e-2 of float64 (max rel. error "
+         f"{max(c['rel_err'] for c in ch):.2e}).", "",
+         "Each cell: median ms (vs cuBLAS's median), then the fastest round's ms (vs cuBLAS's fastest).", "",
+         "| out×in | M | cuBLAS ms median / min | " + " | ".join(label[c["func"]] for c in cands) + " |",
+         "|---|---|---|" + "---|" * len(cands)]  # fmt: skip
+    for t in raw["times"]:
+        med = {f: sorted(v)[len(v) // 2] for f, v in t["ms"].items()}
+        lo = {f: min(v) for f, v in t["ms"].items()}
+        L.append(f"| {t['out']}×{t['in']} | {t['m']} | {med['cublas']:.4f} / {lo['cublas']:.4f} | "
+                 + " | ".join(f"{med[c['func']]:.4f} ({med['cublas'] / med[c['func']]:.2f}x); {lo[c['func']]:.4f} "
+                              f"({lo['cublas'] / lo[c['func']]:.2f}x)" for c in cands) + " |")  # fmt: skip
+    L += ["", f"Command: `{' '.join(raw['argv'][1:])}` (on the GPU), then `python bench/bench_gemm_v2.py ab-report --raw "
+          f"<out>/cuda_gemm_v2_ab.json --name {args.name}`."]  # fmt: skip
+    (dst / f"{args.name}.md").write_text("\n".join(L) + "\n")
+    print("\n".join(L))
 
 
 # ------------------------------------------------------------------------------------------------ driver (GPU)
@@ -320,7 +403,7 @@ def cmd_device(args):
     deadline = t0 + args.budget_s
     res = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv, "set": args.set, "candidates": [],
            "checks": [], "smoke": [], "bench": []}  # fmt: skip
-    common = ["--pack", str(pack), "--cache", args.cache]
+    common = ["--pack", str(pack), "--cache", args.cache, "--prefill-m", *map(str, args.prefill_m)]
     log = open(out / "children.log", "a")
 
     def save():
@@ -380,7 +463,7 @@ def cmd_device(args):
     for b in res["bench"]:
         if b["func"] in ok and b["path"] in ("ws", "wgmma"):
             tot.setdefault((b["path"], b["func"]), []).append(b["ms_ours"] / b["ms_dense"])
-    full = {k: sum(v) for k, v in tot.items() if len(v) == len(bc.LLM_SHAPES) * len(PREFILL_M)}
+    full = {k: sum(v) for k, v in tot.items() if len(v) == len(bc.LLM_SHAPES) * len(args.prefill_m)}
     if full and deadline - time.time() > 30:
         path, win = min(full, key=lambda k: (k[0] != "ws", full[k]))
         p = parts / f"winner_{win}.json"
@@ -400,14 +483,15 @@ def cmd_device(args):
 # ------------------------------------------------------------------------------------------------ report (here)
 def _cfg(c: dict) -> str:
     return (f"{c['bm']}×{c['bn']}×{c['bk']} w{c['wm']}x{c['wn']} s{c['stages']}"
-            + (" persistent" if c.get("persistent") else ""))  # fmt: skip
+            + (" persistent" if c.get("persistent") else "") + (f" cluster {c['cluster']}" if c.get("cluster", 1) > 1 else "")
+            + (f" tail {c['tail']}" if c.get("tail") else ""))  # fmt: skip
 
 
 def cmd_report(args):
     raw = json.loads(Path(args.raw).read_text())
     dst = Path(args.dst)
     dst.mkdir(parents=True, exist_ok=True)
-    (dst / "cuda_gemm_v2.json").write_text(json.dumps(raw, indent=1))
+    (dst / f"{args.name}.json").write_text(json.dumps(raw, indent=1))
     info = raw.get("info", {})
     L = [f"# 2:4 fp16 prefill GEMM: Hopper warp-specialized TMA (ws) vs wgmma.sp vs mma.sp, cuBLAS, semi-structured "
          f"({info.get('gpu', '')}, {raw['started']})", ""]  # fmt: skip
@@ -450,7 +534,7 @@ def cmd_report(args):
     L += ["", "Reproduce: `python bench/bench_gemm_v2.py build --pack .devpack_v2`, then on the GPU machine "
           "`python3 bench/bench_gemm_v2.py device --pack .devpack_v2 --out $OUT`, then "
           "`python bench/bench_gemm_v2.py report --raw $OUT/cuda_gemm_v2.json`."]  # fmt: skip
-    (dst / "cuda_gemm_v2.md").write_text("\n".join(L) + "\n")
+    (dst / f"{args.name}.md").write_text("\n".join(L) + "\n")
     print("\n".join(L[:24]))
     if args.tuning:
         print(update_tuning(raw, Path(args.tuning)))
@@ -501,8 +585,10 @@ def main():
     d.add_argument("--smoke-timeout", type=float, default=40, help="a ws child still in start-up/smoke after this")
     d.add_argument("--baseline-timeout", type=float, default=150)
     d.add_argument("--cache", default="/tmp/sparsec_gemm_v2_weights")
+    d.add_argument("--prefill-m", type=int, nargs="+", default=PREFILL_M, help="token counts timed on the LLM shapes")
     for name in ("cand", "baseline"):
         c = sub.add_parser(name)
+        c.add_argument("--prefill-m", type=int, nargs="+", default=PREFILL_M)
         c.add_argument("--pack", required=True)
         c.add_argument("--part", required=True)
         c.add_argument("--cache", required=True)
@@ -513,12 +599,25 @@ def main():
             c.add_argument("--extra-m", type=int, nargs="*", default=[])
         else:
             c.add_argument("--extra-checks", action="store_true")
+    ab = sub.add_parser("ab")
+    ab.add_argument("--pack", default=".devpack_v2")
+    ab.add_argument("--out", default=os.environ.get("OUT", "bench/results/tmp"))
+    ab.add_argument("--cache", default="/tmp/sparsec_gemm_v2_weights")
+    ab.add_argument("--pick", nargs="+", required=True, help="KERNEL_SUBSTRING[:TAIL] of each candidate (already verified)")
+    ab.add_argument("--prefill-m", type=int, nargs="+", default=PREFILL_M)
+    ab.add_argument("--rounds", type=int, default=7)
+    abr = sub.add_parser("ab-report")
+    abr.add_argument("--raw", required=True)
+    abr.add_argument("--dst", default=str(ROOT / "bench" / "results"))
+    abr.add_argument("--name", default="cuda_gemm_v2_ab")
     r = sub.add_parser("report")
     r.add_argument("--raw", required=True)
     r.add_argument("--dst", default=str(ROOT / "bench" / "results"))
+    r.add_argument("--name", default="cuda_gemm_v2", help="result files <dst>/<name>.{json,md}")
     r.add_argument("--tuning", default=None, help="tuning DB to record the winners in (golden/tuning/h100.json)")
     a = ap.parse_args()
-    rc = {"build": cmd_build, "device": cmd_device, "report": cmd_report, "cand": cmd_cand, "baseline": cmd_baseline}[a.cmd](a)
+    rc = {"build": cmd_build, "device": cmd_device, "report": cmd_report, "cand": cmd_cand, "baseline": cmd_baseline,
+          "ab": cmd_ab, "ab-report": cmd_ab_report}[a.cmd](a)  # fmt: skip
     sys.exit(rc or 0)
 
 

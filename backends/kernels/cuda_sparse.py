@@ -116,7 +116,7 @@ DEFAULT_GEMM_SMALL = {
     "dq4": {"bm": 64, "bn": 64, "bk": 128, "wm": 2, "wn": 2, "stages": 3, "group": 8},
 }
 DEFAULT_SMALL_MAX = 128  # 16 < M <= small_max -> the small-tile GEMM
-_FAMILY_KEYS = ("ws", "wgmma", "persistent", "cluster")  # kernel family flags of a GEMM config
+_FAMILY_KEYS = ("ws", "wgmma", "persistent", "cluster", "tail")  # kernel family flags of a GEMM config
 # sm_90a (H100): the warp-specialized TMA + wgmma.sp GEMM, tried first. bench/bench_gemm_v2.py on an H100
 # (bench/results/cuda_gemm_v2.md): 0.93-1.04x cuBLAS at M = 2048 / 8192 on the LLM shapes where the mma.sp default
 # above runs 0.50-0.57x; all 22 warp-specialized candidates correct (smoke shapes with tails, float64 checks)
@@ -207,6 +207,11 @@ def ws_config_error(kind: str, c: dict[str, int], arch: str = "sm_90a") -> str |
         return "ws config: persistent must be 0 or 1, cluster 1 or 2"
     if c.get("persistent") and c.get("cluster", 1) != 1:
         return "ws config: a cluster of 2 is for one tile per CTA (not persistent)"
+    tail = c.get("tail", 0)
+    if tail not in (0,) + WS_TAIL_SPLITS:
+        return f"ws config: tail (the most splits of a last-wave tile) must be 0 or one of {WS_TAIL_SPLITS}"
+    if tail and (c.get("persistent") or c.get("cluster", 1) != 1 or c["stages"] > 15):
+        return "ws config: the tail split is for one tile per CTA without a cluster, at most 15 stages"
     if K_ALIGN % bk:
         return f"BK {bk} does not divide the weight's K alignment {K_ALIGN}"
     smem = gemm_smem_bytes(kind, c, False)
@@ -274,7 +279,9 @@ def ws_search_space(kind: str, arch: str = "sm_90a") -> list[dict[str, int]]:
     persistent = ((128, 256, 64, (3,)), (256, 128, 64, (4,)), (128, 128, 64, (6, 7)), (128, 128, 128, (3,)),
                   (256, 128, 128, (2,)))  # fmt: skip
     cluster = ((128, 256, 64, (4, 5)), (256, 128, 64, (5, 6)), (128, 128, 128, (4,)), (256, 128, 128, (3,)))
-    for extra, tiles in (({}, one_tile), ({"persistent": 1}, persistent), ({"cluster": 2, "group": 8}, cluster)):
+    tail = [({"tail": t}, ((256, 128, 128, (3,)),)) for t in WS_TAIL_SPLITS]  # the one-tile winner, split tails
+    tail.append(({"tail": 4}, ((128, 256, 64, (4,)), (256, 128, 64, (5,)))))
+    for extra, tiles in (({}, one_tile), ({"persistent": 1}, persistent), ({"cluster": 2, "group": 8}, cluster), *tail):
         for bm, bn, bk, stages in tiles:
             for st in stages:
                 c = {"bm": bm, "bn": bn, "bk": bk, "wm": bm // 64, "wn": 1, "stages": st, "group": 16, "ws": 1, **extra}
@@ -293,13 +300,53 @@ VERIFIED_WS = frozenset({
     "ws 128x256x128 s2", "wsp 128x256x64 s3", "wsp 256x128x64 s4", "wsp 128x128x64 s6", "wsp 128x128x64 s7",
     "wsp 128x128x128 s3", "wsp 256x128x128 s2", "wsc2 128x256x64 s4", "wsc2 128x256x64 s5", "wsc2 256x128x64 s5",
     "wsc2 256x128x64 s6", "wsc2 128x128x128 s4", "wsc2 256x128x128 s3",
+    # tail split (2026-12-05, later: bench/results/cuda_gemm_v2_tail_verify.md, 89/89 checks incl. split shapes)
+    "wst2 256x128x128 s3", "wst4 256x128x128 s3", "wst8 256x128x128 s3", "wst4 128x256x64 s4", "wst4 256x128x64 s5",
 })  # fmt: skip
 
 
 def ws_tag(c: dict[str, int]) -> str:
-    """``ws`` / ``wsp`` (persistent) / ``wsc2`` (cluster of 2), tile and stages: the key of :data:`VERIFIED_WS`."""
-    fam = "wsp" if c.get("persistent") else f"wsc{c['cluster']}" if c.get("cluster", 1) > 1 else "ws"
+    """``ws`` / ``wsp`` (persistent) / ``wsc2`` (cluster of 2) / ``wst4`` (tail split in up to 4), tile and stages: the key of
+    :data:`VERIFIED_WS`."""
+    fam = ("wsp" if c.get("persistent") else f"wsc{c['cluster']}" if c.get("cluster", 1) > 1
+           else f"wst{c['tail']}" if c.get("tail") else "ws")  # fmt: skip
     return f"{fam} {c['bm']}x{c['bn']}x{c['bk']} s{c['stages']}"
+
+
+# ----------------------------------------------------------------------------------------------------- ws tail split
+# "tail": N (one tile per CTA): when the output tiles fill the GPU's SMs a whole number of times plus a small last
+# wave, that wave's tiles are each split along K into up to N units that run on the otherwise idle SMs; the last unit
+# of a tile to finish sums the fp32 partials in split order (sparsec_mma.cuh gemm_ws_body TAIL). E.g. 11008x4096 at
+# M = 2048 with 256x128 tiles: 688 tiles on 132 SMs = 5 waves + 28 tiles, run as 6 waves without the split and as
+# 5 waves + 112 quarter-tiles with it.
+WS_TAIL_SPLITS = (2, 4, 8)
+WS_TAIL_MIN_KT = 4  # k tiles a split unit keeps at least (pipeline start-up and the partial's round trip)
+
+
+def ws_tail_plan(tiles: int, sms: int, kt: int, max_split: int) -> tuple[int, int]:
+    """(whole tiles, splits per last-wave tile) of a tail-split launch (the launcher's ws_tail_plan, same formula):
+    the ``tiles % sms`` tiles of the last wave are split in s = min(max_split, sms // tail, kt // WS_TAIL_MIN_KT)
+    units, when s >= 2; otherwise no split (every tile whole)."""
+    tail = tiles % sms if sms > 0 else 0
+    if max_split < 2 or tail == 0:
+        return tiles, 1
+    s = min(max_split, sms // tail, kt // WS_TAIL_MIN_KT)
+    return (tiles - tail, s) if s >= 2 else (tiles, 1)
+
+
+_WS_TAIL_CXX = r"""
+// cuda_sparse.ws_tail_plan (the warp-specialized GEMM's tail split), same formula
+void ws_tail_plan(int64_t tiles, int sms, int kt, int max_split, int64_t* n_dp, int* n_split) {
+  const int64_t tail = sms > 0 ? tiles % sms : 0;
+  *n_dp = tiles;
+  *n_split = 1;
+  if (max_split < 2 || tail == 0) return;
+  const int64_t s = std::min<int64_t>(std::min<int64_t>(max_split, sms / tail), kt / @MIN_KT@);
+  if (s < 2) return;
+  *n_dp = tiles - tail;
+  *n_split = static_cast<int>(s);
+}
+""".replace("@MIN_KT@", str(WS_TAIL_MIN_KT))
 
 
 # ----------------------------------------------------------------------------------------------------- ws layout
@@ -391,9 +438,16 @@ class Variant:
         return f"sparsec_cuda_{self.ident}"
 
     def kernel_names(self) -> dict[str, str]:
+        """The kernels of the four paths; a tail-split ws config (``"tail"``) has two large-GEMM kernels: "gemm" for
+        launches whose tiles are all whole (the same instantiation as without "tail") and "gemm_tail" for the split."""
         og = gemv_one_group(self.kind, self.gs, self.cfg("gemv"))
-        return {p: _inst_name(self.kind, self.asym, p, self.cfg(p if p != "gemv1" and p != "gemv2" else "gemv"), nt, og)
-                for p, nt in (("gemv1", 1), ("gemv2", 2), ("gemm_small", 0), ("gemm", 0))}  # fmt: skip
+        gl = self.cfg("gemm")
+        names = {p: _inst_name(self.kind, self.asym, p, self.cfg(p if p != "gemv1" and p != "gemv2" else "gemv"), nt, og)
+                 for p, nt in (("gemv1", 1), ("gemv2", 2), ("gemm_small", 0))}  # fmt: skip
+        names["gemm"] = _inst_name(self.kind, self.asym, "gemm", {k: v for k, v in gl.items() if k != "tail"}, 0)
+        if gl.get("tail"):
+            names["gemm_tail"] = _inst_name(self.kind, self.asym, "gemm", gl, 0)
+        return names
 
 
 def gemv_one_group(kind: str, gs: int, c: dict[str, int] | None = None) -> bool:
@@ -411,7 +465,8 @@ def _inst_name(kind: str, asym: bool, path: str, c: dict[str, int], nt: int, og:
         return f"sparsec_gemv_{kind}{a}_nt{nt}_w{gemv_warps(c, nt)}_r{c['rt']}_u{c['u']}{pf}{st}{xs}{'_og' if og else ''}"
     wg = "_wgmma" if c.get("wgmma") else ""
     if c.get("ws"):
-        wg = "_ws" + ("p" if c.get("persistent") else "") + (f"c{c['cluster']}" if c.get("cluster", 1) > 1 else "")
+        wg = ("_ws" + ("p" if c.get("persistent") else "") + (f"c{c['cluster']}" if c.get("cluster", 1) > 1 else "")
+              + ("t" if c.get("tail") else ""))  # fmt: skip
     return f"sparsec_gemm{wg}_{kind}{a}_{c['bm']}x{c['bn']}x{c['bk']}_w{c['wm']}x{c['wn']}_s{c['stages']}"
 
 
@@ -755,13 +810,18 @@ def render_device_source(variants: list[Variant]) -> str:
             if c.get("ws"):
                 cl = c.get("cluster", 1)
                 dims = f"__cluster_dims__({cl}, 1, 1) " if cl > 1 else ""
-                seen[name] = (
-                    f'extern "C" __global__ void {dims}__launch_bounds__({threads}, 1) {name}(const __grid_constant__ '
-                    "CUtensorMap tmap, const uint4* __restrict__ Wv, const uint32_t* __restrict__ Wm, "
-                    "half* __restrict__ Y, int M, int N, int K, int T, int GROUP) {\n"
-                    f"  sparsec::gemm_ws_body<{c['bm']}, {c['bn']}, {c['bk']}, {c['stages']}, "
-                    f"{'true' if c.get('persistent') else 'false'}, {cl}>(&tmap, Wv, Wm, Y, M, N, K, T, GROUP);\n}}\n"
-                )
+                # a tail-split config: also the whole-tile instantiation, which the launcher uses when nothing is split
+                for tail in ((False, True) if c.get("tail") else (False,)):
+                    cc = c if tail else {k: x for k, x in c.items() if k != "tail"}
+                    seen[_inst_name(v.kind, v.asym, path, cc, 0)] = (
+                        f'extern "C" __global__ void {dims}__launch_bounds__({threads}, 1) {_inst_name(v.kind, v.asym, path, cc, 0)}'
+                        "(const __grid_constant__ CUtensorMap tmap, const uint4* __restrict__ Wv, const uint32_t* "
+                        "__restrict__ Wm, half* __restrict__ Y, int M, int N, int K, int T, int GROUP, int n_dp, int n_split, "
+                        "float* __restrict__ Ws, unsigned* __restrict__ Cnt) {\n"
+                        f"  sparsec::gemm_ws_body<{c['bm']}, {c['bn']}, {c['bk']}, {c['stages']}, "
+                        f"{'true' if c.get('persistent') else 'false'}, {cl}, {'true' if tail else 'false'}>"
+                        "(&tmap, Wv, Wm, Y, M, N, K, T, GROUP, n_dp, n_split, Ws, Cnt);\n}\n"
+                    )
                 continue
             if c.get("wgmma"):
                 seen[name] = (
@@ -890,6 +950,9 @@ struct Kernel {
   int tma_dtype = 0, tma_swizzle = 0, tma_l2 = 0, tma_oob = 0;
   int persistent = 0;  // one CTA per SM looping over the output tiles
   int cluster = 1;     // CTAs per cluster along the weight rows (__cluster_dims__ of the kernel; they share X tiles)
+  int tail = 0;        // most splits of a last-wave tile along K (ws_tail_plan); 0: no split
+  int bk = 0;          // k per stage (the tail split counts k tiles)
+  const char* tail_name = nullptr;  // the tail-split instantiation (name: the same kernel for whole tiles only)
 };
 
 int sm_count(int device_id) {
@@ -908,8 +971,9 @@ int sm_count(int device_id) {
 }
 
 @GEMV_KS@
-// Split-K GEMV workspace per (device, stream): counters (zeroed once here; every launch leaves them 0) then the fp32
-// partial tiles. Grown on demand; an outgrown buffer is kept (a captured CUDA graph may still point at it). The first
+@WS_TAIL@
+// Split-K workspace per (device, stream), shared by the decode GEMV's split and the GEMM's tail split: counters
+// (zeroed once here; every launch leaves them 0) then the fp32 partial tiles. Grown on demand; an outgrown buffer is kept (a captured CUDA graph may still point at it). The first
 // split-K call on a stream allocates, so warm a stream up before capturing a CUDA graph on it.
 struct SplitWs {
   CUdeviceptr base = 0;
@@ -924,15 +988,15 @@ void gemv_workspace(int device_id, CUstream stream, size_t counters, size_t floa
   if (w.counters < counters || w.floats < floats) {
     Driver& d = driver();
     if (!d.MemAlloc || !d.MemsetD32Async)
-      TVM_FFI_THROW(RuntimeError) << "sparsec CUDA kernels: the split-K GEMV needs cuMemAlloc_v2 / cuMemsetD32Async";
+      TVM_FFI_THROW(RuntimeError) << "sparsec CUDA kernels: split-K (decode GEMV, GEMM tail split) needs cuMemAlloc_v2 / cuMemsetD32Async";
     int capturing = 0;
     if (d.StreamIsCapturing && d.StreamIsCapturing(stream, &capturing) == 0 && capturing)
-      TVM_FFI_THROW(RuntimeError) << "sparsec CUDA kernels: the split-K GEMV workspace of this stream must be allocated "
+      TVM_FFI_THROW(RuntimeError) << "sparsec CUDA kernels: the split-K workspace of this stream must be allocated "
                                      "before CUDA graph capture: call the kernel once on the stream first";
     const size_t nc = std::max(counters, w.counters), nf = std::max(floats, w.floats);
     const size_t cbytes = (nc * 4 + 255) / 256 * 256;
     CUdeviceptr p = 0;
-    check(d.MemAlloc(&p, cbytes + nf * 4), "cuMemAlloc (split-K GEMV workspace)");
+    check(d.MemAlloc(&p, cbytes + nf * 4), "cuMemAlloc (split-K workspace)");
     check(d.MemsetD32Async(p, 0u, cbytes / 4, stream), "cuMemsetD32Async (split-K GEMV counters)");
     w.base = p;
     w.counters = cbytes / 4;
@@ -958,7 +1022,8 @@ void encode_x_map(TmaMap* tm, const void* X, int64_t M, int64_t K, const Kernel&
 }
 
 // Module + functions per device (primary context), loaded on first use.
-CUfunction get_function(int device_id, const Kernel& k) {
+CUfunction get_function(int device_id, const Kernel& k, const char* name = nullptr) {
+  if (name == nullptr) name = k.name;
   struct Dev {
     CUcontext ctx = nullptr;
     CUmodule mod = nullptr;
@@ -980,13 +1045,13 @@ CUfunction get_function(int device_id, const Kernel& k) {
   if (cur != dv.ctx) check(d.CtxSetCurrent(dv.ctx), "cuCtxSetCurrent");
   if (dv.mod == nullptr)
     check(d.ModuleLoadData(&dv.mod, @FATSYM@), "cuModuleLoadData (no kernel image for this GPU's architecture?)");
-  auto f = dv.funcs.find(k.name);
+  auto f = dv.funcs.find(name);
   if (f != dv.funcs.end()) return f->second;
   CUfunction fn;
-  check(d.ModuleGetFunction(&fn, dv.mod, k.name), "cuModuleGetFunction");
+  check(d.ModuleGetFunction(&fn, dv.mod, name), "cuModuleGetFunction");
   // any dynamic size: 48 KB dynamic + the kernel's static shared memory already needs the opt-in
   if (k.smem > 0) check(d.FuncSetAttribute(fn, 8 /*MAX_DYNAMIC_SHARED_SIZE_BYTES*/, k.smem), "cuFuncSetAttribute");
-  dv.funcs.emplace(k.name, fn);
+  dv.funcs.emplace(name, fn);
   return fn;
 }
 
@@ -1086,8 +1151,22 @@ void run(const Variant& v, const TensorView& x, const TensorView* w, int nw, con
     // TMA descriptor of this call's activations, passed by value (__grid_constant__)
     TmaMap tm;
     encode_x_map(&tm, X, M, K, k);
-    void* args[] = {&tm, &Wv, &Wm, &Y, &iM, &iN, &iK, &T, &group};
-    const int64_t grid = k.persistent ? std::min<int64_t>(tiles, sm_count(dev)) : tiles;
+    // tail split (k.tail > 1): the last wave's tiles are split along K over the idle SMs (ws_tail_plan)
+    int64_t n_dp = tiles;
+    int n_split = 1;
+    void* Ws = nullptr;
+    void* Cnt = nullptr;
+    if (k.tail > 1 && k.tail_name != nullptr) {
+      ws_tail_plan(tiles, sm_count(dev), (iK + k.bk - 1) / k.bk, k.tail, &n_dp, &n_split);
+      if (n_split > 1) {  // the tail-split kernel; per split unit one fp32 partial tile (bm x bn), per split tile a counter
+        f = get_function(dev, k, k.tail_name);
+        gemv_workspace(dev, stream, static_cast<size_t>(tiles - n_dp),
+                       static_cast<size_t>(tiles - n_dp) * n_split * bm * bn, &Cnt, &Ws);
+      }
+    }
+    int i_dp = static_cast<int>(n_dp);
+    void* args[] = {&tm, &Wv, &Wm, &Y, &iM, &iN, &iK, &T, &group, &i_dp, &n_split, &Ws, &Cnt};
+    const int64_t grid = k.persistent ? std::min<int64_t>(tiles, sm_count(dev)) : n_dp + (tiles - n_dp) * n_split;
     check(driver().LaunchKernel(f, static_cast<unsigned>(grid), 1, 1, threads, 1, 1, k.smem, stream, args, nullptr),
           "launch (gemm, warp-specialized)");
     return;
@@ -1103,7 +1182,7 @@ void run(const Variant& v, const TensorView& x, const TensorView* w, int nw, con
 def render_host_source(variants: list[Variant], fatbin_path: str, symbol: str = "sparsec_fatbin") -> str:
     """The .cc file: driver-API launcher + one exported TVM FFI function per variant."""
     out = [_HOST_PRELUDE.replace("@FATSYM@", symbol).replace("@FATBIN@", str(fatbin_path))
-           .replace("@GEMV_KS@", _GEMV_KS_CXX)]
+           .replace("@GEMV_KS@", _GEMV_KS_CXX).replace("@WS_TAIL@", _WS_TAIL_CXX)]
     seen = set()
     for v in variants:
         if v.func_name in seen:
@@ -1119,13 +1198,14 @@ def render_host_source(variants: list[Variant], fatbin_path: str, symbol: str = 
             "gemm_small": gemm_smem_bytes(v.kind, gs, v.asym),
             "gemm": gemm_smem_bytes(v.kind, gl, v.asym),
         }
-        kern = {p: f'{{"{kn[p]}", {smem[p]}}}' for p in kn}
+        kern = {p: f'{{"{kn[p]}", {smem[p]}}}' for p in smem}
         for p, c in (("gemm_small", gs), ("gemm", gl)):
             if c.get("ws"):  # + the activations' TMA box (tma_x_params) for the per-call CUtensorMap
                 t = tma_x_params(c, 1, 64)
                 kern[p] = (f'{{"{kn[p]}", {smem[p]}, 1, {t["box_dim"][0]}, {t["box_dim"][1]}, {t["data_type"]}, '
                            f'{t["swizzle"]}, {t["l2_promotion"]}, {t["oob_fill"]}, {int(bool(c.get("persistent")))}, '
-                           f'{t["cluster"]}}}')  # fmt: skip
+                           f'{t["cluster"]}, {c.get("tail", 0)}, {c["bk"]}, '
+                           + (f'"{kn["gemm_tail"]}"' if p == "gemm" and "gemm_tail" in kn else "nullptr") + "}")  # fmt: skip
         args = ", ".join(f"TensorView w{i}" for i in range(nw))
         ws = ", ".join(f"w{i}" for i in range(nw))
         out.append(

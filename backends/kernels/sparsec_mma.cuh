@@ -1158,7 +1158,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const half* __restrict__ X, cons
 // TMA counts the whole box (OOB zeros included) towards complete_tx, so every stage delivers exactly kTxBytes. Weight
 // row tiles past the last one are clamped to it (valid memory; those rows are never stored). The k tiles cover the
 // real K (ceil(K / BK)); the prepared weight is zero past K up to its 128-aligned padded width.
-template <int BM, int BN, int BK, int STAGES, bool PERSIST = false, int CLUSTER = 1>
+template <int BM, int BN, int BK, int STAGES, bool PERSIST = false, int CLUSTER = 1, bool TAIL = false>
 struct WsCfg {
   static constexpr int kConsumers = 2;                  // consumer warpgroups
   static constexpr int kThreads = 128 * (kConsumers + 1);
@@ -1195,6 +1195,12 @@ struct WsCfg {
   static constexpr int kBoxRows = BN / CLUSTER;
   static constexpr int kEmptyArrivals = 4 * kConsumers * CLUSTER;
   static_assert((kSteps * 512) % 16 == 0 && ((kSteps / 2) * 128) % 16 == 0, "bulk copy sizes");
+  // TAIL: the tiles of the last, partial wave are split along K (see gemm_ws_body); one tile per CTA, no cluster.
+  // The "am I the last split of this tile" flag lives in the last word of the barrier region.
+  static_assert(!TAIL || (!PERSIST && CLUSTER == 1), "tail split: one tile per CTA, no cluster");
+  static constexpr int kFlagOffset = kBarBytes - 8;
+  static_assert(!TAIL || 16 * STAGES <= kFlagOffset, "tail split: the flag word must not overlap the mbarriers");
+  static constexpr int kAccPerThread = kSlabs * (BN / 8) * 4;  // fp32 accumulators per consumer thread
 };
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -1271,17 +1277,37 @@ template <int R>
 __device__ __forceinline__ void setmaxnreg_dec() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(R));
 }
+// %tid.x / %ctaid.x read again (asm volatile: never merged with an earlier read)
+__device__ __forceinline__ int fresh_tid_x() {
+  int r;
+  asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ int fresh_ctaid_x() {
+  int r;
+  asm volatile("mov.u32 %0, %%ctaid.x;\n" : "=r"(r));
+  return r;
+}
 __device__ __forceinline__ void named_bar_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 #endif
 
-template <int BM, int BN, int BK, int STAGES, bool PERSIST, int CLUSTER>
+// TAIL (one tile per CTA): the grid is n_dp whole tiles (output tiles 0 .. n_dp-1, one per CTA) followed by
+// (n_tiles - n_dp) * n_split split units: unit u computes tile n_dp + u / n_split over the k tiles
+// split_range(KT, n_split, u % n_split) only. Every split unit writes its fp32 partial tile to the workspace Ws
+// ([tail tile][split][accumulator][consumer thread]), then counts itself in Cnt[tail tile]; the last one to arrive
+// sums the n_split partials in split order (deterministic: the same sum whichever unit comes last), runs the usual
+// epilogue and resets the counter to 0 for the next launch. The launcher chooses n_dp / n_split (ws_tail_plan) so
+// that the last wave's few tiles are spread over the idle SMs.
+constexpr int kWsMaxSplit = 8;  // most split units of one tail tile (cuda_sparse.WS_TAIL_SPLITS)
+template <int BM, int BN, int BK, int STAGES, bool PERSIST, int CLUSTER, bool TAIL = false>
 __device__ __forceinline__ void gemm_ws_body(const CUtensorMap* tmap, const uint4* __restrict__ Wv,
                                              const uint32_t* __restrict__ Wm, half* __restrict__ Y, int M, int N,
-                                             int K, int T, int GROUP) {
+                                             int K, int T, int GROUP, int n_dp = 0, int n_split = 1,
+                                             float* __restrict__ Ws = nullptr, unsigned* __restrict__ Cnt = nullptr) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using C = WsCfg<BM, BN, BK, STAGES, PERSIST, CLUSTER>;
+  using C = WsCfg<BM, BN, BK, STAGES, PERSIST, CLUSTER, TAIL>;
   constexpr int S = C::kSteps, SL = C::kSlabs;
   extern __shared__ __align__(1024) unsigned char ws_smem[];
   const uint32_t raw = smem_u32(ws_smem);
@@ -1310,6 +1336,27 @@ __device__ __forceinline__ void gemm_ws_body(const CUtensorMap* tmap, const uint
   const int KT = (K + BK - 1) / BK;
   // tiles of this CTA: blockIdx.x / CLUSTER, + gridDim.x / CLUSTER, ... (one tile unless PERSIST: the launcher then
   // starts one CTA per SM). Stage / phase bookkeeping runs on `it`, the CTA's k-tile counter over all its tiles.
+  // TAIL: one tile, whole (blockIdx.x < n_dp) or the k tiles [k_lo, k_hi) of a split unit. Evaluated by each role
+  // after its setmaxnreg (the producer has 40 registers: nothing of this may stay live across the role split).
+  struct Work {
+    int t_first, t_step, t_end, k_lo, k_hi;
+  };
+  auto work = [&]() -> Work {
+    Work w{static_cast<int>(blockIdx.x) / CLUSTER, static_cast<int>(gridDim.x) / CLUSTER, n_tiles, 0, KT};
+    if constexpr (TAIL) {
+      const int b = fresh_ctaid_x();
+      w.t_first = b;
+      if (b >= n_dp) {
+        const int u = b - n_dp, split = u % n_split;
+        w.t_first = n_dp + u / n_split;
+        w.k_lo = (KT * split) / n_split;
+        w.k_hi = (KT * (split + 1)) / n_split;
+      }
+      w.t_step = 1;
+      w.t_end = w.t_first + 1;
+    }
+    return w;
+  };
 
   if (tid == 0) {
 #pragma unroll
@@ -1329,12 +1376,13 @@ __device__ __forceinline__ void gemm_ws_body(const CUtensorMap* tmap, const uint
     setmaxnreg_dec<C::kProducerRegs>();
     if (wwarp != 0) return;  // warps 1..3 of the producer warpgroup have nothing to do
     if (lane == 0) prefetch_tmap(tmap);
+    const Work wk = work();
     int it = 0;
-    for (int tile = blockIdx.x / CLUSTER; tile < n_tiles; tile += gridDim.x / CLUSTER) {
+    for (int tile = wk.t_first; tile < wk.t_end; tile += wk.t_step) {
     int tm, tn;
     tile_of(tile, tm, tn);
     const int row_tile0 = tm * C::kRowTiles, tok0 = tn * BN;
-    for (int kt = 0; kt < KT; ++kt, ++it) {
+    for (int kt = wk.k_lo; kt < wk.k_hi; ++kt, ++it) {
       const int s = it % STAGES;
       if (it >= STAGES) mbar_wait(empty(s), ((it / STAGES) - 1) & 1);
       const uint32_t base = data + s * C::kStageBytes;
@@ -1417,12 +1465,14 @@ __device__ __forceinline__ void gemm_ws_body(const CUtensorMap* tmap, const uint
   };
   uint32_t fa[SL][S][4], fb[SL][S][4];
   half* const cs = reinterpret_cast<half*>(dptr + C::kCOffset);
+  constexpr int kCT = 128 * C::kConsumers, kWsFloats = C::kAccPerThread * kCT;  // consumer threads, floats a partial
   constexpr int LDC = BM + 8;
   int it = 0;
-  for (int tile = blockIdx.x / CLUSTER; tile < n_tiles; tile += gridDim.x / CLUSTER) {
+  const Work wk = work();
+  const int NK = wk.k_hi - wk.k_lo;  // k tiles per output tile of this CTA
+  for (int tile = wk.t_first; tile < wk.t_end; tile += wk.t_step) {
   int tm, tn;
   tile_of(tile, tm, tn);
-  const int tok0 = tn * BN;
 #pragma unroll
   for (int j = 0; j < SL; ++j)
 #pragma unroll
@@ -1431,7 +1481,7 @@ __device__ __forceinline__ void gemm_ws_body(const CUtensorMap* tmap, const uint
       for (int i = 0; i < 4; ++i) acc[j][n][i] = 0.f;
   // two k tiles per trip (A registers fa / fb alternate); after issuing one, wgmma.wait_group 1 retires the other
   int kt = 0;
-  for (; kt + 1 < KT; kt += 2, it += 2) {
+  for (; kt + 1 < NK; kt += 2, it += 2) {
     issue(it, fa);
     wgmma_wait<1>();
     if (kt > 0) release(it - 1);
@@ -1441,11 +1491,68 @@ __device__ __forceinline__ void gemm_ws_body(const CUtensorMap* tmap, const uint
   }
   wgmma_wait<0>();
   if (kt > 0) release(it - 1);
-  if (kt < KT) {  // odd number of k tiles (BK = 128 and Kp / 128 odd): the last one on its own
+  if (kt < NK) {  // odd number of k tiles (BK = 128 and Kp / 128 odd, or a split unit's range): the last one alone
     issue(it, fa);
     wgmma_wait<0>();
     release(it);
     ++it;
+  }
+  // The epilogue's thread and tile indices. TAIL: recomputed from fresh %tid.x / %ctaid.x reads (the compiler cannot
+  // merge those with the ones before the main loop), so they need no registers across it: the tail path's own code
+  // left the consumers of the 256x128 tile (up to 223 of their 232 registers in the main loop) a few short, and
+  // ptxas spilled these indices.
+  const int etid = TAIL ? fresh_tid_x() : tid;
+  const int ecw = (etid >> 7) - 1, ewarp = (etid >> 5) & 3, eg = (etid & 31) >> 2, eq = etid & 3;
+  int etm = tm, etn = tn;
+  if constexpr (TAIL) {
+    const int b = fresh_ctaid_x();
+    tile_of(b < n_dp ? b : n_dp + (b - n_dp) / n_split, etm, etn);
+  }
+  // TAIL split unit: partial -> workspace, count in; only the last unit of the tile goes on
+  if constexpr (TAIL) {
+    const int b = fresh_ctaid_x();
+    if (b >= n_dp) {
+      const int u = b - n_dp, tail_tile = u / n_split, split = u % n_split;
+      const int ctid = etid - 128;
+      // layout of a partial: float4 (j * BN/8 + n) * kCT + t holds acc[j][n][0..3] of consumer thread t
+      float4* const mine = reinterpret_cast<float4*>(Ws + ((size_t)tail_tile * n_split + split) * kWsFloats) + ctid;
+#pragma unroll
+      for (int j = 0; j < SL; ++j)
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n)
+          __stcg(mine + (j * (BN / 8) + n) * kCT, make_float4(acc[j][n][0], acc[j][n][1], acc[j][n][2], acc[j][n][3]));
+      __threadfence();
+      named_bar_sync(1, kCT);
+      volatile unsigned* const last = reinterpret_cast<volatile unsigned*>(ws_smem + C::kFlagOffset);
+      if (ctid == 0) *last = atomicAdd(Cnt + tail_tile, 1u) == static_cast<unsigned>(n_split - 1) ? 1u : 0u;
+      named_bar_sync(1, kCT);
+      if (*last == 0u) return;
+      __threadfence();
+      // the last unit: acc = the sum of the n_split partials in split order (the same sum whichever unit arrives
+      // last), each thread reading its own accumulators' float4s (coalesced across threads), a quarter of a
+      // partial per round in flight; then the usual epilogue
+      const float4* const src = reinterpret_cast<const float4*>(Ws + (size_t)tail_tile * n_split * kWsFloats) + ctid;
+      constexpr int NJN = SL * (BN / 8), NH = 8, H = NJN / NH;
+      auto add_partial = [&](int p, bool first) {
+#pragma unroll
+        for (int h = 0; h < NH; ++h) {
+          float4 x[H];
+#pragma unroll
+          for (int q = 0; q < H; ++q) x[q] = __ldcg(src + (size_t)p * (kWsFloats / 4) + (h * H + q) * kCT);
+#pragma unroll
+          for (int q = 0; q < H; ++q) {
+            float(&a)[4] = acc[(h * H + q) / (BN / 8)][(h * H + q) % (BN / 8)];
+            a[0] = first ? x[q].x : a[0] + x[q].x;
+            a[1] = first ? x[q].y : a[1] + x[q].y;
+            a[2] = first ? x[q].z : a[2] + x[q].z;
+            a[3] = first ? x[q].w : a[3] + x[q].w;
+          }
+        }
+      };
+      add_partial(0, true);  // (peeled: acc's own values are dead from here on)
+      for (int p = 1; p < n_split; ++p) add_partial(p, false);
+      if (ctid == 0) Cnt[tail_tile] = 0u;  // ready for the next launch (stream order)
+    }
   }
 
   // epilogue: C[BN][BM+8] (token-major) -> 16-byte stores of Y rows. The barrier orders this tile's C writes after
@@ -1454,19 +1561,19 @@ __device__ __forceinline__ void gemm_ws_body(const CUtensorMap* tmap, const uint
   named_bar_sync(1, 128 * C::kConsumers);
 #pragma unroll
   for (int j = 0; j < SL; ++j) {
-    const int rtile = (cw * SL + j) * 4 + wwarp;
+    const int rtile = (ecw * SL + j) * 4 + ewarp;
 #pragma unroll
     for (int n = 0; n < BN / 8; ++n)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const int m = rtile * 16 + g + ((i >> 1) << 3);
-        const int tk = n * 8 + 2 * q + (i & 1);
+        const int m = rtile * 16 + eg + ((i >> 1) << 3);
+        const int tk = n * 8 + 2 * eq + (i & 1);
         cs[tk * LDC + m] = __float2half_rn(acc[j][n][i]);
       }
   }
   named_bar_sync(1, 128 * C::kConsumers);
-  const int ctid = tid - 128, cthreads = 128 * C::kConsumers;
-  const int row0 = tm * BM;
+  const int ctid = etid - 128, cthreads = 128 * C::kConsumers;
+  const int row0 = etm * BM, tok0 = etn * BN;
   if ((N & 7) == 0) {
     constexpr int cpr = BM / 8;
     for (int i = ctid; i < BN * cpr; i += cthreads) {
