@@ -119,9 +119,12 @@ DEFAULT_SMALL_MAX = 128  # 16 < M <= small_max -> the small-tile GEMM
 _FAMILY_KEYS = ("ws", "wgmma", "persistent", "cluster", "tail")  # kernel family flags of a GEMM config
 # sm_90a (H100): the warp-specialized TMA + wgmma.sp GEMM, tried first. bench/bench_gemm_v2.py on an H100
 # (bench/results/cuda_gemm_v2.md): 0.93-1.04x cuBLAS at M = 2048 / 8192 on the LLM shapes where the mma.sp default
-# above runs 0.50-0.57x; all 22 warp-specialized candidates correct (smoke shapes with tails, float64 checks)
+# above runs 0.50-0.57x; all 22 warp-specialized candidates correct (smoke shapes with tails, float64 checks).
+# "tail": 4 splits the last wave's tiles along K (ws_tail_plan): bench/results/cuda_gemm_v2_tail_ab.md, the same run
+# A/B: 1.20-2.25x faster than whole tiles where M = 256 / 512 splits, 1.05-1.11x at 11008x4096 M = 2048 (fastest
+# round / median); launches with nothing to split run the whole-tile kernel itself
 DEFAULT_GEMM_HOPPER = {
-    "sp16": {"bm": 256, "bn": 128, "bk": 128, "wm": 4, "wn": 1, "stages": 3, "group": 16, "ws": 1},
+    "sp16": {"bm": 256, "bn": 128, "bk": 128, "wm": 4, "wn": 1, "stages": 3, "group": 16, "ws": 1, "tail": 4},
 }
 
 
