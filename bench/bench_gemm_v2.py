@@ -65,6 +65,22 @@ def _family(c: dict) -> int:
     return 1 if c.get("persistent") else 2 if c.get("cluster", 1) > 1 else 0
 
 
+def variants_sp4(gs: int = 128):
+    """2:4 + int4 (symmetric, group ``gs``) on sm_90a: the int4 mma.sp large GEMM (``"dq16": 0``) and the dequantize +
+    2:4 fp16 warp-specialized path (``"dq16": 1``, the default), for ``ab``."""
+    from sparsec.backends.kernels.cuda_sparse import Variant, default_config
+
+    base = default_config("sp4")
+    rows = []
+    for dq in (0, 1):
+        v = Variant.make("sp4", False, gs, dict(base, gemm=dict(base["gemm"], dq16=dq), small_max=16))
+        kn = v.kernel_names()
+        rows.append({"func": v.func_name, "kind": "sp4", "asym": False, "gs": gs, "config": v.config_dict(),
+                     "path": "dq16" if dq else "mma.sp", "wgmma": bool(dq), "ws": False, "default": bool(dq),
+                     "reference": not dq, "kernel": kn["dq16_convert"] + "+" + kn["dq16_gemm"] if dq else kn["gemm"]})
+    return [Variant.make("sp4", False, gs, r["config"]) for r in rows], rows
+
+
 def variants():
     from sparsec.backends.kernels.cuda_sparse import DEFAULT_GEMM, Variant, default_config, search_space
 
@@ -87,12 +103,12 @@ def cmd_build(args):
 
     pack = Path(args.pack)
     pack.mkdir(parents=True, exist_ok=True)
-    vs, rows = variants()
+    vs, rows = variants_sp4() if args.kind == "sp4" else variants()
     t = time.time()
     build_shared(vs, ["sm_90a"], str(pack / "sparsec_cuda.so"), workdir=str(pack / "build"))
     rep = ptxas_report(vs, "sm_90a", str(pack / "ptxas"))  # registers / spills / wgmma serialization per kernel
     for r in rows:
-        r["ptxas"] = rep.get(r["kernel"], {})
+        r["ptxas"] = {k: rep.get(k, {}) for k in r["kernel"].split("+")} if "+" in r["kernel"] else rep.get(r["kernel"], {})
     (pack / "manifest.json").write_text(json.dumps({"archs": ["sm_90a"], "variants": rows}, indent=1))
     shutil.rmtree(pack / "build", ignore_errors=True)
     shutil.rmtree(pack / "ptxas", ignore_errors=True)
@@ -114,7 +130,8 @@ def cmd_build(args):
             for d in (rel, "/.whl/"):
                 if d not in have and not d.startswith("/.."):
                     f.write(d + "\n")
-    bad = [r["kernel"] for r in rows if r["ptxas"].get("spill_bytes") or r["ptxas"].get("wgmma_serialized")]
+    flat = lambda p: list(p.values()) if p and "registers" not in p else [p]  # noqa: E731 - dq16 rows: two kernels
+    bad = [r["kernel"] for r in rows if any(q.get("spill_bytes") or q.get("wgmma_serialized") for q in flat(r["ptxas"]))]
     print(f"built {len(rows)} functions ({sum(r['ws'] for r in rows)} ws) in {time.time() - t:.0f}s; "
           f"spilling or wgmma-serialized: {bad or 'none'}")
     print("# on the GPU machine (device tool `run`, carry [\"" + os.path.relpath(pack.resolve(), ROOT) + "\", \".whl\"]):\n"
@@ -290,9 +307,14 @@ def cmd_ab(args):
     out.mkdir(parents=True, exist_ok=True)
     torch, man, ctx = _ctx(pack, out)
     rows = _pick(man, args.pick)
-    W = _weights(ctx, Path(args.cache))
+    kinds = {(r["kind"], r["gs"], r["asym"]) for r in rows}
+    if len(kinds) != 1:
+        raise SystemExit(f"--pick: candidates of one weight format only, got {sorted(kinds)}")
+    kind, gs, asym = kinds.pop()
+    W = _weights(ctx, Path(args.cache)) if kind == "sp16" else (lambda n, k: ctx.weight(kind, n, k, gs, asym))
     res = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv, "info": bc.device_info(torch),
-           "candidates": [{"func": r["func"], "kernel": r["kernel"], "config": r["config"]["gemm"]} for r in rows],
+           "candidates": [{"func": r["func"], "kernel": r["kernel"], "config": r["config"]["gemm"], "kind": r["kind"],
+                           "gs": r["gs"], "asym": r["asym"]} for r in rows],
            "checks": [], "times": []}  # fmt: skip
     for n, k in bc.LLM_SHAPES:
         wt = W(n, k)
@@ -328,7 +350,9 @@ def cmd_ab_report(args):
     cands = raw["candidates"]
     label = {c["func"]: _cfg(c["config"]) for c in cands}
     ch = raw["checks"]
-    L = [f"# 2:4 fp16 prefill GEMM, interleaved A/B vs cuBLAS ({raw['info'].get('gpu', '')}, {raw['started']})", "",
+    sp4 = any("sp4" in c["kernel"] for c in cands)  # (runs before "kind" was recorded: from the kernel names)
+    what = f"2:4 + int4 (group {cands[0].get('gs', 128)}, symmetric)" if sp4 else "2:4 fp16"
+    L = [f"# {what} prefill GEMM, interleaved A/B vs cuBLAS ({raw['info'].get('gpu', '')}, {raw['started']})", "",
          f"Median of {len(raw['times'][0]['ms']['cublas'])} rounds; every round times cuBLAS (`F.linear`, dense fp16 "
          "weight with the same values) and each candidate once, in an order rotating from round to round, L2 flushed "
          "before each call. Correctness in the same "
@@ -484,7 +508,7 @@ def cmd_device(args):
 def _cfg(c: dict) -> str:
     return (f"{c['bm']}×{c['bn']}×{c['bk']} w{c['wm']}x{c['wn']} s{c['stages']}"
             + (" persistent" if c.get("persistent") else "") + (f" cluster {c['cluster']}" if c.get("cluster", 1) > 1 else "")
-            + (f" tail {c['tail']}" if c.get("tail") else ""))  # fmt: skip
+            + (f" tail {c['tail']}" if c.get("tail") else "") + (" → dequantize + ws" if c.get("dq16") else ""))  # fmt: skip
 
 
 def cmd_report(args):
@@ -573,6 +597,8 @@ def main():
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build")
     b.add_argument("--pack", default=".devpack_v2")
+    b.add_argument("--kind", choices=("sp16", "sp4"), default="sp16",
+                   help="sp16: every 2:4 fp16 large-GEMM candidate; sp4: 2:4 + int4 g128, mma.sp vs dequantize + ws")
     d = sub.add_parser("device")
     d.add_argument("--pack", default=".devpack_v2")
     d.add_argument("--out", default=os.environ.get("OUT", "bench/results/tmp"))

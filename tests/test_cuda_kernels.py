@@ -382,6 +382,82 @@ def test_ws_tail_plan_matches_the_launcher(tmp_path):
     assert f"constexpr int kWsMaxSplit = {max(cs.WS_TAIL_SPLITS)};" in hdr
 
 
+def _sp4_to_sp16_emulated(arrays, n, k, gs, asym):
+    """numpy model of sparsec_mma.cuh sp4_to_sp16_body: thread (rt, u, lane) reads the uint4 of codes of k32 steps
+    4u..4u+3 and writes, per step, the 8 fp16 of the lane's A fragment, dequantized with the scale / zero point pair
+    (row g, row g+8) of the step's group; registers 0 and 2 hold row g, 1 and 3 row g+8; register i takes nibbles i
+    (low half) and i + 4 (high half)."""
+    np_, kp = -(-n // 16) * 16, -(-k // 128) * 128
+    nrt, t = np_ // 16, kp // 32
+    words = arrays[0].view(np.uint32).reshape(nrt, t // 4, 32, 4)
+    sc = arrays[2].view(np.uint32).reshape(nrt, -1, 8)
+    zb = arrays[3].view(np.uint32).reshape(nrt, -1, 8) if asym else None
+    out = np.zeros((nrt, t, 32, 8), dtype=np.float16)
+    half2 = lambda w: np.array([w], dtype=np.uint32).view(np.float16)  # noqa: E731 - (low, high)
+    for rt in range(nrt):
+        for step in range(t):
+            grp = step * 16 // gs
+            for lane in range(32):
+                g, q = lane >> 2, int(words[rt, step // 4, lane, step % 4])
+                s2 = half2(sc[rt, grp, g])
+                z2 = half2(zb[rt, grp, g]) if asym else np.array([1032.0, 1032.0], dtype=np.float16)
+                for i in range(4):
+                    r = i & 1  # 0: row g, 1: row g + 8
+                    for h in range(2):
+                        code = (q >> (4 * i + 16 * h)) & 0xF
+                        v = (np.float16(code + 1024) - z2[r]) * s2[r]  # fp16 arithmetic, as __hsub2 / __hmul2
+                        out[rt, step, lane, 2 * i + h] = np.float16(v)
+    return out.reshape(np_, kp // 2)
+
+
+@pytest.mark.parametrize("asym", [False, True])
+def test_sp4_to_sp16_conversion_layout(asym):
+    """The 2:4 + int4 prefill on sm_90a ("dq16") dequantizes the prepared sp4 arrays into the prepared sp16 layout and
+    hands that, with the sp4 metadata unchanged, to the 2:4 fp16 GEMM. The kernel's index math (numpy model above) must
+    give the weight the independent layout decoder reads from the sp4 arrays, rounded to fp16 (row, K and group tails;
+    groups of 16 and 64 compressed columns)."""
+    for n, k, gs in ((40, 320, 16), (16, 128, 64), (72, 384, 32)):
+        w = _weight("sp4", n, k, gs, asym, _rng(n + k + gs + asym))
+        arrays = cs.prepare("sp4", w)
+        w16 = _sp4_to_sp16_emulated(arrays, n, k, gs, asym)
+        got = cs.decode_layout("sp16", [w16, arrays[1]], n, k)
+        want = cs.decode_layout("sp4", arrays, n, k, gs).astype(np.float16).astype(np.float32)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_allclose(got, w.materialize(), rtol=2e-3, atol=2e-3 * float(np.abs(w.materialize()).max()))
+
+
+def test_dq16_path_on_sm90a_only():
+    """sp4 on sm_90a: the large GEMM dequantizes to 2:4 fp16 and runs the warp-specialized kernel ("dq16"), also for a
+    tuned tile from before dq16 existed; "dq16": 0 in a stored config keeps the int4 mma.sp GEMM; other archs, other
+    kinds never get it; the library holds the converter and both 2:4 fp16 kernels."""
+    from sparsec.backends.kernels.registry import ShapeHints, linear_key
+    from sparsec.backends.targets import get_target
+    from sparsec.backends.tune import TuningDB
+
+    assert cs.default_config("sp4", "sm_90a")["gemm"].get("dq16") == 1
+    for kind, arch in (("sp4", "sm_80"), ("sp4", "sm_90"), ("sp16", "sm_90a"), ("dq4", "sm_90a")):
+        assert not cs.default_config(kind, arch)["gemm"].get("dq16")
+        assert not cs.gemm_valid(kind, dict(cs.default_config(kind, arch)["gemm"], dq16=1), False, arch)
+    lin = _linear(_weight("sp4", 64, 512, 64, False, _rng(5)))
+    key = dict(linear_key(lin, ShapeHints()), act_dtype="float16")
+    tile = {"bm": 128, "bn": 128, "bk": 128, "wm": 2, "wn": 4, "stages": 3, "group": 16}
+    for stored, target, want in ((tile, "h100", 1), (dict(tile, dq16=0), "h100", 0), (tile, "a100", 0)):
+        db = TuningDB()
+        db.record("cuda.nm24_int4_mma_sp", target, key, {"gemm": stored})
+        v, tuned = cs.variant_for(lin, get_target(target), ShapeHints(), db, "cuda.nm24_int4_mma_sp", "sp4", False, 64)
+        assert tuned and v.cfg("gemm").get("dq16", 0) == want and v.cfg("gemm")["bn"] == 128, (stored, target)
+        kn = v.kernel_names()
+        assert ("dq16_convert" in kn) == bool(want)
+        if want:
+            dev = cs.render_device_source([v])
+            for name in (kn["dq16_convert"], kn["dq16_gemm"], kn["dq16_gemm_tail"]):
+                assert f" {name}(" in dev
+            assert f'"{kn["dq16_convert"]}"' in cs.render_host_source([v], "x.fatbin", "sym")
+    # the tuner compares the int4 mma.sp tiles ("dq16": 0) with the dequantize + wgmma.sp path
+    sp = cs.search_space("sp4", "sm_90a")["gemm"]
+    assert sum(c.get("dq16") == 1 for c in sp) == 1 and all(c.get("dq16") in (0, 1) for c in sp)
+
+
 def test_gemv_launch_workspace_holds_every_partial():
     """The workspace the launcher sizes (cuda_sparse.gemv_launch) holds every partial the kernel writes
     (index (blockIdx.x * ks + blockIdx.y) * NV*32 + idx, NV = RT*NT*4), and a split-free launch needs none."""

@@ -116,7 +116,7 @@ DEFAULT_GEMM_SMALL = {
     "dq4": {"bm": 64, "bn": 64, "bk": 128, "wm": 2, "wn": 2, "stages": 3, "group": 8},
 }
 DEFAULT_SMALL_MAX = 128  # 16 < M <= small_max -> the small-tile GEMM
-_FAMILY_KEYS = ("ws", "wgmma", "persistent", "cluster", "tail")  # kernel family flags of a GEMM config
+_FAMILY_KEYS = ("ws", "wgmma", "persistent", "cluster", "tail", "dq16")  # kernel family flags of a GEMM config
 # sm_90a (H100): the warp-specialized TMA + wgmma.sp GEMM, tried first. bench/bench_gemm_v2.py on an H100
 # (bench/results/cuda_gemm_v2.md): 0.93-1.04x cuBLAS at M = 2048 / 8192 on the LLM shapes where the mma.sp default
 # above runs 0.50-0.57x; all 22 warp-specialized candidates correct (smoke shapes with tails, float64 checks).
@@ -126,6 +126,10 @@ _FAMILY_KEYS = ("ws", "wgmma", "persistent", "cluster", "tail")  # kernel family
 DEFAULT_GEMM_HOPPER = {
     "sp16": {"bm": 256, "bn": 128, "bk": 128, "wm": 4, "wn": 1, "stages": 3, "group": 16, "ws": 1, "tail": 4},
 }
+
+
+# the 2:4 fp16 GEMM that "dq16" runs on the dequantized weight (the sm_90a 2:4 fp16 default, tail split included)
+DQ16_GEMM = DEFAULT_GEMM_HOPPER["sp16"]
 
 
 # smaller fallbacks for GPUs with less shared memory than the H100 (A100: 163 KB per block)
@@ -143,6 +147,8 @@ def default_config(kind: str, arch: str = "sm_90a", n: int | None = None, k: int
     (:func:`gemv_auto_warps`; ``asym``: zero points)."""
     gemm = next((dict(c) for c in (DEFAULT_GEMM_HOPPER.get(kind), DEFAULT_GEMM[kind])
                  if c is not None and gemm_valid(kind, c, True, arch)), dict(FALLBACK_GEMM[kind]))
+    if dq16_ok(kind, arch):
+        gemm["dq16"] = 1
     gemv = dict(DEFAULT_GEMV_KIND[kind])
     if n is not None:
         for key, nt in (("warps", 1), ("warps2", 2)):
@@ -223,8 +229,16 @@ def ws_config_error(kind: str, c: dict[str, int], arch: str = "sm_90a") -> str |
     return None
 
 
+def dq16_ok(kind: str, arch: str) -> bool:
+    """2:4 + int4 at large M on sm_90a: dequantized per call into the 2:4 fp16 layout, then the warp-specialized
+    ``wgmma.sp`` GEMM (DQ16_GEMM) instead of the ``mma.sp`` int4 GEMM (``"dq16": 1`` in the large-GEMM config)."""
+    return kind == "sp4" and arch == "sm_90a"
+
+
 def gemm_valid(kind: str, c: dict[str, int], asym: bool = False, arch: str = "sm_90a") -> bool:
     bm, bn, bk, wm, wn = c["bm"], c["bn"], c["bk"], c["wm"], c["wn"]
+    if c.get("dq16") and not dq16_ok(kind, arch):
+        return False
     if c.get("ws"):  # Hopper warp-specialized TMA + wgmma.sp path
         return ws_config_error(kind, c, arch) is None
     if c.get("wgmma"):  # Hopper wgmma.sp path: sp16 only, sm_90a only, one warp per 16 weight rows, BK = 64
@@ -262,6 +276,8 @@ def search_space(kind: str, arch: str = "sm_90a") -> dict[str, list[dict[str, in
                             large.append(c)
                         if bm <= 128 and bn <= 64 and wm * wn <= 8:
                             small.append(dict(c, group=8))
+    if dq16_ok(kind, arch):  # 2:4 + int4 on sm_90a: the int4 mma.sp tiles against the dequantize + wgmma.sp path
+        large = [dict(c, dq16=0) for c in large] + [dict(DEFAULT_GEMM[kind], dq16=1)]
     if kind == "sp16" and arch == "sm_90a":  # Hopper wgmma.sp GEMM (large M)
         for bm, bn, bk in ((128, 256, 64), (128, 128, 64), (64, 256, 64)):
             for st in (3, 4, 5, 6, 8):
@@ -447,9 +463,14 @@ class Variant:
         gl = self.cfg("gemm")
         names = {p: _inst_name(self.kind, self.asym, p, self.cfg(p if p != "gemv1" and p != "gemv2" else "gemv"), nt, og)
                  for p, nt in (("gemv1", 1), ("gemv2", 2), ("gemm_small", 0))}  # fmt: skip
-        names["gemm"] = _inst_name(self.kind, self.asym, "gemm", {k: v for k, v in gl.items() if k != "tail"}, 0)
+        names["gemm"] = _inst_name(self.kind, self.asym, "gemm", {k: v for k, v in gl.items() if k not in ("tail", "dq16")}, 0)
         if gl.get("tail"):
             names["gemm_tail"] = _inst_name(self.kind, self.asym, "gemm", gl, 0)
+        if gl.get("dq16"):  # the converter and the 2:4 fp16 kernels it feeds (whole tiles, tail split)
+            names["dq16_convert"] = f"sparsec_sp4{'a' if self.asym else 's'}_to_sp16"
+            names["dq16_gemm"] = _inst_name("sp16", False, "gemm", {k: v for k, v in DQ16_GEMM.items() if k != "tail"}, 0)
+            if DQ16_GEMM.get("tail"):
+                names["dq16_gemm_tail"] = _inst_name("sp16", False, "gemm", DQ16_GEMM, 0)
         return names
 
 
@@ -786,6 +807,29 @@ def decode_layout(kind: str, arrays: list[np.ndarray], n: int, k: int, gs: int =
 
 
 # ----------------------------------------------------------------------------------------------------- sources
+DQ16_CONVERT_THREADS = 256
+
+
+def _ws_entries(kind: str, asym: bool, path: str, c: dict[str, int]) -> dict[str, str]:
+    """The extern "C" entries of a warp-specialized config: its kernel, and for a tail-split config also the
+    whole-tile instantiation (which the launcher uses when nothing is split)."""
+    cl = c.get("cluster", 1)
+    dims = f"__cluster_dims__({cl}, 1, 1) " if cl > 1 else ""
+    out = {}
+    for tail in ((False, True) if c.get("tail") else (False,)):
+        name = _inst_name(kind, asym, path, c if tail else {k: x for k, x in c.items() if k != "tail"}, 0)
+        out[name] = (
+            f'extern "C" __global__ void {dims}__launch_bounds__({gemm_threads(c)}, 1) {name}'
+            "(const __grid_constant__ CUtensorMap tmap, const uint4* __restrict__ Wv, const uint32_t* "
+            "__restrict__ Wm, half* __restrict__ Y, int M, int N, int K, int T, int GROUP, int n_dp, int n_split, "
+            "float* __restrict__ Ws, unsigned* __restrict__ Cnt) {\n"
+            f"  sparsec::gemm_ws_body<{c['bm']}, {c['bn']}, {c['bk']}, {c['stages']}, "
+            f"{'true' if c.get('persistent') else 'false'}, {cl}, {'true' if tail else 'false'}>"
+            "(&tmap, Wv, Wm, Y, M, N, K, T, GROUP, n_dp, n_split, Ws, Cnt);\n}\n"
+        )
+    return out
+
+
 def render_device_source(variants: list[Variant]) -> str:
     """The .cu file: the header plus one extern "C" __global__ entry per distinct instantiation."""
     seen: dict[str, str] = {}
@@ -811,21 +855,16 @@ def render_device_source(variants: list[Variant]) -> str:
             name = _inst_name(v.kind, v.asym, path, c, 0)
             threads = gemm_threads(c)
             if c.get("ws"):
-                cl = c.get("cluster", 1)
-                dims = f"__cluster_dims__({cl}, 1, 1) " if cl > 1 else ""
-                # a tail-split config: also the whole-tile instantiation, which the launcher uses when nothing is split
-                for tail in ((False, True) if c.get("tail") else (False,)):
-                    cc = c if tail else {k: x for k, x in c.items() if k != "tail"}
-                    seen[_inst_name(v.kind, v.asym, path, cc, 0)] = (
-                        f'extern "C" __global__ void {dims}__launch_bounds__({threads}, 1) {_inst_name(v.kind, v.asym, path, cc, 0)}'
-                        "(const __grid_constant__ CUtensorMap tmap, const uint4* __restrict__ Wv, const uint32_t* "
-                        "__restrict__ Wm, half* __restrict__ Y, int M, int N, int K, int T, int GROUP, int n_dp, int n_split, "
-                        "float* __restrict__ Ws, unsigned* __restrict__ Cnt) {\n"
-                        f"  sparsec::gemm_ws_body<{c['bm']}, {c['bn']}, {c['bk']}, {c['stages']}, "
-                        f"{'true' if c.get('persistent') else 'false'}, {cl}, {'true' if tail else 'false'}>"
-                        "(&tmap, Wv, Wm, Y, M, N, K, T, GROUP, n_dp, n_split, Ws, Cnt);\n}\n"
-                    )
+                seen.update(_ws_entries(v.kind, v.asym, path, c))
                 continue
+            if path == "gemm" and c.get("dq16"):  # sp4 -> sp16 converter + the 2:4 fp16 GEMM it feeds
+                seen[v.kernel_names()["dq16_convert"]] = (
+                    f'extern "C" __global__ void __launch_bounds__({DQ16_CONVERT_THREADS}) {v.kernel_names()["dq16_convert"]}'
+                    "(const uint4* __restrict__ Wq, const uint32_t* __restrict__ Sc, const uint32_t* __restrict__ Zb, "
+                    "uint4* __restrict__ Wv, int n_rt, int T, int G, int GS) {\n"
+                    f"  sparsec::sp4_to_sp16_body<{'true' if v.asym else 'false'}>(Wq, Sc, Zb, Wv, n_rt, T, G, GS);\n}}\n"
+                )
+                seen.update(_ws_entries("sp16", False, "gemm", DQ16_GEMM))
             if c.get("wgmma"):
                 seen[name] = (
                     f'extern "C" __global__ void __launch_bounds__({threads}, 1) {name}(const half* __restrict__ X, '
@@ -1083,7 +1122,62 @@ struct Variant {
   int gs_threads, gs_bm, gs_bn, gs_group;
   int gl_threads, gl_bm, gl_bn, gl_group;
   int small_max;
+  // "dq16" (sp4 on sm_90a, M > small_max): convert kernel, then the 2:4 fp16 warp-specialized GEMM on its output
+  const char* dq16_convert;
+  Kernel dq16;
+  int dq16_threads, dq16_bm, dq16_bn, dq16_group;
 };
+
+// Per (device, stream) scratch for the 2:4 fp16 copy of a 2:4 + int4 weight ("dq16"), grown on demand, never shrunk
+// (an outgrown buffer is kept: a captured CUDA graph may still point at it). Allocated on a stream's first use.
+void* dq16_scratch(int device_id, CUstream stream, size_t bytes) {
+  static std::mutex mu;
+  static std::unordered_map<int, std::unordered_map<CUstream, std::pair<CUdeviceptr, size_t>>> all;
+  std::lock_guard<std::mutex> lock(mu);
+  auto& b = all[device_id][stream];
+  if (b.second < bytes) {
+    Driver& d = driver();
+    if (!d.MemAlloc) TVM_FFI_THROW(RuntimeError) << "sparsec CUDA kernels: the 2:4 + int4 prefill needs cuMemAlloc_v2";
+    int capturing = 0;
+    if (d.StreamIsCapturing && d.StreamIsCapturing(stream, &capturing) == 0 && capturing)
+      TVM_FFI_THROW(RuntimeError) << "sparsec CUDA kernels: the 2:4 + int4 prefill scratch of this stream must be "
+                                     "allocated before CUDA graph capture: call the kernel once on the stream first";
+    CUdeviceptr p = 0;
+    check(d.MemAlloc(&p, bytes), "cuMemAlloc (2:4 + int4 prefill scratch)");
+    b = {p, bytes};
+  }
+  return reinterpret_cast<void*>(b.first);
+}
+
+// One launch of a warp-specialized GEMM (gemm_ws_body): per-call TMA descriptor of X, tail split when configured.
+void launch_ws(int dev, CUstream stream, const Kernel& k, int bm, int bn, int group, int threads, const void* X,
+               const void* Wv, const void* Wm, void* Y, int iM, int iN, int iK, int T, int n_rt) {
+  int64_t tiles = static_cast<int64_t>((n_rt * 16 + bm - 1) / bm) * ((iM + bn - 1) / bn);
+  if (k.cluster > 1)  // whole clusters: the weight-row tiles rounded up to a multiple of the cluster size
+    tiles = static_cast<int64_t>((n_rt * 16 + bm * k.cluster - 1) / (bm * k.cluster)) * k.cluster * ((iM + bn - 1) / bn);
+  CUfunction f = get_function(dev, k);
+  // TMA descriptor of this call's activations, passed by value (__grid_constant__)
+  TmaMap tm;
+  encode_x_map(&tm, X, iM, iK, k);
+  // tail split (k.tail > 1): the last wave's tiles are split along K over the idle SMs (ws_tail_plan)
+  int64_t n_dp = tiles;
+  int n_split = 1;
+  void* Ws = nullptr;
+  void* Cnt = nullptr;
+  if (k.tail > 1 && k.tail_name != nullptr) {
+    ws_tail_plan(tiles, sm_count(dev), (iK + k.bk - 1) / k.bk, k.tail, &n_dp, &n_split);
+    if (n_split > 1) {  // the tail-split kernel; per split unit one fp32 partial tile (bm x bn), per split tile a counter
+      f = get_function(dev, k, k.tail_name);
+      gemv_workspace(dev, stream, static_cast<size_t>(tiles - n_dp),
+                     static_cast<size_t>(tiles - n_dp) * n_split * bm * bn, &Cnt, &Ws);
+    }
+  }
+  int i_dp = static_cast<int>(n_dp);
+  void* args[] = {&tm, &Wv, &Wm, &Y, &iM, &iN, &iK, &T, &group, &i_dp, &n_split, &Ws, &Cnt};
+  const int64_t grid = k.persistent ? std::min<int64_t>(tiles, sm_count(dev)) : n_dp + (tiles - n_dp) * n_split;
+  check(driver().LaunchKernel(f, static_cast<unsigned>(grid), 1, 1, threads, 1, 1, k.smem, stream, args, nullptr),
+        "launch (gemm, warp-specialized)");
+}
 
 void run(const Variant& v, const TensorView& x, const TensorView* w, int nw, const TensorView& y) {
   const int dev = x.device().device_id;
@@ -1146,34 +1240,26 @@ void run(const Variant& v, const TensorView& x, const TensorView* w, int nw, con
   const int bm = small ? v.gs_bm : v.gl_bm, bn = small ? v.gs_bn : v.gl_bn;
   int group = small ? v.gs_group : v.gl_group;
   const int threads = small ? v.gs_threads : v.gl_threads;
-  CUfunction f = get_function(dev, k);
-  int64_t tiles = static_cast<int64_t>((n_rt * 16 + bm - 1) / bm) * ((M + bn - 1) / bn);
-  if (k.ws) {
-    if (k.cluster > 1)  // whole clusters: the weight-row tiles rounded up to a multiple of the cluster size
-      tiles = static_cast<int64_t>((n_rt * 16 + bm * k.cluster - 1) / (bm * k.cluster)) * k.cluster * ((M + bn - 1) / bn);
-    // TMA descriptor of this call's activations, passed by value (__grid_constant__)
-    TmaMap tm;
-    encode_x_map(&tm, X, M, K, k);
-    // tail split (k.tail > 1): the last wave's tiles are split along K over the idle SMs (ws_tail_plan)
-    int64_t n_dp = tiles;
-    int n_split = 1;
-    void* Ws = nullptr;
-    void* Cnt = nullptr;
-    if (k.tail > 1 && k.tail_name != nullptr) {
-      ws_tail_plan(tiles, sm_count(dev), (iK + k.bk - 1) / k.bk, k.tail, &n_dp, &n_split);
-      if (n_split > 1) {  // the tail-split kernel; per split unit one fp32 partial tile (bm x bn), per split tile a counter
-        f = get_function(dev, k, k.tail_name);
-        gemv_workspace(dev, stream, static_cast<size_t>(tiles - n_dp),
-                       static_cast<size_t>(tiles - n_dp) * n_split * bm * bn, &Cnt, &Ws);
-      }
-    }
-    int i_dp = static_cast<int>(n_dp);
-    void* args[] = {&tm, &Wv, &Wm, &Y, &iM, &iN, &iK, &T, &group, &i_dp, &n_split, &Ws, &Cnt};
-    const int64_t grid = k.persistent ? std::min<int64_t>(tiles, sm_count(dev)) : n_dp + (tiles - n_dp) * n_split;
-    check(driver().LaunchKernel(f, static_cast<unsigned>(grid), 1, 1, threads, 1, 1, k.smem, stream, args, nullptr),
-          "launch (gemm, warp-specialized)");
+  if (!small && v.dq16.name != nullptr) {
+    // 2:4 + int4 (sm_90a): the weight dequantized into the 2:4 fp16 layout in this stream's scratch, then the 2:4 fp16
+    // warp-specialized GEMM on it with the same metadata (same layout for both kinds)
+    void* W16 = dq16_scratch(dev, stream, static_cast<size_t>(n_rt) * T * 512);
+    CUfunction fc = get_function(dev, Kernel{v.dq16_convert, 0});
+    const int64_t units = static_cast<int64_t>(n_rt) * (T / 4) * 32;
+    const int64_t blocks = (units + @DQ16_THREADS@ - 1) / @DQ16_THREADS@;
+    int i_rt = n_rt;
+    void* cargs[] = {&Wv, &Sc, &Zb, &W16, &i_rt, &T, &G, &GS};
+    check(driver().LaunchKernel(fc, static_cast<unsigned>(blocks), 1, 1, @DQ16_THREADS@, 1, 1, 0, stream, cargs, nullptr),
+          "launch (2:4 + int4 -> 2:4 fp16)");
+    launch_ws(dev, stream, v.dq16, v.dq16_bm, v.dq16_bn, v.dq16_group, v.dq16_threads, X, W16, Wm, Y, iM, iN, iK, T, n_rt);
     return;
   }
+  if (k.ws) {
+    launch_ws(dev, stream, k, bm, bn, group, threads, X, Wv, Wm, Y, iM, iN, iK, T, n_rt);
+    return;
+  }
+  CUfunction f = get_function(dev, k);
+  const int64_t tiles = static_cast<int64_t>((n_rt * 16 + bm - 1) / bm) * ((M + bn - 1) / bn);
   void* args[] = {&X, &Wv, &Wm, &Sc, &Zb, &Y, &iM, &iN, &iK, &T, &G, &GS, &group};
   check(driver().LaunchKernel(f, static_cast<unsigned>(tiles), 1, 1, threads, 1, 1, k.smem, stream, args, nullptr),
         "launch (gemm)");
@@ -1182,10 +1268,20 @@ void run(const Variant& v, const TensorView& x, const TensorView* w, int nw, con
 """
 
 
+def _ws_kernel_init(name: str, c: dict[str, int], tail_name: str | None) -> str:
+    """C++ initializer of the launcher's Kernel for a warp-specialized config: + the activations' TMA box
+    (tma_x_params) for the per-call CUtensorMap, the tail split and its kernel."""
+    t = tma_x_params(c, 1, 64)
+    return (f'{{"{name}", {gemm_smem_bytes("sp16", c, False)}, 1, {t["box_dim"][0]}, {t["box_dim"][1]}, {t["data_type"]}, '
+            f'{t["swizzle"]}, {t["l2_promotion"]}, {t["oob_fill"]}, {int(bool(c.get("persistent")))}, {t["cluster"]}, '
+            f'{c.get("tail", 0)}, {c["bk"]}, ' + (f'"{tail_name}"' if tail_name else "nullptr") + "}")  # fmt: skip
+
+
 def render_host_source(variants: list[Variant], fatbin_path: str, symbol: str = "sparsec_fatbin") -> str:
     """The .cc file: driver-API launcher + one exported TVM FFI function per variant."""
     out = [_HOST_PRELUDE.replace("@FATSYM@", symbol).replace("@FATBIN@", str(fatbin_path))
-           .replace("@GEMV_KS@", _GEMV_KS_CXX).replace("@WS_TAIL@", _WS_TAIL_CXX)]
+           .replace("@GEMV_KS@", _GEMV_KS_CXX).replace("@WS_TAIL@", _WS_TAIL_CXX)
+           .replace("@DQ16_THREADS@", str(DQ16_CONVERT_THREADS))]
     seen = set()
     for v in variants:
         if v.func_name in seen:
@@ -1204,11 +1300,11 @@ def render_host_source(variants: list[Variant], fatbin_path: str, symbol: str = 
         kern = {p: f'{{"{kn[p]}", {smem[p]}}}' for p in smem}
         for p, c in (("gemm_small", gs), ("gemm", gl)):
             if c.get("ws"):  # + the activations' TMA box (tma_x_params) for the per-call CUtensorMap
-                t = tma_x_params(c, 1, 64)
-                kern[p] = (f'{{"{kn[p]}", {smem[p]}, 1, {t["box_dim"][0]}, {t["box_dim"][1]}, {t["data_type"]}, '
-                           f'{t["swizzle"]}, {t["l2_promotion"]}, {t["oob_fill"]}, {int(bool(c.get("persistent")))}, '
-                           f'{t["cluster"]}, {c.get("tail", 0)}, {c["bk"]}, '
-                           + (f'"{kn["gemm_tail"]}"' if p == "gemm" and "gemm_tail" in kn else "nullptr") + "}")  # fmt: skip
+                kern[p] = _ws_kernel_init(kn[p], c, kn.get("gemm_tail") if p == "gemm" else None)
+        dq = DQ16_GEMM
+        dq16 = (f'"{kn["dq16_convert"]}", {_ws_kernel_init(kn["dq16_gemm"], dq, kn.get("dq16_gemm_tail"))}, '
+                f'{gemm_threads(dq)}, {dq["bm"]}, {dq["bn"]}, {dq["group"]}' if "dq16_convert" in kn
+                else 'nullptr, {nullptr, 0}, 0, 0, 0, 0')  # fmt: skip
         args = ", ".join(f"TensorView w{i}" for i in range(nw))
         ws = ", ".join(f"w{i}" for i in range(nw))
         out.append(
@@ -1216,7 +1312,7 @@ def render_host_source(variants: list[Variant], fatbin_path: str, symbol: str = 
             f"{kern['gemv2']}, {kern['gemm_small']}, {kern['gemm']}, {gemv_warps(gv, 1) * 32}, {gemv_warps(gv, 2) * 32}, "
             f"{gv['rt']}, {gv.get('ks', 1)}, "
             f"{gemm_threads(gs)}, {gs['bm']}, {gs['bn']}, {gs['group']}, {gemm_threads(gl)}, "
-            f"{gl['bm']}, {gl['bn']}, {gl['group']}, {v.small_max}}};\n"
+            f"{gl['bm']}, {gl['bn']}, {gl['group']}, {v.small_max}, {dq16}}};\n"
             f"void {v.func_name}_impl(TensorView x, {args}, TensorView y) {{\n"
             f"  TensorView w[] = {{{ws}}};\n  run(kV_{v.ident}, x, w, {nw}, y);\n}}\n}}  // namespace\n"
             f"TVM_FFI_DLL_EXPORT_TYPED_FUNC({v.func_name}, {v.func_name}_impl);\n"
@@ -1242,6 +1338,10 @@ def variant_for(linear, target, hints: ShapeHints, tuning, kernel_name: str, kin
     arch = target.arch or "sm_80"
     base = default_config(kind, arch, *(int(d) for d in linear.weight.shape), asym=asym)
     v = Variant.make(kind, asym, gs, dict(base, **(cfg or {})))
+    if dq16_ok(kind, arch) and "dq16" not in (cfg or {}).get("gemm", {}):
+        # a stored large-GEMM tile from before "dq16" existed (or none): the large path still dequantizes to 2:4 fp16
+        # on sm_90a; an entry that measured the int4 mma.sp GEMM against it says "dq16": 0
+        v = Variant.make(kind, asym, gs, dict(v.config_dict(), gemm=dict(v.cfg("gemm"), dq16=1)))
     smem = max(_gemv_smem(v.cfg("gemv"), nt, kind, asym, gs) for nt in (1, 2))
     if not gemv_valid(v.cfg("gemv")) or smem > SMEM_LIMIT.get(arch, 99 * 1024):  # e.g. ks > GEMV_MAX_KS, a deep ring
         v = Variant.make(kind, asym, gs, dict(v.config_dict(), gemv=base["gemv"]))

@@ -643,6 +643,33 @@ __device__ __forceinline__ void gemv_body(const half* __restrict__ X, const uint
   if (threadIdx.x == 0) Cnt[blockIdx.x] = 0u;  // ready for the next launch (stream order)
 }
 
+// ------------------------------------------------------------------------------------ sp4 -> sp16 (prefill on sm_90a)
+// 2:4 + int4 weights at large M on sm_90a: dequantize the prepared sp4 codes once per call into the prepared sp16
+// layout (fp16 A fragments, [Np/16][T][32] x uint4) in a scratch buffer, then run the 2:4 fp16 warp-specialized
+// wgmma.sp GEMM on it (the metadata layout is the same for both kinds). Thread i: lane i % 32 of 4 consecutive k32
+// steps of one row tile: reads one uint4 of codes (4 steps), writes 4 uint4 of fp16 (one per step), both coalesced
+// across the warp. Sc / Zb: [Np/16][G][8] half2 (row g, row g+8) per group of GS compressed columns.
+template <bool ASYM>
+__device__ __forceinline__ void sp4_to_sp16_body(const uint4* __restrict__ Wq, const uint32_t* __restrict__ Sc,
+                                                 const uint32_t* __restrict__ Zb, uint4* __restrict__ Wv, int n_rt,
+                                                 int T, int G, int GS) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t per_rt = static_cast<int64_t>(T / 4) * 32;
+  if (i >= per_rt * n_rt) return;
+  const int rt = static_cast<int>(i / per_rt), u = static_cast<int>((i % per_rt) >> 5), lane = static_cast<int>(i & 31);
+  const int g = lane >> 2;
+  const uint4 q = Wq[i];  // (rt * (T/4) + u) * 32 + lane
+  const uint32_t qs[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    const int step = 4 * u + s, grp = (step * 16) / GS;
+    const size_t si = ((size_t)rt * G + grp) * 8 + g;
+    uint32_t a[4];
+    dequant8(qs[s], Sc[si], ASYM ? Zb[si] : 0x64086408u, a);
+    Wv[((size_t)rt * T + step) * 32 + lane] = make_uint4(a[0], a[1], a[2], a[3]);
+  }
+}
+
 // ------------------------------------------------------------------------------------------------ GEMM (prefill)
 // Block tile BM (weight rows) x BN (tokens) x BK, WM x WN warps, STAGES-deep cp.async pipeline. Shared memory per
 // stage: the weight fragments of the tile (already in fragment order: plain 16-byte copies, conflict-free reads),
