@@ -65,20 +65,21 @@ def _family(c: dict) -> int:
     return 1 if c.get("persistent") else 2 if c.get("cluster", 1) > 1 else 0
 
 
-def variants_sp4(gs: int = 128):
-    """2:4 + int4 (symmetric, group ``gs``) on sm_90a: the int4 mma.sp large GEMM (``"dq16": 0``) and the dequantize +
-    2:4 fp16 warp-specialized path (``"dq16": 1``, the default), for ``ab``."""
+def variants_int4(kind: str, gs: int = 128):
+    """An int4 kind (``sp4``: 2:4 + int4, ``dq4``: dense int4; symmetric, group ``gs``) on sm_90a: its int4 mma.sp /
+    mma large GEMM (``"dq16": 0``) and the dequantize + warp-specialized wgmma path (``"dq16": 1``, the default), for
+    ``ab``."""
     from sparsec.backends.kernels.cuda_sparse import Variant, default_config
 
-    base = default_config("sp4")
+    base = default_config(kind)
     rows = []
     for dq in (0, 1):
-        v = Variant.make("sp4", False, gs, dict(base, gemm=dict(base["gemm"], dq16=dq), small_max=16))
+        v = Variant.make(kind, False, gs, dict(base, gemm=dict(base["gemm"], dq16=dq), small_max=16))
         kn = v.kernel_names()
-        rows.append({"func": v.func_name, "kind": "sp4", "asym": False, "gs": gs, "config": v.config_dict(),
+        rows.append({"func": v.func_name, "kind": kind, "asym": False, "gs": gs, "config": v.config_dict(),
                      "path": "dq16" if dq else "mma.sp", "wgmma": bool(dq), "ws": False, "default": bool(dq),
                      "reference": not dq, "kernel": kn["dq16_convert"] + "+" + kn["dq16_gemm"] if dq else kn["gemm"]})
-    return [Variant.make("sp4", False, gs, r["config"]) for r in rows], rows
+    return [Variant.make(kind, False, gs, r["config"]) for r in rows], rows
 
 
 def variants():
@@ -103,7 +104,7 @@ def cmd_build(args):
 
     pack = Path(args.pack)
     pack.mkdir(parents=True, exist_ok=True)
-    vs, rows = variants_sp4() if args.kind == "sp4" else variants()
+    vs, rows = variants_int4(args.kind) if args.kind != "sp16" else variants()
     t = time.time()
     build_shared(vs, ["sm_90a"], str(pack / "sparsec_cuda.so"), workdir=str(pack / "build"))
     rep = ptxas_report(vs, "sm_90a", str(pack / "ptxas"))  # registers / spills / wgmma serialization per kernel
@@ -312,11 +313,12 @@ def cmd_ab(args):
         raise SystemExit(f"--pick: candidates of one weight format only, got {sorted(kinds)}")
     kind, gs, asym = kinds.pop()
     W = _weights(ctx, Path(args.cache)) if kind == "sp16" else (lambda n, k: ctx.weight(kind, n, k, gs, asym))
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else bc.LLM_SHAPES
     res = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv, "info": bc.device_info(torch),
            "candidates": [{"func": r["func"], "kernel": r["kernel"], "config": r["config"]["gemm"], "kind": r["kind"],
                            "gs": r["gs"], "asym": r["asym"]} for r in rows],
            "checks": [], "times": []}  # fmt: skip
-    for n, k in bc.LLM_SHAPES:
+    for n, k in shapes:
         wt = W(n, k)
         for m in args.prefill_m:
             for r in rows:  # correctness of each candidate at this very shape first (float64, fresh inputs)
@@ -350,8 +352,9 @@ def cmd_ab_report(args):
     cands = raw["candidates"]
     label = {c["func"]: _cfg(c["config"]) for c in cands}
     ch = raw["checks"]
-    sp4 = any("sp4" in c["kernel"] for c in cands)  # (runs before "kind" was recorded: from the kernel names)
-    what = f"2:4 + int4 (group {cands[0].get('gs', 128)}, symmetric)" if sp4 else "2:4 fp16"
+    kind = cands[0].get("kind") or ("sp4" if any("sp4" in c["kernel"] for c in cands) else "sp16")  # (older runs)
+    what = {"sp16": "2:4 fp16", "sp4": "2:4 + int4", "dq4": "int4"}[kind]
+    what += f" (group {cands[0].get('gs', 128)}, symmetric)" if kind != "sp16" else ""
     L = [f"# {what} prefill GEMM, interleaved A/B vs cuBLAS ({raw['info'].get('gpu', '')}, {raw['started']})", "",
          f"Median of {len(raw['times'][0]['ms']['cublas'])} rounds; every round times cuBLAS (`F.linear`, dense fp16 "
          "weight with the same values) and each candidate once, in an order rotating from round to round, L2 flushed "
@@ -597,8 +600,9 @@ def main():
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build")
     b.add_argument("--pack", default=".devpack_v2")
-    b.add_argument("--kind", choices=("sp16", "sp4"), default="sp16",
-                   help="sp16: every 2:4 fp16 large-GEMM candidate; sp4: 2:4 + int4 g128, mma.sp vs dequantize + ws")
+    b.add_argument("--kind", choices=("sp16", "sp4", "dq4"), default="sp16",
+                   help="sp16: every 2:4 fp16 large-GEMM candidate; sp4 / dq4: 2:4 + int4 / int4 g128, the int4 mma GEMM "
+                   "vs dequantize + ws")
     d = sub.add_parser("device")
     d.add_argument("--pack", default=".devpack_v2")
     d.add_argument("--out", default=os.environ.get("OUT", "bench/results/tmp"))
@@ -632,6 +636,7 @@ def main():
     ab.add_argument("--pick", nargs="+", required=True, help="KERNEL_SUBSTRING[:TAIL] of each candidate (already verified)")
     ab.add_argument("--prefill-m", type=int, nargs="+", default=PREFILL_M)
     ab.add_argument("--rounds", type=int, default=7)
+    ab.add_argument("--shapes", nargs="*", default=[], help="OUTxIN weight shapes (default: the LLM shapes)")
     abr = sub.add_parser("ab-report")
     abr.add_argument("--raw", required=True)
     abr.add_argument("--dst", default=str(ROOT / "bench" / "results"))

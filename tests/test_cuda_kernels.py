@@ -382,48 +382,85 @@ def test_ws_tail_plan_matches_the_launcher(tmp_path):
     assert f"constexpr int kWsMaxSplit = {max(cs.WS_TAIL_SPLITS)};" in hdr
 
 
-def _sp4_to_sp16_emulated(arrays, n, k, gs, asym):
-    """numpy model of sparsec_mma.cuh sp4_to_sp16_body: thread (rt, u, lane) reads the uint4 of codes of k32 steps
-    4u..4u+3 and writes, per step, the 8 fp16 of the lane's A fragment, dequantized with the scale / zero point pair
-    (row g, row g+8) of the step's group; registers 0 and 2 hold row g, 1 and 3 row g+8; register i takes nibbles i
-    (low half) and i + 4 (high half)."""
+def _int4_to_fp16_emulated(arrays, n, k, gs, asym, kind):
+    """numpy model of sparsec_mma.cuh int4_to_fp16_body: thread (rt, u, lane) reads the uint4 of codes of units
+    4u..4u+3 (word w = unit 4u + w; a unit = 16 of the values' own columns: a k32 step of sp4, a k16 unit of dq4) and
+    writes, per unit, the 8 fp16 of the lane's A fragment, dequantized with the (row g, row g+8) pair of the unit's
+    group: register i takes nibbles i (low half) and i + 4 (high half), registers 0 and 2 row g, 1 and 3 row g+8.
+    -> [Np/16, units, 32, 8] fp16."""
     np_, kp = -(-n // 16) * 16, -(-k // 128) * 128
-    nrt, t = np_ // 16, kp // 32
-    words = arrays[0].view(np.uint32).reshape(nrt, t // 4, 32, 4)
-    sc = arrays[2].view(np.uint32).reshape(nrt, -1, 8)
-    zb = arrays[3].view(np.uint32).reshape(nrt, -1, 8) if asym else None
-    out = np.zeros((nrt, t, 32, 8), dtype=np.float16)
+    nrt, units = np_ // 16, (kp // 32 if kind == "sp4" else kp // 16)
+    si = 2 if kind == "sp4" else 1  # scales after the metadata (sp4) or the codes (dq4)
+    words = arrays[0].view(np.uint32).reshape(nrt, units // 4, 32, 4)
+    sc = arrays[si].view(np.uint32).reshape(nrt, -1, 8)
+    zb = arrays[si + 1].view(np.uint32).reshape(nrt, -1, 8) if asym else None
+    out = np.zeros((nrt, units, 32, 8), dtype=np.float16)
     half2 = lambda w: np.array([w], dtype=np.uint32).view(np.float16)  # noqa: E731 - (low, high)
     for rt in range(nrt):
-        for step in range(t):
-            grp = step * 16 // gs
+        for unit in range(units):
+            grp = unit * 16 // gs
             for lane in range(32):
-                g, q = lane >> 2, int(words[rt, step // 4, lane, step % 4])
+                g, q = lane >> 2, int(words[rt, unit // 4, lane, unit % 4])
                 s2 = half2(sc[rt, grp, g])
                 z2 = half2(zb[rt, grp, g]) if asym else np.array([1032.0, 1032.0], dtype=np.float16)
                 for i in range(4):
-                    r = i & 1  # 0: row g, 1: row g + 8
-                    for h in range(2):
+                    for h in range(2):  # fp16 arithmetic, as __hsub2 / __hmul2
                         code = (q >> (4 * i + 16 * h)) & 0xF
-                        v = (np.float16(code + 1024) - z2[r]) * s2[r]  # fp16 arithmetic, as __hsub2 / __hmul2
-                        out[rt, step, lane, 2 * i + h] = np.float16(v)
-    return out.reshape(np_, kp // 2)
+                        out[rt, unit, lane, 2 * i + h] = (np.float16(code + 1024) - z2[i & 1]) * s2[i & 1]
+    return out
 
 
+def _d16_dense(frag, n, k):
+    """Dense [n, k] from [Np/16, K/16, 32, 8] fp16 m16n8k16 A fragments (PTX ISA layout: element e of lane holds row
+    g + 8 * ((e >> 1) & 1), column 2q + (e & 1) + 8 * (e >> 2) of the 16x16 tile)."""
+    nrt, units = frag.shape[:2]
+    w = np.zeros((nrt * 16, units * 16), dtype=np.float32)
+    for lane in range(32):
+        g, q = lane >> 2, lane & 3
+        for e in range(8):
+            r, c = g + 8 * ((e >> 1) & 1), 2 * q + (e & 1) + 8 * (e >> 2)
+            w[r::16, c::16] = frag[:, :, lane, e].astype(np.float32)
+    return w[:n, :k]
+
+
+@pytest.mark.parametrize("kind", ["sp4", "dq4"])
 @pytest.mark.parametrize("asym", [False, True])
-def test_sp4_to_sp16_conversion_layout(asym):
-    """The 2:4 + int4 prefill on sm_90a ("dq16") dequantizes the prepared sp4 arrays into the prepared sp16 layout and
-    hands that, with the sp4 metadata unchanged, to the 2:4 fp16 GEMM. The kernel's index math (numpy model above) must
-    give the weight the independent layout decoder reads from the sp4 arrays, rounded to fp16 (row, K and group tails;
-    groups of 16 and 64 compressed columns)."""
+def test_int4_to_fp16_conversion_layout(kind, asym):
+    """The int4 prefill on sm_90a ("dq16") dequantizes the prepared codes into fp16 fragments and hands them to the
+    warp-specialized GEMM: 2:4 + int4 -> the prepared sp16 layout (with the sp4 metadata unchanged), int4 -> dense
+    m16n8k16 A fragments. The kernel's index math (numpy model above) must give the weight the independent layout
+    decoder reads from the int4 arrays, rounded to fp16, exactly (row, K and group tails; groups of 16 to 64)."""
     for n, k, gs in ((40, 320, 16), (16, 128, 64), (72, 384, 32)):
-        w = _weight("sp4", n, k, gs, asym, _rng(n + k + gs + asym))
-        arrays = cs.prepare("sp4", w)
-        w16 = _sp4_to_sp16_emulated(arrays, n, k, gs, asym)
-        got = cs.decode_layout("sp16", [w16, arrays[1]], n, k)
-        want = cs.decode_layout("sp4", arrays, n, k, gs).astype(np.float16).astype(np.float32)
+        w = _weight(kind, n, k, gs, asym, _rng(n + k + gs + asym + (7 if kind == "dq4" else 0)))
+        arrays = cs.prepare(kind, w)
+        frag = _int4_to_fp16_emulated(arrays, n, k, gs, asym, kind)
+        if kind == "sp4":
+            got = cs.decode_layout("sp16", [frag.reshape(frag.shape[0] * 16, -1), arrays[1]], n, k)
+        else:
+            got = _d16_dense(frag, n, k)
+        want = cs.decode_layout(kind, arrays, n, k, gs).astype(np.float16).astype(np.float32)
         np.testing.assert_array_equal(got, want)
         np.testing.assert_allclose(got, w.materialize(), rtol=2e-3, atol=2e-3 * float(np.abs(w.materialize()).max()))
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc/ptxas not on PATH: the int4 prefill kernels cannot be compiled here")
+def test_dq16_kernels_ptxas(tmp_path):
+    """The converters and the warp-specialized kernels the int4 prefill runs on sm_90a: no spills, the wgmma pipeline
+    kept (no C7514 serialization), the dense kernel issues dense wgmma m64n128k16."""
+    from sparsec.backends.kernels.cuda_compile import ptxas_report
+
+    vs = [cs.Variant.make(k, a, 64, cs.default_config(k, "sm_90a")) for k in ("sp4", "dq4") for a in (False, True)]
+    rep = ptxas_report(vs, "sm_90a", str(tmp_path))
+    names = {n for v in vs for p, n in v.kernel_names().items() if p.startswith("dq16_")}
+    assert len(names) == 6  # 2 converters (sym / asym); sparse and dense kernels, each whole-tile and tail split
+    for name in names:
+        r = rep[name]
+        assert 0 < r["registers"] <= 168 and r["spill_bytes"] == 0 and r["stack"] == 0 and r["wgmma_serialized"] == 0, (name, r)
+    ptx = subprocess.run([NVCC, "-ptx", "-O3", "-std=c++17", "-I", str(tmp_path), "-arch=sm_90a", "-o", "-", "kernels.cu"],
+                         cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+    assert ptx.returncode == 0, ptx.stderr[-2000:]
+    assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16" in ptx.stdout
+    assert "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.f16.f16" in ptx.stdout
 
 
 def test_dq16_path_on_sm90a_only():
@@ -435,10 +472,11 @@ def test_dq16_path_on_sm90a_only():
     from sparsec.backends.tune import TuningDB
 
     assert cs.default_config("sp4", "sm_90a")["gemm"].get("dq16") == 1
-    for kind, arch in (("sp4", "sm_80"), ("sp4", "sm_90"), ("sp16", "sm_90a"), ("dq4", "sm_90a")):
+    assert cs.default_config("dq4", "sm_90a")["gemm"].get("dq16") == 1
+    for kind, arch in (("sp4", "sm_80"), ("sp4", "sm_90"), ("sp16", "sm_90a"), ("dq4", "sm_80")):
         assert not cs.default_config(kind, arch)["gemm"].get("dq16")
         assert not cs.gemm_valid(kind, dict(cs.default_config(kind, arch)["gemm"], dq16=1), False, arch)
-    lin = _linear(_weight("sp4", 64, 512, 64, False, _rng(5)))
+    lin = _linear(_weight("sp4", 512, 1024, 64, False, _rng(5)))  # 2^19 entries: at least DQ16_MIN_PARAMS["sp4"]
     key = dict(linear_key(lin, ShapeHints()), act_dtype="float16")
     tile = {"bm": 128, "bn": 128, "bk": 128, "wm": 2, "wn": 4, "stages": 3, "group": 16}
     for stored, target, want in ((tile, "h100", 1), (dict(tile, dq16=0), "h100", 0), (tile, "a100", 0)):
@@ -453,9 +491,26 @@ def test_dq16_path_on_sm90a_only():
             for name in (kn["dq16_convert"], kn["dq16_gemm"], kn["dq16_gemm_tail"]):
                 assert f" {name}(" in dev
             assert f'"{kn["dq16_convert"]}"' in cs.render_host_source([v], "x.fatbin", "sym")
-    # the tuner compares the int4 mma.sp tiles ("dq16": 0) with the dequantize + wgmma.sp path
-    sp = cs.search_space("sp4", "sm_90a")["gemm"]
-    assert sum(c.get("dq16") == 1 for c in sp) == 1 and all(c.get("dq16") in (0, 1) for c in sp)
+    # small layers keep the int4 GEMM (the conversion pass and the second launch cost more than they save there)
+    for kind in ("sp4", "dq4"):
+        lim = cs.DQ16_MIN_PARAMS[kind]
+        assert cs.default_config(kind, "sm_90a", lim // 512, 512)["gemm"].get("dq16") == 1
+        assert not cs.default_config(kind, "sm_90a", lim // 512 - 16, 512)["gemm"].get("dq16")
+    small = _linear(_weight("sp4", 64, 512, 64, False, _rng(6)))
+    v, _ = cs.variant_for(small, get_target("h100"), ShapeHints(), None, "cuda.nm24_int4_mma_sp", "sp4", False, 64)
+    assert not v.cfg("gemm").get("dq16") and "dq16_convert" not in v.kernel_names()
+    # the tuner compares the int4 mma.sp / mma tiles ("dq16": 0) with the dequantize + wgmma path
+    for kind in ("sp4", "dq4"):
+        sp = cs.search_space(kind, "sm_90a")["gemm"]
+        assert sum(c.get("dq16") == 1 for c in sp) == 1 and all(c.get("dq16") in (0, 1) for c in sp)
+    # the dense int4 kind feeds the dense-wgmma instantiation of the warp-specialized kernel (no metadata in its stages)
+    v = cs.Variant.make("dq4", True, 32, cs.default_config("dq4", "sm_90a"))
+    kn = v.kernel_names()
+    assert kn["dq16_convert"] == "sparsec_int4a_to_fp16" and "_wsd_" in kn["dq16_gemm"] and "_wsdt_" in kn["dq16_gemm_tail"]
+    dev = cs.render_device_source([v])
+    assert "sparsec::int4_to_fp16_body<true>" in dev and ", true, true>(&tmap" in dev and ", false, true>(&tmap" in dev
+    lay = cs.ws_layout(cs.DQ16_GEMM["dq4"])
+    assert lay["meta_bytes"] == 0 and lay["a_bytes"] == 256 // 16 * 2 * 1024 and lay["smem"] <= cs.SMEM_LIMIT["sm_90a"]
 
 
 def test_gemv_launch_workspace_holds_every_partial():
@@ -831,12 +886,14 @@ def test_tma_params_match_the_ws_smem_layout(c):
 @pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH: WsCfg cannot be compiled here")
 def test_ws_layout_mirrors_the_device_config(tmp_path):
     """cuda_sparse.ws_layout (what the launcher and the smem attribute use) == WsCfg in sparsec_mma.cuh, compiled as
-    host code by nvcc and printed."""
-    lines = [f'  P({c["bm"]}, {c["bn"]}, {c["bk"]}, {c["stages"]}, {"true" if c.get("persistent") else "false"}, '
-             f'{c.get("cluster", 1)});' for c in WS_CONFIGS]  # fmt: skip
+    host code by nvcc and printed; the search space and the dense configs the int4 prefill feeds ("dq16")."""
+    configs = WS_CONFIGS + [cs.DQ16_GEMM["dq4"]]
+    tf = lambda v: "true" if v else "false"  # noqa: E731
+    lines = [f'  P({c["bm"]}, {c["bn"]}, {c["bk"]}, {c["stages"]}, {tf(c.get("persistent"))}, {c.get("cluster", 1)}, '
+             f'{tf(c.get("tail"))}, {tf(c.get("dense"))});' for c in configs]  # fmt: skip
     (tmp_path / "t.cu").write_text(
         '#include "sparsec_mma.cuh"\n#include <cstdio>\n'
-        "#define P(a, b, c, d, e, f) { using W = sparsec::WsCfg<a, b, c, d, e, f>; "
+        "#define P(a, b, c, d, e, f, g, h) { using W = sparsec::WsCfg<a, b, c, d, e, f, g, h>; "
         "std::printf(\"%d %d %d %d %d %d %d %d %d\\n\", W::kSmem, W::kTxBytes, W::kStageBytes, W::kXBytes, W::kABytes, "
         "W::kMetaBytes, W::kThreads, W::kCOffset, W::kBoxRows); }\n"
         "int main() {\n" + "\n".join(lines) + "\n}\n")  # fmt: skip
@@ -844,7 +901,7 @@ def test_ws_layout_mirrors_the_device_config(tmp_path):
     r = subprocess.run([NVCC, "-std=c++17", "-I", str(tmp_path), "-o", "t", "t.cu"], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     out = subprocess.run([str(tmp_path / "t")], capture_output=True, text=True, check=True).stdout.split("\n")
-    for c, line in zip(WS_CONFIGS, out):
+    for c, line in zip(configs, out):
         lay = cs.ws_layout(c)
         want = [lay["smem"], lay["tx_bytes"], lay["stage_bytes"], lay["x_bytes"], lay["a_bytes"], lay["meta_bytes"], cs.WS_THREADS,
                 lay["c_offset"], cs.tma_x_params(c, 1, 64)["box_dim"][1]]  # fmt: skip

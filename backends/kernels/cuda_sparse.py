@@ -128,8 +128,12 @@ DEFAULT_GEMM_HOPPER = {
 }
 
 
-# the 2:4 fp16 GEMM that "dq16" runs on the dequantized weight (the sm_90a 2:4 fp16 default, tail split included)
-DQ16_GEMM = DEFAULT_GEMM_HOPPER["sp16"]
+# the 2:4 fp16 GEMM that "dq16" runs on the dequantized 2:4 + int4 weight (the sm_90a 2:4 fp16 default, tail split
+# included), and the dense fp16 one for the dense int4 kind (the same kernel with dense wgmma m64nNk16 and A = two k16
+# fragments per k32 step; BK 64 keeps its double-buffered A registers within the consumers' budget)
+DQ16_GEMM = {"sp4": DEFAULT_GEMM_HOPPER["sp16"],
+             "dq4": {"bm": 256, "bn": 128, "bk": 64, "wm": 4, "wn": 1, "stages": 4, "group": 16, "ws": 1, "dense": 1,
+                     "tail": 4}}  # fmt: skip
 
 
 # smaller fallbacks for GPUs with less shared memory than the H100 (A100: 163 KB per block)
@@ -147,7 +151,7 @@ def default_config(kind: str, arch: str = "sm_90a", n: int | None = None, k: int
     (:func:`gemv_auto_warps`; ``asym``: zero points)."""
     gemm = next((dict(c) for c in (DEFAULT_GEMM_HOPPER.get(kind), DEFAULT_GEMM[kind])
                  if c is not None and gemm_valid(kind, c, True, arch)), dict(FALLBACK_GEMM[kind]))
-    if dq16_ok(kind, arch):
+    if dq16_ok(kind, arch, n, k):
         gemm["dq16"] = 1
     gemv = dict(DEFAULT_GEMV_KIND[kind])
     if n is not None:
@@ -229,10 +233,20 @@ def ws_config_error(kind: str, c: dict[str, int], arch: str = "sm_90a") -> str |
     return None
 
 
-def dq16_ok(kind: str, arch: str) -> bool:
-    """2:4 + int4 at large M on sm_90a: dequantized per call into the 2:4 fp16 layout, then the warp-specialized
-    ``wgmma.sp`` GEMM (DQ16_GEMM) instead of the ``mma.sp`` int4 GEMM (``"dq16": 1`` in the large-GEMM config)."""
-    return kind == "sp4" and arch == "sm_90a"
+# "dq16" pays for its conversion pass and second launch from this many weight entries (n x k) on: H100, interleaved
+# A/B at M = 256 / 1024 / 2048 (bench/results/cuda_gemm_v2_{sp4,dq4}_dq16_sizes.md): 2:4 + int4 352x256 0.94x,
+# 512x512 1.17x; int4 512x512 0.94x-0.97x, 1024x1024 1.2x-1.5x (the dequantize path vs the int4 mma GEMM)
+DQ16_MIN_PARAMS = {"sp4": 1 << 18, "dq4": 1 << 20}
+
+
+def dq16_ok(kind: str, arch: str, n: int | None = None, k: int | None = None) -> bool:
+    """int4 kinds at large M on sm_90a: dequantized per call into fp16 fragments (2:4 + int4 -> the 2:4 fp16 layout,
+    dense int4 -> dense fp16 A fragments), then the warp-specialized ``wgmma`` GEMM (DQ16_GEMM[kind]) instead of the
+    int4 ``mma.sp`` / ``mma`` GEMM (``"dq16": 1`` in the large-GEMM config); for a layer shape (``n`` x ``k``) only
+    from DQ16_MIN_PARAMS weight entries on."""
+    if kind not in ("sp4", "dq4") or arch != "sm_90a":
+        return False
+    return n is None or k is None or n * k >= DQ16_MIN_PARAMS[kind]
 
 
 def gemm_valid(kind: str, c: dict[str, int], asym: bool = False, arch: str = "sm_90a") -> bool:
@@ -276,7 +290,7 @@ def search_space(kind: str, arch: str = "sm_90a") -> dict[str, list[dict[str, in
                             large.append(c)
                         if bm <= 128 and bn <= 64 and wm * wn <= 8:
                             small.append(dict(c, group=8))
-    if dq16_ok(kind, arch):  # 2:4 + int4 on sm_90a: the int4 mma.sp tiles against the dequantize + wgmma.sp path
+    if dq16_ok(kind, arch):  # int4 kinds on sm_90a: the int4 mma.sp / mma tiles against the dequantize + wgmma path
         large = [dict(c, dq16=0) for c in large] + [dict(DEFAULT_GEMM[kind], dq16=1)]
     if kind == "sp16" and arch == "sm_90a":  # Hopper wgmma.sp GEMM (large M)
         for bm, bn, bk in ((128, 256, 64), (128, 128, 64), (64, 256, 64)):
@@ -384,14 +398,16 @@ def ws_layout(c: dict[str, int]) -> dict[str, int]:
     bm, bn, bk, st = c["bm"], c["bn"], c["bk"], c["stages"]
     steps = bk // 32
     x = bn * bk * 2
-    a = (bm // 16) * steps * 512
-    meta = (bm // 16) * (steps // 2) * 128
+    dense = bool(c.get("dense"))  # dense fp16 A (two k16 fragments per k32 step), no metadata (WsCfg DENSE)
+    a = (bm // 16) * steps * (1024 if dense else 512)
+    meta = 0 if dense else (bm // 16) * (steps // 2) * 128
     stage = _pad_to(x + a + meta, 1024)
     cbytes = bn * (bm + 8) * 2
     pers = bool(c.get("persistent"))
     data = st * stage + cbytes if pers else max(st * stage, cbytes)
     return {"x_bytes": x, "a_bytes": a, "meta_bytes": meta, "tx_bytes": x + a + meta, "stage_bytes": stage,
-            "atoms": bk // 64, "atom_bytes": bn * 128, "a_copy_bytes": steps * 512, "meta_copy_bytes": (steps // 2) * 128,
+            "atoms": bk // 64, "atom_bytes": bn * 128, "a_copy_bytes": steps * (1024 if dense else 512),
+            "meta_copy_bytes": 0 if dense else (steps // 2) * 128,
             "c_bytes": cbytes, "c_offset": st * stage if pers else 0, "bar_bytes": 256, "smem": 256 + 1024 + data}  # fmt: skip
 
 
@@ -466,11 +482,13 @@ class Variant:
         names["gemm"] = _inst_name(self.kind, self.asym, "gemm", {k: v for k, v in gl.items() if k not in ("tail", "dq16")}, 0)
         if gl.get("tail"):
             names["gemm_tail"] = _inst_name(self.kind, self.asym, "gemm", gl, 0)
-        if gl.get("dq16"):  # the converter and the 2:4 fp16 kernels it feeds (whole tiles, tail split)
-            names["dq16_convert"] = f"sparsec_sp4{'a' if self.asym else 's'}_to_sp16"
-            names["dq16_gemm"] = _inst_name("sp16", False, "gemm", {k: v for k, v in DQ16_GEMM.items() if k != "tail"}, 0)
-            if DQ16_GEMM.get("tail"):
-                names["dq16_gemm_tail"] = _inst_name("sp16", False, "gemm", DQ16_GEMM, 0)
+        if gl.get("dq16"):  # the converter and the fp16 kernels it feeds (whole tiles, tail split)
+            a = "a" if self.asym else "s"
+            names["dq16_convert"] = f"sparsec_int4{a}_to_fp16"  # the same kernel for both kinds
+            dq = DQ16_GEMM[self.kind]
+            names["dq16_gemm"] = _inst_name("sp16", False, "gemm", {k: v for k, v in dq.items() if k != "tail"}, 0)
+            if dq.get("tail"):
+                names["dq16_gemm_tail"] = _inst_name("sp16", False, "gemm", dq, 0)
         return names
 
 
@@ -490,7 +508,7 @@ def _inst_name(kind: str, asym: bool, path: str, c: dict[str, int], nt: int, og:
     wg = "_wgmma" if c.get("wgmma") else ""
     if c.get("ws"):
         wg = ("_ws" + ("p" if c.get("persistent") else "") + (f"c{c['cluster']}" if c.get("cluster", 1) > 1 else "")
-              + ("t" if c.get("tail") else ""))  # fmt: skip
+              + ("d" if c.get("dense") else "") + ("t" if c.get("tail") else ""))  # fmt: skip
     return f"sparsec_gemm{wg}_{kind}{a}_{c['bm']}x{c['bn']}x{c['bk']}_w{c['wm']}x{c['wn']}_s{c['stages']}"
 
 
@@ -824,8 +842,8 @@ def _ws_entries(kind: str, asym: bool, path: str, c: dict[str, int]) -> dict[str
             "__restrict__ Wm, half* __restrict__ Y, int M, int N, int K, int T, int GROUP, int n_dp, int n_split, "
             "float* __restrict__ Ws, unsigned* __restrict__ Cnt) {\n"
             f"  sparsec::gemm_ws_body<{c['bm']}, {c['bn']}, {c['bk']}, {c['stages']}, "
-            f"{'true' if c.get('persistent') else 'false'}, {cl}, {'true' if tail else 'false'}>"
-            "(&tmap, Wv, Wm, Y, M, N, K, T, GROUP, n_dp, n_split, Ws, Cnt);\n}\n"
+            f"{'true' if c.get('persistent') else 'false'}, {cl}, {'true' if tail else 'false'}, "
+            f"{'true' if c.get('dense') else 'false'}>(&tmap, Wv, Wm, Y, M, N, K, T, GROUP, n_dp, n_split, Ws, Cnt);\n}}\n"
         )
     return out
 
@@ -861,10 +879,10 @@ def render_device_source(variants: list[Variant]) -> str:
                 seen[v.kernel_names()["dq16_convert"]] = (
                     f'extern "C" __global__ void __launch_bounds__({DQ16_CONVERT_THREADS}) {v.kernel_names()["dq16_convert"]}'
                     "(const uint4* __restrict__ Wq, const uint32_t* __restrict__ Sc, const uint32_t* __restrict__ Zb, "
-                    "uint4* __restrict__ Wv, int n_rt, int T, int G, int GS) {\n"
-                    f"  sparsec::sp4_to_sp16_body<{'true' if v.asym else 'false'}>(Wq, Sc, Zb, Wv, n_rt, T, G, GS);\n}}\n"
+                    "uint4* __restrict__ Wv, int n_rt, int U, int G, int GS) {\n"
+                    f"  sparsec::int4_to_fp16_body<{'true' if v.asym else 'false'}>(Wq, Sc, Zb, Wv, n_rt, U, G, GS);\n}}\n"
                 )
-                seen.update(_ws_entries("sp16", False, "gemm", DQ16_GEMM))
+                seen.update(_ws_entries("sp16", False, "gemm", DQ16_GEMM[v.kind]))
             if c.get("wgmma"):
                 seen[name] = (
                     f'extern "C" __global__ void __launch_bounds__({threads}, 1) {name}(const half* __restrict__ X, '
@@ -1122,13 +1140,13 @@ struct Variant {
   int gs_threads, gs_bm, gs_bn, gs_group;
   int gl_threads, gl_bm, gl_bn, gl_group;
   int small_max;
-  // "dq16" (sp4 on sm_90a, M > small_max): convert kernel, then the 2:4 fp16 warp-specialized GEMM on its output
+  // "dq16" (int4 kinds on sm_90a, M > small_max): convert kernel, then the warp-specialized GEMM on its output
   const char* dq16_convert;
   Kernel dq16;
   int dq16_threads, dq16_bm, dq16_bn, dq16_group;
 };
 
-// Per (device, stream) scratch for the 2:4 fp16 copy of a 2:4 + int4 weight ("dq16"), grown on demand, never shrunk
+// Per (device, stream) scratch for the fp16 copy of an int4 weight ("dq16"), grown on demand, never shrunk
 // (an outgrown buffer is kept: a captured CUDA graph may still point at it). Allocated on a stream's first use.
 void* dq16_scratch(int device_id, CUstream stream, size_t bytes) {
   static std::mutex mu;
@@ -1137,13 +1155,13 @@ void* dq16_scratch(int device_id, CUstream stream, size_t bytes) {
   auto& b = all[device_id][stream];
   if (b.second < bytes) {
     Driver& d = driver();
-    if (!d.MemAlloc) TVM_FFI_THROW(RuntimeError) << "sparsec CUDA kernels: the 2:4 + int4 prefill needs cuMemAlloc_v2";
+    if (!d.MemAlloc) TVM_FFI_THROW(RuntimeError) << "sparsec CUDA kernels: the int4 prefill needs cuMemAlloc_v2";
     int capturing = 0;
     if (d.StreamIsCapturing && d.StreamIsCapturing(stream, &capturing) == 0 && capturing)
-      TVM_FFI_THROW(RuntimeError) << "sparsec CUDA kernels: the 2:4 + int4 prefill scratch of this stream must be "
+      TVM_FFI_THROW(RuntimeError) << "sparsec CUDA kernels: the int4 prefill scratch of this stream must be "
                                      "allocated before CUDA graph capture: call the kernel once on the stream first";
     CUdeviceptr p = 0;
-    check(d.MemAlloc(&p, bytes), "cuMemAlloc (2:4 + int4 prefill scratch)");
+    check(d.MemAlloc(&p, bytes), "cuMemAlloc (int4 prefill scratch)");
     b = {p, bytes};
   }
   return reinterpret_cast<void*>(b.first);
@@ -1241,16 +1259,18 @@ void run(const Variant& v, const TensorView& x, const TensorView* w, int nw, con
   int group = small ? v.gs_group : v.gl_group;
   const int threads = small ? v.gs_threads : v.gl_threads;
   if (!small && v.dq16.name != nullptr) {
-    // 2:4 + int4 (sm_90a): the weight dequantized into the 2:4 fp16 layout in this stream's scratch, then the 2:4 fp16
-    // warp-specialized GEMM on it with the same metadata (same layout for both kinds)
-    void* W16 = dq16_scratch(dev, stream, static_cast<size_t>(n_rt) * T * 512);
+    // int4 kinds (sm_90a): the weight dequantized into fp16 fragments in this stream's scratch, then the
+    // warp-specialized GEMM on it: 2:4 + int4 -> the 2:4 fp16 layout, with the same metadata (same layout for both
+    // kinds); dense int4 -> dense fp16 A fragments (16 rows x 32 k x 2 bytes per row tile and k32 step), no metadata
+    const bool dense = v.kind == 2;
+    void* W16 = dq16_scratch(dev, stream, static_cast<size_t>(n_rt) * T * (dense ? 1024 : 512));
     CUfunction fc = get_function(dev, Kernel{v.dq16_convert, 0});
-    const int64_t units = static_cast<int64_t>(n_rt) * (T / 4) * 32;
-    const int64_t blocks = (units + @DQ16_THREADS@ - 1) / @DQ16_THREADS@;
-    int i_rt = n_rt;
-    void* cargs[] = {&Wv, &Sc, &Zb, &W16, &i_rt, &T, &G, &GS};
+    int i_rt = n_rt, U = dense ? 2 * T : T;  // 16-column units per row tile: k16 units (dq4), k32 steps (sp4)
+    const int64_t threads_total = static_cast<int64_t>(n_rt) * (U / 4) * 32;  // one thread: a uint4 of codes
+    const int64_t blocks = (threads_total + @DQ16_THREADS@ - 1) / @DQ16_THREADS@;
+    void* cargs[] = {&Wv, &Sc, &Zb, &W16, &i_rt, &U, &G, &GS};
     check(driver().LaunchKernel(fc, static_cast<unsigned>(blocks), 1, 1, @DQ16_THREADS@, 1, 1, 0, stream, cargs, nullptr),
-          "launch (2:4 + int4 -> 2:4 fp16)");
+          "launch (int4 -> fp16 fragments)");
     launch_ws(dev, stream, v.dq16, v.dq16_bm, v.dq16_bn, v.dq16_group, v.dq16_threads, X, W16, Wm, Y, iM, iN, iK, T, n_rt);
     return;
   }
@@ -1301,7 +1321,7 @@ def render_host_source(variants: list[Variant], fatbin_path: str, symbol: str = 
         for p, c in (("gemm_small", gs), ("gemm", gl)):
             if c.get("ws"):  # + the activations' TMA box (tma_x_params) for the per-call CUtensorMap
                 kern[p] = _ws_kernel_init(kn[p], c, kn.get("gemm_tail") if p == "gemm" else None)
-        dq = DQ16_GEMM
+        dq = DQ16_GEMM.get(v.kind, {})
         dq16 = (f'"{kn["dq16_convert"]}", {_ws_kernel_init(kn["dq16_gemm"], dq, kn.get("dq16_gemm_tail"))}, '
                 f'{gemm_threads(dq)}, {dq["bm"]}, {dq["bn"]}, {dq["group"]}' if "dq16_convert" in kn
                 else 'nullptr, {nullptr, 0}, 0, 0, 0, 0')  # fmt: skip
@@ -1338,7 +1358,7 @@ def variant_for(linear, target, hints: ShapeHints, tuning, kernel_name: str, kin
     arch = target.arch or "sm_80"
     base = default_config(kind, arch, *(int(d) for d in linear.weight.shape), asym=asym)
     v = Variant.make(kind, asym, gs, dict(base, **(cfg or {})))
-    if dq16_ok(kind, arch) and "dq16" not in (cfg or {}).get("gemm", {}):
+    if dq16_ok(kind, arch, *(int(d) for d in linear.weight.shape)) and "dq16" not in (cfg or {}).get("gemm", {}):
         # a stored large-GEMM tile from before "dq16" existed (or none): the large path still dequantizes to 2:4 fp16
         # on sm_90a; an entry that measured the int4 mma.sp GEMM against it says "dq16": 0
         v = Variant.make(kind, asym, gs, dict(v.config_dict(), gemm=dict(v.cfg("gemm"), dq16=1)))

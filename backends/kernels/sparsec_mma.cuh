@@ -643,30 +643,35 @@ __device__ __forceinline__ void gemv_body(const half* __restrict__ X, const uint
   if (threadIdx.x == 0) Cnt[blockIdx.x] = 0u;  // ready for the next launch (stream order)
 }
 
-// ------------------------------------------------------------------------------------ sp4 -> sp16 (prefill on sm_90a)
-// 2:4 + int4 weights at large M on sm_90a: dequantize the prepared sp4 codes once per call into the prepared sp16
-// layout (fp16 A fragments, [Np/16][T][32] x uint4) in a scratch buffer, then run the 2:4 fp16 warp-specialized
-// wgmma.sp GEMM on it (the metadata layout is the same for both kinds). Thread i: lane i % 32 of 4 consecutive k32
-// steps of one row tile: reads one uint4 of codes (4 steps), writes 4 uint4 of fp16 (one per step), both coalesced
-// across the warp. Sc / Zb: [Np/16][G][8] half2 (row g, row g+8) per group of GS compressed columns.
+// ------------------------------------------------------------------------------- int4 -> fp16 (prefill on sm_90a)
+// The int4 kinds at large M on sm_90a ("dq16"): the prepared codes are dequantized once per call into fp16 A fragments
+// in a scratch buffer, which the warp-specialized wgmma GEMM then reads:
+//   - KIND_SP4 -> the prepared sp16 layout ([Np/16][T][32] x uint4: the fragment of each compressed 16x16 tile, one
+//     per k32 step), read by the 2:4 kernel with the sp4 metadata unchanged (same layout for both kinds);
+//   - KIND_DQ4 -> dense m16n8k16 A fragments ([Np/16][K/16][32] x uint4, one per k16 unit), read by the dense kernel.
+// Both code layouts hold, per lane, the codes of 4 consecutive "units" in one uint4 (word w = unit 4u + w; a unit =
+// 16 of the values' own columns: a k32 step of sp4, a k16 unit of dq4), so one body serves both, with U units per row
+// tile (T for sp4, 2T for dq4). Thread i: lane i % 32 of units 4u..4u+3 of one row tile; reads one uint4, writes 4,
+// coalesced across the warp; the same dequant8 as the decode GEMV ((code - z) * s in fp16). Sc / Zb: [Np/16][G][8]
+// half2 (row g, row g+8) per group of GS columns: unit v is in group v * 16 / GS.
 template <bool ASYM>
-__device__ __forceinline__ void sp4_to_sp16_body(const uint4* __restrict__ Wq, const uint32_t* __restrict__ Sc,
-                                                 const uint32_t* __restrict__ Zb, uint4* __restrict__ Wv, int n_rt,
-                                                 int T, int G, int GS) {
+__device__ __forceinline__ void int4_to_fp16_body(const uint4* __restrict__ Wq, const uint32_t* __restrict__ Sc,
+                                                  const uint32_t* __restrict__ Zb, uint4* __restrict__ Wv, int n_rt,
+                                                  int U, int G, int GS) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t per_rt = static_cast<int64_t>(T / 4) * 32;
+  const int64_t per_rt = static_cast<int64_t>(U / 4) * 32;
   if (i >= per_rt * n_rt) return;
   const int rt = static_cast<int>(i / per_rt), u = static_cast<int>((i % per_rt) >> 5), lane = static_cast<int>(i & 31);
   const int g = lane >> 2;
-  const uint4 q = Wq[i];  // (rt * (T/4) + u) * 32 + lane
+  const uint4 q = Wq[i];  // (rt * (U/4) + u) * 32 + lane
   const uint32_t qs[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
-  for (int s = 0; s < 4; ++s) {
-    const int step = 4 * u + s, grp = (step * 16) / GS;
-    const size_t si = ((size_t)rt * G + grp) * 8 + g;
+  for (int w = 0; w < 4; ++w) {
+    const int unit = 4 * u + w;
+    const size_t si = ((size_t)rt * G + (unit * 16) / GS) * 8 + g;
     uint32_t a[4];
-    dequant8(qs[s], Sc[si], ASYM ? Zb[si] : 0x64086408u, a);
-    Wv[((size_t)rt * T + step) * 32 + lane] = make_uint4(a[0], a[1], a[2], a[3]);
+    dequant8(qs[w], Sc[si], ASYM ? Zb[si] : 0x64086408u, a);
+    Wv[((size_t)rt * U + unit) * 32 + lane] = make_uint4(a[0], a[1], a[2], a[3]);
   }
 }
 
@@ -1017,6 +1022,51 @@ struct WgCfg {
   static_assert(BM % 64 == 0 && (BN == 128 || BN == 256) && STAGES >= 3 && BK % 64 == 0, "wgmma tile");
 };
 
+// Dense wgmma (A = fp16 weight fragments from registers, the mma.m16n8k16 A layout per warp; B = activations from
+// shared memory through the same 128-byte-swizzle K-major descriptor): the dense int4 kind's prefill on sm_90a
+// dequantizes into this ("dq16" for dq4)
+__device__ __forceinline__ void wgmma_m64n256k16_rs(float (&d)[32][4], const uint32_t (&a)[4], uint64_t desc_b) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}, "
+      "{%128,%129,%130,%131}, %132, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3]), "+f"(d[16][0]), "+f"(d[16][1]), "+f"(d[16][2]), "+f"(d[16][3]), "+f"(d[17][0]), "+f"(d[17][1]), "+f"(d[17][2]), "+f"(d[17][3]), "+f"(d[18][0]), "+f"(d[18][1]), "+f"(d[18][2]), "+f"(d[18][3]), "+f"(d[19][0]), "+f"(d[19][1]), "+f"(d[19][2]), "+f"(d[19][3]), "+f"(d[20][0]), "+f"(d[20][1]), "+f"(d[20][2]), "+f"(d[20][3]), "+f"(d[21][0]), "+f"(d[21][1]), "+f"(d[21][2]), "+f"(d[21][3]), "+f"(d[22][0]), "+f"(d[22][1]), "+f"(d[22][2]), "+f"(d[22][3]), "+f"(d[23][0]), "+f"(d[23][1]), "+f"(d[23][2]), "+f"(d[23][3]), "+f"(d[24][0]), "+f"(d[24][1]), "+f"(d[24][2]), "+f"(d[24][3]), "+f"(d[25][0]), "+f"(d[25][1]), "+f"(d[25][2]), "+f"(d[25][3]), "+f"(d[26][0]), "+f"(d[26][1]), "+f"(d[26][2]), "+f"(d[26][3]), "+f"(d[27][0]), "+f"(d[27][1]), "+f"(d[27][2]), "+f"(d[27][3]), "+f"(d[28][0]), "+f"(d[28][1]), "+f"(d[28][2]), "+f"(d[28][3]), "+f"(d[29][0]), "+f"(d[29][1]), "+f"(d[29][2]), "+f"(d[29][3]), "+f"(d[30][0]), "+f"(d[30][1]), "+f"(d[30][2]), "+f"(d[30][3]), "+f"(d[31][0]), "+f"(d[31][1]), "+f"(d[31][2]), "+f"(d[31][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[16][4], const uint32_t (&a)[4], uint64_t desc_b) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, "
+      "{%64,%65,%66,%67}, %68, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+#else
+  __trap();
+#endif
+}
+
+template <int BN>
+struct WgmmaDense;
+template <>
+struct WgmmaDense<256> {
+  static __device__ __forceinline__ void run(float (&d)[32][4], const uint32_t (&a)[4], uint64_t desc) {
+    wgmma_m64n256k16_rs(d, a, desc);
+  }
+};
+template <>
+struct WgmmaDense<128> {
+  static __device__ __forceinline__ void run(float (&d)[16][4], const uint32_t (&a)[4], uint64_t desc) {
+    wgmma_m64n128k16_rs(d, a, desc);
+  }
+};
+
 template <int BM, int BN, int BK, int STAGES>
 __device__ __forceinline__ void gemm_wgmma_body(const half* __restrict__ X, const uint4* __restrict__ Wv,
                                                 const uint32_t* __restrict__ Wm, half* __restrict__ Y, int M, int N,
@@ -1185,7 +1235,8 @@ __device__ __forceinline__ void gemm_wgmma_body(const half* __restrict__ X, cons
 // TMA counts the whole box (OOB zeros included) towards complete_tx, so every stage delivers exactly kTxBytes. Weight
 // row tiles past the last one are clamped to it (valid memory; those rows are never stored). The k tiles cover the
 // real K (ceil(K / BK)); the prepared weight is zero past K up to its 128-aligned padded width.
-template <int BM, int BN, int BK, int STAGES, bool PERSIST = false, int CLUSTER = 1, bool TAIL = false>
+template <int BM, int BN, int BK, int STAGES, bool PERSIST = false, int CLUSTER = 1, bool TAIL = false,
+          bool DENSE = false>
 struct WsCfg {
   static constexpr int kConsumers = 2;                  // consumer warpgroups
   static constexpr int kThreads = 128 * (kConsumers + 1);
@@ -1194,8 +1245,11 @@ struct WsCfg {
   static constexpr int kAtoms = BK / 64;                // 64-wide swizzle atoms (TMA boxes) per stage
   static constexpr int kRowTiles = BM / 16;
   static constexpr int kXBytes = BN * BK * 2;
-  static constexpr int kABytes = kRowTiles * kSteps * 512;
-  static constexpr int kMetaBytes = kRowTiles * (kSteps / 2) * 128;
+  // A per row tile and k32 step: 512 bytes of compressed 2:4 fragments, or (DENSE) 1024 bytes = two k16 units of
+  // dense fragments; no metadata when dense
+  static constexpr int kAStep = DENSE ? 1024 : 512;
+  static constexpr int kABytes = kRowTiles * kSteps * kAStep;
+  static constexpr int kMetaBytes = DENSE ? 0 : kRowTiles * (kSteps / 2) * 128;
   static constexpr int kTxBytes = kXBytes + kABytes + kMetaBytes;  // bytes one stage's copies deliver
   static constexpr int kStageBytes = (kTxBytes + 1023) / 1024 * 1024;
   static constexpr int kCBytes = BN * (BM + 8) * 2;
@@ -1221,7 +1275,8 @@ struct WsCfg {
   static_assert(CLUSTER == 1 || (CLUSTER == 2 && !PERSIST), "cluster of 2 (one tile per CTA) or none");
   static constexpr int kBoxRows = BN / CLUSTER;
   static constexpr int kEmptyArrivals = 4 * kConsumers * CLUSTER;
-  static_assert((kSteps * 512) % 16 == 0 && ((kSteps / 2) * 128) % 16 == 0, "bulk copy sizes");
+  static_assert((kSteps * kAStep) % 16 == 0 && ((kSteps / 2) * 128) % 16 == 0, "bulk copy sizes");
+  static_assert(!DENSE || (!PERSIST && CLUSTER == 1), "dense: one tile per CTA, no cluster");
   // TAIL: the tiles of the last, partial wave are split along K (see gemm_ws_body); one tile per CTA, no cluster.
   // The "am I the last split of this tile" flag lives in the last word of the barrier region.
   static_assert(!TAIL || (!PERSIST && CLUSTER == 1), "tail split: one tile per CTA, no cluster");
@@ -1328,13 +1383,13 @@ __device__ __forceinline__ void named_bar_sync(int id, int threads) {
 // epilogue and resets the counter to 0 for the next launch. The launcher chooses n_dp / n_split (ws_tail_plan) so
 // that the last wave's few tiles are spread over the idle SMs.
 constexpr int kWsMaxSplit = 8;  // most split units of one tail tile (cuda_sparse.WS_TAIL_SPLITS)
-template <int BM, int BN, int BK, int STAGES, bool PERSIST, int CLUSTER, bool TAIL = false>
+template <int BM, int BN, int BK, int STAGES, bool PERSIST, int CLUSTER, bool TAIL = false, bool DENSE = false>
 __device__ __forceinline__ void gemm_ws_body(const CUtensorMap* tmap, const uint4* __restrict__ Wv,
                                              const uint32_t* __restrict__ Wm, half* __restrict__ Y, int M, int N,
                                              int K, int T, int GROUP, int n_dp = 0, int n_split = 1,
                                              float* __restrict__ Ws = nullptr, unsigned* __restrict__ Cnt = nullptr) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using C = WsCfg<BM, BN, BK, STAGES, PERSIST, CLUSTER, TAIL>;
+  using C = WsCfg<BM, BN, BK, STAGES, PERSIST, CLUSTER, TAIL, DENSE>;
   constexpr int S = C::kSteps, SL = C::kSlabs;
   extern __shared__ __align__(1024) unsigned char ws_smem[];
   const uint32_t raw = smem_u32(ws_smem);
@@ -1427,8 +1482,9 @@ __device__ __forceinline__ void gemm_ws_body(const CUtensorMap* tmap, const uint
       __syncwarp();
       if (lane < C::kRowTiles) {
         const int rt = min(row_tile0 + lane, n_rt - 1);
-        bulk_load(base + C::kXBytes + lane * (S * 512), Wv + ((size_t)rt * T + (size_t)kt * S) * 32, S * 512, full(s));
-      } else if (lane < 2 * C::kRowTiles) {
+        bulk_load(base + C::kXBytes + lane * (S * C::kAStep), Wv + ((size_t)rt * T + (size_t)kt * S) * (C::kAStep / 16),
+                  S * C::kAStep, full(s));
+      } else if (!DENSE && lane < 2 * C::kRowTiles) {
         const int r = lane - C::kRowTiles;
         const int rt = min(row_tile0 + r, n_rt - 1);
         bulk_load(base + C::kXBytes + C::kABytes + r * ((S / 2) * 128),
@@ -1452,10 +1508,41 @@ __device__ __forceinline__ void gemm_ws_body(const CUtensorMap* tmap, const uint
   float acc[SL][BN / 8][4];
 
   // k iteration it: wait for its stage, A fragments + metadata smem -> registers, issue S x SL wgmma.sp, commit
-  auto issue = [&](int it, uint32_t (&a)[SL][S][4]) {
+  constexpr int AR = DENSE ? 8 : 4;  // A registers per warp and k32 step
+  auto issue = [&](int it, uint32_t (&a)[SL][S][AR]) {
     const int s = it % STAGES;
     mbar_wait(full(s), (it / STAGES) & 1);
     const unsigned char* base = dptr + s * C::kStageBytes;
+    if constexpr (DENSE) {
+      // dense: A of k16 unit 2 st + h of row tile rtile at ((rtile * S + st) * 2 + h) * 32 + lane (uint4)
+#pragma unroll
+      for (int j = 0; j < SL; ++j) {
+        const int rtile = (cw * SL + j) * 4 + wwarp;
+#pragma unroll
+        for (int st = 0; st < S; ++st)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const uint4 v =
+                *reinterpret_cast<const uint4*>(base + C::kXBytes + ((size_t)((rtile * S + st) * 2 + h) * 32 + lane) * 16);
+            a[j][st][4 * h] = v.x; a[j][st][4 * h + 1] = v.y; a[j][st][4 * h + 2] = v.z; a[j][st][4 * h + 3] = v.w;
+          }
+      }
+      wgmma_fence();
+      const uint32_t xs = data + s * C::kStageBytes;
+#pragma unroll
+      for (int st = 0; st < S; ++st) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          // +64 B per odd k32 step inside the 64-k swizzle atom, +32 B for the second k16 unit
+          const uint64_t desc = sw128_desc(xs + (st >> 1) * (BN * 128)) + 4 * (st & 1) + 2 * h;
+#pragma unroll
+          for (int j = 0; j < SL; ++j)
+            WgmmaDense<BN>::run(acc[j], *reinterpret_cast<const uint32_t(*)[4]>(&a[j][st][4 * h]), desc);
+        }
+      }
+      wgmma_commit();
+      return;
+    }
     uint32_t e[SL][S / 2];
 #pragma unroll
     for (int j = 0; j < SL; ++j) {
@@ -1477,8 +1564,9 @@ __device__ __forceinline__ void gemm_ws_body(const CUtensorMap* tmap, const uint
       const uint64_t desc = sw128_desc(xs + (st >> 1) * (BN * 128)) + 4 * (st & 1);  // +64 B: k 32..63 of the atom
 #pragma unroll
       for (int j = 0; j < SL; ++j) {
-        if (st & 1) WgmmaSp<BN>::template run<1>(acc[j], a[j][st], desc, e[j][st >> 1]);
-        else WgmmaSp<BN>::template run<0>(acc[j], a[j][st], desc, e[j][st >> 1]);
+        const uint32_t(&as)[4] = *reinterpret_cast<const uint32_t(*)[4]>(&a[j][st][0]);
+        if (st & 1) WgmmaSp<BN>::template run<1>(acc[j], as, desc, e[j][st >> 1]);
+        else WgmmaSp<BN>::template run<0>(acc[j], as, desc, e[j][st >> 1]);
       }
     }
     wgmma_commit();
@@ -1490,7 +1578,7 @@ __device__ __forceinline__ void gemm_ws_body(const CUtensorMap* tmap, const uint
       if constexpr (CLUSTER == 2) mbar_arrive_cluster(empty(it % STAGES), crank ^ 1);  // the peer multicasts here too
     }
   };
-  uint32_t fa[SL][S][4], fb[SL][S][4];
+  uint32_t fa[SL][S][AR], fb[SL][S][AR];
   half* const cs = reinterpret_cast<half*>(dptr + C::kCOffset);
   constexpr int kCT = 128 * C::kConsumers, kWsFloats = C::kAccPerThread * kCT;  // consumer threads, floats a partial
   constexpr int LDC = BM + 8;
