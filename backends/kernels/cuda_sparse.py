@@ -479,17 +479,22 @@ class Variant:
         gl = self.cfg("gemm")
         names = {p: _inst_name(self.kind, self.asym, p, self.cfg(p if p != "gemv1" and p != "gemv2" else "gemv"), nt, og)
                  for p, nt in (("gemv1", 1), ("gemv2", 2), ("gemm_small", 0))}  # fmt: skip
-        names["gemm"] = _inst_name(self.kind, self.asym, "gemm", {k: v for k, v in gl.items() if k not in ("tail", "dq16")}, 0)
-        if gl.get("tail"):
-            names["gemm_tail"] = _inst_name(self.kind, self.asym, "gemm", gl, 0)
+        names["gemm"], tail = _gemm_names(self.kind, self.asym, "gemm", gl)
+        if tail:
+            names["gemm_tail"] = tail
         if gl.get("dq16"):  # the converter and the fp16 kernels it feeds (whole tiles, tail split)
-            a = "a" if self.asym else "s"
-            names["dq16_convert"] = f"sparsec_int4{a}_to_fp16"  # the same kernel for both kinds
-            dq = DQ16_GEMM[self.kind]
-            names["dq16_gemm"] = _inst_name("sp16", False, "gemm", {k: v for k, v in dq.items() if k != "tail"}, 0)
-            if dq.get("tail"):
-                names["dq16_gemm_tail"] = _inst_name("sp16", False, "gemm", dq, 0)
+            names["dq16_convert"] = f"sparsec_int4{'a' if self.asym else 's'}_to_fp16"  # the same kernel for both kinds
+            names["dq16_gemm"], tail = _gemm_names("sp16", False, "gemm", DQ16_GEMM[self.kind])
+            if tail:
+                names["dq16_gemm_tail"] = tail
         return names
+
+
+def _gemm_names(kind: str, asym: bool, path: str, c: dict[str, int]) -> tuple[str, str | None]:
+    """(whole-tile kernel, tail-split kernel or None) of a GEMM config: a tail-split ws config (``"tail"``) is two
+    instantiations, the one without "tail" serving the launches where nothing is split."""
+    whole = _inst_name(kind, asym, path, {k: v for k, v in c.items() if k != "tail"}, 0)
+    return whole, (_inst_name(kind, asym, path, c, 0) if c.get("tail") else None)
 
 
 def gemv_one_group(kind: str, gs: int, c: dict[str, int] | None = None) -> bool:
@@ -834,8 +839,10 @@ def _ws_entries(kind: str, asym: bool, path: str, c: dict[str, int]) -> dict[str
     cl = c.get("cluster", 1)
     dims = f"__cluster_dims__({cl}, 1, 1) " if cl > 1 else ""
     out = {}
-    for tail in ((False, True) if c.get("tail") else (False,)):
-        name = _inst_name(kind, asym, path, c if tail else {k: x for k, x in c.items() if k != "tail"}, 0)
+    whole, tail_name = _gemm_names(kind, asym, path, c)
+    for name, tail in ((whole, False), (tail_name, True)):
+        if name is None:
+            continue
         out[name] = (
             f'extern "C" __global__ void {dims}__launch_bounds__({gemm_threads(c)}, 1) {name}'
             "(const __grid_constant__ CUtensorMap tmap, const uint4* __restrict__ Wv, const uint32_t* "
@@ -875,7 +882,7 @@ def render_device_source(variants: list[Variant]) -> str:
             if c.get("ws"):
                 seen.update(_ws_entries(v.kind, v.asym, path, c))
                 continue
-            if path == "gemm" and c.get("dq16"):  # sp4 -> sp16 converter + the 2:4 fp16 GEMM it feeds
+            if path == "gemm" and c.get("dq16"):  # int4 -> fp16 converter + the warp-specialized GEMM it feeds
                 seen[v.kernel_names()["dq16_convert"]] = (
                     f'extern "C" __global__ void __launch_bounds__({DQ16_CONVERT_THREADS}) {v.kernel_names()["dq16_convert"]}'
                     "(const uint4* __restrict__ Wq, const uint32_t* __restrict__ Sc, const uint32_t* __restrict__ Zb, "
@@ -1033,12 +1040,27 @@ int sm_count(int device_id) {
 @GEMV_KS@
 @WS_TAIL@
 // Split-K workspace per (device, stream), shared by the decode GEMV's split and the GEMM's tail split: counters
-// (zeroed once here; every launch leaves them 0) then the fp32 partial tiles. Grown on demand; an outgrown buffer is kept (a captured CUDA graph may still point at it). The first
-// split-K call on a stream allocates, so warm a stream up before capturing a CUDA graph on it.
+// (zeroed once here; every launch leaves them 0) then the fp32 partial tiles. Grown on demand; an outgrown buffer is
+// kept (a captured CUDA graph may still point at it). The first split-K call on a stream allocates, so warm a stream
+// up before capturing a CUDA graph on it.
 struct SplitWs {
   CUdeviceptr base = 0;
   size_t counters = 0, floats = 0;
 };
+
+// A stream's buffer (split-K workspace, int4 prefill scratch): cuMemAlloc, refused while the stream is being captured
+// into a CUDA graph (the graph would keep a pointer the next growth replaces). `what` names the buffer in the errors.
+CUdeviceptr stream_alloc(CUstream stream, size_t bytes, const char* what) {
+  Driver& d = driver();
+  if (!d.MemAlloc) TVM_FFI_THROW(RuntimeError) << "sparsec CUDA kernels: the " << what << " needs cuMemAlloc_v2";
+  int capturing = 0;
+  if (d.StreamIsCapturing && d.StreamIsCapturing(stream, &capturing) == 0 && capturing)
+    TVM_FFI_THROW(RuntimeError) << "sparsec CUDA kernels: the " << what << " of this stream must be allocated before "
+                                << "CUDA graph capture: call the kernel once on the stream first";
+  CUdeviceptr p = 0;
+  check(d.MemAlloc(&p, bytes), ("cuMemAlloc (" + std::string(what) + ")").c_str());
+  return p;
+}
 
 void gemv_workspace(int device_id, CUstream stream, size_t counters, size_t floats, void** cnt, void** part) {
   static std::mutex mu;
@@ -1047,17 +1069,12 @@ void gemv_workspace(int device_id, CUstream stream, size_t counters, size_t floa
   SplitWs& w = all[device_id][stream];
   if (w.counters < counters || w.floats < floats) {
     Driver& d = driver();
-    if (!d.MemAlloc || !d.MemsetD32Async)
-      TVM_FFI_THROW(RuntimeError) << "sparsec CUDA kernels: split-K (decode GEMV, GEMM tail split) needs cuMemAlloc_v2 / cuMemsetD32Async";
-    int capturing = 0;
-    if (d.StreamIsCapturing && d.StreamIsCapturing(stream, &capturing) == 0 && capturing)
-      TVM_FFI_THROW(RuntimeError) << "sparsec CUDA kernels: the split-K workspace of this stream must be allocated "
-                                     "before CUDA graph capture: call the kernel once on the stream first";
+    if (!d.MemsetD32Async)
+      TVM_FFI_THROW(RuntimeError) << "sparsec CUDA kernels: the split-K workspace needs cuMemsetD32Async";
     const size_t nc = std::max(counters, w.counters), nf = std::max(floats, w.floats);
     const size_t cbytes = (nc * 4 + 255) / 256 * 256;
-    CUdeviceptr p = 0;
-    check(d.MemAlloc(&p, cbytes + nf * 4), "cuMemAlloc (split-K workspace)");
-    check(d.MemsetD32Async(p, 0u, cbytes / 4, stream), "cuMemsetD32Async (split-K GEMV counters)");
+    const CUdeviceptr p = stream_alloc(stream, cbytes + nf * 4, "split-K workspace");
+    check(d.MemsetD32Async(p, 0u, cbytes / 4, stream), "cuMemsetD32Async (split-K counters)");
     w.base = p;
     w.counters = cbytes / 4;
     w.floats = nf;
@@ -1153,17 +1170,7 @@ void* dq16_scratch(int device_id, CUstream stream, size_t bytes) {
   static std::unordered_map<int, std::unordered_map<CUstream, std::pair<CUdeviceptr, size_t>>> all;
   std::lock_guard<std::mutex> lock(mu);
   auto& b = all[device_id][stream];
-  if (b.second < bytes) {
-    Driver& d = driver();
-    if (!d.MemAlloc) TVM_FFI_THROW(RuntimeError) << "sparsec CUDA kernels: the int4 prefill needs cuMemAlloc_v2";
-    int capturing = 0;
-    if (d.StreamIsCapturing && d.StreamIsCapturing(stream, &capturing) == 0 && capturing)
-      TVM_FFI_THROW(RuntimeError) << "sparsec CUDA kernels: the int4 prefill scratch of this stream must be "
-                                     "allocated before CUDA graph capture: call the kernel once on the stream first";
-    CUdeviceptr p = 0;
-    check(d.MemAlloc(&p, bytes), "cuMemAlloc (int4 prefill scratch)");
-    b = {p, bytes};
-  }
+  if (b.second < bytes) b = {stream_alloc(stream, bytes, "int4 prefill scratch"), bytes};
   return reinterpret_cast<void*>(b.first);
 }
 
@@ -1356,11 +1363,12 @@ def variant_for(linear, target, hints: ShapeHints, tuning, kernel_name: str, kin
             cfg = tuning.lookup(kernel_name, target, dict(key, act_dtype="float16"))
         tuned = cfg is not None and not cfg.get("untuned", False)
     arch = target.arch or "sm_80"
-    base = default_config(kind, arch, *(int(d) for d in linear.weight.shape), asym=asym)
+    n, k = (int(d) for d in linear.weight.shape)
+    base = default_config(kind, arch, n, k, asym=asym)
     v = Variant.make(kind, asym, gs, dict(base, **(cfg or {})))
-    if dq16_ok(kind, arch, *(int(d) for d in linear.weight.shape)) and "dq16" not in (cfg or {}).get("gemm", {}):
-        # a stored large-GEMM tile from before "dq16" existed (or none): the large path still dequantizes to 2:4 fp16
-        # on sm_90a; an entry that measured the int4 mma.sp GEMM against it says "dq16": 0
+    if dq16_ok(kind, arch, n, k) and "dq16" not in (cfg or {}).get("gemm", {}):
+        # a stored large-GEMM tile from before "dq16" existed (or none): the large path still dequantizes to fp16 on
+        # sm_90a; an entry that measured the int4 mma.sp / mma GEMM against it says "dq16": 0
         v = Variant.make(kind, asym, gs, dict(v.config_dict(), gemm=dict(v.cfg("gemm"), dq16=1)))
     smem = max(_gemv_smem(v.cfg("gemv"), nt, kind, asym, gs) for nt in (1, 2))
     if not gemv_valid(v.cfg("gemv")) or smem > SMEM_LIMIT.get(arch, 99 * 1024):  # e.g. ks > GEMV_MAX_KS, a deep ring

@@ -1383,6 +1383,15 @@ __device__ __forceinline__ void named_bar_sync(int id, int threads) {
 // epilogue and resets the counter to 0 for the next launch. The launcher chooses n_dp / n_split (ws_tail_plan) so
 // that the last wave's few tiles are spread over the idle SMs.
 constexpr int kWsMaxSplit = 8;  // most split units of one tail tile (cuda_sparse.WS_TAIL_SPLITS)
+// CTA b of a tail-split grid: its output tile, and for a split unit (b >= n_dp) the tail tile's index and its split
+struct WsTailUnit {
+  int tile, tail_tile, split;  // tail_tile = -1: a whole tile
+};
+__device__ __forceinline__ WsTailUnit ws_tail_unit(int b, int n_dp, int n_split) {
+  if (b < n_dp) return {b, -1, 0};
+  const int u = b - n_dp;
+  return {n_dp + u / n_split, u / n_split, u % n_split};
+}
 template <int BM, int BN, int BK, int STAGES, bool PERSIST, int CLUSTER, bool TAIL = false, bool DENSE = false>
 __device__ __forceinline__ void gemm_ws_body(const CUtensorMap* tmap, const uint4* __restrict__ Wv,
                                              const uint32_t* __restrict__ Wm, half* __restrict__ Y, int M, int N,
@@ -1426,13 +1435,11 @@ __device__ __forceinline__ void gemm_ws_body(const CUtensorMap* tmap, const uint
   auto work = [&]() -> Work {
     Work w{static_cast<int>(blockIdx.x) / CLUSTER, static_cast<int>(gridDim.x) / CLUSTER, n_tiles, 0, KT};
     if constexpr (TAIL) {
-      const int b = fresh_ctaid_x();
-      w.t_first = b;
-      if (b >= n_dp) {
-        const int u = b - n_dp, split = u % n_split;
-        w.t_first = n_dp + u / n_split;
-        w.k_lo = (KT * split) / n_split;
-        w.k_hi = (KT * (split + 1)) / n_split;
+      const WsTailUnit tu = ws_tail_unit(fresh_ctaid_x(), n_dp, n_split);
+      w.t_first = tu.tile;
+      if (tu.tail_tile >= 0) {
+        w.k_lo = (KT * tu.split) / n_split;
+        w.k_hi = (KT * (tu.split + 1)) / n_split;
       }
       w.t_step = 1;
       w.t_end = w.t_first + 1;
@@ -1509,64 +1516,46 @@ __device__ __forceinline__ void gemm_ws_body(const CUtensorMap* tmap, const uint
 
   // k iteration it: wait for its stage, A fragments + metadata smem -> registers, issue S x SL wgmma.sp, commit
   constexpr int AR = DENSE ? 8 : 4;  // A registers per warp and k32 step
+  // A of row tile rtile, k32 step st, fragment h (dense: k16 unit 2 st + h) at ((rtile * S + st) * FR + h) * 32 + lane
+  constexpr int FR = AR / 4;  // 16-byte A fragments per k32 step: 1 (2:4), 2 (dense)
   auto issue = [&](int it, uint32_t (&a)[SL][S][AR]) {
     const int s = it % STAGES;
     mbar_wait(full(s), (it / STAGES) & 1);
     const unsigned char* base = dptr + s * C::kStageBytes;
-    if constexpr (DENSE) {
-      // dense: A of k16 unit 2 st + h of row tile rtile at ((rtile * S + st) * 2 + h) * 32 + lane (uint4)
-#pragma unroll
-      for (int j = 0; j < SL; ++j) {
-        const int rtile = (cw * SL + j) * 4 + wwarp;
-#pragma unroll
-        for (int st = 0; st < S; ++st)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const uint4 v =
-                *reinterpret_cast<const uint4*>(base + C::kXBytes + ((size_t)((rtile * S + st) * 2 + h) * 32 + lane) * 16);
-            a[j][st][4 * h] = v.x; a[j][st][4 * h + 1] = v.y; a[j][st][4 * h + 2] = v.z; a[j][st][4 * h + 3] = v.w;
-          }
-      }
-      wgmma_fence();
-      const uint32_t xs = data + s * C::kStageBytes;
-#pragma unroll
-      for (int st = 0; st < S; ++st) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          // +64 B per odd k32 step inside the 64-k swizzle atom, +32 B for the second k16 unit
-          const uint64_t desc = sw128_desc(xs + (st >> 1) * (BN * 128)) + 4 * (st & 1) + 2 * h;
-#pragma unroll
-          for (int j = 0; j < SL; ++j)
-            WgmmaDense<BN>::run(acc[j], *reinterpret_cast<const uint32_t(*)[4]>(&a[j][st][4 * h]), desc);
-        }
-      }
-      wgmma_commit();
-      return;
-    }
-    uint32_t e[SL][S / 2];
+    uint32_t e[SL][DENSE ? 1 : S / 2];  // 2:4 metadata (none when dense)
 #pragma unroll
     for (int j = 0; j < SL; ++j) {
       const int rtile = (cw * SL + j) * 4 + wwarp;  // 16-row tile of this warp inside the block
 #pragma unroll
-      for (int st = 0; st < S; ++st) {
-        const uint4 v = *reinterpret_cast<const uint4*>(base + C::kXBytes + ((size_t)(rtile * S + st) * 32 + lane) * 16);
-        a[j][st][0] = v.x; a[j][st][1] = v.y; a[j][st][2] = v.z; a[j][st][3] = v.w;
-      }
+      for (int st = 0; st < S; ++st)
 #pragma unroll
-      for (int p = 0; p < S / 2; ++p)
-        e[j][p] = *reinterpret_cast<const uint32_t*>(base + C::kXBytes + C::kABytes +
-                                                     ((size_t)(rtile * (S / 2) + p) * 32 + lane) * 4);
+        for (int h = 0; h < FR; ++h) {
+          const uint4 v =
+              *reinterpret_cast<const uint4*>(base + C::kXBytes + ((size_t)((rtile * S + st) * FR + h) * 32 + lane) * 16);
+          a[j][st][4 * h] = v.x; a[j][st][4 * h + 1] = v.y; a[j][st][4 * h + 2] = v.z; a[j][st][4 * h + 3] = v.w;
+        }
+      if constexpr (!DENSE) {
+#pragma unroll
+        for (int p = 0; p < S / 2; ++p)
+          e[j][p] = *reinterpret_cast<const uint32_t*>(base + C::kXBytes + C::kABytes +
+                                                       ((size_t)(rtile * (S / 2) + p) * 32 + lane) * 4);
+      }
     }
     wgmma_fence();  // the A registers were just written by ordinary loads
     const uint32_t xs = data + s * C::kStageBytes;
 #pragma unroll
     for (int st = 0; st < S; ++st) {
-      const uint64_t desc = sw128_desc(xs + (st >> 1) * (BN * 128)) + 4 * (st & 1);  // +64 B: k 32..63 of the atom
 #pragma unroll
-      for (int j = 0; j < SL; ++j) {
-        const uint32_t(&as)[4] = *reinterpret_cast<const uint32_t(*)[4]>(&a[j][st][0]);
-        if (st & 1) WgmmaSp<BN>::template run<1>(acc[j], as, desc, e[j][st >> 1]);
-        else WgmmaSp<BN>::template run<0>(acc[j], as, desc, e[j][st >> 1]);
+      for (int h = 0; h < FR; ++h) {
+        // +64 B (4 x 16) for k 32..63 of the 64-k swizzle atom; dense: +32 B for the second k16 unit
+        const uint64_t desc = sw128_desc(xs + (st >> 1) * (BN * 128)) + 4 * (st & 1) + 2 * h;
+#pragma unroll
+        for (int j = 0; j < SL; ++j) {
+          const uint32_t(&af)[4] = *reinterpret_cast<const uint32_t(*)[4]>(&a[j][st][4 * h]);
+          if constexpr (DENSE) WgmmaDense<BN>::run(acc[j], af, desc);
+          else if (st & 1) WgmmaSp<BN>::template run<1>(acc[j], af, desc, e[j][st >> 1]);
+          else WgmmaSp<BN>::template run<0>(acc[j], af, desc, e[j][st >> 1]);
+        }
       }
     }
     wgmma_commit();
@@ -1620,14 +1609,11 @@ __device__ __forceinline__ void gemm_ws_body(const CUtensorMap* tmap, const uint
   const int ecw = (etid >> 7) - 1, ewarp = (etid >> 5) & 3, eg = (etid & 31) >> 2, eq = etid & 3;
   int etm = tm, etn = tn;
   if constexpr (TAIL) {
-    const int b = fresh_ctaid_x();
-    tile_of(b < n_dp ? b : n_dp + (b - n_dp) / n_split, etm, etn);
-  }
-  // TAIL split unit: partial -> workspace, count in; only the last unit of the tile goes on
-  if constexpr (TAIL) {
-    const int b = fresh_ctaid_x();
-    if (b >= n_dp) {
-      const int u = b - n_dp, tail_tile = u / n_split, split = u % n_split;
+    const WsTailUnit tu = ws_tail_unit(fresh_ctaid_x(), n_dp, n_split);
+    tile_of(tu.tile, etm, etn);
+    // a split unit: partial -> workspace, count in; only the last unit of the tile goes on
+    if (tu.tail_tile >= 0) {
+      const int tail_tile = tu.tail_tile, split = tu.split;
       const int ctid = etid - 128;
       // layout of a partial: float4 (j * BN/8 + n) * kCT + t holds acc[j][n][0..3] of consumer thread t
       float4* const mine = reinterpret_cast<float4*>(Ws + ((size_t)tail_tile * n_split + split) * kWsFloats) + ctid;
