@@ -302,7 +302,8 @@ def cmd_ab(args):
     """Interleaved A/B timing of already-verified candidates and cuBLAS: for every LLM shape and M, ``--rounds`` rounds,
     each timing every candidate and cuBLAS once (bench_cuda.Ctx.time: L2 flushed before each call) in an order that
     rotates from round to round, so clock and temperature drift during the run, and the heat the previous contender
-    left (at M = 8192 the first contender after cuBLAS ran up to 15 % slower in a fixed order), hit all alike. -> <out>/cuda_gemm_v2_ab.json (medians in ab-report)."""
+    left (at M = 8192 the first contender after cuBLAS ran up to 20 % slower in a fixed order:
+    bench/results/cuda_gemm_v2_tail_ab_fixed_order.md), hit all alike. -> <out>/cuda_gemm_v2_ab.json (medians in ab-report)."""
     pack, out = Path(args.pack), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch, man, ctx = _ctx(pack, out)
@@ -313,7 +314,7 @@ def cmd_ab(args):
     kind, gs, asym = kinds.pop()
     W = _weights(ctx, Path(args.cache)) if kind == "sp16" else (lambda n, k: ctx.weight(kind, n, k, gs, asym))
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else bc.LLM_SHAPES
-    res = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv, "info": bc.device_info(torch),
+    res = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv, "info": bc.device_info(torch), "order": "rotating",
            "candidates": [{"func": r["func"], "kernel": r["kernel"], "config": r["config"]["gemm"], "kind": r["kind"],
                            "gs": r["gs"], "asym": r["asym"]} for r in rows],
            "checks": [], "times": []}  # fmt: skip
@@ -356,8 +357,10 @@ def cmd_ab_report(args):
     what += f" (group {cands[0].get('gs', 128)}, symmetric)" if kind != "sp16" else ""
     L = [f"# {what} prefill GEMM, interleaved A/B vs cuBLAS ({raw['info'].get('gpu', '')}, {raw['started']})", "",
          f"Median of {len(raw['times'][0]['ms']['cublas'])} rounds; every round times cuBLAS (`F.linear`, dense fp16 "
-         "weight with the same values) and each candidate once, in an order rotating from round to round, L2 flushed "
-         "before each call. Correctness in the same "
+         "weight with the same values) and each candidate once, "
+         + ("in an order rotating from round to round" if raw.get("order", "rotating") == "rotating"
+            else "always in the same order (cuBLAS, then the candidates as listed)")
+         + ", L2 flushed before each call. Correctness in the same "
          f"run: {sum(c['ok'] for c in ch)}/{len(ch)} checks within 1e-2 of float64 (max rel. error "
          f"{max(c['rel_err'] for c in ch):.2e}).", "",
          "Each cell: median ms (vs cuBLAS's median), then the fastest round's ms (vs cuBLAS's fastest).", "",
