@@ -553,8 +553,13 @@ def plan(graph, target, formats: list[str] | None, seed: int = 0) -> list[Job]:
     from .tune import TuningDB, _canon, probes
 
     jobs, seen = [], set()
+    from .kernels.cuda_sparse import as24_linear
+
     for label, probe in probes(graph, formats, seed):
         impl = select_kernel(probe, target, ShapeHints(), TuningDB.empty())
+        if impl.name == "cuda.nm_as_24_mma_sp":  # runs the 2:4 fp16 kernel on its 2:4 form: tuned (and looked up) as that
+            probe = as24_linear(probe)
+            impl = select_kernel(probe, target, ShapeHints(), TuningDB.empty())
         if impl.name not in KERNEL_KIND:
             continue
         key = dict(linear_key(probe), act_dtype="float16")  # the kernels run in fp16; the build looks this key up

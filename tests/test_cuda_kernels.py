@@ -34,6 +34,12 @@ def _gq(rng, n, cols, gs, asym):
     return GroupQuant.from_codes(codes, scales, zeros, 4, gs)
 
 
+def _gq_bits(rng, n, cols, bits, gs):
+    """Random symmetric ``bits``-bit group-quantized values (any bit width, any group size)."""
+    codes = rng.integers(0, 1 << bits, size=(n, cols)).astype(np.uint8)
+    return GroupQuant.from_codes(codes, rng.uniform(0.01, 0.1, size=(n, cols // gs)).astype(np.float16), None, bits, gs)
+
+
 def _nm24(rng, n, k, values):
     """Random 2:4 positions (uniform over the 6 patterns), packed as NMSparse stores them (2 bits, little-endian)."""
     pairs = np.array([(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)], dtype=np.uint8)
@@ -127,11 +133,76 @@ def test_registry_selects_cuda_kernels(kind, gen, target):
     arrays = impl.check_prepared(get_prepare(gen)(lin, impl.config))
     np.testing.assert_allclose(cs.decode_layout(kind, arrays, 352, 128, impl.config["gs"]),
                                w.materialize().astype(np.float16 if kind == "sp16" else np.float32).astype(np.float32), atol=1e-6)  # fmt: skip
-    # not for CPUs, not for 2:8 or int8
+    # not for CPUs; a 2:8 weight goes to cuda.nm_as_24_mma_sp (test_other_nm_patterns_and_int8_values_run_on_the_24_kernel)
     assert select_kernel(lin, get_target("x86"), ShapeHints()).name != gen
     if kind == "sp16":
         nm28 = NMSparse.from_dense(rng.standard_normal((16, 128)).astype(np.float32), 2, 8)
         assert select_kernel(_linear(nm28), get_target(target), ShapeHints()).name != gen
+
+
+@pytest.mark.parametrize("n,m", [(1, 2), (1, 4), (2, 8), (1, 8), (2, 16), (2, 4), (3, 4), (4, 8), (3, 8)])
+def test_nm_as_24_is_the_same_matrix_or_none(n, m):
+    """nm_as_24: a pattern with at most 2 kept positions in every aligned group of 4 becomes a 2:4 weight of exactly the
+    same matrix (its kept positions plus zero-valued padding); one with 3 or more in some group is refused. Random
+    masks (fresh seed), dense and int8 group-quantized values."""
+    rng = np.random.default_rng()
+    out, inn = 24, 128
+    dense = rng.standard_normal((out, inn)).astype(np.float32)
+    mask = np.zeros((out, inn // m, m), dtype=bool)
+    np.put_along_axis(mask, np.argsort(rng.random((out, inn // m, m)), axis=-1)[..., :n], True, axis=-1)
+    w = NMSparse.from_mask(dense, mask.reshape(out, inn), n, m)
+    fits = (mask.reshape(out, inn // 4, 4).sum(-1) <= 2).all()
+    for ww in (w, w.with_values(_gq_bits(rng, out, inn * n // m, 8, 16))):
+        a = cs.nm_as_24(ww)
+        if not fits:
+            assert a is None
+            continue
+        assert (a.n, a.m) == (2, 4) and a.shape == ww.shape
+        np.testing.assert_array_equal(a.materialize(), ww.materialize())
+        assert (a.mask() | ~ww.mask()).all()  # every kept position of the original is kept
+    if n <= 2 and m % 4 == 0 or (n, m) == (1, 2):  # always fits
+        assert fits
+    # 4:8 whose groups of 4 happen to hold 2 each: fits
+    half = np.zeros((out, inn // 4, 4), dtype=bool)
+    half[..., :2] = True
+    assert cs.nm_as_24(NMSparse.from_mask(dense, half.reshape(out, inn), 4, 8)) is not None
+
+
+@pytest.mark.parametrize("target", ["h100", "a100"])
+def test_other_nm_patterns_and_int8_values_run_on_the_24_kernel(target):
+    """N:M weights without a specialised CUDA kernel whose pattern fits 2:4 (1:4, 2:8, ...), and 2:4 weights of values
+    without an int kernel (int8, int4 with a group of 8), run on the 2:4 fp16 kernel: the prepared arrays decode to
+    the weight (rounded to fp16), the note says what was converted; 2:4 dense and 2:4 + int4 keep their own kernels;
+    4:8 falls back to the dense path; the 2:4 fp16 kernel's tuning entries serve the converted weight."""
+    from sparsec.backends.kernels.registry import ShapeHints, get_prepare, select_kernel
+    from sparsec.backends.targets import get_target
+    from sparsec.backends.tune import TuningDB
+
+    rng = np.random.default_rng()
+    tgt = get_target(target)
+    dense = rng.standard_normal((40, 256)).astype(np.float32)
+    cases = [(NMSparse.from_dense(dense, 1, 4), "1:4 run as 2:4"), (NMSparse.from_dense(dense, 2, 8), "2:8 run as 2:4")]
+    nm24 = NMSparse.from_dense(dense, 2, 4)
+    cases += [(nm24.with_values(_gq_bits(rng, 40, 128, 8, 32)), "int8 g32 values dequantized"),
+              (nm24.with_values(_gq_bits(rng, 40, 128, 4, 8)), "int4 g8 values dequantized")]
+    for w, note in cases:
+        lin = _linear(w)
+        impl = select_kernel(lin, tgt, ShapeHints())
+        assert impl.name == "cuda.nm_as_24_mma_sp" and note in impl.note and impl.config["kind"] == "sp16", (note, impl.note)
+        arrays = impl.check_prepared(get_prepare(impl.name)(lin, impl.config))
+        np.testing.assert_array_equal(cs.decode_layout("sp16", arrays, 40, 256),
+                                      w.materialize().astype(np.float16).astype(np.float32))
+    assert select_kernel(_linear(nm24), tgt, ShapeHints()).name == "cuda.nm24_mma_sp"
+    int4 = nm24.with_values(_gq_bits(rng, 40, 128, 4, 32))
+    assert select_kernel(_linear(int4), tgt, ShapeHints()).name == "cuda.nm24_int4_mma_sp"
+    impl = select_kernel(_linear(NMSparse.from_dense(dense, 4, 8)), tgt, ShapeHints())
+    assert impl.name == "tvm.dense" and "materialized dense" in impl.note
+    # the shipped h100 entry of a 2:4 4096x4096 layer (the warp-specialized GEMM) serves a 1:4 one
+    if target == "h100":
+        big = NMSparse.from_dense(rng.standard_normal((4096, 4096)).astype(np.float32), 1, 4)
+        impl = select_kernel(_linear(big), tgt, ShapeHints(), TuningDB.for_target("h100"))
+        ref = select_kernel(_linear(cs.nm_as_24(big)), tgt, ShapeHints(), TuningDB.for_target("h100"))
+        assert impl.tuned and ref.tuned and impl.config == ref.config and impl.config["gemm"].get("ws") == 1
 
 
 def test_tuning_entry_is_used_and_arch_limits_respected():

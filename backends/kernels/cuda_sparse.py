@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from ...compressor.formats import Dense, GroupQuant, NMSparse
-from .registry import KernelImpl, ShapeHints, WeightParam, linear_key, register_kernel
+from .registry import KernelImpl, ShapeHints, WeightParam, fmt_pattern, linear_key, register_kernel
 
 __all__ = [
     "KINDS",
@@ -1441,6 +1441,61 @@ def nm24_mma_sp(linear, target, hints, tuning):
     if not _cuda_ok(target, w.shape[1]):
         return None
     return _impl(linear, target, hints, tuning, "cuda.nm24_mma_sp", "sp16", False, 0)
+
+
+def nm_as_24(w: NMSparse) -> NMSparse | None:
+    """An N:M weight as a 2:4 weight of the same matrix (values dequantized, as float32), when every aligned group of
+    4 inputs holds at most 2 of its kept positions: 1:2, 1:4, 1:8, 2:8, 2:16, ... always, 2:4 itself. The kept
+    positions are padded with unkept ones (value 0) up to exactly 2 per group. None when a group of 4 holds 3 or more
+    kept positions (3:4, 4:8, ...: the 2:4 tensor cores cannot express it)."""
+    out, inn = w.shape
+    if inn % 4:
+        return None
+    mask = w.mask().reshape(out, inn // 4, 4)
+    cnt = mask.sum(-1)
+    if (cnt > 2).any():
+        return None
+    free = ~mask
+    pad = free & (np.cumsum(free, axis=-1) <= (2 - cnt)[..., None])  # the first unkept positions, as many as needed
+    return NMSparse.from_mask(w.materialize(), (mask | pad).reshape(out, inn), 2, 4)
+
+
+def as24_linear(linear):
+    """``linear`` with its N:M weight as the 2:4 weight :func:`nm_as_24` makes of it (None when it does not fit): what
+    cuda.nm_as_24_mma_sp runs, tunes (``sparsec tune``) and looks up in tuning databases, as the 2:4 fp16 kernel's
+    (cuda.nm24_mma_sp) entry for a 2:4 weight of that shape."""
+    import dataclasses
+
+    w = linear.weight
+    a24 = nm_as_24(w) if isinstance(w, NMSparse) else None
+    return None if a24 is None else dataclasses.replace(linear, weight=a24)
+
+
+def _prepare_as24(linear, config):
+    return prepare_sp16(nm_as_24(linear.weight))
+
+
+@register_kernel("cuda.nm_as_24_mma_sp", formats=(fmt_pattern("nm_sparse[*]"),), targets=("cuda",), priority=10,
+                 prepare=_prepare_as24, search_space=_space("sp16"))  # fmt: skip
+def nm_as_24_mma_sp(linear, target, hints, tuning):
+    """N:M weights no specialised kernel takes, on the 2:4 fp16 kernel (cuda.nm24_mma_sp's), when the pattern fits
+    2:4: other patterns (1:4, 2:8, ...; zero-padded to 2:4) and 2:4 of values without an int kernel on CUDA (int8,
+    int2/3, int4 with a group size that is not a multiple of 16), dequantized to fp16 when the model is built."""
+    w = linear.weight
+    if not isinstance(w, NMSparse) or not _cuda_ok(target, w.shape[1]):
+        return None
+    proxy = as24_linear(linear)
+    if proxy is None:
+        return None
+    notes = []
+    if (w.n, w.m) != (2, 4):
+        notes.append(f"{w.n}:{w.m} run as 2:4 (zero-padded)")
+    if not isinstance(w.values, Dense):
+        gq = w.values if isinstance(w.values, GroupQuant) else None
+        what = f"int{gq.bits} g{gq.group_size}" if gq is not None else w.values.kind
+        notes.append(f"{what} values dequantized to fp16 at build time (no CUDA kernel for them)")
+    # configs: the 2:4 fp16 kernel's tuning entries for this shape (select_kernel names the impl after this generator)
+    return _impl(proxy, target, hints, tuning, "cuda.nm24_mma_sp", "sp16", False, 0, "; ".join(notes))
 
 
 @register_kernel("cuda.nm24_int4_mma_sp", formats=("nm_sparse[group_quant]",), targets=("cuda",), priority=20,
