@@ -65,19 +65,20 @@ def _family(c: dict) -> int:
     return 1 if c.get("persistent") else 2 if c.get("cluster", 1) > 1 else 0
 
 
-def variants_int4(kind: str, gs: int = 128):
+def variants_int4(kind: str, gs: int = 128, wmap: bool = False):
     """An int4 kind (``sp4``: 2:4 + int4, ``dq4``: dense int4; symmetric, group ``gs``) on sm_90a: its int4 mma.sp /
     mma large GEMM (``"dq16": 0``) and the dequantize + warp-specialized wgmma path (``"dq16": 1``, the default), for
-    ``ab``."""
+    ``ab``; ``wmap``: also that path with the fp16 weight read by TMA tensor maps (``"wmap": 1``)."""
     from sparsec.backends.kernels.cuda_sparse import Variant, default_config
 
     base = default_config(kind)
     rows = []
-    for dq in (0, 1):
-        v = Variant.make(kind, False, gs, dict(base, gemm=dict(base["gemm"], dq16=dq), small_max=16))
+    for dq, wm in ((0, 0), (1, 0)) + (((1, 1),) if wmap else ()):
+        extra = {"wmap": 1} if wm else {}
+        v = Variant.make(kind, False, gs, dict(base, gemm=dict(base["gemm"], dq16=dq, **extra), small_max=16))
         kn = v.kernel_names()
         rows.append({"func": v.func_name, "kind": kind, "asym": False, "gs": gs, "config": v.config_dict(),
-                     "path": "dq16" if dq else "mma.sp", "wgmma": bool(dq), "ws": False, "default": bool(dq),
+                     "path": "dq16" if dq else "mma.sp", "wgmma": bool(dq), "ws": False, "default": bool(dq and not wm),
                      "reference": not dq, "kernel": kn["dq16_convert"] + "+" + kn["dq16_gemm"] if dq else kn["gemm"]})
     return [Variant.make(kind, False, gs, r["config"]) for r in rows], rows
 
@@ -104,7 +105,7 @@ def cmd_build(args):
 
     pack = Path(args.pack)
     pack.mkdir(parents=True, exist_ok=True)
-    vs, rows = variants_int4(args.kind) if args.kind != "sp16" else variants()
+    vs, rows = variants_int4(args.kind, wmap=args.wmap) if args.kind != "sp16" else variants()
     t = time.time()
     build_shared(vs, ["sm_90a"], str(pack / "sparsec_cuda.so"), workdir=str(pack / "build"))
     rep = ptxas_report(vs, "sm_90a", str(pack / "ptxas"))  # registers / spills / wgmma serialization per kernel
@@ -378,6 +379,39 @@ def cmd_ab_report(args):
     print("\n".join(L))
 
 
+def cmd_copy_cost(args):
+    """Per-stage cost of the one-tile ws kernels of a committed ``device`` run (no GPU needed): stage time (the run's
+    time / (waves x k tiles), 132 SMs), the cp.async.bulk copies a stage issues (2 x BM/16: weights + metadata per row
+    tile) and the bytes it moves, per shape and M. The evidence behind ``"wmap"`` (docs/cuda.md)."""
+    import math
+
+    raw = json.loads(Path(args.raw).read_text())
+    sms = args.sms
+    L = [f"# Per-stage cost of the one-tile warp-specialized kernels ({raw['info'].get('gpu', '')}, run of {raw['started']})",
+         "", f"From `{args.raw}` (`python bench/bench_gemm_v2.py copy-cost --raw {args.raw}`). Stage time = the run's "
+         f"median time / (waves x k tiles), waves = ceil(tiles / {sms}); copies = the cp.async.bulk copies a stage issues "
+         "(weights and metadata, one per row tile each); L2 -> SM rate = bytes of a stage x SMs / stage time.", "",
+         "| out×in | M | tile | stages | vs cuBLAS | µs / stage | bulk copies / stage | ns / copy | bytes / stage | L2 -> SM TB/s |",
+         "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    rows = []
+    for b in raw["bench"]:
+        c = b["config"].get("gemm", b["config"])
+        if not c.get("ws") or c.get("persistent") or c.get("cluster", 1) > 1 or c.get("tail"):
+            continue
+        bm, bn, bk = c["bm"], c["bn"], c["bk"]
+        waves = math.ceil(math.ceil(b["out"] / bm) * math.ceil(b["m"] / bn) / sms)
+        us = b["ms_ours"] * 1000 / (waves * math.ceil(b["in"] / bk))
+        copies = 2 * bm // 16
+        stage = bn * bk * 2 + (bm // 16) * (bk // 32) * 512 + (bm // 16) * (bk // 64) * 128
+        rows.append((b["out"], b["in"], b["m"], bm, bn, bk, c["stages"], b["speedup_vs_dense"], us, copies, stage))
+    for o, i, m, bm, bn, bk, st, sp, us, copies, stage in sorted(rows):
+        L.append(f"| {o}×{i} | {m} | {bm}×{bn}×{bk} | {st} | {sp:.2f}x | {us:.2f} | {copies} | {us * 1000 / copies:.0f} | "
+                 f"{stage} | {stage * sms / us / 1e6:.1f} |")  # fmt: skip
+    if args.name:
+        (Path(args.dst) / f"{args.name}.md").write_text("\n".join(L) + "\n")
+    print("\n".join(L))
+
+
 # ------------------------------------------------------------------------------------------------ driver (GPU)
 def _stage(part: Path | None) -> str:
     try:
@@ -605,6 +639,8 @@ def main():
     b.add_argument("--kind", choices=("sp16", "sp4", "dq4"), default="sp16",
                    help="sp16: every 2:4 fp16 large-GEMM candidate; sp4 / dq4: 2:4 + int4 / int4 g128, the int4 mma GEMM "
                    "vs dequantize + ws")
+    b.add_argument("--wmap", action="store_true", help="sp4 / dq4: also dequantize + ws with the weights by TMA "
+                   "tensor maps (\"wmap\": 1)")
     d = sub.add_parser("device")
     d.add_argument("--pack", default=".devpack_v2")
     d.add_argument("--out", default=os.environ.get("OUT", "bench/results/tmp"))
@@ -648,9 +684,14 @@ def main():
     r.add_argument("--dst", default=str(ROOT / "bench" / "results"))
     r.add_argument("--name", default="cuda_gemm_v2", help="result files <dst>/<name>.{json,md}")
     r.add_argument("--tuning", default=None, help="tuning DB to record the winners in (golden/tuning/h100.json)")
+    cc = sub.add_parser("copy-cost", help="per-stage cost of the one-tile ws kernels of a committed device run")
+    cc.add_argument("--raw", default="bench/results/cuda_gemm_v2.json")
+    cc.add_argument("--sms", type=int, default=132)
+    cc.add_argument("--dst", default=str(ROOT / "bench" / "results"))
+    cc.add_argument("--name", default="", help="also write <dst>/<name>.md")
     a = ap.parse_args()
     rc = {"build": cmd_build, "device": cmd_device, "report": cmd_report, "cand": cmd_cand, "baseline": cmd_baseline,
-          "ab": cmd_ab, "ab-report": cmd_ab_report}[a.cmd](a)  # fmt: skip
+          "ab": cmd_ab, "ab-report": cmd_ab_report, "copy-cost": cmd_copy_cost}[a.cmd](a)  # fmt: skip
     sys.exit(rc or 0)
 
 

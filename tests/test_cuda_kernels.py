@@ -521,9 +521,10 @@ def test_dq16_kernels_ptxas(tmp_path):
     from sparsec.backends.kernels.cuda_compile import ptxas_report
 
     vs = [cs.Variant.make(k, a, 64, cs.default_config(k, "sm_90a")) for k in ("sp4", "dq4") for a in (False, True)]
+    vs += [cs.Variant.make(k, False, 64, _dq16_wmap_config(k)) for k in ("sp4", "dq4")]  # weights by tensor map
     rep = ptxas_report(vs, "sm_90a", str(tmp_path))
     names = {n for v in vs for p, n in v.kernel_names().items() if p.startswith("dq16_")}
-    assert len(names) == 6  # 2 converters (sym / asym); sparse and dense kernels, each whole-tile and tail split
+    assert len(names) == 10  # 2 converters (sym / asym); sparse and dense kernels, whole-tile and tail split, wmap or not
     for name in names:
         r = rep[name]
         assert 0 < r["registers"] <= 168 and r["spill_bytes"] == 0 and r["stack"] == 0 and r["wgmma_serialized"] == 0, (name, r)
@@ -532,6 +533,27 @@ def test_dq16_kernels_ptxas(tmp_path):
     assert ptx.returncode == 0, ptx.stderr[-2000:]
     assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16" in ptx.stdout
     assert "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.f16.f16" in ptx.stdout
+    assert "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes" in ptx.stdout
+
+
+def _dq16_wmap_config(kind: str) -> dict:
+    """The sm_90a default of an int4 kind with its dequantize + ws GEMM reading the weights by tensor map."""
+    c = cs.default_config(kind, "sm_90a")
+    return dict(c, gemm=dict(c["gemm"], wmap=1))
+
+
+def test_dq16_wmap_names_its_kernels():
+    """"wmap" on an int4 kind's large config goes to the warp-specialized GEMM the dequantized weight feeds (the int4
+    mma tile itself has no tensor-map form); without dq16 it is not a valid config."""
+    for kind, fam in (("sp4", "_wstm_"), ("dq4", "_wsdtm_")):
+        v = cs.Variant.make(kind, False, 128, _dq16_wmap_config(kind))
+        kn = v.kernel_names()
+        assert v.dq16_cfg() == dict(cs.DQ16_GEMM[kind], wmap=1) and fam in kn["dq16_gemm_tail"], kn
+        assert kn["dq16_gemm"].split("_")[2].endswith("m") and "m" not in kn["gemm"].split("_")[2]
+        plain = cs.Variant.make(kind, False, 128, cs.default_config(kind, "sm_90a"))
+        assert plain.dq16_cfg() == cs.DQ16_GEMM[kind] and plain.func_name != v.func_name
+        assert f', {cs.ws_a_step(cs.DQ16_GEMM[kind])}}}' in cs.render_host_source([v], "x.fatbin", "sym")
+        assert not cs.gemm_valid(kind, dict(v.cfg("gemm"), dq16=0), False, "sm_90a")
 
 
 def test_dq16_path_on_sm90a_only():
@@ -579,7 +601,7 @@ def test_dq16_path_on_sm90a_only():
     kn = v.kernel_names()
     assert kn["dq16_convert"] == "sparsec_int4a_to_fp16" and "_wsd_" in kn["dq16_gemm"] and "_wsdt_" in kn["dq16_gemm_tail"]
     dev = cs.render_device_source([v])
-    assert "sparsec::int4_to_fp16_body<true>" in dev and ", true, true>(&tmap" in dev and ", false, true>(&tmap" in dev
+    assert "sparsec::int4_to_fp16_body<true>" in dev and ", true, true, false>(&tmap" in dev and ", false, true, false>(&tmap" in dev
     lay = cs.ws_layout(cs.DQ16_GEMM["dq4"])
     assert lay["meta_bytes"] == 0 and lay["a_bytes"] == 256 // 16 * 2 * 1024 and lay["smem"] <= cs.SMEM_LIMIT["sm_90a"]
 
@@ -954,6 +976,93 @@ def test_tma_params_match_the_ws_smem_layout(c):
         cs.tma_x_params(c, m, 36)  # row stride 72 B: not a multiple of 16
 
 
+def _tma_tiled_box(buf: np.ndarray, t: dict, coords: tuple[int, ...]) -> np.ndarray:
+    """What a TMA tiled-mode copy (no swizzle, no interleave) writes to shared memory: the box at ``coords`` of the
+    tensor ``t`` (dims and byte strides as cuTensorMapEncodeTiled takes them, 8-byte elements) over the global bytes
+    ``buf``, dimension 0 fastest; elements outside the tensor are zero (OOB fill NONE)."""
+    esize = 8
+    assert t["data_type"] == cs.TMA_UINT64 and t["swizzle"] == cs.TMA_SWIZZLE_NONE and t["oob_fill"] == cs.TMA_OOB_ZERO
+    strides = (esize,) + tuple(t["global_strides"])
+    out = np.zeros(tuple(reversed(t["box_dim"])) + (esize,), dtype=np.uint8)
+    for idx in np.ndindex(*reversed(t["box_dim"])):
+        g = [c + i for c, i in zip(coords, reversed(idx))]
+        if all(0 <= v < d for v, d in zip(g, t["global_dim"])):
+            off = sum(v * st for v, st in zip(g, strides))
+            out[idx] = buf[off:off + esize]
+    return out.reshape(-1)
+
+
+WMAP_CONFIGS = [c for c in WS_CONFIGS if c.get("wmap")] + [dict(cs.DQ16_GEMM["dq4"], wmap=1)]
+
+
+@pytest.mark.parametrize("c", WMAP_CONFIGS, ids=cs.ws_tag)
+def test_weight_tensor_maps_deliver_the_bulk_copies_bytes(c):
+    """A "wmap" stage's two TMA boxes (tma_w_params) write the bytes the 2 x BM/16 cp.async.bulk copies of the other
+    configs write, where they write them (WsCfg's stage layout), for every row-tile block and k tile of a weight with
+    a row tail; row tiles past the weight are zeros (the bulk path clamps them to the last one; never stored), and
+    each box is exactly the stage's A / metadata bytes (the full barrier's expect_tx is unchanged)."""
+    rng = _rng(17)
+    lay = cs.ws_layout(c)
+    dense = bool(c.get("dense"))
+    n, k = 16 * int(rng.integers(2, 20)) + int(rng.integers(1, 16)) + c["bm"], 128 * int(rng.integers(1, 4))
+    n_rt, t = -(-n // 16), k // 32
+    step = cs.ws_a_step(c)
+    if dense:  # the int4 prefill's converted A: T x 1024 bytes per row tile (any bytes do for the copy)
+        wv, wm = rng.integers(0, 256, size=n_rt * t * step, dtype=np.uint8), None
+    else:
+        arrays = cs.prepare("sp16", _weight("sp16", n, k, 0, False, rng))
+        wv, wm = arrays[0].view(np.uint8).reshape(-1), arrays[1].view(np.uint8).reshape(-1)
+        assert wv.size == -(-n // 16) * t * step and wm.size == n_rt * (t // 2) * 128  # prepare's layout
+    maps = cs.tma_w_params(c, n_rt, t)
+    assert set(maps) == ({"a"} if dense else {"a", "meta"})
+    for m in maps.values():  # cuTensorMapEncodeTiled's limits: strides multiples of 16, boxes <= 256, 16-byte rows
+        assert all(s % 16 == 0 for s in m["global_strides"]) and all(0 < b <= 256 for b in m["box_dim"])
+        assert m["box_dim"][0] * 8 % 16 == 0 and m["box_dim"][0] == m["global_dim"][0]
+    steps, rts = c["bk"] // 32, c["bm"] // 16
+    assert np.prod(maps["a"]["box_dim"]) * 8 == lay["a_bytes"]
+    if not dense:
+        assert np.prod(maps["meta"]["box_dim"]) * 8 == lay["meta_bytes"]
+    for tm in range(-(-n_rt // rts)):
+        for kt in range(t * 32 // c["bk"]):
+            got = _tma_tiled_box(wv, maps["a"], (0, kt * maps["a"]["units_per_stage"], tm * rts)).reshape(rts, -1)
+            for r in range(rts):  # the bulk copy of lane r: row tile r of the block, the stage's k32 steps
+                rt = tm * rts + r
+                want = (wv[rt * t * step + kt * steps * step:][: steps * step] if rt < n_rt
+                        else np.zeros(steps * step, np.uint8))
+                np.testing.assert_array_equal(got[r], want, err_msg=f"A block {tm} k tile {kt} row tile {r}")
+            if dense:
+                continue
+            got = _tma_tiled_box(wm, maps["meta"], (0, kt * maps["meta"]["units_per_stage"], tm * rts)).reshape(rts, -1)
+            for r in range(rts):
+                rt = tm * rts + r
+                mb = (steps // 2) * 128
+                want = wm[rt * (t // 2) * 128 + kt * mb:][:mb] if rt < n_rt else np.zeros(mb, np.uint8)
+                np.testing.assert_array_equal(got[r], want, err_msg=f"meta block {tm} k tile {kt} row tile {r}")
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no g++: the launcher's weight-map arithmetic cannot be compiled")
+def test_weight_map_arithmetic_matches_the_launcher(tmp_path):
+    """The launcher's ws_w_map (C++ rendered into every host source) gives tma_w_params' dims, strides and boxes."""
+    rng = _rng(19)
+    cases = [(c, int(nr), 4 * int(t)) for c in WMAP_CONFIGS for nr, t in zip(rng.integers(1, 900, 3), rng.integers(1, 120, 3))]
+    calls = []
+    for c, nr, t in cases:
+        for meta in (0, 1) if not c.get("dense") else (0,):
+            calls.append((c, nr, t, meta))
+    (tmp_path / "t.cc").write_text(
+        "#include <cstdint>\n#include <cstdio>\n" + cs._WS_WMAP_CXX + "int main() {\n"
+        + "".join(f"  {{ uint64_t d[3], s[2]; unsigned b[3]; ws_w_map({nr}, {t}, {c['bm']}, {c['bk']}, {cs.ws_a_step(c)}, {meta}, d, s, b); "
+                  'printf("%llu %llu %llu %llu %llu %u %u %u\\n", (unsigned long long)d[0], (unsigned long long)d[1], '
+                  "(unsigned long long)d[2], (unsigned long long)s[0], (unsigned long long)s[1], b[0], b[1], b[2]); }\n"
+                  for c, nr, t, meta in calls) + "}\n")  # fmt: skip
+    r = subprocess.run(["g++", "-std=c++17", "-o", "t", "t.cc"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = subprocess.run(["./t"], cwd=tmp_path, capture_output=True, text=True, check=True).stdout.split("\n")
+    for (c, nr, t, meta), line in zip(calls, out):
+        m = cs.tma_w_params(c, nr, t)["meta" if meta else "a"]
+        assert [int(v) for v in line.split()] == [*m["global_dim"], *m["global_strides"], *m["box_dim"]], (c, nr, t, meta)
+
+
 @pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH: WsCfg cannot be compiled here")
 def test_ws_layout_mirrors_the_device_config(tmp_path):
     """cuda_sparse.ws_layout (what the launcher and the smem attribute use) == WsCfg in sparsec_mma.cuh, compiled as
@@ -1006,6 +1115,7 @@ def test_ws_kernels_ptxas_and_instructions(ws_compiled):
                          cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
     assert ptx.returncode == 0, ptx.stderr[-2000:]
     for ins in ("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes",
+                "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes",
                 "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes", "mbarrier.arrive.expect_tx",
                 "mbarrier.try_wait.parity", "fence.mbarrier_init", "setmaxnreg.dec.sync.aligned.u32 40",
                 "setmaxnreg.inc.sync.aligned.u32 232", "wgmma.mma_async.sp.sync.aligned.m64n256k32",
@@ -1051,9 +1161,13 @@ def test_ws_kernels_sass_instructions(ws_compiled):
                           env=env).stdout  # fmt: skip
     for name in _ws_kernel_names(variants):
         body = sass.split(f"Function : {name}\n", 1)[1].split("Function : ", 1)[0]
-        for op in ("UTMALDG.2D", "UBLKCP.S.G", "SYNCS.PHASECHK.TRANS64.TRYWAIT", "SYNCS.ARRIVE.TRANS64", "HGMMA.SP.64x",
+        for op in ("UTMALDG.2D", "SYNCS.PHASECHK.TRANS64.TRYWAIT", "SYNCS.ARRIVE.TRANS64", "HGMMA.SP.64x",
                    "USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC", "WARPGROUP.DEPBAR.LE gsb0, 0x1"):  # fmt: skip
             assert op in body, (name, op)
+        if name.split("_")[2].endswith("m"):  # "wmap": the weights by rank-3 TMA boxes, no bulk copies left
+            assert "UTMALDG.3D" in body and "UBLKCP" not in body, name
+        else:  # one cp.async.bulk per row tile and array
+            assert "UBLKCP.S.G" in body and "UTMALDG.3D" not in body, name
         if "_wsc2_" in name:
             assert "UTMALDG.2D.MULTICAST" in body and "UCGABAR_WAIT" in body, name
         if "_wst_" in name:  # the tail split's partial tiles: count in, the last unit reads the others
@@ -1067,7 +1181,7 @@ def test_ws_launcher_compiles_with_tensor_map(tmp_path):
     base = cs.default_config("sp16")
     fam = {}
     for c in WS_CONFIGS:  # the first config of each family: one tile per CTA, persistent, cluster of 2, tail split
-        fam.setdefault((c.get("persistent", 0), c.get("cluster", 1), bool(c.get("tail"))), c)
+        fam.setdefault((c.get("persistent", 0), c.get("cluster", 1), bool(c.get("tail")), c.get("wmap", 0)), c)
     variants = [cs.Variant.make("sp16", False, 0, dict(base, gemm=c)) for c in fam.values()]
     assert any(v.cfg("gemm").get("persistent") for v in variants) and any(v.cfg("gemm").get("cluster") for v in variants)
     assert any(v.cfg("gemm").get("tail") for v in variants)
@@ -1080,9 +1194,11 @@ def test_ws_launcher_compiles_with_tensor_map(tmp_path):
         assert (f'{{"{v.kernel_names()["gemm"]}", {cs.ws_layout(c)["smem"]}, 1, {t["box_dim"][0]}, {t["box_dim"][1]}, '
                 f'{t["data_type"]}, {t["swizzle"]}, {t["l2_promotion"]}, {t["oob_fill"]}, {int(bool(c.get("persistent")))}, '
                 f'{c.get("cluster", 1)}, {c.get("tail", 0)}, {c["bk"]}, '
-                + (f'"{v.kernel_names()["gemm_tail"]}"' if c.get("tail") else "nullptr") + "}") in src  # fmt: skip
+                + (f'"{v.kernel_names()["gemm_tail"]}"' if c.get("tail") else "nullptr")
+                + f', {cs.ws_a_step(c) if c.get("wmap") else 0}}}') in src  # fmt: skip
         assert f", {cs.WS_THREADS}, {c['bm']}, {c['bn']}, {c['group']}," in src
-    assert '"cuTensorMapEncodeTiled"' in src and cs._WS_TAIL_CXX in src
+    assert any(v.cfg("gemm").get("wmap") for v in variants)
+    assert '"cuTensorMapEncodeTiled"' in src and cs._WS_TAIL_CXX in src and cs._WS_WMAP_CXX in src
     (tmp_path / "host.cc").write_text(src)
     r = subprocess.run(["g++", "-std=c++17", "-O1", "-fPIC", "-fvisibility=hidden", *_ffi_includes(), "-c", "host.cc", "-o", "host.o"],
                        cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
@@ -1114,6 +1230,29 @@ def test_ws_kernel_matches_float64_reference(tmp_path_factory):
         ref = x.double() @ wref.T
         for v in variants:
             _call_checked(torch, lib[v.func_name], x, ws, ref, f"{v.kernel_names()['gemm']} {n}x{k} M={m}")
+
+
+@pytest.mark.gpu
+def test_dq16_wmap_matches_float64_reference(tmp_path_factory):
+    """The int4 prefill with the dequantized weight read by tensor maps ("wmap"), both kinds, zero points or not,
+    against float64, with row, token and K tails and a tail split run twice (H100 only)."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an sm_90 GPU (H100/H200)")
+    tvm_ffi = pytest.importorskip("tvm_ffi")
+    from sparsec.backends.kernels.cuda_compile import build_shared
+
+    variants = {(k, a): cs.Variant.make(k, a, 64, dict(_dq16_wmap_config(k), small_max=16))
+                for k in ("sp4", "dq4") for a in (False, True)}  # fmt: skip
+    path = str(tmp_path_factory.mktemp("dq16w") / "k.so")
+    build_shared(list(variants.values()), ["sm_90a"], path)
+    lib = tvm_ffi.load_module(path)
+    for (n, k), m in (((4096, 4096), 2048), ((1048, 1024), 300), ((272, 3840), 150), ((272, 3840), 150)):
+        for (kind, asym), v in variants.items():
+            w = _weight(kind, n, k, 64, asym, _rng(n * 7 + k))
+            ws, wref = _on_gpu(torch, kind, w)
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            _call_checked(torch, lib[v.func_name], x, ws, x.double() @ wref.T, f"{kind} asym={asym} wmap {n}x{k} M={m}")
 
 
 def test_gemm_v2_driver_survives_a_hung_candidate(tmp_path):

@@ -218,6 +218,8 @@ def ws_config_error(kind: str, c: dict[str, int], arch: str = "sm_90a") -> str |
         return "ws config: wm must be BM/64 (m64 slabs), wn 1, 2..16 stages"
     if c.get("persistent", 0) not in (0, 1) or c.get("cluster", 1) not in (1, 2):
         return "ws config: persistent must be 0 or 1, cluster 1 or 2"
+    if c.get("wmap", 0) not in (0, 1):
+        return "ws config: wmap (weights by TMA tensor map) must be 0 or 1"
     if c.get("persistent") and c.get("cluster", 1) != 1:
         return "ws config: a cluster of 2 is for one tile per CTA (not persistent)"
     tail = c.get("tail", 0)
@@ -252,6 +254,8 @@ def dq16_ok(kind: str, arch: str, n: int | None = None, k: int | None = None) ->
 def gemm_valid(kind: str, c: dict[str, int], asym: bool = False, arch: str = "sm_90a") -> bool:
     bm, bn, bk, wm, wn = c["bm"], c["bn"], c["bk"], c["wm"], c["wn"]
     if c.get("dq16") and not dq16_ok(kind, arch):
+        return False
+    if c.get("wmap") and not (c.get("ws") or c.get("dq16")):  # weights by tensor map: the warp-specialized GEMMs only
         return False
     if c.get("ws"):  # Hopper warp-specialized TMA + wgmma.sp path
         return ws_config_error(kind, c, arch) is None
@@ -314,7 +318,12 @@ def ws_search_space(kind: str, arch: str = "sm_90a") -> list[dict[str, int]]:
     cluster = ((128, 256, 64, (4, 5)), (256, 128, 64, (5, 6)), (128, 128, 128, (4,)), (256, 128, 128, (3,)))
     tail = [({"tail": t}, ((256, 128, 128, (3,)),)) for t in WS_TAIL_SPLITS]  # the one-tile winner, split tails
     tail.append(({"tail": 4}, ((128, 256, 64, (4,)), (256, 128, 64, (5,)))))
-    for extra, tiles in (({}, one_tile), ({"persistent": 1}, persistent), ({"cluster": 2, "group": 8}, cluster), *tail):
+    # weights and metadata by one TMA box each a stage ("wmap") instead of 2 x BM/16 cp.async.bulk copies
+    wmap = [({"wmap": 1}, ((256, 128, 128, (3,)), (256, 128, 64, (4, 6)), (128, 256, 64, (4,)))),
+            ({"wmap": 1, "tail": 4}, ((256, 128, 128, (3,)), (256, 128, 64, (5,)))),
+            ({"wmap": 1, "cluster": 2, "group": 8}, ((256, 128, 128, (3,)), (128, 256, 64, (4,))))]
+    for extra, tiles in (({}, one_tile), ({"persistent": 1}, persistent), ({"cluster": 2, "group": 8}, cluster), *tail,
+                         *wmap):
         for bm, bn, bk, stages in tiles:
             for st in stages:
                 c = {"bm": bm, "bn": bn, "bk": bk, "wm": bm // 64, "wn": 1, "stages": st, "group": 16, "ws": 1, **extra}
@@ -339,11 +348,11 @@ VERIFIED_WS = frozenset({
 
 
 def ws_tag(c: dict[str, int]) -> str:
-    """``ws`` / ``wsp`` (persistent) / ``wsc2`` (cluster of 2) / ``wst4`` (tail split in up to 4), tile and stages: the key of
-    :data:`VERIFIED_WS`."""
+    """``ws`` / ``wsp`` (persistent) / ``wsc2`` (cluster of 2) / ``wst4`` (tail split in up to 4), ``m`` appended for
+    weights by tensor map (``"wmap": 1``), tile and stages: the key of :data:`VERIFIED_WS`."""
     fam = ("wsp" if c.get("persistent") else f"wsc{c['cluster']}" if c.get("cluster", 1) > 1
            else f"wst{c['tail']}" if c.get("tail") else "ws")  # fmt: skip
-    return f"{fam} {c['bm']}x{c['bn']}x{c['bk']} s{c['stages']}"
+    return f"{fam}{'m' if c.get('wmap') else ''} {c['bm']}x{c['bn']}x{c['bk']} s{c['stages']}"
 
 
 # ----------------------------------------------------------------------------------------------------- ws tail split
@@ -388,6 +397,8 @@ WS_THREADS = 128 * (WS_CONSUMERS + 1)
 # CUtensorMap enums (cuda.h): CU_TENSOR_MAP_DATA_TYPE_FLOAT16, CU_TENSOR_MAP_SWIZZLE_128B,
 # CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE (zeros)
 TMA_FLOAT16, TMA_SWIZZLE_128B, TMA_L2_256B, TMA_INTERLEAVE_NONE, TMA_OOB_ZERO = 6, 3, 3, 0, 0
+# CU_TENSOR_MAP_DATA_TYPE_UINT64, CU_TENSOR_MAP_SWIZZLE_NONE: the weight maps ("wmap") move opaque 8-byte words
+TMA_UINT64, TMA_SWIZZLE_NONE = 4, 0
 
 
 def ws_layout(c: dict[str, int]) -> dict[str, int]:
@@ -423,6 +434,49 @@ def tma_x_params(c: dict[str, int], m: int, k: int) -> dict[str, Any]:
             "box_dim": (64, c["bn"] // cl), "element_strides": (1, 1), "interleave": TMA_INTERLEAVE_NONE,
             "swizzle": TMA_SWIZZLE_128B, "l2_promotion": TMA_L2_256B, "oob_fill": TMA_OOB_ZERO,
             "boxes_per_stage": c["bk"] // 64, "box_bytes": 64 * 2 * c["bn"] // cl, "cluster": cl}  # fmt: skip
+
+
+def ws_a_step(c: dict[str, int]) -> int:
+    """Bytes of one row tile's A fragments per k32 step in the prepared weight: 512 (2:4 fp16: 16 rows x 16 kept
+    values), 1024 (dense fp16 A of the int4 prefill, ``"dense": 1``: two k16 units)."""
+    return 1024 if c.get("dense") else 512
+
+
+# the launcher's arithmetic of tma_w_params (rendered into every host source; a test compiles it and compares)
+_WS_WMAP_CXX = r"""
+// rank-3 TMA map of a "wmap" GEMM's weight (meta 0: A fragments, astep bytes per row tile and k32 step) or its
+// metadata (meta 1: 128 bytes per row tile and k64): dims {8-byte words, units, row tiles}, byte strides of dims 1, 2
+void ws_w_map(int64_t n_rt, int64_t T, int bm, int bk, int astep, int meta, uint64_t dim[3], uint64_t stride[2],
+              unsigned box[3]) {
+  const int64_t unit = meta ? 128 : 512, per_rt = meta ? T / 2 * 128 : T * astep;
+  dim[0] = static_cast<uint64_t>(unit / 8);
+  dim[1] = static_cast<uint64_t>(per_rt / unit);
+  dim[2] = static_cast<uint64_t>(n_rt);
+  stride[0] = static_cast<uint64_t>(unit);
+  stride[1] = static_cast<uint64_t>(per_rt);
+  box[0] = static_cast<unsigned>(unit / 8);
+  box[1] = static_cast<unsigned>(meta ? bk / 64 : bk / 32 * astep / 512);
+  box[2] = static_cast<unsigned>(bm / 16);
+}
+"""
+
+
+def tma_w_params(c: dict[str, int], n_rt: int, t: int) -> dict[str, dict[str, Any]]:
+    """cuTensorMapEncodeTiled arguments of the weight maps of a ``"wmap": 1`` config (gemm_ws_body WMAP): the
+    prepared weight of ``n_rt`` row tiles and ``t`` k32 steps (per row tile ``t`` x ws_a_step bytes, contiguous) as
+    the rank-3 tensor {64 words of 8 bytes, 512-byte units, row tiles}, one box = a stage's A fragments of the BM/16
+    row tiles; the metadata (per row tile t / 2 x 128 bytes) as {16 words, 128-byte units, row tiles}. Dimension 0
+    first; strides in bytes of dimensions 1 and 2. The launcher renders the same arithmetic."""
+    step = ws_a_step(c)
+    units = (c["bk"] // 32) * step // 512
+    common = {"data_type": TMA_UINT64, "rank": 3, "element_strides": (1, 1, 1), "interleave": TMA_INTERLEAVE_NONE,
+              "swizzle": TMA_SWIZZLE_NONE, "l2_promotion": TMA_L2_256B, "oob_fill": TMA_OOB_ZERO}
+    out = {"a": dict(common, global_dim=(64, t * step // 512, n_rt), global_strides=(512, t * step),
+                     box_dim=(64, units, c["bm"] // 16), unit_bytes=512, units_per_stage=units)}
+    if not c.get("dense"):
+        out["meta"] = dict(common, global_dim=(16, t // 2, n_rt), global_strides=(128, (t // 2) * 128),
+                           box_dim=(16, c["bk"] // 64, c["bm"] // 16), unit_bytes=128, units_per_stage=c["bk"] // 64)
+    return out
 
 
 def gemm_threads(c: dict[str, int]) -> int:
@@ -472,6 +526,12 @@ class Variant:
     def func_name(self) -> str:
         return f"sparsec_cuda_{self.ident}"
 
+    def dq16_cfg(self) -> dict[str, int]:
+        """The warp-specialized GEMM of the "dq16" path: DQ16_GEMM[kind], with the weights by tensor map when the
+        large-GEMM config says ``"wmap": 1``."""
+        c = DQ16_GEMM[self.kind]
+        return dict(c, wmap=1) if self.cfg("gemm").get("wmap") else c
+
     def kernel_names(self) -> dict[str, str]:
         """The kernels of the four paths; a tail-split ws config (``"tail"``) has two large-GEMM kernels: "gemm" for
         launches whose tiles are all whole (the same instantiation as without "tail") and "gemm_tail" for the split."""
@@ -484,7 +544,7 @@ class Variant:
             names["gemm_tail"] = tail
         if gl.get("dq16"):  # the converter and the fp16 kernels it feeds (whole tiles, tail split)
             names["dq16_convert"] = f"sparsec_int4{'a' if self.asym else 's'}_to_fp16"  # the same kernel for both kinds
-            names["dq16_gemm"], tail = _gemm_names("sp16", False, "gemm", DQ16_GEMM[self.kind])
+            names["dq16_gemm"], tail = _gemm_names("sp16", False, "gemm", self.dq16_cfg())
             if tail:
                 names["dq16_gemm_tail"] = tail
         return names
@@ -513,7 +573,8 @@ def _inst_name(kind: str, asym: bool, path: str, c: dict[str, int], nt: int, og:
     wg = "_wgmma" if c.get("wgmma") else ""
     if c.get("ws"):
         wg = ("_ws" + ("p" if c.get("persistent") else "") + (f"c{c['cluster']}" if c.get("cluster", 1) > 1 else "")
-              + ("d" if c.get("dense") else "") + ("t" if c.get("tail") else ""))  # fmt: skip
+              + ("d" if c.get("dense") else "") + ("t" if c.get("tail") else "")
+              + ("m" if c.get("wmap") else ""))  # fmt: skip
     return f"sparsec_gemm{wg}_{kind}{a}_{c['bm']}x{c['bn']}x{c['bk']}_w{c['wm']}x{c['wn']}_s{c['stages']}"
 
 
@@ -845,12 +906,14 @@ def _ws_entries(kind: str, asym: bool, path: str, c: dict[str, int]) -> dict[str
             continue
         out[name] = (
             f'extern "C" __global__ void {dims}__launch_bounds__({gemm_threads(c)}, 1) {name}'
-            "(const __grid_constant__ CUtensorMap tmap, const uint4* __restrict__ Wv, const uint32_t* "
+            "(const __grid_constant__ CUtensorMap tmap, const __grid_constant__ CUtensorMap wmap, "
+            "const __grid_constant__ CUtensorMap mmap, const uint4* __restrict__ Wv, const uint32_t* "
             "__restrict__ Wm, half* __restrict__ Y, int M, int N, int K, int T, int GROUP, int n_dp, int n_split, "
             "float* __restrict__ Ws, unsigned* __restrict__ Cnt) {\n"
             f"  sparsec::gemm_ws_body<{c['bm']}, {c['bn']}, {c['bk']}, {c['stages']}, "
             f"{'true' if c.get('persistent') else 'false'}, {cl}, {'true' if tail else 'false'}, "
-            f"{'true' if c.get('dense') else 'false'}>(&tmap, Wv, Wm, Y, M, N, K, T, GROUP, n_dp, n_split, Ws, Cnt);\n}}\n"
+            f"{'true' if c.get('dense') else 'false'}, {'true' if c.get('wmap') else 'false'}>"
+            "(&tmap, &wmap, &mmap, Wv, Wm, Y, M, N, K, T, GROUP, n_dp, n_split, Ws, Cnt);\n}\n"
         )
     return out
 
@@ -889,7 +952,7 @@ def render_device_source(variants: list[Variant]) -> str:
                     "uint4* __restrict__ Wv, int n_rt, int U, int G, int GS) {\n"
                     f"  sparsec::int4_to_fp16_body<{'true' if v.asym else 'false'}>(Wq, Sc, Zb, Wv, n_rt, U, G, GS);\n}}\n"
                 )
-                seen.update(_ws_entries("sp16", False, "gemm", DQ16_GEMM[v.kind]))
+                seen.update(_ws_entries("sp16", False, "gemm", v.dq16_cfg()))
             if c.get("wgmma"):
                 seen[name] = (
                     f'extern "C" __global__ void __launch_bounds__({threads}, 1) {name}(const half* __restrict__ X, '
@@ -1020,6 +1083,7 @@ struct Kernel {
   int tail = 0;        // most splits of a last-wave tile along K (ws_tail_plan); 0: no split
   int bk = 0;          // k per stage (the tail split counts k tiles)
   const char* tail_name = nullptr;  // the tail-split instantiation (name: the same kernel for whole tiles only)
+  int wmap = 0;  // weights by rank-3 TMA maps (cuda_sparse.tma_w_params): A bytes per row tile and k32 step; 0: off
 };
 
 int sm_count(int device_id) {
@@ -1096,6 +1160,22 @@ void encode_x_map(TmaMap* tm, const void* X, int64_t M, int64_t K, const Kernel&
   check(d.TensorMapEncodeTiled(tm, k.tma_dtype, 2, const_cast<void*>(X), gdim, gstride, box, estride,
                                0 /*INTERLEAVE_NONE*/, k.tma_swizzle, k.tma_l2, k.tma_oob),
         "cuTensorMapEncodeTiled (activations of the warp-specialized GEMM)");
+}
+
+// The prepared weight (n_rt row tiles of T k32 steps, k.wmap bytes each) and its metadata (T / 2 x 128 bytes per row
+// tile; none for dense A) -> the rank-3 CUtensorMaps of a "wmap" kernel (ws_w_map: cuda_sparse.tma_w_params).
+void encode_w_maps(TmaMap* wm, TmaMap* mm, const void* Wv, const void* Wm, int64_t n_rt, int64_t T, int bm,
+                   const Kernel& k) {
+  const unsigned estride[3] = {1, 1, 1};
+  for (int meta = 0; meta < (k.wmap == 512 ? 2 : 1); ++meta) {  // dense A (1024 bytes a step): no metadata
+    uint64_t dim[3], stride[2];
+    unsigned box[3];
+    ws_w_map(n_rt, T, bm, k.bk, k.wmap, meta, dim, stride, box);
+    check(driver().TensorMapEncodeTiled(meta ? mm : wm, 4 /*UINT64*/, 3, const_cast<void*>(meta ? Wm : Wv), dim, stride,
+                                        box, estride, 0 /*INTERLEAVE_NONE*/, 0 /*SWIZZLE_NONE*/, k.tma_l2, k.tma_oob),
+          meta ? "cuTensorMapEncodeTiled (metadata of the warp-specialized GEMM)"
+               : "cuTensorMapEncodeTiled (weights of the warp-specialized GEMM)");
+  }
 }
 
 // Module + functions per device (primary context), loaded on first use.
@@ -1184,6 +1264,8 @@ void launch_ws(int dev, CUstream stream, const Kernel& k, int bm, int bn, int gr
   // TMA descriptor of this call's activations, passed by value (__grid_constant__)
   TmaMap tm;
   encode_x_map(&tm, X, iM, iK, k);
+  TmaMap wm = tm, mm = tm;  // the weight maps of a "wmap" kernel (unread otherwise)
+  if (k.wmap) encode_w_maps(&wm, &mm, Wv, Wm, n_rt, T, bm, k);
   // tail split (k.tail > 1): the last wave's tiles are split along K over the idle SMs (ws_tail_plan)
   int64_t n_dp = tiles;
   int n_split = 1;
@@ -1198,7 +1280,7 @@ void launch_ws(int dev, CUstream stream, const Kernel& k, int bm, int bn, int gr
     }
   }
   int i_dp = static_cast<int>(n_dp);
-  void* args[] = {&tm, &Wv, &Wm, &Y, &iM, &iN, &iK, &T, &group, &i_dp, &n_split, &Ws, &Cnt};
+  void* args[] = {&tm, &wm, &mm, &Wv, &Wm, &Y, &iM, &iN, &iK, &T, &group, &i_dp, &n_split, &Ws, &Cnt};
   const int64_t grid = k.persistent ? std::min<int64_t>(tiles, sm_count(dev)) : n_dp + (tiles - n_dp) * n_split;
   check(driver().LaunchKernel(f, static_cast<unsigned>(grid), 1, 1, threads, 1, 1, k.smem, stream, args, nullptr),
         "launch (gemm, warp-specialized)");
@@ -1301,13 +1383,14 @@ def _ws_kernel_init(name: str, c: dict[str, int], tail_name: str | None) -> str:
     t = tma_x_params(c, 1, 64)
     return (f'{{"{name}", {gemm_smem_bytes("sp16", c, False)}, 1, {t["box_dim"][0]}, {t["box_dim"][1]}, {t["data_type"]}, '
             f'{t["swizzle"]}, {t["l2_promotion"]}, {t["oob_fill"]}, {int(bool(c.get("persistent")))}, {t["cluster"]}, '
-            f'{c.get("tail", 0)}, {c["bk"]}, ' + (f'"{tail_name}"' if tail_name else "nullptr") + "}")  # fmt: skip
+            f'{c.get("tail", 0)}, {c["bk"]}, ' + (f'"{tail_name}"' if tail_name else "nullptr")
+            + f', {ws_a_step(c) if c.get("wmap") else 0}}}')  # fmt: skip
 
 
 def render_host_source(variants: list[Variant], fatbin_path: str, symbol: str = "sparsec_fatbin") -> str:
     """The .cc file: driver-API launcher + one exported TVM FFI function per variant."""
     out = [_HOST_PRELUDE.replace("@FATSYM@", symbol).replace("@FATBIN@", str(fatbin_path))
-           .replace("@GEMV_KS@", _GEMV_KS_CXX).replace("@WS_TAIL@", _WS_TAIL_CXX)
+           .replace("@GEMV_KS@", _GEMV_KS_CXX).replace("@WS_TAIL@", _WS_TAIL_CXX + _WS_WMAP_CXX)
            .replace("@DQ16_THREADS@", str(DQ16_CONVERT_THREADS))]
     seen = set()
     for v in variants:
@@ -1328,7 +1411,7 @@ def render_host_source(variants: list[Variant], fatbin_path: str, symbol: str = 
         for p, c in (("gemm_small", gs), ("gemm", gl)):
             if c.get("ws"):  # + the activations' TMA box (tma_x_params) for the per-call CUtensorMap
                 kern[p] = _ws_kernel_init(kn[p], c, kn.get("gemm_tail") if p == "gemm" else None)
-        dq = DQ16_GEMM.get(v.kind, {})
+        dq = v.dq16_cfg() if "dq16_convert" in kn else {}
         dq16 = (f'"{kn["dq16_convert"]}", {_ws_kernel_init(kn["dq16_gemm"], dq, kn.get("dq16_gemm_tail"))}, '
                 f'{gemm_threads(dq)}, {dq["bm"]}, {dq["bn"]}, {dq["group"]}' if "dq16_convert" in kn
                 else 'nullptr, {nullptr, 0}, 0, 0, 0, 0')  # fmt: skip

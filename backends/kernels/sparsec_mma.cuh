@@ -1317,6 +1317,13 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* tmap, uint
       "l"(reinterpret_cast<uint64_t>(tmap)), "r"(bar), "r"(c0), "r"(c1)
       : "memory");
 }
+// TMA: box {c0, c1, c2} of a rank-3 tensor map (no swizzle) -> shared memory, completion counted on bar
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const void* tmap, uint32_t bar, int c0, int c1, int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(tmap)), "r"(bar), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
 __device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
                "l"(src), "r"(bytes), "r"(bar)
@@ -1392,8 +1399,17 @@ __device__ __forceinline__ WsTailUnit ws_tail_unit(int b, int n_dp, int n_split)
   const int u = b - n_dp;
   return {n_dp + u / n_split, u / n_split, u % n_split};
 }
-template <int BM, int BN, int BK, int STAGES, bool PERSIST, int CLUSTER, bool TAIL = false, bool DENSE = false>
-__device__ __forceinline__ void gemm_ws_body(const CUtensorMap* tmap, const uint4* __restrict__ Wv,
+// WMAP: the weight fragments (and metadata) of a stage arrive by one rank-3 TMA box each instead of one cp.async.bulk
+// per row tile and array (2 * BM / 16 small copies a stage). The prepared weight, per row tile T k32 steps of kAStep
+// bytes, is the tensor {64 x 8 bytes, T * kAStep / 512 units, row tiles}; a stage is the box {64, S * kAStep / 512,
+// BM / 16} at {0, kt * S * kAStep / 512, first row tile}, which TMA writes [row tile][unit][512 bytes]: the same
+// shared-memory layout the bulk copies write. The metadata likewise: {16 x 8 bytes, T / 2, row tiles}, box
+// {16, S / 2, BM / 16}. Row tiles past the weight's last are zero-filled (and counted in complete_tx), not clamped;
+// those rows are never stored. Tensor maps: cuda_sparse.tma_w_params (the launcher encodes them per call).
+template <int BM, int BN, int BK, int STAGES, bool PERSIST, int CLUSTER, bool TAIL = false, bool DENSE = false,
+          bool WMAP = false>
+__device__ __forceinline__ void gemm_ws_body(const CUtensorMap* tmap, const CUtensorMap* wmap, const CUtensorMap* mmap,
+                                             const uint4* __restrict__ Wv,
                                              const uint32_t* __restrict__ Wm, half* __restrict__ Y, int M, int N,
                                              int K, int T, int GROUP, int n_dp = 0, int n_split = 1,
                                              float* __restrict__ Ws = nullptr, unsigned* __restrict__ Cnt = nullptr) {
@@ -1464,7 +1480,13 @@ __device__ __forceinline__ void gemm_ws_body(const CUtensorMap* tmap, const uint
     // ---------------------------------------------------------------- producer
     setmaxnreg_dec<C::kProducerRegs>();
     if (wwarp != 0) return;  // warps 1..3 of the producer warpgroup have nothing to do
-    if (lane == 0) prefetch_tmap(tmap);
+    if (lane == 0) {
+      prefetch_tmap(tmap);
+      if constexpr (WMAP) {
+        prefetch_tmap(wmap);
+        if constexpr (!DENSE) prefetch_tmap(mmap);
+      }
+    }
     const Work wk = work();
     int it = 0;
     for (int tile = wk.t_first; tile < wk.t_end; tile += wk.t_step) {
@@ -1485,17 +1507,23 @@ __device__ __forceinline__ void gemm_ws_body(const CUtensorMap* tmap, const uint
           else
             tma_load_2d(dst, tmap, full(s), kt * BK + h * 64, tok0);
         }
+        if constexpr (WMAP) {
+          tma_load_3d(base + C::kXBytes, wmap, full(s), 0, kt * (S * C::kAStep / 512), row_tile0);
+          if constexpr (!DENSE) tma_load_3d(base + C::kXBytes + C::kABytes, mmap, full(s), 0, kt * (S / 2), row_tile0);
+        }
       }
       __syncwarp();
-      if (lane < C::kRowTiles) {
-        const int rt = min(row_tile0 + lane, n_rt - 1);
-        bulk_load(base + C::kXBytes + lane * (S * C::kAStep), Wv + ((size_t)rt * T + (size_t)kt * S) * (C::kAStep / 16),
-                  S * C::kAStep, full(s));
-      } else if (!DENSE && lane < 2 * C::kRowTiles) {
-        const int r = lane - C::kRowTiles;
-        const int rt = min(row_tile0 + r, n_rt - 1);
-        bulk_load(base + C::kXBytes + C::kABytes + r * ((S / 2) * 128),
-                  Wm + ((size_t)rt * (T / 2) + (size_t)kt * (S / 2)) * 32, (S / 2) * 128, full(s));
+      if constexpr (!WMAP) {
+        if (lane < C::kRowTiles) {
+          const int rt = min(row_tile0 + lane, n_rt - 1);
+          bulk_load(base + C::kXBytes + lane * (S * C::kAStep), Wv + ((size_t)rt * T + (size_t)kt * S) * (C::kAStep / 16),
+                    S * C::kAStep, full(s));
+        } else if (!DENSE && lane < 2 * C::kRowTiles) {
+          const int r = lane - C::kRowTiles;
+          const int rt = min(row_tile0 + r, n_rt - 1);
+          bulk_load(base + C::kXBytes + C::kABytes + r * ((S / 2) * 128),
+                    Wm + ((size_t)rt * (T / 2) + (size_t)kt * (S / 2)) * 32, (S / 2) * 128, full(s));
+        }
       }
     }
     }
