@@ -7,7 +7,9 @@ runtime (Relax VM, runtime-only TVM) and compared with sparsec's executor on the
 Variants: ``nm24`` (2:4 fp16: cuda.nm24_mma_sp), ``nm24_int4`` (2:4 with int4 g32 RTN kept values:
 cuda.nm24_int4_mma_sp), ``int4`` (dense int4 g32 asymmetric RTN: cuda.int4_dequant_mma), and with groups that hold
 whole 64-column chunks (the decode GEMV then scales after the MMAs): ``nm24_int4_g64`` (asymmetric) and ``int4_g128``
-(symmetric). Token counts 1 (decode GEMV), 64 (small GEMM) and 8 x 128 (large GEMM).
+(symmetric). Formats without a kernel of their own: ``nm14`` (1:4, zero-padded to 2:4) and ``nm24_int8`` (2:4 with
+int8 g32 kept values, dequantized to fp16 at build time), both on cuda.nm_as_24_mma_sp; ``int8`` (dense int8 g32
+asymmetric: tvm.dequant_matmul). Token counts 1 (decode GEMV), 64 (small GEMM) and 8 x 128 (large GEMM).
 """
 from __future__ import annotations
 
@@ -21,24 +23,25 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def rtn(w, gs, sym):
+def rtn(w, gs, sym, bits=4):
     import numpy as np
 
     from sparsec.compressor.formats import GroupQuant
 
     n, k = w.shape
     g = w.reshape(n, k // gs, gs).astype(np.float64)
+    top, half = (1 << bits) - 1, 1 << (bits - 1)
     if sym:
-        s = np.maximum(np.abs(g).max(-1), 1e-8) / 7.0
-        u = np.clip(np.round(g / s[..., None]) + 8, 0, 15)
+        s = np.maximum(np.abs(g).max(-1), 1e-8) / (half - 1)
+        u = np.clip(np.round(g / s[..., None]) + half, 0, top)
         z = None
     else:
         lo, hi = g.min(-1), g.max(-1)
-        s = np.maximum(hi - lo, 1e-8) / 15.0
-        z = np.clip(np.round(-lo / s), 0, 15)
-        u = np.clip(np.round(g / s[..., None]) + z[..., None], 0, 15)
+        s = np.maximum(hi - lo, 1e-8) / top
+        z = np.clip(np.round(-lo / s), 0, top)
+        u = np.clip(np.round(g / s[..., None]) + z[..., None], 0, top)
     return GroupQuant.from_codes(u.reshape(n, k).astype(np.uint8), s.astype(np.float16),
-                                 None if z is None else z.astype(np.uint8), 4, gs)  # fmt: skip
+                                 None if z is None else z.astype(np.uint8), bits, gs)  # fmt: skip
 
 
 def variants(src: str):
@@ -69,6 +72,23 @@ def variants(src: str):
         if isinstance(lin.weight, NMSparse):
             lin.weight = rtn(lin.weight.materialize(), 128 if lin.weight.shape[1] % 128 == 0 else 32, True)
     out["int4_g128"] = g
+    # formats without a CUDA kernel of their own: 1:4 and 2:4 + int8 on the 2:4 fp16 kernel, dense int8 on TVM's
+    # dequantize + matmul
+    g = base.copy()
+    for lin in g.linears():
+        if isinstance(lin.weight, NMSparse):
+            lin.weight = NMSparse.from_dense(lin.weight.materialize(), 1, 4)
+    out["nm14"] = g
+    g = base.copy()
+    for lin in g.linears():
+        if isinstance(lin.weight, NMSparse):
+            lin.weight = lin.weight.with_values(rtn(lin.weight.values.materialize(), 32 if lin.weight.shape[1] // 2 % 32 == 0 else 16, True, 8))
+    out["nm24_int8"] = g
+    g = base.copy()
+    for lin in g.linears():
+        if isinstance(lin.weight, NMSparse):
+            lin.weight = rtn(lin.weight.materialize(), 32, False, 8)
+    out["int8"] = g
     return out
 
 

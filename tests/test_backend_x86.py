@@ -631,21 +631,24 @@ def test_cuda_codegen_is_compiled_ahead_of_time(tname, sm, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed: CUDA code generation cannot be checked")
-@pytest.mark.parametrize("target,recipe,note", [("a100", ["--nm", "2:8"], "2:8 run as 2:4"),
-                                                ("h100", ["--nm", "2:4", "--quant", "int8"], "int8 g")])  # fmt: skip
-def test_cli_builds_other_patterns_on_the_24_kernel(target, recipe, note, tmp_path):
-    """What a user types: a 2:8 model for a100, a 2:4 + int8 one for h100. The compressed layers run on the 2:4
-    sparse tensor-core kernel (cuda.nm_as_24_mma_sp, compiled ahead of time), the report says what was converted,
-    and no layer falls back to a dense weight but the head."""
+@pytest.mark.parametrize("target,recipe,note,kernel", [
+    ("a100", ["--nm", "2:8", "--method", "magnitude"], "2:8 run as 2:4", "cuda.nm_as_24_mma_sp"),
+    ("h100", ["--nm", "2:4", "--method", "magnitude", "--quant", "int8"], "int8 g", "cuda.nm_as_24_mma_sp"),
+    ("h100", ["--quant", "int8"], "TVM dequantize + matmul", "tvm.dequant_matmul")])  # fmt: skip
+def test_cli_builds_formats_without_their_own_cuda_kernel(target, recipe, note, kernel, tmp_path):
+    """What a user types: a 2:8 model for a100, a 2:4 + int8 and an int8 one for h100. The 2:8 and 2:4 + int8 layers
+    run on the 2:4 sparse tensor-core kernel (cuda.nm_as_24_mma_sp, compiled ahead of time), the int8 ones on TVM's
+    dequantize + matmul with the codes kept as bytes; the report says what was converted, and no layer falls back to
+    a materialized dense weight: only the head (not compressed) runs tvm.dense."""
     out = tmp_path / "out"
     p = subprocess.run([sys.executable, "-m", "sparsec", "compress", "--example", "tiny-gpt", "--target", target, *recipe,
-                        "--method", "magnitude", "-o", str(out), "-q"], capture_output=True, text=True, timeout=600)  # fmt: skip
+                        "-o", str(out), "-q"], capture_output=True, text=True, timeout=600)  # fmt: skip
     assert p.returncode == 0, p.stderr[-2000:]
     build = json.loads((out / "report.json").read_text())["build"]
     assert build["status"] == "built" and (out / "lib" / "model.so").exists()
     kinds = [row["kernel"] for row in build["layers"]]
-    assert kinds.count("cuda.nm_as_24_mma_sp") == len(kinds) - 1 and kinds.count("tvm.dense") == 1, kinds
-    assert any(note in n for n in build["notes"]), build["notes"]
+    assert kinds.count(kernel) == len(kinds) - 1 and kinds.count("tvm.dense") == 1, kinds
+    assert any(note in n for n in build["notes"]) and not any("materialized dense" in n for n in build["notes"]), build["notes"]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")

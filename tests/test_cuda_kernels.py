@@ -205,6 +205,62 @@ def test_other_nm_patterns_and_int8_values_run_on_the_24_kernel(target):
         assert impl.tuned and ref.tuned and impl.config == ref.config and impl.config["gemm"].get("ws") == 1
 
 
+def _run_emit_on_cpu(impl, x, arrays):
+    """Compile a kernel's Relax emit (target-independent: TE stages TVM schedules per target) for the local CPU with
+    a symbolic token count, run it with TVM's VM and return y."""
+    import tvm
+    from tvm import relax, tirx
+    from tvm.runtime.vm import VirtualMachine
+
+    bb = relax.BlockBuilder()
+    m = tirx.Var("m", "int64")
+    xv = relax.Var("x", relax.TensorType([m, x.shape[1]], str(x.dtype)))
+    pv = [relax.Var(p.name, relax.TensorType(list(p.shape), p.dtype)) for p in impl.params]
+    with bb.function("main", [xv, *pv]):
+        with bb.dataflow():
+            y = bb.emit_output(impl.emit(bb, xv, pv))
+        bb.emit_func_output(y)
+    ex = tvm.compile(bb.get(), target="llvm")
+    vm = VirtualMachine(ex, tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x), *[tvm.runtime.tensor(a) for a in arrays])
+    return out.numpy()
+
+
+@pytest.mark.parametrize("bits,gs,asym,gqsa", [(8, 128, False, False), (8, 32, True, False), (4, 8, True, False),
+                                               (3, 16, False, False), (8, 64, False, True)])  # fmt: skip
+def test_dequant_matmul_for_weights_without_a_cuda_kernel(bits, gs, asym, gqsa):
+    """Dense group-quantized weights no CUDA kernel takes (int8, int3, int4 with a group of 8; GQSA group masks) get
+    tvm.dequant_matmul on a100/h100: codes stay one byte each, and its computation (the same Relax/TE that the CUDA
+    build schedules with DLight) matches float64 on fresh inputs, here compiled for the CPU at M = 1, 7 and 64. int4
+    with a group multiple of 16 keeps its tensor-core kernel; CPU targets keep their own kernels."""
+    from sparsec.backends.kernels.registry import ShapeHints, get_prepare, select_kernel
+    from sparsec.backends.targets import get_target
+
+    rng = np.random.default_rng()
+    n, k = 48, 256
+    codes = rng.integers(0, 1 << bits, size=(n, k)).astype(np.uint8)
+    scales = rng.uniform(0.01, 0.1, size=(n, k // gs)).astype(np.float16)
+    zeros = rng.integers(0, 1 << bits, size=(n, k // gs)).astype(np.float32) if asym else None
+    mask = rng.random((n, k // gs)) < 0.7 if gqsa else None
+    gq = GroupQuant.from_codes(codes, scales, zeros, bits, gs, group_mask=mask)
+    lin = _linear(gq)
+    for target in ("h100", "a100"):
+        impl = select_kernel(lin, get_target(target), ShapeHints(act_dtype="float32"))
+        assert impl.name == "tvm.dequant_matmul" and f"int{bits} g{gs}" in impl.note, (impl.name, impl.note)
+        assert [p.dtype for p in impl.params][0] == "uint8" and impl.params[0].shape == (n, k)
+    arrays = impl.check_prepared(get_prepare(impl.name)(lin, impl.config))
+    w = gq.materialize().astype(np.float64)
+    for m in (1, 7, 64):
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        got = _run_emit_on_cpu(impl, x, arrays)
+        ref = x.astype(np.float64) @ w.T
+        assert got.shape == (m, n) and np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max(), m
+    assert select_kernel(lin, get_target("x86"), ShapeHints()).name != "tvm.dequant_matmul"
+    int4 = GroupQuant.from_codes(codes & 15, scales, None, 4, gs) if gs % 16 == 0 else None
+    if int4 is not None:
+        assert select_kernel(_linear(int4), get_target("h100"), ShapeHints()).name == "cuda.int4_dequant_mma"
+
+
 def test_tuning_entry_is_used_and_arch_limits_respected():
     from sparsec.backends.kernels.registry import ShapeHints, linear_key, select_kernel
     from sparsec.backends.targets import get_target
