@@ -41,14 +41,27 @@ def time_fn(fn: Callable[[], Any], runs: int, warmup: int) -> dict[str, float]:
     return {"min_ms": min(ts) * 1e3, "median_ms": statistics.median(ts) * 1e3, "runs": runs}
 
 
-def _ort_session(model: bytes | str, threads: int):
+def ort_providers(target: str) -> list[str]:
+    """onnxruntime's execution providers for the baselines of a ``target`` library: its CUDA provider first for a GPU
+    library where this onnxruntime has one (onnxruntime-gpu), so the GPU library is not compared with a CPU run only;
+    else the CPU provider."""
+    import onnxruntime as ort
+
+    from .targets import get_target
+
+    if get_target(target).kind == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _ort_session(model: bytes | str, threads: int, providers: list[str] | None = None):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model, so, providers=providers or ["CPUExecutionProvider"])
 
 
 def original_graph(artifact, original: str | None):
@@ -103,8 +116,9 @@ def bench_artifact(path: str | Path, *, original: str | None = None, scenarios: 
     target = a.manifest.get("target", "x86")
     build_to_dir(dense_graph, target, Path(tmp) / "lib")
     dense_lib = LoadedLib(lib_dir=Path(tmp) / "lib", graph=dense_graph)
-    ort_dense = _ort_session(dense_onnx, threads)
-    ort_comp = _ort_session(str(a.onnx_path), threads) if a.onnx_path.exists() else None
+    providers = ort_providers(target)
+    ort_dense = _ort_session(dense_onnx, threads, providers)
+    ort_comp = _ort_session(str(a.onnx_path), threads, providers) if a.onnx_path.exists() else None
 
     results = []
     for batch, seq in scenarios:
@@ -143,6 +157,7 @@ def bench_artifact(path: str | Path, *, original: str | None = None, scenarios: 
         "baseline": dense_label,
         "machine": {"cpu": _cpu_name(), "arch": platform.machine(), "threads": threads, "cpus": os.cpu_count()},
         "versions": {"tvm": tvm.__version__, "onnxruntime": onnxruntime.__version__},
+        "onnxruntime_provider": ort_dense.get_providers()[0],
         "runs": runs,
         "warmup": warmup,
         "scenarios": results,
@@ -169,14 +184,17 @@ def table_markdown(doc: dict[str, Any]) -> str:
         rows.append(f"| {s['batch']} x {s['seq']} | " + " | ".join(cells)
                     + f" | {s['speedup_vs_dense_onnxruntime']:.2f}x | {s['speedup_vs_dense_tvm']:.2f}x |")  # fmt: skip
     m = doc["machine"]
-    foot = f"\n{m['cpu']} ({m['arch']}), {m['threads']} threads; {doc['runs']} runs after {doc['warmup']} warm-up; baseline: {doc['baseline']}.\n"
+    prov = doc.get("onnxruntime_provider", "CPUExecutionProvider")
+    foot = (f"\n{m['cpu']} ({m['arch']}), {m['threads']} threads; {doc['runs']} runs after {doc['warmup']} warm-up; "
+            f"baseline: {doc['baseline']}; onnxruntime: {prov}.\n")
     return "\n".join([head, sep, *rows]) + "\n" + foot
 
 
 def print_table(doc: dict[str, Any], console) -> None:
     from rich.table import Table
 
-    t = Table(title=f"sparsec bench ({doc['target']}, {doc['machine']['threads']} threads)", title_justify="left")
+    prov = doc.get("onnxruntime_provider", "CPUExecutionProvider")
+    t = Table(title=f"sparsec bench ({doc['target']}, {doc['machine']['threads']} threads, onnxruntime {prov})", title_justify="left")
     t.add_column("batch x seq")
     engines = list(doc["scenarios"][0]["engines"]) if doc["scenarios"] else []
     for e in engines:

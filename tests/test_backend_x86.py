@@ -747,3 +747,39 @@ def test_exported_models_compile_and_match(kind, exporter, tmp_path):
         got, ref = lib.run(feeds), Executor(g).run(feeds)
         for k in ref:
             assert tm.rel(got[k], ref[k]) < 1e-5, (k, b, t)
+
+
+def test_cli_bench_times_the_library_against_onnxruntime_and_dense_tvm(tmp_path):
+    """`sparsec bench out/` as a user types it: every scenario times the compiled library, the uncompressed model
+    compiled by the same backend and the uncompressed model in onnxruntime (its provider recorded), checks the
+    library against the artifact's ONNX first, and writes bench.json + bench.md; the speedups are the ratios of the
+    medians. A malformed --shapes is a one-line recipe error."""
+    out = tmp_path / "out"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "sparsec", *map(str, a)], capture_output=True, text=True, timeout=900)  # noqa: E731
+    p = run("compress", "--example", "tiny-gpt", "--target", "x86", "--nm", "2:4", "--method", "magnitude", "-o", out, "-q")
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = run("bench", out, "--shapes", "1x1,2x16", "--runs", "2", "--warmup", "1", "--threads", "1", "--json")
+    assert p.returncode == 0, p.stderr[-2000:]
+    doc = json.loads(p.stdout)
+    assert doc["schema"] == "sparsec.bench/1" and doc["target"] == "x86" and doc["machine"]["threads"] == 1
+    assert doc["onnxruntime_provider"] == "CPUExecutionProvider"
+    assert [(s["batch"], s["seq"]) for s in doc["scenarios"]] == [(1, 1), (2, 16)]
+    for s in doc["scenarios"]:
+        eng = s["engines"]
+        assert set(eng) == {"sparsec lib", "dense tvm", "dense onnxruntime", "compressed onnxruntime"}
+        assert all(0 < e["min_ms"] <= e["median_ms"] and e["runs"] == 2 for e in eng.values())
+        lib = eng["sparsec lib"]["median_ms"]
+        assert s["speedup_vs_dense_onnxruntime"] == pytest.approx(eng["dense onnxruntime"]["median_ms"] / lib)
+        assert s["speedup_vs_dense_tvm"] == pytest.approx(eng["dense tvm"]["median_ms"] / lib)
+        assert s["lib_vs_compressed_onnx_rel_error"] < 1e-4
+    assert json.loads((out / "bench.json").read_text())["scenarios"] == doc["scenarios"]
+    assert "onnxruntime: CPUExecutionProvider" in (out / "bench.md").read_text()
+    p = run("bench", out, "--shapes", "1by1")
+    assert p.returncode not in (0, 1) and "--shapes" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    from sparsec.backends.bench import ort_providers
+
+    assert ort_providers("x86") == ["CPUExecutionProvider"]
+    import onnxruntime as ort
+
+    cuda_ep = "CUDAExecutionProvider" in ort.get_available_providers()
+    assert ort_providers("h100")[0] == ("CUDAExecutionProvider" if cuda_ep else "CPUExecutionProvider")
