@@ -1405,7 +1405,8 @@ __device__ __forceinline__ WsTailUnit ws_tail_unit(int b, int n_dp, int n_split)
 // BM / 16} at {0, kt * S * kAStep / 512, first row tile}, which TMA writes [row tile][unit][512 bytes]: the same
 // shared-memory layout the bulk copies write. The metadata likewise: {16 x 8 bytes, T / 2, row tiles}, box
 // {16, S / 2, BM / 16}. Row tiles past the weight's last are zero-filled (and counted in complete_tx), not clamped;
-// those rows are never stored. Tensor maps: cuda_sparse.tma_w_params (the launcher encodes them per call).
+// those rows are never stored (a block wholly past them, possible only in a cluster's rounding, starts at the last
+// row tile). Tensor maps: cuda_sparse.tma_w_params (the launcher encodes them per call).
 template <int BM, int BN, int BK, int STAGES, bool PERSIST, int CLUSTER, bool TAIL = false, bool DENSE = false,
           bool WMAP = false>
 __device__ __forceinline__ void gemm_ws_body(const CUtensorMap* tmap, const CUtensorMap* wmap, const CUtensorMap* mmap,
@@ -1508,8 +1509,11 @@ __device__ __forceinline__ void gemm_ws_body(const CUtensorMap* tmap, const CUte
             tma_load_2d(dst, tmap, full(s), kt * BK + h * 64, tok0);
         }
         if constexpr (WMAP) {
-          tma_load_3d(base + C::kXBytes, wmap, full(s), 0, kt * (S * C::kAStep / 512), row_tile0);
-          if constexpr (!DENSE) tma_load_3d(base + C::kXBytes + C::kABytes, mmap, full(s), 0, kt * (S / 2), row_tile0);
+          // a box never lies wholly past the last row tile: the rank-1 CTA of a cluster past the weight's rows
+          // (whole clusters) starts its box at the last row tile instead; it stores nothing, as with the bulk copies
+          const int rt0 = min(row_tile0, n_rt - 1);
+          tma_load_3d(base + C::kXBytes, wmap, full(s), 0, kt * (S * C::kAStep / 512), rt0);
+          if constexpr (!DENSE) tma_load_3d(base + C::kXBytes + C::kABytes, mmap, full(s), 0, kt * (S / 2), rt0);
         }
       }
       __syncwarp();
