@@ -26,6 +26,9 @@ PIPELINES = {
     "eora": ["--nm", "2:4", "--quant", "int4", "--group-size", "32", "--compensate", "eora", "--rank", "8"],
     "slice": ["--slice", "0.2"],
     "merge": ["--merge-experts", "0.5"],
+    "int8": ["--quant", "int8"],
+    "nm28": ["--nm", "2:8", "--method", "magnitude"],
+    "nm24int8": ["--nm", "2:4", "--method", "magnitude", "--quant", "int8"],
 }
 
 
