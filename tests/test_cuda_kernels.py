@@ -915,6 +915,36 @@ def test_kernel_matches_float64_reference(gpu_lib, kind, asym, n, k):
         _call_checked(torch, f, x, ws, x.double() @ wref.T, f"{kind} asym={asym} {n}x{k} M={m}")
 
 
+@pytest.mark.gpu
+def test_graph_captured_on_a_fresh_stream_runs_unsplit_and_correct(gpu_lib):
+    """A CUDA graph captured on a stream before its first call cannot allocate the split-K workspace or the int4
+    prefill scratch: the captured calls run the unsplit GEMV, the whole-tile GEMM and the int4 GEMM instead of failing,
+    and the replayed graph matches float64. The same calls on a warmed-up stream take the split paths (H100/A100)."""
+    torch, lib, variants = gpu_lib
+    cases = [("sp16", 4096, 11008, 1, 0),  # decode GEMV, automatic split-K
+             ("sp16", 4096, 4096, 256, 0),  # 32 tiles of 256x128: the tail split on sm_90a
+             ("sp4", 4096, 4096, 512, 128), ("dq4", 4096, 4096, 512, 128)]  # the int4 prefill ("dq16" on sm_90a)
+    for kind, n, k, m, gs in cases:
+        f = lib[variants[(kind, False, gs)].func_name]
+        w = _weight(kind, n, k, gs, False, _rng(n + k + m))
+        ws, wref = _on_gpu(torch, kind, w)
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        ref = x.double() @ wref.T
+        _call_checked(torch, f, x[:1], ws, ref[:1], f"{kind} warm-up (module load)")  # default stream, M = 1
+        y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
+        g, s = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        with torch.cuda.graph(g, stream=s):
+            f(x, *ws, y)
+        y.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        rel = float((y.double() - ref).norm() / ref.norm())
+        assert not torch.isnan(y).any() and rel <= 1e-2, f"{kind} {n}x{k} M={m} captured: {rel:.3e}"
+        s2 = torch.cuda.Stream()
+        with torch.cuda.stream(s2):  # a fresh stream outside capture: allocates and takes the split paths
+            _call_checked(torch, f, x, ws, ref, f"{kind} {n}x{k} M={m} eager")
+
+
 # ------------------------------------------------------------------------------------------------ warp-specialized (CI)
 # The Hopper warp-specialized TMA GEMM (sparsec_mma.cuh gemm_ws_body, configs with "ws": 1), the sm_90a default of the
 # 2:4 fp16 large GEMM since bench/bench_gemm_v2.py measured it on an H100 (bench/results/cuda_gemm_v2.md). Here (no

@@ -1105,20 +1105,27 @@ int sm_count(int device_id) {
 @WS_TAIL@
 // Split-K workspace per (device, stream), shared by the decode GEMV's split and the GEMM's tail split: counters
 // (zeroed once here; every launch leaves them 0) then the fp32 partial tiles. Grown on demand; an outgrown buffer is
-// kept (a captured CUDA graph may still point at it). The first split-K call on a stream allocates, so warm a stream
-// up before capturing a CUDA graph on it.
+// kept (a captured CUDA graph may still point at it). Nothing can be allocated while the stream is being captured
+// into a CUDA graph: a call that would need a (bigger) buffer then runs without the split (see stream_room), so warm
+// a stream up before capturing on it to get the split paths into the graph.
 struct SplitWs {
   CUdeviceptr base = 0;
   size_t counters = 0, floats = 0;
 };
+
+// Whether `stream` is being captured into a CUDA graph (cuStreamIsCapturing; false when the driver lacks it).
+bool stream_capturing(CUstream stream) {
+  int capturing = 0;
+  Driver& d = driver();
+  return d.StreamIsCapturing && d.StreamIsCapturing(stream, &capturing) == 0 && capturing;
+}
 
 // A stream's buffer (split-K workspace, int4 prefill scratch): cuMemAlloc, refused while the stream is being captured
 // into a CUDA graph (the graph would keep a pointer the next growth replaces). `what` names the buffer in the errors.
 CUdeviceptr stream_alloc(CUstream stream, size_t bytes, const char* what) {
   Driver& d = driver();
   if (!d.MemAlloc) TVM_FFI_THROW(RuntimeError) << "sparsec CUDA kernels: the " << what << " needs cuMemAlloc_v2";
-  int capturing = 0;
-  if (d.StreamIsCapturing && d.StreamIsCapturing(stream, &capturing) == 0 && capturing)
+  if (stream_capturing(stream))
     TVM_FFI_THROW(RuntimeError) << "sparsec CUDA kernels: the " << what << " of this stream must be allocated before "
                                 << "CUDA graph capture: call the kernel once on the stream first";
   CUdeviceptr p = 0;
@@ -1126,12 +1133,15 @@ CUdeviceptr stream_alloc(CUstream stream, size_t bytes, const char* what) {
   return p;
 }
 
-void gemv_workspace(int device_id, CUstream stream, size_t counters, size_t floats, void** cnt, void** part) {
+// false (and nothing allocated) when the stream's workspace is too small and the stream is being captured: the
+// caller then launches without the split
+bool gemv_workspace(int device_id, CUstream stream, size_t counters, size_t floats, void** cnt, void** part) {
   static std::mutex mu;
   static std::unordered_map<int, std::unordered_map<CUstream, SplitWs>> all;
   std::lock_guard<std::mutex> lock(mu);
   SplitWs& w = all[device_id][stream];
   if (w.counters < counters || w.floats < floats) {
+    if (stream_capturing(stream)) return false;
     Driver& d = driver();
     if (!d.MemsetD32Async)
       TVM_FFI_THROW(RuntimeError) << "sparsec CUDA kernels: the split-K workspace needs cuMemsetD32Async";
@@ -1145,6 +1155,7 @@ void gemv_workspace(int device_id, CUstream stream, size_t counters, size_t floa
   }
   *cnt = reinterpret_cast<void*>(w.base);
   *part = reinterpret_cast<void*>(w.base + (w.counters * 4));
+  return true;
 }
 
 // X[M, K] fp16 row-major -> CUtensorMap (dimension 0 = k, contiguous; dimension 1 = tokens). Throws on failure.
@@ -1244,13 +1255,17 @@ struct Variant {
 };
 
 // Per (device, stream) scratch for the fp16 copy of an int4 weight ("dq16"), grown on demand, never shrunk
-// (an outgrown buffer is kept: a captured CUDA graph may still point at it). Allocated on a stream's first use.
+// (an outgrown buffer is kept: a captured CUDA graph may still point at it). Allocated on a stream's first use;
+// nullptr when it would have to grow while the stream is being captured (the caller runs the int4 GEMM instead).
 void* dq16_scratch(int device_id, CUstream stream, size_t bytes) {
   static std::mutex mu;
   static std::unordered_map<int, std::unordered_map<CUstream, std::pair<CUdeviceptr, size_t>>> all;
   std::lock_guard<std::mutex> lock(mu);
   auto& b = all[device_id][stream];
-  if (b.second < bytes) b = {stream_alloc(stream, bytes, "int4 prefill scratch"), bytes};
+  if (b.second < bytes) {
+    if (stream_capturing(stream)) return nullptr;
+    b = {stream_alloc(stream, bytes, "int4 prefill scratch"), bytes};
+  }
   return reinterpret_cast<void*>(b.first);
 }
 
@@ -1273,10 +1288,14 @@ void launch_ws(int dev, CUstream stream, const Kernel& k, int bm, int bn, int gr
   void* Cnt = nullptr;
   if (k.tail > 1 && k.tail_name != nullptr) {
     ws_tail_plan(tiles, sm_count(dev), (iK + k.bk - 1) / k.bk, k.tail, &n_dp, &n_split);
-    if (n_split > 1) {  // the tail-split kernel; per split unit one fp32 partial tile (bm x bn), per split tile a counter
+    // the tail-split kernel; per split unit one fp32 partial tile (bm x bn), per split tile a counter (whole tiles
+    // when the workspace cannot be allocated: a stream captured before its first split call)
+    if (n_split > 1 && gemv_workspace(dev, stream, static_cast<size_t>(tiles - n_dp),
+                                      static_cast<size_t>(tiles - n_dp) * n_split * bm * bn, &Cnt, &Ws)) {
       f = get_function(dev, k, k.tail_name);
-      gemv_workspace(dev, stream, static_cast<size_t>(tiles - n_dp),
-                     static_cast<size_t>(tiles - n_dp) * n_split * bm * bn, &Cnt, &Ws);
+    } else {
+      n_dp = tiles;
+      n_split = 1;
     }
   }
   int i_dp = static_cast<int>(n_dp);
@@ -1329,12 +1348,12 @@ void run(const Variant& v, const TensorView& x, const TensorView* w, int nw, con
     const int threads = M <= 8 ? v.gemv_threads : v.gemv_threads2;
     const int warps = threads / 32;
     // "ks": 0 -> automatic split, for one token tile only (M <= 8; cuda_sparse.gemv_auto_ks)
-    const int ks = v.gemv_ks > 0 ? v.gemv_ks : (M <= 8 ? gemv_auto_ks(grid, warps, nck, sm_count(dev)) : 1);
+    int ks = v.gemv_ks > 0 ? v.gemv_ks : (M <= 8 ? gemv_auto_ks(grid, warps, nck, sm_count(dev)) : 1);
     void* Ws = nullptr;
     void* Cnt = nullptr;
-    if (ks > 1) {
+    if (ks > 1) {  // unsplit when the workspace cannot be allocated (a stream captured before its first split call)
       const size_t nv = static_cast<size_t>(v.gemv_rt) * (M <= 8 ? 1 : 2) * 4 * 32;
-      gemv_workspace(dev, stream, static_cast<size_t>(grid), static_cast<size_t>(grid) * ks * nv, &Cnt, &Ws);
+      if (!gemv_workspace(dev, stream, static_cast<size_t>(grid), static_cast<size_t>(grid) * ks * nv, &Cnt, &Ws)) ks = 1;
     }
     void* args[] = {&X, &Wv, &Wm, &Sc, &Zb, &Y, &Ws, &Cnt, &iM, &iN, &iK, &T, &G, &GS};
     check(driver().LaunchKernel(f, static_cast<unsigned>(grid), static_cast<unsigned>(ks), 1, threads, 1, 1,
@@ -1347,12 +1366,14 @@ void run(const Variant& v, const TensorView& x, const TensorView* w, int nw, con
   const int bm = small ? v.gs_bm : v.gl_bm, bn = small ? v.gs_bn : v.gl_bn;
   int group = small ? v.gs_group : v.gl_group;
   const int threads = small ? v.gs_threads : v.gl_threads;
-  if (!small && v.dq16.name != nullptr) {
-    // int4 kinds (sm_90a): the weight dequantized into fp16 fragments in this stream's scratch, then the
-    // warp-specialized GEMM on it: 2:4 + int4 -> the 2:4 fp16 layout, with the same metadata (same layout for both
-    // kinds); dense int4 -> dense fp16 A fragments (16 rows x 32 k x 2 bytes per row tile and k32 step), no metadata
-    const bool dense = v.kind == 2;
-    void* W16 = dq16_scratch(dev, stream, static_cast<size_t>(n_rt) * T * (dense ? 1024 : 512));
+  // int4 kinds (sm_90a): the weight dequantized into fp16 fragments in this stream's scratch, then the
+  // warp-specialized GEMM on it: 2:4 + int4 -> the 2:4 fp16 layout, with the same metadata (same layout for both
+  // kinds); dense int4 -> dense fp16 A fragments (16 rows x 32 k x 2 bytes per row tile and k32 step), no metadata.
+  // Without a scratch (a stream captured before its first such call) the int4 GEMM below runs instead.
+  const bool dense = v.kind == 2;
+  void* W16 = (!small && v.dq16.name != nullptr)
+                  ? dq16_scratch(dev, stream, static_cast<size_t>(n_rt) * T * (dense ? 1024 : 512)) : nullptr;
+  if (W16 != nullptr) {
     CUfunction fc = get_function(dev, Kernel{v.dq16_convert, 0});
     int i_rt = n_rt, U = dense ? 2 * T : T;  // 16-column units per row tile: k16 units (dq4), k32 steps (sp4)
     const int64_t threads_total = static_cast<int64_t>(n_rt) * (U / 4) * 32;  // one thread: a uint4 of codes
