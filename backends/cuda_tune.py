@@ -550,11 +550,10 @@ class Job:
 def plan(graph, target, formats: list[str] | None, seed: int = 0) -> list[Job]:
     """The CUDA kernel jobs of ``graph`` (see :func:`sparsec.backends.tune.probes`), one per distinct key."""
     from .kernels.registry import ShapeHints, linear_key, select_kernel
+    from .kernels.cuda_sparse import as24_linear
     from .tune import TuningDB, _canon, probes
 
     jobs, seen = [], set()
-    from .kernels.cuda_sparse import as24_linear
-
     for label, probe in probes(graph, formats, seed):
         impl = select_kernel(probe, target, ShapeHints(), TuningDB.empty())
         if impl.name == "cuda.nm_as_24_mma_sp":  # runs the 2:4 fp16 kernel on its 2:4 form: tuned (and looked up) as that

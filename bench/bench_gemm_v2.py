@@ -385,6 +385,8 @@ def cmd_copy_cost(args):
     tile) and the bytes it moves, per shape and M. The evidence behind ``"wmap"`` (docs/cuda.md)."""
     import math
 
+    from sparsec.backends.kernels.cuda_sparse import ws_layout
+
     raw = json.loads(Path(args.raw).read_text())
     sms = args.sms
     L = [f"# Per-stage cost of the one-tile warp-specialized kernels ({raw['info'].get('gpu', '')}, run of {raw['started']})",
@@ -402,7 +404,7 @@ def cmd_copy_cost(args):
         waves = math.ceil(math.ceil(b["out"] / bm) * math.ceil(b["m"] / bn) / sms)
         us = b["ms_ours"] * 1000 / (waves * math.ceil(b["in"] / bk))
         copies = 2 * bm // 16
-        stage = bn * bk * 2 + (bm // 16) * (bk // 32) * 512 + (bm // 16) * (bk // 64) * 128
+        stage = ws_layout(c)["tx_bytes"]  # X + weights + metadata: what the stage's copies deliver
         rows.append((b["out"], b["in"], b["m"], bm, bn, bk, c["stages"], b["speedup_vs_dense"], us, copies, stage))
     for o, i, m, bm, bn, bk, st, sp, us, copies, stage in sorted(rows):
         L.append(f"| {o}×{i} | {m} | {bm}×{bn}×{bk} | {st} | {sp:.2f}x | {us:.2f} | {copies} | {us * 1000 / copies:.0f} | "

@@ -49,47 +49,32 @@ def variants(src: str):
     from sparsec.compressor.formats import NMSparse
 
     base = load_graph(src)
-    out = {"nm24": base.copy()}
-    g = base.copy()
-    for lin in g.linears():
-        if isinstance(lin.weight, NMSparse):
-            lin.weight = lin.weight.with_values(rtn(lin.weight.values.materialize(), 32 if lin.weight.shape[1] // 2 % 32 == 0 else 16, True))
-    out["nm24_int4"] = g
-    g = base.copy()
-    for lin in g.linears():
-        if isinstance(lin.weight, NMSparse):
-            lin.weight = rtn(lin.weight.materialize(), 32, False)
-    out["int4"] = g
-    # group sizes whose groups hold whole 64-column chunks: the decode GEMV's scale-after-MMA kernel ("og")
-    g = base.copy()
-    for lin in g.linears():
-        if isinstance(lin.weight, NMSparse):
-            cols = lin.weight.shape[1] // 2
-            lin.weight = lin.weight.with_values(rtn(lin.weight.values.materialize(), 64 if cols % 64 == 0 else 16, False))
-    out["nm24_int4_g64"] = g
-    g = base.copy()
-    for lin in g.linears():
-        if isinstance(lin.weight, NMSparse):
-            lin.weight = rtn(lin.weight.materialize(), 128 if lin.weight.shape[1] % 128 == 0 else 32, True)
-    out["int4_g128"] = g
-    # formats without a CUDA kernel of their own: 1:4 and 2:4 + int8 on the 2:4 fp16 kernel, dense int8 on TVM's
-    # dequantize + matmul
-    g = base.copy()
-    for lin in g.linears():
-        if isinstance(lin.weight, NMSparse):
-            lin.weight = NMSparse.from_dense(lin.weight.materialize(), 1, 4)
-    out["nm14"] = g
-    g = base.copy()
-    for lin in g.linears():
-        if isinstance(lin.weight, NMSparse):
-            lin.weight = lin.weight.with_values(rtn(lin.weight.values.materialize(), 32 if lin.weight.shape[1] // 2 % 32 == 0 else 16, True, 8))
-    out["nm24_int8"] = g
-    g = base.copy()
-    for lin in g.linears():
-        if isinstance(lin.weight, NMSparse):
-            lin.weight = rtn(lin.weight.materialize(), 32, False, 8)
-    out["int8"] = g
-    return out
+
+    def each_sparse(fn):
+        """A copy of the 2:4 graph with every 2:4 weight ``w`` replaced by ``fn(w)``."""
+        g = base.copy()
+        for lin in g.linears():
+            if isinstance(lin.weight, NMSparse):
+                lin.weight = fn(lin.weight)
+        return g
+
+    def kept(w, gs_if, gs_else, sym, bits=4):  # the 2:4 weight with its kept values quantized
+        cols = w.shape[1] // 2
+        return w.with_values(rtn(w.values.materialize(), gs_if if cols % gs_if == 0 else gs_else, sym, bits))
+
+    return {
+        "nm24": base.copy(),
+        "nm24_int4": each_sparse(lambda w: kept(w, 32, 16, True)),
+        "int4": each_sparse(lambda w: rtn(w.materialize(), 32, False)),
+        # group sizes whose groups hold whole 64-column chunks: the decode GEMV's scale-after-MMA kernel ("og")
+        "nm24_int4_g64": each_sparse(lambda w: kept(w, 64, 16, False)),
+        "int4_g128": each_sparse(lambda w: rtn(w.materialize(), 128 if w.shape[1] % 128 == 0 else 32, True)),
+        # formats without a CUDA kernel of their own: 1:4 and 2:4 + int8 on the 2:4 fp16 kernel, dense int8 on TVM's
+        # dequantize + matmul
+        "nm14": each_sparse(lambda w: NMSparse.from_dense(w.materialize(), 1, 4)),
+        "nm24_int8": each_sparse(lambda w: kept(w, 32, 16, True, 8)),
+        "int8": each_sparse(lambda w: rtn(w.materialize(), 32, False, 8)),
+    }
 
 
 def cmd_build(a):

@@ -630,6 +630,11 @@ def test_cuda_codegen_is_compiled_ahead_of_time(tname, sm, tmp_path):
                for row in info["layers"])  # fmt: skip
 
 
+def _sparsec_cli(*args) -> subprocess.CompletedProcess:
+    """The CLI as a user types it (``python -m sparsec ...``), output captured."""
+    return subprocess.run([sys.executable, "-m", "sparsec", *map(str, args)], capture_output=True, text=True, timeout=900)
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed: CUDA code generation cannot be checked")
 @pytest.mark.parametrize("target,recipe,note,kernel", [
     ("a100", ["--nm", "2:8", "--method", "magnitude"], "2:8 run as 2:4", "cuda.nm_as_24_mma_sp"),
@@ -641,8 +646,7 @@ def test_cli_builds_formats_without_their_own_cuda_kernel(target, recipe, note, 
     dequantize + matmul with the codes kept as bytes; the report says what was converted, and no layer falls back to
     a materialized dense weight: only the head (not compressed) runs tvm.dense."""
     out = tmp_path / "out"
-    p = subprocess.run([sys.executable, "-m", "sparsec", "compress", "--example", "tiny-gpt", "--target", target, *recipe,
-                        "-o", str(out), "-q"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    p = _sparsec_cli("compress", "--example", "tiny-gpt", "--target", target, *recipe, "-o", out, "-q")
     assert p.returncode == 0, p.stderr[-2000:]
     build = json.loads((out / "report.json").read_text())["build"]
     assert build["status"] == "built" and (out / "lib" / "model.so").exists()
@@ -755,10 +759,9 @@ def test_cli_bench_times_the_library_against_onnxruntime_and_dense_tvm(tmp_path)
     library against the artifact's ONNX first, and writes bench.json + bench.md; the speedups are the ratios of the
     medians. A malformed --shapes is a one-line recipe error."""
     out = tmp_path / "out"
-    run = lambda *a: subprocess.run([sys.executable, "-m", "sparsec", *map(str, a)], capture_output=True, text=True, timeout=900)  # noqa: E731
-    p = run("compress", "--example", "tiny-gpt", "--target", "x86", "--nm", "2:4", "--method", "magnitude", "-o", out, "-q")
+    p = _sparsec_cli("compress", "--example", "tiny-gpt", "--target", "x86", "--nm", "2:4", "--method", "magnitude", "-o", out, "-q")
     assert p.returncode == 0, p.stderr[-2000:]
-    p = run("bench", out, "--shapes", "1x1,2x16", "--runs", "2", "--warmup", "1", "--threads", "1", "--json")
+    p = _sparsec_cli("bench", out, "--shapes", "1x1,2x16", "--runs", "2", "--warmup", "1", "--threads", "1", "--json")
     assert p.returncode == 0, p.stderr[-2000:]
     doc = json.loads(p.stdout)
     assert doc["schema"] == "sparsec.bench/1" and doc["target"] == "x86" and doc["machine"]["threads"] == 1
@@ -774,7 +777,7 @@ def test_cli_bench_times_the_library_against_onnxruntime_and_dense_tvm(tmp_path)
         assert s["lib_vs_compressed_onnx_rel_error"] < 1e-4
     assert json.loads((out / "bench.json").read_text())["scenarios"] == doc["scenarios"]
     assert "onnxruntime: CPUExecutionProvider" in (out / "bench.md").read_text()
-    p = run("bench", out, "--shapes", "1by1")
+    p = _sparsec_cli("bench", out, "--shapes", "1by1")
     assert p.returncode not in (0, 1) and "--shapes" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     from sparsec.backends.bench import ort_providers
 

@@ -27,17 +27,12 @@ def _rng(tag: int) -> np.random.Generator:
     return np.random.default_rng([SEED, tag])
 
 
-def _gq(rng, n, cols, gs, asym):
-    codes = rng.integers(0, 16, size=(n, cols), dtype=np.uint8)
+def _gq(rng, n, cols, gs, asym, bits=4):
+    """Random ``bits``-bit group-quantized values (zero points when ``asym``)."""
+    codes = rng.integers(0, 1 << bits, size=(n, cols), dtype=np.uint8)
     scales = rng.uniform(0.01, 0.1, size=(n, cols // gs)).astype(np.float16)
-    zeros = rng.integers(0, 16, size=(n, cols // gs), dtype=np.uint8) if asym else None
-    return GroupQuant.from_codes(codes, scales, zeros, 4, gs)
-
-
-def _gq_bits(rng, n, cols, bits, gs):
-    """Random symmetric ``bits``-bit group-quantized values (any bit width, any group size)."""
-    codes = rng.integers(0, 1 << bits, size=(n, cols)).astype(np.uint8)
-    return GroupQuant.from_codes(codes, rng.uniform(0.01, 0.1, size=(n, cols // gs)).astype(np.float16), None, bits, gs)
+    zeros = rng.integers(0, 1 << bits, size=(n, cols // gs), dtype=np.uint8) if asym else None
+    return GroupQuant.from_codes(codes, scales, zeros, bits, gs)
 
 
 def _nm24(rng, n, k, values):
@@ -152,7 +147,7 @@ def test_nm_as_24_is_the_same_matrix_or_none(n, m):
     np.put_along_axis(mask, np.argsort(rng.random((out, inn // m, m)), axis=-1)[..., :n], True, axis=-1)
     w = NMSparse.from_mask(dense, mask.reshape(out, inn), n, m)
     fits = (mask.reshape(out, inn // 4, 4).sum(-1) <= 2).all()
-    for ww in (w, w.with_values(_gq_bits(rng, out, inn * n // m, 8, 16))):
+    for ww in (w, w.with_values(_gq(rng, out, inn * n // m, 16, False, 8))):
         a = cs.nm_as_24(ww)
         if not fits:
             assert a is None
@@ -183,8 +178,8 @@ def test_other_nm_patterns_and_int8_values_run_on_the_24_kernel(target):
     dense = rng.standard_normal((40, 256)).astype(np.float32)
     cases = [(NMSparse.from_dense(dense, 1, 4), "1:4 run as 2:4"), (NMSparse.from_dense(dense, 2, 8), "2:8 run as 2:4")]
     nm24 = NMSparse.from_dense(dense, 2, 4)
-    cases += [(nm24.with_values(_gq_bits(rng, 40, 128, 8, 32)), "int8 g32 values dequantized"),
-              (nm24.with_values(_gq_bits(rng, 40, 128, 4, 8)), "int4 g8 values dequantized")]
+    cases += [(nm24.with_values(_gq(rng, 40, 128, 32, False, 8)), "int8 g32 values dequantized"),
+              (nm24.with_values(_gq(rng, 40, 128, 8, False)), "int4 g8 values dequantized")]
     for w, note in cases:
         lin = _linear(w)
         impl = select_kernel(lin, tgt, ShapeHints())
@@ -193,7 +188,7 @@ def test_other_nm_patterns_and_int8_values_run_on_the_24_kernel(target):
         np.testing.assert_array_equal(cs.decode_layout("sp16", arrays, 40, 256),
                                       w.materialize().astype(np.float16).astype(np.float32))
     assert select_kernel(_linear(nm24), tgt, ShapeHints()).name == "cuda.nm24_mma_sp"
-    int4 = nm24.with_values(_gq_bits(rng, 40, 128, 4, 32))
+    int4 = nm24.with_values(_gq(rng, 40, 128, 32, False))
     assert select_kernel(_linear(int4), tgt, ShapeHints()).name == "cuda.nm24_int4_mma_sp"
     impl = select_kernel(_linear(NMSparse.from_dense(dense, 4, 8)), tgt, ShapeHints())
     assert impl.name == "tvm.dense" and "materialized dense" in impl.note

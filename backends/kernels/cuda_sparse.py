@@ -946,8 +946,9 @@ def render_device_source(variants: list[Variant]) -> str:
                 seen.update(_ws_entries(v.kind, v.asym, path, c))
                 continue
             if path == "gemm" and c.get("dq16"):  # int4 -> fp16 converter + the warp-specialized GEMM it feeds
-                seen[v.kernel_names()["dq16_convert"]] = (
-                    f'extern "C" __global__ void __launch_bounds__({DQ16_CONVERT_THREADS}) {v.kernel_names()["dq16_convert"]}'
+                conv = v.kernel_names()["dq16_convert"]
+                seen[conv] = (
+                    f'extern "C" __global__ void __launch_bounds__({DQ16_CONVERT_THREADS}) {conv}'
                     "(const uint4* __restrict__ Wq, const uint32_t* __restrict__ Sc, const uint32_t* __restrict__ Zb, "
                     "uint4* __restrict__ Wv, int n_rt, int U, int G, int GS) {\n"
                     f"  sparsec::int4_to_fp16_body<{'true' if v.asym else 'false'}>(Wq, Sc, Zb, Wv, n_rt, U, G, GS);\n}}\n"
@@ -1106,7 +1107,7 @@ int sm_count(int device_id) {
 // Split-K workspace per (device, stream), shared by the decode GEMV's split and the GEMM's tail split: counters
 // (zeroed once here; every launch leaves them 0) then the fp32 partial tiles. Grown on demand; an outgrown buffer is
 // kept (a captured CUDA graph may still point at it). Nothing can be allocated while the stream is being captured
-// into a CUDA graph: a call that would need a (bigger) buffer then runs without the split (see stream_room), so warm
+// into a CUDA graph: a call that would need a (bigger) buffer then runs without the split (gemv_workspace), so warm
 // a stream up before capturing on it to get the split paths into the graph.
 struct SplitWs {
   CUdeviceptr base = 0;
@@ -1120,14 +1121,11 @@ bool stream_capturing(CUstream stream) {
   return d.StreamIsCapturing && d.StreamIsCapturing(stream, &capturing) == 0 && capturing;
 }
 
-// A stream's buffer (split-K workspace, int4 prefill scratch): cuMemAlloc, refused while the stream is being captured
-// into a CUDA graph (the graph would keep a pointer the next growth replaces). `what` names the buffer in the errors.
-CUdeviceptr stream_alloc(CUstream stream, size_t bytes, const char* what) {
+// A stream's buffer (split-K workspace, int4 prefill scratch): cuMemAlloc. Its callers never call it while the stream
+// is being captured into a CUDA graph (stream_capturing: they launch without the buffer). `what` names the buffer.
+CUdeviceptr stream_alloc(size_t bytes, const char* what) {
   Driver& d = driver();
   if (!d.MemAlloc) TVM_FFI_THROW(RuntimeError) << "sparsec CUDA kernels: the " << what << " needs cuMemAlloc_v2";
-  if (stream_capturing(stream))
-    TVM_FFI_THROW(RuntimeError) << "sparsec CUDA kernels: the " << what << " of this stream must be allocated before "
-                                << "CUDA graph capture: call the kernel once on the stream first";
   CUdeviceptr p = 0;
   check(d.MemAlloc(&p, bytes), ("cuMemAlloc (" + std::string(what) + ")").c_str());
   return p;
@@ -1147,7 +1145,7 @@ bool gemv_workspace(int device_id, CUstream stream, size_t counters, size_t floa
       TVM_FFI_THROW(RuntimeError) << "sparsec CUDA kernels: the split-K workspace needs cuMemsetD32Async";
     const size_t nc = std::max(counters, w.counters), nf = std::max(floats, w.floats);
     const size_t cbytes = (nc * 4 + 255) / 256 * 256;
-    const CUdeviceptr p = stream_alloc(stream, cbytes + nf * 4, "split-K workspace");
+    const CUdeviceptr p = stream_alloc(cbytes + nf * 4, "split-K workspace");
     check(d.MemsetD32Async(p, 0u, cbytes / 4, stream), "cuMemsetD32Async (split-K counters)");
     w.base = p;
     w.counters = cbytes / 4;
@@ -1264,7 +1262,7 @@ void* dq16_scratch(int device_id, CUstream stream, size_t bytes) {
   auto& b = all[device_id][stream];
   if (b.second < bytes) {
     if (stream_capturing(stream)) return nullptr;
-    b = {stream_alloc(stream, bytes, "int4 prefill scratch"), bytes};
+    b = {stream_alloc(bytes, "int4 prefill scratch"), bytes};
   }
   return reinterpret_cast<void*>(b.first);
 }

@@ -21,27 +21,19 @@ from typing import Any
 import numpy as np
 
 from ...compressor.formats import GroupQuant
+from .cuda_sparse import _gq_codes_scales
 from .registry import KernelImpl, WeightParam, register_kernel
 
 NAME = "tvm.dequant_matmul"
 
 
-def _grids(gq: GroupQuant) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Codes [N, K] uint8, scales [N, G] float32 (0 for removed groups), zero points [N, G] float32."""
-    scales = gq.scale_grid()
-    gm = gq.group_mask()
-    if gm is not None:
-        scales = np.where(gm, scales, 0.0)
-    return gq.codes().astype(np.uint8), scales.astype(np.float32), gq.zero_grid().astype(np.float32)
-
-
 def prepare_dequant(linear, config: dict[str, Any]) -> list[np.ndarray]:
     """[codes (N, K) uint8, scales (N, G) float32 (, zeros (N, G) float32 when asymmetric)]."""
     gq: GroupQuant = linear.weight
-    codes, scales, zeros = _grids(gq)
-    out = [np.ascontiguousarray(codes), np.ascontiguousarray(scales)]
+    codes, scales, zeros = _gq_codes_scales(gq)  # the CUDA kernels' grids: removed groups have scale 0
+    out = [np.ascontiguousarray(codes), np.ascontiguousarray(scales, dtype=np.float32)]
     if not gq.symmetric:
-        out.append(np.ascontiguousarray(zeros))
+        out.append(np.ascontiguousarray(zeros, dtype=np.float32))
     return out
 
 
