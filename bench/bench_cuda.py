@@ -64,8 +64,9 @@ if DRY:
     DECODE_CHECK_SHAPES = [(48, 256), (40, 352), (24, 1184)]
     PREFILL_M = [40]
     LLM_GS = 32
-KINDS_ORDER = ("sp16", "sp4", "dq4")
-KERNEL_OF_KIND = {"sp16": "cuda.nm24_mma_sp", "sp4": "cuda.nm24_int4_mma_sp", "dq4": "cuda.int4_dequant_mma"}
+KINDS_ORDER = ("sp16", "sp4", "dq4", "dq8")
+KERNEL_OF_KIND = {"sp16": "cuda.nm24_mma_sp", "sp4": "cuda.nm24_int4_mma_sp", "dq4": "cuda.int4_dequant_mma",
+                  "dq8": "cuda.int8_dequant_mma"}
 
 
 def ref_gs(kind: str, k: int) -> int:
@@ -302,11 +303,13 @@ def make_weight(kind, n, k, gs, asym, rng):
     if kind == "sp16":
         return _random_nm24(n, k, (rng.standard_normal((n, k // 2)) / math.sqrt(k)).astype(np.float32), rng)
     cols = k // 2 if kind == "sp4" else k
-    codes = rng.integers(0, 16, size=(n, cols), dtype=np.uint8)
-    scales = (rng.uniform(0.5, 1.5, size=(n, cols // gs)) / (4 * math.sqrt(k))).astype(np.float16)
-    zeros = rng.integers(4, 12, size=(n, cols // gs), dtype=np.uint8) if asym else None
-    gq = GroupQuant.from_codes(codes, scales, zeros, 4, gs)
-    if kind == "dq4":
+    bits = 8 if kind == "dq8" else 4
+    top = 1 << bits
+    codes = rng.integers(0, top, size=(n, cols), dtype=np.uint8)
+    scales = (rng.uniform(0.5, 1.5, size=(n, cols // gs)) / (top // 4 * math.sqrt(k))).astype(np.float16)
+    zeros = rng.integers(top // 4, 3 * top // 4, size=(n, cols // gs), dtype=np.uint8) if asym else None
+    gq = GroupQuant.from_codes(codes, scales, zeros, bits, gs)
+    if kind in ("dq4", "dq8"):
         return gq
     return _random_nm24(n, k, gq, rng)
 

@@ -65,20 +65,21 @@ def _family(c: dict) -> int:
     return 1 if c.get("persistent") else 2 if c.get("cluster", 1) > 1 else 0
 
 
-def variants_int4(kind: str, gs: int = 128, wmap: bool = False):
-    """An int4 kind (``sp4``: 2:4 + int4, ``dq4``: dense int4; symmetric, group ``gs``) on sm_90a: its int4 mma.sp /
-    mma large GEMM (``"dq16": 0``) and the dequantize + warp-specialized wgmma path (``"dq16": 1``, the default), for
-    ``ab``; ``wmap``: also that path with the fp16 weight read by TMA tensor maps (``"wmap": 1``)."""
+def variants_int4(kind: str, gs: int = 128):
+    """A quantized kind (``sp4``: 2:4 + int4, ``dq4``: dense int4, ``dq8``: dense int8; symmetric, group ``gs``) on
+    sm_90a: its mma.sp / mma large GEMM (``"dq16": 0``) and the dequantize + warp-specialized wgmma path (``"dq16": 1``,
+    the default), its fp16 weight read by TMA tensor maps (the default) and by bulk copies (``"wmap": 0``), for
+    ``ab``. Every M <= 16 runs the kind's untuned decode GEMV (warps not fitted to the shape)."""
     from sparsec.backends.kernels.cuda_sparse import Variant, default_config
 
     base = default_config(kind)
     rows = []
-    for dq, wm in ((0, 0), (1, 0)) + (((1, 1),) if wmap else ()):
-        extra = {"wmap": 1} if wm else {}
+    for dq, wm in ((0, None), (1, 0), (1, None)):
+        extra = {"wmap": wm} if wm is not None else {}
         v = Variant.make(kind, False, gs, dict(base, gemm=dict(base["gemm"], dq16=dq, **extra), small_max=16))
         kn = v.kernel_names()
         rows.append({"func": v.func_name, "kind": kind, "asym": False, "gs": gs, "config": v.config_dict(),
-                     "path": "dq16" if dq else "mma.sp", "wgmma": bool(dq), "ws": False, "default": bool(dq and not wm),
+                     "path": "dq16" if dq else "mma.sp", "wgmma": bool(dq), "ws": False, "default": bool(dq and wm is None),
                      "reference": not dq, "kernel": kn["dq16_convert"] + "+" + kn["dq16_gemm"] if dq else kn["gemm"]})
     return [Variant.make(kind, False, gs, r["config"]) for r in rows], rows
 
@@ -105,7 +106,7 @@ def cmd_build(args):
 
     pack = Path(args.pack)
     pack.mkdir(parents=True, exist_ok=True)
-    vs, rows = variants_int4(args.kind, wmap=args.wmap) if args.kind != "sp16" else variants()
+    vs, rows = variants_int4(args.kind) if args.kind != "sp16" else variants()
     t = time.time()
     build_shared(vs, ["sm_90a"], str(pack / "sparsec_cuda.so"), workdir=str(pack / "build"))
     rep = ptxas_report(vs, "sm_90a", str(pack / "ptxas"))  # registers / spills / wgmma serialization per kernel
@@ -354,7 +355,7 @@ def cmd_ab_report(args):
     label = {c["func"]: _cfg(c["config"]) for c in cands}
     ch = raw["checks"]
     kind = cands[0].get("kind") or ("sp4" if any("sp4" in c["kernel"] for c in cands) else "sp16")  # (older runs)
-    what = {"sp16": "2:4 fp16", "sp4": "2:4 + int4", "dq4": "int4"}[kind]
+    what = {"sp16": "2:4 fp16", "sp4": "2:4 + int4", "dq4": "int4", "dq8": "int8"}[kind]
     what += f" (group {cands[0].get('gs', 128)}, symmetric)" if kind != "sp16" else ""
     L = [f"# {what} prefill GEMM, interleaved A/B vs cuBLAS ({raw['info'].get('gpu', '')}, {raw['started']})", "",
          f"Median of {len(raw['times'][0]['ms']['cublas'])} rounds; every round times cuBLAS (`F.linear`, dense fp16 "
@@ -549,7 +550,8 @@ def cmd_device(args):
 def _cfg(c: dict) -> str:
     return (f"{c['bm']}×{c['bn']}×{c['bk']} w{c['wm']}x{c['wn']} s{c['stages']}"
             + (" persistent" if c.get("persistent") else "") + (f" cluster {c['cluster']}" if c.get("cluster", 1) > 1 else "")
-            + (f" tail {c['tail']}" if c.get("tail") else "") + (" → dequantize + ws" if c.get("dq16") else ""))  # fmt: skip
+            + (f" tail {c['tail']}" if c.get("tail") else "") + (" → dequantize + ws" if c.get("dq16") else "")
+            + (" wmap" if c.get("wmap") else ""))  # fmt: skip
 
 
 def cmd_report(args):
@@ -638,11 +640,9 @@ def main():
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build")
     b.add_argument("--pack", default=".devpack_v2")
-    b.add_argument("--kind", choices=("sp16", "sp4", "dq4"), default="sp16",
-                   help="sp16: every 2:4 fp16 large-GEMM candidate; sp4 / dq4: 2:4 + int4 / int4 g128, the int4 mma GEMM "
-                   "vs dequantize + ws")
-    b.add_argument("--wmap", action="store_true", help="sp4 / dq4: also dequantize + ws with the weights by TMA "
-                   "tensor maps (\"wmap\": 1)")
+    b.add_argument("--kind", choices=("sp16", "sp4", "dq4", "dq8"), default="sp16",
+                   help="sp16: every 2:4 fp16 large-GEMM candidate; sp4 / dq4 / dq8: 2:4 + int4 / int4 / int8, g128: the "
+                   "mma GEMM vs dequantize + ws, the weights by tensor map (the default) or by bulk copies")
     d = sub.add_parser("device")
     d.add_argument("--pack", default=".devpack_v2")
     d.add_argument("--out", default=os.environ.get("OUT", "bench/results/tmp"))

@@ -44,8 +44,8 @@ def _nm24(rng, n, k, values):
 
 
 def _weight(kind, n, k, gs, asym, rng):
-    if kind == "dq4":
-        return _gq(rng, n, k, gs, asym)
+    if kind in cs.DENSE_KINDS:
+        return _gq(rng, n, k, gs, asym, bits=8 if kind == "dq8" else 4)
     if kind == "sp16":
         if n * k <= 1 << 16:  # small: the real magnitude path
             return NMSparse.from_dense(rng.standard_normal((n, k)).astype(np.float32), 2, 4)
@@ -54,7 +54,8 @@ def _weight(kind, n, k, gs, asym, rng):
 
 
 # ------------------------------------------------------------------------------------------------ layouts (CI)
-@pytest.mark.parametrize("kind,asym", [("sp16", False), ("sp4", False), ("sp4", True), ("dq4", False), ("dq4", True)])
+@pytest.mark.parametrize("kind,asym", [("sp16", False), ("sp4", False), ("sp4", True), ("dq4", False), ("dq4", True),
+                                       ("dq8", False), ("dq8", True)])  # fmt: skip
 @pytest.mark.parametrize("n,k", [(16, 128), (40, 352), (10, 64), (64, 256)])
 def test_prepared_layout_decodes_to_the_weight(kind, asym, n, k):
     rng = _rng(hash((kind, asym, n, k)) % 2**31)
@@ -114,7 +115,7 @@ def _linear(w, name="fc"):
 
 
 @pytest.mark.parametrize("kind,gen,target", [("sp16", "cuda.nm24_mma_sp", "h100"), ("sp4", "cuda.nm24_int4_mma_sp", "a100"),
-                                             ("dq4", "cuda.int4_dequant_mma", "h100")])  # fmt: skip
+                                             ("dq4", "cuda.int4_dequant_mma", "h100"), ("dq8", "cuda.int8_dequant_mma", "a100")])  # fmt: skip
 def test_registry_selects_cuda_kernels(kind, gen, target):
     from sparsec.backends.kernels.registry import ShapeHints, get_prepare, select_kernel
     from sparsec.backends.targets import get_target
@@ -221,13 +222,13 @@ def _run_emit_on_cpu(impl, x, arrays):
     return out.numpy()
 
 
-@pytest.mark.parametrize("bits,gs,asym,gqsa", [(8, 128, False, False), (8, 32, True, False), (4, 8, True, False),
-                                               (3, 16, False, False), (8, 64, False, True)])  # fmt: skip
+@pytest.mark.parametrize("bits,gs,asym,gqsa", [(8, 8, False, False), (8, 8, True, True), (4, 8, True, False),
+                                               (3, 16, False, False), (2, 32, False, True)])  # fmt: skip
 def test_dequant_matmul_for_weights_without_a_cuda_kernel(bits, gs, asym, gqsa):
-    """Dense group-quantized weights no CUDA kernel takes (int8, int3, int4 with a group of 8; GQSA group masks) get
-    tvm.dequant_matmul on a100/h100: codes stay one byte each, and its computation (the same Relax/TE that the CUDA
+    """Dense group-quantized weights no CUDA kernel takes (int2/3, int4 / int8 with a group of 8; GQSA group masks)
+    get tvm.dequant_matmul on a100/h100: codes stay one byte each, and its computation (the same Relax/TE that the CUDA
     build schedules with DLight) matches float64 on fresh inputs, here compiled for the CPU at M = 1, 7 and 64. int4
-    with a group multiple of 16 keeps its tensor-core kernel; CPU targets keep their own kernels."""
+    and int8 with a group multiple of 16 keep their tensor-core kernels; CPU targets keep their own kernels."""
     from sparsec.backends.kernels.registry import ShapeHints, get_prepare, select_kernel
     from sparsec.backends.targets import get_target
 
@@ -251,9 +252,11 @@ def test_dequant_matmul_for_weights_without_a_cuda_kernel(bits, gs, asym, gqsa):
         ref = x.astype(np.float64) @ w.T
         assert got.shape == (m, n) and np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max(), m
     assert select_kernel(lin, get_target("x86"), ShapeHints()).name != "tvm.dequant_matmul"
-    int4 = GroupQuant.from_codes(codes & 15, scales, None, 4, gs) if gs % 16 == 0 else None
-    if int4 is not None:
-        assert select_kernel(_linear(int4), get_target("h100"), ShapeHints()).name == "cuda.int4_dequant_mma"
+    g16 = 32  # the same codes in groups of 32
+    sc16 = rng.uniform(0.01, 0.1, size=(n, k // g16)).astype(np.float16)
+    for b, gen in ((4, "cuda.int4_dequant_mma"), (8, "cuda.int8_dequant_mma")):
+        gq16 = GroupQuant.from_codes(codes & ((1 << b) - 1), sc16, None, b, g16)
+        assert select_kernel(_linear(gq16), get_target("h100"), ShapeHints()).name == gen
 
 
 def test_tuning_entry_is_used_and_arch_limits_respected():
@@ -284,7 +287,8 @@ NVCC = shutil.which("nvcc")
 def _all_kinds():
     split = dict(cs.default_config("sp4"), gemv=dict(cs.default_config("sp4")["gemv"], ks=4))  # a fixed split count too
     return [cs.Variant.make(k, a, gs, cs.default_config(k, arch)) for arch in ("sm_90a",)
-            for k, a, gs in (("sp16", False, 0), ("sp4", False, 64), ("sp4", True, 32), ("dq4", False, 128), ("dq4", True, 64))] + [
+            for k, a, gs in (("sp16", False, 0), ("sp4", False, 64), ("sp4", True, 32), ("dq4", False, 128), ("dq4", True, 64),
+                             ("dq8", False, 128), ("dq8", True, 16))] + [
         cs.Variant.make("sp4", True, 32, split)]  # fmt: skip
 
 
@@ -294,10 +298,12 @@ def test_ptxas_accepts_every_kernel(arch, tmp_path):
     from sparsec.backends.kernels.cuda_compile import ptxas_report
 
     variants = [cs.Variant.make(k, a, gs, cs.default_config(k, arch))
-                for k, a, gs in (("sp16", False, 0), ("sp4", False, 64), ("sp4", True, 32), ("dq4", False, 128), ("dq4", True, 64))]  # fmt: skip
+                for k, a, gs in (("sp16", False, 0), ("sp4", False, 64), ("sp4", True, 32), ("dq4", False, 128), ("dq4", True, 64),
+                                 ("dq8", False, 32), ("dq8", True, 16))]  # fmt: skip
     # the untuned configs of LLM-sized layers (warps per token-tile count from the rows; 16-warp blocks)
     variants += [cs.Variant.make(k, a, gs, cs.default_config(k, arch, n, 4096, a)) for n in (4096, 14336)
-                 for k, a, gs in (("sp16", False, 0), ("sp4", False, 128), ("sp4", True, 128), ("dq4", True, 128))]  # fmt: skip
+                 for k, a, gs in (("sp16", False, 0), ("sp4", False, 128), ("sp4", True, 128), ("dq4", True, 128),
+                                  ("dq8", False, 128), ("dq8", True, 128))]  # fmt: skip
     rep = ptxas_report(variants, arch, str(tmp_path))
     names = {n for v in variants for n in v.kernel_names().values()}
     assert names <= set(rep), f"kernels missing from ptxas output: {names - set(rep)}"
@@ -331,7 +337,7 @@ def test_host_launchers_compile(tmp_path):
 # sparsec_mma.cuh split_range; the launcher picks ks for "ks": 0 with gemv_auto_ks and sizes the workspace.
 def _chunk_cols(kind: str, k: int, c: int) -> tuple[int, int]:
     """Input columns [lo, hi) of 16-byte weight chunk c (kind's k32 steps per chunk), clipped to K."""
-    w = {"sp16": 1, "sp4": 4, "dq4": 2}[kind] * 32
+    w = {"sp16": 1, "sp4": 4, "dq4": 2, "dq8": 1}[kind] * 32
     return min(c * w, k), min((c + 1) * w, k)
 
 
@@ -343,7 +349,7 @@ def test_split_k_partition_covers_k_once(kind, k):
     a numpy emulation of the partial sums reduced in split order equals x @ W^T."""
     rng = _rng(hash((kind, k)) % 2**31)
     nck = cs.gemv_chunks(kind, k)
-    assert nck == -(-k // ({"sp16": 32, "sp4": 128, "dq4": 64}[kind]))
+    assert nck == -(-k // ({"sp16": 32, "sp4": 128, "dq4": 64, "dq8": 32}[kind]))
     w = rng.standard_normal((16, k))
     x = rng.standard_normal((3, k))
     ref = x @ w.T
@@ -388,7 +394,7 @@ def test_split_range_matches_the_device_code(tmp_path):
 def test_gemv_ring_layout_matches_the_device_code(tmp_path):
     """The cp.async ring's stage size (sparsec_mma.cuh GemvRing, compiled by nvcc as host code) is the one the launcher
     reserves (cuda_sparse.gemv_ring_stage_bytes), and a ring config's dynamic shared memory = reduction buffer + ring."""
-    enum = {"sp16": "KIND_SP16", "sp4": "KIND_SP4", "dq4": "KIND_DQ4"}
+    enum = cs._KIND_ENUM
     cases = [(k, rt, a, og) for k in enum for rt in (1, 2, 4) for a in ((False,) if k == "sp16" else (False, True))
              for og in ((False,) if k == "sp16" else (False, True))]  # fmt: skip
     (tmp_path / "t.cu").write_text(
@@ -532,6 +538,34 @@ def _int4_to_fp16_emulated(arrays, n, k, gs, asym, kind):
     return out
 
 
+def _int8_to_fp16_emulated(arrays, n, k, gs, asym):
+    """numpy model of sparsec_mma.cuh int8_to_fp16_body: thread (rt, u, lane) reads the uint4 of codes of k32 step u
+    and writes k16 units 2u + h (h = 0, 1) from words 2h, 2h + 1: register i = bytes 2 (i & 1), +1 of word 2h + i // 2
+    via byte_perm with 0x64 (1024 + code), minus 1024 + z (z = 128 without zero points), times the scale; registers
+    0 and 2 take row g's scale, 1 and 3 row g + 8's. -> [Np/16, K/16, 32, 8] fp16."""
+    np_, kp = -(-n // 16) * 16, -(-k // 128) * 128
+    nrt, units = np_ // 16, kp // 16
+    q = arrays[0].view(np.uint32).reshape(nrt, kp // 32, 32, 4)
+    sc = arrays[1].view(np.uint32).reshape(nrt, -1, 8)
+    zb = arrays[2].view(np.uint32).reshape(nrt, -1, 8) if asym else None
+    out = np.zeros((nrt, units, 32, 8), dtype=np.float16)
+    half2 = lambda w: np.array([w], dtype=np.uint32).view(np.float16)  # noqa: E731 - (low, high)
+    for rt in range(nrt):
+        for u in range(kp // 32):
+            for lane in range(32):
+                g = lane >> 2
+                for h in range(2):
+                    unit = 2 * u + h
+                    s2 = half2(sc[rt, unit * 16 // gs, g])
+                    z2 = half2(zb[rt, unit * 16 // gs, g]) if asym else np.array([1152.0, 1152.0], dtype=np.float16)
+                    for i in range(4):
+                        word = int(q[rt, u, lane, 2 * h + i // 2])
+                        for b in range(2):
+                            code = (word >> (8 * (2 * (i & 1) + b))) & 0xFF
+                            out[rt, unit, lane, 2 * i + b] = (np.float16(code + 1024) - z2[i & 1]) * s2[i & 1]
+    return out
+
+
 def _d16_dense(frag, n, k):
     """Dense [n, k] from [Np/16, K/16, 32, 8] fp16 m16n8k16 A fragments (PTX ISA layout: element e of lane holds row
     g + 8 * ((e >> 1) & 1), column 2q + (e & 1) + 8 * (e >> 2) of the 16x16 tile)."""
@@ -545,17 +579,20 @@ def _d16_dense(frag, n, k):
     return w[:n, :k]
 
 
-@pytest.mark.parametrize("kind", ["sp4", "dq4"])
+@pytest.mark.parametrize("kind", ["sp4", "dq4", "dq8"])
 @pytest.mark.parametrize("asym", [False, True])
 def test_int4_to_fp16_conversion_layout(kind, asym):
-    """The int4 prefill on sm_90a ("dq16") dequantizes the prepared codes into fp16 fragments and hands them to the
-    warp-specialized GEMM: 2:4 + int4 -> the prepared sp16 layout (with the sp4 metadata unchanged), int4 -> dense
-    m16n8k16 A fragments. The kernel's index math (numpy model above) must give the weight the independent layout
-    decoder reads from the int4 arrays, rounded to fp16, exactly (row, K and group tails; groups of 16 to 64)."""
+    """The int4 / int8 prefill on sm_90a ("dq16") dequantizes the prepared codes into fp16 fragments and hands them to
+    the warp-specialized GEMM: 2:4 + int4 -> the prepared sp16 layout (with the sp4 metadata unchanged), int4 / int8 ->
+    dense m16n8k16 A fragments. The kernel's index math (numpy models above) must give the weight the independent
+    layout decoder reads from the arrays, rounded to fp16, exactly (row, K and group tails; groups of 16 to 64)."""
     for n, k, gs in ((40, 320, 16), (16, 128, 64), (72, 384, 32)):
-        w = _weight(kind, n, k, gs, asym, _rng(n + k + gs + asym + (7 if kind == "dq4" else 0)))
+        w = _weight(kind, n, k, gs, asym, _rng(n + k + gs + asym + {"sp4": 0, "dq4": 7, "dq8": 11}[kind]))
         arrays = cs.prepare(kind, w)
-        frag = _int4_to_fp16_emulated(arrays, n, k, gs, asym, kind)
+        if kind == "dq8":
+            frag = _int8_to_fp16_emulated(arrays, n, k, gs, asym)
+        else:
+            frag = _int4_to_fp16_emulated(arrays, n, k, gs, asym, kind)
         if kind == "sp4":
             got = cs.decode_layout("sp16", [frag.reshape(frag.shape[0] * 16, -1), arrays[1]], n, k)
         else:
@@ -571,11 +608,12 @@ def test_dq16_kernels_ptxas(tmp_path):
     kept (no C7514 serialization), the dense kernel issues dense wgmma m64n128k16."""
     from sparsec.backends.kernels.cuda_compile import ptxas_report
 
-    vs = [cs.Variant.make(k, a, 64, cs.default_config(k, "sm_90a")) for k in ("sp4", "dq4") for a in (False, True)]
-    vs += [cs.Variant.make(k, False, 64, _dq16_wmap_config(k)) for k in ("sp4", "dq4")]  # weights by tensor map
+    vs = [cs.Variant.make(k, a, 64, cs.default_config(k, "sm_90a")) for k in ("sp4", "dq4", "dq8") for a in (False, True)]
+    vs += [cs.Variant.make(k, False, 64, _dq16_config(k, 0)) for k in ("sp4", "dq4")]  # weights by bulk copies
     rep = ptxas_report(vs, "sm_90a", str(tmp_path))
     names = {n for v in vs for p, n in v.kernel_names().items() if p.startswith("dq16_")}
-    assert len(names) == 10  # 2 converters (sym / asym); sparse and dense kernels, whole-tile and tail split, wmap or not
+    # 4 converters (int4 / int8, sym / asym); sparse and dense kernels, whole-tile and tail split, wmap or not
+    assert len(names) == 12
     for name in names:
         r = rep[name]
         assert 0 < r["registers"] <= 168 and r["spill_bytes"] == 0 and r["stack"] == 0 and r["wgmma_serialized"] == 0, (name, r)
@@ -587,24 +625,28 @@ def test_dq16_kernels_ptxas(tmp_path):
     assert "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes" in ptx.stdout
 
 
-def _dq16_wmap_config(kind: str) -> dict:
-    """The sm_90a default of an int4 kind with its dequantize + ws GEMM reading the weights by tensor map."""
+def _dq16_config(kind: str, wmap: int) -> dict:
+    """The sm_90a default of an int4 / int8 kind, its dequantize + ws GEMM reading the weights by tensor map (wmap 1,
+    the default) or by bulk copies (0)."""
     c = cs.default_config(kind, "sm_90a")
-    return dict(c, gemm=dict(c["gemm"], wmap=1))
+    return dict(c, gemm=dict(c["gemm"], wmap=wmap))
 
 
 def test_dq16_wmap_names_its_kernels():
-    """"wmap" on an int4 kind's large config goes to the warp-specialized GEMM the dequantized weight feeds (the int4
-    mma tile itself has no tensor-map form); without dq16 it is not a valid config."""
-    for kind, fam in (("sp4", "_wstm_"), ("dq4", "_wsdtm_")):
-        v = cs.Variant.make(kind, False, 128, _dq16_wmap_config(kind))
+    """The dequantize + ws GEMM of the int4 / int8 kinds reads the weights by tensor map by default; "wmap": 0 in the
+    large config keeps the bulk copies (the int4 / int8 mma tile itself has no tensor-map form); without dq16 "wmap"
+    is not a valid config."""
+    for kind, fam in (("sp4", "_wstm_"), ("dq4", "_wsdtm_"), ("dq8", "_wsdtm_")):
+        v = cs.Variant.make(kind, False, 128, cs.default_config(kind, "sm_90a"))
         kn = v.kernel_names()
-        assert v.dq16_cfg() == dict(cs.DQ16_GEMM[kind], wmap=1) and fam in kn["dq16_gemm_tail"], kn
+        assert v.dq16_cfg() == cs.DQ16_GEMM[kind] and cs.DQ16_GEMM[kind]["wmap"] == 1 and fam in kn["dq16_gemm_tail"], kn
         assert kn["dq16_gemm"].split("_")[2].endswith("m") and "m" not in kn["gemm"].split("_")[2]
-        plain = cs.Variant.make(kind, False, 128, cs.default_config(kind, "sm_90a"))
-        assert plain.dq16_cfg() == cs.DQ16_GEMM[kind] and plain.func_name != v.func_name
+        bulk = cs.Variant.make(kind, False, 128, _dq16_config(kind, 0))
+        assert bulk.dq16_cfg() == dict(cs.DQ16_GEMM[kind], wmap=0) and bulk.func_name != v.func_name
+        assert not bulk.kernel_names()["dq16_gemm"].split("_")[2].endswith("m")
         assert f', {cs.ws_a_step(cs.DQ16_GEMM[kind])}}}' in cs.render_host_source([v], "x.fatbin", "sym")
-        assert not cs.gemm_valid(kind, dict(v.cfg("gemm"), dq16=0), False, "sm_90a")
+        assert f', {cs.ws_a_step(cs.DQ16_GEMM[kind])}}}' not in cs.render_host_source([bulk], "x.fatbin", "sym")
+        assert not cs.gemm_valid(kind, dict(v.cfg("gemm"), dq16=0, wmap=1), False, "sm_90a")
 
 
 def test_dq16_path_on_sm90a_only():
@@ -636,7 +678,7 @@ def test_dq16_path_on_sm90a_only():
                 assert f" {name}(" in dev
             assert f'"{kn["dq16_convert"]}"' in cs.render_host_source([v], "x.fatbin", "sym")
     # small layers keep the int4 GEMM (the conversion pass and the second launch cost more than they save there)
-    for kind in ("sp4", "dq4"):
+    for kind in ("sp4", "dq4", "dq8"):
         lim = cs.DQ16_MIN_PARAMS[kind]
         assert cs.default_config(kind, "sm_90a", lim // 512, 512)["gemm"].get("dq16") == 1
         assert not cs.default_config(kind, "sm_90a", lim // 512 - 16, 512)["gemm"].get("dq16")
@@ -650,11 +692,17 @@ def test_dq16_path_on_sm90a_only():
     # the dense int4 kind feeds the dense-wgmma instantiation of the warp-specialized kernel (no metadata in its stages)
     v = cs.Variant.make("dq4", True, 32, cs.default_config("dq4", "sm_90a"))
     kn = v.kernel_names()
-    assert kn["dq16_convert"] == "sparsec_int4a_to_fp16" and "_wsd_" in kn["dq16_gemm"] and "_wsdt_" in kn["dq16_gemm_tail"]
+    assert kn["dq16_convert"] == "sparsec_int4a_to_fp16" and "_wsdm_" in kn["dq16_gemm"] and "_wsdtm_" in kn["dq16_gemm_tail"]
     dev = cs.render_device_source([v])
-    assert "sparsec::int4_to_fp16_body<true>" in dev and ", true, true, false>(&tmap" in dev and ", false, true, false>(&tmap" in dev
+    assert "sparsec::int4_to_fp16_body<true>" in dev and ", true, true, true>(&tmap" in dev and ", false, true, true>(&tmap" in dev
     lay = cs.ws_layout(cs.DQ16_GEMM["dq4"])
     assert lay["meta_bytes"] == 0 and lay["a_bytes"] == 256 // 16 * 2 * 1024 and lay["smem"] <= cs.SMEM_LIMIT["sm_90a"]
+    # dense int8 feeds the same dense kernel through its own converter
+    v8 = cs.Variant.make("dq8", False, 64, cs.default_config("dq8", "sm_90a"))
+    kn8 = v8.kernel_names()
+    assert kn8["dq16_convert"] == "sparsec_int8s_to_fp16" and kn8["dq16_gemm"] == kn["dq16_gemm"]
+    assert "sparsec::int8_to_fp16_body<false>" in cs.render_device_source([v8])
+    assert not cs.default_config("dq8", "sm_80")["gemm"].get("dq16")
 
 
 def test_gemv_launch_workspace_holds_every_partial():
@@ -877,7 +925,8 @@ def gpu_lib(tmp_path_factory):
     from sparsec.backends.kernels.cuda_compile import build_shared
 
     variants = {}
-    for kind, asym in (("sp16", False), ("sp4", False), ("sp4", True), ("dq4", False), ("dq4", True)):
+    for kind, asym in (("sp16", False), ("sp4", False), ("sp4", True), ("dq4", False), ("dq4", True), ("dq8", False),
+                       ("dq8", True)):  # fmt: skip
         for gs in ({0} if kind == "sp16" else {16, 32, 64, 128}):
             variants[(kind, asym, gs)] = cs.Variant.make(kind, asym, gs, cs.default_config(kind, arch))
     pre = os.environ.get("SPARSEC_CUDA_TEST_LIB")  # a library built elsewhere (the device machine may lack g++)
@@ -896,7 +945,8 @@ def _gs_for(kind, k):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind,asym", [("sp16", False), ("sp4", False), ("sp4", True), ("dq4", False), ("dq4", True)])
+@pytest.mark.parametrize("kind,asym", [("sp16", False), ("sp4", False), ("sp4", True), ("dq4", False), ("dq4", True),
+                                       ("dq8", False), ("dq8", True)])  # fmt: skip
 @pytest.mark.parametrize("n,k", LLM + REF)
 def test_kernel_matches_float64_reference(gpu_lib, kind, asym, n, k):
     torch, lib, variants = gpu_lib
@@ -918,7 +968,8 @@ def test_graph_captured_on_a_fresh_stream_runs_unsplit_and_correct(gpu_lib):
     torch, lib, variants = gpu_lib
     cases = [("sp16", 4096, 11008, 1, 0),  # decode GEMV, automatic split-K
              ("sp16", 4096, 4096, 256, 0),  # 32 tiles of 256x128: the tail split on sm_90a
-             ("sp4", 4096, 4096, 512, 128), ("dq4", 4096, 4096, 512, 128)]  # the int4 prefill ("dq16" on sm_90a)
+             ("sp4", 4096, 4096, 512, 128), ("dq4", 4096, 4096, 512, 128),  # the int4 prefill ("dq16" on sm_90a)
+             ("dq8", 4096, 4096, 512, 128), ("dq8", 4096, 11008, 1, 32)]
     for kind, n, k, m, gs in cases:
         f = lib[variants[(kind, False, gs)].func_name]
         w = _weight(kind, n, k, gs, False, _rng(n + k + m))
@@ -1315,25 +1366,26 @@ def test_ws_kernel_matches_float64_reference(tmp_path_factory):
 
 @pytest.mark.gpu
 def test_dq16_wmap_matches_float64_reference(tmp_path_factory):
-    """The int4 prefill with the dequantized weight read by tensor maps ("wmap"), both kinds, zero points or not,
-    against float64, with row, token and K tails and a tail split run twice (H100 only)."""
+    """The int4 / int8 prefill with the dequantized weight read by tensor maps ("wmap", the default) and by bulk copies,
+    every kind, zero points or not, against float64, with row, token and K tails and a tail split run twice (H100
+    only)."""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("needs an sm_90 GPU (H100/H200)")
     tvm_ffi = pytest.importorskip("tvm_ffi")
     from sparsec.backends.kernels.cuda_compile import build_shared
 
-    variants = {(k, a): cs.Variant.make(k, a, 64, dict(_dq16_wmap_config(k), small_max=16))
-                for k in ("sp4", "dq4") for a in (False, True)}  # fmt: skip
+    variants = {(k, a, wm): cs.Variant.make(k, a, 64, dict(_dq16_config(k, wm), small_max=16))
+                for k in ("sp4", "dq4", "dq8") for a in (False, True) for wm in (1, 0)}  # fmt: skip
     path = str(tmp_path_factory.mktemp("dq16w") / "k.so")
     build_shared(list(variants.values()), ["sm_90a"], path)
     lib = tvm_ffi.load_module(path)
     for (n, k), m in (((4096, 4096), 2048), ((1048, 1024), 300), ((272, 3840), 150), ((272, 3840), 150)):
-        for (kind, asym), v in variants.items():
+        for (kind, asym, wm), v in variants.items():
             w = _weight(kind, n, k, 64, asym, _rng(n * 7 + k))
             ws, wref = _on_gpu(torch, kind, w)
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            _call_checked(torch, lib[v.func_name], x, ws, x.double() @ wref.T, f"{kind} asym={asym} wmap {n}x{k} M={m}")
+            _call_checked(torch, lib[v.func_name], x, ws, x.double() @ wref.T, f"{kind} asym={asym} wmap={wm} {n}x{k} M={m}")
 
 
 def test_gemm_v2_driver_survives_a_hung_candidate(tmp_path):
@@ -1388,7 +1440,8 @@ def test_split_k_gemv_matches_float64_and_repeats_bitwise(tmp_path_factory):
 
     shapes = [(40, 1184), (352, 352), (4096, 11008)]
     variants = {}
-    for kind, asym in (("sp16", False), ("sp4", False), ("sp4", True), ("dq4", False), ("dq4", True)):
+    for kind, asym in (("sp16", False), ("sp4", False), ("sp4", True), ("dq4", False), ("dq4", True), ("dq8", False),
+                       ("dq8", True)):  # fmt: skip
         for n, k in shapes:
             gs = _gs_for(kind, k)
             for ks in (0, 2, 3, 8):

@@ -1,6 +1,6 @@
-"""CUDA kernels for compressed Linear layers: 2:4 sparse tensor cores (``mma.sp``) and int4 dequant-in-register.
+"""CUDA kernels for compressed Linear layers: 2:4 sparse tensor cores (``mma.sp``), int4 / int8 dequant-in-register.
 
-Three kernel kinds, each with a decode GEMV path (M <= 16 tokens, weights streamed from global memory straight into
+Four kernel kinds, each with a decode GEMV path (M <= 16 tokens, weights streamed from global memory straight into
 registers) and a prefill GEMM path (multi-stage ``cp.async`` pipeline, ``ldmatrix`` for the activations), chosen at
 run time by the number of tokens:
 
@@ -10,6 +10,7 @@ kind       weight format                              instruction
 ``sp16``   ``NMSparse`` 2:4 of fp16/fp32 ``Dense``       ``mma.sp::ordered_metadata.m16n8k32`` f16 -> f32
 ``sp4``    ``NMSparse`` 2:4 of ``GroupQuant`` int4       int4 -> fp16 in registers, then ``mma.sp.m16n8k32``
 ``dq4``    ``GroupQuant`` int4 (dense)                  int4 -> fp16 in registers, then ``mma.m16n8k16``
+``dq8``    ``GroupQuant`` int8 (dense)                  int8 -> fp16 in registers, then ``mma.m16n8k16``
 =========  =========================================  ==========================================================
 
 The device code is ``sparsec_mma.cuh`` (templates). This module
@@ -20,7 +21,7 @@ The device code is ``sparsec_mma.cuh`` (templates). This module
   TVM FFI functions (``sparsec_cuda_<id>(x, *weights, y)``; compiled ahead of time by
   :mod:`sparsec.backends.kernels.cuda_compile` into SASS for the target's arch and linked into the model library),
 - registers the kernel generators with :mod:`sparsec.backends.kernels.registry` (``cuda.nm24_mma_sp``,
-  ``cuda.nm24_int4_mma_sp``, ``cuda.int4_dequant_mma``): the lowering calls them with ``R.call_dps_packed``.
+  ``cuda.nm24_int4_mma_sp``, ``cuda.int4_dequant_mma``, ``cuda.int8_dequant_mma``): the lowering calls them with ``R.call_dps_packed``.
 
 ``decode_layout`` is an independent decoder of the layouts (written from the PTX ISA's fragment and metadata
 definitions, not from the encoder) used by the tests to check ``prepare_*`` without a GPU.
@@ -48,6 +49,7 @@ __all__ = [
     "prepare_sp16",
     "prepare_sp4",
     "prepare_dq4",
+    "prepare_dq8",
     "decode_layout",
     "render_device_source",
     "render_host_source",
@@ -56,8 +58,9 @@ __all__ = [
 ]
 
 HEADER_PATH = Path(__file__).with_name("sparsec_mma.cuh")
-KINDS = ("sp16", "sp4", "dq4")
-_KIND_ENUM = {"sp16": "KIND_SP16", "sp4": "KIND_SP4", "dq4": "KIND_DQ4"}
+KINDS = ("sp16", "sp4", "dq4", "dq8")
+_KIND_ENUM = {"sp16": "KIND_SP16", "sp4": "KIND_SP4", "dq4": "KIND_DQ4", "dq8": "KIND_DQ8"}
+DENSE_KINDS = ("dq4", "dq8")  # group-quantized kinds without sparsity (no metadata; scales per k16 unit)
 GEMV_MAX_M = 16
 K_ALIGN = 128  # the weight's K is padded to this (zeros, valid metadata); activations' K must be a multiple of 32
 SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_90": 227 * 1024, "sm_90a": 227 * 1024}
@@ -82,7 +85,8 @@ GEMV_MAX_ST = 8
 # 2:4 + int4 stages its activations (xs): 16 32-bit activation loads a chunk were its largest instruction count
 # (bench/results/cuda_kernels_decode_xs.md, per-point medians over the configs: 0.94-1.08x at M <= 8, 1.17-1.30x at
 # M = 16 over the same config without); 2:4 fp16 (4 loads a chunk) and int4 gain nothing or lose at M <= 8.
-DEFAULT_GEMV_KIND = {"sp16": dict(DEFAULT_GEMV, warps=16), "sp4": dict(DEFAULT_GEMV, xs=3), "dq4": dict(DEFAULT_GEMV, warps=16)}
+DEFAULT_GEMV_KIND = {"sp16": dict(DEFAULT_GEMV, warps=16), "sp4": dict(DEFAULT_GEMV, xs=3), "dq4": dict(DEFAULT_GEMV, warps=16),
+                     "dq8": dict(DEFAULT_GEMV, warps=16)}
 GEMV_MAX_PF = 64
 # The warps of an untuned decode GEMV follow the layer's row count (gemv_auto_warps): the fewest waves of blocks, then
 # the most warps a block. GEMV_WARP_BUDGET[(kind, token tiles)]: warps one SM holds with the default tiles, 65536
@@ -93,8 +97,11 @@ GEMV_MAX_PF = 64
 # cuda_kernels_decode_prefetch run), measured as the default in cuda_kernels_decode_autowarps: 16 warps for 4096 rows
 # (128 blocks: one per SM), fewer for 11008 / 14336 rows (2:4 fp16 8, 2:4 + int4 4, int4 8 / 4). The M > 8 kernel of
 # 2:4 + int4 stays at <= 8 warps: with 16 it spills (128 bytes; 2688 with zero points).
-GEMV_WARP_BUDGET = {("sp16", 1): 32, ("sp4", 1): 20, ("dq4", 1): 24, ("sp16", 2): 24, ("sp4", 2): 16, ("dq4", 2): 16}
-GEMV_WARP_BUDGET_ASYM = {("dq4", 1): 16, ("sp4", 1): 16, ("sp4", 2): 12}
+GEMV_WARP_BUDGET = {("sp16", 1): 32, ("sp4", 1): 20, ("dq4", 1): 24, ("sp16", 2): 24, ("sp4", 2): 16, ("dq4", 2): 16,
+                    ("dq8", 1): 32, ("dq8", 2): 20}
+# int8 (dq8): from ptxas -v alone (sm_90a; not fitted on a GPU run): 58-62 registers at one token tile (64-73 with zero
+# points), 72-91 at two (80-96)
+GEMV_WARP_BUDGET_ASYM = {("dq4", 1): 16, ("sp4", 1): 16, ("sp4", 2): 12, ("dq8", 1): 28}
 GEMV_WARP_CHOICES = (16, 8, 4)
 GEMV_MAX_WARPS = {("sp4", 2): 8}
 ARCH_SMS = {"sm_80": 108, "sm_86": 84, "sm_89": 128, "sm_90": 132, "sm_90a": 132}  # A100, A40/3090-class, L40, H100 SXM
@@ -109,31 +116,44 @@ DEFAULT_GEMM = {
     "sp16": {"bm": 256, "bn": 128, "bk": 128, "wm": 4, "wn": 2, "stages": 3, "group": 16},
     "sp4": {"bm": 256, "bn": 128, "bk": 128, "wm": 4, "wn": 2, "stages": 3, "group": 16},
     "dq4": {"bm": 128, "bn": 256, "bk": 128, "wm": 4, "wn": 2, "stages": 3, "group": 16},
+    # int8: twice the int4 tile's weight bytes a stage (3 stages of the int4 tile need 246 KB) and a uint4 of codes a
+    # fragment: 128x256 tiles spill (ptxas, sm_90a: 112-136 bytes at 255 registers), 128x128x64 w2x4 does not
+    "dq8": {"bm": 128, "bn": 128, "bk": 64, "wm": 2, "wn": 4, "stages": 4, "group": 16},
 }
 DEFAULT_GEMM_SMALL = {
     "sp16": {"bm": 64, "bn": 64, "bk": 128, "wm": 2, "wn": 2, "stages": 3, "group": 8},
     "sp4": {"bm": 128, "bn": 64, "bk": 128, "wm": 2, "wn": 2, "stages": 3, "group": 8},
     "dq4": {"bm": 64, "bn": 64, "bk": 128, "wm": 2, "wn": 2, "stages": 3, "group": 8},
+    "dq8": {"bm": 64, "bn": 64, "bk": 128, "wm": 2, "wn": 2, "stages": 3, "group": 8},
 }
 DEFAULT_SMALL_MAX = 128  # 16 < M <= small_max -> the small-tile GEMM
-_FAMILY_KEYS = ("ws", "wgmma", "persistent", "cluster", "tail", "dq16")  # kernel family flags of a GEMM config
+_FAMILY_KEYS = ("ws", "wgmma", "persistent", "cluster", "tail", "dq16", "wmap")  # kernel family flags of a GEMM config
 # sm_90a (H100): the warp-specialized TMA + wgmma.sp GEMM, tried first. bench/bench_gemm_v2.py on an H100
 # (bench/results/cuda_gemm_v2.md): 0.93-1.04x cuBLAS at M = 2048 / 8192 on the LLM shapes where the mma.sp default
 # above runs 0.50-0.57x; all 22 warp-specialized candidates correct (smoke shapes with tails, float64 checks).
 # "tail": 4 splits the last wave's tiles along K (ws_tail_plan): bench/results/cuda_gemm_v2_tail_ab.md, the same run
 # A/B: 1.20-2.25x faster than whole tiles where M = 256 / 512 splits, 1.05-1.11x at 11008x4096 M = 2048 (fastest
-# round / median); launches with nothing to split run the whole-tile kernel itself
+# round / median); launches with nothing to split run the whole-tile kernel itself.
+# "wmap": 1 loads a stage's weights and metadata with one TMA box each instead of 2 x BM/16 bulk copies: interleaved
+# A/B on an H100 (bench/results/cuda_gemm_v2_wmap_ab.md, 7 rounds, 45/45 float64 checks), 256x128x64 s5 tail 4 wmap
+# vs the earlier default 256x128x128 s3 tail 4: 1.28-1.32x cuBLAS at M = 2048 (was 0.93-0.98x), 1.32-1.33x at
+# M = 8192 (0.91-0.98x), 0.93-1.21x at M = 256 (0.84-1.08x), median ms
 DEFAULT_GEMM_HOPPER = {
-    "sp16": {"bm": 256, "bn": 128, "bk": 128, "wm": 4, "wn": 1, "stages": 3, "group": 16, "ws": 1, "tail": 4},
+    "sp16": {"bm": 256, "bn": 128, "bk": 64, "wm": 4, "wn": 1, "stages": 5, "group": 16, "ws": 1, "tail": 4, "wmap": 1},
 }
 
 
 # the 2:4 fp16 GEMM that "dq16" runs on the dequantized 2:4 + int4 weight (the sm_90a 2:4 fp16 default, tail split
 # included), and the dense fp16 one for the dense int4 kind (the same kernel with dense wgmma m64nNk16 and A = two k16
 # fragments per k32 step; BK 64 keeps its double-buffered A registers within the consumers' budget)
-DQ16_GEMM = {"sp4": DEFAULT_GEMM_HOPPER["sp16"],
+# Both read the weights by tensor map ("wmap"): interleaved A/B on an H100 against the same kernels with bulk copies
+# (bench/results/cuda_gemm_v2_{sp4,dq4}_wmap_ab.md, group 128): 2:4 + int4 1.06-1.31x cuBLAS at M = 2048 / 8192
+# (was 0.87-0.97x), int4 0.79-0.91x (0.76-0.83x). A large-GEMM config with "wmap": 0 keeps the bulk copies.
+DQ16_GEMM = {"sp4": {"bm": 256, "bn": 128, "bk": 128, "wm": 4, "wn": 1, "stages": 3, "group": 16, "ws": 1, "tail": 4,
+                     "wmap": 1},
              "dq4": {"bm": 256, "bn": 128, "bk": 64, "wm": 4, "wn": 1, "stages": 4, "group": 16, "ws": 1, "dense": 1,
-                     "tail": 4}}  # fmt: skip
+                     "tail": 4, "wmap": 1}}  # fmt: skip
+DQ16_GEMM["dq8"] = DQ16_GEMM["dq4"]  # dense int8 dequantizes into the same dense fp16 fragments
 
 
 # smaller fallbacks for GPUs with less shared memory than the H100 (A100: 163 KB per block)
@@ -141,6 +161,7 @@ FALLBACK_GEMM = {
     "sp16": {"bm": 128, "bn": 256, "bk": 64, "wm": 2, "wn": 4, "stages": 3, "group": 16},
     "sp4": {"bm": 128, "bn": 128, "bk": 128, "wm": 2, "wn": 4, "stages": 3, "group": 16},
     "dq4": {"bm": 128, "bn": 128, "bk": 64, "wm": 2, "wn": 4, "stages": 4, "group": 16},
+    "dq8": {"bm": 128, "bn": 128, "bk": 64, "wm": 2, "wn": 4, "stages": 4, "group": 16},
 }
 
 
@@ -193,10 +214,10 @@ def gemm_smem_bytes(kind: str, c: dict[str, int], asym: bool) -> int:
         stage = _pad_to(bn * bk * 2 + (bm // 16) * steps * 512 + (bm // 16) * (steps // 2) * 128, 1024)
         return 1024 + max(st * stage, bn * (bm + 8) * 2)
     steps = bk // 32
-    bps = {"sp16": 512, "sp4": 128, "dq4": 256}[kind]
+    bps = {"sp16": 512, "sp4": 128, "dq4": 256, "dq8": 512}[kind]
     a = (bm // 16) * steps * bps
-    meta = (bm // 16) * (steps // 2) * 128 if kind != "dq4" else 0
-    slots = {"sp16": 0, "sp4": steps, "dq4": 2 * steps}[kind]
+    meta = (bm // 16) * (steps // 2) * 128 if kind not in DENSE_KINDS else 0
+    slots = {"sp16": 0, "sp4": steps, "dq4": 2 * steps, "dq8": 2 * steps}[kind]
     sc = (bm // 16) * slots * 32 * (2 if asym else 1)
     x = bn * bk * 2
     return max(st * (a + meta + sc + x), bn * (bm + 8) * 2)
@@ -238,15 +259,15 @@ def ws_config_error(kind: str, c: dict[str, int], arch: str = "sm_90a") -> str |
 # "dq16" pays for its conversion pass and second launch from this many weight entries (n x k) on: H100, interleaved
 # A/B at M = 256 / 1024 / 2048 (bench/results/cuda_gemm_v2_{sp4,dq4}_dq16_sizes.md): 2:4 + int4 352x256 0.94x,
 # 512x512 1.17x; int4 512x512 0.94x-0.97x, 1024x1024 1.2x-1.5x (the dequantize path vs the int4 mma GEMM)
-DQ16_MIN_PARAMS = {"sp4": 1 << 18, "dq4": 1 << 20}
+DQ16_MIN_PARAMS = {"sp4": 1 << 18, "dq4": 1 << 20, "dq8": 1 << 20}  # dq8: int4's threshold, not measured
 
 
 def dq16_ok(kind: str, arch: str, n: int | None = None, k: int | None = None) -> bool:
-    """int4 kinds at large M on sm_90a: dequantized per call into fp16 fragments (2:4 + int4 -> the 2:4 fp16 layout,
-    dense int4 -> dense fp16 A fragments), then the warp-specialized ``wgmma`` GEMM (DQ16_GEMM[kind]) instead of the
+    """int4 / int8 kinds at large M on sm_90a: dequantized per call into fp16 fragments (2:4 + int4 -> the 2:4 fp16
+    layout, dense int4 / int8 -> dense fp16 A fragments), then the warp-specialized ``wgmma`` GEMM (DQ16_GEMM[kind]) instead of the
     int4 ``mma.sp`` / ``mma`` GEMM (``"dq16": 1`` in the large-GEMM config); for a layer shape (``n`` x ``k``) only
     from DQ16_MIN_PARAMS weight entries on."""
-    if kind not in ("sp4", "dq4") or arch != "sm_90a":
+    if kind not in ("sp4", "dq4", "dq8") or arch != "sm_90a":
         return False
     return n is None or k is None or n * k >= DQ16_MIN_PARAMS[kind]
 
@@ -344,6 +365,9 @@ VERIFIED_WS = frozenset({
     "wsc2 256x128x64 s6", "wsc2 128x128x128 s4", "wsc2 256x128x128 s3",
     # tail split (2026-12-05, later: bench/results/cuda_gemm_v2_tail_verify.md, 89/89 checks incl. split shapes)
     "wst2 256x128x128 s3", "wst4 256x128x128 s3", "wst8 256x128x128 s3", "wst4 128x256x64 s4", "wst4 256x128x64 s5",
+    # weights by tensor map (2026-12-05, later: bench/results/cuda_gemm_v2_wmap_verify.md, 141/141 checks incl. tails)
+    "wsm 256x128x128 s3", "wsm 256x128x64 s4", "wsm 256x128x64 s6", "wsm 128x256x64 s4", "wst4m 256x128x128 s3",
+    "wst4m 256x128x64 s5", "wsc2m 256x128x128 s3", "wsc2m 128x256x64 s4",
 })  # fmt: skip
 
 
@@ -527,10 +551,11 @@ class Variant:
         return f"sparsec_cuda_{self.ident}"
 
     def dq16_cfg(self) -> dict[str, int]:
-        """The warp-specialized GEMM of the "dq16" path: DQ16_GEMM[kind], with the weights by tensor map when the
-        large-GEMM config says ``"wmap": 1``."""
+        """The warp-specialized GEMM of the "dq16" path: DQ16_GEMM[kind] (weights by tensor map), with bulk copies
+        instead when the large-GEMM config says ``"wmap": 0``."""
         c = DQ16_GEMM[self.kind]
-        return dict(c, wmap=1) if self.cfg("gemm").get("wmap") else c
+        w = self.cfg("gemm").get("wmap")
+        return c if w is None else dict(c, wmap=int(w))
 
     def kernel_names(self) -> dict[str, str]:
         """The kernels of the four paths; a tail-split ws config (``"tail"``) has two large-GEMM kernels: "gemm" for
@@ -543,7 +568,8 @@ class Variant:
         if tail:
             names["gemm_tail"] = tail
         if gl.get("dq16"):  # the converter and the fp16 kernels it feeds (whole tiles, tail split)
-            names["dq16_convert"] = f"sparsec_int4{'a' if self.asym else 's'}_to_fp16"  # the same kernel for both kinds
+            bits = 8 if self.kind == "dq8" else 4  # the int4 converter serves both int4 kinds
+            names["dq16_convert"] = f"sparsec_int{bits}{'a' if self.asym else 's'}_to_fp16"
             names["dq16_gemm"], tail = _gemm_names("sp16", False, "gemm", self.dq16_cfg())
             if tail:
                 names["dq16_gemm_tail"] = tail
@@ -558,9 +584,14 @@ def _gemm_names(kind: str, asym: bool, path: str, c: dict[str, int]) -> tuple[st
 
 
 def gemv_one_group(kind: str, gs: int, c: dict[str, int] | None = None) -> bool:
-    """The int4 decode GEMV's "one group per chunk" kernel (scales applied after the MMAs): every 64-column chunk
-    (its own columns: compressed for 2:4 + int4) lies in one quantization group, and the config's "og" allows it."""
-    return kind in ("sp4", "dq4") and gs > 0 and gs % 64 == 0 and bool((c or {}).get("og", 1))
+    """The quantized decode GEMV's "one group per chunk" kernel (scales applied after the MMAs): every chunk
+    (:func:`gemv_chunk_cols` of its own columns) lies in one quantization group, and the config's "og" allows it."""
+    return kind in ("sp4", "dq4", "dq8") and gs > 0 and gs % gemv_chunk_cols(kind) == 0 and bool((c or {}).get("og", 1))
+
+
+def gemv_chunk_cols(kind: str) -> int:
+    """The value columns (its own: compressed for 2:4) one 16-byte GEMV chunk of a lane spans: 64 (32 for dq8)."""
+    return {"sp16": 16, "sp4": 64, "dq4": 64, "dq8": 32}[kind]
 
 
 def _inst_name(kind: str, asym: bool, path: str, c: dict[str, int], nt: int, og: bool = False) -> str:
@@ -593,7 +624,7 @@ def gemv_ring_stage_bytes(kind: str, rt: int, asym: bool, og: bool) -> int:
     """Bytes of one warp's stage of the cp.async ring (sparsec_mma.cuh GemvRing::kStageBytes)."""
     ch = _STEPS_PER_CHUNK[kind]
     mp = (ch + 1) // 2 if kind in ("sp16", "sp4") else 0
-    ns = (1 if og else (2 * ch if kind == "dq4" else ch)) if kind in ("sp4", "dq4") else 0
+    ns = (1 if og else (2 * ch if kind in DENSE_KINDS else ch)) if kind != "sp16" else 0
     nz = ns if asym else 0
     return (4 * rt + rt * (mp + ns + nz)) * 128
 
@@ -611,7 +642,7 @@ def _gemv_smem(c: dict[str, int], nt: int, kind: str = "sp16", asym: bool = Fals
 # ----------------------------------------------------------------------------------------------------- split-K GEMV
 # Host-side index math of the decode GEMV (mirrored by sparsec_mma.cuh split_range and the launcher's gemv_auto_ks;
 # tests/test_cuda_kernels.py compiles both and compares them with these).
-_STEPS_PER_CHUNK = {"sp16": 1, "sp4": 4, "dq4": 2}
+_STEPS_PER_CHUNK = {"sp16": 1, "sp4": 4, "dq4": 2, "dq8": 1}
 
 
 def split_range(n: int, parts: int, i: int) -> tuple[int, int]:
@@ -795,8 +826,26 @@ def prepare_dq4(gq: GroupQuant) -> list[np.ndarray]:
     return out
 
 
+def prepare_dq8(gq: GroupQuant) -> list[np.ndarray]:
+    """Dense int8 GroupQuant -> [codes (Np, Kp/4) u32: per lane and k32 step 16 byte codes, words 2h, 2h+1 = k16 unit
+    h's fragment, element e in byte e % 4 of word e // 4; scales (Np/16, Gp, 8) u32 (, zeros as 1024+z when
+    asymmetric)]."""
+    n, k = gq.shape
+    np_, kp = _pad_to(n, 16), _pad_to(k, K_ALIGN)
+    codes, scales, zeros = _gq_codes_scales(gq)
+    c = np.zeros((np_, kp), dtype=np.uint8)
+    c[:n, :k] = codes
+    frag = _frag_tiles(c, 16)  # [rt, Kp/16 units, 32, 8] bytes
+    steps = frag.reshape(np_ // 16, kp // 32, 2, 32, 8).transpose(0, 1, 3, 2, 4)  # [rt, T, 32, unit h, 8]
+    gp = -(-kp // gq.group_size)
+    out = [np.ascontiguousarray(steps).view(np.uint32).reshape(np_, kp // 4), _scale_pairs(scales, np_, gp)]
+    if not gq.symmetric:
+        out.append(_scale_pairs(zeros + 1024.0, np_, gp))
+    return out
+
+
 def prepare(kind: str, weight) -> list[np.ndarray]:
-    return {"sp16": prepare_sp16, "sp4": prepare_sp4, "dq4": prepare_dq4}[kind](weight)
+    return {"sp16": prepare_sp16, "sp4": prepare_sp4, "dq4": prepare_dq4, "dq8": prepare_dq8}[kind](weight)
 
 
 def param_specs(kind: str, n: int, k: int, gs: int, asym: bool) -> list[WeightParam]:
@@ -809,7 +858,7 @@ def param_specs(kind: str, n: int, k: int, gs: int, asym: bool) -> list[WeightPa
     if kind == "sp4":
         p = [WeightParam("codes", (np_, kp // 16), "uint32"), WeightParam("meta", (np_, kp // 32), "uint32")]
     else:
-        p = [WeightParam("codes", (np_, kp // 8), "uint32")]
+        p = [WeightParam("codes", (np_, kp // (4 if kind == "dq8" else 8)), "uint32")]
     p.append(WeightParam("scales", (np_ // 16, gp, 8), "uint32"))
     if asym:
         p.append(WeightParam("zeros", (np_ // 16, gp, 8), "uint32"))
@@ -840,7 +889,7 @@ def decode_layout(kind: str, arrays: list[np.ndarray], n: int, k: int, gs: int =
     def dequant(codes, scales_w, zeros_w, grp):  # codes [rt, units, 32, 8]; grp [units]
         s_lo, s_hi = _h2(scales_w)  # [rt, G, 8] each
         if zeros_w is None:
-            z_lo = z_hi = np.full_like(s_lo, 1032.0)
+            z_lo = z_hi = np.full_like(s_lo, 1152.0 if kind == "dq8" else 1032.0)
         else:
             z_lo, z_hi = _h2(zeros_w)
         e = np.arange(8)
@@ -878,10 +927,14 @@ def decode_layout(kind: str, arrays: list[np.ndarray], n: int, k: int, gs: int =
                     rows = np.arange(nrt) * 16 + r
                     w[rows, col] += vals[:, t, ln, e]
         return w[:n, :k]
-    # dq4
     units = kp // 16
-    words = arrays[0].reshape(nrt, kp // 64, 32, 4).transpose(0, 1, 3, 2).reshape(nrt, units, 32)
-    codes = frag_elems_from_words(words)
+    if kind == "dq8":  # lane's uint4 of k32 step t: words 2h, 2h+1 = unit 2t+h, element e = byte e % 4 of word e // 4
+        words = arrays[0].reshape(nrt, kp // 32, 32, 2, 2).transpose(0, 1, 3, 2, 4).reshape(nrt, units, 32, 2)
+        codes = ((words.astype(np.uint32)[..., np.arange(8) // 4] >> (8 * (np.arange(8) % 4)).astype(np.uint32)) & 0xFF
+                 ).astype(np.float32)  # fmt: skip
+    else:  # dq4
+        words = arrays[0].reshape(nrt, kp // 64, 32, 4).transpose(0, 1, 3, 2).reshape(nrt, units, 32)
+        codes = frag_elems_from_words(words)
     grp = (np.arange(units) * 16) // gs
     vals = dequant(codes, arrays[1], arrays[2] if len(arrays) > 2 else None, grp)  # [rt, units, 32, 8]
     row, col = _afrag_index()
@@ -945,13 +998,14 @@ def render_device_source(variants: list[Variant]) -> str:
             if c.get("ws"):
                 seen.update(_ws_entries(v.kind, v.asym, path, c))
                 continue
-            if path == "gemm" and c.get("dq16"):  # int4 -> fp16 converter + the warp-specialized GEMM it feeds
+            if path == "gemm" and c.get("dq16"):  # int4/int8 -> fp16 converter + the warp-specialized GEMM it feeds
                 conv = v.kernel_names()["dq16_convert"]
+                body = "int8_to_fp16_body" if v.kind == "dq8" else "int4_to_fp16_body"
                 seen[conv] = (
                     f'extern "C" __global__ void __launch_bounds__({DQ16_CONVERT_THREADS}) {conv}'
                     "(const uint4* __restrict__ Wq, const uint32_t* __restrict__ Sc, const uint32_t* __restrict__ Zb, "
                     "uint4* __restrict__ Wv, int n_rt, int U, int G, int GS) {\n"
-                    f"  sparsec::int4_to_fp16_body<{'true' if v.asym else 'false'}>(Wq, Sc, Zb, Wv, n_rt, U, G, GS);\n}}\n"
+                    f"  sparsec::{body}<{'true' if v.asym else 'false'}>(Wq, Sc, Zb, Wv, n_rt, U, G, GS);\n}}\n"
                 )
                 seen.update(_ws_entries("sp16", False, "gemm", v.dq16_cfg()))
             if c.get("wgmma"):
@@ -1238,7 +1292,7 @@ void expect(const TensorView& t, const char* name, DLDataTypeCode code, int bits
 }
 
 struct Variant {
-  int kind;  // 0 sp16, 1 sp4, 2 dq4
+  int kind;  // 0 sp16, 1 sp4, 2 dq4, 3 dq8
   bool asym;
   int gs;
   Kernel gemv1, gemv2, gemm_small, gemm;
@@ -1322,14 +1376,16 @@ void run(const Variant& v, const TensorView& x, const TensorView* w, int nw, con
   int64_t Kp = 0;
   if (v.kind == 0) Kp = w[0].shape()[1] * 2;
   else if (v.kind == 1) Kp = w[0].shape()[1] * 16;
-  else Kp = w[0].shape()[1] * 8;
+  else if (v.kind == 2) Kp = w[0].shape()[1] * 8;
+  else Kp = w[0].shape()[1] * 4;
   if (Np < N || Np % 16 || Kp < K || Kp % 128)
     TVM_FFI_THROW(ValueError) << "sparsec CUDA kernels: weight arrays do not fit x[" << M << "," << K << "] -> y[" << M << "," << N << "]";
   if (M == 0) return;
   const void* X = x.data_ptr();
   const void* Wv = w[0].data_ptr();
-  const void* Wm = v.kind == 2 ? nullptr : w[1].data_ptr();
-  const int si = v.kind == 2 ? 1 : 2;
+  const bool dense = v.kind >= 2;  // dq4, dq8: no metadata
+  const void* Wm = dense ? nullptr : w[1].data_ptr();
+  const int si = dense ? 1 : 2;
   const void* Sc = v.kind == 0 ? nullptr : w[si].data_ptr();
   const void* Zb = (v.kind != 0 && v.asym) ? w[si + 1].data_ptr() : nullptr;
   void* Y = y.data_ptr();
@@ -1341,7 +1397,7 @@ void run(const Variant& v, const TensorView& x, const TensorView* w, int nw, con
     const Kernel& k = M <= 8 ? v.gemv1 : v.gemv2;
     CUfunction f = get_function(dev, k);
     const int64_t grid = (n_rt + v.gemv_rt - 1) / v.gemv_rt;
-    const int steps_per_chunk = v.kind == 0 ? 1 : (v.kind == 1 ? 4 : 2);
+    const int steps_per_chunk = (v.kind == 0 || v.kind == 3) ? 1 : (v.kind == 1 ? 4 : 2);
     const int nck = (iK / 32 + steps_per_chunk - 1) / steps_per_chunk;
     const int threads = M <= 8 ? v.gemv_threads : v.gemv_threads2;
     const int warps = threads / 32;
@@ -1364,21 +1420,21 @@ void run(const Variant& v, const TensorView& x, const TensorView* w, int nw, con
   const int bm = small ? v.gs_bm : v.gl_bm, bn = small ? v.gs_bn : v.gl_bn;
   int group = small ? v.gs_group : v.gl_group;
   const int threads = small ? v.gs_threads : v.gl_threads;
-  // int4 kinds (sm_90a): the weight dequantized into fp16 fragments in this stream's scratch, then the
+  // int4 / int8 kinds (sm_90a): the weight dequantized into fp16 fragments in this stream's scratch, then the
   // warp-specialized GEMM on it: 2:4 + int4 -> the 2:4 fp16 layout, with the same metadata (same layout for both
-  // kinds); dense int4 -> dense fp16 A fragments (16 rows x 32 k x 2 bytes per row tile and k32 step), no metadata.
-  // Without a scratch (a stream captured before its first such call) the int4 GEMM below runs instead.
-  const bool dense = v.kind == 2;
+  // kinds); dense int4 / int8 -> dense fp16 A fragments (16 rows x 32 k x 2 bytes per row tile and k32 step), no
+  // metadata. Without a scratch (a stream captured before its first such call) the int4 / int8 GEMM below runs.
   void* W16 = (!small && v.dq16.name != nullptr)
                   ? dq16_scratch(dev, stream, static_cast<size_t>(n_rt) * T * (dense ? 1024 : 512)) : nullptr;
   if (W16 != nullptr) {
     CUfunction fc = get_function(dev, Kernel{v.dq16_convert, 0});
-    int i_rt = n_rt, U = dense ? 2 * T : T;  // 16-column units per row tile: k16 units (dq4), k32 steps (sp4)
-    const int64_t threads_total = static_cast<int64_t>(n_rt) * (U / 4) * 32;  // one thread: a uint4 of codes
+    int i_rt = n_rt, U = dense ? 2 * T : T;  // 16-column units per row tile: k16 units (dq4, dq8), k32 steps (sp4)
+    // one thread: a uint4 of codes (4 units of int4, 2 of int8)
+    const int64_t threads_total = static_cast<int64_t>(n_rt) * (U / (v.kind == 3 ? 2 : 4)) * 32;
     const int64_t blocks = (threads_total + @DQ16_THREADS@ - 1) / @DQ16_THREADS@;
     void* cargs[] = {&Wv, &Sc, &Zb, &W16, &i_rt, &U, &G, &GS};
     check(driver().LaunchKernel(fc, static_cast<unsigned>(blocks), 1, 1, @DQ16_THREADS@, 1, 1, 0, stream, cargs, nullptr),
-          "launch (int4 -> fp16 fragments)");
+          "launch (int4 / int8 -> fp16 fragments)");
     launch_ws(dev, stream, v.dq16, v.dq16_bm, v.dq16_bn, v.dq16_group, v.dq16_threads, X, W16, Wm, Y, iM, iN, iK, T, n_rt);
     return;
   }
@@ -1419,7 +1475,7 @@ def render_host_source(variants: list[Variant], fatbin_path: str, symbol: str = 
         kn = v.kernel_names()
         gv, gs, gl = v.cfg("gemv"), v.cfg("gemm_small"), v.cfg("gemm")
         kind = KINDS.index(v.kind)
-        nw = {"sp16": 2, "sp4": 4 if v.asym else 3, "dq4": 3 if v.asym else 2}[v.kind]
+        nw = {"sp16": 2, "sp4": 4 if v.asym else 3, "dq4": 3 if v.asym else 2, "dq8": 3 if v.asym else 2}[v.kind]
         smem = {
             "gemv1": _gemv_smem(gv, 1, v.kind, v.asym, v.gs),
             "gemv2": _gemv_smem(gv, 2, v.kind, v.asym, v.gs),
@@ -1518,6 +1574,10 @@ def _prepare_sp4(linear, config):
 
 def _prepare_dq4(linear, config):
     return prepare_dq4(linear.weight)
+
+
+def _prepare_dq8(linear, config):
+    return prepare_dq8(linear.weight)
 
 
 def _space(kind):
@@ -1623,3 +1683,15 @@ def int4_dequant_mma(linear, target, hints, tuning):
         return None
     note = "group sparsity expanded to scale-0 groups" if gq.group_mask_packed is not None else ""
     return _impl(linear, target, hints, tuning, "cuda.int4_dequant_mma", "dq4", not gq.symmetric, gq.group_size, note)
+
+
+@register_kernel("cuda.int8_dequant_mma", formats=("group_quant",), targets=("cuda",), priority=20, prepare=_prepare_dq8,
+                 search_space=_space("dq8"))  # fmt: skip
+def int8_dequant_mma(linear, target, hints, tuning):
+    """int8 group-quantized dense weight: int8 -> fp16 in registers, mma m16n8k16 (the int4 kernel's structure with
+    16 codes a lane and k32 step)."""
+    gq = linear.weight
+    if not isinstance(gq, GroupQuant) or gq.bits != 8 or gq.group_size % 16 or not _cuda_ok(target, gq.shape[1]):
+        return None
+    note = "group sparsity expanded to scale-0 groups" if gq.group_mask_packed is not None else ""
+    return _impl(linear, target, hints, tuning, "cuda.int8_dequant_mma", "dq8", not gq.symmetric, gq.group_size, note)

@@ -14,11 +14,14 @@
 //                                                    half2 pair
 //   KIND_DQ4   codes   [Np/16][T/2][32] x uint4    : word w = the 8 int4 codes of the m16n8k16 A fragment of k16
 //                                                    unit 4u+w (dense int4, no sparsity)
+//   KIND_DQ8   codes   [Np/16][T][32] x uint4      : words 2h, 2h+1 = the 8 byte codes (up to int8) of the m16n8k16
+//                                                    A fragment of k16 unit 2t+h, element e in byte e (dense)
 //   meta (sparse)      [Np/16][T/2][32] x uint32   : pair p of steps: lanes q<2 hold the metadata of step 2p
 //                                                    (sparsity selector 0), lanes q>=2 that of step 2p+1 (selector 1);
 //                                                    bits 0-15 row g, bits 16-31 row g+8, 4 bits per 4-chunk
 //   scales / zeros     [Np/16][G][8] x half2       : (row g, row g+8) of each 16-row tile and quantization group;
-//                                                    zeros are stored as 1024+z (exact in fp16)
+//                                                    zeros are stored as 1024+z (exact in fp16); without zeros
+//                                                    the int4 kinds use z = 8 and KIND_DQ8 z = 128 (kSymZero)
 #pragma once
 #include <cuda.h>  // CUtensorMap: the warp-specialized GEMM's __grid_constant__ TMA descriptor
 #include <cuda_fp16.h>
@@ -26,7 +29,7 @@
 
 namespace sparsec {
 
-enum { KIND_SP16 = 0, KIND_SP4 = 1, KIND_DQ4 = 2 };
+enum { KIND_SP16 = 0, KIND_SP4 = 1, KIND_DQ4 = 2, KIND_DQ8 = 3 };
 
 template <int KIND>
 struct KindTraits;
@@ -35,18 +38,28 @@ struct KindTraits<KIND_SP16> {
   static constexpr bool kSparse = true, kQuant = false;
   static constexpr int kStepsPerChunk = 1;  // k32 steps per 16-byte lane chunk
   static constexpr int kColsPerStep = 16;   // value columns (compressed) per k32 step
+  static constexpr uint32_t kSymZero = 0u;  // half2 (1024 + z, 1024 + z) of a weight without zero points
 };
 template <>
 struct KindTraits<KIND_SP4> {
   static constexpr bool kSparse = true, kQuant = true;
   static constexpr int kStepsPerChunk = 4;
   static constexpr int kColsPerStep = 16;
+  static constexpr uint32_t kSymZero = 0x64086408u;  // z = 8
 };
 template <>
 struct KindTraits<KIND_DQ4> {
   static constexpr bool kSparse = false, kQuant = true;
   static constexpr int kStepsPerChunk = 2;
   static constexpr int kColsPerStep = 32;
+  static constexpr uint32_t kSymZero = 0x64086408u;  // z = 8
+};
+template <>
+struct KindTraits<KIND_DQ8> {
+  static constexpr bool kSparse = false, kQuant = true;
+  static constexpr int kStepsPerChunk = 1;
+  static constexpr int kColsPerStep = 32;
+  static constexpr uint32_t kSymZero = 0x64806480u;  // z = 128
 };
 
 // ------------------------------------------------------------------------------------------------ instructions
@@ -143,6 +156,30 @@ __device__ __forceinline__ void dequant8_unscaled(uint32_t q, uint32_t zb, uint3
   }
 }
 
+// 8 byte codes (element e in byte e % 4 of word e / 4) -> the 4 half2 registers of an A fragment (register i = elements
+// 2i, 2i+1: registers 0 and 2 row g, 1 and 3 row g+8), dequantized as dequant8 does: (code | 0x6400) as fp16 is
+// exactly 1024 + code for a code < 256, so code - z is exact and (code - z) * s rounds once.
+__device__ __forceinline__ uint32_t byte_pair_h2(uint32_t q, int hi) {
+  return __byte_perm(q, 0x64646464u, hi ? 0x4342u : 0x4140u);  // bytes (2hi, 0x64, 2hi+1, 0x64)
+}
+__device__ __forceinline__ void dequant8_b(uint32_t q0, uint32_t q1, uint32_t sc, uint32_t zb, uint32_t (&a)[4]) {
+  half2 s2 = u32_as_h2(sc), z2 = u32_as_h2(zb);
+  half2 s_lo = __low2half2(s2), s_hi = __high2half2(s2);
+  half2 z_lo = __low2half2(z2), z_hi = __high2half2(z2);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t t = byte_pair_h2(i < 2 ? q0 : q1, i & 1);
+    a[i] = h2_as_u32(__hmul2(__hsub2(u32_as_h2(t), (i & 1) ? z_hi : z_lo), (i & 1) ? s_hi : s_lo));
+  }
+}
+__device__ __forceinline__ void dequant8_b_unscaled(uint32_t q0, uint32_t q1, uint32_t zb, uint32_t (&a)[4]) {
+  half2 z2 = u32_as_h2(zb);
+  half2 z_lo = __low2half2(z2), z_hi = __high2half2(z2);
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    a[i] = h2_as_u32(__hsub2(u32_as_h2(byte_pair_h2(i < 2 ? q0 : q1, i & 1)), (i & 1) ? z_hi : z_lo));
+}
+
 // B fragment (k32 x n8) of one n8 token tile straight from global memory: registers j = 0..3 hold
 // X[tok][k0 + 8j + 2q .. +1] with tok = row (the caller clamps it to a valid row).
 __device__ __forceinline__ void load_b_global(uint32_t (&b)[4], const half* __restrict__ xrow, int k0, int q) {
@@ -197,7 +234,7 @@ struct GemvBuf {
   using Tr = KindTraits<KIND>;
   static constexpr int CH = Tr::kStepsPerChunk;
   static constexpr int MP = Tr::kSparse ? (CH + 1) / 2 : 1;          // metadata words per chunk
-  static constexpr int NS = Tr::kQuant ? (KIND == KIND_DQ4 ? 2 * CH : CH) : 1;  // scale lookups per chunk
+  static constexpr int NS = Tr::kQuant ? (Tr::kSparse ? CH : 2 * CH) : 1;  // scale lookups per chunk (dense: per k16)
   uint4 a[U][RT];
   uint32_t m[U][RT][MP];
   uint32_t s[U][RT][NS];
@@ -227,8 +264,9 @@ __device__ __forceinline__ void gemv_load(GemvBuf<KIND, NT, RT, U>& f, int c0, i
         for (int p = 0; p < B::MP; ++p) f.m[u][r][p] = ldg_u32(GemvAddr<KIND>::meta(Wm, rt, T, cc, p, lane));
       }
       if constexpr (KindTraits<KIND>::kQuant) {
-        // a chunk spans 64 value columns: with GS % 64 == 0 it lies in one group (one load, replicated)
-        const bool one_group = OG || (GS & 63) == 0;
+        // a chunk spans CH x kColsPerStep value columns (64; 32 for KIND_DQ8): with GS a multiple it lies in one
+        // group (one load, replicated)
+        const bool one_group = OG || GS % (CH * KindTraits<KIND>::kColsPerStep) == 0;
 #pragma unroll
         for (int i = 0; i < B::NS; ++i) {
           if (one_group && i > 0) {
@@ -238,7 +276,7 @@ __device__ __forceinline__ void gemv_load(GemvBuf<KIND, NT, RT, U>& f, int c0, i
           }
           const size_t si = GemvAddr<KIND>::scale(rt, G, cc, i, GS, g);
           f.s[u][r][i] = ldg_u32(Sc + si);
-          f.z[u][r][i] = ASYM ? ldg_u32(Zb + si) : 0x64086408u;
+          f.z[u][r][i] = ASYM ? ldg_u32(Zb + si) : KindTraits<KIND>::kSymZero;
         }
       }
     }
@@ -318,6 +356,14 @@ __device__ __forceinline__ void gemv_compute(const GemvBuf<KIND, NT, RT, U>& f, 
               if (s & 1) mma_sp_16832<1>(t[n], a, f.b[u][s][n], f.m[u][r][s >> 1]);
               else mma_sp_16832<0>(t[n], a, f.b[u][s][n], f.m[u][r][s >> 1]);
             }
+          } else if constexpr (KIND == KIND_DQ8) {  // CH == 1: k16 units 0, 1 in words (0, 1), (2, 3)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              uint32_t a[4];
+              dequant8_b_unscaled(w4[2 * h], w4[2 * h + 1], f.z[u][r][0], a);
+#pragma unroll
+              for (int n = 0; n < NT; ++n) mma_16816(t[n], a, f.b[u][s][n][2 * h], f.b[u][s][n][2 * h + 1]);
+            }
           } else {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
@@ -347,6 +393,14 @@ __device__ __forceinline__ void gemv_compute(const GemvBuf<KIND, NT, RT, U>& f, 
             if (s & 1) mma_sp_16832<1>(acc[r][n], a, f.b[u][s][n], f.m[u][r][s >> 1]);
             else mma_sp_16832<0>(acc[r][n], a, f.b[u][s][n], f.m[u][r][s >> 1]);
           }
+        }
+      } else if constexpr (KIND == KIND_DQ8) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          uint32_t a[4];
+          dequant8_b(w4[2 * h], w4[2 * h + 1], f.s[u][r][h], f.z[u][r][h], a);
+#pragma unroll
+          for (int n = 0; n < NT; ++n) mma_16816(acc[r][n], a, f.b[u][0][n][2 * h], f.b[u][0][n][2 * h + 1]);
         }
       } else {
 #pragma unroll
@@ -379,7 +433,7 @@ struct GemvRing {
   using Tr = KindTraits<KIND>;
   static constexpr int CH = Tr::kStepsPerChunk;
   static constexpr int MP = Tr::kSparse ? (CH + 1) / 2 : 0;                        // metadata words per chunk
-  static constexpr int NS = Tr::kQuant ? (OG ? 1 : (KIND == KIND_DQ4 ? 2 * CH : CH)) : 0;  // scale words per chunk
+  static constexpr int NS = Tr::kQuant ? (OG ? 1 : (Tr::kSparse ? CH : 2 * CH)) : 0;  // scale words per chunk
   static constexpr int NZ = ASYM ? NS : 0;
   static constexpr int kWords = 4 * RT + RT * (MP + NS + NZ);  // 32-bit words a lane holds per stage
   static constexpr int kStageBytes = kWords * 128;               // per warp: [slot][32 lanes] words
@@ -431,7 +485,7 @@ __device__ __forceinline__ void gemv_ring_read(GemvBuf<KIND, NT, RT, 1>& f, cons
       for (int i = 0; i < B::NS; ++i) {
         const int j = R::NS == 1 ? 0 : i;
         f.s[0][r][i] = w[(R::kS + r * R::NS + j) * 32 + lane];
-        f.z[0][r][i] = ASYM ? w[(R::kZ + r * R::NS + j) * 32 + lane] : 0x64086408u;
+        f.z[0][r][i] = ASYM ? w[(R::kZ + r * R::NS + j) * 32 + lane] : KindTraits<KIND>::kSymZero;
       }
     }
   }
@@ -670,7 +724,30 @@ __device__ __forceinline__ void int4_to_fp16_body(const uint4* __restrict__ Wq, 
     const int unit = 4 * u + w;
     const size_t si = ((size_t)rt * G + (unit * 16) / GS) * 8 + g;
     uint32_t a[4];
-    dequant8(qs[w], Sc[si], ASYM ? Zb[si] : 0x64086408u, a);
+    dequant8(qs[w], Sc[si], ASYM ? Zb[si] : KindTraits<KIND_DQ4>::kSymZero, a);
+    Wv[((size_t)rt * U + unit) * 32 + lane] = make_uint4(a[0], a[1], a[2], a[3]);
+  }
+}
+
+// KIND_DQ8 -> the same dense fp16 A fragments: thread i = lane i % 32 of k32 step u (k16 units 2u, 2u + 1) of one row
+// tile; reads one uint4 of codes, writes 2. U = k16 units per row tile (2T).
+template <bool ASYM>
+__device__ __forceinline__ void int8_to_fp16_body(const uint4* __restrict__ Wq, const uint32_t* __restrict__ Sc,
+                                                  const uint32_t* __restrict__ Zb, uint4* __restrict__ Wv, int n_rt,
+                                                  int U, int G, int GS) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t per_rt = static_cast<int64_t>(U / 2) * 32;
+  if (i >= per_rt * n_rt) return;
+  const int rt = static_cast<int>(i / per_rt), u = static_cast<int>((i % per_rt) >> 5), lane = static_cast<int>(i & 31);
+  const int g = lane >> 2;
+  const uint4 q = Wq[i];  // (rt * (U/2) + u) * 32 + lane
+  const uint32_t qs[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int unit = 2 * u + h;
+    const size_t si = ((size_t)rt * G + (unit * 16) / GS) * 8 + g;
+    uint32_t a[4];
+    dequant8_b(qs[2 * h], qs[2 * h + 1], Sc[si], ASYM ? Zb[si] : KindTraits<KIND_DQ8>::kSymZero, a);
     Wv[((size_t)rt * U + unit) * 32 + lane] = make_uint4(a[0], a[1], a[2], a[3]);
   }
 }
@@ -688,7 +765,7 @@ struct GemmCfg {
   static constexpr int kWTM = BM / WM, kWTN = BN / WN;  // warp tile
   static constexpr int kMT = kWTM / 16, kNT = kWTN / 8;
   static constexpr int kSteps = BK / 32;
-  static constexpr int kBytesPerStep = Tr::kSparse ? (KIND == KIND_SP16 ? 512 : 128) : 256;  // per 16-row tile
+  static constexpr int kBytesPerStep = Tr::kSparse ? (KIND == KIND_SP16 ? 512 : 128) : (KIND == KIND_DQ8 ? 512 : 256);  // per 16-row tile
   static constexpr int kABytes = (BM / 16) * kSteps * kBytesPerStep;
   static constexpr int kMetaBytes = Tr::kSparse ? (BM / 16) * (kSteps / 2) * 128 : 0;
   static constexpr int kSlots = Tr::kQuant ? (KIND == KIND_SP4 ? kSteps : 2 * kSteps) : 0;  // groups a tile spans
@@ -846,7 +923,7 @@ __device__ __forceinline__ void gemm_body(const half* __restrict__ X, const uint
           const int t = kt * C::kSteps + ks;
           const int sl = (t * 16) / GS - g0;
           const uint32_t sc = sb[(r * C::kSlots + sl) * 8 + g];
-          const uint32_t zb = ASYM ? sb[(BM / 16) * C::kSlots * 8 + (r * C::kSlots + sl) * 8 + g] : 0x64086408u;
+          const uint32_t zb = ASYM ? sb[(BM / 16) * C::kSlots * 8 + (r * C::kSlots + sl) * 8 + g] : Tr::kSymZero;
           uint32_t a[4];
           dequant8(w, sc, zb, a);
           const uint32_t e =
@@ -855,6 +932,20 @@ __device__ __forceinline__ void gemm_body(const half* __restrict__ X, const uint
           for (int n = 0; n < C::kNT; ++n) {
             if (ks & 1) mma_sp_16832<1>(acc[mt][n], a, b[n], e);
             else mma_sp_16832<0>(acc[mt][n], a, b[n], e);
+          }
+        } else if constexpr (KIND == KIND_DQ8) {
+          const uint4 w4 = *reinterpret_cast<const uint4*>(base + ((size_t)(r * C::kSteps + ks) * 32 + lane) * 16);
+          const uint32_t ws[4] = {w4.x, w4.y, w4.z, w4.w};
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int v = 2 * (kt * C::kSteps + ks) + h;
+            const int sl = (v * 16) / GS - g0;
+            const uint32_t sc = sb[(r * C::kSlots + sl) * 8 + g];
+            const uint32_t zb = ASYM ? sb[(BM / 16) * C::kSlots * 8 + (r * C::kSlots + sl) * 8 + g] : Tr::kSymZero;
+            uint32_t a[4];
+            dequant8_b(ws[2 * h], ws[2 * h + 1], sc, zb, a);
+#pragma unroll
+            for (int n = 0; n < C::kNT; ++n) mma_16816(acc[mt][n], a, b[n][2 * h], b[n][2 * h + 1]);
           }
         } else {  // KIND_DQ4
           const uint2 w2 = *reinterpret_cast<const uint2*>(
@@ -865,7 +956,7 @@ __device__ __forceinline__ void gemm_body(const half* __restrict__ X, const uint
             const int v = 2 * (kt * C::kSteps + ks) + h;
             const int sl = (v * 16) / GS - g0;
             const uint32_t sc = sb[(r * C::kSlots + sl) * 8 + g];
-            const uint32_t zb = ASYM ? sb[(BM / 16) * C::kSlots * 8 + (r * C::kSlots + sl) * 8 + g] : 0x64086408u;
+            const uint32_t zb = ASYM ? sb[(BM / 16) * C::kSlots * 8 + (r * C::kSlots + sl) * 8 + g] : Tr::kSymZero;
             uint32_t a[4];
             dequant8(ws[h], sc, zb, a);
 #pragma unroll
