@@ -195,7 +195,7 @@ def pack_variants():
                      "config": v.config_dict()})  # fmt: skip
         return v
 
-    for kind in ("sp16", "sp4", "dq4"):
+    for kind in KINDS_ORDER:
         asyms = (False,) if kind == "sp16" else (False, True)
         gss = {0} if kind == "sp16" else {LLM_GS} | {ref_gs(kind, k) for _, k in REF_SHAPES}
         for asym in asyms:
@@ -907,7 +907,7 @@ def cmd_report_decode(args):
     (outdir / f"cuda_kernels_decode_{name}.json").write_text(json.dumps(doc, indent=1))
 
     st = _steady_ms
-    names = {"sp16": "2:4 fp16", "sp4": "2:4 + int4 g128", "dq4": "int4 g128"}
+    names = {"sp16": "2:4 fp16", "sp4": "2:4 + int4 g128", "dq4": "int4 g128", "dq8": "int8 g128"}
     L = [f"# sparsec decode GEMV (split-K) on {raw['info']['gpu']} ({raw.get('started', '')})", ""]
     L.append(f"L2 {raw['info'].get('l2_bytes', 0) / 2**20:.0f} MiB. Copy bandwidth (read + written): {copy:.0f} GB/s "
              f"(1 GiB copy), {ceil.get('copy_gbs_steady', 0):.0f} GB/s (64 MiB copies, steady state).")  # fmt: skip
@@ -976,11 +976,11 @@ def cmd_report_decode(args):
                  "time with og 0 / time with og 1, same config otherwise, search pass of this run: "
                  + "; ".join(f"{names[kd]} {min(x for r, x in og if r['kind'] == kd):.2f}–"
                              f"{max(x for r, x in og if r['kind'] == kd):.2f}"
-                             for kd in ("sp4", "dq4") if any(r["kind"] == kd for r, _ in og)) + ".")  # fmt: skip
+                             for kd in ("sp4", "dq4", "dq8") if any(r["kind"] == kd for r, _ in og)) + ".")  # fmt: skip
         L.append("")
 
     parts = []
-    for kd in ("sp16", "sp4", "dq4"):
+    for kd in KINDS_ORDER:
         for xs, what in ((0, "never staged"), (3, "always staged")):
             v = [r["derived"][f"xs{xs}_over_default_search"] for r in bench
                  if r["kind"] == kd and f"xs{xs}_over_default_search" in r.get("derived", {})]  # fmt: skip
@@ -1053,7 +1053,7 @@ def cmd_report(args):
                  f"{summary['candidates_checked'] - summary['candidates_failed']}/{summary['candidates_checked']} "
                  "search candidates correct.")  # fmt: skip
     lines.append("")
-    names = {"sp16": "2:4 fp16", "sp4": "2:4 + int4 (g128)", "dq4": "int4 (g128), dense"}
+    names = {"sp16": "2:4 fp16", "sp4": "2:4 + int4 (g128)", "dq4": "int4 (g128), dense", "dq8": "int8 (g128), dense"}
     lines.append("## Decode (M ≤ 16): time per call, speedup vs cuBLAS dense fp16, achieved bandwidth")
     lines.append("")
     lines.append("| kernel | out×in | M | ours µs | cuBLAS µs | vs dense | ours GB/s | % of copy BW | plain read of the same bytes µs |")
@@ -1184,12 +1184,13 @@ def write_tuning(raw):
                 cfg["untuned"] = True
                 cfg["estimated_from"] = dev
             for asym in ((False,) if kind == "sp16" else (False, True)):
-                key = {"format": {"sp16": "nm_sparse[dense]", "sp4": "nm_sparse[group_quant]", "dq4": "group_quant"}[kind],
-                       "out": n, "in": k, "act_dtype": "float16"}  # fmt: skip
-                if kind != "dq4":
+                key = {"format": {"sp16": "nm_sparse[dense]", "sp4": "nm_sparse[group_quant]", "dq4": "group_quant",
+                                  "dq8": "group_quant"}[kind], "out": n, "in": k, "act_dtype": "float16"}  # fmt: skip
+                if kind not in ("dq4", "dq8"):
                     key["nm"] = "2:4"
                 if kind != "sp16":
-                    key.update({"bits": 4, "group_size": LLM_GS, "symmetric": not asym, "group_sparse": False})
+                    key.update({"bits": 8 if kind == "dq8" else 4, "group_size": LLM_GS, "symmetric": not asym,
+                                "group_sparse": False})  # fmt: skip
                 info = {"device": dev if target == "h100" else f"not measured (configs from {dev})",
                         "measured": raw.get("started")}  # fmt: skip
                 c = dict(cfg)
@@ -1216,7 +1217,7 @@ def main(argv=None):
     d = sub.add_parser("device")
     d.add_argument("--pack", default=".devpack")
     d.add_argument("--out", default=os.environ.get("OUT", "bench/results/tmp"))
-    d.add_argument("--kinds", default="sp16,sp4,dq4")
+    d.add_argument("--kinds", default=",".join(KINDS_ORDER))
     d.add_argument("--no-semi", action="store_true")
     d.add_argument("--decode", action="store_true",
                    help="decode only (M <= 16, LLM shapes): split-K checks, per-call (L2 flushed) and steady-state "

@@ -511,7 +511,7 @@ def test_ws_tail_plan_matches_the_launcher(tmp_path):
 
 
 def _int4_to_fp16_emulated(arrays, n, k, gs, asym, kind):
-    """numpy model of sparsec_mma.cuh int4_to_fp16_body: thread (rt, u, lane) reads the uint4 of codes of units
+    """numpy model of sparsec_mma.cuh codes_to_fp16_body<4>: thread (rt, u, lane) reads the uint4 of codes of units
     4u..4u+3 (word w = unit 4u + w; a unit = 16 of the values' own columns: a k32 step of sp4, a k16 unit of dq4) and
     writes, per unit, the 8 fp16 of the lane's A fragment, dequantized with the (row g, row g+8) pair of the unit's
     group: register i takes nibbles i (low half) and i + 4 (high half), registers 0 and 2 row g, 1 and 3 row g+8.
@@ -539,7 +539,7 @@ def _int4_to_fp16_emulated(arrays, n, k, gs, asym, kind):
 
 
 def _int8_to_fp16_emulated(arrays, n, k, gs, asym):
-    """numpy model of sparsec_mma.cuh int8_to_fp16_body: thread (rt, u, lane) reads the uint4 of codes of k32 step u
+    """numpy model of sparsec_mma.cuh codes_to_fp16_body<8>: thread (rt, u, lane) reads the uint4 of codes of k32 step u
     and writes k16 units 2u + h (h = 0, 1) from words 2h, 2h + 1: register i = bytes 2 (i & 1), +1 of word 2h + i // 2
     via byte_perm with 0x64 (1024 + code), minus 1024 + z (z = 128 without zero points), times the scale; registers
     0 and 2 take row g's scale, 1 and 3 row g + 8's. -> [Np/16, K/16, 32, 8] fp16."""
@@ -694,14 +694,14 @@ def test_dq16_path_on_sm90a_only():
     kn = v.kernel_names()
     assert kn["dq16_convert"] == "sparsec_int4a_to_fp16" and "_wsdm_" in kn["dq16_gemm"] and "_wsdtm_" in kn["dq16_gemm_tail"]
     dev = cs.render_device_source([v])
-    assert "sparsec::int4_to_fp16_body<true>" in dev and ", true, true, true>(&tmap" in dev and ", false, true, true>(&tmap" in dev
+    assert "sparsec::codes_to_fp16_body<4, true>" in dev and ", true, true, true>(&tmap" in dev and ", false, true, true>(&tmap" in dev
     lay = cs.ws_layout(cs.DQ16_GEMM["dq4"])
     assert lay["meta_bytes"] == 0 and lay["a_bytes"] == 256 // 16 * 2 * 1024 and lay["smem"] <= cs.SMEM_LIMIT["sm_90a"]
     # dense int8 feeds the same dense kernel through its own converter
     v8 = cs.Variant.make("dq8", False, 64, cs.default_config("dq8", "sm_90a"))
     kn8 = v8.kernel_names()
     assert kn8["dq16_convert"] == "sparsec_int8s_to_fp16" and kn8["dq16_gemm"] == kn["dq16_gemm"]
-    assert "sparsec::int8_to_fp16_body<false>" in cs.render_device_source([v8])
+    assert "sparsec::codes_to_fp16_body<8, false>" in cs.render_device_source([v8])
     assert not cs.default_config("dq8", "sm_80")["gemm"].get("dq16")
 
 

@@ -1000,12 +1000,12 @@ def render_device_source(variants: list[Variant]) -> str:
                 continue
             if path == "gemm" and c.get("dq16"):  # int4/int8 -> fp16 converter + the warp-specialized GEMM it feeds
                 conv = v.kernel_names()["dq16_convert"]
-                body = "int8_to_fp16_body" if v.kind == "dq8" else "int4_to_fp16_body"
+                bits = 8 if v.kind == "dq8" else 4
                 seen[conv] = (
                     f'extern "C" __global__ void __launch_bounds__({DQ16_CONVERT_THREADS}) {conv}'
                     "(const uint4* __restrict__ Wq, const uint32_t* __restrict__ Sc, const uint32_t* __restrict__ Zb, "
                     "uint4* __restrict__ Wv, int n_rt, int U, int G, int GS) {\n"
-                    f"  sparsec::{body}<{'true' if v.asym else 'false'}>(Wq, Sc, Zb, Wv, n_rt, U, G, GS);\n}}\n"
+                    f"  sparsec::codes_to_fp16_body<{bits}, {'true' if v.asym else 'false'}>(Wq, Sc, Zb, Wv, n_rt, U, G, GS);\n}}\n"
                 )
                 seen.update(_ws_entries("sp16", False, "gemm", v.dq16_cfg()))
             if c.get("wgmma"):

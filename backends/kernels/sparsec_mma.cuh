@@ -697,57 +697,40 @@ __device__ __forceinline__ void gemv_body(const half* __restrict__ X, const uint
   if (threadIdx.x == 0) Cnt[blockIdx.x] = 0u;  // ready for the next launch (stream order)
 }
 
-// ------------------------------------------------------------------------------- int4 -> fp16 (prefill on sm_90a)
-// The int4 kinds at large M on sm_90a ("dq16"): the prepared codes are dequantized once per call into fp16 A fragments
-// in a scratch buffer, which the warp-specialized wgmma GEMM then reads:
+// ------------------------------------------------------------------------ int4 / int8 -> fp16 (prefill on sm_90a)
+// The int4 / int8 kinds at large M on sm_90a ("dq16"): the prepared codes are dequantized once per call into fp16 A
+// fragments in a scratch buffer, which the warp-specialized wgmma GEMM then reads:
 //   - KIND_SP4 -> the prepared sp16 layout ([Np/16][T][32] x uint4: the fragment of each compressed 16x16 tile, one
 //     per k32 step), read by the 2:4 kernel with the sp4 metadata unchanged (same layout for both kinds);
-//   - KIND_DQ4 -> dense m16n8k16 A fragments ([Np/16][K/16][32] x uint4, one per k16 unit), read by the dense kernel.
-// Both code layouts hold, per lane, the codes of 4 consecutive "units" in one uint4 (word w = unit 4u + w; a unit =
-// 16 of the values' own columns: a k32 step of sp4, a k16 unit of dq4), so one body serves both, with U units per row
-// tile (T for sp4, 2T for dq4). Thread i: lane i % 32 of units 4u..4u+3 of one row tile; reads one uint4, writes 4,
-// coalesced across the warp; the same dequant8 as the decode GEMV ((code - z) * s in fp16). Sc / Zb: [Np/16][G][8]
-// half2 (row g, row g+8) per group of GS columns: unit v is in group v * 16 / GS.
-template <bool ASYM>
-__device__ __forceinline__ void int4_to_fp16_body(const uint4* __restrict__ Wq, const uint32_t* __restrict__ Sc,
-                                                  const uint32_t* __restrict__ Zb, uint4* __restrict__ Wv, int n_rt,
-                                                  int U, int G, int GS) {
+//   - KIND_DQ4, KIND_DQ8 -> dense m16n8k16 A fragments ([Np/16][K/16][32] x uint4, one per k16 unit), read by the
+//     dense kernel.
+// A "unit" is 16 of the values' own columns (a k32 step of sp4, a k16 unit of dq4 / dq8); U = units per row tile (T
+// for sp4, 2T for dq4 / dq8). Per lane, one uint4 of codes holds UPT consecutive units: BITS = 4 (sp4, dq4): 4 units,
+// word w = unit 4u + w (8 nibbles); BITS = 8 (dq8): 2 units, words 2h, 2h + 1 = unit 2u + h (8 bytes). Thread i: lane
+// i % 32 of units UPT u .. UPT u + UPT - 1 of one row tile; reads one uint4, writes UPT, coalesced across the warp;
+// the same dequantization as the decode GEMV ((code - z) * s in fp16). Sc / Zb: [Np/16][G][8] half2 (row g, row g+8)
+// per group of GS columns: unit v is in group v * 16 / GS.
+template <int BITS, bool ASYM>
+__device__ __forceinline__ void codes_to_fp16_body(const uint4* __restrict__ Wq, const uint32_t* __restrict__ Sc,
+                                                   const uint32_t* __restrict__ Zb, uint4* __restrict__ Wv, int n_rt,
+                                                   int U, int G, int GS) {
+  constexpr int UPT = BITS == 8 ? 2 : 4;
+  constexpr uint32_t kZero = BITS == 8 ? KindTraits<KIND_DQ8>::kSymZero : KindTraits<KIND_DQ4>::kSymZero;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t per_rt = static_cast<int64_t>(U / 4) * 32;
+  const int64_t per_rt = static_cast<int64_t>(U / UPT) * 32;
   if (i >= per_rt * n_rt) return;
   const int rt = static_cast<int>(i / per_rt), u = static_cast<int>((i % per_rt) >> 5), lane = static_cast<int>(i & 31);
   const int g = lane >> 2;
-  const uint4 q = Wq[i];  // (rt * (U/4) + u) * 32 + lane
+  const uint4 q = Wq[i];  // (rt * (U / UPT) + u) * 32 + lane
   const uint32_t qs[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
-  for (int w = 0; w < 4; ++w) {
-    const int unit = 4 * u + w;
+  for (int w = 0; w < UPT; ++w) {
+    const int unit = UPT * u + w;
     const size_t si = ((size_t)rt * G + (unit * 16) / GS) * 8 + g;
+    const uint32_t zb = ASYM ? Zb[si] : kZero;
     uint32_t a[4];
-    dequant8(qs[w], Sc[si], ASYM ? Zb[si] : KindTraits<KIND_DQ4>::kSymZero, a);
-    Wv[((size_t)rt * U + unit) * 32 + lane] = make_uint4(a[0], a[1], a[2], a[3]);
-  }
-}
-
-// KIND_DQ8 -> the same dense fp16 A fragments: thread i = lane i % 32 of k32 step u (k16 units 2u, 2u + 1) of one row
-// tile; reads one uint4 of codes, writes 2. U = k16 units per row tile (2T).
-template <bool ASYM>
-__device__ __forceinline__ void int8_to_fp16_body(const uint4* __restrict__ Wq, const uint32_t* __restrict__ Sc,
-                                                  const uint32_t* __restrict__ Zb, uint4* __restrict__ Wv, int n_rt,
-                                                  int U, int G, int GS) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t per_rt = static_cast<int64_t>(U / 2) * 32;
-  if (i >= per_rt * n_rt) return;
-  const int rt = static_cast<int>(i / per_rt), u = static_cast<int>((i % per_rt) >> 5), lane = static_cast<int>(i & 31);
-  const int g = lane >> 2;
-  const uint4 q = Wq[i];  // (rt * (U/2) + u) * 32 + lane
-  const uint32_t qs[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int unit = 2 * u + h;
-    const size_t si = ((size_t)rt * G + (unit * 16) / GS) * 8 + g;
-    uint32_t a[4];
-    dequant8_b(qs[2 * h], qs[2 * h + 1], Sc[si], ASYM ? Zb[si] : KindTraits<KIND_DQ8>::kSymZero, a);
+    if constexpr (BITS == 8) dequant8_b(qs[2 * w], qs[2 * w + 1], Sc[si], zb, a);
+    else dequant8(qs[w], Sc[si], zb, a);
     Wv[((size_t)rt * U + unit) * 32 + lane] = make_uint4(a[0], a[1], a[2], a[3]);
   }
 }
