@@ -65,18 +65,31 @@ def _family(c: dict) -> int:
     return 1 if c.get("persistent") else 2 if c.get("cluster", 1) > 1 else 0
 
 
-def variants_int4(kind: str, gs: int = 128):
+# mma GEMM tiles of a quantized kind measured against each other with ``build --mma-tiles``: the default large and
+# small tiles and ones with more token columns a warp (the dequantization of a weight fragment is shared by the MMAs of
+# a warp's token tiles), all without spills under ptxas for dq8 (128x256 tiles spill there)
+MMA_TILES = ((128, 128, 64, 2, 4, 4), (128, 128, 64, 4, 2, 4), (64, 128, 128, 2, 2, 3), (64, 64, 128, 2, 2, 3),
+             (128, 64, 128, 4, 1, 3), (128, 128, 128, 4, 2, 3), (64, 128, 64, 2, 2, 4))
+
+
+def variants_int4(kind: str, gs: int = 128, mma_tiles: bool = False):
     """A quantized kind (``sp4``: 2:4 + int4, ``dq4``: dense int4, ``dq8``: dense int8; symmetric, group ``gs``) on
     sm_90a: its mma.sp / mma large GEMM (``"dq16": 0``) and the dequantize + warp-specialized wgmma path (``"dq16": 1``,
     the default), its fp16 weight read by TMA tensor maps (the default) and by bulk copies (``"wmap": 0``), for
-    ``ab``. Every M <= 16 runs the kind's untuned decode GEMV (warps not fitted to the shape)."""
-    from sparsec.backends.kernels.cuda_sparse import Variant, default_config
+    ``ab``; ``mma_tiles``: also the mma GEMM with each of MMA_TILES. Every M <= 16 runs the kind's untuned decode GEMV
+    (warps not fitted to the shape)."""
+    from sparsec.backends.kernels.cuda_sparse import Variant, default_config, gemm_valid
 
     base = default_config(kind)
     rows = []
-    for dq, wm in ((0, None), (1, 0), (1, None)):
-        extra = {"wmap": wm} if wm is not None else {}
-        v = Variant.make(kind, False, gs, dict(base, gemm=dict(base["gemm"], dq16=dq, **extra), small_max=16))
+    gemms = [dict(base["gemm"], dq16=dq, **({"wmap": wm} if wm is not None else {})) for dq, wm in ((0, None), (1, 0), (1, None))]
+    if mma_tiles:
+        tiles = [{"bm": bm, "bn": bn, "bk": bk, "wm": wm_, "wn": wn, "stages": st, "group": 16, "dq16": 0}
+                 for bm, bn, bk, wm_, wn, st in MMA_TILES]  # fmt: skip
+        gemms += [c for c in tiles if gemm_valid(kind, c, False, "sm_90a") and c != gemms[0]]
+    for g in gemms:
+        dq, wm = g["dq16"], g.get("wmap")
+        v = Variant.make(kind, False, gs, dict(base, gemm=g, small_max=16))
         kn = v.kernel_names()
         rows.append({"func": v.func_name, "kind": kind, "asym": False, "gs": gs, "config": v.config_dict(),
                      "path": "dq16" if dq else "mma.sp", "wgmma": bool(dq), "ws": False, "default": bool(dq and wm is None),
@@ -106,7 +119,7 @@ def cmd_build(args):
 
     pack = Path(args.pack)
     pack.mkdir(parents=True, exist_ok=True)
-    vs, rows = variants_int4(args.kind) if args.kind != "sp16" else variants()
+    vs, rows = variants_int4(args.kind, mma_tiles=args.mma_tiles) if args.kind != "sp16" else variants()
     t = time.time()
     build_shared(vs, ["sm_90a"], str(pack / "sparsec_cuda.so"), workdir=str(pack / "build"))
     rep = ptxas_report(vs, "sm_90a", str(pack / "ptxas"))  # registers / spills / wgmma serialization per kernel
@@ -357,7 +370,8 @@ def cmd_ab_report(args):
     kind = cands[0].get("kind") or ("sp4" if any("sp4" in c["kernel"] for c in cands) else "sp16")  # (older runs)
     what = {"sp16": "2:4 fp16", "sp4": "2:4 + int4", "dq4": "int4", "dq8": "int8"}[kind]
     what += f" (group {cands[0].get('gs', 128)}, symmetric)" if kind != "sp16" else ""
-    L = [f"# {what} prefill GEMM, interleaved A/B vs cuBLAS ({raw['info'].get('gpu', '')}, {raw['started']})", "",
+    path = "decode GEMV and prefill GEMM" if min(t["m"] for t in raw["times"]) <= 16 else "prefill GEMM"
+    L = [f"# {what} {path}, interleaved A/B vs cuBLAS ({raw['info'].get('gpu', '')}, {raw['started']})", "",
          f"Median of {len(raw['times'][0]['ms']['cublas'])} rounds; every round times cuBLAS (`F.linear`, dense fp16 "
          "weight with the same values) and each candidate once, "
          + ("in an order rotating from round to round" if raw.get("order", "rotating") == "rotating"
@@ -643,6 +657,7 @@ def main():
     b.add_argument("--kind", choices=("sp16", "sp4", "dq4", "dq8"), default="sp16",
                    help="sp16: every 2:4 fp16 large-GEMM candidate; sp4 / dq4 / dq8: 2:4 + int4 / int4 / int8, g128: the "
                    "mma GEMM vs dequantize + ws, the weights by tensor map (the default) or by bulk copies")
+    b.add_argument("--mma-tiles", action="store_true", help="sp4 / dq4 / dq8: also the mma GEMM with each of MMA_TILES")
     d = sub.add_parser("device")
     d.add_argument("--pack", default=".devpack_v2")
     d.add_argument("--out", default=os.environ.get("OUT", "bench/results/tmp"))
