@@ -267,7 +267,7 @@ def dq16_ok(kind: str, arch: str, n: int | None = None, k: int | None = None) ->
     layout, dense int4 / int8 -> dense fp16 A fragments), then the warp-specialized ``wgmma`` GEMM (DQ16_GEMM[kind]) instead of the
     int4 ``mma.sp`` / ``mma`` GEMM (``"dq16": 1`` in the large-GEMM config); for a layer shape (``n`` x ``k``) only
     from DQ16_MIN_PARAMS weight entries on."""
-    if kind not in ("sp4", "dq4", "dq8") or arch != "sm_90a":
+    if kind not in DQ16_MIN_PARAMS or arch != "sm_90a":
         return False
     return n is None or k is None or n * k >= DQ16_MIN_PARAMS[kind]
 
@@ -1475,7 +1475,7 @@ def render_host_source(variants: list[Variant], fatbin_path: str, symbol: str = 
         kn = v.kernel_names()
         gv, gs, gl = v.cfg("gemv"), v.cfg("gemm_small"), v.cfg("gemm")
         kind = KINDS.index(v.kind)
-        nw = {"sp16": 2, "sp4": 4 if v.asym else 3, "dq4": 3 if v.asym else 2, "dq8": 3 if v.asym else 2}[v.kind]
+        nw = len(param_specs(v.kind, 16, K_ALIGN, max(v.gs, 1), v.asym))  # the weight arrays the function takes
         smem = {
             "gemv1": _gemv_smem(gv, 1, v.kind, v.asym, v.gs),
             "gemv2": _gemv_smem(gv, 2, v.kind, v.asym, v.gs),

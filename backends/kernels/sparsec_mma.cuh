@@ -180,6 +180,19 @@ __device__ __forceinline__ void dequant8_b_unscaled(uint32_t q0, uint32_t q1, ui
     a[i] = h2_as_u32(__hsub2(u32_as_h2(byte_pair_h2(i < 2 ? q0 : q1, i & 1)), (i & 1) ? z_hi : z_lo));
 }
 
+// k16 unit v of a dense quantized kind's codes `w` -> the 4 half2 registers of its A fragment: one word a unit for int4
+// (KIND_DQ4; also the 2:4 + int4 steps), two for int8 (KIND_DQ8). SCALED false: code - z only (sc unused).
+template <int KIND, bool SCALED = true>
+__device__ __forceinline__ void dequant_unit(const uint32_t* w, int v, uint32_t sc, uint32_t zb, uint32_t (&a)[4]) {
+  if constexpr (KIND == KIND_DQ8) {
+    if constexpr (SCALED) dequant8_b(w[2 * v], w[2 * v + 1], sc, zb, a);
+    else dequant8_b_unscaled(w[2 * v], w[2 * v + 1], zb, a);
+  } else {
+    if constexpr (SCALED) dequant8(w[v], sc, zb, a);
+    else dequant8_unscaled(w[v], zb, a);
+  }
+}
+
 // B fragment (k32 x n8) of one n8 token tile straight from global memory: registers j = 0..3 hold
 // X[tok][k0 + 8j + 2q .. +1] with tok = row (the caller clamps it to a valid row).
 __device__ __forceinline__ void load_b_global(uint32_t (&b)[4], const half* __restrict__ xrow, int k0, int q) {
@@ -356,19 +369,11 @@ __device__ __forceinline__ void gemv_compute(const GemvBuf<KIND, NT, RT, U>& f, 
               if (s & 1) mma_sp_16832<1>(t[n], a, f.b[u][s][n], f.m[u][r][s >> 1]);
               else mma_sp_16832<0>(t[n], a, f.b[u][s][n], f.m[u][r][s >> 1]);
             }
-          } else if constexpr (KIND == KIND_DQ8) {  // CH == 1: k16 units 0, 1 in words (0, 1), (2, 3)
+          } else {  // dense: k16 units 2s, 2s + 1 of the chunk
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
               uint32_t a[4];
-              dequant8_b_unscaled(w4[2 * h], w4[2 * h + 1], f.z[u][r][0], a);
-#pragma unroll
-              for (int n = 0; n < NT; ++n) mma_16816(t[n], a, f.b[u][s][n][2 * h], f.b[u][s][n][2 * h + 1]);
-            }
-          } else {
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              uint32_t a[4];
-              dequant8_unscaled(w4[2 * s + h], f.z[u][r][0], a);
+              dequant_unit<KIND, false>(w4, 2 * s + h, 0u, f.z[u][r][0], a);
 #pragma unroll
               for (int n = 0; n < NT; ++n) mma_16816(t[n], a, f.b[u][s][n][2 * h], f.b[u][s][n][2 * h + 1]);
             }
@@ -394,21 +399,13 @@ __device__ __forceinline__ void gemv_compute(const GemvBuf<KIND, NT, RT, U>& f, 
             else mma_sp_16832<0>(acc[r][n], a, f.b[u][s][n], f.m[u][r][s >> 1]);
           }
         }
-      } else if constexpr (KIND == KIND_DQ8) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          uint32_t a[4];
-          dequant8_b(w4[2 * h], w4[2 * h + 1], f.s[u][r][h], f.z[u][r][h], a);
-#pragma unroll
-          for (int n = 0; n < NT; ++n) mma_16816(acc[r][n], a, f.b[u][0][n][2 * h], f.b[u][0][n][2 * h + 1]);
-        }
-      } else {
+      } else {  // dense: k16 units 2s, 2s + 1 of the chunk
 #pragma unroll
         for (int s = 0; s < CH; ++s)
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             uint32_t a[4];
-            dequant8(w4[2 * s + h], f.s[u][r][2 * s + h], f.z[u][r][2 * s + h], a);
+            dequant_unit<KIND>(w4, 2 * s + h, f.s[u][r][2 * s + h], f.z[u][r][2 * s + h], a);
 #pragma unroll
             for (int n = 0; n < NT; ++n) mma_16816(acc[r][n], a, f.b[u][s][n][2 * h], f.b[u][s][n][2 * h + 1]);
           }
@@ -727,10 +724,8 @@ __device__ __forceinline__ void codes_to_fp16_body(const uint4* __restrict__ Wq,
   for (int w = 0; w < UPT; ++w) {
     const int unit = UPT * u + w;
     const size_t si = ((size_t)rt * G + (unit * 16) / GS) * 8 + g;
-    const uint32_t zb = ASYM ? Zb[si] : kZero;
     uint32_t a[4];
-    if constexpr (BITS == 8) dequant8_b(qs[2 * w], qs[2 * w + 1], Sc[si], zb, a);
-    else dequant8(qs[w], Sc[si], zb, a);
+    dequant_unit<BITS == 8 ? KIND_DQ8 : KIND_DQ4>(qs, w, Sc[si], ASYM ? Zb[si] : kZero, a);
     Wv[((size_t)rt * U + unit) * 32 + lane] = make_uint4(a[0], a[1], a[2], a[3]);
   }
 }
@@ -916,24 +911,16 @@ __device__ __forceinline__ void gemm_body(const half* __restrict__ X, const uint
             if (ks & 1) mma_sp_16832<1>(acc[mt][n], a, b[n], e);
             else mma_sp_16832<0>(acc[mt][n], a, b[n], e);
           }
-        } else if constexpr (KIND == KIND_DQ8) {
-          const uint4 w4 = *reinterpret_cast<const uint4*>(base + ((size_t)(r * C::kSteps + ks) * 32 + lane) * 16);
-          const uint32_t ws[4] = {w4.x, w4.y, w4.z, w4.w};
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int v = 2 * (kt * C::kSteps + ks) + h;
-            const int sl = (v * 16) / GS - g0;
-            const uint32_t sc = sb[(r * C::kSlots + sl) * 8 + g];
-            const uint32_t zb = ASYM ? sb[(BM / 16) * C::kSlots * 8 + (r * C::kSlots + sl) * 8 + g] : Tr::kSymZero;
-            uint32_t a[4];
-            dequant8_b(ws[2 * h], ws[2 * h + 1], sc, zb, a);
-#pragma unroll
-            for (int n = 0; n < C::kNT; ++n) mma_16816(acc[mt][n], a, b[n][2 * h], b[n][2 * h + 1]);
+        } else {  // dense: the k32 step's codes are 8 bytes a lane (int4: half of a 2-step chunk) or 16 (int8)
+          const unsigned char* wp = base + ((size_t)(r * (C::kSteps / CH) + ks / CH) * 32 + lane) * 16 + (ks % CH) * (16 / CH);
+          uint32_t ws[4];
+          if constexpr (KIND == KIND_DQ8) {
+            const uint4 w4 = *reinterpret_cast<const uint4*>(wp);
+            ws[0] = w4.x, ws[1] = w4.y, ws[2] = w4.z, ws[3] = w4.w;
+          } else {
+            const uint2 w2 = *reinterpret_cast<const uint2*>(wp);
+            ws[0] = w2.x, ws[1] = w2.y;
           }
-        } else {  // KIND_DQ4
-          const uint2 w2 = *reinterpret_cast<const uint2*>(
-              base + ((size_t)(r * (C::kSteps / 2) + ks / 2) * 32 + lane) * 16 + (ks % 2) * 8);
-          const uint32_t ws[2] = {w2.x, w2.y};
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const int v = 2 * (kt * C::kSteps + ks) + h;
@@ -941,7 +928,7 @@ __device__ __forceinline__ void gemm_body(const half* __restrict__ X, const uint
             const uint32_t sc = sb[(r * C::kSlots + sl) * 8 + g];
             const uint32_t zb = ASYM ? sb[(BM / 16) * C::kSlots * 8 + (r * C::kSlots + sl) * 8 + g] : Tr::kSymZero;
             uint32_t a[4];
-            dequant8(ws[h], sc, zb, a);
+            dequant_unit<KIND>(ws, h, sc, zb, a);
 #pragma unroll
             for (int n = 0; n < C::kNT; ++n) mma_16816(acc[mt][n], a, b[n][2 * h], b[n][2 * h + 1]);
           }
