@@ -93,7 +93,7 @@ def variants_int4(kind: str, gs: int = 128, mma_tiles: bool = False):
         kn = v.kernel_names()
         rows.append({"func": v.func_name, "kind": kind, "asym": False, "gs": gs, "config": v.config_dict(),
                      "path": "dq16" if dq else "mma.sp", "wgmma": bool(dq), "ws": False, "default": bool(dq and wm is None),
-                     "reference": not dq, "kernel": kn["dq16_convert"] + "+" + kn["dq16_gemm"] if dq else kn["gemm"]})
+                     "reference": g is gemms[0], "kernel": kn["dq16_convert"] + "+" + kn["dq16_gemm"] if dq else kn["gemm"]})
     return [Variant.make(kind, False, gs, r["config"]) for r in rows], rows
 
 
