@@ -85,8 +85,10 @@ WITH_WS = os.environ.get("SPARSEC_BENCH_WITH_WS") == "1"
 
 
 # decode-only pack (build/device --decode): the GEMV configs timed there, each with every split count (0 = auto)
-DECODE_BASES = [(8, 2, 1), (4, 2, 1), (4, 1, 1), (8, 1, 1), (16, 2, 1), (8, 2, 2)]  # (warps, rt, u)
-DECODE_KS = (0, 1, 2, 4, 8)
+# SPARSEC_DECODE_BASES="16.2.1,8.2.1" / SPARSEC_DECODE_KS="1" replace them (a smaller search)
+DECODE_BASES = [tuple(int(v) for v in b.split(".")) for b in os.environ.get("SPARSEC_DECODE_BASES", "").split(",") if b] or [
+    (8, 2, 1), (4, 2, 1), (4, 1, 1), (8, 1, 1), (16, 2, 1), (8, 2, 2)]  # (warps, rt, u)  # fmt: skip
+DECODE_KS = tuple(int(x) for x in os.environ.get("SPARSEC_DECODE_KS", "0,1,2,4,8").split(",") if x)
 DECODE_DEFAULT_SHAPES = LLM_SHAPES + [(4096, 14336), (14336, 4096)]  # + the --extra-shapes of the documented runs
 # L2 prefetch distances (chunks ahead, "pf") timed on every base with the automatic split; SPARSEC_DECODE_PF="4,8"
 # overrides (empty: none)
@@ -97,6 +99,13 @@ DECODE_PF = tuple(int(x) for x in os.environ.get("SPARSEC_DECODE_PF", "").split(
 DECODE_ST = tuple(int(x) for x in os.environ.get("SPARSEC_DECODE_ST", "").split(",") if x)
 # SPARSEC_DECODE_XS=1: every base also with the activations staged in shared memory and read by ldmatrix ("xs")
 DECODE_XS = os.environ.get("SPARSEC_DECODE_XS", "") == "1"
+# SPARSEC_DECODE_WR=1: row groups sharing staged activations ("wr", staged "xs" 3) and 4-row-tile blocks, as
+# (warps, rt, wr, ks) candidates of every kind, and their correctness checks (tails, zero points, a split)
+DECODE_WR = os.environ.get("SPARSEC_DECODE_WR", "") == "1"
+DECODE_WR_CANDIDATES = [(16, 2, 2, 1), (16, 2, 2, 2), (16, 1, 2, 1), (16, 1, 4, 1), (16, 1, 4, 2), (16, 2, 4, 2),
+                        (8, 2, 2, 1), (8, 2, 2, 2), (8, 1, 2, 1), (8, 1, 4, 1), (8, 1, 4, 2), (8, 2, 4, 1),
+                        (4, 2, 2, 1), (4, 2, 2, 2), (4, 1, 2, 1), (4, 1, 4, 1),
+                        (8, 4, 1, 1), (8, 4, 1, 2), (4, 4, 1, 1), (16, 4, 1, 2)]  # fmt: skip
 DECODE_SPLIT_KS = (0, 1, 2, 3, 4, 8)  # every kind and zero-point mode at the check shapes' group sizes, odd split too
 
 
@@ -108,7 +117,11 @@ def decode_variant_rows():
 
     rows, seen = [], set()
 
+    from sparsec.backends.kernels.cuda_sparse import gemv_valid
+
     def add(kind, asym, gs, gemv, role):
+        if gemv is not None and not gemv_valid(gemv):  # e.g. row groups with "xs" taken away
+            return
         cfg = dict(default_config(kind), gemv=gemv) if gemv is not None else {}
         v = Variant.make(kind, asym, gs, cfg)
         if (v.func_name, role) in seen:
@@ -127,6 +140,14 @@ def decode_variant_rows():
                     add(kind, asym, gs, dict(default_config(kind)["gemv"], ks=ks), "split_check")
                 for st, ks in ((3, 0), (2, 3)):  # the cp.async ring, with and without a split, every group size / zeros
                     add(kind, asym, gs, dict(default_config(kind)["gemv"], warps=4, st=st, ks=ks), "ring_check")
+                # the untuned row tilings of LLM layers (gemv_tile_plan: 4 row tiles a warp; 64-row blocks split in 2
+                # at M > 8, row groups for 2:4 + int4) on the check shapes: tails, zero points, every group size
+                for n_, k_ in ((14336, 4096), (4096, 14336)):
+                    add(kind, asym, gs, default_config(kind, "sm_90a", n_, k_, asym)["gemv"], "plan_check")
+                if DECODE_WR:  # row groups: tails of the 64-row blocks, zero points, an odd split, two chunks a stage
+                    for w, rt, wr, u, ks in ((8, 2, 2, 1, 0), (16, 1, 4, 1, 3), (4, 2, 2, 2, 1), (8, 1, 4, 1, 2)):
+                        add(kind, asym, gs, dict(default_config(kind)["gemv"], warps=w, warps2=0, rt=rt, wr=wr, u=u,
+                                                 xs=3, ks=ks), "wr_check")  # fmt: skip
                 if DECODE_XS:  # staged activations, with and without a split, two chunks a stage
                     for u, ks in ((1, 0), (2, 3)):
                         add(kind, asym, gs, dict(default_config(kind)["gemv"], warps=4, u=u, xs=3, ks=ks), "xs_check")
@@ -142,6 +163,9 @@ def decode_variant_rows():
             if DECODE_XS:
                 add(kind, False, gs, {"warps": w, "rt": rt, "u": u, "ks": 0, "xs": 3}, "candidate")
                 add(kind, False, gs, {"warps": w, "rt": rt, "u": u, "ks": 1, "xs": 3}, "candidate")
+        if DECODE_WR:
+            for w, rt, wr, ks in DECODE_WR_CANDIDATES:
+                add(kind, False, gs, {"warps": w, "rt": rt, "u": 1, "ks": ks, "pf": 0, "xs": 3, "wr": wr}, "candidate")
         # the untuned build's GEMV config of each timed shape (warps per token-tile count from the layer's rows), and
         # its whole-K twin: both compete in the search too
         for n, k in DECODE_DEFAULT_SHAPES:
@@ -163,7 +187,9 @@ def _steady_ms(d):
 def _cfg_label(c):
     """w16 rt2 u1 ks0 (pf8): a GEMV config as the decode report writes it."""
     w2 = f"/{c['warps2']}" if c.get("warps2") and c["warps2"] != c["warps"] else ""
-    return (f"w{c['warps']}{w2} rt{c['rt']} u{c['u']} ks{c['ks']}" + (f" pf{c['pf']}" if c.get("pf") else "")
+    wr = (f" wr{c.get('wr', 1)}" + (f"/{c['wr2']}" if c.get("wr2") and c["wr2"] != c.get("wr", 1) else "")
+          if c.get("wr", 1) > 1 or c.get("wr2", 0) > 1 else "")
+    return (f"w{c['warps']}{w2} rt{c['rt']}{wr} u{c['u']} ks{c['ks']}" + (f" pf{c['pf']}" if c.get("pf") else "")
             + (f" st{c['st']}" if c.get("st") else "")
             + ({1: " xs1", 2: " xs2", 3: " xs"}.get(c.get("xs", 0), "") if not c.get("st") else "")
             + (" og0" if c.get("og", 1) == 0 else ""))
@@ -1115,17 +1141,13 @@ def write_decode_tuning(raw, name):
     """A steady-state decode run -> the GEMV config of golden/tuning/h100.json's entries of the run's shapes (the
     other paths and the entries' other data untouched): per (kind, shape) the searched config with the least geometric
     mean over the run's token counts of time / that count's best (chosen on the same measurement, as `sparsec tune`
-    does). Zero-point entries (searched symmetric, marked estimated) keep 2:4 + int4's M > 8 kernel at <= 8 warps."""
+    does), per token-tile kernel. Zero-point entries (not searched) get the untuned rule's config for zero points."""
     import math
 
-    from sparsec.backends.kernels.cuda_sparse import GEMV_MAX_WARPS, gemv_warps
+    from sparsec.backends.kernels.cuda_sparse import default_config, gemv_ks, gemv_rt, gemv_wr
     from sparsec.backends.tune import TuningDB, shipped_db_path
 
-    pick = {}
-    by_shape = {}
-    for r in raw.get("bench", []):
-        by_shape.setdefault((r["kind"], r["out"], r["in"]), []).append(r)
-    for key, rows in sorted(by_shape.items()):
+    def winner(rows):  # the config with the least summed log(time / best) over rows, its times, geometric mean
         score, ms = {}, {}
         for r in rows:
             ok = [x for x in r["search"] if "ms" in x]
@@ -1135,9 +1157,35 @@ def write_decode_tuning(raw, name):
                 score.setdefault(c, []).append(math.log(x["ms"] / best))
                 ms.setdefault(c, {})[str(r["m"])] = x["ms"]
         full = [c for c, v in score.items() if len(v) == len(rows)]
-        if full:
-            c = min(full, key=lambda c: (sum(score[c]), c))
-            pick[key] = (json.loads(c), ms[c], math.exp(sum(score[c]) / len(rows)))
+        if not full:
+            return None
+        c = min(full, key=lambda c: (sum(score[c]), c))
+        return json.loads(c), ms[c], math.exp(sum(score[c]) / len(rows))
+
+    # each token-tile kernel is its own instantiation, grid and split: the M <= 8 kernel's fields from the winner over
+    # the run's M <= 8 points, the M > 8 kernel's ("warps2", "rt2", "wr2", "ks2", "xs" bit 2) from the winner over its
+    # M > 8 points, among the configs that share the first's pipeline options (u, og, pf, st)
+    pick = {}
+    by_shape = {}
+    for r in raw.get("bench", []):
+        by_shape.setdefault((r["kind"], r["out"], r["in"]), []).append(r)
+    for key, rows in sorted(by_shape.items()):
+        one = winner([r for r in rows if r["m"] <= 8])
+        if one is None:
+            continue
+        shared = ("u", "og", "pf", "st")
+        same = [dict(r, search=[x for x in r["search"] if all(x["gemv"].get(f) == one[0].get(f) for f in shared)])
+                for r in rows if r["m"] > 8]  # fmt: skip
+        two = winner(same) if same else None
+        gemv, ms = dict(one[0]), dict(one[1])
+        if two is not None:
+            c2 = two[0]
+            gemv.update(warps2=c2.get("warps2") or c2["warps"], rt2=gemv_rt(c2, 2), wr2=gemv_wr(c2, 2),
+                        ks2=max(1, gemv_ks(c2, 2)), xs=(gemv.get("xs", 0) & 1) | (c2.get("xs", 0) & 2))
+            ms.update(two[1])
+        n_pts = len(rows)
+        gm = math.exp((math.log(one[2]) * (n_pts - len(same)) + (math.log(two[2]) * len(same) if two else 0)) / n_pts)
+        pick[key] = (gemv, ms, gm)
     path = shipped_db_path("h100")
     db = TuningDB(entries=TuningDB.read(path), path=path)
     changed = 0
@@ -1148,9 +1196,13 @@ def write_decode_tuning(raw, name):
         if got is None or (kind != "sp16" and e["key"].get("group_size") != LLM_GS):
             continue
         gemv, ms, gm = dict(got[0]), got[1], got[2]
-        cap = GEMV_MAX_WARPS.get((kind, 2))
-        if cap is not None and not e["key"].get("symmetric", True) and gemv_warps(gemv, 2) > cap:
-            gemv["warps2"] = cap
+        if not e["key"].get("symmetric", True):  # zero points were not searched: the untuned rule with their registers
+            e["config"]["gemv"] = default_config(kind, "sm_90a", e["key"]["out"], e["key"]["in"], asym=True)["gemv"]
+            e.setdefault("ms", {}).pop("gemv", None)
+            e["gemv_from"] = {"rule": "cuda_sparse.default_config (zero points: not searched)",
+                              "run": f"bench/results/cuda_kernels_decode_{name}.json"}
+            changed += 1
+            continue
         e["config"]["gemv"] = gemv
         e.setdefault("ms", {})["gemv"] = ms
         e["gemv_from"] = {"run": f"bench/results/cuda_kernels_decode_{name}.json", "measured": raw.get("started"),

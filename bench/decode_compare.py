@@ -4,6 +4,7 @@ computed from the run's own search pass (every config timed the same way in one 
     python bench/decode_compare.py defaults   # default / best config time, mean over M <= 8 (splitk vs autowarps)
     python bench/decode_compare.py ring       # best register-pipeline config / best cp.async-ring config, per point
     python bench/decode_compare.py xs         # same config without / with staged activations, median per point
+    python bench/decode_compare.py rowgroups  # the row tiling of cuda_sparse.gemv_tile_plan vs the run's default
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 RES = Path(__file__).resolve().parent / "results"
 KINDS = ("sp16", "sp4", "dq4")
+KIND_NAMES = {"sp16": "2:4 fp16", "sp4": "2:4 + int4 g128", "dq4": "int4 g128", "dq8": "int8 g128"}
 
 
 def _bench(name: str) -> list[dict]:
@@ -60,8 +62,61 @@ def xs() -> None:
             print(f"{k:5} M {lo}-{hi}: time without / with xs, median per point: {min(med):.2f}-{max(med):.2f}")
 
 
+
+
+def _kernel_fields(c: dict, b: dict) -> tuple:
+    """What the token-tile kernel of a GEMV config runs at point ``b`` (instantiation, grid rows, the split launched)."""
+    import os
+
+    sys.path.insert(0, os.fspath(Path(__file__).resolve().parents[1]))
+    from sparsec.backends.kernels import cuda_sparse as cs
+
+    nt = 1 if b["m"] <= 8 else 2
+    ks = cs.gemv_launch(b["kind"], b["out"], b["in"], b["m"], c, 132)["ks"]  # the run's H100: 132 SMs
+    return (cs.gemv_warps(c, nt), cs.gemv_rt(c, nt), cs.gemv_wr(c, nt), ks, cs.gemv_xs(c, nt), c.get("u", 1),
+            c.get("og", 1), c.get("pf", 0), c.get("st", 0))
+
+
+def rowgroups() -> None:
+    """Per point of the rowgroups run: the untuned config the build now makes for the layer (default_config with
+    gemv_tile_plan) runs, for that M, the same kernel, grid and split as one of the run's candidates: its time vs the
+    run's default (the rule before) and cuBLAS, all from the same run. Points where the kernel is unchanged print '='."""
+    import os
+
+    sys.path.insert(0, os.fspath(Path(__file__).resolve().parents[1]))
+    from sparsec.backends.kernels.cuda_sparse import default_config
+
+    rows = {}
+    for b in _bench("rowgroups"):
+        new = _kernel_fields(default_config(b["kind"], "sm_90a", b["out"], b["in"])["gemv"], b)
+        if new == _kernel_fields(b["default"]["gemv"], b):
+            t_new = b["default"]["graph_ms"]
+            same = True
+        else:
+            hits = [x["ms"] for x in b["search"] if "ms" in x and _kernel_fields(x["gemv"], b) == new]
+            if not hits:
+                print(f"{b['kind']} {b['out']}x{b['in']} M={b['m']}: the new kernel was not timed in this run")
+                continue
+            t_new, same = min(hits), False
+        rows.setdefault(b["kind"], []).append((b["out"], b["in"], b["m"], b["default"]["graph_ms"], t_new,
+                                               b["dense"]["graph_ms"], same))
+    for kind, rs in rows.items():
+        print(f"## {KIND_NAMES.get(kind, kind)}")
+        print("| shape | M | before us (x cuBLAS) | now us (x cuBLAS) | before / now |")
+        print("|---|---|---|---|---|")
+        for n, k, m, old, new, dense, same in rs:
+            print(f"| {n}x{k} | {m} | {old * 1e3:.1f} ({dense / old:.2f}x) | "
+                  f"{'=' if same else f'{new * 1e3:.1f} ({dense / new:.2f}x)'} | {old / new:.2f} |")
+        for lo, hi in ((1, 8), (16, 16)):
+            sel = [r for r in rs if lo <= r[2] <= hi]
+            now = [r[5] / r[4] for r in sel]
+            print(f"{kind} M {lo}-{hi}: now {min(now):.2f}-{max(now):.2f}x cuBLAS (before "
+                  f"{min(r[5] / r[3] for r in sel):.2f}-{max(r[5] / r[3] for r in sel):.2f}x); before / now "
+                  f"{min(r[3] / r[4] for r in sel):.2f}-{max(r[3] / r[4] for r in sel):.2f}")
+
+
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else ""
-    if what not in ("defaults", "ring", "xs"):
-        sys.exit("usage: python bench/decode_compare.py defaults|ring|xs")
+    if what not in ("defaults", "ring", "xs", "rowgroups"):
+        sys.exit("usage: python bench/decode_compare.py defaults|ring|xs|rowgroups")
     globals()[what]()

@@ -77,6 +77,11 @@ SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_9
 # "st": stages of the cp.async shared-memory ring that feeds the weights (0 = the two register buffers of "u" chunks).
 # "xs": activations staged in shared memory by cp.async and read with ldmatrix (register pipeline only), a bit per
 # token-tile kernel: 1 = the M <= 8 kernel, 2 = the M > 8 one, 3 = both.
+# "wr" (absent = 1): row groups of warps a block of the M <= 8 kernel, "wr2" the M > 8 one's (absent / 0 = "wr"): the
+# block's warps form wr groups of rt row tiles each x warps / wr parts of its K range, and the wr warps of a K part
+# share its staged activations ("xs" needed for that kernel), so a block reads its activations once for wr x rt row
+# tiles (gemv_rows). "rt2" / "ks2" (absent / 0 = "rt" / the M > 8 rule of "ks"): the M > 8 kernel's row tiles per
+# row group and K splits, so one config holds each token-tile kernel's own tiling.
 DEFAULT_GEMV = {"warps": 8, "rt": 2, "u": 1, "ks": 0, "pf": 0, "warps2": 0, "og": 1, "st": 0, "xs": 0}
 # 2:4 + int4 with 4-warp blocks at M <= 8 (rows beyond ~1.5 waves of 16-warp blocks): the staged path was 0.86-0.99x
 # of the unstaged one at M = 2-8 (bench/results/cuda_kernels_decode_xs_default.md), so those layers stage only at M > 8
@@ -102,6 +107,11 @@ GEMV_WARP_BUDGET = {("sp16", 1): 32, ("sp4", 1): 20, ("dq4", 1): 24, ("sp16", 2)
 # int8 (dq8): from ptxas -v alone (sm_90a; not fitted on a GPU run): 58-62 registers at one token tile (64-73 with zero
 # points), 72-91 at two (80-96)
 GEMV_WARP_BUDGET_ASYM = {("dq4", 1): 16, ("sp4", 1): 16, ("sp4", 2): 12, ("dq8", 1): 28}
+# The same for 4-row-tile warps (gemv_tile_plan; ptxas -v, sm_90a, staged activations): one token tile 2:4 + int4
+# 126-128 registers (150 with zero points); two: 2:4 + int4 191-192 (203-204), 2:4 fp16 126-128, int4 152 (165),
+# int8 128-132
+GEMV_WARP_BUDGET_RT4 = {("sp4", 1): 16, ("sp4", 2): 10, ("sp16", 2): 16, ("dq4", 2): 13, ("dq8", 2): 16}
+GEMV_WARP_BUDGET_RT4_ASYM = {("sp4", 1): 13, ("sp4", 2): 10, ("dq4", 2): 12, ("dq8", 2): 15}
 GEMV_WARP_CHOICES = (16, 8, 4)
 GEMV_MAX_WARPS = {("sp4", 2): 8}
 ARCH_SMS = {"sm_80": 108, "sm_86": 84, "sm_89": 128, "sm_90": 132, "sm_90a": 132}  # A100, A40/3090-class, L40, H100 SXM
@@ -176,13 +186,62 @@ def default_config(kind: str, arch: str = "sm_90a", n: int | None = None, k: int
         gemm["dq16"] = 1
     gemv = dict(DEFAULT_GEMV_KIND[kind])
     if n is not None:
+        sms = ARCH_SMS.get(arch, ARCH_SMS["sm_80"])
+        plans = {nt: gemv_tile_plan(kind, n, k, nt, sms, asym) for nt in (1, 2)}
         for key, nt in (("warps", 1), ("warps2", 2)):
-            budget = (GEMV_WARP_BUDGET_ASYM if asym else {}).get((kind, nt), GEMV_WARP_BUDGET[(kind, nt)])
-            gemv[key] = gemv_auto_warps(budget, n, gemv["rt"], ARCH_SMS.get(arch, ARCH_SMS["sm_80"]),
+            plan = plans[nt]
+            if plan.get("warps"):
+                gemv[key] = plan["warps"]
+                continue
+            table = (GEMV_WARP_BUDGET_RT4_ASYM if asym else GEMV_WARP_BUDGET_RT4) if plan else {}
+            budget = table.get((kind, nt)) or (GEMV_WARP_BUDGET_ASYM if asym else {}).get(
+                (kind, nt), GEMV_WARP_BUDGET[(kind, nt)])  # fmt: skip
+            gemv[key] = gemv_auto_warps(budget, n, plan.get("rows", gemv_rows(gemv, nt)), sms,
                                         gemv_chunks(kind, k) if k is not None else None, GEMV_MAX_WARPS.get((kind, nt)))
-        if gemv.get("xs") and gemv["warps"] < GEMV_XS_MIN_WARPS.get(kind, 0):
+        if gemv.get("xs") and gemv["warps"] < GEMV_XS_MIN_WARPS.get(kind, 0) and not plans[1]:
             gemv["xs"] &= ~1
+        for nt, (rt_key, wr_key, ks_key) in ((1, ("rt", "wr", None)), (2, ("rt2", "wr2", "ks2"))):
+            plan = plans[nt]
+            if not plan:
+                continue
+            gemv["xs"] = gemv.get("xs", 0) | (1 << (nt - 1))  # measured with the activations staged
+            gemv[rt_key] = plan["rt"]
+            if plan["wr"] > 1:
+                gemv[wr_key] = plan["wr"]
+            if ks_key and plan.get("ks"):
+                gemv[ks_key] = plan["ks"]
+        if plans[1] and not plans[2]:  # "rt" is the M > 8 kernel's too unless "rt2" says otherwise
+            gemv["rt2"] = DEFAULT_GEMV_KIND[kind]["rt"]
     return {"gemv": gemv, "gemm_small": dict(DEFAULT_GEMM_SMALL[kind]), "gemm": gemm, "small_max": DEFAULT_SMALL_MAX}
+
+
+def gemv_tile_plan(kind: str, n: int, k: int | None, nt: int, sms: int, asym: bool = False) -> dict[str, int]:
+    """The untuned decode GEMV's row tiling for the ``nt`` token-tile kernel of an ``n`` x ``k`` layer, where it is not
+    the default 2 row tiles a warp: {} or {"rt", "wr", "rows" (= rt x wr), and "ks", "warps" where fixed}.
+
+    Every block reads the activations of its K range once, for all the row tiles it owns, so the activation bytes a
+    layer moves through L2 are (blocks x K x M x 2) and at M = 9..16 exceed the 2:4 + int4 weight's (~2.7x with 2 row
+    tiles a block). Fitted on the H100 decode run bench/results/cuda_kernels_decode_rowgroups.md (steady state, every
+    kind, 5 LLM shapes, M = 1..16):
+
+    - rows >= 4 row tiles per SM x 4 (11008 / 14336 rows on an H100): 4 row tiles a warp, for the M > 8 kernel of every
+      kind and for both kernels of 2:4 + int4 (14336 x 4096, M = 16: 2:4 + int4 25.1 -> 17.9 us, 2:4 fp16 31.2 -> 25.1,
+      int4 27.5 -> 23.8, int8 34.5 -> 26.6; M = 8, 2:4 + int4: 16.4 -> 13.4). Warps from the registers of those
+      kernels (GEMV_WARP_BUDGET_RT4). Not 2:4 fp16 / int4 / int8 at M <= 8: there it was 0.9-1.2x either way.
+    - the M > 8 kernel of a layer whose blocks of 4 row tiles fill about half the SMs (4096 rows on an H100) and whose
+      K leaves every warp >= 5 chunks of a 2-way split (K = 11008 / 14336, not 4096): 16 warps, 4 row tiles a warp (2:4
+      + int4: 2 row groups of 2, its 4-row-tile kernel spills at 16 warps), split in 2 (4096 x 14336, M = 16: 2:4 + int4
+      22.1 -> 18.4 us, 2:4 fp16 28.5 -> 25.9, int4 23.5 -> 20.9, int8 30.5 -> 26.9). Not with zero points on 2:4 + int4
+      (its 16-warp kernel spills 176 bytes)."""
+    n_rt = -(-n // 16)
+    if n_rt >= 4 * sms and (nt == 2 or kind == "sp4"):
+        return {"rt": 4, "wr": 1, "rows": 4}
+    if nt == 2 and k is not None and not (kind == "sp4" and asym):
+        blocks = 2 * -(-n_rt // 4)
+        rt, wr = (2, 2) if kind == "sp4" else (4, 1)
+        if 0.9 * sms <= blocks <= sms and gemv_chunks(kind, k) >= 5 * 2 * (16 // wr):
+            return {"rt": rt, "wr": wr, "rows": 4, "ks": 2, "warps": 16}
+    return {}
 
 
 def gemv_auto_warps(budget: int, n: int, rt: int, sms: int, nck: int | None = None, max_warps: int | None = None) -> int:
@@ -600,13 +659,36 @@ def _inst_name(kind: str, asym: bool, path: str, c: dict[str, int], nt: int, og:
         pf = f"_p{c['pf']}" if c.get("pf") else ""
         st = f"_s{c['st']}" if c.get("st") else ""
         xs = "_x" if gemv_xs(c, nt) else ""
-        return f"sparsec_gemv_{kind}{a}_nt{nt}_w{gemv_warps(c, nt)}_r{c['rt']}_u{c['u']}{pf}{st}{xs}{'_og' if og else ''}"
+        wr = f"_g{gemv_wr(c, nt)}" if gemv_wr(c, nt) > 1 else ""
+        return (f"sparsec_gemv_{kind}{a}_nt{nt}_w{gemv_warps(c, nt)}_r{gemv_rt(c, nt)}{wr}_u{c['u']}{pf}{st}{xs}"
+                f"{'_og' if og else ''}")
     wg = "_wgmma" if c.get("wgmma") else ""
     if c.get("ws"):
         wg = ("_ws" + ("p" if c.get("persistent") else "") + (f"c{c['cluster']}" if c.get("cluster", 1) > 1 else "")
               + ("d" if c.get("dense") else "") + ("t" if c.get("tail") else "")
               + ("m" if c.get("wmap") else ""))  # fmt: skip
     return f"sparsec_gemm{wg}_{kind}{a}_{c['bm']}x{c['bn']}x{c['bk']}_w{c['wm']}x{c['wn']}_s{c['stages']}"
+
+
+def gemv_wr(c: dict[str, int], nt: int) -> int:
+    """Row groups of warps a block of the ``nt`` token-tile GEMV kernel ("wr"; "wr2" for two when set)."""
+    return (c.get("wr2") or c.get("wr", 1)) if nt == 2 else c.get("wr", 1)
+
+
+def gemv_rt(c: dict[str, int], nt: int) -> int:
+    """16-row tiles a warp of the ``nt`` token-tile GEMV kernel owns ("rt"; "rt2" for two when set)."""
+    return (c.get("rt2") or c["rt"]) if nt == 2 else c["rt"]
+
+
+def gemv_ks(c: dict[str, int], nt: int) -> int:
+    """The K split setting of the ``nt`` token-tile GEMV kernel: "ks" (0 = automatic, which is 1 for two token tiles);
+    "ks2" replaces it for two when set."""
+    return (c.get("ks2") or c.get("ks", 1)) if nt == 2 else c.get("ks", 1)
+
+
+def gemv_rows(c: dict[str, int], nt: int) -> int:
+    """16-row tiles a block of the ``nt`` token-tile GEMV kernel owns: rt per row group x row groups."""
+    return gemv_rt(c, nt) * gemv_wr(c, nt)
 
 
 def gemv_xs(c: dict[str, int], nt: int) -> bool:
@@ -630,13 +712,14 @@ def gemv_ring_stage_bytes(kind: str, rt: int, asym: bool, og: bool) -> int:
 
 
 def _gemv_smem(c: dict[str, int], nt: int, kind: str = "sp16", asym: bool = False, gs: int = 0) -> int:
-    red = gemv_warps(c, nt) * c["rt"] * nt * 4 * 32 * 4
+    red = gemv_warps(c, nt) * gemv_rt(c, nt) * nt * 4 * 32 * 4
     st = c.get("st", 0)
     if not st:
-        if gemv_xs(c, nt):  # two buffers of U chunks x NT*8 rows x (CH k32 steps + 16 bytes) (sparsec_mma.cuh XTile)
-            return red + gemv_warps(c, nt) * 2 * c["u"] * nt * 8 * (_STEPS_PER_CHUNK[kind] * 64 + 16)
+        if gemv_xs(c, nt):  # per k-group two buffers of U chunks x NT*8 rows x (CH k32 steps + 16 bytes) (XTile)
+            groups = gemv_warps(c, nt) // gemv_wr(c, nt)
+            return red + groups * 2 * c["u"] * nt * 8 * (_STEPS_PER_CHUNK[kind] * 64 + 16)
         return red
-    return red + gemv_warps(c, nt) * st * gemv_ring_stage_bytes(kind, c["rt"], asym, gemv_one_group(kind, gs, c))
+    return red + gemv_warps(c, nt) * st * gemv_ring_stage_bytes(kind, gemv_rt(c, nt), asym, gemv_one_group(kind, gs, c))
 
 
 # ----------------------------------------------------------------------------------------------------- split-K GEMV
@@ -656,23 +739,24 @@ def gemv_chunks(kind: str, k: int) -> int:
     return (k // 32 + ch - 1) // ch
 
 
-def gemv_auto_ks(grid_x: int, warps: int, nck: int, sms: int) -> int:
+def gemv_auto_ks(grid_x: int, warps: int, nck: int, sms: int, kgroups: int = 0) -> int:
     """The split count of a ``"ks": 0`` config: enough blocks for GEMV_WARPS_PER_SM warps per SM (one block per row
     tile leaves e.g. 128 blocks x 8 warps for a 4096-row weight on 132 SMs), at most 8, no split leaving a warp fewer
     than GEMV_MIN_CHUNKS chunks, rounded down to a power of two (the split counts measured). Only for M <= 8 (one n8
     token tile): at M = 9..16 splitting was slower than the whole-K kernel at nearly every measured point (the
-    launcher and :func:`gemv_launch` use 1 there)."""
+    launcher and :func:`gemv_launch` use 1 there). ``kgroups``: the warps that split a block's K range (warps / "wr";
+    0 = every warp)."""
     want = -(-(sms * GEMV_WARPS_PER_SM) // max(1, grid_x * warps))
-    ks = max(1, min(want, 8, nck // max(1, GEMV_MIN_CHUNKS * warps)))
+    ks = max(1, min(want, 8, nck // max(1, GEMV_MIN_CHUNKS * (kgroups or warps))))
     return 1 << (ks.bit_length() - 1)
 
 
 _GEMV_KS_CXX = r"""
 // cuda_sparse.gemv_auto_ks (the split count of a "ks": 0 GEMV config), same formula
-int gemv_auto_ks(int64_t grid_x, int warps, int nck, int sms) {
+int gemv_auto_ks(int64_t grid_x, int warps, int nck, int sms, int kgroups = 0) {
   const int64_t per = std::max<int64_t>(1, grid_x * warps);
   const int64_t want = (static_cast<int64_t>(sms) * @WARPS_PER_SM@ + per - 1) / per;
-  const int64_t cap = nck / std::max<int64_t>(1, static_cast<int64_t>(@MIN_CHUNKS@) * warps);
+  const int64_t cap = nck / std::max<int64_t>(1, static_cast<int64_t>(@MIN_CHUNKS@) * (kgroups > 0 ? kgroups : warps));
   const int64_t ks = std::max<int64_t>(1, std::min<int64_t>(std::min<int64_t>(want, 8), cap));
   int p = 1;
   while (2 * p <= ks) p *= 2;
@@ -684,11 +768,12 @@ int gemv_auto_ks(int64_t grid_x, int warps, int nck, int sms) {
 def gemv_launch(kind: str, n: int, k: int, m: int, cfg: dict[str, int], sms: int) -> dict[str, int]:
     """Grid, split count and workspace of one decode GEMV launch (the launcher's arithmetic)."""
     n_rt = (n + 15) // 16
-    gx = (n_rt + cfg["rt"] - 1) // cfg["rt"]
-    nck = gemv_chunks(kind, k)
-    ks = cfg.get("ks", 1) or (gemv_auto_ks(gx, cfg["warps"], nck, sms) if m <= 8 else 1)
     nt = 1 if m <= 8 else 2
-    nv = cfg["rt"] * nt * 4
+    rows = gemv_rows(cfg, nt)
+    gx = (n_rt + rows - 1) // rows
+    nck = gemv_chunks(kind, k)
+    ks = gemv_ks(cfg, nt) or (gemv_auto_ks(gx, cfg["warps"], nck, sms, cfg["warps"] // gemv_wr(cfg, 1)) if m <= 8 else 1)
+    nv = rows * nt * 4
     return {"grid_x": gx, "ks": ks, "nt": nt, "threads": gemv_warps(cfg, nt) * 32, "nck": nck,
             "ws_floats": gx * ks * nv * 32 if ks > 1 else 0, "counters": gx if ks > 1 else 0}  # fmt: skip
 
@@ -696,8 +781,12 @@ def gemv_launch(kind: str, n: int, k: int, m: int, cfg: dict[str, int], sms: int
 def gemv_valid(c: dict[str, int]) -> bool:
     return (c.get("warps") in (1, 2, 4, 8, 16, 32) and c.get("rt", 0) >= 1 and c.get("u", 0) >= 1
             and 0 <= c.get("ks", 1) <= GEMV_MAX_KS and 0 <= c.get("pf", 0) <= GEMV_MAX_PF
+            and 0 <= c.get("ks2", 0) <= GEMV_MAX_KS and c.get("rt2", 0) >= 0
             and c.get("warps2", 0) in (0, 1, 2, 4, 8, 16, 32) and c.get("og", 1) in (0, 1)
-            and 0 <= c.get("st", 0) <= GEMV_MAX_ST and c.get("xs", 0) in (0, 1, 2, 3))  # fmt: skip
+            and 0 <= c.get("st", 0) <= GEMV_MAX_ST and c.get("xs", 0) in (0, 1, 2, 3)
+            and c.get("wr", 1) in (1, 2, 4, 8) and c.get("wr2", 0) in (0, 1, 2, 4, 8)
+            and all(gemv_wr(c, nt) == 1 or (gemv_xs(c, nt) and gemv_warps(c, nt) % gemv_wr(c, nt) == 0
+                                            and gemv_warps(c, nt) // gemv_wr(c, nt) <= 15) for nt in (1, 2)))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------- layouts
@@ -987,8 +1076,8 @@ def render_device_source(variants: list[Variant]) -> str:
                 "const uint4* __restrict__ Wv, const uint32_t* __restrict__ Wm, const uint32_t* __restrict__ Sc, "
                 "const uint32_t* __restrict__ Zb, half* __restrict__ Y, float* __restrict__ Ws, "
                 "unsigned* __restrict__ Cnt, int M, int N, int K, int T, int G, int GS) {\n"
-                f"  sparsec::gemv_body<sparsec::{kenum}, {nt}, {gemv_warps(c, nt)}, {c['rt']}, {c['u']}, {a}, {c.get('pf', 0)}, {'true' if og else 'false'}, {c.get('st', 0)}, "
-                f"{'true' if gemv_xs(c, nt) else 'false'}>"
+                f"  sparsec::gemv_body<sparsec::{kenum}, {nt}, {gemv_warps(c, nt)}, {gemv_rt(c, nt)}, {c['u']}, {a}, {c.get('pf', 0)}, {'true' if og else 'false'}, {c.get('st', 0)}, "
+                f"{'true' if gemv_xs(c, nt) else 'false'}, {gemv_wr(c, nt)}>"
                 "(X, Wv, Wm, Sc, Zb, Y, Ws, Cnt, M, N, K, T, G, GS);\n}\n"
             )
         for path in ("gemm_small", "gemm"):
@@ -1296,7 +1385,10 @@ struct Variant {
   bool asym;
   int gs;
   Kernel gemv1, gemv2, gemm_small, gemm;
-  int gemv_threads, gemv_threads2, gemv_rt, gemv_ks;  // threads of the M <= 8 / M > 8 kernel; gemv_ks 0: gemv_auto_ks
+  // threads and 16-row tiles a block of the M <= 8 / M > 8 kernel (cuda_sparse.gemv_rows); K splits of each
+  // (cuda_sparse.gemv_ks; gemv_ks 0: gemv_auto_ks, gemv_ks2 0: unsplit)
+  // gemv_wk: the warps splitting K in a block of the M <= 8 kernel (warps / "wr"; the automatic split's chunk floor)
+  int gemv_threads, gemv_threads2, gemv_rt, gemv_rt2, gemv_ks, gemv_ks2, gemv_wk;
   int gs_threads, gs_bm, gs_bn, gs_group;
   int gl_threads, gl_bm, gl_bn, gl_group;
   int small_max;
@@ -1396,17 +1488,19 @@ void run(const Variant& v, const TensorView& x, const TensorView* w, int nw, con
   if (M <= 16) {
     const Kernel& k = M <= 8 ? v.gemv1 : v.gemv2;
     CUfunction f = get_function(dev, k);
-    const int64_t grid = (n_rt + v.gemv_rt - 1) / v.gemv_rt;
+    const int rows = M <= 8 ? v.gemv_rt : v.gemv_rt2;
+    const int64_t grid = (n_rt + rows - 1) / rows;
     const int steps_per_chunk = (v.kind == 0 || v.kind == 3) ? 1 : (v.kind == 1 ? 4 : 2);
     const int nck = (iK / 32 + steps_per_chunk - 1) / steps_per_chunk;
     const int threads = M <= 8 ? v.gemv_threads : v.gemv_threads2;
     const int warps = threads / 32;
     // "ks": 0 -> automatic split, for one token tile only (M <= 8; cuda_sparse.gemv_auto_ks)
-    int ks = v.gemv_ks > 0 ? v.gemv_ks : (M <= 8 ? gemv_auto_ks(grid, warps, nck, sm_count(dev)) : 1);
+    int ks = M > 8 ? std::max(1, v.gemv_ks2)
+                   : (v.gemv_ks > 0 ? v.gemv_ks : gemv_auto_ks(grid, warps, nck, sm_count(dev), v.gemv_wk));
     void* Ws = nullptr;
     void* Cnt = nullptr;
     if (ks > 1) {  // unsplit when the workspace cannot be allocated (a stream captured before its first split call)
-      const size_t nv = static_cast<size_t>(v.gemv_rt) * (M <= 8 ? 1 : 2) * 4 * 32;
+      const size_t nv = static_cast<size_t>(rows) * (M <= 8 ? 1 : 2) * 4 * 32;
       if (!gemv_workspace(dev, stream, static_cast<size_t>(grid), static_cast<size_t>(grid) * ks * nv, &Cnt, &Ws)) ks = 1;
     }
     void* args[] = {&X, &Wv, &Wm, &Sc, &Zb, &Y, &Ws, &Cnt, &iM, &iN, &iK, &T, &G, &GS};
@@ -1495,7 +1589,8 @@ def render_host_source(variants: list[Variant], fatbin_path: str, symbol: str = 
         out.append(
             f"namespace {{\nconst Variant kV_{v.ident} = {{{kind}, {str(v.asym).lower()}, {v.gs}, {kern['gemv1']}, "
             f"{kern['gemv2']}, {kern['gemm_small']}, {kern['gemm']}, {gemv_warps(gv, 1) * 32}, {gemv_warps(gv, 2) * 32}, "
-            f"{gv['rt']}, {gv.get('ks', 1)}, "
+            f"{gemv_rows(gv, 1)}, {gemv_rows(gv, 2)}, {gemv_ks(gv, 1)}, {gemv_ks(gv, 2)}, "
+            f"{gemv_warps(gv, 1) // gemv_wr(gv, 1)}, "
             f"{gemm_threads(gs)}, {gs['bm']}, {gs['bn']}, {gs['group']}, {gemm_threads(gl)}, "
             f"{gl['bm']}, {gl['bn']}, {gl['group']}, {v.small_max}, {dq16}}};\n"
             f"void {v.func_name}_impl(TensorView x, {args}, TensorView y) {{\n"

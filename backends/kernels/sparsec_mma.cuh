@@ -509,16 +509,17 @@ struct XTile {
   static constexpr int kPieces = CH * 4;          // 16-byte pieces a row
 };
 
-template <int KIND, int NT, int U>
+// WR > 1: the buffer is shared by the WR warps of a k-group (row group gr stages every WR-th 32 pieces).
+template <int KIND, int NT, int U, int WR = 1>
 __device__ __forceinline__ void gemv_stage_x(uint32_t buf, int c0, int c_end, int TK, const half* __restrict__ X, int M,
-                                             int K, int lane) {
+                                             int K, int lane, int gr = 0) {
   using XT = XTile<KIND, NT, U>;
   const int rows = min(M, NT * 8);
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     const int c = c0 + u;
     if (c >= c_end) break;
-    for (int i = lane; i < rows * XT::kPieces; i += 32) {
+    for (int i = gr * 32 + lane; i < rows * XT::kPieces; i += 32 * WR) {
       const int r = i / XT::kPieces, p = i % XT::kPieces;
       const int t = c * XT::CH + p / 4;  // k32 step of the piece
       const bool ok = t < TK;
@@ -545,25 +546,38 @@ __device__ __forceinline__ void gemv_xfrag(GemvBuf<KIND, NT, RT, U>& f, const un
   }
 }
 
-template <int KIND, int NT, int WARPS, int RT, int U, bool ASYM, int PF, bool OG, int ST, bool XS>
+// Named barrier of the WR warps of k-group kw (ids 1..15; 0 is __syncthreads'); one warp: __syncwarp.
+template <int WR>
+__device__ __forceinline__ void gemv_group_sync(int kw) {
+  if constexpr (WR == 1) __syncwarp();
+  else asm volatile("bar.sync %0, %1;\n" ::"r"(1 + kw), "r"(WR * 32) : "memory");
+}
+
+template <int KIND, int NT, int WARPS, int RT, int U, bool ASYM, int PF, bool OG, int ST, bool XS, int WR = 1>
 __device__ __forceinline__ void gemv_body(const half* __restrict__ X, const uint4* __restrict__ Wv,
                                           const uint32_t* __restrict__ Wm, const uint32_t* __restrict__ Sc,
                                           const uint32_t* __restrict__ Zb, half* __restrict__ Y, float* __restrict__ Ws,
                                           unsigned* __restrict__ Cnt, int M, int N, int K, int T, int G, int GS) {
   using Tr = KindTraits<KIND>;
   constexpr int CH = Tr::kStepsPerChunk;
+  // WR row groups x WK k-groups of warps: warp (gr, kw) owns row tiles gr*RT .. +RT-1 of the block and the kw-th part
+  // of the block's K range; the WR warps of a k-group share its staged activations (read from L2 once for WR*RT row
+  // tiles), synchronised by a named barrier per k-group
+  constexpr int WK = WARPS / WR;
+  static_assert(WARPS % WR == 0 && (WR == 1 || (XS && ST == 0 && WK <= 15)), "row groups need XS, <= 15 k-groups");
   extern __shared__ float red[];  // [WARPS][RT*NT*4][32]
   __shared__ int last_block;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int gr = warp / WK, kw = warp % WK;
   const int g = lane >> 2;
   const int n_rt = (N + 15) >> 4;
   const int TK = K >> 5;               // real k32 steps (K % 32 == 0)
   const int NC = T / CH;               // 16-byte chunks per row tile (padded)
   const int NCK = (TK + CH - 1) / CH;  // chunks holding real steps
-  const int rt0 = blockIdx.x * RT;
+  const int rt0 = blockIdx.x * (WR * RT);
   int rts[RT];
 #pragma unroll
-  for (int r = 0; r < RT; ++r) rts[r] = min(rt0 + r, n_rt - 1);
+  for (int r = 0; r < RT; ++r) rts[r] = min(rt0 + gr * RT + r, n_rt - 1);
 
   float acc[RT][NT][4];
 #pragma unroll
@@ -581,7 +595,7 @@ __device__ __forceinline__ void gemv_body(const half* __restrict__ X, const uint
   const int ks = gridDim.y;
   int s_begin, s_end, c_begin, c_end;
   split_range(NCK, ks, blockIdx.y, s_begin, s_end);
-  split_range(s_end - s_begin, WARPS, warp, c_begin, c_end);
+  split_range(s_end - s_begin, WK, kw, c_begin, c_end);
   c_begin += s_begin;
   c_end += s_begin;
   if constexpr (ST > 0) {
@@ -608,8 +622,8 @@ __device__ __forceinline__ void gemv_body(const half* __restrict__ X, const uint
   } else {
   GemvBuf<KIND, NT, RT, U> fa, fb;
   using XT = XTile<KIND, NT, U>;
-  // XS: two activation buffers after the reduction buffer, [WARPS][2][XT::kBytes]
-  unsigned char* xb = reinterpret_cast<unsigned char*>(red + WARPS * RT * NT * 4 * 32) + (size_t)warp * 2 * XT::kBytes;
+  // XS: two activation buffers per k-group after the reduction buffer, [WK][2][XT::kBytes]
+  unsigned char* xb = reinterpret_cast<unsigned char*>(red + WARPS * RT * NT * 4 * 32) + (size_t)kw * 2 * XT::kBytes;
   const uint32_t xs0 = XS ? static_cast<uint32_t>(__cvta_generic_to_shared(xb)) : 0u, xs1 = xs0 + XT::kBytes;
   // PF > 0: chunks [c + U, c + U + PF) are prefetched into L2 while chunks [c, c + U) load into registers; the
   // prefetch window then slides U chunks with every register load
@@ -619,36 +633,45 @@ __device__ __forceinline__ void gemv_body(const half* __restrict__ X, const uint
   }
   if (c_begin < c_end) {
     gemv_load<KIND, NT, RT, U, ASYM, OG, XS>(fa, c_begin, c_end, TK, xrow, Wv, Wm, Sc, Zb, rts, NC, T, G, GS, lane);
-    if constexpr (XS) gemv_stage_x<KIND, NT, U>(xs0, c_begin, c_end, TK, X, M, K, lane);
+    if constexpr (XS) gemv_stage_x<KIND, NT, U, WR>(xs0, c_begin, c_end, TK, X, M, K, lane, gr);
   }
   for (int c = c_begin; c < c_end; c += 2 * U) {
     if constexpr (PF > 0) gemv_prefetch<KIND, RT, U>(c + U + PF, c_end, Wv, Wm, rts, NC, T, lane);
     if (c + U < c_end) gemv_load<KIND, NT, RT, U, ASYM, OG, XS>(fb, c + U, c_end, TK, xrow, Wv, Wm, Sc, Zb, rts, NC, T, G, GS, lane);
     if constexpr (XS) {  // one commit group per buffer fill (empty past the end), so wait_group 1 = the older one
-      gemv_stage_x<KIND, NT, U>(xs1, c + U, c_end, TK, X, M, K, lane);
+      gemv_stage_x<KIND, NT, U, WR>(xs1, c + U, c_end, TK, X, M, K, lane, gr);
       cp_async_wait<1>();
-      __syncwarp();
+      gemv_group_sync<WR>(kw);
       gemv_xfrag<KIND, NT, RT, U>(fa, xb, c, c_end, M, lane);
     }
     gemv_compute<KIND, NT, RT, U, OG>(fa, acc, c, c_end);
     if (c + U >= c_end) break;
-    if constexpr (XS) __syncwarp();  // every lane's ldmatrix of buffer 0 is done before it is refilled
+    if constexpr (XS) gemv_group_sync<WR>(kw);  // every lane's ldmatrix of buffer 0 is done before it is refilled
     if constexpr (PF > 0) gemv_prefetch<KIND, RT, U>(c + 2 * U + PF, c_end, Wv, Wm, rts, NC, T, lane);
     if (c + 2 * U < c_end) gemv_load<KIND, NT, RT, U, ASYM, OG, XS>(fa, c + 2 * U, c_end, TK, xrow, Wv, Wm, Sc, Zb, rts, NC, T, G, GS, lane);
     if constexpr (XS) {
-      gemv_stage_x<KIND, NT, U>(xs0, c + 2 * U, c_end, TK, X, M, K, lane);
+      gemv_stage_x<KIND, NT, U, WR>(xs0, c + 2 * U, c_end, TK, X, M, K, lane, gr);
       cp_async_wait<1>();
-      __syncwarp();
+      gemv_group_sync<WR>(kw);
       gemv_xfrag<KIND, NT, RT, U>(fb, xb + XT::kBytes, c + U, c_end, M, lane);
     }
     gemv_compute<KIND, NT, RT, U, OG>(fb, acc, c + U, c_end);
-    if constexpr (XS) __syncwarp();
+    if constexpr (XS) gemv_group_sync<WR>(kw);
   }
   if constexpr (XS) cp_async_wait<0>();
   }
 
-  // cross-warp reduction
-  constexpr int NV = RT * NT * 4;
+  // cross-warp reduction: the WK warps of each row group; value v of the block's tile = (row group, r, n, i)
+  constexpr int NV = RT * NT * 4;       // per warp
+  constexpr int NVB = WR * NV;          // per block
+  auto wsum = [&](int idx) {  // idx = v * 32 + lane over the block's tile
+    const int grp = idx / (NV * 32);
+    const float* base = red + (size_t)grp * WK * NV * 32 + (idx - grp * NV * 32);
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < WK; ++w) s += base[w * NV * 32];
+    return s;
+  };
 #pragma unroll
   for (int r = 0; r < RT; ++r)
 #pragma unroll
@@ -664,31 +687,21 @@ __device__ __forceinline__ void gemv_body(const half* __restrict__ X, const uint
     if (rt0 + r < n_rt && row < N && tok < M) Y[(size_t)tok * N + row] = __float2half_rn(s);
   };
   if (ks == 1) {
-    for (int idx = threadIdx.x; idx < NV * 32; idx += WARPS * 32) {
-      float s = 0.f;
-#pragma unroll
-      for (int w = 0; w < WARPS; ++w) s += red[w * NV * 32 + idx];
-      store(idx, s);
-    }
+    for (int idx = threadIdx.x; idx < NVB * 32; idx += WARPS * 32) store(idx, wsum(idx));
     return;
   }
   // split-K: partial tile -> workspace, the last block of the row tile reduces the ks partials in split order
-  float* part = Ws + (size_t)blockIdx.x * ks * (NV * 32);
-  for (int idx = threadIdx.x; idx < NV * 32; idx += WARPS * 32) {
-    float s = 0.f;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) s += red[w * NV * 32 + idx];
-    __stcg(part + (size_t)blockIdx.y * (NV * 32) + idx, s);
-  }
+  float* part = Ws + (size_t)blockIdx.x * ks * (NVB * 32);
+  for (int idx = threadIdx.x; idx < NVB * 32; idx += WARPS * 32) __stcg(part + (size_t)blockIdx.y * (NVB * 32) + idx, wsum(idx));
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) last_block = atomicAdd(Cnt + blockIdx.x, 1u) == (unsigned)(ks - 1);
   __syncthreads();
   if (!last_block) return;
   __threadfence();
-  for (int idx = threadIdx.x; idx < NV * 32; idx += WARPS * 32) {
+  for (int idx = threadIdx.x; idx < NVB * 32; idx += WARPS * 32) {
     float s = 0.f;
-    for (int k = 0; k < ks; ++k) s += __ldcg(part + (size_t)k * (NV * 32) + idx);
+    for (int k = 0; k < ks; ++k) s += __ldcg(part + (size_t)k * (NVB * 32) + idx);
     store(idx, s);
   }
   if (threadIdx.x == 0) Cnt[blockIdx.x] = 0u;  // ready for the next launch (stream order)
