@@ -713,6 +713,14 @@ def test_dq16_path_on_sm90a_only():
     assert kn8["dq16_convert"] == "sparsec_int8s_to_fp16" and kn8["dq16_gemm"] == kn["dq16_gemm"]
     assert "sparsec::codes_to_fp16_body<8, false>" in cs.render_device_source([v8])
     assert not cs.default_config("dq8", "sm_80")["gemm"].get("dq16")
+    # int8 leaves its small mma tile for dequantize + ws from M = 17 on where dq16 runs (cuda_gemm_v2_dq8_tiles_ab.md);
+    # a100 and layers below DQ16_MIN_PARAMS keep the small tile up to M = 128
+    assert cs.default_config("dq8", "sm_90a")["small_max"] == cs.GEMV_MAX_M
+    assert cs.default_config("dq8", "sm_80")["small_max"] == cs.DEFAULT_SMALL_MAX
+    assert cs.default_config("dq8", "sm_90a", 64, 128)["small_max"] == cs.DEFAULT_SMALL_MAX
+    assert cs.default_config("dq4", "sm_90a")["small_max"] == cs.DEFAULT_SMALL_MAX
+    v8b = cs.Variant.make("dq8", False, 128, cs.default_config("dq8", "sm_90a", 4096, 4096))
+    assert f", {cs.GEMV_MAX_M}, \"sparsec_int8s_to_fp16\"" in cs.render_host_source([v8b], "x.fatbin", "sym")
 
 
 def test_gemv_launch_workspace_holds_every_partial():

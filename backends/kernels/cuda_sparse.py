@@ -137,6 +137,10 @@ DEFAULT_GEMM_SMALL = {
     "dq8": {"bm": 64, "bn": 64, "bk": 128, "wm": 2, "wn": 2, "stages": 3, "group": 8},
 }
 DEFAULT_SMALL_MAX = 128  # 16 < M <= small_max -> the small-tile GEMM
+# int8 on sm_90a takes the dequantize + warp-specialized path from M = 17 on: its small mma tile (64x64x128) ran
+# 0.33-0.69x cuBLAS at M = 32 / 128 where dequantize + ws ran 0.46-0.50x (geometric means 0.41x / 0.47x;
+# bench/results/cuda_gemm_v2_dq8_tiles_ab.md, H100, every int8 mma tile measured: none better)
+DQ16_SMALL_MAX = {"dq8": GEMV_MAX_M}
 _FAMILY_KEYS = ("ws", "wgmma", "persistent", "cluster", "tail", "dq16", "wmap")  # kernel family flags of a GEMM config
 # sm_90a (H100): the warp-specialized TMA + wgmma.sp GEMM, tried first. bench/bench_gemm_v2.py on an H100
 # (bench/results/cuda_gemm_v2.md): 0.93-1.04x cuBLAS at M = 2048 / 8192 on the LLM shapes where the mma.sp default
@@ -212,7 +216,8 @@ def default_config(kind: str, arch: str = "sm_90a", n: int | None = None, k: int
                 gemv[ks_key] = plan["ks"]
         if plans[1] and not plans[2]:  # "rt" is the M > 8 kernel's too unless "rt2" says otherwise
             gemv["rt2"] = DEFAULT_GEMV_KIND[kind]["rt"]
-    return {"gemv": gemv, "gemm_small": dict(DEFAULT_GEMM_SMALL[kind]), "gemm": gemm, "small_max": DEFAULT_SMALL_MAX}
+    small_max = DQ16_SMALL_MAX.get(kind, DEFAULT_SMALL_MAX) if gemm.get("dq16") else DEFAULT_SMALL_MAX
+    return {"gemv": gemv, "gemm_small": dict(DEFAULT_GEMM_SMALL[kind]), "gemm": gemm, "small_max": small_max}
 
 
 def gemv_tile_plan(kind: str, n: int, k: int | None, nt: int, sms: int, asym: bool = False) -> dict[str, int]:
