@@ -715,6 +715,8 @@ def measure_jobs(jobs: list[Job], groups: dict[tuple, dict[str, list]], lib, dev
                 meas.append(r)
             good = [r for r in meas if r.ok]
             win = min(good, key=lambda r: r.score) if good else None
+            if p == "gemv" and good:
+                win = _gemv_per_kernel(good) or win
             own = default_config(j.kind, arch, n, k, j.asym)[p] if arch is not None else None
             dm = next((r for r in meas if r.config == own), None) if own is not None else (meas[0] if meas else None)
             res["paths"][p] = {"measured": meas, "winner": win, "default": dm if dm is not None and dm.ok else None}
@@ -725,6 +727,25 @@ def measure_jobs(jobs: list[Job], groups: dict[tuple, dict[str, list]], lib, dev
             dev.free(w)
         out.append(res)
     return out
+
+
+def _gemv_per_kernel(good: list[Measured]) -> Measured | None:
+    """The decode GEMV's two token-tile kernels chosen separately (cuda_sparse.gemv_merge): the M <= 8 kernel of the
+    candidate fastest over the measured M <= 8, the M > 8 kernel of the one fastest over M > 8 among those with the
+    same shared pipeline options; None unless both ranges were measured."""
+    from .kernels.cuda_sparse import GEMV_SHARED_KEYS, gemv_merge
+
+    lo = [m for m in good[0].ms if m <= 8]
+    hi = [m for m in good[0].ms if m > 8]
+    if not lo or not hi or any(set(r.ms) != set(good[0].ms) for r in good):
+        return None
+    w1 = min(good, key=lambda r: sum(r.ms[m] for m in lo))
+    same = [r for r in good if all(r.config.get(f) == w1.config.get(f) for f in GEMV_SHARED_KEYS)]
+    w2 = min(same, key=lambda r: sum(r.ms[m] for m in hi))
+    if w2 is w1:
+        return w1
+    return Measured(f"{w1.func}+{w2.func}", "gemv", gemv_merge(w1.config, w2.config), True,
+                    max(w1.rel_err, w2.rel_err), 0, ms={**{m: w1.ms[m] for m in lo}, **{m: w2.ms[m] for m in hi}})
 
 
 def _cfg_str(c: dict[str, Any]) -> str:

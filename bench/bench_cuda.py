@@ -1144,7 +1144,7 @@ def write_decode_tuning(raw, name):
     does), per token-tile kernel. Zero-point entries (not searched) get the untuned rule's config for zero points."""
     import math
 
-    from sparsec.backends.kernels.cuda_sparse import default_config, gemv_ks, gemv_rt, gemv_wr
+    from sparsec.backends.kernels.cuda_sparse import GEMV_SHARED_KEYS, default_config, gemv_merge
     from sparsec.backends.tune import TuningDB, shipped_db_path
 
     def winner(rows):  # the config with the least summed log(time / best) over rows, its times, geometric mean
@@ -1173,15 +1173,13 @@ def write_decode_tuning(raw, name):
         one = winner([r for r in rows if r["m"] <= 8])
         if one is None:
             continue
-        shared = ("u", "og", "pf", "st")
-        same = [dict(r, search=[x for x in r["search"] if all(x["gemv"].get(f) == one[0].get(f) for f in shared)])
+        same = [dict(r, search=[x for x in r["search"]
+                                if all(x["gemv"].get(f) == one[0].get(f) for f in GEMV_SHARED_KEYS)])
                 for r in rows if r["m"] > 8]  # fmt: skip
         two = winner(same) if same else None
         gemv, ms = dict(one[0]), dict(one[1])
         if two is not None:
-            c2 = two[0]
-            gemv.update(warps2=c2.get("warps2") or c2["warps"], rt2=gemv_rt(c2, 2), wr2=gemv_wr(c2, 2),
-                        ks2=max(1, gemv_ks(c2, 2)), xs=(gemv.get("xs", 0) & 1) | (c2.get("xs", 0) & 2))
+            gemv = gemv_merge(one[0], two[0])
             ms.update(two[1])
         n_pts = len(rows)
         gm = math.exp((math.log(one[2]) * (n_pts - len(same)) + (math.log(two[2]) * len(same) if two else 0)) / n_pts)

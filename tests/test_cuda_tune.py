@@ -321,3 +321,42 @@ def test_tune_on_local_gpu_records_measured_winners(tmp_path):
     other = "a100" if target == "h100" else "h100"
     r = _cli("tune", "--example", "tiny-gpt", "--target", other, "--db", str(tmp_path / "x.json"))
     assert r.returncode == 12 and f"target {other} needs" in r.stderr
+
+
+def test_gemv_winner_is_chosen_per_token_tile_kernel():
+    """The decode GEMV's two token-tile kernels are separate instantiations, grids and splits: the tuner takes the M <= 8
+    kernel from the candidate fastest at M <= 8 and the M > 8 kernel from the one fastest at M > 8 (same pipeline
+    options), and the merged config runs exactly those two kernels with those launches (cuda_sparse.gemv_merge)."""
+    from sparsec.backends import cuda_tune as ct
+    from sparsec.backends.kernels import cuda_sparse as cs
+
+    rng = np.random.default_rng()
+    base = cs.default_config("sp4", "sm_90a")
+    a = {"warps": 16, "rt": 2, "u": 1, "ks": 0, "xs": 3, "og": 1, "pf": 0, "st": 0}  # fast at M <= 8
+    b = {"warps": 8, "rt": 4, "u": 1, "ks": 1, "xs": 3, "og": 1, "pf": 0, "st": 0}  # fast at M = 16
+    c = {"warps": 16, "rt": 2, "wr": 2, "u": 1, "ks": 2, "xs": 3, "og": 1, "pf": 0, "st": 0}
+    d = dict(b, og=0)  # fastest at M = 16 but another pipeline: not combinable with a
+    t = rng.uniform(5, 10)
+    meas = [ct.Measured("fa", "gemv", a, True, 1e-4, 0, ms={1: t, 16: 3 * t}),
+            ct.Measured("fb", "gemv", b, True, 2e-4, 0, ms={1: 1.5 * t, 16: 2 * t}),
+            ct.Measured("fc", "gemv", c, True, 1e-4, 0, ms={1: 2 * t, 16: 2.5 * t}),
+            ct.Measured("fd", "gemv", d, True, 1e-4, 0, ms={1: 3 * t, 16: 1.5 * t})]
+    w = ct._gemv_per_kernel(meas)
+    assert w.ms == {1: t, 16: 2 * t} and w.rel_err == 2e-4 and w.func == "fa+fb"
+    assert w.ms[1] + w.ms[16] < min(m.score for m in meas)  # better than any single candidate's sum
+    g = w.config
+    assert cs.gemv_valid(g)
+    va = cs.Variant.make("sp4", False, 64, dict(base, gemv=a))
+    vb = cs.Variant.make("sp4", False, 64, dict(base, gemv=b))
+    vg = cs.Variant.make("sp4", False, 64, dict(base, gemv=g))
+    assert vg.kernel_names()["gemv1"] == va.kernel_names()["gemv1"]
+    assert vg.kernel_names()["gemv2"] == vb.kernel_names()["gemv2"]
+    for n, k in ((14336, 4096), (4096, 11008), (40, 352)):
+        assert cs.gemv_launch("sp4", n, k, 8, g, 132) == cs.gemv_launch("sp4", n, k, 8, a, 132)
+        assert cs.gemv_launch("sp4", n, k, 16, g, 132) == cs.gemv_launch("sp4", n, k, 16, b, 132)
+    # the row groups of a candidate at M > 8 carry over with their staged activations
+    g2 = cs.gemv_merge(b, c)
+    assert cs.gemv_valid(g2) and cs.gemv_launch("sp4", 4096, 11008, 16, g2, 132) == cs.gemv_launch("sp4", 4096, 11008, 16, c, 132)
+    assert cs.gemv_launch("sp4", 4096, 11008, 3, g2, 132) == cs.gemv_launch("sp4", 4096, 11008, 3, b, 132)
+    # one range measured only: no merge
+    assert ct._gemv_per_kernel([ct.Measured("fa", "gemv", a, True, 0.0, 0, ms={1: t})]) is None

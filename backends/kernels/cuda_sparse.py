@@ -365,6 +365,10 @@ def search_space(kind: str, arch: str = "sm_90a") -> dict[str, list[dict[str, in
     """Candidate configs per path (searched independently: the paths serve disjoint token counts)."""
     gemv = [{"warps": w, "rt": r, "u": u, "ks": ks} for w in (4, 8, 16) for r in (1, 2, 4) for u in (1, 2)
             for ks in GEMV_KS]  # fmt: skip
+    # row groups sharing staged activations (the M > 8 winners of 4096-row long-K 2:4 + int4 layers) and 4-row-tile
+    # warps with staged activations (gemv_tile_plan's); the tuner picks each token-tile kernel separately
+    gemv += [{"warps": w, "rt": r, "wr": wr, "u": 1, "ks": ks, "xs": 3} for w, r, wr, ks in
+             ((16, 2, 2, 1), (16, 2, 2, 2), (8, 2, 2, 1), (16, 1, 4, 1), (8, 4, 1, 1), (4, 4, 1, 1), (16, 4, 1, 2))]
     large, small = [], []
     layouts = ((2, 2), (2, 4), (4, 2), (4, 4), (2, 8))
     for bm in (64, 128, 256):
@@ -689,6 +693,19 @@ def gemv_ks(c: dict[str, int], nt: int) -> int:
     """The K split setting of the ``nt`` token-tile GEMV kernel: "ks" (0 = automatic, which is 1 for two token tiles);
     "ks2" replaces it for two when set."""
     return (c.get("ks2") or c.get("ks", 1)) if nt == 2 else c.get("ks", 1)
+
+
+GEMV_SHARED_KEYS = ("u", "og", "pf", "st")  # pipeline options both token-tile kernels of a config share
+
+
+def gemv_merge(c1: dict[str, int], c2: dict[str, int]) -> dict[str, int]:
+    """One GEMV config running the M <= 8 kernel of ``c1`` and the M > 8 kernel of ``c2`` (each token-tile kernel is
+    its own instantiation, grid and split; the shared pipeline options are ``c1``'s: pick ``c2`` among configs with
+    the same GEMV_SHARED_KEYS)."""
+    g = {key: v for key, v in c1.items() if key not in ("warps2", "rt2", "wr2", "ks2")}
+    g.update(warps2=gemv_warps(c2, 2), rt2=gemv_rt(c2, 2), wr2=gemv_wr(c2, 2), ks2=max(1, gemv_ks(c2, 2)),
+             xs=(c1.get("xs", 0) & 1) | (c2.get("xs", 0) & 2))
+    return g
 
 
 def gemv_rows(c: dict[str, int], nt: int) -> int:
