@@ -229,8 +229,8 @@ def gemv_tile_plan(kind: str, n: int, k: int | None, nt: int, sms: int, asym: bo
     tiles a block). Fitted on the H100 decode run bench/results/cuda_kernels_decode_rowgroups.md (steady state, every
     kind, 5 LLM shapes, M = 1..16):
 
-    - rows >= 4 row tiles per SM x 4 (11008 / 14336 rows on an H100): 4 row tiles a warp, for the M > 8 kernel of every
-      kind and for both kernels of 2:4 + int4 (14336 x 4096, M = 16: 2:4 + int4 25.1 -> 17.9 us, 2:4 fp16 31.2 -> 25.1,
+    - at least 4 x SMs row tiles (blocks of 4 still cover every SM; 11008 / 14336 rows on an H100): 4 row tiles a
+      warp, for the M > 8 kernel of every kind and for both kernels of 2:4 + int4 (14336 x 4096, M = 16: 2:4 + int4 25.1 -> 17.9 us, 2:4 fp16 31.2 -> 25.1,
       int4 27.5 -> 23.8, int8 34.5 -> 26.6; M = 8, 2:4 + int4: 16.4 -> 13.4). Warps from the registers of those
       kernels (GEMV_WARP_BUDGET_RT4). Not 2:4 fp16 / int4 / int8 at M <= 8: there it was 0.9-1.2x either way.
     - the M > 8 kernel of a layer whose blocks of 4 row tiles fill about half the SMs (4096 rows on an H100) and whose
