@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 RES = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(RES.parents[1]))  # the repository, for sparsec (rowgroups)
 KINDS = ("sp16", "sp4", "dq4")
 KIND_NAMES = {"sp16": "2:4 fp16", "sp4": "2:4 + int4 g128", "dq4": "int4 g128", "dq8": "int8 g128"}
 
@@ -62,13 +63,8 @@ def xs() -> None:
             print(f"{k:5} M {lo}-{hi}: time without / with xs, median per point: {min(med):.2f}-{max(med):.2f}")
 
 
-
-
 def _kernel_fields(c: dict, b: dict) -> tuple:
     """What the token-tile kernel of a GEMV config runs at point ``b`` (instantiation, grid rows, the split launched)."""
-    import os
-
-    sys.path.insert(0, os.fspath(Path(__file__).resolve().parents[1]))
     from sparsec.backends.kernels import cuda_sparse as cs
 
     nt = 1 if b["m"] <= 8 else 2
@@ -81,9 +77,6 @@ def rowgroups() -> None:
     """Per point of the rowgroups run: the untuned config the build now makes for the layer (default_config with
     gemv_tile_plan) runs, for that M, the same kernel, grid and split as one of the run's candidates: its time vs the
     run's default (the rule before) and cuBLAS, all from the same run. Points where the kernel is unchanged print '='."""
-    import os
-
-    sys.path.insert(0, os.fspath(Path(__file__).resolve().parents[1]))
     from sparsec.backends.kernels.cuda_sparse import default_config
 
     rows = {}

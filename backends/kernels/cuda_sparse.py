@@ -200,7 +200,8 @@ def default_config(kind: str, arch: str = "sm_90a", n: int | None = None, k: int
             table = (GEMV_WARP_BUDGET_RT4_ASYM if asym else GEMV_WARP_BUDGET_RT4) if plan else {}
             budget = table.get((kind, nt)) or (GEMV_WARP_BUDGET_ASYM if asym else {}).get(
                 (kind, nt), GEMV_WARP_BUDGET[(kind, nt)])  # fmt: skip
-            gemv[key] = gemv_auto_warps(budget, n, plan.get("rows", gemv_rows(gemv, nt)), sms,
+            rows = plan["rt"] * plan["wr"] if plan else gemv_rows(gemv, nt)
+            gemv[key] = gemv_auto_warps(budget, n, rows, sms,
                                         gemv_chunks(kind, k) if k is not None else None, GEMV_MAX_WARPS.get((kind, nt)))
         if gemv.get("xs") and gemv["warps"] < GEMV_XS_MIN_WARPS.get(kind, 0) and not plans[1]:
             gemv["xs"] &= ~1
@@ -222,7 +223,7 @@ def default_config(kind: str, arch: str = "sm_90a", n: int | None = None, k: int
 
 def gemv_tile_plan(kind: str, n: int, k: int | None, nt: int, sms: int, asym: bool = False) -> dict[str, int]:
     """The untuned decode GEMV's row tiling for the ``nt`` token-tile kernel of an ``n`` x ``k`` layer, where it is not
-    the default 2 row tiles a warp: {} or {"rt", "wr", "rows" (= rt x wr), and "ks", "warps" where fixed}.
+    the default 2 row tiles a warp: {} or {"rt", "wr", and "ks", "warps" where fixed}.
 
     Every block reads the activations of its K range once, for all the row tiles it owns, so the activation bytes a
     layer moves through L2 are (blocks x K x M x 2) and at M = 9..16 exceed the 2:4 + int4 weight's (~2.7x with 2 row
@@ -240,12 +241,12 @@ def gemv_tile_plan(kind: str, n: int, k: int | None, nt: int, sms: int, asym: bo
       (its 16-warp kernel spills 176 bytes)."""
     n_rt = -(-n // 16)
     if n_rt >= 4 * sms and (nt == 2 or kind == "sp4"):
-        return {"rt": 4, "wr": 1, "rows": 4}
+        return {"rt": 4, "wr": 1}
     if nt == 2 and k is not None and not (kind == "sp4" and asym):
         blocks = 2 * -(-n_rt // 4)
         rt, wr = (2, 2) if kind == "sp4" else (4, 1)
         if 0.9 * sms <= blocks <= sms and gemv_chunks(kind, k) >= 5 * 2 * (16 // wr):
-            return {"rt": rt, "wr": wr, "rows": 4, "ks": 2, "warps": 16}
+            return {"rt": rt, "wr": wr, "ks": 2, "warps": 16}
     return {}
 
 
@@ -713,6 +714,11 @@ def gemv_rows(c: dict[str, int], nt: int) -> int:
     return gemv_rt(c, nt) * gemv_wr(c, nt)
 
 
+def gemv_kgroups(c: dict[str, int], nt: int) -> int:
+    """Warps that split a block's K range in the ``nt`` token-tile GEMV kernel (warps / row groups: WK of gemv_body)."""
+    return gemv_warps(c, nt) // gemv_wr(c, nt)
+
+
 def gemv_xs(c: dict[str, int], nt: int) -> bool:
     """Activations staged in shared memory ("xs", bit nt - 1) for the ``nt`` token-tile kernel: a register-pipeline
     option, off under the cp.async ring ("st")."""
@@ -738,8 +744,7 @@ def _gemv_smem(c: dict[str, int], nt: int, kind: str = "sp16", asym: bool = Fals
     st = c.get("st", 0)
     if not st:
         if gemv_xs(c, nt):  # per k-group two buffers of U chunks x NT*8 rows x (CH k32 steps + 16 bytes) (XTile)
-            groups = gemv_warps(c, nt) // gemv_wr(c, nt)
-            return red + groups * 2 * c["u"] * nt * 8 * (_STEPS_PER_CHUNK[kind] * 64 + 16)
+            return red + gemv_kgroups(c, nt) * 2 * c["u"] * nt * 8 * (_STEPS_PER_CHUNK[kind] * 64 + 16)
         return red
     return red + gemv_warps(c, nt) * st * gemv_ring_stage_bytes(kind, gemv_rt(c, nt), asym, gemv_one_group(kind, gs, c))
 
@@ -794,7 +799,7 @@ def gemv_launch(kind: str, n: int, k: int, m: int, cfg: dict[str, int], sms: int
     rows = gemv_rows(cfg, nt)
     gx = (n_rt + rows - 1) // rows
     nck = gemv_chunks(kind, k)
-    ks = gemv_ks(cfg, nt) or (gemv_auto_ks(gx, cfg["warps"], nck, sms, cfg["warps"] // gemv_wr(cfg, 1)) if m <= 8 else 1)
+    ks = gemv_ks(cfg, nt) or (gemv_auto_ks(gx, cfg["warps"], nck, sms, gemv_kgroups(cfg, 1)) if m <= 8 else 1)
     nv = rows * nt * 4
     return {"grid_x": gx, "ks": ks, "nt": nt, "threads": gemv_warps(cfg, nt) * 32, "nck": nck,
             "ws_floats": gx * ks * nv * 32 if ks > 1 else 0, "counters": gx if ks > 1 else 0}  # fmt: skip
@@ -808,7 +813,7 @@ def gemv_valid(c: dict[str, int]) -> bool:
             and 0 <= c.get("st", 0) <= GEMV_MAX_ST and c.get("xs", 0) in (0, 1, 2, 3)
             and c.get("wr", 1) in (1, 2, 4, 8) and c.get("wr2", 0) in (0, 1, 2, 4, 8)
             and all(gemv_wr(c, nt) == 1 or (gemv_xs(c, nt) and gemv_warps(c, nt) % gemv_wr(c, nt) == 0
-                                            and gemv_warps(c, nt) // gemv_wr(c, nt) <= 15) for nt in (1, 2)))  # fmt: skip
+                                            and gemv_kgroups(c, nt) <= 15) for nt in (1, 2)))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------- layouts
@@ -1410,7 +1415,7 @@ struct Variant {
   // threads and 16-row tiles a block of the M <= 8 / M > 8 kernel (cuda_sparse.gemv_rows); K splits of each
   // (cuda_sparse.gemv_ks; gemv_ks 0: gemv_auto_ks, gemv_ks2 0: unsplit)
   // gemv_wk: the warps splitting K in a block of the M <= 8 kernel (warps / "wr"; the automatic split's chunk floor)
-  int gemv_threads, gemv_threads2, gemv_rt, gemv_rt2, gemv_ks, gemv_ks2, gemv_wk;
+  int gemv_threads, gemv_threads2, gemv_rows, gemv_rows2, gemv_ks, gemv_ks2, gemv_wk;
   int gs_threads, gs_bm, gs_bn, gs_group;
   int gl_threads, gl_bm, gl_bn, gl_group;
   int small_max;
@@ -1510,7 +1515,7 @@ void run(const Variant& v, const TensorView& x, const TensorView* w, int nw, con
   if (M <= 16) {
     const Kernel& k = M <= 8 ? v.gemv1 : v.gemv2;
     CUfunction f = get_function(dev, k);
-    const int rows = M <= 8 ? v.gemv_rt : v.gemv_rt2;
+    const int rows = M <= 8 ? v.gemv_rows : v.gemv_rows2;
     const int64_t grid = (n_rt + rows - 1) / rows;
     const int steps_per_chunk = (v.kind == 0 || v.kind == 3) ? 1 : (v.kind == 1 ? 4 : 2);
     const int nck = (iK / 32 + steps_per_chunk - 1) / steps_per_chunk;
@@ -1612,7 +1617,7 @@ def render_host_source(variants: list[Variant], fatbin_path: str, symbol: str = 
             f"namespace {{\nconst Variant kV_{v.ident} = {{{kind}, {str(v.asym).lower()}, {v.gs}, {kern['gemv1']}, "
             f"{kern['gemv2']}, {kern['gemm_small']}, {kern['gemm']}, {gemv_warps(gv, 1) * 32}, {gemv_warps(gv, 2) * 32}, "
             f"{gemv_rows(gv, 1)}, {gemv_rows(gv, 2)}, {gemv_ks(gv, 1)}, {gemv_ks(gv, 2)}, "
-            f"{gemv_warps(gv, 1) // gemv_wr(gv, 1)}, "
+            f"{gemv_kgroups(gv, 1)}, "
             f"{gemm_threads(gs)}, {gs['bm']}, {gs['bn']}, {gs['group']}, {gemm_threads(gl)}, "
             f"{gl['bm']}, {gl['bn']}, {gl['group']}, {v.small_max}, {dq16}}};\n"
             f"void {v.func_name}_impl(TensorView x, {args}, TensorView y) {{\n"

@@ -546,11 +546,16 @@ __device__ __forceinline__ void gemv_xfrag(GemvBuf<KIND, NT, RT, U>& f, const un
   }
 }
 
-// Named barrier of the WR warps of k-group kw (ids 1..15; 0 is __syncthreads'); one warp: __syncwarp.
+// bar.sync on named barrier `id` (1..15; 0 is __syncthreads') for `threads` threads (a multiple of 32)
+__device__ __forceinline__ void named_bar_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// The WR warps of k-group kw (named barrier 1 + kw); one warp: __syncwarp.
 template <int WR>
 __device__ __forceinline__ void gemv_group_sync(int kw) {
   if constexpr (WR == 1) __syncwarp();
-  else asm volatile("bar.sync %0, %1;\n" ::"r"(1 + kw), "r"(WR * 32) : "memory");
+  else named_bar_sync(1 + kw, WR * 32);
 }
 
 template <int KIND, int NT, int WARPS, int RT, int U, bool ASYM, int PF, bool OG, int ST, bool XS, int WR = 1>
@@ -1450,9 +1455,6 @@ __device__ __forceinline__ int fresh_ctaid_x() {
   int r;
   asm volatile("mov.u32 %0, %%ctaid.x;\n" : "=r"(r));
   return r;
-}
-__device__ __forceinline__ void named_bar_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 #endif
 
