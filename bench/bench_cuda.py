@@ -185,11 +185,17 @@ def _steady_ms(d):
 
 
 def _cfg_label(c):
-    """w16 rt2 u1 ks0 (pf8): a GEMV config as the decode report writes it."""
-    w2 = f"/{c['warps2']}" if c.get("warps2") and c["warps2"] != c["warps"] else ""
-    wr = (f" wr{c.get('wr', 1)}" + (f"/{c['wr2']}" if c.get("wr2") and c["wr2"] != c.get("wr", 1) else "")
-          if c.get("wr", 1) > 1 or c.get("wr2", 0) > 1 else "")
-    return (f"w{c['warps']}{w2} rt{c['rt']}{wr} u{c['u']} ks{c['ks']}" + (f" pf{c['pf']}" if c.get("pf") else "")
+    """w16 rt2 u1 ks0 (pf8): a GEMV config as the decode report writes it; "a/b": the M <= 8 / M > 8 kernels differ."""
+    from sparsec.backends.kernels.cuda_sparse import gemv_ks, gemv_rt, gemv_warps, gemv_wr
+
+    def two(name, f):
+        a, b = f(c, 1), f(c, 2)
+        return f"{name}{a}" + (f"/{b}" if b != a else "")
+
+    wr = f" {two('wr', gemv_wr)}" if gemv_wr(c, 1) > 1 or gemv_wr(c, 2) > 1 else ""
+    ks2 = f"/{gemv_ks(c, 2)}" if c.get("ks2") and gemv_ks(c, 2) != c["ks"] else ""
+    return (f"{two('w', gemv_warps)} {two('rt', gemv_rt)}{wr} u{c['u']} ks{c['ks']}{ks2}"
+            + (f" pf{c['pf']}" if c.get("pf") else "")
             + (f" st{c['st']}" if c.get("st") else "")
             + ({1: " xs1", 2: " xs2", 3: " xs"}.get(c.get("xs", 0), "") if not c.get("st") else "")
             + (" og0" if c.get("og", 1) == 0 else ""))

@@ -5,6 +5,7 @@ computed from the run's own search pass (every config timed the same way in one 
     python bench/decode_compare.py ring       # best register-pipeline config / best cp.async-ring config, per point
     python bench/decode_compare.py xs         # same config without / with staged activations, median per point
     python bench/decode_compare.py rowgroups  # the row tiling of cuda_sparse.gemv_tile_plan vs the run's default
+    python bench/decode_compare.py ranges NAME  # a run's default vs cuBLAS per kind, M <= 8 and M = 16, points >= 3x
 """
 from __future__ import annotations
 
@@ -108,8 +109,20 @@ def rowgroups() -> None:
                   f"{min(r[3] / r[4] for r in sel):.2f}-{max(r[3] / r[4] for r in sel):.2f}")
 
 
+def ranges(name: str) -> None:
+    """The run's untuned default ("ours") vs cuBLAS, steady state: range per kind at M <= 8 and M > 8, and how many
+    points reach 3x."""
+    for kind in dict.fromkeys(b["kind"] for b in _bench(name)):
+        for lo, hi in ((1, 8), (9, 16)):
+            r = [b["dense"]["graph_ms"] / b["default"]["graph_ms"] for b in _bench(name)
+                 if b["kind"] == kind and lo <= b["m"] <= hi]  # fmt: skip
+            if r:
+                print(f"{KIND_NAMES.get(kind, kind):16} M {lo}-{hi}: {min(r):.2f}-{max(r):.2f}x cuBLAS, >= 3x at "
+                      f"{sum(x >= 3 for x in r)} of {len(r)}")
+
+
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else ""
-    if what not in ("defaults", "ring", "xs", "rowgroups"):
-        sys.exit("usage: python bench/decode_compare.py defaults|ring|xs|rowgroups")
-    globals()[what]()
+    if what not in ("defaults", "ring", "xs", "rowgroups", "ranges") or (what == "ranges") != (len(sys.argv) == 3):
+        sys.exit("usage: python bench/decode_compare.py defaults|ring|xs|rowgroups | ranges NAME")
+    globals()[what](*sys.argv[2:])

@@ -1511,3 +1511,21 @@ def test_split_k_gemv_matches_float64_and_repeats_bitwise(tmp_path_factory):
             y = _call_checked(torch, f, x, ws, ref, what)
             y2 = _call_checked(torch, f, x, ws, ref, what)
             assert torch.equal(y.view(torch.int16), y2.view(torch.int16)), f"{what}: not repeatable"
+
+
+def test_decode_report_labels_name_both_kernels_tiling():
+    """bench_cuda's config label (the decode reports' "ours" and "best" columns) shows where the M > 8 kernel's warps,
+    row tiles, row groups and split differ from the M <= 8 kernel's, and nothing extra where they agree."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        bc = importlib.import_module("bench_cuda")
+    finally:
+        sys.path.pop(0)
+    g = cs.default_config("sp4", "sm_90a", 4096, 14336)["gemv"]
+    assert bc._cfg_label(g) == "w16 rt2 wr1/2 u1 ks0/2 xs"
+    assert bc._cfg_label(cs.default_config("sp16", "sm_90a", 11008, 4096)["gemv"]) == "w8 rt2/4 u1 ks0 xs2"
+    assert bc._cfg_label({"warps": 8, "rt": 2, "u": 1, "ks": 1, "warps2": 0, "xs": 3}) == "w8 rt2 u1 ks1 xs"
