@@ -8,7 +8,8 @@
 #
 # .devpack/ holds: sparsec_cuda.so + manifest.json (every kernel kind: defaults and the schedule-search candidates,
 # SASS for sm_90a), tvm_rt/ (a runtime-only copy of the installed apache-tvm: no compiler library, no 3rdparty),
-# e2e/ (the golden GPT compiled for h100 with each kernel kind). .whl/ holds the apache-tvm-ffi wheel for cp312.
+# e2e/ (the golden GPT compiled for h100 with each kernel kind), gt/ (the libraries of
+# `pytest tests/test_cuda_kernels.py -m gpu`, bench/gpu_test_libs.py). .whl/ holds the apache-tvm-ffi wheel for cp312.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PACK=${PACK:-.devpack}
@@ -24,6 +25,7 @@ fi
 
 python bench/bench_cuda.py build --pack "$PACK" --arch sm_90a
 rm -rf "$PACK/build"
+python bench/gpu_test_libs.py --out "$PACK/gt" --arch sm_90a   # the GPU tests' libraries (the GPU machine may lack g++)
 
 python - "$PACK/tvm_rt" <<'PY'
 import os, shutil, sys, tvm
@@ -41,5 +43,5 @@ du -sh "$PACK" .whl
 
 cat <<'CMD'
 # --- on the GPU machine (repo root; carry .devpack and .whl), one run:
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD/.devpack/tvm_rt TVM_USE_RUNTIME_LIB=1 PYTHONUNBUFFERED=1 || exit; python3 bench/bench_cuda.py device --pack .devpack --out $OUT 2>&1 | tee $OUT/log.txt | grep -v '^tuned'; SPARSEC_CUDA_TEST_LIB=.devpack/sparsec_cuda.so python3 -m pytest tests/test_cuda_kernels.py -m gpu -q -p no:cacheprovider --junitxml=$OUT/pytest_gpu.xml 2>&1 | tail -4; python3 bench/cuda_e2e.py run --dir .devpack/e2e --out $OUT 2>&1 | tail -12
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD/.devpack/tvm_rt TVM_USE_RUNTIME_LIB=1 PYTHONUNBUFFERED=1 || exit; python3 bench/bench_cuda.py device --pack .devpack --out $OUT 2>&1 | tee $OUT/log.txt | grep -v '^tuned'; SPARSEC_CUDA_TEST_LIBS=.devpack/gt python3 -m pytest tests/test_cuda_kernels.py -m gpu -q -p no:cacheprovider --junitxml=$OUT/pytest_gpu.xml 2>&1 | tail -4; python3 bench/cuda_e2e.py run --dir .devpack/e2e --out $OUT 2>&1 | tail -12
 CMD

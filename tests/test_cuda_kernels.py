@@ -969,22 +969,76 @@ def _gpu():
     return torch, tvm_ffi, "sm_90a" if cap == (9, 0) else f"sm_{cap[0]}{cap[1]}"
 
 
-@pytest.fixture(scope="module")
-def gpu_lib(tmp_path_factory):
-    torch, tvm_ffi, arch = _gpu()
-    from sparsec.backends.kernels.cuda_compile import build_shared
+def _gpu_lib(tmp_path_factory, name: str, variants, archs):
+    """Build `variants` into one library for the GPU tests and load it, or load `$SPARSEC_CUDA_TEST_LIBS/<name>.so`
+    when that folder is set: the GPU machine may lack g++, so bench/gpu_test_libs.py builds these libraries elsewhere
+    from the same variant lists (GPU_TEST_LIBS). A prebuilt library missing a kernel fails the test."""
+    import tvm_ffi
 
+    pre = os.environ.get("SPARSEC_CUDA_TEST_LIBS")
+    if pre:
+        path = os.path.join(pre, f"{name}.so")
+        assert os.path.exists(path), f"{path}: not built (python bench/gpu_test_libs.py --out {pre})"
+    else:
+        from sparsec.backends.kernels.cuda_compile import build_shared
+
+        path = str(tmp_path_factory.mktemp(name) / "k.so")
+        build_shared(list({v.func_name: v for v in variants}.values()), archs, path)
+    return tvm_ffi.load_module(path)
+
+
+def _ref_variants(arch):
+    """Every kind's default config at every group size (the float64 reference and CUDA-graph tests)."""
     variants = {}
     for kind, asym in (("sp16", False), ("sp4", False), ("sp4", True), ("dq4", False), ("dq4", True), ("dq8", False),
                        ("dq8", True)):  # fmt: skip
         for gs in ({0} if kind == "sp16" else {16, 32, 64, 128}):
             variants[(kind, asym, gs)] = cs.Variant.make(kind, asym, gs, cs.default_config(kind, arch))
-    pre = os.environ.get("SPARSEC_CUDA_TEST_LIB")  # a library built elsewhere (the device machine may lack g++)
-    path = pre or str(tmp_path_factory.mktemp("cuda") / "k.so")
-    if not pre:
-        build_shared(list(variants.values()), [arch], path)
-    lib = tvm_ffi.load_module(path)
-    return torch, lib, variants
+    return variants
+
+
+@pytest.fixture(scope="module")
+def gpu_lib(tmp_path_factory):
+    torch, tvm_ffi, arch = _gpu()
+    variants = _ref_variants(arch)
+    return torch, _gpu_lib(tmp_path_factory, "ref", variants.values(), [arch]), variants
+
+
+def _ws_variants():
+    """Every warp-specialized GEMM config of the search space (sm_90a 2:4 fp16)."""
+    base = cs.default_config("sp16")
+    return [cs.Variant.make("sp16", False, 0, dict(base, gemm=c, small_max=16)) for c in WS_CONFIGS]
+
+
+def _dq16_variants():
+    """int4 / int8 dequantize + ws prefill, by tensor map (wmap 1) and by bulk copies (0), zero points or not."""
+    return {(k, a, wm): cs.Variant.make(k, a, 64, dict(_dq16_config(k, wm), small_max=16))
+            for k in ("sp4", "dq4", "dq8") for a in (False, True) for wm in (1, 0)}  # fmt: skip
+
+
+SPLIT_SHAPES = [(40, 1184), (352, 352), (4096, 11008)]
+
+
+def _split_variants(arch):
+    """Fixed split-K 2, 3, 8 and auto (0) decode GEMVs of every kind on shapes the splits do not divide."""
+    variants = {}
+    for kind, asym in (("sp16", False), ("sp4", False), ("sp4", True), ("dq4", False), ("dq4", True), ("dq8", False),
+                       ("dq8", True)):  # fmt: skip
+        for n, k in SPLIT_SHAPES:
+            gs = _gs_for(kind, k)
+            for ks in (0, 2, 3, 8):
+                cfg = dict(cs.default_config(kind, arch), gemv=dict(cs.default_config(kind)["gemv"], ks=ks))
+                variants[(kind, asym, n, k, ks)] = cs.Variant.make(kind, asym, gs, cfg)
+    return variants
+
+
+# name -> (variants for an arch, the archs it is built for given the GPU's arch): what bench/gpu_test_libs.py prebuilds
+GPU_TEST_LIBS = {
+    "ref": (lambda arch: list(_ref_variants(arch).values()), lambda arch: [arch]),
+    "ws": (lambda arch: _ws_variants(), lambda arch: ["sm_90a"]),
+    "dq16w": (lambda arch: list(_dq16_variants().values()), lambda arch: ["sm_90a"]),
+    "split": (lambda arch: list(_split_variants(arch).values()), lambda arch: [arch]),
+}
 
 
 def _gs_for(kind, k):
@@ -1394,14 +1448,8 @@ def test_ws_kernel_matches_float64_reference(tmp_path_factory):
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("needs an sm_90 GPU (H100/H200)")
     tvm_ffi = pytest.importorskip("tvm_ffi")
-    from sparsec.backends.kernels.cuda_compile import build_shared
-
-    base = cs.default_config("sp16")
-    variants = [cs.Variant.make("sp16", False, 0, dict(base, gemm=c, small_max=16)) for c in WS_CONFIGS]
-    path = os.environ.get("SPARSEC_CUDA_WS_TEST_LIB") or str(tmp_path_factory.mktemp("ws") / "k.so")
-    if not os.environ.get("SPARSEC_CUDA_WS_TEST_LIB"):
-        build_shared(variants, ["sm_90a"], path)
-    lib = tvm_ffi.load_module(path)
+    variants = _ws_variants()
+    lib = _gpu_lib(tmp_path_factory, "ws", variants, ["sm_90a"])
     # (272, 3808) M = 150: 4 tiles of 256x128, 30 k tiles: tail configs split each in 7 / 4 / 2 uneven, odd parts
     for (n, k), m in (((256, 256), 256), ((264, 320), 200), ((128, 2048), 300), ((16, 64), 130), ((4096, 4096), 2048),
                       ((272, 3808), 150), ((272, 3808), 150)):  # twice: the counters are left at 0 for the next call
@@ -1423,13 +1471,8 @@ def test_dq16_wmap_matches_float64_reference(tmp_path_factory):
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("needs an sm_90 GPU (H100/H200)")
     tvm_ffi = pytest.importorskip("tvm_ffi")
-    from sparsec.backends.kernels.cuda_compile import build_shared
-
-    variants = {(k, a, wm): cs.Variant.make(k, a, 64, dict(_dq16_config(k, wm), small_max=16))
-                for k in ("sp4", "dq4", "dq8") for a in (False, True) for wm in (1, 0)}  # fmt: skip
-    path = str(tmp_path_factory.mktemp("dq16w") / "k.so")
-    build_shared(list(variants.values()), ["sm_90a"], path)
-    lib = tvm_ffi.load_module(path)
+    variants = _dq16_variants()
+    lib = _gpu_lib(tmp_path_factory, "dq16w", variants.values(), ["sm_90a"])
     for (n, k), m in (((4096, 4096), 2048), ((1048, 1024), 300), ((272, 3840), 150), ((272, 3840), 150)):
         for (kind, asym, wm), v in variants.items():
             w = _weight(kind, n, k, 64, asym, _rng(n * 7 + k))
@@ -1486,20 +1529,8 @@ def test_split_k_gemv_matches_float64_and_repeats_bitwise(tmp_path_factory):
     shapes whose chunk counts the splits do not divide: float64 reference on fresh inputs, every output written, and
     two calls on the same input bitwise identical (the fixed-order reduction)."""
     torch, tvm_ffi, arch = _gpu()
-    from sparsec.backends.kernels.cuda_compile import build_shared
-
-    shapes = [(40, 1184), (352, 352), (4096, 11008)]
-    variants = {}
-    for kind, asym in (("sp16", False), ("sp4", False), ("sp4", True), ("dq4", False), ("dq4", True), ("dq8", False),
-                       ("dq8", True)):  # fmt: skip
-        for n, k in shapes:
-            gs = _gs_for(kind, k)
-            for ks in (0, 2, 3, 8):
-                cfg = dict(cs.default_config(kind, arch), gemv=dict(cs.default_config(kind)["gemv"], ks=ks))
-                variants[(kind, asym, n, k, ks)] = cs.Variant.make(kind, asym, gs, cfg)
-    path = str(tmp_path_factory.mktemp("split") / "k.so")
-    build_shared(list({v.func_name: v for v in variants.values()}.values()), [arch], path)
-    lib = tvm_ffi.load_module(path)
+    variants = _split_variants(arch)
+    lib = _gpu_lib(tmp_path_factory, "split", variants.values(), [arch])
     for (kind, asym, n, k, ks), v in variants.items():
         w = _weight(kind, n, k, _gs_for(kind, k), asym, _rng(hash((kind, asym, n, k)) % 2**31))
         ws, wref = _on_gpu(torch, kind, w)
@@ -1511,6 +1542,20 @@ def test_split_k_gemv_matches_float64_and_repeats_bitwise(tmp_path_factory):
             y = _call_checked(torch, f, x, ws, ref, what)
             y2 = _call_checked(torch, f, x, ws, ref, what)
             assert torch.equal(y.view(torch.int16), y2.view(torch.int16)), f"{what}: not repeatable"
+
+
+def test_gpu_test_libraries_are_the_ones_the_gpu_tests_load():
+    """bench/gpu_test_libs.py prebuilds GPU_TEST_LIBS for the GPU machine: every library a GPU test loads has an entry
+    (a missing one would fail there, after the device time is spent), and no entry is left unused."""
+    import inspect
+    import sys
+
+    src = inspect.getsource(sys.modules[__name__])
+    used = set(re.findall(r'_gpu_lib\(tmp_path_factory, "(\w+)"', src))
+    assert used and used == set(GPU_TEST_LIBS), (used, set(GPU_TEST_LIBS))
+    for name, (variants_of, archs_of) in GPU_TEST_LIBS.items():
+        arch = archs_of("sm_80")[0]
+        assert variants_of(arch) and all(isinstance(v, cs.Variant) for v in variants_of(arch)), name
 
 
 def test_decode_report_labels_name_both_kernels_tiling():
