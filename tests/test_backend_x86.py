@@ -261,8 +261,12 @@ def test_cpu_schedules_for_legalized_attention_ops_match_numpy():
         lowered = cpu_pipeline(tt)(mod)
         vm = VirtualMachine(tvm.compile(mod, target=tt, relax_pipeline=cpu_pipeline(tt)), tvm.cpu())
     tir = "".join(f.script() for gv, f in lowered.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
-    # tiled matmuls (whole column tiles or the padded body) and row-wise softmax (rows >= 64), each behind its dispatch
-    assert tir.count("pragma_loop_partition_hint") >= 6 and "s % T.int64(32) == T.int64(0)" in tir and "rf" in tir
+    # tiled matmuls (whole column tiles or the padded body) and row-wise softmax (rows >= 64), each behind its dispatch;
+    # the column tile is NJ vectors of the host's lanes (32 with AVX-512, 16 with AVX2)
+    from sparsec.backends.cpu_schedule import CpuMatmulTiled, _lanes
+
+    tile = CpuMatmulTiled.NJ * _lanes(tt)
+    assert tir.count("pragma_loop_partition_hint") >= 6 and f"s % T.int64({tile}) == T.int64(0)" in tir and "rf" in tir
     assert "kt_pad" in tir and "s >= T.int64(64)" in tir
     rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
     # multiples of the tiles, odd lengths (padded columns, a partial row tile, a partial last SIMD chunk per row) and
@@ -330,7 +334,7 @@ def test_attention_fast_bodies_run_at_odd_sequence_lengths(s):
     rfactor-ed row softmax are what runs (short lengths: the previous schedules, as dispatched): every body the
     dispatch would not take is emptied (its output left NaN), and the result still matches float64 numpy on fresh
     random inputs."""
-    from sparsec.backends.cpu_schedule import CpuMatmulTiled, CpuRowReduce
+    from sparsec.backends.cpu_schedule import CpuMatmulTiled, CpuRowReduce, _lanes
     from tvm.script import relax as R
 
     @tvm.script.ir_module
@@ -368,7 +372,8 @@ def test_attention_fast_bodies_run_at_odd_sequence_lengths(s):
     assert "_pad" in padded and '"local"' in padded and "T.vectorized" in padded  # micro-kernel on padded columns
     q, kt, mask = rng.standard_normal((b, 4, s, 32)), rng.standard_normal((b, 4, 32, s)), rng.standard_normal((s, s))
     out = np.full((b, 4, s, s), np.nan, np.float32)
-    path = [False, s >= CpuMatmulTiled.MIN_PAD]
+    tile = CpuMatmulTiled.NJ * _lanes(tt)  # 32 columns with AVX-512, 16 with AVX2: a multiple runs the whole tiles
+    path = [True] if s % tile == 0 else [False, s >= CpuMatmulTiled.MIN_PAD]
     got = _run_tir(_only_branch(sched, path), tt, [x.astype(np.float32) for x in (q, kt, mask)] + [out])
     f64 = [x.astype(np.float32).astype(np.float64) for x in (q, kt, mask)]
     ref = f64[0] @ f64[1] * 0.125 + f64[2]
