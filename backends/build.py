@@ -172,13 +172,16 @@ def summarize(low) -> dict[str, Any]:
     if notes:
         info["notes"] = notes
     if low.moe:
-        info["moe_lowering"] = "dense-equivalent (every expert on every token, weighted by the routing)"
+        info["moe_lowering"] = ("routed (each expert runs on the tokens routed to it)"
+                                if low.moe_routed else "dense-equivalent (every expert on every token, weighted by the routing)")
     return info
 
 
 def build(graph: Graph, target: Target | str, recipe=None, console=None, *, tuning=None, dense_kernel: str | None = None,
-          tuning_db: str | os.PathLike | None = None, strict: bool = False) -> tuple[dict[str, Any], Callable[[Path], None] | None]:  # fmt: skip
-    """Compile ``graph`` for ``target``. Returns (info for the report, writer of ``lib/``)."""
+          tuning_db: str | os.PathLike | None = None, strict: bool = False,
+          moe_routed: bool | None = None) -> tuple[dict[str, Any], Callable[[Path], None] | None]:  # fmt: skip
+    """Compile ``graph`` for ``target``. Returns (info for the report, writer of ``lib/``). ``moe_routed``: see
+    :func:`sparsec.backends.lower.lower` (None: the target's default)."""
     from .lower import lower
     from .tune import TuningDB
 
@@ -190,7 +193,7 @@ def build(graph: Graph, target: Target | str, recipe=None, console=None, *, tuni
         tuning = TuningDB.for_target(target.name, tuning_db)
     t0 = time.perf_counter()
     try:
-        low = lower(graph, target, tuning, dense_kernel=dense_kernel)
+        low = lower(graph, target, tuning, dense_kernel=dense_kernel, moe_routed=moe_routed)
     except UnsupportedOpError as e:
         # an operator TVM cannot lower (e.g. a data-dependent Reshape): the artifact is still complete without lib/
         # (model.onnx runs everywhere); the report says why, and `sparsec run --engine lib` refuses clearly

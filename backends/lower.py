@@ -6,12 +6,18 @@
   kernel take TVM's dense path (``relax.op.matmul``, legalized then scheduled by DLight on GPU / LLVM on CPU).
   ``LowRank`` weights are decomposed: ``base(x) + (x @ B.T) @ A.T`` (two small Relax matmuls).
 - **LayerNorm / RMSNorm / Embedding / Residual**: Relax ops (``nn.layer_norm``, ``nn.rms_norm``, ``take``, ``add``).
-- **MoE**: router through the registry, ``softmax``/``sigmoid``, ``topk``, optional renormalization, the route
-  weights scattered to a dense ``[tokens, experts]`` matrix (``one_hot``; merged experts through the
-  ``expert_map`` as a one-hot ``[routes, experts]`` matmul) and ``y = sum_e w[:, e] * expert_e(x)``. This is the
-  *dense-equivalent* lowering: every expert runs on every token (``experts/top_k`` times the FLOPs of a routed
-  implementation) and tokens not routed to an expert get weight 0, so the result equals the executor's routed
-  computation. A gather/scatter implementation needs data-dependent shapes and is left for later.
+- **MoE**: router through the registry, ``softmax``/``sigmoid``, ``topk``, optional renormalization; then
+  - **routed** (x86, :func:`moe_routed_default`): each expert runs on the tokens routed to it, gathered in token
+    order; their count is data-dependent (``tensor_to_shape`` + ``match_cast``), so an expert no token chose runs its
+    kernels on 0 rows and reads no weights (one decode token reads top-k experts, not all). Every token gathers its
+    top-k rows of the concatenated expert outputs back (:meth:`_Lowerer.moe_routed_combine`). These layers sit outside
+    the dataflow blocks (FuseOps would reorder the uses of a count above its binding);
+  - **dense-equivalent** (CUDA, aarch64, wasm): the route weights scattered to a dense ``[tokens, experts]`` matrix
+    (``one_hot``; merged experts through the ``expert_map`` as a one-hot ``[routes, experts]`` matmul) and
+    ``y = sum_e w[:, e] * expert_e(x)``: every expert on every token (``experts/top_k`` times the FLOPs), tokens not
+    routed to an expert weighted 0, so the result equals the executor's routed computation. CUDA: 0-row launches of
+    TVM's own kernels are not verified on a GPU; aarch64 / wasm: their standalone call plans (backends/cross.py) size
+    every buffer from the input dims.
 - **Generic ONNX nodes**: TVM's own ONNX converters (``tvm.relax.frontend.onnx``), called node by node on the same
   BlockBuilder, with the node's attributes rebuilt as ONNX ``AttributeProto`` s.
 
@@ -68,6 +74,7 @@ class Lowered:
     sources: dict[str, str] = field(default_factory=dict)  # PrimFunc name -> TVMScript source (generated kernels)
     input_ranges: dict[str, list[int]] = field(default_factory=dict)  # int inputs feeding an Embedding: [0, vocab)
     moe: list[str] = field(default_factory=list)
+    moe_routed: bool = True  # MoE layers: routed (gather / experts / scatter-add) or dense-equivalent
     extra_modules: list[Any] = field(default_factory=list)  # KernelImpl.extra_modules of every kernel used
     # symbolic input dim -> [largest size the model supports, why]: a buffer sliced by it (causal mask), positions
     # gathered by it (learned position embeddings). Checked by the runtimes before a call (TVM does not check it).
@@ -80,7 +87,8 @@ def _sanitize(name: str) -> str:
 
 
 class _Lowerer:
-    def __init__(self, graph: Graph, target, tuning, act_dtype: str = "float32", dense_kernel: str | None = None):
+    def __init__(self, graph: Graph, target, tuning, act_dtype: str = "float32", dense_kernel: str | None = None,
+                 moe_routed: bool | None = None):
         from tvm import relax
 
         self.relax = relax
@@ -104,6 +112,8 @@ class _Lowerer:
         self.dim_limits: dict[str, list] = {}
         self.index_limits: dict[str, Any] = {}  # value -> exclusive bound of its values (Range(0, seq) -> seq)
         self.moe_notes: list[str] = []
+        # MoE: routed (each expert on the tokens routed to it) or dense-equivalent (every expert on every token)
+        self.moe_routed = moe_routed if moe_routed is not None else moe_routed_default(target)
         self.extra_modules: list[Any] = []
         self._importer = None
         self.shape_values: dict[str, Any] = {}  # small int tensors known at compile time (see fold)
@@ -359,29 +369,84 @@ class _Lowerer:
         if n.renormalize:
             topv = self.bb.emit(op.divide(topv, op.sum(topv, axis=-1, keepdims=True)))
         routes = n.num_routes
-        oh = self.bb.emit(op.astype(op.one_hot(topi, 1.0, 0.0, depth=routes, axis=-1), "float32"))
+        oh = self.bb.emit(op.astype(op.one_hot(topi, 1.0, 0.0, depth=routes, axis=-1), "float32"))  # [T, k, routes]
+        dout = n.experts[0].down.out_features if n.experts else d
+        if self.moe_routed:
+            return self.unflatten(self.moe_routed_combine(n, x2, m, topi, topv, oh, dout), lead, dout)
         wr = self.bb.emit(op.sum(op.multiply(oh, op.expand_dims(topv, -1)), axis=1))  # [T, routes]
         ne = len(n.experts)
         if n.expert_map is not None:
             emap = np.zeros((routes, ne), dtype=np.float32)
             emap[np.arange(routes), np.asarray(n.expert_map)] = 1.0
             wr = self.bb.emit(op.matmul(wr, relax.const(emap)))
-        dt = _dtype_of(x2)
-        if dt != "float32":
-            wr = self.bb.emit(op.astype(wr, dt))
+        if _dtype_of(x2) != "float32":
+            wr = self.bb.emit(op.astype(wr, _dtype_of(x2)))
         acc = None
         for ei, e in enumerate(n.experts):
-            h_up = self.linear2d(e.up, x2, m)
-            if e.gate is not None:
-                h = self.bb.emit(op.multiply(self.act(e.act, self.linear2d(e.gate, x2, m)), h_up))
-            else:
-                h = self.act(e.act, h_up)
-            ye = self.linear2d(e.down, h, m)
-            we = self.bb.emit(op.strided_slice(wr, axes=[1], begin=[ei], end=[ei + 1]))
-            ye = self.bb.emit(op.multiply(ye, we))
+            we = self.bb.emit(op.strided_slice(wr, axes=[1], begin=[ei], end=[ei + 1]))  # [T, 1]
+            ye = self.bb.emit(op.multiply(self.expert(e, x2, m), we))
             acc = ye if acc is None else self.bb.emit(op.add(acc, ye))
         self.moe_notes.append(n.name)
-        return self.unflatten(acc, lead, d)
+        return self.unflatten(acc, lead, dout)
+
+    def moe_routed_combine(self, n: MoE, x2, m, topi, topv, oh, dout):
+        """Routed MoE: each expert runs on the tokens routed to it, gathered in token order (a data-dependent count,
+        bound by ``tensor_to_shape``; an expert no token chose runs its kernels on 0 rows and reads no weights). The
+        experts' outputs are concatenated and every token gathers its top-k rows back (no scatter): the row of token
+        t in expert e's block is ``offset[e] + rank[t, e]``, rank = the running count of e's tokens. Only TVM VM
+        builtins and generated kernels: no Python callback in the library (``nonzero`` would need one). The gathers
+        clip their (always in-range) indices: TVM warns at every unchecked gather it compiles."""
+        from tvm import tirx
+
+        relax = self.relax
+        op = relax.op
+        ne = len(n.experts)
+        sel = self.bb.emit(op.sum(oh, axis=1))  # [T, routes]: how often each route was selected (0 / 1)
+        slot_e = topi  # [T, k]: the expert each selected route is served by
+        if n.expert_map is not None:
+            emap_oh = np.zeros((n.num_routes, ne), dtype=np.float32)
+            emap_oh[np.arange(n.num_routes), np.asarray(n.expert_map)] = 1.0
+            sel = self.bb.emit(op.matmul(sel, relax.const(emap_oh)))
+            slot_e = self.bb.emit(op.take(relax.const(np.asarray(n.expert_map, dtype=np.int64), "int64"), topi, axis=0, mode="clip"))
+        used = self.bb.emit(op.astype(op.greater(sel, relax.const(0.0, "float32")), "int64"))  # [T, E]
+        rank = self.bb.emit(op.subtract(op.cumsum(used, axis=0), relax.const(1, "int64")))  # [T, E]
+        # tokens per expert: the last row of the running count with a zero row in front (a reduction over an empty
+        # token axis returns garbage in TVM 0.27, so no sum over tokens: 0 tokens give the zero row)
+        csum = self.bb.emit(op.cumsum(op.concat([relax.const(np.zeros((1, ne), np.int64), "int64"), used], axis=0), axis=0))
+        cnt = self.bb.emit(op.reshape(op.take(csum, op.arange(_as_prim(m), _as_prim(m) + 1, 1, dtype="int64"), axis=0, mode="clip"), (ne,)))
+        offs = self.bb.emit(op.subtract(op.cumsum(cnt, axis=0), cnt))  # [E] exclusive prefix sums
+        ar = self.bb.emit(op.arange(0, _as_prim(m), 1, dtype="int64"))
+        # sort key: a token routed to e sorts before every token that is not, in token order among them
+        key = self.bb.emit(op.add(op.multiply(op.subtract(relax.const(1, "int64"), used), relax.const(1 << 40, "int64")),
+                                  op.expand_dims(ar, -1)))  # fmt: skip
+        order = self.bb.emit(op.permute_dims(op.argsort(key, axis=0, dtype="int64"), [1, 0]))  # [E, T]
+        outs = []
+        for ei, e in enumerate(n.experts):
+            c = self.bb.emit(op.tensor_to_shape(op.strided_slice(cnt, axes=[0], begin=[ei], end=[ei + 1])))
+            k_e = tirx.Var(f"{_sanitize(n.name)}_e{ei}_tokens", "int64")
+            self.bb.match_cast(c, relax.ShapeType([k_e]))
+            row = self.bb.emit(op.reshape(op.strided_slice(order, axes=[0], begin=[ei], end=[ei + 1]), (m,)))
+            # the first k_e entries (a take, not a strided_slice: TVM's CPU pipeline mis-handles a slice bound by a
+            # data-dependent size)
+            idx = self.bb.emit(op.take(row, op.arange(0, k_e, 1, dtype="int64"), axis=0, mode="clip"))
+            outs.append(self.expert(e, self.bb.emit(op.take(x2, idx, axis=0, mode="clip")), k_e))
+        ycat = self.bb.emit(op.concat(outs, axis=0)) if len(outs) > 1 else outs[0]  # [sum of counts, dout]
+        pos = self.bb.emit(op.add(op.gather_elements(rank, slot_e, axis=1), op.take(offs, slot_e, axis=0, mode="clip")))  # [T, k]
+        kk = int(n.top_k)
+        rows = self.bb.emit(op.reshape(op.take(ycat, op.reshape(pos, (_as_prim(m) * kk,)), axis=0, mode="clip"), (m, kk, dout)))
+        w = topv if _dtype_of(x2) == "float32" else self.bb.emit(op.astype(topv, _dtype_of(x2)))
+        self.moe_notes.append(n.name)
+        return self.bb.emit(op.sum(op.multiply(rows, op.expand_dims(w, -1)), axis=1))
+
+    def expert(self, e, x2, m):
+        """One expert's MLP on ``[m, d]`` tokens: ``down(act(gate(x)) * up(x))`` (or ``down(act(up(x)))``)."""
+        op = self.relax.op
+        h_up = self.linear2d(e.up, x2, m)
+        if e.gate is not None:
+            h = self.bb.emit(op.multiply(self.act(e.act, self.linear2d(e.gate, x2, m)), h_up))
+        else:
+            h = self.act(e.act, h_up)
+        return self.linear2d(e.down, h, m)
 
     def act(self, name: str, x):
         op = self.relax.op
@@ -910,56 +975,99 @@ class _Lowerer:
             return self.dim(text, text)
 
     # ---- driver --------------------------------------------------------------------------------------------
+    def lower_node(self, n) -> None:
+        relax = self.relax
+        ins = [self.value(i) for i in n.inputs]
+        try:
+            if isinstance(n, Linear):
+                outs = [(n.outputs[0], self.linear(n, ins[0]))]
+            elif isinstance(n, LayerNorm):
+                outs = [(n.outputs[0], self.layernorm(n, ins[0]))]
+            elif isinstance(n, RMSNorm):
+                outs = [(n.outputs[0], self.rmsnorm(n, ins[0]))]
+            elif isinstance(n, Embedding):
+                outs = [(n.outputs[0], self.embedding(n, ins[0]))]
+            elif isinstance(n, Residual):
+                outs = [(n.outputs[0], self.bb.emit(relax.op.add(ins[0], ins[1])))]
+            elif isinstance(n, MoE):
+                outs = [(n.outputs[0], self.moe(n, ins[0]))]
+            elif isinstance(n, Generic):
+                outs = self.generic(n, ins)
+            else:
+                raise UnsupportedOpError(f"{n.op} (node '{n.name}') cannot be lowered")
+        except (UnsupportedOpError, BuildError):
+            raise
+        except Exception as e:  # noqa: BLE001 - a TVM failure on a node is reported naming the node
+            if isinstance(e, (KeyboardInterrupt, MemoryError)):
+                raise
+            msg = str(e).strip().splitlines()
+            raise BuildError(f"node '{n.name}' ({n.op}): {msg[-1][:300] if msg else type(e).__name__}")
+        for name, e in outs:
+            self.env[name] = e
+
+    def export_live(self, later, outputs) -> None:
+        """Before a dataflow block ends: the values the ``later`` nodes or the outputs use become block outputs (a
+        dataflow variable is not visible after its block)."""
+        import tvm
+
+        relax = self.relax
+        live = {i for n in later for i in n.inputs if i} | set(outputs)
+        for name in sorted(live & set(self.env)):
+            v = self.env[name]
+            if isinstance(v, tvm.ir.expr.Constant) or (isinstance(v, relax.Var) and not isinstance(v, relax.DataflowVar)):
+                continue
+            if isinstance(v, relax.Expr):
+                self.env[name] = self.bb.emit_output(v)
+
     def run(self) -> Lowered:
         relax = self.relax
         in_vars, in_info = self.input_vars()
         g = self.g
         # parameters become known while lowering; the function signature is fixed at the end (see below)
         with self.bb.function("main", params=None):
-            with self.bb.dataflow():
-                for n in g.nodes:
-                    ins = [self.value(i) for i in n.inputs]
-                    try:
-                        if isinstance(n, Linear):
-                            outs = [(n.outputs[0], self.linear(n, ins[0]))]
-                        elif isinstance(n, LayerNorm):
-                            outs = [(n.outputs[0], self.layernorm(n, ins[0]))]
-                        elif isinstance(n, RMSNorm):
-                            outs = [(n.outputs[0], self.rmsnorm(n, ins[0]))]
-                        elif isinstance(n, Embedding):
-                            outs = [(n.outputs[0], self.embedding(n, ins[0]))]
-                        elif isinstance(n, Residual):
-                            outs = [(n.outputs[0], self.bb.emit(relax.op.add(ins[0], ins[1])))]
-                        elif isinstance(n, MoE):
-                            outs = [(n.outputs[0], self.moe(n, ins[0]))]
-                        elif isinstance(n, Generic):
-                            outs = self.generic(n, ins)
-                        else:
-                            raise UnsupportedOpError(f"{n.op} (node '{n.name}') cannot be lowered")
-                    except (UnsupportedOpError, BuildError):
-                        raise
-                    except Exception as e:  # noqa: BLE001 - a TVM failure on a node is reported naming the node
-                        if isinstance(e, (KeyboardInterrupt, MemoryError)):
-                            raise
-                        msg = str(e).strip().splitlines()
-                        raise BuildError(f"node '{n.name}' ({n.op}): {msg[-1][:300] if msg else type(e).__name__}")
-                    for name, e in outs:
-                        self.env[name] = e
-                results = [self.value(o) for o in g.outputs]
-                res = results[0] if len(results) == 1 else relax.Tuple(results)
-                out = self.bb.emit_output(res)
+            # one dataflow block, except around routed MoE layers: their data-dependent token counts are bound by
+            # match_cast, and FuseOps reorders a dataflow block by data dependencies only, which moved the uses of
+            # those counts above their binding. Outside a dataflow block nothing is reordered (or fused).
+            block = None
+            for i, n in enumerate(g.nodes):
+                if isinstance(n, MoE) and self.moe_routed:
+                    if block is not None:
+                        self.export_live(g.nodes[i:], g.outputs)
+                        block.__exit__(None, None, None)
+                        block = None
+                elif block is None:
+                    block = self.bb.dataflow()
+                    block.__enter__()
+                self.lower_node(n)
+            if block is None:
+                block = self.bb.dataflow()
+                block.__enter__()
+            results = [self.value(o) for o in g.outputs]
+            res = results[0] if len(results) == 1 else relax.Tuple(results)
+            out = self.bb.emit_output(res)
+            block.__exit__(None, None, None)
             self.bb.emit_func_output(out, params=in_vars + self.param_vars)
         mod = self.bb.get()
         mod["main"] = mod["main"].with_attr("num_input", len(in_vars))
         return Lowered(mod, in_info, list(g.outputs), self.params, self.kernels, self.sources, self.input_ranges, self.moe_notes,
-                       self.extra_modules, self.dim_limits)
+                       self.moe_routed, self.extra_modules, self.dim_limits)
 
 
-def lower(graph: Graph, target, tuning=None, act_dtype: str = "float32", dense_kernel: str | None = None) -> Lowered:
-    """Lower ``graph`` for ``target`` (a :class:`sparsec.backends.targets.Target`) into a Relax module."""
+def moe_routed_default(target) -> bool:
+    """Whether MoE layers are lowered routed for ``target``: on the x86 host (Relax VM). Not on CUDA (0-row launches
+    of TVM's own kernels unverified on a GPU) nor on aarch64 / wasm, whose standalone call plans (backends/cross.py)
+    allocate every buffer from the input dims and have no data-dependent sizes."""
+    return target.kind == "llvm" and not target.name.startswith("aarch64")
+
+
+def lower(graph: Graph, target, tuning=None, act_dtype: str = "float32", dense_kernel: str | None = None,
+          moe_routed: bool | None = None) -> Lowered:
+    """Lower ``graph`` for ``target`` (a :class:`sparsec.backends.targets.Target`) into a Relax module. ``moe_routed``:
+    MoE layers routed or dense-equivalent (None: :func:`moe_routed_default`)."""
     from .tune import TuningDB
 
-    return _Lowerer(graph, target, tuning if tuning is not None else TuningDB.empty(), act_dtype, dense_kernel).run()
+    return _Lowerer(graph, target, tuning if tuning is not None else TuningDB.empty(), act_dtype, dense_kernel,
+                    moe_routed).run()
 
 
 # ----------------------------------------------------------------------------------------------------------------

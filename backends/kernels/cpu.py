@@ -756,7 +756,9 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
             with s.scope("else:"):
                 chain(i + 1)
 
-        chain(0)
+        # no rows, no work: an MoE expert no token was routed to runs on 0 rows and must not read its weights
+        with s.scope("if M > T.int64(0):"):
+            chain(0)
     return "\n".join(s.lines) + "\n"
 
 
