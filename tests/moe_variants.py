@@ -135,6 +135,29 @@ class TopkSoftmaxMoe(nn.Module):
         return y.reshape(b, t, d), logits
 
 
+class StackedMoe(nn.Module):
+    """Experts as stacked 3-D parameters (fused-expert implementations): ``w1 / w3 [E, D, F]``, ``w2 [E, F, D]``
+    applied to every token with ``torch.bmm`` and ``einsum``, combined by the dense routing weights."""
+
+    def __init__(self, d, f, num_experts=4, top_k=2):
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.gate = nn.Linear(d, num_experts, bias=False)
+        self.w1 = nn.Parameter(torch.randn(num_experts, d, f) * d**-0.5)
+        self.w3 = nn.Parameter(torch.randn(num_experts, d, f) * d**-0.5)
+        self.w2 = nn.Parameter(torch.randn(num_experts, f, d) * f**-0.5)
+
+    def forward(self, h):
+        b, t, d = h.shape
+        x = h.reshape(-1, d)
+        logits = self.gate(x)
+        w, sel = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
+        dense = torch.zeros_like(logits).scatter(1, sel, w / w.sum(-1, keepdim=True))  # [T, E]
+        xe = x.unsqueeze(0).expand(self.num_experts, -1, -1)  # [E, T, D]
+        y = torch.bmm(F.silu(torch.bmm(xe, self.w1)) * torch.einsum("etd,edf->etf", xe, self.w3), self.w2)
+        return torch.einsum("te,etd->td", dense, y).reshape(b, t, d), logits
+
+
 # name -> (block factory, expected (experts, top_k, renormalize, score) per MoE layer)
 VARIANTS = {
     "mixtral": (None, (4, 2, True, "softmax")),
@@ -142,6 +165,7 @@ VARIANTS = {
     "switch": (lambda d, f: SwitchStyleMoe(d, f), (4, 1, None, None)),  # top-1: renormalize/score are equivalent
     "dense_sigmoid": (lambda d, f: DenseSigmoidMoe(d, f), (4, 2, True, "sigmoid")),
     "topk_softmax": (lambda d, f: TopkSoftmaxMoe(d, f), (4, 2, True, "softmax")),
+    "stacked": (lambda d, f: StackedMoe(d, f), (4, 2, True, "softmax")),
     "squared": (lambda d, f: TopkSoftmaxMoe(d, f, square=True), None),
 }
 
@@ -155,7 +179,11 @@ def build_variant(name: str, seed: int = 0, identical: bool = False) -> nn.Modul
     for layer in model.model.layers:
         if factory is not None:
             layer.block_sparse_moe = factory(64, 128)
-        if identical:
+        if identical and isinstance(layer.block_sparse_moe, StackedMoe):
+            with torch.no_grad():
+                for p in (layer.block_sparse_moe.w1, layer.block_sparse_moe.w2, layer.block_sparse_moe.w3):
+                    p[1:] = p[0]
+        elif identical:
             experts = layer.block_sparse_moe.experts
             for e in experts[1:]:
                 e.load_state_dict(experts[0].state_dict())

@@ -23,7 +23,7 @@ from . import models as tm
 from .moe_variants import VARIANTS, build_variant
 
 EXPORTERS = [("torchscript", 17), ("dynamo", 18)]
-RAISED = ["mixtral", "qwen", "switch", "dense_sigmoid", "topk_softmax"]
+RAISED = ["mixtral", "qwen", "switch", "dense_sigmoid", "topk_softmax", "stacked"]
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +76,14 @@ def test_torch_onnx_moe_is_raised(exported, variant, exporter, opset):
             assert m.renormalize == renorm and m.score == score
         # route i is served by the module's experts[i] (the route -> expert mapping was solved, not assumed)
         for i, e in enumerate(m.experts):
-            assert all(f".experts.{i}." in lin.name for lin in e.linears()), [lin.name for lin in e.linears()]
+            if variant == "stacked":  # one Linear per slice of the stacked w1 / w3 / w2 (compressible on their own)
+                assert sorted(lin.name.rsplit(".", 2)[-2:][0] for lin in e.linears()) == ["w1", "w2", "w3"]
+                assert all(lin.name.endswith(f".{i}") for lin in e.linears()), [lin.name for lin in e.linears()]
+            else:
+                assert all(f".experts.{i}." in lin.name for lin in e.linears()), [lin.name for lin in e.linears()]
         assert m.meta["moe_verify_error"] <= 1e-5
     plain = [n.name for n in g.nodes if isinstance(n, Linear)]
-    assert not any(".experts." in n for n in plain)  # every routed expert layer is inside an MoE
+    assert not any(".experts." in n or ".block_sparse_moe.w" in n for n in plain)  # every routed expert layer is inside an MoE
     if variant == "qwen":  # the shared expert (added next to the routed ones) stays outside as plain layers
         assert sum(".shared_expert" in n for n in plain) == 2 * 4
     rng = np.random.default_rng()
@@ -113,10 +117,11 @@ def test_unexpressible_routing_keeps_plain_layers_with_a_warning(exported, expor
 
 
 @pytest.mark.parametrize("exporter,opset", EXPORTERS, ids=[e for e, _ in EXPORTERS])
-def test_identical_experts_from_onnx_merge_losslessly(exported, exporter, opset):
+@pytest.mark.parametrize("variant", ["mixtral", "stacked"])
+def test_identical_experts_from_onnx_merge_losslessly(exported, variant, exporter, opset):
     from .test_expert_merge import run_merge
 
-    _, path = exported("mixtral", exporter, opset, identical=True)
+    _, path = exported(variant, exporter, opset, identical=True)
     g = load_onnx(path)
     assert [len(m.experts) for m in moes(g)] == [4, 4]
     (rep,), _ = run_merge(g, experts=2)
@@ -225,3 +230,49 @@ def test_static_shape_export_is_raised(variant, tmp_path):
     ids = np.random.default_rng().integers(0, 128, size=(2, 8)).astype(np.int64)
     ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})[0]
     assert tm.rel(Executor(g).run({"input_ids": ids})[g.outputs[0]], ref) <= 1e-4
+
+
+def test_stacked_weights_split_into_linears_without_an_moe(tmp_path):
+    """A batched product with a constant stacked weight outside any MoE (per-head projections: ``einsum`` with the
+    weight transposed, a ``matmul`` broadcasting a 2-D x over the stack) is split into one Linear per slice and the
+    graph still computes the same (against onnxruntime and the module); equations that are not per-slice matmuls
+    are left alone."""
+    from sparsec.compressor.frontends.unstack import _einsum_weight
+
+    w = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    assert _einsum_weight("etd,edf->etf", w) is w
+    np.testing.assert_array_equal(_einsum_weight("etd,efd->etf", w), np.swapaxes(w, 1, 2))
+    np.testing.assert_array_equal(_einsum_weight("hbtd , hdf -> hbtf", w), w)
+    for eq in ("etd,edf->tf", "etd,edf->etd", "td,edf->etf", "etd,fde->etf", "etd,edf->ef"):
+        assert _einsum_weight(eq, w) is None, eq
+
+    class Heads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(50, 16)
+            self.wq = torch.nn.Parameter(torch.randn(3, 8, 16) * 0.25)  # [H, out, in]: einsum with the transpose
+            self.wv = torch.nn.Parameter(torch.randn(3, 16, 8) * 0.25)  # [H, in, out]: matmul broadcasting x
+
+        def forward(self, ids):
+            x = self.emb(ids)[0]  # [T, 16]
+            q = torch.einsum("htd,hfd->htf", x.unsqueeze(0).expand(3, -1, -1), self.wq)
+            v = torch.matmul(x, self.wv)  # [3, T, 8]
+            return torch.tanh(q * v).sum(0)
+
+        def example_inputs(self):
+            return (torch.randint(0, 50, (1, 7)),)
+
+    model = Heads().eval()
+    rng = np.random.default_rng()
+    for exporter, opset in EXPORTERS:
+        path = str(tmp_path / f"heads_{exporter}.onnx")
+        tm.export_onnx(model, path, exporter, opset)
+        g = load_onnx(path)
+        lins = [n for n in g.nodes if isinstance(n, Linear)]
+        assert len(lins) == 6 and not moes(g), [n.name for n in lins]
+        for t in (1, 5):
+            ids = rng.integers(0, 50, (1, t)).astype(np.int64)
+            got = Executor(g).run({g.inputs[0]: ids})[g.outputs[0]]
+            with torch.no_grad():
+                ref = model(torch.from_numpy(ids)).numpy()
+            assert tm.rel(got, ref) <= 1e-5

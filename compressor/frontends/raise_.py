@@ -12,6 +12,8 @@ Patterns recognized (each as the TorchScript and the dynamo exporters of torch.o
   ``RMSNormalization`` (opset 23) and ``com.microsoft.SimplifiedLayerNormalization``;
 - ``Embedding``: ``Gather(table, ids)`` with a constant 2-D float table, axis 0;
 - ``Residual``: ``Add`` of two non-constant float activations of the same shape;
+- stacked 3-D weights (fused experts: batched ``MatMul`` / per-slice ``Einsum`` with a constant ``[E, K, N]``) are
+  first split into a ``Linear`` per slice (``unstack.py``), so MoE blocks written that way raise like the others;
 - ``MoE``: the form sparsec itself exports (nodes tagged with ``sparsec.moe`` metadata), and MoE blocks as torch.onnx
   writes them (both exporters: expert loops unrolled with one_hot/Equal, NonZero, Gather/GatherND, index_add/
   ScatterND/ScatterElements, boolean-mask index_put, or dense forms weighting every expert by a routing mask), found
@@ -748,6 +750,10 @@ def raise_graph(g: Graph) -> dict[str, int]:
     """Fold constants and raise patterns in place. Returns how many of each op were raised."""
     counts: dict[str, int] = {"folded": fold_constants(g)}
     remove_dead(g)
+    from .unstack import unstack_expert_matmuls  # stacked 3-D expert weights -> a Linear per expert
+
+    if unstack_expert_matmuls(g):
+        remove_dead(g)
     for label, fn in PATTERNS:
         counts[label] = counts.get(label, 0) + _run_pattern(g, fn)
     counts["MoE"] = raise_sparsec_moe(g)
