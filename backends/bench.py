@@ -77,10 +77,20 @@ def original_graph(artifact, original: str | None):
         onnx_model = original if str(original).endswith(".onnx") else to_onnx(s.graph, ExportOptions(weights="native")).SerializeToString()
         return s.graph, onnx_model, f"original {os.path.basename(str(original))}"
     name = str(src.get("name", ""))
+    if name and not name.startswith("example:"):
+        # the model file by the name the artifact records, in the working directory or next to the artifact, when it
+        # is the same file (sha256)
+        for cand in dict.fromkeys([Path(name), Path(artifact.path).resolve().parent / name]):
+            if cand.is_file():
+                try:
+                    return original_graph(artifact, str(cand))
+                except ModelLoadError:  # another model of that name (or unreadable): keep looking
+                    continue
     if name.startswith("example:"):
         s = load_example(name.split(":", 1)[1])
         return s.graph, to_onnx(s.graph, ExportOptions(weights="native")).SerializeToString(), f"dense {name} (exported by sparsec)"
-    raise ModelLoadError(f"the artifact was compressed from {name or 'an unknown model'}: pass the original with --original")
+    raise ModelLoadError(f"the artifact was compressed from {name or 'an unknown model'}, not found here (working directory, "
+                         "next to the artifact) with the same sha256: pass the original with --original")
 
 
 def scenario_inputs(graph, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:

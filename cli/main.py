@@ -82,15 +82,23 @@ def _load(model: Optional[str], example: Optional[str]):
 
 @app.command(epilog="Examples:\n\n  sparsec inspect model.onnx\n\n  sparsec inspect --example tiny-moe --json")
 def inspect(
-    model: Optional[str] = typer.Argument(None, help="Model file: .onnx (external .data next to it) or .pt2."),
+    model: Optional[str] = typer.Argument(None, help="Model file: .onnx (external .data next to it) or .pt2; or an artifact directory."),
     example: Optional[str] = typer.Option(None, "--example", help="An embedded reference model: tiny-gpt, tiny-moe, digits."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     ir: bool = typer.Option(False, "--ir", help="Print the whole IR, node by node."),
 ):
-    """Summarize a model as sparsec sees it: ops, Linear layers with shapes, parameters, bytes."""
+    """Summarize a model as sparsec sees it: ops, Linear layers with shapes, parameters, bytes. An artifact directory
+    shows its compressed graph (formats, bytes after compression)."""
     from sparsec.compressor.ir import MoE
 
-    src = _load(model, example)
+    if model and os.path.isdir(model) and os.path.isfile(os.path.join(model, "manifest.json")) and not example:
+        from sparsec.compressor.artifact import load_artifact
+        from sparsec.compressor.compress import Source
+
+        a = load_artifact(model)
+        src = Source(a.graph, f"artifact {model}", str(a.manifest.get("source", {}).get("sha256", "")))
+    else:
+        src = _load(model, example)
     g = src.graph
     lins = g.linears()
     moes = [n for n in g.nodes if isinstance(n, MoE)]

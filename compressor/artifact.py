@@ -89,6 +89,10 @@ def check_output_dir(out: str | Path, force: bool = False) -> Path:
         raise OutputError(f"{out}: directory {probe} is not writable")
     if probe != parent and not os.path.isdir(probe):
         raise OutputError(f"{out}: {probe} is not a directory")
+    try:  # what os.access cannot tell (root, read-only or pseudo file systems such as /proc): try it
+        os.rmdir(tempfile.mkdtemp(prefix=".sparsec-probe-", dir=probe))
+    except OSError as e:
+        raise OutputError(f"{out}: cannot write in {probe} ({e.strerror or e})")
     return out
 
 
@@ -102,12 +106,22 @@ class ArtifactContent:
     writers: list[tuple[str, Callable[[Path], None]]] = field(default_factory=list)  # (subdir, fn(dir)) e.g. lib/
 
 
+def temp_sibling(parent: Path, name: str) -> Path:
+    """A fresh temporary directory in ``parent`` that becomes ``name`` by rename, with the mode a plain ``mkdir``
+    would give it (mkdtemp's 0700 would make every artifact unreadable to other users, whatever the umask)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)
+    return tmp
+
+
 def write_artifact(out: str | Path, content: ArtifactContent, force: bool = False) -> Path:
     out = check_output_dir(out, force)
     parent = out.resolve().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        tmp = temp_sibling(parent, out.name)
     except OSError as e:
         raise OutputError(f"{out}: cannot create a directory there ({e.strerror or e})")
     try:

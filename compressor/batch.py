@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import OutputError, RecipeError, SparsecError
+from .artifact import temp_sibling
 
 BATCH_SCHEMA = "sparsec.batch/1"
 
@@ -339,7 +340,7 @@ def check_thresholds(report: dict[str, Any], thresholds: dict[str, float]) -> li
 def _copy_artifact(src: Path, dst: Path) -> None:
     """Copy an artifact directory atomically (temp sibling, then rename; an existing artifact at dst is replaced)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    tmp = temp_sibling(dst.parent, dst.name)
     try:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
         if dst.exists():

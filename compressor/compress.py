@@ -214,7 +214,9 @@ def compress(source: Source, recipe: Recipe, out: str | os.PathLike, *, force: b
 
     calib = held = None
     warnings: list[str] = list(graph.meta.get("import_warnings", []))
-    need_calib = any(p.needs_calibration for p in passes) or bool(passes)
+    # given calibration data is always read and checked (a file that does not fit the model is an error even when no
+    # pass needs it; with no passes it serves the export check)
+    need_calib = any(p.needs_calibration for p in passes) or bool(passes) or recipe.calibration.data is not None
     if need_calib:
         calib, held = calibration_for(source, recipe)
         warnings.extend(calib.warnings)

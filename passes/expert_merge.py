@@ -447,6 +447,10 @@ class ExpertMerge(Pass):
                 ))  # fmt: skip
         if not rep.rows:
             raise PassError("no MoE layer was reached by the calibration data")
+        asked = [r for r in rep.rows if r.note == "already at the requested count"]
+        if asked and not groups_doc:
+            ctx.warn(f"expert merging merged nothing: every MoE layer already has at most the requested {self.params.experts} "
+                     f"experts ({', '.join(f'{r.name}: {r.shape_before[0]}' for r in asked[:4])}{', ...' if len(asked) > 4 else ''})")  # fmt: skip
         rep.extra["groups"] = groups_doc
         return rep
 

@@ -39,6 +39,9 @@ def test_compress_run_report_roundtrip(gpt2_onnx, tmp_path):
     assert p.returncode == 0, p.stderr
     for f in ("manifest.json", "weights.safetensors", "graph.json", "model.onnx", "report.json"):
         assert (out / f).is_file(), f
+    mask = os.umask(0)
+    os.umask(mask)  # the directory's mode is a plain mkdir's (it is built as a temporary directory, then renamed)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask, oct(out.stat().st_mode)
     man = json.loads((out / "manifest.json").read_text())
     for k in ("sparsec_version", "source", "recipe", "target", "seed"):
         assert k in man, k
@@ -109,8 +112,29 @@ def test_bad_input_errors(gpt2_onnx, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     _one_line_error(sparsec("compress", path, "-o", blocker / "sub"), 7)
+    # a pseudo file system os.access calls writable for root: refused before any work
+    if os.path.isdir("/proc"):
+        _one_line_error(sparsec("compress", path, "-o", "/proc/sparsec_out"), 7, "/proc")
+    # calibration data that does not fit the model is an error even when no pass needs calibration
+    np.savez(tmp_path / "keys.npz", tokens=np.zeros((2, 8), np.int64))
+    _one_line_error(sparsec("compress", path, "-o", out, "--no-build", "--calib", tmp_path / "keys.npz"), 8, "input_ids", "tokens")
+    os.remove(tmp_path / "keys.npz")
     assert not out.exists(), "a failed run must not leave a partial artifact"
     assert sorted(os.listdir(tmp_path)) == sorted(["junk.onnx", "if.onnx", "file", "r.yaml"])
+
+
+def test_inspect_an_artifact_directory(gpt2_onnx, tmp_path):
+    """`sparsec inspect out/` shows the compressed graph: the 2:4 formats and the smaller byte count."""
+    _, path = gpt2_onnx
+    art = tmp_path / "art"
+    assert sparsec("compress", path, "-o", art, "--quiet", "--no-build", "--nm", "2:4", "--method", "magnitude").returncode == 0
+    before = json.loads(sparsec("inspect", path, "--json").stdout)
+    p = sparsec("inspect", art, "--json")
+    assert p.returncode == 0, p.stderr
+    after = json.loads(p.stdout)
+    assert after["sha256"] == before["sha256"] and after["bytes"] < before["bytes"]
+    assert {l["name"] for l in after["linear"]} == {l["name"] for l in before["linear"]}
+    assert any("2:4" in l["format"] for l in after["linear"]) and not any("2:4" in l["format"] for l in before["linear"])
 
 
 def test_run_rejects_wrong_shapes_and_missing_inputs(gpt2_onnx, tmp_path):
@@ -183,3 +207,31 @@ def test_compiled_library_refuses_more_tokens_than_the_model_has_positions(mask_
             err = p.stderr.strip()
             assert p.returncode == 5 and len(err.splitlines()) == 1, p.stderr
             assert f"at most {limit}" in err and ("position rows" if mask_rows is None else "sliced by this size") in err, err
+
+
+def test_bench_finds_the_original_model_by_its_recorded_name(gpt2_onnx, tmp_path, monkeypatch):
+    """`sparsec bench out/` without --original: the model the artifact records (by file name and sha256) is found in
+    the working directory or next to the artifact; another file of that name is not taken."""
+    from sparsec.backends.bench import original_graph
+    from sparsec.compressor.artifact import load_artifact
+    from sparsec.compressor.errors import ModelLoadError
+
+    _, path = gpt2_onnx
+    art = tmp_path / "art"
+    assert sparsec("compress", path, "-o", art, "--quiet", "--no-build").returncode == 0
+    a = load_artifact(art)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError, match="--original"):
+        original_graph(a, None)
+    monkeypatch.chdir(os.path.dirname(path))
+    g, onnx_src, label = original_graph(a, None)
+    assert label == f"original {os.path.basename(path)}" and g.inputs == a.graph.inputs
+    other = tmp_path / os.path.basename(path)  # same name next to the artifact, another model
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]),
+                                opset_imports=[helper.make_opsetid("", 17)]), str(other))  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError, match="--original"):
+        original_graph(a, None)
+

@@ -168,6 +168,15 @@ def test_refit_lowers_heldout_error_overrides_and_determinism():
         np.testing.assert_array_equal(a.weight.materialize(), b.weight.materialize())
 
 
+def test_a_count_at_or_above_every_layers_experts_warns_that_nothing_merged():
+    g = mixtral_graph()
+    (rep,), ctx = run_merge(g, experts=9)
+    assert [len(m.experts) for m in moes(g)] == [4, 4] and all(r.status == "excluded" for r in rep.rows)
+    assert any("merged nothing" in w and "9" in w for w in ctx.warnings), ctx.warnings
+    (rep,), ctx = run_merge(mixtral_graph(), experts=2)
+    assert not any("merged nothing" in w for w in ctx.warnings)
+
+
 def test_merge_then_prune_the_merged_experts():
     g = mixtral_graph()
     rs, _ = run_merge(g, passes=[PassSpec("nm_prune", {"nm": "2:4"}), PassSpec("expert_merge", {"experts": 2})])
