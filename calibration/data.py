@@ -159,8 +159,38 @@ def validate_arrays(arrays: dict[str, np.ndarray], graph: Graph, source: str) ->
         out[name] = np.asarray(a, order="C")
     if not n:
         raise CalibrationError(f"{source}: no samples")
+    _check_named_dims(out, graph, source)
     _check_token_range(out, graph, source)
     return out
+
+
+def _check_named_dims(arrays: dict[str, np.ndarray], graph: Graph, source: str) -> None:
+    """Inputs that share a named dim (``seq`` of input_ids and attention_mask) must agree on its size."""
+    seen: dict[str, tuple[str, int]] = {}
+    for name, a in arrays.items():
+        v = graph.values.get(name)
+        if v is None or v.shape is None or len(v.shape) != a.ndim:
+            continue
+        for i, d in enumerate(v.shape):
+            if i == 0 or not isinstance(d, str) or not d:
+                continue
+            if d in seen and seen[d][1] != a.shape[i]:
+                other, size = seen[d]
+                raise CalibrationError(f"{source}: '{name}' has {d}={a.shape[i]} (dim {i}) but '{other}' has {d}={size}; "
+                                       f"inputs sharing the dim '{d}' must have the same size")  # fmt: skip
+            seen.setdefault(d, (name, a.shape[i]))
+
+
+def _check_positions(arrays: dict[str, np.ndarray], graph: Graph, source: str) -> None:
+    """Token sequences longer than the model's learned position table (GPT-2's 1024 positions)."""
+    limit = max_positions(graph)
+    if limit is None:
+        return
+    for name in token_inputs(graph):
+        a = arrays.get(name)
+        if a is not None and a.ndim >= 2 and a.shape[1] > limit:
+            raise CalibrationError(f"{source}: '{name}' holds sequences of {a.shape[1]} tokens, the model has {limit} "
+                                   f"positions; cut them (e.g. --seq-len {limit})")  # fmt: skip
 
 
 def _check_token_range(arrays: dict[str, np.ndarray], graph: Graph, source: str) -> None:
@@ -290,6 +320,7 @@ def load_calibration(graph: Graph, data: str | None, *, samples: int, seq_len: i
         generated = False
     arrays = validate_arrays(arrays, graph, source)
     arrays = crop_sequences(arrays, graph, seq_len)
+    _check_positions(arrays, graph, source)
     n = next(iter(arrays.values())).shape[0]
     if n > samples:
         idx = np.sort(np.random.default_rng(seed).choice(n, size=samples, replace=False))

@@ -397,11 +397,30 @@ class Graph:
                 return n
         return None
 
+    def tied_linears(self) -> set[str]:
+        """Linear layers whose dense weight is still their embedding table (``meta["tied_to"]``: tied input / output
+        embeddings): stored once, counted once. A compressed or changed head is no longer tied."""
+        embs = {n.name: n for n in self.nodes if isinstance(n, Embedding)}
+        out = set()
+        for n in self.nodes:
+            e = embs.get(n.meta.get("tied_to", "")) if isinstance(n, Linear) else None
+            if e is not None and n.weight.kind == "dense" and n.bias is None:
+                w = n.weight.data
+                if w is e.table or (w.shape == e.table.shape and w.dtype == e.table.dtype and np.array_equal(w, e.table)):
+                    out.add(n.name)
+        return out
+
     def param_count(self) -> int:
-        return sum(n.param_count() for n in self.nodes) + sum(int(c.size) for c in self.constants.values())
+        """Weights: every node's (a tied head once, with its embedding) and the float constants (not masks, shapes or
+        indices)."""
+        tied = self.tied_linears()
+        return (sum(n.param_count() for n in self.nodes if n.name not in tied)
+                + sum(int(c.size) for c in self.constants.values() if np.asarray(c).dtype.kind == "f"))  # fmt: skip
 
     def nbytes(self) -> int:
-        return sum(n.nbytes() for n in self.nodes) + sum(int(c.nbytes) for c in self.constants.values())
+        """Bytes of every weight and constant as stored (a tied head once)."""
+        tied = self.tied_linears()
+        return sum(n.nbytes() for n in self.nodes if n.name not in tied) + sum(int(c.nbytes) for c in self.constants.values())
 
     def op_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

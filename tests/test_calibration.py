@@ -223,3 +223,42 @@ def test_generated_inputs_take_a_symbolic_feature_dim_from_the_linear_reading_it
     got = Executor(g).run(arrays)[g.outputs[0]]
     (ref,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, arrays)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_calibration_longer_than_the_positions_or_disagreeing_on_a_dim_is_a_calibration_error(tmp_path):
+    """Sequences longer than the learned position table fail as bad calibration data naming --seq-len (and pass with
+    it, cropped); inputs sharing a named dim (seq of input_ids and attention_mask) must agree on it."""
+    from sparsec.compressor.frontends.torch import load_torch
+
+    from . import models as tm
+
+    rng = np.random.default_rng()
+    m = tm.build("gpt2", maxpos=48)
+    g = load_torch(m, m.example_inputs())
+    np.savez(tmp_path / "long.npz", input_ids=rng.integers(0, 50, (3, 60)))
+    with pytest.raises(CalibrationError, match=r"60 tokens.*48 positions.*--seq-len 48"):
+        load_calibration(g, str(tmp_path / "long.npz"), samples=8, seq_len=None, seed=0, heldout=0)
+    fit, _ = load_calibration(g, str(tmp_path / "long.npz"), samples=8, seq_len=48, seed=0, heldout=0)
+    assert fit.arrays["input_ids"].shape == (3, 48)
+    Executor(g).run(fit.arrays)
+    shared = [n for n in g.inputs if g.values[n].shape and len(g.values[n].shape) > 1 and isinstance(g.values[n].shape[1], str)]
+    if len(shared) >= 2 and len({g.values[n].shape[1] for n in shared}) == 1:  # e.g. input_ids + attention_mask
+        arr = {n: rng.integers(0, 2, (2, 8 if i == 0 else 9)) for i, n in enumerate(g.inputs)}
+        np.savez(tmp_path / "dims.npz", **arr)
+        with pytest.raises(CalibrationError, match="must have the same size"):
+            load_calibration(g, str(tmp_path / "dims.npz"), samples=8, seq_len=None, seed=0, heldout=0)
+
+
+def test_inputs_sharing_a_named_dim_must_agree():
+    from sparsec.calibration.data import validate_arrays
+    from sparsec.compressor.ir import Graph
+
+    g = Graph("two")
+    g.inputs = ["ids", "mask"]
+    g.add_value("ids", "int64", ("batch", "seq"))
+    g.add_value("mask", "int64", ("batch", "seq"))
+    rng = np.random.default_rng()
+    ok = {"ids": rng.integers(0, 9, (2, 7)), "mask": np.ones((2, 7), np.int64)}
+    assert set(validate_arrays(ok, g, "x")) == {"ids", "mask"}
+    with pytest.raises(CalibrationError, match=r"'mask' has seq=5 \(dim 1\) but 'ids' has seq=7"):
+        validate_arrays({"ids": ok["ids"], "mask": np.ones((2, 5), np.int64)}, g, "x")

@@ -124,6 +124,16 @@ def test_tied_embedding_and_head_are_marked():
     g = load_torch(model, model.example_inputs())
     heads = [n for n in g.linears() if n.meta.get("tied_to")]
     assert heads, "GPT-2 head shares the token embedding: the IR must record the tie"
+    # counted once, like it is stored (the artifact dedupes it); once the head is no longer the table, twice
+    from sparsec.compressor.formats import Dense
+
+    head = heads[0]
+    table = next(n for n in g.nodes if n.name == head.meta["tied_to"]).table
+    consts = sum(int(c.nbytes) for c in g.constants.values())
+    assert g.nbytes() == sum(n.nbytes() for n in g.nodes if n is not head) + consts
+    assert g.tied_linears() == {head.name}
+    head.weight = Dense(table * 0.5)
+    assert g.tied_linears() == set() and g.nbytes() == sum(n.nbytes() for n in g.nodes) + consts
 
 
 def test_inspect_bert_lists_36_linears(exported, tmp_path):
