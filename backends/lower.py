@@ -15,9 +15,9 @@
   - **dense-equivalent** (CUDA, aarch64, wasm): the route weights scattered to a dense ``[tokens, experts]`` matrix
     (``one_hot``; merged experts through the ``expert_map`` as a one-hot ``[routes, experts]`` matmul) and
     ``y = sum_e w[:, e] * expert_e(x)``: every expert on every token (``experts/top_k`` times the FLOPs), tokens not
-    routed to an expert weighted 0, so the result equals the executor's routed computation. CUDA: 0-row launches of
-    TVM's own kernels are not verified on a GPU; aarch64 / wasm: their standalone call plans (backends/cross.py) size
-    every buffer from the input dims.
+    routed to an expert weighted 0, so the result equals the executor's routed computation. CUDA: TVM 0.27's GPU
+    pipeline rejects the routed form; aarch64 / wasm: their standalone call plans (backends/cross.py) size every
+    buffer from the input dims.
 - **Generic ONNX nodes**: TVM's own ONNX converters (``tvm.relax.frontend.onnx``), called node by node on the same
   BlockBuilder, with the node's attributes rebuilt as ONNX ``AttributeProto`` s.
 
@@ -1054,9 +1054,11 @@ class _Lowerer:
 
 
 def moe_routed_default(target) -> bool:
-    """Whether MoE layers are lowered routed for ``target``: on the x86 host (Relax VM). Not on CUDA (0-row launches
-    of TVM's own kernels unverified on a GPU) nor on aarch64 / wasm, whose standalone call plans (backends/cross.py)
-    allocate every buffer from the input dims and have no data-dependent sizes."""
+    """Whether MoE layers are lowered routed for ``target``: on the x86 host (Relax VM). Not on CUDA (TVM 0.27's GPU
+    pipeline rejects the routed form: DLight's GPU matmul rule fails on a dense layer whose rows are a data-dependent
+    count, "Could not parse mapping as sum of iterators", golden tiny-moe) nor on
+    aarch64 / wasm, whose standalone call plans (backends/cross.py) allocate every buffer from the input dims and have
+    no data-dependent sizes."""
     return target.kind == "llvm" and not target.name.startswith("aarch64")
 
 

@@ -633,8 +633,8 @@ class GroupQuantize(Pass):
         fallbacks = sorted(name for name, pl in todo.items() if pl.group_note)
         if fallbacks:
             gs = sorted({todo[n].cfg.group_size for n in fallbacks})
-            rep.warnings.append(f"group size {', '.join(map(str, gs))} does not divide the rows of {len(fallbacks)} layer(s) "
-                                f"({', '.join(fallbacks[:4])}{', ...' if len(fallbacks) > 4 else ''}): smaller groups used, see their rows")  # fmt: skip
+            rep.warnings.append(f"group size {', '.join(map(str, gs))} does not divide the input width of {len(fallbacks)} layer(s) "
+                                f"({', '.join(fallbacks[:4])}{', ...' if len(fallbacks) > 4 else ''}): smaller groups used there (see their report rows)")  # fmt: skip
         if self.params.auto_bits is not None and todo:
             self._auto_bits(graph, ctx, todo, rep)
         self._done = {}
