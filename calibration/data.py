@@ -57,6 +57,15 @@ class CalibrationSet:
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
     try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError as e:
+        raise CalibrationError(f"{path}: cannot be read ({e.strerror or e})")
+    # np.load treats any other bytes as a pickle ("contains object arrays" would be the wrong diagnosis)
+    if not head.startswith(b"PK"):
+        kind = "a .npy array, not an .npz archive" if head.startswith(b"\x93NUMPY") else "not a zip archive"
+        raise CalibrationError(f"{path}: not a valid .npz file ({kind})")
+    try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except ValueError as e:
@@ -68,6 +77,13 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 def _load_npy(path: Path) -> np.ndarray:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError as e:
+        raise CalibrationError(f"{path}: cannot be read ({e.strerror or e})")
+    if not head.startswith(b"\x93NUMPY"):
+        raise CalibrationError(f"{path}: not a valid .npy file (no NumPy header)")
     try:
         return np.load(path, allow_pickle=False)
     except ValueError as e:

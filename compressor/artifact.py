@@ -110,10 +110,23 @@ def temp_sibling(parent: Path, name: str) -> Path:
     """A fresh temporary directory in ``parent`` that becomes ``name`` by rename, with the mode a plain ``mkdir``
     would give it (mkdtemp's 0700 would make every artifact unreadable to other users, whatever the umask)."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o777 & ~mask)
+    os.chmod(tmp, 0o777 & ~_umask())
     return tmp
+
+
+def _umask() -> int:
+    """The process umask, read without setting it where Linux shows it (os.umask is the only portable way, and it
+    changes the mask for every thread for a moment)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_artifact(out: str | Path, content: ArtifactContent, force: bool = False) -> Path:

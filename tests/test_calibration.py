@@ -49,8 +49,9 @@ def test_bad_sources_are_typed_errors(tmp_path):
     np.savez(tmp_path / "range.npz", ids=_ids(rng, 2, 4, vocab=500))
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     (tmp_path / "x.txt").write_text("hello")
+    (tmp_path / "junk.npz").write_bytes(rng.bytes(200))  # np.load would read any non-zip bytes as a pickle
     for path, msg in (("wrong.npz", "input names"), ("range.npz", "token ids"), ("obj.npy", "object"), ("x.txt", ".npz"),
-                      ("missing.npz", "no such file")):  # fmt: skip
+                      ("missing.npz", "no such file"), ("junk.npz", "not a zip archive")):  # fmt: skip
         with pytest.raises(CalibrationError, match=msg):
             load_calibration(g, str(tmp_path / path), samples=8, seq_len=None, seed=0, heldout=0.5)
 

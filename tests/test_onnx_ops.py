@@ -707,7 +707,11 @@ def _compare(ref: np.ndarray, got: np.ndarray, what: str, rtol: float, atol: flo
     assert ref.dtype == got.dtype, f"{what}: dtype {got.dtype} != onnxruntime {ref.dtype}"
     if ref.dtype.kind == "f":
         tol = rtol if ref.dtype != np.float16 else max(rtol, 1e-3)
-        np.testing.assert_allclose(got, ref, rtol=tol, atol=atol, err_msg=what)
+        # a sum of products (Conv, MatMul) that cancels to a small value is off by the rounding of its terms, not of
+        # its result: the absolute tolerance scales with the output's magnitude (conv2d-group, seed 339996931: an
+        # output of 8.5e-4 from terms up to ~5 differed from onnxruntime's by 1.2e-6)
+        scale = float(np.abs(ref[np.isfinite(ref)]).max()) if np.isfinite(ref).any() else 0.0
+        np.testing.assert_allclose(got, ref, rtol=tol, atol=max(atol, tol * scale), err_msg=what)
     else:
         np.testing.assert_array_equal(got, ref, err_msg=what)
 
