@@ -117,7 +117,7 @@ def test_unexpressible_routing_keeps_plain_layers_with_a_warning(exported, expor
 
 
 @pytest.mark.parametrize("exporter,opset", EXPORTERS, ids=[e for e, _ in EXPORTERS])
-@pytest.mark.parametrize("variant", ["mixtral", "stacked"])
+@pytest.mark.parametrize("variant", ["mixtral", pytest.param("stacked", marks=pytest.mark.slow)])
 def test_identical_experts_from_onnx_merge_losslessly(exported, variant, exporter, opset):
     from .test_expert_merge import run_merge
 
