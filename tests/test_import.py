@@ -204,6 +204,25 @@ def test_pt2_with_pickled_entries_is_refused(tmp_path):
         dst.writestr(f"{root}/data/constants/custom_obj_0.pt", b"\x80\x04K\x01.")
     with pytest.raises(ModelLoadError, match="unpickle"):
         load_pt2(str(evil))
+    # sample inputs replaced by a torch.save of an object whose unpickling would run code: refused in one line,
+    # without torch's advice to load with weights_only=False
+    import io
+    import os
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'PWNED'}",))
+
+    buf = io.BytesIO()
+    torch.save({"x": Evil()}, buf)
+    bad = tmp_path / "bad_inputs.pt2"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(bad, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            dst.writestr(item, buf.getvalue() if item.filename.endswith("sample_inputs/model.pt") else data)
+    with pytest.raises(ModelLoadError, match="needs unpickling; refusing") as e:
+        load_pt2(str(bad))
+    assert "weights_only" not in str(e.value) and not (tmp_path / "PWNED").exists()
     (tmp_path / "junk.pt2").write_bytes(b"not a zip")
     with pytest.raises(ModelLoadError, match="not a .pt2"):
         load_pt2(str(tmp_path / "junk.pt2"))

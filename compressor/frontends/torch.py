@@ -716,6 +716,12 @@ def load_exported_program(path: str):
     except ModelLoadError:
         raise
     except Exception as e:  # noqa: BLE001
+        import pickle
+
+        if isinstance(e, pickle.UnpicklingError) or "weights only load failed" in str(e).lower():
+            # (torch's own text goes on to suggest weights_only=False, i.e. running the archive's code)
+            raise ModelLoadError(f"{path}: an entry of the archive (e.g. pickled example inputs) needs unpickling; "
+                                 "refusing to unpickle (re-save the program with tensor inputs only)")  # fmt: skip
         raise ModelLoadError(f"{path}: cannot load the exported program ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     return ep
 
