@@ -374,11 +374,8 @@ class _Lowerer:
         if self.moe_routed:
             return self.unflatten(self.moe_routed_combine(n, x2, m, topi, topv, oh, dout), lead, dout)
         wr = self.bb.emit(op.sum(op.multiply(oh, op.expand_dims(topv, -1)), axis=1))  # [T, routes]
-        ne = len(n.experts)
         if n.expert_map is not None:
-            emap = np.zeros((routes, ne), dtype=np.float32)
-            emap[np.arange(routes), np.asarray(n.expert_map)] = 1.0
-            wr = self.bb.emit(op.matmul(wr, relax.const(emap)))
+            wr = self.bb.emit(op.matmul(wr, relax.const(_expert_map_onehot(n))))
         if _dtype_of(x2) != "float32":
             wr = self.bb.emit(op.astype(wr, _dtype_of(x2)))
         acc = None
@@ -404,9 +401,7 @@ class _Lowerer:
         sel = self.bb.emit(op.sum(oh, axis=1))  # [T, routes]: how often each route was selected (0 / 1)
         slot_e = topi  # [T, k]: the expert each selected route is served by
         if n.expert_map is not None:
-            emap_oh = np.zeros((n.num_routes, ne), dtype=np.float32)
-            emap_oh[np.arange(n.num_routes), np.asarray(n.expert_map)] = 1.0
-            sel = self.bb.emit(op.matmul(sel, relax.const(emap_oh)))
+            sel = self.bb.emit(op.matmul(sel, relax.const(_expert_map_onehot(n))))
             slot_e = self.bb.emit(op.take(relax.const(np.asarray(n.expert_map, dtype=np.int64), "int64"), topi, axis=0, mode="clip"))
         used = self.bb.emit(op.astype(op.greater(sel, relax.const(0.0, "float32")), "int64"))  # [T, E]
         rank = self.bb.emit(op.subtract(op.cumsum(used, axis=0), relax.const(1, "int64")))  # [T, E]
@@ -1073,6 +1068,13 @@ def lower(graph: Graph, target, tuning=None, act_dtype: str = "float32", dense_k
 
 
 # ----------------------------------------------------------------------------------------------------------------
+def _expert_map_onehot(n: MoE) -> np.ndarray:
+    """``[routes, experts]`` float32: 1 where a router output is served by an expert (merged experts' expert_map)."""
+    m = np.zeros((n.num_routes, len(n.experts)), dtype=np.float32)
+    m[np.arange(n.num_routes), np.asarray(n.expert_map)] = 1.0
+    return m
+
+
 def _sv_elem(d):
     """A shape-value element: a Python int/bool when constant, else the TIR expression."""
     from tvm import tirx

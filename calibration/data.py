@@ -55,15 +55,23 @@ class CalibrationSet:
         return int(np.prod(a.shape[:2])) if a.ndim >= 2 else int(a.shape[0])
 
 
-def _load_npz(path: Path) -> dict[str, np.ndarray]:
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def _head(path: Path) -> bytes:
+    """The first bytes of a calibration file: np.load reads anything that is neither a zip archive nor an .npy as a
+    pickle, so the format is checked before it is called ("contains object arrays" would be the wrong diagnosis)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(6)
+            return f.read(len(_NPY_MAGIC))
     except OSError as e:
         raise CalibrationError(f"{path}: cannot be read ({e.strerror or e})")
-    # np.load treats any other bytes as a pickle ("contains object arrays" would be the wrong diagnosis)
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    head = _head(path)
     if not head.startswith(b"PK"):
-        kind = "a .npy array, not an .npz archive" if head.startswith(b"\x93NUMPY") else "not a zip archive"
+        kind = "a .npy array, not an .npz archive" if head.startswith(_NPY_MAGIC) else "not a zip archive"
         raise CalibrationError(f"{path}: not a valid .npz file ({kind})")
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -77,12 +85,7 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 def _load_npy(path: Path) -> np.ndarray:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(6)
-    except OSError as e:
-        raise CalibrationError(f"{path}: cannot be read ({e.strerror or e})")
-    if not head.startswith(b"\x93NUMPY"):
+    if not _head(path).startswith(_NPY_MAGIC):
         raise CalibrationError(f"{path}: not a valid .npy file (no NumPy header)")
     try:
         return np.load(path, allow_pickle=False)

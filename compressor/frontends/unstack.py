@@ -43,7 +43,7 @@ def _einsum_weight(eq: str, w: np.ndarray) -> np.ndarray | None:
     return w if b[1] == k else np.swapaxes(w, 1, 2)
 
 
-def _stacked_weight(g: Graph, n: Node) -> np.ndarray | None:
+def _stacked_weight(g: Graph, prod: dict[str, Node], n: Node) -> np.ndarray | None:
     if not isinstance(n, Generic) or n.domain != "" or len(n.inputs) != 2:
         return None
     h, wname = n.inputs
@@ -53,7 +53,7 @@ def _stacked_weight(g: Graph, n: Node) -> np.ndarray | None:
     hv = g.values.get(h)
     if hv is None or hv.shape is None or len(hv.shape) < 2:
         return None
-    if hv.shape[0] != w.shape[0] and not (n.op_type == "MatMul" and len(hv.shape) == 2) and _broadcast_source(g, h) is None:
+    if hv.shape[0] != w.shape[0] and not (n.op_type == "MatMul" and len(hv.shape) == 2) and _broadcast_source(g, prod, h) is None:
         return None  # the activations' leading axis must be the experts' (a static E, or x broadcast to E copies)
     if n.op_type == "MatMul":
         return w
@@ -62,13 +62,13 @@ def _stacked_weight(g: Graph, n: Node) -> np.ndarray | None:
     return None
 
 
-def _broadcast_source(g: Graph, value: str) -> str | None:
-    """``x`` when ``value`` is ``Expand(Unsqueeze(x, axes=[0]), ...)`` (every expert's slice is ``x``), else None."""
-    prod = next((n for n in g.nodes if value in n.outputs), None)
-    if not (isinstance(prod, Generic) and prod.op_type == "Expand" and prod.domain == ""):
+def _broadcast_source(g: Graph, prod: dict[str, Node], value: str) -> str | None:
+    """``x`` when ``value`` is ``Expand(Unsqueeze(x, axes=[0]), ...)`` (every expert's slice is ``x``), else None.
+    ``prod``: value -> the node writing it."""
+    ex = prod.get(value)
+    if not (isinstance(ex, Generic) and ex.op_type == "Expand" and ex.domain == ""):
         return None
-    src = prod.inputs[0]
-    un = next((n for n in g.nodes if src in n.outputs), None)
+    un = prod.get(ex.inputs[0])
     if not (isinstance(un, Generic) and un.op_type == "Unsqueeze" and un.domain == ""):
         return None
     axes = un.attributes.get("axes")
@@ -106,8 +106,8 @@ class _Splitter:
         res = None
         if value in self.parts:
             res = self.parts[value][e]
-        elif _broadcast_source(self.g, value) is not None:
-            res = _broadcast_source(self.g, value)
+        elif (src := _broadcast_source(self.g, self.prod, value)) is not None:
+            res = src
         else:
             n = self.prod.get(value)
             if isinstance(n, Generic) and n.domain == "" and len(n.outputs) == 1 and shape is not None:
@@ -196,7 +196,7 @@ def unstack_expert_matmuls(g: Graph) -> int:
     Returns how many products were split."""
     sp = _Splitter(g)
     for i, n in enumerate(list(g.nodes)):
-        w = _stacked_weight(g, n)
+        w = _stacked_weight(g, sp.prod, n)
         if w is not None:
             sp.split(i, n, w)
     if not sp.new:
