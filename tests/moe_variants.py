@@ -158,6 +158,39 @@ class StackedMoe(nn.Module):
         return torch.einsum("te,etd->td", dense, y).reshape(b, t, d), logits
 
 
+class FusedGateUpMoe(nn.Module):
+    """Fused gate / up expert weights, ``gate_up_proj [E, D, 2F]`` applied with ``bmm``, then split along the output
+    features: ``chunk(2, -1)`` (Llama-4 style, ``order="chunk"``) or every other column (GPT-OSS style,
+    ``order="interleaved"``: gate = ``[..., ::2]``, up = ``[..., 1::2]``, with per-expert biases)."""
+
+    def __init__(self, d, f, num_experts=4, top_k=2, order="chunk"):
+        super().__init__()
+        self.num_experts, self.top_k, self.order = num_experts, top_k, order
+        self.router = nn.Linear(d, num_experts, bias=order == "interleaved")
+        self.gate_up_proj = nn.Parameter(torch.randn(num_experts, d, 2 * f) * d**-0.5)
+        self.down_proj = nn.Parameter(torch.randn(num_experts, f, d) * f**-0.5)
+        if order == "interleaved":
+            self.gate_up_proj_bias = nn.Parameter(torch.randn(num_experts, 2 * f) * 0.1)
+            self.down_proj_bias = nn.Parameter(torch.randn(num_experts, d) * 0.1)
+
+    def forward(self, h):
+        b, t, d = h.shape
+        x = h.reshape(-1, d)
+        logits = self.router(x)
+        top, sel = torch.topk(logits, self.top_k, dim=-1)
+        dense = torch.zeros_like(logits).scatter(1, sel, torch.softmax(top, dim=-1))  # [T, E]
+        xe = x.unsqueeze(0).expand(self.num_experts, -1, -1)  # [E, T, D]
+        gu = torch.bmm(xe, self.gate_up_proj)
+        if self.order == "chunk":
+            gate, up = gu.chunk(2, dim=-1)
+            y = torch.bmm(up * F.silu(gate), self.down_proj)
+        else:
+            gu = gu + self.gate_up_proj_bias[:, None, :]
+            gate, up = gu[..., ::2], gu[..., 1::2]
+            y = torch.bmm(up * F.silu(gate), self.down_proj) + self.down_proj_bias[:, None, :]
+        return torch.einsum("te,etd->td", dense, y).reshape(b, t, d), logits
+
+
 # name -> (block factory, expected (experts, top_k, renormalize, score) per MoE layer)
 VARIANTS = {
     "mixtral": (None, (4, 2, True, "softmax")),
@@ -166,6 +199,8 @@ VARIANTS = {
     "dense_sigmoid": (lambda d, f: DenseSigmoidMoe(d, f), (4, 2, True, "sigmoid")),
     "topk_softmax": (lambda d, f: TopkSoftmaxMoe(d, f), (4, 2, True, "softmax")),
     "stacked": (lambda d, f: StackedMoe(d, f), (4, 2, True, "softmax")),
+    "fused_chunk": (lambda d, f: FusedGateUpMoe(d, f), (4, 2, True, "softmax")),
+    "fused_interleaved": (lambda d, f: FusedGateUpMoe(d, f, order="interleaved"), (4, 2, True, "softmax")),
     "squared": (lambda d, f: TopkSoftmaxMoe(d, f, square=True), None),
 }
 

@@ -23,7 +23,7 @@ from . import models as tm
 from .moe_variants import VARIANTS, build_variant
 
 EXPORTERS = [("torchscript", 17), ("dynamo", 18)]
-RAISED = ["mixtral", "qwen", "switch", "dense_sigmoid", "topk_softmax", "stacked"]
+RAISED = ["mixtral", "qwen", "switch", "dense_sigmoid", "topk_softmax", "stacked", "fused_chunk", "fused_interleaved"]
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +79,23 @@ def test_torch_onnx_moe_is_raised(exported, variant, exporter, opset):
             if variant == "stacked":  # one Linear per slice of the stacked w1 / w3 / w2 (compressible on their own)
                 assert sorted(lin.name.rsplit(".", 2)[-2:][0] for lin in e.linears()) == ["w1", "w2", "w3"]
                 assert all(lin.name.endswith(f".{i}") for lin in e.linears()), [lin.name for lin in e.linears()]
+            elif variant.startswith("fused"):  # gate_up_proj[i] cut into its gate and up rows, down_proj[i]
+                names = sorted(lin.name.split("block_sparse_moe.")[1] for lin in e.linears())
+                assert names == [f"down_proj.{i}", f"gate_up_proj.{i}.part0", f"gate_up_proj.{i}.part1"], names
+                block = model.model.layers[int(m.name.split(".")[2])].block_sparse_moe
+                gu = block.gate_up_proj.detach().numpy()[i].T  # [2F, D]
+                half = gu.shape[0] // 2
+                gate, up = (gu[0::2], gu[1::2]) if variant == "fused_interleaved" else (gu[:half], gu[half:])
+                got = sorted((lin.weight.data for lin in e.linears() if "gate_up" in lin.name), key=lambda a: float(a[0, 0]))
+                assert all(np.array_equal(a, b) for a, b in zip(got, sorted([gate, up], key=lambda a: float(a[0, 0]))))
+                if variant == "fused_interleaved":  # the per-expert biases are the Linears' own
+                    down = next(lin for lin in e.linears() if "down_proj" in lin.name)
+                    assert np.allclose(down.bias, block.down_proj_bias.detach().numpy()[i])
             else:
                 assert all(f".experts.{i}." in lin.name for lin in e.linears()), [lin.name for lin in e.linears()]
         assert m.meta["moe_verify_error"] <= 1e-5
     plain = [n.name for n in g.nodes if isinstance(n, Linear)]
-    assert not any(".experts." in n or ".block_sparse_moe.w" in n for n in plain)  # every routed expert layer is inside an MoE
+    assert not any(".experts." in n or ".block_sparse_moe.w" in n or "_proj." in n for n in plain)  # every routed expert layer is inside an MoE
     if variant == "qwen":  # the shared expert (added next to the routed ones) stays outside as plain layers
         assert sum(".shared_expert" in n for n in plain) == 2 * 4
     rng = np.random.default_rng()

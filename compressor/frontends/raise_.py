@@ -223,7 +223,19 @@ def fold_constants(g: Graph) -> int:
     opset = g.opset.get("", 17)
     folded = 0
     keep: list[Node] = []
+    shape_of: dict[str, list] = {}  # output of a Shape node that stays -> the dims it holds (int where static)
     for n in g.nodes:
+        if isinstance(n, Generic) and n.domain == "" and n.op_type in ("Shape", "Gather") and n.inputs:
+            dims = _static_dims(g, n, shape_of)
+            flat = dims if isinstance(dims, list) else [dims]
+            if dims is not None and all(isinstance(d, int) and d >= 0 for d in flat):
+                arr = np.asarray(dims, dtype=np.int64)  # static dims of a dynamic tensor: a constant
+                g.constants[n.outputs[0]] = arr
+                g.values[n.outputs[0]] = Value(n.outputs[0], *_dv(arr))
+                folded += 1
+                continue
+            if dims is not None and n.op_type == "Shape":
+                shape_of[n.outputs[0]] = list(dims)
         if (
             isinstance(n, Generic)
             and n.op_type not in _RANDOM_OPS
@@ -255,6 +267,30 @@ def fold_constants(g: Graph) -> int:
         keep.append(n)
     g.nodes = keep
     return folded
+
+
+def _static_dims(g: Graph, n: Generic, shape_of: dict[str, list]):
+    """The dims a ``Shape`` node outputs (ints where the input's shape has them, strings elsewhere), or those a
+    ``Gather`` with a constant index picks from such a ``Shape`` (an array of the same structure); None otherwise."""
+    if n.op_type == "Shape":
+        if n.inputs[0] in g.constants:
+            return None  # folded the usual way
+        v = g.values.get(n.inputs[0])
+        if v is None or v.shape is None:
+            return None
+        dims = list(v.shape)
+        start, end = int(n.attributes.get("start", 0)), n.attributes.get("end")
+        return dims[start : (int(end) if end is not None else None)] if start or end is not None else dims
+    src = shape_of.get(n.inputs[0])
+    idx = g.constants.get(n.inputs[1]) if len(n.inputs) > 1 else None
+    if src is None or idx is None or int(n.attributes.get("axis", 0)) != 0 or idx.dtype.kind not in "iu":
+        return None
+    idx = np.asarray(idx)
+    if np.any(idx >= len(src)) or np.any(idx < -len(src)):
+        return None
+    if idx.ndim > 1:
+        return None
+    return [src[int(i)] for i in idx] if idx.ndim else src[int(idx)]
 
 
 def _to_numpy(t) -> np.ndarray:
