@@ -83,13 +83,54 @@ def cpu_pipeline(tt):
     return _pipeline
 
 
+def _guarded(rule):
+    """A DLight rule that declines (None) where it would raise: TVM 0.27's ``gpu.Matmul`` raises "Could not parse
+    mapping as sum of iterators" on a matmul whose row count is a data-dependent size (a routed MoE expert's tokens)
+    instead of declining, which ends the build; the next rule (``GEMV``, ``Fallback``) then schedules the function."""
+    from tvm.s_tir.dlight.base import ScheduleRule
+
+    class Guarded(ScheduleRule):
+        def apply(self, func, target, tunable):
+            try:
+                return rule.apply(func, target, tunable)
+            except Exception:  # noqa: BLE001 - a rule that cannot schedule the function declines it
+                return None
+
+    return Guarded()
+
+
+def cuda_pipeline(tt):
+    """TVM's CUDA pipeline (``relax.backend.cuda.pipeline``) with its DLight rules guarded (:func:`_guarded`)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cuda import pipeline as cuda
+    from tvm.s_tir import dlight as dl
+
+    rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction()]
+    legalize = [
+        relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+        relax.transform.FuseOps(), relax.transform.FuseTIR(),
+        dl.ApplyDefaultSchedule(*[_guarded(r) for r in rules], dl.gpu.Fallback()),
+    ]  # fmt: skip
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod, _ctx):
+        with tt:
+            seq = tvm.transform.Sequential(
+                cuda.library_dispatch_passes(tt) + legalize + cuda.dataflow_lower_passes(tt) + cuda.finalize_passes(tt)
+            )
+            return seq(mod)
+
+    return _pipeline
+
+
 def compile_lowered(low, target: Target, opt_level: int = 3):
     """``tvm.compile`` of a lowered module; returns (executable, cuda build log or None)."""
     import tvm
     from tvm import relax
 
     tt = _tvm_target(target)
-    pipeline = cpu_pipeline(tt) if tt.kind.name == "llvm" else relax.get_default_pipeline(tt)
+    pipeline = cpu_pipeline(tt) if tt.kind.name == "llvm" else cuda_pipeline(tt) if tt.kind.name == "cuda" else relax.get_default_pipeline(tt)
     try:
         with tvm.transform.PassContext(opt_level=opt_level):
             if target.kind == "cuda":

@@ -15,9 +15,9 @@
   - **dense-equivalent** (CUDA, aarch64, wasm): the route weights scattered to a dense ``[tokens, experts]`` matrix
     (``one_hot``; merged experts through the ``expert_map`` as a one-hot ``[routes, experts]`` matmul) and
     ``y = sum_e w[:, e] * expert_e(x)``: every expert on every token (``experts/top_k`` times the FLOPs), tokens not
-    routed to an expert weighted 0, so the result equals the executor's routed computation. CUDA: TVM 0.27's GPU
-    pipeline rejects the routed form; aarch64 / wasm: their standalone call plans (backends/cross.py) size every
-    buffer from the input dims.
+    routed to an expert weighted 0, so the result equals the executor's routed computation. aarch64 / wasm: their
+    standalone call plans (backends/cross.py) size every buffer from the input dims; CUDA: the routed form is slower
+    there (:func:`moe_routed_default`).
 - **Generic ONNX nodes**: TVM's own ONNX converters (``tvm.relax.frontend.onnx``), called node by node on the same
   BlockBuilder, with the node's attributes rebuilt as ONNX ``AttributeProto`` s.
 
@@ -926,11 +926,14 @@ class _Lowerer:
         return out
 
     def known(self, d) -> bool:
-        """``d`` is a constant or an expression of the graph inputs' symbolic dims only."""
+        """``d`` is a constant or an expression of the graph inputs' symbolic dims only. A negative constant is not a
+        size: TVM leaves the -1 of a reshape whose target shape is a bound shape var (not a literal) unresolved."""
         from tvm import tirx
 
         if isinstance(d, int):
-            return True
+            return d >= 0
+        if isinstance(d, tirx.IntImm):
+            return d.value >= 0
         for var in tirx.analysis.undefined_vars(d):
             if not any(var.same_as(s) for s in self.input_syms):
                 return False
@@ -1009,8 +1012,8 @@ class _Lowerer:
         live = {i for n in later for i in n.inputs if i} | set(outputs)
         for name in sorted(live & set(self.env)):
             v = self.env[name]
-            if isinstance(v, tvm.ir.expr.Constant) or (isinstance(v, relax.Var) and not isinstance(v, relax.DataflowVar)):
-                continue
+            if isinstance(v, (tvm.ir.expr.Constant, relax.ShapeExpr)) or (isinstance(v, relax.Var) and not isinstance(v, relax.DataflowVar)):
+                continue  # a literal stays one (a reshape's target shape bound to a var would lose its -1 inference)
             if isinstance(v, relax.Expr):
                 self.env[name] = self.bb.emit_output(v)
 
@@ -1049,11 +1052,12 @@ class _Lowerer:
 
 
 def moe_routed_default(target) -> bool:
-    """Whether MoE layers are lowered routed for ``target``: on the x86 host (Relax VM). Not on CUDA (TVM 0.27's GPU
-    pipeline rejects the routed form: DLight's GPU matmul rule fails on a dense layer whose rows are a data-dependent
-    count, "Could not parse mapping as sum of iterators", golden tiny-moe) nor on
-    aarch64 / wasm, whose standalone call plans (backends/cross.py) allocate every buffer from the input dims and have
-    no data-dependent sizes."""
+    """Whether MoE layers are lowered routed for ``target``: on the x86 host (Relax VM). Not on aarch64 / wasm, whose
+    standalone call plans (backends/cross.py) allocate every buffer from the input dims and have no data-dependent
+    sizes. On CUDA the routed form builds and is correct (``lower(..., moe_routed=True)``; the golden tiny-moe on an
+    H100 within 4e-4 of the executor) but was 3.5-4.4x slower than the dense-equivalent one on that model
+    (bench/results/cuda_e2e_moe_routed.json: its token counts reach the host once per expert, and the routed layers
+    sit outside the dataflow blocks, unfused), so CUDA stays dense-equivalent."""
     return target.kind == "llvm" and not target.name.startswith("aarch64")
 
 

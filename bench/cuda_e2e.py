@@ -10,6 +10,9 @@ whole 64-column chunks (the decode GEMV then scales after the MMAs): ``nm24_int4
 (symmetric); ``int8`` (dense int8 g32 asymmetric: cuda.int8_dequant_mma). Formats without a kernel of their own:
 ``nm14`` (1:4, zero-padded to 2:4) and ``nm24_int8`` (2:4 with int8 g32 kept values, dequantized to fp16 at build
 time), both on cuda.nm_as_24_mma_sp. Token counts 1 (decode GEMV), 64 (small GEMM) and 8 x 128 (large GEMM).
+
+With ``--moe-src`` (an artifact of ``sparsec compress --example tiny-moe --nm 2:4``): the MoE variants of
+:func:`moe_variants`, routed and dense-equivalent.
 """
 from __future__ import annotations
 
@@ -76,13 +79,29 @@ def variants(src: str):
     }
 
 
+def moe_variants(src: str):
+    """The golden tiny-moe (8 experts, top-2) as compressed in ``src`` (2:4), lowered routed (the CUDA default: each
+    expert on its own tokens) and dense-equivalent (every expert on every token); and uncompressed, routed (dense
+    experts through TVM's DLight matmul on a data-dependent row count)."""
+    from sparsec.compressor.artifact import load_graph
+    from sparsec.compressor.compress import load_example
+
+    g = load_graph(src)
+    return {"moe_nm24": (g, True), "moe_nm24_denseeq": (g.copy(), False), "moe_dense": (load_example("tiny-moe").graph, True)}
+
+
 def cmd_build(a):
     from sparsec.backends.build import build
     from sparsec.compressor.artifact import ArtifactContent, write_artifact
 
-    for name, g in variants(a.src).items():
+    todo = {} if a.moe_only else {k: (g, None) for k, g in variants(a.src).items()}
+    if a.moe_src:
+        todo.update(moe_variants(a.moe_src))
+    for name, (g, routed) in todo.items():
+        if a.only and name not in a.only:
+            continue
         t = time.time()
-        info, writer = build(g, "h100")
+        info, writer = build(g, "h100", moe_routed=routed)
         write_artifact(Path(a.out) / name, ArtifactContent(g, {"e2e": name}, {"build": info}, writers=[("lib", writer)]), force=True)
         print(name, info["kernels"], f"{time.time() - t:.0f}s")
 
@@ -128,6 +147,9 @@ def main():
     b = sub.add_parser("build")
     b.add_argument("--src", required=True)
     b.add_argument("--out", default=".devpack/e2e")
+    b.add_argument("--moe-src", help="artifact of `sparsec compress --example tiny-moe --nm 2:4`: adds the MoE variants")
+    b.add_argument("--moe-only", action="store_true", help="only the MoE variants")
+    b.add_argument("--only", nargs="*", help="variant names to build (default: all)")
     r = sub.add_parser("run")
     r.add_argument("--dir", default=".devpack/e2e")
     r.add_argument("--out", required=True)
