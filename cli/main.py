@@ -209,6 +209,8 @@ def passes_from_flags(f: dict):
     specs = []
     if f.get("merge_experts") is not None:
         specs.append(PassSpec("expert_merge", {"experts": f["merge_experts"], **({"method": f["merge_method"]} if f.get("merge_method") else {})}))
+    elif f.get("merge_method"):
+        raise E.RecipeError("--merge-method selects the expert merging method; give --merge-experts too (e.g. --merge-experts 4)")
     if f.get("slice") is not None:
         specs.append(PassSpec("slicing", {"fraction": f["slice"]}))
     if f.get("nm") is not None:
@@ -236,8 +238,9 @@ def passes_from_flags(f: dict):
             p["auto_bits"] = f["auto_bits"]
         specs.append(PassSpec("group_quant", p))
     else:
-        for k, flag in (("group_size", "--group-size"), ("quant_method", "--quant-method"), ("act_order", "--act-order")):
-            if f.get(k):
+        for k, flag in (("group_size", "--group-size"), ("quant_method", "--quant-method"), ("act_order", "--act-order"),
+                        ("symmetric", "--symmetric" if f.get("symmetric") else "--asymmetric")):  # fmt: skip
+            if (f.get(k) is not None) if k == "symmetric" else f.get(k):  # --asymmetric is False, not absent
                 raise E.RecipeError(f"{flag} configures quantization; give --quant too (e.g. --quant int4 {flag} ...)")
     if f.get("compensate") is not None:
         p = {"method": f["compensate"], **sel}
@@ -592,6 +595,7 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in argv
     if debug:  # accepted anywhere on the line
         argv = ["--debug"] + [a for a in argv if a != "--debug"]
+        os.environ.setdefault("SPARSEC_TVM_LOG", "1")  # TVM's own log lines on stderr too (backends/build.py)
     try:
         rv = app(args=argv, prog_name="sparsec", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0

@@ -192,6 +192,27 @@ class CompressResult:
     threshold_failed: list[str] = field(default_factory=list)
 
 
+def outcome_warnings(original: Graph, graph: Graph, reports) -> list[str]:
+    """What a user would want flagged about the result: a pass that compressed no layer (patterns that match nothing,
+    every layer excluded or skipped), a model that got larger than the original (a low-rank path of a large rank)."""
+    out = []
+    for rep in reports:
+        if rep.name == "expert_merge" or not rep.rows or any(r.status == "compressed" for r in rep.rows):
+            continue
+        notes: dict[str, int] = {}
+        for r in rep.rows:
+            why = r.note or r.status
+            notes[why] = notes.get(why, 0) + 1
+        why, k = max(notes.items(), key=lambda kv: kv[1])
+        out.append(f"{rep.name} compressed no layer: {k} of {len(rep.rows)} {why!r}" + (
+            " (check the --include / --exclude patterns against the layer names: `sparsec inspect MODEL`)" if "included" in why or "pattern" in why else ""))
+    before, after = int(original.nbytes()), int(graph.nbytes())
+    if after > before:
+        out.append(f"the compressed model stores more bytes than the original ({after:,} > {before:,}); e.g. a low-rank "
+                   f"path of a rank near the layers' width costs more than it saves")  # fmt: skip
+    return out
+
+
 def compress(source: Source, recipe: Recipe, out: str | os.PathLike, *, force: bool = False, console=None,
              progress: bool = True) -> CompressResult:  # fmt: skip
     import torch
@@ -224,6 +245,7 @@ def compress(source: Source, recipe: Recipe, out: str | os.PathLike, *, force: b
     ctx.show_progress = progress
     reports = run_passes(graph, passes, ctx)
     warnings.extend(ctx.warnings)
+    warnings.extend(outcome_warnings(original, graph, reports))
 
     quality: dict[str, Any] = {}
     tq = time.perf_counter()

@@ -321,8 +321,11 @@ def _feeds_linear(graph: Graph, lin: Linear) -> bool:
 
 @dataclass
 class Override:
+    """One ``overrides`` entry. Overrides apply in order and merge: each sets only what it names, so a later match
+    changes the parameters it gives and keeps an earlier ``skip: true`` (``skip`` is None when the entry omits it)."""
+
     match: re.Pattern
-    skip: bool
+    skip: bool | None
     params: dict[str, Any]
 
 
@@ -332,7 +335,7 @@ def parse_overrides(raw: list[dict] | None, where: str) -> list[Override]:
         if not isinstance(o, dict) or "match" not in o:
             raise RecipeError(f"{where}.overrides[{i}]: needs a 'match' regular expression")
         (pat,) = compile_patterns([o["match"]], f"{where}.overrides[{i}]")
-        skip = _coerce(o.get("skip", False), "bool", f"{where}.overrides[{i}].skip")
+        skip = _coerce(o["skip"], "bool", f"{where}.overrides[{i}].skip") if "skip" in o else None
         params = {k: v for k, v in o.items() if k not in ("match", "skip")}
         out.append(Override(pat, skip, params))
     return out

@@ -340,13 +340,15 @@ class ExpertMerge(Pass):
         if any(p.search(m.name) for p in self.exclude):
             return None
         spec, method, refit = float(self.params.experts), self.params.method, self.params.refit
+        skip = False
         for o in self.overrides:
             if o.match.search(m.name):
-                if o.skip:
-                    return None
+                skip = skip if o.skip is None else o.skip
                 spec = o.params.get("experts", spec)
                 method = o.params.get("method", method)
                 refit = o.params.get("refit", refit)
+        if skip:
+            return None
         if method == "prune":
             if refit:
                 raise RecipeError(f"{self.where}: refit does not apply to method prune ('{m.name}'); use drop to refit")

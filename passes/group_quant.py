@@ -582,7 +582,7 @@ class GroupQuantize(Pass):
             fixed = p.auto_bits is None
             for o in self.overrides:
                 if o.match.search(lin.name):
-                    skip = o.skip
+                    skip = skip if o.skip is None else o.skip
                     params.update(o.params)
                     if "bits" in o.params:
                         fixed = True

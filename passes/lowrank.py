@@ -251,7 +251,7 @@ class LowRankCompensate(Pass):
             skip = False
             for o in self.overrides:
                 if o.match.search(lin.name):
-                    skip = o.skip
+                    skip = skip if o.skip is None else o.skip
                     if any(k in o.params for k in _TARGETS):
                         for k in _TARGETS:
                             params.pop(k, None)
@@ -334,6 +334,12 @@ class LowRankCompensate(Pass):
         if mx is None and cfg.max_error is not None:
             kw["rank"] = DEFAULT_RANK
         f = lowrank_factors(W_ref.astype(np.float64) - W_hat, H, method=method, W_ref=W_ref, **kw)
+        if kw["rank"] is not None and kw["rank"] > min(W_hat.shape):
+            notes.append(f"rank {kw['rank']} > min(out, in) = {min(W_hat.shape)}: clamped")
+            if not any(w.startswith("rank ") and "clamped" in w for w in rep.warnings):
+                rep.warnings.append(f"rank {kw['rank']} is larger than the width of some layers (e.g. '{lin.name}', "
+                                    f"{W_hat.shape[0]}x{W_hat.shape[1]}): clamped to min(out, in) there, where the "
+                                    f"factors store more bytes than the layer itself")  # fmt: skip
         dtype = np.float16 if cfg.dtype == "float16" else np.float32
         a, b = f.a.astype(dtype), f.b.astype(dtype)
         if dtype == np.float16 and not (np.isfinite(a).all() and np.isfinite(b).all()):

@@ -53,7 +53,11 @@ def parse_nm(text) -> tuple[int, int]:
     try:
         n, m = (int(p) for p in parts)
     except ValueError:
-        raise ValueError(f"nm must look like N:M (e.g. 2:4), got {text!r}")
+        hint = ""
+        if s.isdigit() and int(s) >= 60:  # YAML 1.1 reads an unquoted 2:4 in base 60: 124
+            v = int(s)
+            hint = f" (YAML reads an unquoted {v // 60}:{v % 60} as the number {v}: quote it, nm: \"{v // 60}:{v % 60}\")"
+        raise ValueError(f"nm must look like N:M (e.g. 2:4), got {text!r}{hint}")
     if not 0 < n < m:
         raise ValueError(f"N:M needs 0 < N < M, got {n}:{m}")
     if m > 256:
@@ -136,7 +140,7 @@ class NMPrune(Pass):
             skip = False
             for o in self.overrides:
                 if o.match.search(lin.name):
-                    skip = o.skip
+                    skip = skip if o.skip is None else o.skip
                     params.update(o.params)
             if skip:
                 out[lin.name] = ("excluded", "skipped by a recipe override", None)
@@ -166,6 +170,7 @@ class NMPrune(Pass):
         from ._progress import PassProgress
 
         plan = self.plan(graph)
+        self._few_tokens: list[tuple[str, int, int]] = []  # SparseGPT layers fitted on fewer tokens than inputs
         todo = {name: cfg for name, (status, _, cfg) in plan.items() if status == "compress"}
         rows = {}
         for lin in graph.linears():
@@ -200,6 +205,12 @@ class NMPrune(Pass):
                                 rows[lin.name] = self._prune(lin, todo[lin.name], fit.get(lin.name), held.get(lin.name), ctx, rep, share)
                                 prog.layer_done(lin.name)
         rep.rows = [rows[l.name] for l in graph.linears() if l.name in rows]
+        if self._few_tokens:
+            name, t, k = min(self._few_tokens, key=lambda x: x[1] / x[2])
+            rep.warnings.append(
+                f"SparseGPT fitted {len(self._few_tokens)} layer(s) on fewer calibration tokens than inputs (e.g. '{name}': "
+                f"{t} tokens, {k} inputs): its Hessian is rank-deficient and the error compensation overfits them (it can "
+                f"do worse than magnitude pruning); give more calibration data (--calib-samples, --seq-len)")  # fmt: skip
         return rep
 
     def _prune(self, lin: Linear, cfg: LayerConfig, fit, held, ctx: PassContext, rep: PassReport, extra_seconds: float,
@@ -226,6 +237,8 @@ class NMPrune(Pass):
             mask = nm_mask_from_scores(scores, n, m)
             Wn = W * mask
         else:
+            if fit.n < W.shape[1]:
+                self._few_tokens.append((lin.name, int(fit.n), int(W.shape[1])))
             res = obs_solve(W, fit.H, nm=(n, m), blocksize=cfg.blocksize, damp=cfg.damp, zero_dead=False, device=ctx.device)
             Wn, mask = res.weight, res.mask
             extra["damp"] = res.damp_used

@@ -803,12 +803,13 @@ class Slicing(Pass):
     def plan(self, st: Structure) -> None:
         p = self.params
         for s in st.segments:
-            f = p.fraction
+            f, skip = p.fraction, False
             for o in self.overrides:
                 if o.match.search(s.label):
-                    f = 0.0 if o.skip else float(o.params.get("fraction", f))
-            s.fraction = f
-            s.new_dim = sliced_dim(s.dim, f, p.round_to)
+                    skip = skip if o.skip is None else o.skip
+                    f = float(o.params.get("fraction", f))
+            s.fraction = 0.0 if skip else f
+            s.new_dim = sliced_dim(s.dim, s.fraction, p.round_to)
         for s in st.segments:  # an MoE layer keeps its input and output dims equal
             for r in s.readers:
                 if isinstance(r.node, MoE):

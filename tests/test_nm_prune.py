@@ -354,6 +354,29 @@ def test_overrides_skips_and_nondivisible_layers():
     assert rep.totals["skipped"] == 1
 
 
+def test_overrides_merge_in_order_and_keep_an_earlier_skip():
+    """The documented recipe: skip block 0, then another pattern for every down projection. Block 0's down projection
+    matches both and stays dense (the later override changes only what it names); ``skip: false`` undoes a skip."""
+    rng = np.random.default_rng()
+    g = raised_graph(rng, d=32, h=64, layers=3)
+    params = {
+        "nm": "2:4",
+        "method": "magnitude",
+        "overrides": [
+            {"match": r"layers\.[01]\.", "skip": True},
+            {"match": r"\.down$", "nm": "4:8"},
+            {"match": r"layers\.1\.down$", "skip": False},
+        ],
+    }
+    rep, _, _ = run_prune(g, params)
+    rows = {r.name: r for r in rep.rows}
+    assert rows["layers.0.down"].status == "excluded" and isinstance(g.linear("layers.0.down").weight, Dense)
+    assert rows["layers.0.q"].status == "excluded"
+    assert rows["layers.1.down"].format_after == "4:8"  # skip undone, the down pattern kept
+    assert rows["layers.1.q"].status == "excluded"
+    assert rows["layers.2.down"].format_after == "4:8" and rows["layers.2.q"].format_after == "2:4"
+
+
 def test_bad_params_and_refusals():
     for bad in ({"nm": "4:4"}, {"nm": "x"}, {"method": "obs"}, {"damp": -1}, {"overrides": [{"match": "q", "rank": 3}]},
                 {"overrides": [{"match": "q", "nm": "5:3"}]}, {"unknown": 1}):  # fmt: skip
