@@ -476,15 +476,15 @@ class GroupQuant(WeightFormat):
 
     def _tensors(self):
         t = {"codes": self.codes_packed, "scales": self.scales}
-        if self.zeros is not None:
-            t["zeros"] = self.zeros
+        if self.zeros is not None:  # stored packed at the code width, like the codes (the bytes nbytes counts)
+            t["zeros_packed"] = pack_bits(self.zeros.reshape(1, -1), self.bits).reshape(-1)
         if self.group_mask_packed is not None:
             t["group_mask"] = self.group_mask_packed
         return t
 
     @property
     def nbytes(self) -> int:
-        # zero points are counted at their bit width (as MatMulNBits packs them), not one byte each
+        # zero points are stored packed at their bit width (as MatMulNBits packs them), not one byte each
         n = self.codes_packed.nbytes + self.scales.nbytes
         if self.zeros is not None:
             n += packed_len(self.zeros.size, self.bits)
@@ -501,7 +501,10 @@ class GroupQuant(WeightFormat):
         sc = tensors["scales"]
         rows = gm.shape[0] if gm is not None else sc.shape[0]
         shape = (rows, attrs["in_features"])
-        return cls(tensors["codes"], sc, tensors.get("zeros"), attrs["bits"], attrs["group_size"], shape, gm)
+        zeros = tensors.get("zeros")  # artifacts written before the zero points were packed
+        if "zeros_packed" in tensors:
+            zeros = unpack_bits(np.asarray(tensors["zeros_packed"]).reshape(1, -1), attrs["bits"], sc.size).reshape(sc.shape)
+        return cls(tensors["codes"], sc, zeros, attrs["bits"], attrs["group_size"], shape, gm)
 
     def describe(self) -> str:
         d = f"int{self.bits}g{self.group_size}"

@@ -154,6 +154,8 @@ def test_group_quant_semantics_and_roundtrip(case):
     back = roundtrip(f)
     np.testing.assert_array_equal(back.materialize(), ref)
     assert back.nbytes == f.nbytes and back.bits == bits and back.group_size == g
+    # the bytes written are the bytes reported (zero points packed at the code width, like the codes)
+    assert sum(t.nbytes for t in f.to_tensors("w").values()) == f.nbytes
     if gmask is not None:
         np.testing.assert_array_equal(back.group_mask(), gmask)
 
