@@ -130,33 +130,25 @@ def bench_artifact(path: str | Path, *, original: str | None = None, scenarios: 
     ort_dense = _ort_session(dense_onnx, threads, providers)
     ort_comp = _ort_session(str(a.onnx_path), threads, providers) if a.onnx_path.exists() else None
 
-    results = []
+    results, skipped = [], []
     for batch, seq in scenarios:
-        feeds = scenario_inputs(g, batch, seq)
         say(f"scenario batch={batch} seq={seq}")
-        got = lib.run(feeds)
-        check = None
-        if ort_comp is not None:
-            names = [o.name for o in ort_comp.get_outputs()]
-            ref = dict(zip(names, ort_comp.run(None, feeds)))
-            errs = [float(np.linalg.norm(got[k].astype(np.float64) - ref[k]) / max(np.linalg.norm(ref[k]), 1e-30))
-                    for k in got if k in ref and ref[k].dtype.kind == "f"]  # fmt: skip
-            check = max(errs) if errs else None
-        eng: dict[str, dict[str, float]] = {}
-        eng["sparsec lib"] = time_fn(lib.timer(feeds), runs, warmup)
-        eng["dense tvm"] = time_fn(dense_lib.timer(feeds), runs, warmup)
-        dn = [i.name for i in ort_dense.get_inputs()]
-        eng["dense onnxruntime"] = time_fn(lambda: ort_dense.run(None, {k: feeds[k] for k in dn}), runs, warmup)
-        if ort_comp is not None:
-            cn = [i.name for i in ort_comp.get_inputs()]
-            eng["compressed onnxruntime"] = time_fn(lambda: ort_comp.run(None, {k: feeds[k] for k in cn}), runs, warmup)
-        lib_t = eng["sparsec lib"]["median_ms"]
-        results.append({
-            "batch": batch, "seq": seq, "engines": eng,
-            "speedup_vs_dense_onnxruntime": eng["dense onnxruntime"]["median_ms"] / lib_t,
-            "speedup_vs_dense_tvm": eng["dense tvm"]["median_ms"] / lib_t,
-            "lib_vs_compressed_onnx_rel_error": check,
-        })  # fmt: skip
+        try:
+            results.append(_scenario(g, lib, dense_lib, ort_dense, ort_comp, batch, seq, runs, warmup))
+        except Exception as e:  # noqa: BLE001 - a scenario the model cannot run (positions, a size baked into the export)
+            from ..compressor.errors import SparsecError
+
+            if not (isinstance(e, SparsecError) or type(e).__module__.startswith(("onnxruntime", "tvm"))):
+                raise  # a bug, not the model's limits
+            msg = getattr(e, "message", None) or (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            skipped.append({"batch": batch, "seq": seq, "reason": msg[:300]})
+            if console is not None:
+                console.print(f"[yellow]sparsec: warning: scenario {batch}x{seq} skipped: {msg[:300]}[/yellow]")
+    if not results:
+        from ..compressor.errors import CalibrationError
+
+        why = "; ".join(f"{s['batch']}x{s['seq']}: {s['reason']}" for s in skipped)
+        raise CalibrationError(f"no --shapes scenario runs on this model ({why}); give --shapes it accepts")
     import onnxruntime
     import tvm
 
@@ -171,7 +163,36 @@ def bench_artifact(path: str | Path, *, original: str | None = None, scenarios: 
         "runs": runs,
         "warmup": warmup,
         "scenarios": results,
+        "skipped": skipped,
     }
+
+
+def _scenario(g, lib, dense_lib, ort_dense, ort_comp, batch: int, seq: int, runs: int, warmup: int) -> dict[str, Any]:
+    """One ``batch x seq`` scenario: every engine on the same generated inputs."""
+    feeds = scenario_inputs(g, batch, seq)
+    got = lib.run(feeds)
+    check = None
+    if ort_comp is not None:
+        names = [o.name for o in ort_comp.get_outputs()]
+        ref = dict(zip(names, ort_comp.run(None, feeds)))
+        errs = [float(np.linalg.norm(got[k].astype(np.float64) - ref[k]) / max(np.linalg.norm(ref[k]), 1e-30))
+                for k in got if k in ref and ref[k].dtype.kind == "f"]  # fmt: skip
+        check = max(errs) if errs else None
+    eng: dict[str, dict[str, float]] = {}
+    eng["sparsec lib"] = time_fn(lib.timer(feeds), runs, warmup)
+    eng["dense tvm"] = time_fn(dense_lib.timer(feeds), runs, warmup)
+    dn = [i.name for i in ort_dense.get_inputs()]
+    eng["dense onnxruntime"] = time_fn(lambda: ort_dense.run(None, {k: feeds[k] for k in dn}), runs, warmup)
+    if ort_comp is not None:
+        cn = [i.name for i in ort_comp.get_inputs()]
+        eng["compressed onnxruntime"] = time_fn(lambda: ort_comp.run(None, {k: feeds[k] for k in cn}), runs, warmup)
+    lib_t = eng["sparsec lib"]["median_ms"]
+    return {
+        "batch": batch, "seq": seq, "engines": eng,
+        "speedup_vs_dense_onnxruntime": eng["dense onnxruntime"]["median_ms"] / lib_t,
+        "speedup_vs_dense_tvm": eng["dense tvm"]["median_ms"] / lib_t,
+        "lib_vs_compressed_onnx_rel_error": check,
+    }  # fmt: skip
 
 
 def _cpu_name() -> str:
@@ -197,6 +218,8 @@ def table_markdown(doc: dict[str, Any]) -> str:
     prov = doc.get("onnxruntime_provider", "CPUExecutionProvider")
     foot = (f"\n{m['cpu']} ({m['arch']}), {m['threads']} threads; {doc['runs']} runs after {doc['warmup']} warm-up; "
             f"baseline: {doc['baseline']}; onnxruntime: {prov}.\n")
+    for sk in doc.get("skipped", []):
+        foot += f"Skipped {sk['batch']} x {sk['seq']}: {sk['reason']}\n"
     return "\n".join([head, sep, *rows]) + "\n" + foot
 
 

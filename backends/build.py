@@ -21,9 +21,12 @@ manifest's checksums, like ``timings.json``); tests check its *behaviour* is ide
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -218,9 +221,61 @@ def summarize(low) -> dict[str, Any]:
     return info
 
 
-def build(graph: Graph, target: Target | str, recipe=None, console=None, *, tuning=None, dense_kernel: str | None = None,
-          tuning_db: str | os.PathLike | None = None, strict: bool = False,
-          moe_routed: bool | None = None) -> tuple[dict[str, Any], Callable[[Path], None] | None]:  # fmt: skip
+# a line TVM's C++ logging writes ("[08:49:29] /project/src/target/llvm/llvm_instance.cc:986: Warning: ...")
+_TVM_LOG_LINE = re.compile(r"^\[\d\d:\d\d:\d\d\] \S+\.(cc|cpp|h):\d+: ")
+
+
+@contextlib.contextmanager
+def tvm_log_filtered():
+    """While TVM compiles: its C++ log lines (warnings such as "Fast mode segfaults when there are out-of-bounds
+    indices" for every gather it legalizes, "Set native vector bits to be 128 for wasm32") are dropped from stderr;
+    anything else written there is passed on afterwards. ``SPARSEC_TVM_LOG=1`` (or ``--debug``) keeps them all. The
+    native stderr (fd 2) is redirected to a temporary file meanwhile (batch jobs run in processes of their own)."""
+    if os.environ.get("SPARSEC_TVM_LOG"):
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable fd 2
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            try:
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            keep = [ln for ln in tmp.read().decode(errors="replace").splitlines(keepends=True) if not _TVM_LOG_LINE.match(ln)]
+            if keep:
+                sys.stderr.write("".join(keep))
+                sys.stderr.flush()
+
+
+def build(graph: Graph, target: Target | str, recipe=None, console=None, **kw) -> tuple[dict[str, Any], Callable[[Path], None] | None]:
+    """Compile ``graph`` for ``target`` (:func:`_build`), TVM's own log lines filtered from stderr
+    (:func:`tvm_log_filtered`), also while ``lib/`` is written."""
+    with tvm_log_filtered():
+        info, writer = _build(graph, target, recipe, console, **kw)
+    if writer is None:
+        return info, None
+
+    def write(d: Path) -> None:
+        with tvm_log_filtered():
+            writer(d)
+
+    return info, write
+
+
+def _build(graph: Graph, target: Target | str, recipe=None, console=None, *, tuning=None, dense_kernel: str | None = None,
+           tuning_db: str | os.PathLike | None = None, strict: bool = False,
+           moe_routed: bool | None = None) -> tuple[dict[str, Any], Callable[[Path], None] | None]:  # fmt: skip
     """Compile ``graph`` for ``target``. Returns (info for the report, writer of ``lib/``). ``moe_routed``: see
     :func:`sparsec.backends.lower.lower` (None: the target's default)."""
     from .lower import lower

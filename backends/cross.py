@@ -50,7 +50,7 @@ def _dtype_code(dt: str) -> tuple[int, int]:
     for k in ("uint", "int", "float"):
         if dt.startswith(k):
             return _CODES[k], int(dt[len(k):])
-    raise BuildError(f"standalone build: dtype {dt} is not supported")
+    raise UnsupportedOpError(f"standalone build: dtype {dt} is not supported")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -138,7 +138,7 @@ class _C:
         for cls, fn in fns.items():
             if isinstance(e, cls):
                 return f"{fn}({self.expr(e.a)}, {self.expr(e.b)})"
-        raise BuildError(f"standalone build: shape expression {e} ({type(e).__name__}) is not supported")
+        raise UnsupportedOpError(f"standalone build: shape expression {e} ({type(e).__name__}) is not supported")
 
     def tensor(self, name: str, data: str, shape, dtype: str):
         code, bits = _dtype_code(dtype)
@@ -272,7 +272,7 @@ class _C:
                 return
             if op.name == "relax.vm.kill_object":
                 return
-            raise BuildError(f"standalone build: Relax operator {op.name} is not supported")
+            raise UnsupportedOpError(f"standalone build: Relax operator {op.name} is not supported")
         if isinstance(op, relax.ExternFunc):
             if op.global_symbol == "vm.builtin.reshape":
                 src = self.ref(val.args[0])
@@ -280,7 +280,7 @@ class _C:
                 self.tensor(name, f"{src}.data", list(val.args[1].values), str(v.ty.dtype))
                 self.names[v] = name
                 return
-            raise BuildError(f"standalone build: runtime function {op.global_symbol} is not supported")
+            raise UnsupportedOpError(f"standalone build: runtime function {op.global_symbol} is not supported")
         if isinstance(op, tvm.ir.GlobalVar):
             fn = self.mod[op]
             sym = str(fn.attrs["global_symbol"]) if fn.attrs and "global_symbol" in fn.attrs else op.name_hint
@@ -299,7 +299,7 @@ class _C:
                     for d in a.values:
                         args.append(("i", self.expr(d)))
                 else:
-                    raise BuildError(f"standalone build: argument {type(a).__name__} of {sym} is not supported")
+                    raise UnsupportedOpError(f"standalone build: argument {type(a).__name__} of {sym} is not supported")
             L.append(f"  {{ rt_any a[{max(1, len(args))}];")
             for k, (kind, x) in enumerate(args):
                 if kind == "t":
@@ -310,7 +310,7 @@ class _C:
             if v.ty is not None and hasattr(v.ty, "dtype") and not isinstance(v.ty, relax.TupleType):
                 pass
             return
-        raise BuildError(f"standalone build: call of {type(op).__name__} is not supported")
+        raise UnsupportedOpError(f"standalone build: call of {type(op).__name__} is not supported")
 
 
 def params_image(low, graph) -> tuple[bytes, list[dict[str, Any]]]:
@@ -463,17 +463,17 @@ def read_spt(path) -> np.ndarray:
 
 
 def _feeds_in_order(manifest, feeds):
-    from ..compressor.errors import ShapeError
+    from ..compressor.errors import InputShapeError, ShapeError
 
     arrays = []
     for spec in manifest["inputs"]:
         if spec["name"] not in feeds:
-            raise ShapeError(f"missing input {spec['name']!r}; the model's inputs are {[s['name'] for s in manifest['inputs']]}")
+            raise InputShapeError(f"missing input {spec['name']!r}; the model's inputs are {[s['name'] for s in manifest['inputs']]}")
         x = np.asarray(feeds[spec["name"]])
         want = np.dtype(spec["dtype"])
         if x.dtype != want:
             if x.dtype.kind != want.kind and not (x.dtype.kind in "iu" and want.kind in "iu"):
-                raise ShapeError(f"input {spec['name']!r} is {x.dtype}, the model expects {spec['dtype']}")
+                raise InputShapeError(f"input {spec['name']!r} is {x.dtype}, the model expects {spec['dtype']}")
             x = x.astype(want)
         arrays.append(x)
     return arrays
@@ -483,7 +483,7 @@ def run_standalone(lib_dir, manifest, feeds, repeat: int = 1) -> tuple[dict[str,
     """Run an aarch64 (qemu-aarch64) or wasm (node) lib/ on ``feeds``: (outputs, info with the per-run time)."""
     import re
 
-    from ..compressor.errors import ShapeError
+    from ..compressor.errors import InputShapeError, ShapeError
 
     lib_dir = Path(lib_dir)
     arrays = _feeds_in_order(manifest, feeds)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..compressor.errors import ArtifactError, ShapeError, ToolMissingError
+from ..compressor.errors import ArtifactError, InputShapeError, ShapeError, ToolMissingError
 
 LIB_SCHEMA = "sparsec.lib/1"
 
@@ -120,23 +120,23 @@ class LoadedLib:
         for spec in self.inputs:
             name = spec["name"]
             if name not in feeds:
-                raise ShapeError(f"missing input {name!r}; the model's inputs are {[s['name'] for s in self.inputs]}")
+                raise InputShapeError(f"missing input {name!r}; the model's inputs are {[s['name'] for s in self.inputs]}")
             x = np.asarray(feeds[name])
             if x.ndim != len(spec["shape"]):
-                raise ShapeError(f"input {name!r} has rank {x.ndim}, the model expects {len(spec['shape'])}")
+                raise InputShapeError(f"input {name!r} has rank {x.ndim}, the model expects {len(spec['shape'])}")
             for i, (got, want) in enumerate(zip(x.shape, spec["shape"])):
                 if isinstance(want, int) and got != want:
-                    raise ShapeError(f"input {name!r} has size {got} in dim {i}, the model expects {want}")
+                    raise InputShapeError(f"input {name!r} has size {got} in dim {i}, the model expects {want}")
                 if isinstance(want, str) and want in limits and got > limits[want][0]:
-                    raise ShapeError(f"input {name!r} has size {got} in dim {i}; the model supports at most "
+                    raise InputShapeError(f"input {name!r} has size {got} in dim {i}; the model supports at most "
                                      f"{limits[want][0]} there ({limits[want][1]})")  # fmt: skip
             if x.dtype != np.dtype(spec["dtype"]):
                 if x.dtype.kind != np.dtype(spec["dtype"]).kind:
-                    raise ShapeError(f"input {name!r} is {x.dtype}, the model expects {spec['dtype']}")
+                    raise InputShapeError(f"input {name!r} is {x.dtype}, the model expects {spec['dtype']}")
                 x = x.astype(spec["dtype"])
             rng = self.manifest.get("input_ranges", {}).get(name)
             if rng is not None and x.size and (int(x.min()) < rng[0] or int(x.max()) >= rng[1]):
-                raise ShapeError(f"input {name!r}: token ids must be in [0, {rng[1]}), got values in [{int(x.min())}, {int(x.max())}]")
+                raise InputShapeError(f"input {name!r}: token ids must be in [0, {rng[1]}), got values in [{int(x.min())}, {int(x.max())}]")
             args.append(tvm.runtime.tensor(np.require(x, requirements="C"), self.dev))
         out = self.vm["main"](*args, *self.params)
         outs = _flatten_outputs(out)

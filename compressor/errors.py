@@ -63,6 +63,14 @@ class ShapeError(IRError):
     label = "shape mismatch"
 
 
+class InputShapeError(ShapeError):
+    """A user's input (``run`` / ``bench`` feeds) whose name, shape or dtype does not fit the model's inputs: bad input
+    data (exit 8, like calibration data), not an invalid graph."""
+
+    exit_code = 8
+    label = "bad input data"
+
+
 class RecipeError(SparsecError):
     """Invalid recipe: unknown keys, bad values, invalid pass combinations."""
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import IRError, NumericalError, ShapeError
+from .errors import InputShapeError, IRError, NumericalError, ShapeError
 from .ir import Embedding, Expert, Generic, Graph, LayerNorm, Linear, MoE, Node, Residual, RMSNorm
 
 _TORCH_DTYPES = {
@@ -83,25 +83,25 @@ def check_feeds(g: Graph, feeds: Mapping[str, Any], *, partial: bool = False) ->
     """User inputs against the graph's inputs: names, rank, static dims, integer vs float."""
     unknown = [k for k in feeds if k not in g.inputs]
     if unknown:
-        raise ShapeError(f"unknown input name(s) {unknown}; the model's inputs are {g.inputs}")
+        raise InputShapeError(f"unknown input name(s) {unknown}; the model's inputs are {g.inputs}")
     if not partial:
         missing = [i for i in g.inputs if i not in feeds]
         if missing:
-            raise ShapeError(f"missing input(s) {missing}; the model's inputs are {g.inputs}")
+            raise InputShapeError(f"missing input(s) {missing}; the model's inputs are {g.inputs}")
     for name, arr in feeds.items():
         v = g.values.get(name)
         shape = tuple(arr.shape)
         if v is None or v.shape is None:
             continue
         if len(shape) != len(v.shape):
-            raise ShapeError(f"input '{name}' has shape {list(shape)}, the model expects rank {len(v.shape)} {_fmt(v.shape)}")
+            raise InputShapeError(f"input '{name}' has shape {list(shape)}, the model expects rank {len(v.shape)} {_fmt(v.shape)}")
         for got, want in zip(shape, v.shape):
             if isinstance(want, int) and got != want:
-                raise ShapeError(f"input '{name}' has shape {list(shape)}, the model expects {_fmt(v.shape)}")
+                raise InputShapeError(f"input '{name}' has shape {list(shape)}, the model expects {_fmt(v.shape)}")
         kind = _dtype_kind(arr)
         want_kind = "f" if v.dtype.startswith(("float", "bfloat")) else ("b" if v.dtype == "bool" else "i")
         if kind != want_kind:
-            raise ShapeError(f"input '{name}' has dtype {_dtype_name(arr)}, the model expects {v.dtype}")
+            raise InputShapeError(f"input '{name}' has dtype {_dtype_name(arr)}, the model expects {v.dtype}")
 
 
 def _fmt(shape) -> str:
@@ -264,7 +264,7 @@ class Executor:
             t = self._param(n, "table", n.table)
             ids = ins[0].long()
             if ids.numel() and (int(ids.min()) < -t.shape[0] or int(ids.max()) >= t.shape[0]):
-                raise ShapeError(f"token ids must be in [0, {t.shape[0]}), got values in [{int(ids.min())}, {int(ids.max())}]", node=n.name)
+                raise InputShapeError(f"token ids must be in [0, {t.shape[0]}), got values in [{int(ids.min())}, {int(ids.max())}]", node=n.name)
             ids = torch.where(ids < 0, ids + t.shape[0], ids)
             return [F.embedding(ids, t)]
         if isinstance(n, Residual):

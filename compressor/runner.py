@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .artifact import Artifact, load_artifact
-from .errors import ArtifactError, CalibrationError, RecipeError, ShapeError
+from .errors import ArtifactError, CalibrationError, InputShapeError, RecipeError, ShapeError
 from .executor import Executor, check_feeds
 
 ENGINES = ("auto", "lib", "onnx", "ir")
@@ -71,7 +71,7 @@ def run_artifact(artifact: str | Path, inputs, engine: str = "auto") -> RunResul
         except Exception as e:  # noqa: BLE001 - onnxruntime rejects these inputs (the shapes the model allows), not a bug
             msg = " ".join(str(e).split())
             msg = msg.split("Status Message:")[-1].strip() if "Status Message:" in msg else msg
-            raise ShapeError(f"model.onnx cannot run on these inputs (onnxruntime): {msg[:300]}") from None
+            raise InputShapeError(f"model.onnx cannot run on these inputs (onnxruntime): {msg[:300]}") from None
     else:
         outs = Executor(g).run(feeds)
     return RunResult({k: np.asarray(v) for k, v in outs.items()}, engine, time.perf_counter() - t0, note)
