@@ -283,3 +283,34 @@ def test_moe_with_square_experts_is_recognized():
         ref = model(*[torch.from_numpy(v) for v in feeds.values()])
     ref = ref[0] if isinstance(ref, tuple) else ref
     assert tm.rel(ref.numpy(), Executor(g).run(dict(zip(g.inputs, feeds.values())))[g.outputs[0]]) < 1e-5
+
+
+def test_a_linear_applied_twice_counts_once_until_its_uses_differ(tmp_path):
+    """One nn.Linear called twice exports as two MatMuls reading one initializer: two Linear layers, an import warning,
+    the bytes and params of the file (not twice); the artifact stores identical tensors once. Once the two uses are
+    compressed differently each is stored and counted."""
+    from sparsec.compressor.formats import NMSparse
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.g = torch.nn.Linear(64, 64), torch.nn.Linear(64, 32, bias=False)  # Gemm: one initializer
+
+        def forward(self, x):
+            return self.g(torch.relu(self.fc(torch.relu(self.fc(x)))))
+
+    m = Twice().eval()
+    path = tmp_path / "twice.onnx"
+    torch.onnx.export(m, (torch.randn(2, 64),), str(path), dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "b"}})
+    file_params = sum(int(np.prod(i.dims)) for i in onnx.load(str(path)).graph.initializer)
+    g = load_onnx(str(path))
+    fcs = [n for n in g.linears() if n.out_features == 64]
+    assert len(fcs) == 2 and fcs[0].meta["weight_name"] == fcs[1].meta["weight_name"]
+    assert any("applied by 2 Linear layers" in w for w in g.meta.get("import_warnings", []))
+    assert g.param_count() == file_params and g.nbytes() == 4 * file_params
+    w = fcs[0].weight.materialize()
+    fcs[0].weight = fcs[1].weight = NMSparse.from_dense(w, 2, 4)  # the same compression of both uses: still once
+    assert g.nbytes() == fcs[0].weight.nbytes + 4 * 64 + 4 * 64 * 32
+    rng = np.random.default_rng()
+    fcs[1].weight = NMSparse.from_dense(w * (rng.random(w.shape) + 0.5), 2, 4)  # different: both stored
+    assert g.nbytes() == fcs[0].weight.nbytes + fcs[1].weight.nbytes + 4 * 64 + 4 * 64 * 32

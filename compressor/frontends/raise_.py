@@ -807,5 +807,22 @@ def raise_graph(g: Graph) -> dict[str, int]:
         g.meta.setdefault("import_warnings", []).extend(moe_warnings)
     remove_dead(g)
     mark_ties(g)
+    note_repeated_weights(g)
     g.toposort()
     return counts
+
+
+def note_repeated_weights(g: Graph) -> None:
+    """One weight applied by several Linear layers (a layer called twice): an import warning. Each use is a Linear of
+    its own, compressed on its own; while their weights stay identical they are stored and counted once
+    (``Graph.repeated_linears``), once a pass has compressed them differently each is stored."""
+    groups: dict[str, list[str]] = {}
+    for n in g.linears():
+        if n.meta.get("weight_name"):
+            groups.setdefault(n.meta["weight_name"], []).append(n.name)
+    for w, names in groups.items():
+        if len(names) > 1:
+            shown = ", ".join(f"'{x}'" for x in names[:4]) + (", ..." if len(names) > 4 else "")
+            g.meta.setdefault("import_warnings", []).append(
+                f"weight '{w}' is applied by {len(names)} Linear layers ({shown}): each use is compressed on its own, "
+                f"and uses compressed differently are stored separately")  # fmt: skip
