@@ -540,6 +540,10 @@ def build_wasm_lib(graph, low, target, console=None):
     from ..compressor.errors import UnsupportedOpError
 
     t0 = time.perf_counter()
+    half = sorted({v.dtype for v in graph.values.values() if v.dtype in ("float16", "bfloat16")})
+    if half:  # LLVM's wasm32 code generation of the half-precision ops did not finish (a 2-Linear fp16 model, > 13 min)
+        return {"status": f"not built: {'/'.join(half)} activations are not supported for wasm (no half-precision "
+                          f"arithmetic there; export the model in float32); `sparsec run` uses model.onnx"}, None  # fmt: skip
     try:
         sa_info, files = build_standalone(graph, low, target)
     except UnsupportedOpError as e:
