@@ -81,6 +81,10 @@ def check_output_dir(out: str | Path, force: bool = False) -> Path:
         raise OutputError(f"{out}: exists and is not a directory")
     if out.exists() and not force:
         raise OutputError(f"{out}: already exists (use --force to replace it)")
+    if out.exists() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        # --force replaces an artifact (or an empty directory), never a folder of the user's
+        raise OutputError(f"{out}: exists and is not a sparsec artifact (no manifest.json); refusing to replace it "
+                          f"even with --force: remove it or choose another -o")  # fmt: skip
     parent = out.resolve().parent
     probe = parent
     while not probe.exists():

@@ -277,6 +277,11 @@ def compress(source: Source, recipe: Recipe, out: str | os.PathLike, *, force: b
             check_data = None
     if check_data is not None:
         quality.update(check_export(graph, onnx_bytes, check_data, device))
+        gap = quality.get("onnx_vs_executor_rel_error")
+        if isinstance(gap, float) and gap > 1e-2:
+            # e.g. integer ops (MatMulInteger, QDQ) onnxruntime computes with saturation the executor does not have
+            warnings.append(f"model.onnx run by onnxruntime and sparsec's executor disagree by {gap:.3g} (relative) "
+                            f"on the check inputs: the portable model and the compiled library may give different outputs")  # fmt: skip
 
     build_info: dict[str, Any] = {"target": target.name}
     writers = []

@@ -163,6 +163,14 @@ def test_existing_output_needs_force(gpt2_onnx, tmp_path):
     p = sparsec("compress", path, "-o", out, "--quiet", "--no-build")
     assert p.returncode == 7 and "--force" in p.stderr
     assert (out / "keep.txt").read_text() == "user data"
+    # --force replaces an artifact, never a folder of the user's
+    p = sparsec("compress", path, "-o", out, "--quiet", "--no-build", "--force")
+    assert p.returncode == 7 and "not a sparsec artifact" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert (out / "keep.txt").read_text() == "user data"
+    art = tmp_path / "art"
+    assert sparsec("compress", path, "-o", art, "--quiet", "--no-build").returncode == 0
+    p = sparsec("compress", path, "-o", art, "--quiet", "--no-build", "--force", "--nm", "2:4")
+    assert p.returncode == 0, p.stderr
 
 
 def test_usage_errors_exit_2():
