@@ -549,6 +549,7 @@ def test_moe_lowering_matches_executor(routed, tmp_path):
         assert got.shape == ref.shape and np.abs(got - ref).max() / np.abs(ref).max() < 1e-4, shape
 
 
+@pytest.mark.slow  # ~1 min of TVM compile; not the CUDA default
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 def test_routed_moe_compiles_for_cuda(tmp_path):
     """The routed MoE lowering builds for CUDA too (not the default there: slower than dense-equivalent on the golden
