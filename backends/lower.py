@@ -416,10 +416,11 @@ class _Lowerer:
                                   op.expand_dims(ar, -1)))  # fmt: skip
         order = self.bb.emit(op.permute_dims(op.argsort(key, axis=0, dtype="int64"), [1, 0]))  # [E, T]
         outs = []
+        # every expert's token count in one shape: one device -> host copy per layer (a sync on CUDA), not one per expert
+        ks = [tirx.Var(f"{_sanitize(n.name)}_e{ei}_tokens", "int64") for ei in range(ne)]
+        self.bb.match_cast(self.bb.emit(op.tensor_to_shape(cnt)), relax.ShapeType(ks))
         for ei, e in enumerate(n.experts):
-            c = self.bb.emit(op.tensor_to_shape(op.strided_slice(cnt, axes=[0], begin=[ei], end=[ei + 1])))
-            k_e = tirx.Var(f"{_sanitize(n.name)}_e{ei}_tokens", "int64")
-            self.bb.match_cast(c, relax.ShapeType([k_e]))
+            k_e = ks[ei]
             row = self.bb.emit(op.reshape(op.strided_slice(order, axes=[0], begin=[ei], end=[ei + 1]), (m,)))
             # the first k_e entries (a take, not a strided_slice: TVM's CPU pipeline mis-handles a slice bound by a
             # data-dependent size)
@@ -1055,9 +1056,9 @@ def moe_routed_default(target) -> bool:
     """Whether MoE layers are lowered routed for ``target``: on the x86 host (Relax VM). Not on aarch64 / wasm, whose
     standalone call plans (backends/cross.py) allocate every buffer from the input dims and have no data-dependent
     sizes. On CUDA the routed form builds and is correct (``lower(..., moe_routed=True)``; the golden tiny-moe on an
-    H100 within 4e-4 of the executor) but was 3.5-4.4x slower than the dense-equivalent one on that model
-    (bench/results/cuda_e2e_moe_routed.json: its token counts reach the host once per expert, and the routed layers
-    sit outside the dataflow blocks, unfused), so CUDA stays dense-equivalent."""
+    H100 within 4e-4 of the executor) but was 2.3-2.9x slower than the dense-equivalent one on that model
+    (bench/results/cuda_e2e_moe_routed_onesync.json: one host sync per layer for the token counts, and the routed
+    layers sit outside the dataflow blocks, unfused), so CUDA stays dense-equivalent."""
     return target.kind == "llvm" and not target.name.startswith("aarch64")
 
 
