@@ -87,9 +87,10 @@ def cpu_pipeline(tt):
 
 
 def _guarded(rule):
-    """A DLight rule that declines (None) where it would raise: TVM 0.27's ``gpu.Matmul`` raises "Could not parse
-    mapping as sum of iterators" on a matmul whose row count is a data-dependent size (a routed MoE expert's tokens)
-    instead of declining, which ends the build; the next rule (``GEMV``, ``Fallback``) then schedules the function."""
+    """A DLight rule that declines (None) where it would raise: TVM 0.27's ``gpu.Matmul`` raised "Could not parse
+    mapping as sum of iterators" instead of declining (on the routed tiny-moe, while a reshape's -1 was left in its
+    shapes: lower.py's ``export_live``), which ends the build; the next rule (``GEMV``, ``Fallback``) then schedules
+    the function."""
     from tvm.s_tir.dlight.base import ScheduleRule
 
     class Guarded(ScheduleRule):
@@ -103,18 +104,15 @@ def _guarded(rule):
 
 
 def cuda_pipeline(tt):
-    """TVM's CUDA pipeline (``relax.backend.cuda.pipeline``) with its DLight rules guarded (:func:`_guarded`)."""
+    """TVM's CUDA pipeline (``relax.backend.cuda.pipeline``) with the rules of its DLight schedule guarded
+    (:func:`_guarded`): its legalization passes as they are, its ``ApplyDefaultSchedule`` replaced."""
     import tvm
-    from tvm import relax
     from tvm.relax.backend.cuda import pipeline as cuda
     from tvm.s_tir import dlight as dl
 
-    rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction()]
-    legalize = [
-        relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
-        relax.transform.FuseOps(), relax.transform.FuseTIR(),
-        dl.ApplyDefaultSchedule(*[_guarded(r) for r in rules], dl.gpu.Fallback()),
-    ]  # fmt: skip
+    rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction()]  # TVM's, Fallback last
+    legalize = [p for p in cuda.legalize_passes(tt) if not isinstance(p, dl.ApplyDefaultSchedule)]
+    legalize.append(dl.ApplyDefaultSchedule(*[_guarded(r) for r in rules], dl.gpu.Fallback()))
 
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod, _ctx):

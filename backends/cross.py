@@ -463,7 +463,7 @@ def read_spt(path) -> np.ndarray:
 
 
 def _feeds_in_order(manifest, feeds):
-    from ..compressor.errors import InputShapeError, ShapeError
+    from ..compressor.errors import InputShapeError
 
     arrays = []
     for spec in manifest["inputs"]:
@@ -483,7 +483,7 @@ def run_standalone(lib_dir, manifest, feeds, repeat: int = 1) -> tuple[dict[str,
     """Run an aarch64 (qemu-aarch64) or wasm (node) lib/ on ``feeds``: (outputs, info with the per-run time)."""
     import re
 
-    from ..compressor.errors import InputShapeError, ShapeError
+    from ..compressor.errors import ShapeError
 
     lib_dir = Path(lib_dir)
     arrays = _feeds_in_order(manifest, feeds)

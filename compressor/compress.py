@@ -192,7 +192,7 @@ class CompressResult:
     threshold_failed: list[str] = field(default_factory=list)
 
 
-def outcome_warnings(original: Graph, graph: Graph, reports) -> list[str]:
+def outcome_warnings(bytes_before: int, bytes_after: int, reports) -> list[str]:
     """What a user would want flagged about the result: a pass that compressed no layer (patterns that match nothing,
     every layer excluded or skipped), a model that got larger than the original (a low-rank path of a large rank)."""
     out = []
@@ -206,9 +206,8 @@ def outcome_warnings(original: Graph, graph: Graph, reports) -> list[str]:
         why, k = max(notes.items(), key=lambda kv: kv[1])
         out.append(f"{rep.name} compressed no layer: {k} of {len(rep.rows)} {why!r}" + (
             " (check the --include / --exclude patterns against the layer names: `sparsec inspect MODEL`)" if "included" in why or "pattern" in why else ""))
-    before, after = int(original.nbytes()), int(graph.nbytes())
-    if after > before:
-        out.append(f"the compressed model stores more bytes than the original ({after:,} > {before:,}); e.g. a low-rank "
+    if bytes_after > bytes_before:
+        out.append(f"the compressed model stores more bytes than the original ({bytes_after:,} > {bytes_before:,}); e.g. a low-rank "
                    f"path of a rank near the layers' width costs more than it saves")  # fmt: skip
     return out
 
@@ -245,7 +244,9 @@ def compress(source: Source, recipe: Recipe, out: str | os.PathLike, *, force: b
     ctx.show_progress = progress
     reports = run_passes(graph, passes, ctx)
     warnings.extend(ctx.warnings)
-    warnings.extend(outcome_warnings(original, graph, reports))
+    # the graph is final here (the build reads it): its bytes are computed once, for the warnings and the report
+    bytes_before, bytes_after = int(original.nbytes()), int(graph.nbytes())
+    warnings.extend(outcome_warnings(bytes_before, bytes_after, reports))
 
     quality: dict[str, Any] = {}
     tq = time.perf_counter()
@@ -318,9 +319,9 @@ def compress(source: Source, recipe: Recipe, out: str | os.PathLike, *, force: b
         "source": source.label if source.label.startswith("example:") else os.path.basename(source.label),
         "source_sha256": source.sha256,
         "params": int(original.param_count()),
-        "bytes": int(original.nbytes()),
+        "bytes": bytes_before,
         "params_after": int(graph.param_count()),
-        "bytes_after": int(graph.nbytes()),
+        "bytes_after": bytes_after,
         "linear_layers": len(graph.linears()),
     }
     if source.golden:

@@ -318,7 +318,6 @@ class Block:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-
 def _same_weight(a, b) -> bool:
     """Two weight formats hold the same tensors (what the artifact would store once)."""
     if a is b:
@@ -327,6 +326,7 @@ def _same_weight(a, b) -> bool:
         return False
     ta, tb = a.to_tensors("w"), b.to_tensors("w")
     return ta.keys() == tb.keys() and all(ta[k].dtype == tb[k].dtype and np.array_equal(ta[k], tb[k]) for k in ta)
+
 
 class Graph:
     def __init__(self, name: str = "model"):
@@ -420,15 +420,11 @@ class Graph:
                     out.add(n.name)
         return out
 
-    def repeated_linears(self) -> set[str]:
-        """Linear layers whose weight is still the weight of an earlier Linear read from the same source weight
-        (``meta["weight_name"]``: one initializer / parameter applied twice). The artifact stores identical tensors
-        once, so the bytes and params count them (and an identical bias) once; once a pass has compressed the uses
-        differently, each weight counts."""
-        return {name for name, (n, f) in self._later_uses().items() if _same_weight(f.weight, n.weight)}
-
     def _later_uses(self) -> dict[str, tuple[Linear, Linear]]:
-        """Linear name -> (it, the first Linear of the same source weight), for every use after the first."""
+        """Linear name -> (it, the first Linear of the same source weight), for every use after the first: one
+        initializer / parameter applied twice (``meta["weight_name"]``). The artifact stores identical tensors once,
+        so the bytes and params count a later use's weight (and bias) only where it differs from the first use's:
+        once a pass has compressed the uses differently (:meth:`_counted`)."""
         first: dict[str, Linear] = {}
         out: dict[str, tuple[Linear, Linear]] = {}
         for n in self.nodes:
@@ -439,32 +435,32 @@ class Graph:
                     out[n.name] = (n, f)
         return out
 
-    def _counted(self, attr_w: str, attr_b: str) -> int:
-        """Sum over the nodes of ``attr_w`` of weight formats / ``attr_b`` of arrays, a tied head and the tensors a
-        later use of a weight shares with its first use left out."""
+    def _counted(self, nbytes: bool) -> int:
+        """Bytes (``nbytes``) or parameters of the nodes' weights, a tied head and the tensors a later use of a weight
+        shares with its first use left out."""
         tied, later = self.tied_linears(), self._later_uses()
         total = 0
         for n in self.nodes:
             if n.name in tied:
                 continue
             if n.name not in later:
-                total += n.nbytes() if attr_w == "nbytes" else n.param_count()
+                total += n.nbytes() if nbytes else n.param_count()
                 continue
             _, f = later[n.name]
             if not _same_weight(f.weight, n.weight):
-                total += n.weight.nbytes if attr_w == "nbytes" else n.weight.shape[0] * n.weight.shape[1]
+                total += n.weight.nbytes if nbytes else n.weight.shape[0] * n.weight.shape[1]
             if n.bias is not None and not (f.bias is not None and f.bias.shape == n.bias.shape and np.array_equal(f.bias, n.bias)):
-                total += int(getattr(n.bias, attr_b))
+                total += int(n.bias.nbytes if nbytes else n.bias.size)
         return total
 
     def param_count(self) -> int:
         """Weights: every node's (a tied head once, with its embedding; a weight applied twice once) and the float
         constants (not masks, shapes or indices)."""
-        return self._counted("param_count", "size") + sum(int(c.size) for c in self.constants.values() if np.asarray(c).dtype.kind == "f")
+        return self._counted(nbytes=False) + sum(int(c.size) for c in self.constants.values() if np.asarray(c).dtype.kind == "f")
 
     def nbytes(self) -> int:
         """Bytes of every weight and constant as stored (a tied head once, a weight applied twice once)."""
-        return self._counted("nbytes", "nbytes") + sum(int(c.nbytes) for c in self.constants.values())
+        return self._counted(nbytes=True) + sum(int(c.nbytes) for c in self.constants.values())
 
     def op_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -329,6 +329,15 @@ class Override:
     params: dict[str, Any]
 
 
+def skipped_by(overrides: list[Override], name: str) -> bool:
+    """Whether the overrides matching ``name`` skip it: the last one of them that says ``skip`` decides."""
+    skip = False
+    for o in overrides:
+        if o.skip is not None and o.match.search(name):
+            skip = o.skip
+    return skip
+
+
 def parse_overrides(raw: list[dict] | None, where: str) -> list[Override]:
     out = []
     for i, o in enumerate(raw or []):

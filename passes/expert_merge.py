@@ -67,7 +67,7 @@ from ..compressor.errors import PassError, RecipeError
 from ..compressor.executor import _ACTS, Observer
 from ..compressor.formats import Dense
 from ..compressor.ir import Expert, Graph, Linear, MoE
-from ..compressor.pipeline import Pass, PassContext, _coerce, compile_patterns, parse_overrides, register_pass
+from ..compressor.pipeline import Pass, PassContext, _coerce, compile_patterns, parse_overrides, register_pass, skipped_by
 from ..compressor.report import LayerRow, PassReport
 from . import _reference
 
@@ -340,15 +340,13 @@ class ExpertMerge(Pass):
         if any(p.search(m.name) for p in self.exclude):
             return None
         spec, method, refit = float(self.params.experts), self.params.method, self.params.refit
-        skip = False
+        if skipped_by(self.overrides, m.name):
+            return None
         for o in self.overrides:
             if o.match.search(m.name):
-                skip = skip if o.skip is None else o.skip
                 spec = o.params.get("experts", spec)
                 method = o.params.get("method", method)
                 refit = o.params.get("refit", refit)
-        if skip:
-            return None
         if method == "prune":
             if refit:
                 raise RecipeError(f"{self.where}: refit does not apply to method prune ('{m.name}'); use drop to refit")

@@ -91,7 +91,7 @@ import torch
 from ..compressor.errors import NumericalError, PassError, RecipeError
 from ..compressor.formats import Dense, GroupQuant, NMSparse, nm_mask_valid
 from ..compressor.ir import Graph, Linear, MoE
-from ..compressor.pipeline import Pass, PassContext, Selection, make_row, parse_overrides, parse_params, register_pass
+from ..compressor.pipeline import Pass, PassContext, Selection, make_row, parse_overrides, parse_params, register_pass, skipped_by
 from ..compressor.report import PassReport
 from . import _reference
 from .obs import inverse_hessian_factor, obs_solve
@@ -578,15 +578,13 @@ class GroupQuantize(Pass):
                 out[lin.name] = _Plan("excluded", reason)
                 continue
             params = dict(self._base)
-            skip = False
             fixed = p.auto_bits is None
             for o in self.overrides:
                 if o.match.search(lin.name):
-                    skip = skip if o.skip is None else o.skip
                     params.update(o.params)
                     if "bits" in o.params:
                         fixed = True
-            if skip:
+            if skipped_by(self.overrides, lin.name):
                 out[lin.name] = _Plan("excluded", "skipped by a recipe override")
                 continue
             cfg = parse_params(LayerConfig, params, f"{self.where} ({lin.name})")

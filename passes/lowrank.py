@@ -47,7 +47,7 @@ import torch
 from ..compressor.errors import PassError, RecipeError
 from ..compressor.formats import Dense, LowRank
 from ..compressor.ir import Graph, Linear
-from ..compressor.pipeline import Pass, PassContext, Selection, make_row, parse_overrides, parse_params, register_pass
+from ..compressor.pipeline import Pass, PassContext, Selection, make_row, parse_overrides, parse_params, register_pass, skipped_by
 from ..compressor.report import PassReport
 from . import _reference
 
@@ -248,15 +248,13 @@ class LowRankCompensate(Pass):
                 out[lin.name] = ("excluded", reason, None)
                 continue
             params: dict[str, Any] = {}
-            skip = False
             for o in self.overrides:
                 if o.match.search(lin.name):
-                    skip = skip if o.skip is None else o.skip
                     if any(k in o.params for k in _TARGETS):
                         for k in _TARGETS:
                             params.pop(k, None)
                     params.update(o.params)
-            if skip:
+            if skipped_by(self.overrides, lin.name):
                 out[lin.name] = ("excluded", "skipped by a recipe override", None)
                 continue
             if isinstance(lin.weight, Dense):

@@ -39,7 +39,7 @@ import numpy as np
 from ..compressor.errors import PassError, RecipeError
 from ..compressor.formats import Dense, NMSparse, nm_mask_valid
 from ..compressor.ir import Graph, Linear
-from ..compressor.pipeline import Pass, PassContext, Selection, make_row, parse_overrides, parse_params, register_pass
+from ..compressor.pipeline import Pass, PassContext, Selection, make_row, parse_overrides, parse_params, register_pass, skipped_by
 from ..compressor.report import PassReport
 from .obs import nm_mask_from_scores, obs_solve
 
@@ -137,12 +137,10 @@ class NMPrune(Pass):
                 out[lin.name] = ("excluded", reason, None)
                 continue
             params = dict(self._base)
-            skip = False
             for o in self.overrides:
                 if o.match.search(lin.name):
-                    skip = skip if o.skip is None else o.skip
                     params.update(o.params)
-            if skip:
+            if skipped_by(self.overrides, lin.name):
                 out[lin.name] = ("excluded", "skipped by a recipe override", None)
                 continue
             cfg = parse_params(LayerConfig, params, f"{self.where} ({lin.name})")

@@ -82,7 +82,7 @@ from ..compressor.ir import (
     block_of_module,
     walk_up,
 )
-from ..compressor.pipeline import Pass, PassContext, make_row, parse_overrides, parse_params, register_pass
+from ..compressor.pipeline import Pass, PassContext, make_row, parse_overrides, parse_params, register_pass, skipped_by
 from ..compressor.report import LayerRow, PassReport
 
 _FLOAT_TYPES = {1, 10, 11, 16}  # ONNX elem types float, float16, double, bfloat16
@@ -803,12 +803,11 @@ class Slicing(Pass):
     def plan(self, st: Structure) -> None:
         p = self.params
         for s in st.segments:
-            f, skip = p.fraction, False
+            f = p.fraction
             for o in self.overrides:
                 if o.match.search(s.label):
-                    skip = skip if o.skip is None else o.skip
                     f = float(o.params.get("fraction", f))
-            s.fraction = 0.0 if skip else f
+            s.fraction = 0.0 if skipped_by(self.overrides, s.label) else f
             s.new_dim = sliced_dim(s.dim, s.fraction, p.round_to)
         for s in st.segments:  # an MoE layer keeps its input and output dims equal
             for r in s.readers:

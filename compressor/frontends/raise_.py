@@ -278,9 +278,8 @@ def _static_dims(g: Graph, n: Generic, shape_of: dict[str, list]):
         v = g.values.get(n.inputs[0])
         if v is None or v.shape is None:
             return None
-        dims = list(v.shape)
-        start, end = int(n.attributes.get("start", 0)), n.attributes.get("end")
-        return dims[start : (int(end) if end is not None else None)] if start or end is not None else dims
+        end = n.attributes.get("end")
+        return list(v.shape)[int(n.attributes.get("start", 0)) : (None if end is None else int(end))]
     src = shape_of.get(n.inputs[0])
     idx = g.constants.get(n.inputs[1]) if len(n.inputs) > 1 else None
     if src is None or idx is None or int(n.attributes.get("axis", 0)) != 0 or idx.dtype.kind not in "iu":
@@ -815,7 +814,7 @@ def raise_graph(g: Graph) -> dict[str, int]:
 def note_repeated_weights(g: Graph) -> None:
     """One weight applied by several Linear layers (a layer called twice): an import warning. Each use is a Linear of
     its own, compressed on its own; while their weights stay identical they are stored and counted once
-    (``Graph.repeated_linears``), once a pass has compressed them differently each is stored."""
+    (``Graph.nbytes``), once a pass has compressed them differently each is stored."""
     groups: dict[str, list[str]] = {}
     for n in g.linears():
         if n.meta.get("weight_name"):

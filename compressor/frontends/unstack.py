@@ -86,6 +86,10 @@ class _Splitter:
     def __init__(self, g: Graph):
         self.g = g
         self.prod = {o: n for n in g.nodes for o in n.outputs if o}
+        self.users: dict[str, list[Node]] = {}  # value -> the nodes reading it (g.nodes stays as it is until the end)
+        for n in g.nodes:
+            for i in dict.fromkeys(n.inputs):
+                self.users.setdefault(i, []).append(n)
         self.parts: dict[str, list[str]] = {}  # stacked value -> its per-expert values
         self.memo: dict[tuple[str, int], str] = {}
         self.new: dict[int, list[Node]] = {}  # index of the node replaced -> the nodes that replace it
@@ -206,12 +210,10 @@ class _Splitter:
         if n.op_type == "Split":
             axes = [int(n.attributes.get("axis", 0))]
         else:
-            if len(n.inputs) < 3 or any(i and i not in self.g.constants for i in n.inputs[1:]):
+            sp = _slice_params(self.g.constants, n)
+            if sp is None:
                 return None
-            if len(n.inputs) > 3 and n.inputs[3]:
-                axes = [int(a) for a in np.atleast_1d(self.g.constants[n.inputs[3]])]
-            else:
-                axes = list(range(np.atleast_1d(self.g.constants[n.inputs[1]]).size))
+            axes = [int(a) for a in sp[2]]
         axes = [a + rank if a < 0 else a for a in axes]
         return None if any(a <= 0 or a >= rank for a in axes) else axes
 
@@ -251,7 +253,7 @@ class _Splitter:
         """(the Add, bias [E, N]) when the product ``y`` is only read by an ``Add`` of a constant bias: per expert
         (``[E, 1, N]``, ``b[:, None, :]``) or shared (``[N]``, ``[1, 1, N]``)."""
         yv = self.g.values.get(y)
-        users = [m for m in self.g.nodes if y in m.inputs]
+        users = self.users.get(y, [])
         if len(users) != 1 or y in self.g.outputs or yv is None or yv.shape is None:
             return None
         add = users[0]
@@ -326,6 +328,17 @@ def unstack_expert_matmuls(g: Graph) -> int:
     return len(sp.new)
 
 
+def _slice_params(cst: dict[str, np.ndarray], n: Node):
+    """A ``Slice``'s (starts, ends, axes, steps) as 1-D arrays (the ONNX defaults where absent); None when one of them
+    is not a constant."""
+    if len(n.inputs) < 3 or any(i and i not in cst for i in n.inputs[1:]):
+        return None
+    starts, ends = np.atleast_1d(cst[n.inputs[1]]), np.atleast_1d(cst[n.inputs[2]])
+    axes = np.atleast_1d(cst[n.inputs[3]]) if len(n.inputs) > 3 and n.inputs[3] else np.arange(starts.size)
+    steps = np.atleast_1d(cst[n.inputs[4]]) if len(n.inputs) > 4 and n.inputs[4] else np.ones(starts.size, np.int64)
+    return starts, ends, axes, steps
+
+
 def _slice_rows(g: Graph, n: Node, rank: int, n_out: int) -> list[np.ndarray] | None:
     """The output features each output of ``n`` keeps when ``n`` is a ``Slice`` / ``Split`` of a ``[..., n_out]``
     value along its last axis only (constant parameters); None otherwise."""
@@ -333,11 +346,10 @@ def _slice_rows(g: Graph, n: Node, rank: int, n_out: int) -> list[np.ndarray] | 
         return None
     cst = g.constants
     if n.op_type == "Slice":
-        if len(n.inputs) < 3 or any(i and i not in cst for i in n.inputs[1:]):
+        sp = _slice_params(cst, n)
+        if sp is None:
             return None
-        starts, ends = np.atleast_1d(cst[n.inputs[1]]), np.atleast_1d(cst[n.inputs[2]])
-        axes = np.atleast_1d(cst[n.inputs[3]]) if len(n.inputs) > 3 and n.inputs[3] else np.arange(starts.size)
-        steps = np.atleast_1d(cst[n.inputs[4]]) if len(n.inputs) > 4 and n.inputs[4] else np.ones(starts.size, np.int64)
+        starts, ends, axes, steps = sp
         if starts.size != 1 or int(axes[0]) not in (-1, rank - 1) or int(steps[0]) == 0:
             return None
         return [np.arange(n_out)[slice(int(starts[0]), int(ends[0]), int(steps[0]))]]
@@ -370,7 +382,6 @@ def split_sliced_outputs(g: Graph, linears: list[Linear]) -> int:
         for i in n.inputs:
             users.setdefault(i, []).append(n)
     drop: set[int] = set()
-    replace: dict[int, list[Node]] = {}
     done = 0
     for lin in linears:
         if prod.get(lin.outputs[0]) is not lin or lin.weight.kind != "dense":
