@@ -18,13 +18,13 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from ..compressor import interrupt
 from ..compressor.errors import ArtifactError, ModelLoadError
 
 BENCH_SCHEMA = "sparsec.bench/1"
@@ -122,7 +122,7 @@ def bench_artifact(path: str | Path, *, original: str | None = None, scenarios: 
     g = a.graph
     dense_graph, dense_onnx, dense_label = original_graph(a, original)
     say("compiling the uncompressed model with the same backend (dense tvm)")
-    tmp = tempfile.mkdtemp(prefix="sparsec-bench-")
+    tmp = interrupt.temp_dir("sparsec-bench-")
     target = a.manifest.get("target", "x86")
     build_to_dir(dense_graph, target, Path(tmp) / "lib")
     dense_lib = LoadedLib(lib_dir=Path(tmp) / "lib", graph=dense_graph)

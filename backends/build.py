@@ -28,10 +28,12 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from ..compressor import interrupt
 from ..compressor.errors import BuildError, ToolMissingError, UnsupportedOpError
 from ..compressor.ir import Graph, dumps_json
 from .targets import Target, get_target
@@ -227,8 +229,9 @@ _TVM_LOG_LINE = re.compile(r"^\[\d\d:\d\d:\d\d\] \S+\.(cc|cpp|h):\d+: ")
 def tvm_log_filtered():
     """While TVM compiles: its C++ log lines (warnings such as "Fast mode segfaults when there are out-of-bounds
     indices" for every gather it legalizes, "Set native vector bits to be 128 for wasm32") are dropped from stderr;
-    anything else written there is passed on afterwards. ``SPARSEC_TVM_LOG=1`` (or ``--debug``) keeps them all. The
-    native stderr (fd 2) is redirected to a temporary file meanwhile (batch jobs run in processes of their own)."""
+    every other line written there (sparsec's own progress lines included) is passed on as it comes.
+    ``SPARSEC_TVM_LOG=1`` (or ``--debug``) keeps them all. The native stderr (fd 2) is a pipe meanwhile, read by a
+    thread that forwards the lines to the real stderr (batch jobs run in processes of their own)."""
     if os.environ.get("SPARSEC_TVM_LOG"):
         yield
         return
@@ -238,29 +241,54 @@ def tvm_log_filtered():
     except (OSError, ValueError):  # no usable fd 2
         yield
         return
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield
-        finally:
+    r, w = os.pipe()
+
+    def forward() -> None:
+        buf = b""
+        while True:
             try:
-                sys.stderr.flush()
-            except (OSError, ValueError):
-                pass
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            keep = [ln for ln in tmp.read().decode(errors="replace").splitlines(keepends=True) if not _TVM_LOG_LINE.match(ln)]
-            if keep:
-                sys.stderr.write("".join(keep))
-                sys.stderr.flush()
+                chunk = os.read(r, 65536)
+            except OSError:
+                chunk = b""
+            lines = (buf + chunk).split(b"\n")
+            buf = lines.pop() if chunk else b""
+            if not chunk and lines and lines[-1] == b"":
+                lines.pop()
+            out = b"".join(ln + b"\n" for ln in lines if not _TVM_LOG_LINE.match(ln.decode(errors="replace")))
+            if out:
+                try:
+                    os.write(saved, out)
+                except OSError:
+                    pass
+            if not chunk:
+                return
+
+    reader = threading.Thread(target=forward, name="sparsec-stderr", daemon=True)
+    reader.start()
+    os.dup2(w, 2)
+    os.close(w)
+    try:
+        yield
+    finally:
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(saved, 2)  # the pipe's last write end closes: the reader sees the end after the last line
+        # (unless a child process still holds it: do not wait long for one, nor at all when interrupted)
+        reader.join(0.2 if sys.exc_info()[0] is not None else 5.0)
+        if not reader.is_alive():
+            os.close(r)
+        os.close(saved)
 
 
 def build(graph: Graph, target: Target | str, recipe=None, console=None, **kw) -> tuple[dict[str, Any], Callable[[Path], None] | None]:
     """Compile ``graph`` for ``target`` (:func:`_build`), TVM's own log lines filtered from stderr
     (:func:`tvm_log_filtered`), also while ``lib/`` is written."""
-    with tvm_log_filtered():
-        info, writer = _build(graph, target, recipe, console, **kw)
+    from sparsec.compressor.interrupt import call_interruptible
+
+    with tvm_log_filtered():  # in a worker thread: Ctrl-C / SIGTERM stop the caller at once (compressor/interrupt.py)
+        info, writer = call_interruptible(_build, graph, target, recipe, console, **kw)
     if writer is None:
         return info, None
 
@@ -301,7 +329,7 @@ def _build(graph: Graph, target: Target | str, recipe=None, console=None, *, tun
 
         return build_wasm_lib(graph, low, target, console)
     ex, cuda_log = compile_lowered(low, target)
-    tmp = tempfile.mkdtemp(prefix="sparsec-build-")
+    tmp = interrupt.temp_dir("sparsec-build-")
     try:
         lib_path = os.path.join(tmp, LIB_NAME)
         addons = link_extra_modules(low.extra_modules, target, os.path.join(tmp, "extra"))

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from ..compressor import interrupt
 from ..compressor.errors import BuildError, ToolMissingError, UnsupportedOpError
 
 HERE = Path(__file__).resolve().parent
@@ -421,7 +422,7 @@ def build_standalone(graph, low, target) -> tuple[dict[str, Any], dict[str, byte
     mod, ex = planned_module(low, target)
     image, descs = params_image(low, graph)
     csrc = model_c(mod, low, descs, len(image) - HEADER)
-    work = tempfile.mkdtemp(prefix="sparsec-cross-")
+    work = interrupt.temp_dir("sparsec-cross-")
     try:
         kobj = os.path.join(work, "kernels.o")
         ex.mod.write_to_file(kobj)

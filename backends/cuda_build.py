@@ -32,10 +32,10 @@ import os
 import shlex
 import shutil
 import subprocess
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from ..compressor import interrupt
 from ..compressor.errors import BuildError, ToolMissingError
 
 MARKER = "//SPARSEC-FATBIN v1"
@@ -58,7 +58,7 @@ def compile_fatbin(code: str, arch: str, workdir: str | None = None) -> bytes:
     if nvcc is None:
         raise ToolMissingError("nvcc is not on PATH: CUDA targets need it at compile time (the artifact carries SASS)")
     own = workdir is None
-    d = workdir or tempfile.mkdtemp(prefix="sparsec-nvcc-")
+    d = workdir or interrupt.temp_dir("sparsec-nvcc-")
     try:
         src = os.path.join(d, "model.cu")
         out = os.path.join(d, "model.fatbin")

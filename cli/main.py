@@ -3,7 +3,7 @@
 Exit codes (also in the README): 0 success; 1 a quality threshold was exceeded; 2 usage error; 3 cannot load
 model; 4 unsupported op; 5 invalid graph / shape mismatch; 6 bad recipe; 7 cannot write output; 8 bad input or
 calibration data; 9 NaN/inf; 10 a pass's invariant failed; 11 build failed; 12 missing tool; 13 bad artifact;
-70 internal error (a bug: rerun with --debug and report it); 130 interrupted.
+70 internal error (a bug: rerun with --debug and report it); 130 interrupted; 143 terminated (SIGTERM).
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ from rich.console import Console
 
 from sparsec import __version__
 from sparsec.compressor import errors as E
+from sparsec.compressor import interrupt
 
 app = typer.Typer(
     add_completion=False,
@@ -51,6 +52,7 @@ app = typer.Typer(
     "group quantization, expert merging; compiled with TVM).",
 )
 _state = {"debug": False}
+
 out = Console()
 err = Console(stderr=True)
 
@@ -536,8 +538,10 @@ def tune(
     store = TuningDB(entries=TuningDB.read(path), sources=[str(path)], path=Path(path))
     if include_unverified and t.kind != "cuda":
         raise E.RecipeError(f"--include-unverified is for CUDA targets (a100, h100), not {t.name}")
-    rows = tune_graph(graph, t, store, fmts, m_values=_int_list(m_values, "--m"), max_candidates=candidates, seed=seed,
-                      console=None if as_json else err, include_unverified=include_unverified or None)  # fmt: skip
+    # in a worker thread: Ctrl-C / SIGTERM stop the search at once, nothing saved (compressor/interrupt.py)
+    rows = interrupt.call_interruptible(tune_graph, graph, t, store, fmts, m_values=_int_list(m_values, "--m"),
+                                        max_candidates=candidates, seed=seed, console=None if as_json else err,
+                                        include_unverified=include_unverified or None)  # fmt: skip
     try:
         store.save(path, t.name.partition(":")[0])
     except OSError as e:
@@ -596,16 +600,16 @@ def main(argv: list[str] | None = None) -> None:
     if debug:  # accepted anywhere on the line
         argv = ["--debug"] + [a for a in argv if a != "--debug"]
         os.environ.setdefault("SPARSEC_TVM_LOG", "1")  # TVM's own log lines on stderr too (backends/build.py)
+    interrupt.handle_sigterm()  # SIGTERM unwinds like Ctrl-C (no staging directory or temp files left), exit 143
     try:
         rv = app(args=argv, prog_name="sparsec", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
         if code == E.EXIT_INTERRUPTED:  # typer turns Ctrl-C into a silent Exit(130) (returned without standalone mode)
-            print("sparsec: interrupted", file=sys.stderr)
+            code = _interrupted(interrupt.last_signal_terminated())
     except _EXIT as e:
         code = getattr(e, "exit_code", 0)
-    except _ABORT:
-        print("sparsec: interrupted", file=sys.stderr)
-        code = E.EXIT_INTERRUPTED
+    except _ABORT as e:
+        code = _interrupted(isinstance(e.__context__, interrupt.Terminated) or interrupt.last_signal_terminated())
     except _CLICK as e:
         e.show(file=sys.stderr)
         code = e.exit_code if e.exit_code else E.EXIT_USAGE
@@ -614,9 +618,8 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         print(f"sparsec: {e.one_line()}", file=sys.stderr)
         code = e.exit_code
-    except KeyboardInterrupt:
-        print("sparsec: interrupted", file=sys.stderr)
-        code = E.EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:
+        code = _interrupted(isinstance(e, interrupt.Terminated))
     except BrokenPipeError:
         code = 0
     except Exception as e:  # noqa: BLE001 - a bug
@@ -626,7 +629,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"sparsec: internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
         code = E.EXIT_INTERNAL
     sys.stdout.flush()
+    if interrupt.abandoned():  # a compile left running in a worker thread: no interpreter finalization under it
+        interrupt.cleanup()  # the worker's temp directories (its own finally blocks will not run)
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
+
+
+def _interrupted(terminated: bool) -> int:
+    print("sparsec: terminated" if terminated else "sparsec: interrupted", file=sys.stderr)
+    return interrupt.EXIT_TERMINATED if terminated else E.EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -422,7 +422,24 @@ def run_job(job: Job, out_dir: str, cache_dir: str | None, threads: int | None =
 def _init_worker():  # pragma: no cover - runs in the worker processes
     import signal
 
+    from .interrupt import handle_sigterm
+
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    handle_sigterm()  # terminated by the parent (run_batch interrupted): unwind, removing the job's staging directory
+
+
+def _run_job_in_worker(job: Job, out_dir: str, cache_dir: str | None, threads: int | None = None) -> dict[str, Any]:  # pragma: no cover
+    """:func:`run_job` in a worker process. Interrupted while a build thread was left running (compressor/interrupt.py),
+    the process ends at once: finalizing the interpreter under that thread aborts noisily."""
+    from . import interrupt
+
+    try:
+        return run_job(job, out_dir, cache_dir, threads)
+    except KeyboardInterrupt as e:
+        if interrupt.abandoned():
+            interrupt.cleanup()
+            os._exit(interrupt.EXIT_TERMINATED if isinstance(e, interrupt.Terminated) else 130)
+        raise
 
 
 def run_batch(jobs: list[Job], out_dir: str | os.PathLike, cache_dir: str | os.PathLike | None, workers: int = 1,
@@ -451,7 +468,7 @@ def run_batch(jobs: list[Job], out_dir: str | os.PathLike, cache_dir: str | os.P
         threads = max(1, (os.cpu_count() or 1) // workers)
         ex = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn"), initializer=_init_worker)
         try:
-            futs = {ex.submit(run_job, j, out_dir, cache, threads): j for j in jobs}
+            futs = {ex.submit(_run_job_in_worker, j, out_dir, cache, threads): j for j in jobs}
             for f in as_completed(futs):
                 j = futs[f]
                 try:
@@ -464,7 +481,13 @@ def run_batch(jobs: list[Job], out_dir: str | os.PathLike, cache_dir: str | os.P
                 if on_done:
                     on_done(r)
         except BaseException:
+            # a SIGTERM reached this process only (a Ctrl-C reaches the workers too): stop the jobs still running, or
+            # the interpreter's exit would wait for them (shutdown forgets the processes: take them first)
+            procs = list((getattr(ex, "_processes", None) or {}).values())
             ex.shutdown(wait=False, cancel_futures=True)
+            for proc in procs:
+                if proc.is_alive():
+                    proc.terminate()
             raise
         ex.shutdown(wait=True)
     return [results[j.index] for j in jobs]

@@ -30,10 +30,10 @@ import re
 import shlex
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ...compressor import interrupt
 from ...compressor.errors import BuildError, ToolMissingError
 
 __all__ = ["CudaKernelSource", "link_objects", "build_object", "build_shared", "ptxas_report", "nvcc_path", "gencode"]
@@ -153,7 +153,7 @@ def link_objects(sources, target, workdir: str) -> list[str]:
 def build_shared(variants, archs: list[str], out_path: str, workdir: str | None = None) -> Path:
     """A standalone shared library exporting the variants' FFI functions (``tvm_ffi.load_module(out_path)``)."""
     own = workdir is None
-    d = workdir or tempfile.mkdtemp(prefix="sparsec-cuda-")
+    d = workdir or interrupt.temp_dir("sparsec-cuda-")
     try:
         obj = build_object(_variants([CudaKernelSource(tuple(variants))]), archs, d)
         cxx = cxx_path()
@@ -182,7 +182,7 @@ def ptxas_report(variants, arch: str, workdir: str | None = None) -> dict[str, d
     variants = _variants([CudaKernelSource(tuple(variants))])
     check_archs(variants, [arch])
     own = workdir is None
-    d = Path(workdir or tempfile.mkdtemp(prefix="sparsec-ptxas-"))
+    d = Path(workdir or interrupt.temp_dir("sparsec-ptxas-"))
     try:
         d.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(HEADER_PATH, d / HEADER_PATH.name)

@@ -24,9 +24,19 @@ def sparsec(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
                           env=env(), timeout=timeout)  # fmt: skip
 
 
-def popen(*args, cwd=None) -> subprocess.Popen:
+def _default_signals() -> None:
+    """In the child: SIGINT / SIGTERM back to their default actions. A process started with SIGINT ignored (a
+    background job of a non-interactive shell; some test runners' workers) passes that on, and Python then keeps
+    ignoring it: the signal tests would test the launcher, not sparsec."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def popen(*args, cwd=None, extra_env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "sparsec", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=cwd, env=env())  # fmt: skip
+                            text=True, cwd=cwd, env=dict(env(), **(extra_env or {})), preexec_fn=_default_signals)  # fmt: skip
 
 
 def listing(d: Path) -> list[str]:

@@ -79,6 +79,83 @@ def test_sigint_during_compress(gpt2_ts, tmp_path):
     assert listing(tmp_path) == [], listing(tmp_path)
 
 
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_signal_during_tvm_build(mlp, tmp_path, sig, code, word):
+    """Ctrl-C / SIGTERM while TVM compiles (x86): the run stops at once with its exit code and one line, and leaves no
+    artifact, staging directory or temp directory. TVM catches a KeyboardInterrupt raised in its Python callbacks (a
+    Ctrl-C there was dropped, or became "build failed"), and SIGTERM's default action left the staging directory and
+    /tmp/sparsec-* behind; the build now runs in a worker thread (compressor/interrupt.py)."""
+    path, calib = mlp
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    work = tmp_path / "work"
+    work.mkdir()
+    p = popen("compress", path, "--nm", "2:4", "--calib", calib, "--target", "x86", "-o", "out", cwd=work,
+              extra_env={"TMPDIR": str(tmp)})  # fmt: skip
+    seen, t_sig = [], None
+    try:
+        for line in p.stderr:  # progress lines come as they are written, also while TVM compiles
+            seen.append(line)
+            if "compiling with TVM" in line:
+                p.send_signal(sig)
+                t_sig = time.time()
+                break
+        _, rest = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    stderr = "".join(seen) + rest
+    assert t_sig is not None, ("no 'compiling with TVM' progress line", p.returncode, stderr[-2000:])
+    assert p.returncode == code, (p.returncode, stderr[-2000:])
+    assert time.time() - t_sig < 15, "the run did not stop soon after the signal"
+    assert stderr.splitlines()[-1] == f"sparsec: {word}", stderr[-2000:]
+    assert listing(work) == [], listing(work)
+    left = [f for f in listing(tmp) if f.split("/")[0] != ".ses"]  # .ses: a session file a dependency keeps in TMPDIR
+    assert left == [], left
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(c) for c in f.read().split()]
+    return out
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs /proc to find the batch's worker processes")
+def test_sigterm_stops_a_batch_and_its_workers(gpt2_ts, tmp_path):
+    """SIGTERM to `sparsec batch --jobs 2` (a CI timeout) stops the batch and its workers at once: exit 143, one
+    line, no staging directory. Before, the batch's exit waited for the workers to finish their jobs."""
+    job = ("    model: {m}\n    nm: \"2:4\"\n    method: sparsegpt\n    calib_samples: 8192\n    seq_len: 64\n")
+    (tmp_path / "jobs.yaml").write_text("jobs:\n" + "".join(f"  - name: j{i}\n" + job.format(m=gpt2_ts) for i in range(2)))
+    p = popen("batch", "jobs.yaml", "--jobs", "2", "--out", "out", "--no-cache", "--no-build", cwd=tmp_path)
+    workers = []
+    try:
+        t0 = time.time()
+        while time.time() - t0 < 120 and p.poll() is None:
+            # both workers are in their jobs (the resource tracker, a child too, stays idle)
+            workers = [c for c in _children(p.pid) if os.path.exists(f"/proc/{c}/stat") and _cpu_seconds(c) > 3.0]
+            if len(workers) >= 2:
+                break
+            time.sleep(0.1)
+        assert p.poll() is None and len(workers) >= 2, ("no two busy workers to stop", p.communicate())
+        p.send_signal(signal.SIGTERM)
+        t_sig = time.time()
+        _, stderr = p.communicate(timeout=120)
+        stopped = time.time() - t_sig
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 143, (p.returncode, stderr[-2000:])
+    assert stderr.splitlines() == ["sparsec: terminated"], stderr[-2000:]
+    assert stopped < 20, f"the batch took {stopped:.1f}s to stop"
+    t1 = time.time()
+    while any(os.path.exists(f"/proc/{w}") and open(f"/proc/{w}/stat").read().split()[2] != "Z" for w in workers):
+        assert time.time() - t1 < 10, "a worker process is still running"
+        time.sleep(0.1)
+    assert [f for f in listing(tmp_path / "out") if ".tmp-" in f] == []
+
+
 def test_same_inputs_and_seed_give_byte_identical_artifact(gpt2_ts, tmp_path):
     args = ("compress", gpt2_ts, "--nm", "2:4", "--method", "sparsegpt", "--seed", "11", "--calib-samples", "24",
             "--seq-len", "32", "--no-build", "--quiet")  # fmt: skip

@@ -1,0 +1,111 @@
+"""Ctrl-C (SIGINT) and SIGTERM during long native calls.
+
+Python runs a signal handler in the main thread, between bytecodes. A TVM / LLVM compile spends long stretches in
+C++ where no handler can run, and where it calls back into Python (TVM passes written in Python, TVMScript parsing)
+the KeyboardInterrupt raised there is caught by TVM's C++ and comes back as a RuntimeError, or not at all: a Ctrl-C
+during `sparsec compress --target x86` was seen to be dropped, the compress finishing with exit 0 and writing its
+artifact. :func:`call_interruptible` therefore runs such a call in a worker thread while the main thread only waits:
+the handler runs at once, the KeyboardInterrupt unwinds the main thread (removing the staging directory and temp
+files on its way), and the worker, which cannot be stopped, is left behind; :func:`abandoned` tells the CLI to end
+the process with ``os._exit`` rather than finalize the interpreter under a thread still inside native code.
+
+SIGTERM (a CI runner's timeout, ``kill``) is :class:`Terminated`, a KeyboardInterrupt, while :func:`handle_sigterm`
+is in effect: the same unwinding, exit code 143, where the default action would leave the staging directory and
+``/tmp/sparsec-*`` behind.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from typing import Any, Callable
+
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+_abandoned: list[threading.Event] = []  # the "done" events of abandoned workers
+_terminated = [False]
+_temp_dirs: list[str] = []  # made by temp_dir(): removed by cleanup() when their maker's thread is abandoned
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM received (see :func:`handle_sigterm`)."""
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001
+    _terminated[0] = True
+    raise Terminated()
+
+
+def last_signal_terminated() -> bool:
+    """Whether SIGTERM was received (for a caller that only sees the interruption, e.g. click's Abort / Exit(130))."""
+    return _terminated[0]
+
+
+def handle_sigterm() -> bool:
+    """Make SIGTERM raise :class:`Terminated` in the main thread, where SIGTERM has its default action (not where a
+    caller installed its own handler or ignores it). Returns whether the handler was installed."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return False
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    return True
+
+
+def call_interruptible(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, run in a worker thread when called from the main thread, so that Ctrl-C / SIGTERM
+    interrupt the caller at once (the exception is raised here; the worker is abandoned, see :func:`abandoned`). The
+    worker's return value or exception is passed through."""
+    if threading.current_thread() is not threading.main_thread():
+        return fn(*args, **kwargs)
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def work() -> None:
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = e
+        finally:
+            done.set()
+
+    t = threading.Thread(target=work, name=f"sparsec-{getattr(fn, '__name__', 'call')}", daemon=True)
+    t.start()
+    # an Event, not Thread.join: in Python 3.11 a join interrupted by KeyboardInterrupt marks the thread stopped
+    # while it still runs (threading._wait_for_tstate_lock releases the thread's own lock)
+    try:
+        while not done.wait(0.05):
+            pass
+    except BaseException:
+        if not done.is_set():
+            _abandoned.append(done)
+        raise
+    if "error" in box:
+        err = box.pop("error")
+        try:
+            raise err
+        finally:
+            del err
+    return box.get("value")
+
+
+def abandoned() -> bool:
+    """Whether a worker of :func:`call_interruptible` is still running after its caller was interrupted."""
+    return any(not d.is_set() for d in _abandoned)
+
+
+def temp_dir(prefix: str) -> str:
+    """``tempfile.mkdtemp(prefix=prefix)``, remembered so that :func:`cleanup` removes it when the thread that made it
+    is abandoned (its own ``finally`` never runs: the process ends with ``os._exit``)."""
+    d = tempfile.mkdtemp(prefix=prefix)
+    _temp_dirs.append(d)
+    return d
+
+
+def cleanup() -> None:
+    """Remove the :func:`temp_dir` directories that still exist (before ``os._exit`` under an abandoned worker)."""
+    for d in _temp_dirs:
+        if os.path.isdir(d):
+            shutil.rmtree(d, ignore_errors=True)

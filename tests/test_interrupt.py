@@ -1,0 +1,72 @@
+"""compressor/interrupt.py: a Ctrl-C reaches the caller of a long call even where the callee would swallow it (TVM
+catches a KeyboardInterrupt raised in its Python callbacks), values and errors pass through, temp dirs are cleaned."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from sparsec.compressor import interrupt
+
+main_only = pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
+                               reason="signal handlers run in the main thread only; pytest runs this test elsewhere")  # fmt: skip
+
+
+def test_values_and_errors_pass_through():
+    assert interrupt.call_interruptible(lambda a, b=0: a + b, 2, b=3) == 5
+    with pytest.raises(ValueError, match="bad shape"):
+        interrupt.call_interruptible(lambda: (_ for _ in ()).throw(ValueError("bad shape")))
+    assert not interrupt.abandoned()
+
+
+@main_only
+@pytest.mark.parametrize("via_thread", [False, True])
+def test_sigint_reaches_the_caller(via_thread):
+    started, steps = threading.Event(), 40
+
+    def swallowing():  # what TVM does with a KeyboardInterrupt raised inside one of its Python callbacks
+        started.set()
+        try:
+            for _ in range(steps):
+                time.sleep(0.05)
+        except KeyboardInterrupt:
+            return "swallowed"
+        return "finished"
+
+    def fire():
+        started.wait(10)
+        time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=fire, daemon=True).start()
+        t0 = time.time()
+        if not via_thread:  # the failure the worker thread prevents: the interruption is lost
+            assert swallowing() == "swallowed"
+            return
+        with pytest.raises(KeyboardInterrupt):
+            interrupt.call_interruptible(swallowing)
+        assert time.time() - t0 < 0.05 * steps, "the caller was not interrupted before the callee finished"
+        assert interrupt.abandoned()  # the worker is still running; the CLI then ends with os._exit
+        done = interrupt._abandoned.pop()
+        assert done.wait(10)  # ... and finished without seeing the interruption
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert not interrupt.abandoned()
+
+
+def test_cleanup_removes_temp_dirs_still_there(tmp_path, monkeypatch):
+    monkeypatch.setattr(interrupt, "_temp_dirs", [])
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    kept, gone = interrupt.temp_dir("sparsec-a-"), interrupt.temp_dir("sparsec-b-")
+    open(os.path.join(kept, "x.o"), "w").close()
+    os.rmdir(gone)  # its maker already removed it
+    interrupt.cleanup()
+    assert os.listdir(tmp_path) == []
