@@ -53,8 +53,19 @@ app = typer.Typer(
 )
 _state = {"debug": False}
 
-out = Console()
-err = Console(stderr=True)
+
+def _console(stderr: bool = False) -> Console:
+    """rich assumes 80 columns where the output is not a terminal (CI logs, a pipe, a file) and truncates every table
+    cell to fit: layer names, shapes and statuses became "layer…", "128x1…", "compr…". There (COLUMNS unset) the
+    width is 200: a table takes only the width it needs, and logs do not wrap."""
+    c = Console(stderr=stderr)
+    if not c.is_terminal and not os.environ.get("COLUMNS"):
+        c = Console(stderr=stderr, width=200)
+    return c
+
+
+out = _console()
+err = _console(stderr=True)
 
 
 def _version_cb(value: bool):

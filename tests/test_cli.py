@@ -63,6 +63,23 @@ def test_compress_run_report_roundtrip(gpt2_onnx, tmp_path):
     assert p.returncode == 0 and "passes" in json.loads(p.stdout)
 
 
+def test_report_tables_are_whole_in_a_log(gpt2_onnx, tmp_path):
+    """stdout a pipe (a CI log), COLUMNS unset: rich assumed 80 columns and cut every cell ("layers.…", "compr…");
+    the tables now take the width they need, every layer name and status whole."""
+    _, path = gpt2_onnx
+    out = tmp_path / "art"
+    p = sparsec("compress", path, "--nm", "2:4", "--method", "magnitude", "-o", out, "--quiet", "--no-build")
+    assert p.returncode == 0, p.stderr
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    p = subprocess.run([sys.executable, "-m", "sparsec", "report", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr
+    rows = json.loads((out / "report.json").read_text())["passes"][0]["rows"]
+    assert len(rows) >= 4
+    for r in rows:
+        assert f" {r['name']} " in p.stdout, (r["name"], p.stdout[:3000])
+    assert "…" not in p.stdout, p.stdout[:3000]
+
+
 def test_same_inputs_and_seed_give_identical_artifact(gpt2_onnx, tmp_path):
     _, path = gpt2_onnx
     for d in ("a", "b"):
