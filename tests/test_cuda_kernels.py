@@ -635,6 +635,58 @@ def test_dq16_kernels_ptxas(tmp_path):
     assert "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes" in ptx.stdout
 
 
+@pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH: the decode GEMV cannot be compiled here")
+def test_gemv_programmatic_dependent_launch_code(tmp_path):
+    """The decode GEMV's PDL: on sm_90a it waits (griddepcontrol.wait) before its first load and lets the next kernel
+    launch (launch_dependents) only after its main loop, i.e. after the wait and every weight load; on sm_80 neither
+    instruction exists. The host launches with cuLaunchKernelEx exactly for the kernels whose "pdl" bit is set."""
+    v = cs.Variant.make("sp4", False, 128, cs.default_config("sp4", "sm_90a", 4096, 4096))
+    (tmp_path / "kernels.cu").write_text(cs.render_device_source([v]))
+    shutil.copyfile(cs.HEADER_PATH, tmp_path / cs.HEADER_PATH.name)
+    for arch, want in (("sm_90a", True), ("sm_80", False)):
+        ptx = subprocess.run([NVCC, "-ptx", "-O3", "-std=c++17", "-I", str(tmp_path), f"-arch={arch}", "-o", "-", "kernels.cu"],
+                             cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+        assert ptx.returncode == 0, ptx.stderr[-2000:]
+        for name in (v.kernel_names()["gemv1"], v.kernel_names()["gemv2"]):
+            body = ptx.stdout[ptx.stdout.index(f".entry {name}("):]
+            body = body[: (body.find("\n.visible .entry", 1) + 1 or len(body) + 1) - 1]  # up to the next kernel
+            if not want:
+                assert "griddepcontrol" not in body, (arch, name)
+                continue
+            wait, trigger = body.index("griddepcontrol.wait"), body.index("griddepcontrol.launch_dependents")
+            loads = [i for i in (body.find("ld.global"), body.find("cp.async")) if i >= 0]
+            assert loads and wait < min(loads), (name, "a global load before griddepcontrol.wait")
+            assert trigger > max(body.rfind("ld.global.nc.L1::no_allocate.v4"), body.rfind("mma.sp")), name
+    host = cs.render_host_source([v], "/dev/null")
+    assert "LaunchKernelEx(&cfg, f, args, nullptr)" in host and "(v.gemv_pdl & (M <= 8 ? 1 : 2))" in host
+
+
+def test_gemv_pdl_policy():
+    """PDL bits (cuda_sparse.gemv_pdl_bits): both kernels of 2:4 fp16 / 2:4 + int4 / int8 and the M > 8 kernel of int4,
+    except the M > 8 kernel of layers with >= 4 x SMs row tiles; a tuned GEMV config stored without "pdl" (the DB
+    predates it) takes its layer's bits."""
+    for kind, bits in (("sp16", 3), ("sp4", 3), ("dq4", 2), ("dq8", 3)):
+        assert cs.default_config(kind, "sm_90a", 4096, 4096)["gemv"]["pdl"] == bits
+        assert cs.default_config(kind, "sm_90a", 4096, 14336)["gemv"]["pdl"] == bits
+        assert cs.default_config(kind, "sm_90a", 14336, 4096)["gemv"]["pdl"] == bits & 1  # 896 row tiles >= 4 x 132
+    assert cs.gemv_pdl_bits("sp16", 16 * 4 * 132 - 16, 132) == 3 and cs.gemv_pdl_bits("sp16", 16 * 4 * 132, 132) == 1
+    assert not cs.gemv_valid(dict(cs.default_config("sp16")["gemv"], pdl=4))
+
+    class Target:
+        name, arch, kind = "h100", "sm_90a", "cuda"
+
+    w = NMSparse(np.zeros((14336, 2048), np.float32), np.zeros((14336, 512), np.uint8), 2, 4, 4096)
+    lin = Linear(name="l", inputs=["x"], outputs=["y"], weight=w)
+    stored = {k_: v_ for k_, v_ in cs.default_config("sp16")["gemv"].items() if k_ != "pdl"}
+
+    class DB:
+        def lookup(self, *a):
+            return {"gemv": stored}
+
+    v, tuned = cs.variant_for(lin, Target(), cs.ShapeHints(), DB(), "cuda.nm24_mma_sp", "sp16", False, 0)
+    assert tuned and v.cfg("gemv")["pdl"] == 1, v.cfg("gemv")
+
+
 def _dq16_config(kind: str, wmap: int) -> dict:
     """The sm_90a default of an int4 / int8 kind, its dequantize + ws GEMM reading the weights by tensor map (wmap 1,
     the default) or by bulk copies (0)."""
@@ -1093,6 +1145,53 @@ def test_graph_captured_on_a_fresh_stream_runs_unsplit_and_correct(gpu_lib):
         s2 = torch.cuda.Stream()
         with torch.cuda.stream(s2):  # a fresh stream outside capture: allocates and takes the split paths
             _call_checked(torch, f, x, ws, ref, f"{kind} {n}x{k} M={m} eager")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["sp16", "sp4", "dq4", "dq8"])
+def test_gemv_chain_with_programmatic_dependent_launch(gpu_lib, kind):
+    """GEMVs launched back to back, each reading the previous one's output (the read-after-write PDL must respect:
+    griddepcontrol.wait), eagerly and replayed from a CUDA graph: every step within 1e-2 of float64 of its own input,
+    and bitwise the same as with plain launches (SPARSEC_CUDA_PDL=0)."""
+    torch, lib, variants = gpu_lib
+    gs = _gs_for(kind, 4096)
+    f = lib[variants[(kind, False, gs)].func_name]
+    ws, wref = _on_gpu(torch, kind, _weight(kind, 4096, 4096, gs, False, _rng(4096 + len(kind))))
+    for m in (1, 16):
+        outs = {}
+        for mode in ("pdl", "plain"):
+            old = os.environ.pop("SPARSEC_CUDA_PDL", None)
+            if mode == "plain":
+                os.environ["SPARSEC_CUDA_PDL"] = "0"
+            try:
+                for how in ("eager", "graph"):
+                    bufs = [torch.randn(m, 4096, device="cuda", dtype=torch.float16, generator=torch.Generator("cuda").manual_seed(m))]
+                    bufs += [torch.full((m, 4096), float("nan"), device="cuda", dtype=torch.float16) for _ in range(6)]
+                    calls = [(lambda j=j: f(bufs[j], *ws, bufs[j + 1])) for j in range(6)]
+                    if how == "eager":
+                        for c in calls:
+                            c()
+                    else:
+                        g, s_ = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+                        with torch.cuda.graph(g, stream=s_):
+                            for c in calls:
+                                c()
+                        for b in bufs[1:]:
+                            b.fill_(float("nan"))
+                        g.replay()
+                    torch.cuda.synchronize()
+                    for j in range(6):
+                        ref = bufs[j].double() @ wref.T
+                        rel = float((bufs[j + 1].double() - ref).norm() / ref.norm())
+                        assert not torch.isnan(bufs[j + 1]).any() and rel <= 1e-2, (kind, m, mode, how, j, rel)
+                    outs[(mode, how)] = [b.clone() for b in bufs[1:]]
+            finally:
+                os.environ.pop("SPARSEC_CUDA_PDL", None)
+                if old is not None:
+                    os.environ["SPARSEC_CUDA_PDL"] = old
+        for key, got in outs.items():
+            for a, b in zip(got, outs[("plain", "eager")]):
+                assert torch.equal(a.view(torch.int16), b.view(torch.int16)), (kind, m, key)
 
 
 # ------------------------------------------------------------------------------------------------ warp-specialized (CI)
