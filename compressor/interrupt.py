@@ -2,12 +2,13 @@
 
 Python runs a signal handler in the main thread, between bytecodes. A TVM / LLVM compile spends long stretches in
 C++ where no handler can run, and where it calls back into Python (TVM passes written in Python, TVMScript parsing)
-the KeyboardInterrupt raised there is caught by TVM's C++ and comes back as a RuntimeError, or not at all: a Ctrl-C
-during `sparsec compress --target x86` was seen to be dropped, the compress finishing with exit 0 and writing its
-artifact. :func:`call_interruptible` therefore runs such a call in a worker thread while the main thread only waits:
-the handler runs at once, the KeyboardInterrupt unwinds the main thread (removing the staging directory and temp
-files on its way), and the worker, which cannot be stopped, is left behind; :func:`abandoned` tells the CLI to end
-the process with ``os._exit`` rather than finalize the interpreter under a thread still inside native code.
+the KeyboardInterrupt raised there is caught by TVM's C++ and comes back as an error: a Ctrl-C 35 s into `sparsec
+compress --example tiny-gpt --target x86` ended as "build failed: TVM could not compile the model for x86:
+RuntimeError" (exit 11). :func:`call_interruptible` therefore runs such a call in a worker thread while the main
+thread only waits: the handler runs at once, the KeyboardInterrupt unwinds the main thread (removing the staging
+directory and temp files on its way), and the worker, which cannot be stopped, is left behind; :func:`abandoned`
+tells the CLI to end the process with ``os._exit`` rather than finalize the interpreter under a thread still inside
+native code.
 
 SIGTERM (a CI runner's timeout, ``kill``) is :class:`Terminated`, a KeyboardInterrupt, while :func:`handle_sigterm`
 is in effect: the same unwinding, exit code 143, where the default action would leave the staging directory and

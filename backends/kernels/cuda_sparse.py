@@ -1294,18 +1294,25 @@ struct Kernel {
   int wmap = 0;  // weights by rank-3 TMA maps (cuda_sparse.tma_w_params): A bytes per row tile and k32 step; 0: off
 };
 
-int sm_count(int device_id) {
+// A device attribute (cuDeviceGetAttribute), cached per device and attribute.
+int device_attribute(int device_id, int attr) {
   static std::mutex mu;
-  static std::unordered_map<int, int> counts;
+  static std::unordered_map<long long, int> cache;
   std::lock_guard<std::mutex> lock(mu);
-  auto it = counts.find(device_id);
-  if (it != counts.end()) return it->second;
+  const long long key = (static_cast<long long>(device_id) << 32) | static_cast<unsigned>(attr);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
   CUdevice dev;
-  int n = 0;
+  int v = 0;
   check(driver().DeviceGet(&dev, device_id), "cuDeviceGet");
-  check(driver().DeviceGetAttribute(&n, 16 /*CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT*/, dev), "cuDeviceGetAttribute");
+  check(driver().DeviceGetAttribute(&v, attr, dev), "cuDeviceGetAttribute");
+  cache[key] = v;
+  return v;
+}
+
+int sm_count(int device_id) {
+  const int n = device_attribute(device_id, 16 /*CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT*/);
   if (n <= 0) TVM_FFI_THROW(RuntimeError) << "sparsec CUDA kernels: the GPU reports " << n << " multiprocessors";
-  counts[device_id] = n;
   return n;
 }
 
@@ -1313,19 +1320,9 @@ int sm_count(int device_id) {
 // of compute capability 9+, a driver with cuLaunchKernelEx, and SPARSEC_CUDA_PDL not "0" (the A/B switch of
 // bench/decode_pdl.py, read at every launch).
 bool gemv_pdl(int device_id) {
-  static std::mutex mu;
-  static std::unordered_map<int, bool> capable;
   const char* env = std::getenv("SPARSEC_CUDA_PDL");
-  if (driver().LaunchKernelEx == nullptr || (env && env[0] == '0' && env[1] == 0)) return false;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = capable.find(device_id);
-  if (it != capable.end()) return it->second;
-  CUdevice dev;
-  int major = 0;
-  check(driver().DeviceGet(&dev, device_id), "cuDeviceGet");
-  check(driver().DeviceGetAttribute(&major, 75 /*CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR*/, dev), "cuDeviceGetAttribute");
-  capable[device_id] = major >= 9;
-  return major >= 9;
+  if (driver().LaunchKernelEx == nullptr || (env && std::string(env) == "0")) return false;
+  return device_attribute(device_id, 75 /*CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR*/) >= 9;
 }
 
 @GEMV_KS@
