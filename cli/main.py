@@ -612,6 +612,7 @@ def main(argv: list[str] | None = None) -> None:
         argv = ["--debug"] + [a for a in argv if a != "--debug"]
         os.environ.setdefault("SPARSEC_TVM_LOG", "1")  # TVM's own log lines on stderr too (backends/build.py)
     interrupt.handle_sigterm()  # SIGTERM unwinds like Ctrl-C (no staging directory or temp files left), exit 143
+    interrupt.enable()  # builds and tune searches in a worker thread: a signal stops the CLI at once
     try:
         rv = app(args=argv, prog_name="sparsec", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0

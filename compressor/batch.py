@@ -422,10 +422,11 @@ def run_job(job: Job, out_dir: str, cache_dir: str | None, threads: int | None =
 def _init_worker():  # pragma: no cover - runs in the worker processes
     import signal
 
-    from .interrupt import handle_sigterm
+    from .interrupt import enable, handle_sigterm
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
     handle_sigterm()  # terminated by the parent (run_batch interrupted): unwind, removing the job's staging directory
+    enable()  # _run_job_in_worker ends the process when a build thread is abandoned
 
 
 def _run_job_in_worker(job: Job, out_dir: str, cache_dir: str | None, threads: int | None = None) -> dict[str, Any]:  # pragma: no cover

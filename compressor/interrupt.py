@@ -28,6 +28,7 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM
 _abandoned: list[threading.Event] = []  # the "done" events of abandoned workers
 _terminated = [False]
 _temp_dirs: list[str] = []  # made by temp_dir(): removed by cleanup() when their maker's thread is abandoned
+_enabled = [False]  # set by the CLI (and batch workers): a process that ends itself when a worker is abandoned
 
 
 class Terminated(KeyboardInterrupt):
@@ -55,11 +56,18 @@ def handle_sigterm() -> bool:
     return True
 
 
+def enable() -> None:
+    """Let :func:`call_interruptible` use worker threads: for a process that ends itself (``os._exit``) once a worker
+    is abandoned, the CLI and batch's worker processes. Elsewhere (sparsec used as a library, a notebook) an
+    interrupted worker would keep compiling in the background, so the call runs in the caller's thread as before."""
+    _enabled[0] = True
+
+
 def call_interruptible(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)``, run in a worker thread when called from the main thread, so that Ctrl-C / SIGTERM
-    interrupt the caller at once (the exception is raised here; the worker is abandoned, see :func:`abandoned`). The
-    worker's return value or exception is passed through."""
-    if threading.current_thread() is not threading.main_thread():
+    """``fn(*args, **kwargs)``, run in a worker thread when called from the main thread of a process that
+    :func:`enable` d it, so that Ctrl-C / SIGTERM interrupt the caller at once (the exception is raised here; the
+    worker is abandoned, see :func:`abandoned`). The worker's return value or exception is passed through."""
+    if not _enabled[0] or threading.current_thread() is not threading.main_thread():
         return fn(*args, **kwargs)
     box: dict[str, Any] = {}
     done = threading.Event()

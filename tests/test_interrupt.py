@@ -15,6 +15,20 @@ main_only = pytest.mark.skipif(threading.current_thread() is not threading.main_
                                reason="signal handlers run in the main thread only; pytest runs this test elsewhere")  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def _enabled(monkeypatch):
+    monkeypatch.setattr(interrupt, "_enabled", [True])  # as the CLI sets it
+
+
+def test_library_use_runs_in_the_callers_thread(monkeypatch):
+    """Not enabled (sparsec used as a library): no worker thread, an interrupted call would not keep running."""
+    monkeypatch.setattr(interrupt, "_enabled", [False])
+    assert interrupt.call_interruptible(threading.current_thread) is threading.current_thread()
+    monkeypatch.setattr(interrupt, "_enabled", [True])
+    if threading.current_thread() is threading.main_thread():
+        assert interrupt.call_interruptible(threading.current_thread) is not threading.current_thread()
+
+
 def test_values_and_errors_pass_through():
     assert interrupt.call_interruptible(lambda a, b=0: a + b, 2, b=3) == 5
     with pytest.raises(ValueError, match="bad shape"):
