@@ -185,7 +185,11 @@ def test_gptq_matches_published_algorithm():
 
 @pytest.mark.parametrize("bits", [3, 4, 8])
 def test_gptq_layer_error_le_rtn(bits):
+    """GPTQ's layer error ||(W - Q) X^T|| against round-to-nearest on the same groups. GPTQ is greedy, so a single
+    random instance can come out slightly worse (1 of 1800 measured, by 1.6%, at 3 bits; this test failed on such
+    draws now and then): each case within 5% of RTN, and all cases together clearly better (median ratio 0.63)."""
     rng = np.random.default_rng()
+    ratios = []
     for trial in range(2):
         W, X = correlated_problem(rng, 32, 128)
         H = X.T @ X
@@ -194,8 +198,10 @@ def test_gptq_layer_error_le_rtn(bits):
             e_rtn = layer_error(W, rtn.materialize(), H)
             for act_order in (False, True):
                 gp, _ = quantize_dense(W, bits, 32, symmetric=sym, method="gptq", H=H, act_order=act_order)
-                assert layer_error(W, gp.materialize(), H) <= e_rtn, (bits, sym, act_order)
+                ratios.append(layer_error(W, gp.materialize(), H) / e_rtn)
+                assert ratios[-1] <= 1.05, (bits, sym, act_order, ratios[-1])
                 assert gp.bits == bits and gp.group_size == 32 and gp.symmetric == sym
+    assert float(np.mean(ratios)) <= 0.9, (bits, ratios)
 
 
 def test_nm_composition_quantizes_kept_values_only():
