@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -250,10 +249,10 @@ def tvm_log_filtered():
                 chunk = os.read(r, 65536)
             except OSError:
                 chunk = b""
-            lines = (buf + chunk).split(b"\n")
-            buf = lines.pop() if chunk else b""
-            if not chunk and lines and lines[-1] == b"":
-                lines.pop()
+            if chunk:  # whole lines; the unfinished one waits for the next chunk
+                *lines, buf = (buf + chunk).split(b"\n")
+            else:  # the end: an unfinished last line goes out as a line
+                lines, buf = ([buf] if buf else []), b""
             out = b"".join(ln + b"\n" for ln in lines if not _TVM_LOG_LINE.match(ln.decode(errors="replace")))
             if out:
                 try:
@@ -285,10 +284,8 @@ def tvm_log_filtered():
 def build(graph: Graph, target: Target | str, recipe=None, console=None, **kw) -> tuple[dict[str, Any], Callable[[Path], None] | None]:
     """Compile ``graph`` for ``target`` (:func:`_build`), TVM's own log lines filtered from stderr
     (:func:`tvm_log_filtered`), also while ``lib/`` is written."""
-    from sparsec.compressor.interrupt import call_interruptible
-
     with tvm_log_filtered():  # in a worker thread: Ctrl-C / SIGTERM stop the caller at once (compressor/interrupt.py)
-        info, writer = call_interruptible(_build, graph, target, recipe, console, **kw)
+        info, writer = interrupt.call_interruptible(_build, graph, target, recipe, console, **kw)
     if writer is None:
         return info, None
 

@@ -641,10 +641,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"sparsec: internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
         code = E.EXIT_INTERNAL
     sys.stdout.flush()
-    if interrupt.abandoned():  # a compile left running in a worker thread: no interpreter finalization under it
-        interrupt.cleanup()  # the worker's temp directories (its own finally blocks will not run)
-        sys.stderr.flush()
-        os._exit(code)
+    interrupt.exit_if_abandoned(code)  # a compile left running in a worker thread: no interpreter finalization
     sys.exit(code)
 
 

@@ -437,9 +437,7 @@ def _run_job_in_worker(job: Job, out_dir: str, cache_dir: str | None, threads: i
     try:
         return run_job(job, out_dir, cache_dir, threads)
     except KeyboardInterrupt as e:
-        if interrupt.abandoned():
-            interrupt.cleanup()
-            os._exit(interrupt.EXIT_TERMINATED if isinstance(e, interrupt.Terminated) else 130)
+        interrupt.exit_if_abandoned(interrupt.exit_code(e))
         raise
 
 

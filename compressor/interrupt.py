@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from typing import Any, Callable
@@ -92,11 +93,7 @@ def call_interruptible(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any
             _abandoned.append(done)
         raise
     if "error" in box:
-        err = box.pop("error")
-        try:
-            raise err
-        finally:
-            del err
+        raise box["error"]
     return box.get("value")
 
 
@@ -118,3 +115,23 @@ def cleanup() -> None:
     for d in _temp_dirs:
         if os.path.isdir(d):
             shutil.rmtree(d, ignore_errors=True)
+
+
+def exit_code(e: KeyboardInterrupt) -> int:
+    """The exit code of an interruption: 143 for SIGTERM (:class:`Terminated`), 130 for Ctrl-C."""
+    return EXIT_TERMINATED if isinstance(e, Terminated) else 130
+
+
+def exit_if_abandoned(code: int) -> None:
+    """Where a worker of :func:`call_interruptible` was abandoned: remove its temp directories (its own ``finally``
+    will not run) and end the process with ``os._exit(code)``, not interpreter finalization under a thread still
+    inside native code (which aborts). Otherwise return."""
+    if not abandoned():
+        return
+    cleanup()
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

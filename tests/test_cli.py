@@ -260,3 +260,24 @@ def test_bench_finds_the_original_model_by_its_recorded_name(gpt2_onnx, tmp_path
     with pytest.raises(ModelLoadError, match="--original"):
         original_graph(a, None)
 
+
+
+def test_tvm_log_lines_are_filtered_and_others_pass_as_they_come():
+    """backends/build.py tvm_log_filtered: while TVM compiles, fd 2 is a pipe; TVM's C++ log lines are dropped, every
+    other line reaches stderr (in order, before the block ends), an unfinished last line too."""
+    code = (
+        "import os, sys, time\n"
+        "from sparsec.backends.build import tvm_log_filtered\n"
+        "with tvm_log_filtered():\n"
+        "    os.write(2, b'[08:49:29] /project/src/target/llvm/llvm_instance.cc:986: Warning: noise\\n')\n"
+        "    print('build: compiling with TVM...', file=sys.stderr, flush=True)\n"
+        "    time.sleep(0.3)\n"
+        "    os.write(1, b'mid\\n')\n"
+        "    os.write(2, b'last line without newline')\n"
+        "print('after', file=sys.stderr, flush=True)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "SPARSEC_TVM_LOG"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.splitlines() == ["build: compiling with TVM...", "last line without newline", "after"], p.stderr
+    assert p.stdout == "mid\n"

@@ -97,8 +97,9 @@ GEMV_MAX_ST = 8
 # M > 8 kernels of layers with >= 4 x SMs row tiles (2:4 fp16 11008x4096: 21.4 -> 24.2 us): those launch plainly
 # (gemv_pdl_bits).
 GEMV_PDL_KIND = {"sp16": 3, "sp4": 3, "dq4": 2, "dq8": 3}
-DEFAULT_GEMV_KIND = {"sp16": dict(DEFAULT_GEMV, warps=16, pdl=3), "sp4": dict(DEFAULT_GEMV, xs=3, pdl=3),
-                     "dq4": dict(DEFAULT_GEMV, warps=16, pdl=2), "dq8": dict(DEFAULT_GEMV, warps=16, pdl=3)}
+DEFAULT_GEMV_KIND = {kind: dict(DEFAULT_GEMV, pdl=GEMV_PDL_KIND[kind], **extra)
+                     for kind, extra in (("sp16", {"warps": 16}), ("sp4", {"xs": 3}), ("dq4", {"warps": 16}),
+                                         ("dq8", {"warps": 16}))}  # fmt: skip
 GEMV_MAX_PF = 64
 # The warps of an untuned decode GEMV follow the layer's row count (gemv_auto_warps): the fewest waves of blocks, then
 # the most warps a block. GEMV_WARP_BUDGET[(kind, token tiles)]: warps one SM holds with the default tiles, 65536
