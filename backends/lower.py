@@ -43,7 +43,7 @@ import numpy as np
 
 from ..compressor.errors import BuildError, UnsupportedOpError
 from ..compressor.formats import LowRank
-from ..compressor.ir import Embedding, Generic, Graph, LayerNorm, Linear, MoE, Residual, RMSNorm
+from ..compressor.ir import Conv, Embedding, Generic, Graph, LayerNorm, Linear, MoE, Residual, RMSNorm
 from .kernels.registry import KernelImpl, ShapeHints, format_key, select_kernel
 
 CONST_INLINE_MAX = 64
@@ -99,6 +99,9 @@ class _Lowerer:
         self.dense_kernel = dense_kernel  # force a generator name for dense layers (bench: "tvm.dense")
         self.bb = relax.BlockBuilder()
         self.env: dict[str, Any] = {}
+        # conv outputs (and elementwise ops on them) kept channels-last: name -> NHWC expr; their NCHW form is emitted
+        # only when some other op reads them (value()), so conv -> relu / add -> conv chains need no transposes
+        self.nhwc: dict[str, Any] = {}
         self.params: list[ParamBinding] = []
         self.param_vars: list[Any] = []
         self.kernels: list[dict[str, Any]] = []
@@ -164,6 +167,12 @@ class _Lowerer:
             return None
         if name in self.env:
             return self.env[name]
+        if name in self.nhwc:
+            e = self.nhwc[name]
+            nd = len(_shape_of(e)) - 2
+            y = self.bb.emit(self.relax.op.permute_dims(e, [0, nd + 1, *range(1, nd + 1)]))
+            self.env[name] = y
+            return y
         if name in self.g.constants:
             return self.constant(name)
         raise BuildError(f"value '{name}' is used before it is computed")
@@ -268,6 +277,88 @@ class _Lowerer:
             if src is not None:
                 self.sources[gv.name_hint] = src
         return gv
+
+    def conv(self, n: Conv, x):
+        """A :class:`Conv` through the layer's GEMM kernel (the same kernels as a Linear of its format, dense ones too):
+        im2col of the NHWC input (one TE op, :func:`_im2col_te`, columns in the order of the weight's input axis) ->
+        ``linear2d``; an unpadded 1x1 stride-1 conv needs no im2col. Returns ``(y, True)`` with ``y`` channels-last
+        (NHWC: see ``self.nhwc``); ``x`` None: the input is read from ``self.nhwc`` or ``self.value``. On x86 this made
+        a dense ResNet-style net 31x faster than Relax's convolution with TVM's default schedule (1554 -> 49 ms, batch
+        1). Spatial sizes unknown at compile time: Relax's convolution of the dense kernel, ``(y, False)``, NCHW."""
+        relax = self.relax
+        nd = len(n.kernel_shape)
+        xl = self.nhwc.get(n.inputs[0])  # the input already channels-last (another conv's output)
+        if x is None:
+            x = self.value(n.inputs[0]) if xl is None else None
+        shape = _shape_of(x) if x is not None else _nchw_shape(_shape_of(xl))
+        if shape is None or len(shape) != nd + 2:
+            raise UnsupportedOpError(f"the input of conv '{n.name}' has an unknown rank", hint="give the model static ranks")
+        spatial = [_static_int(d) for d in shape[2:]]
+        outs = n.out_spatial(spatial)
+        dt = _dtype_of(x if x is not None else xl)
+        if any(o is None for o in outs):
+            if x is None:
+                x = self.value(n.inputs[0])
+            w = self.add_param((n.out_features, n.in_channels, *n.kernel_shape), dt, {"kind": "conv_weight", "node": n.name, "dtype": dt},
+                               f"{n.name}.weight")  # fmt: skip
+            op = (relax.op.nn.conv1d, relax.op.nn.conv2d, relax.op.nn.conv3d)[nd - 1]
+            y = self.bb.emit(op(x, w, strides=tuple(n.strides), padding=tuple(n.pads), dilation=tuple(n.dilations)))
+            if n.bias is not None:
+                b = self.node_param(n, "bias", n.bias, dt)
+                y = self.bb.emit(relax.op.add(y, relax.op.reshape(b, (n.out_features,) + (1,) * nd)))
+            self.kernels.append({"layer": n.name, "part": "", "format": n.weight.describe(), "format_key": "dense",
+                                 "kernel": f"tvm.conv{nd}d", "config": {}, "tuned": False,
+                                 "note": "spatial sizes unknown at compile time: Relax convolution of the dense kernel"})  # fmt: skip
+            return y, False
+        xh = x if xl is None else xl
+        if self.target.is_gpu and dt == "float32":  # the CUDA kernels read float16: im2col moves half the bytes in it
+            xh = self.bb.emit(relax.op.astype(xh, "float16"))
+        if xl is None:
+            xh = self.bb.emit(relax.op.permute_dims(xh, [0, *range(2, nd + 2), 1]))  # NHWC: channels last
+        if n.kernel_size == 1 and all(s == 1 for s in n.strides) and not any(n.pads):
+            cols = xh
+        else:
+            cols = self.bb.emit_te(_im2col_te(n, outs), xh, primfunc_name_hint="im2col")
+        m = shape[0]
+        for o in outs:
+            m = m * o
+        x2 = self.bb.emit(relax.op.reshape(cols, (m, n.in_features)))
+        y2 = self.linear2d(n, x2, m)
+        y = self.bb.emit(relax.op.reshape(y2, (shape[0], *outs, n.out_features)))
+        return (y if _dtype_of(y) == dt else self.bb.emit(relax.op.astype(y, dt))), True  # NHWC
+
+    def channels_last_op(self, n: Generic):
+        """An elementwise op on channels-last conv outputs, computed channels-last (None when it does not apply):
+        unary activations, and Add / Sub / Mul / Div of two such values of one shape or of one and a scalar constant."""
+        relax = self.relax
+        if n.domain or not n.inputs or n.inputs[0] not in self.nhwc or len(n.outputs) != 1:
+            return None
+        x = self.nhwc[n.inputs[0]]
+        op = n.op_type
+        unary = {"Relu": relax.op.nn.relu, "Sigmoid": relax.op.sigmoid, "Tanh": relax.op.tanh}
+        if op in unary and len(n.inputs) == 1:
+            return self.bb.emit(unary[op](x))
+        if op == "Clip" and all(not i or (i in self.g.constants and np.asarray(self.g.constants[i]).size == 1) for i in n.inputs[1:]):
+            lo = float(np.asarray(self.g.constants[n.inputs[1]])) if len(n.inputs) > 1 and n.inputs[1] else -np.inf
+            hi = float(np.asarray(self.g.constants[n.inputs[2]])) if len(n.inputs) > 2 and n.inputs[2] else np.inf
+            return self.bb.emit(relax.op.clip(x, relax.prim_value(lo), relax.prim_value(hi)))
+        binary = {"Add": relax.op.add, "Sub": relax.op.subtract, "Mul": relax.op.multiply, "Div": relax.op.divide}
+        if op in binary and len(n.inputs) == 2:
+            other = n.inputs[1]
+            if other in self.nhwc:
+                a, b = _shape_of(x), _shape_of(self.nhwc[other])
+                if a is None or b is None or len(a) != len(b) or not all(_same_dim_expr(p, q) for p, q in zip(a, b)):
+                    return None
+                o = self.nhwc[other]
+            elif other in self.g.constants and np.asarray(self.g.constants[other]).size == 1:
+                c = np.asarray(self.g.constants[other]).reshape(())
+                if c.dtype != np.dtype(_dtype_of(x)):
+                    return None
+                o = relax.const(c, _dtype_of(x))
+            else:
+                return None
+            return self.bb.emit(binary[op](x, o))
+        return None
 
     def linear(self, lin: Linear, x):
         x2, lead, m = self.flatten(x, lin.in_features, lin.name)
@@ -976,6 +1067,19 @@ class _Lowerer:
     # ---- driver --------------------------------------------------------------------------------------------
     def lower_node(self, n) -> None:
         relax = self.relax
+        try:
+            if isinstance(n, Conv) or isinstance(n, Generic):
+                y, last = self.conv(n, None) if isinstance(n, Conv) else (self.channels_last_op(n), True)
+                if y is not None:  # channels-last, or NCHW from the conv's fallback (spatial sizes unknown)
+                    (self.nhwc if last else self.env)[n.outputs[0]] = y
+                    return
+        except (UnsupportedOpError, BuildError):
+            raise
+        except Exception as e:  # noqa: BLE001 - a TVM failure on a node is reported naming the node
+            if isinstance(e, (KeyboardInterrupt, MemoryError)):
+                raise
+            msg = str(e).strip().splitlines()
+            raise BuildError(f"node '{n.name}' ({n.op}): {msg[-1][:300] if msg else type(e).__name__}")
         ins = [self.value(i) for i in n.inputs]
         try:
             if isinstance(n, Linear):
@@ -1011,6 +1115,8 @@ class _Lowerer:
 
         relax = self.relax
         live = {i for n in later for i in n.inputs if i} | set(outputs)
+        for name in sorted(live & set(self.nhwc)):
+            self.value(name)  # a channels-last value read after the block: its NCHW form, emitted inside the block
         for name in sorted(live & set(self.env)):
             v = self.env[name]
             if isinstance(v, (tvm.ir.expr.Constant, relax.ShapeExpr)) or (isinstance(v, relax.Var) and not isinstance(v, relax.DataflowVar)):
@@ -1091,6 +1197,57 @@ def _sv_elem(d):
     if isinstance(d, tirx.IntImm):
         return bool(d.value) if str(d.ty) == "bool" else int(d.value)
     return d
+
+
+def _im2col_te(n: Conv, outs: list[int]):
+    """A TE function: channels-last ``[N, *spatial, C]`` -> the ``[N * prod(outs), prod(kernel) * C]`` patches of conv
+    ``n`` (rows: batch and output positions, row-major; columns: kernel positions row-major, then channel), zero outside
+    the input (the conv's padding). One injective op: TVM fuses it with the ops before it, and consecutive columns read
+    and write consecutive channels."""
+    from tvm import te, tirx
+
+    nd = len(n.kernel_shape)
+    p_out = int(np.prod(outs))
+
+    def f(x):
+        c = x.shape[-1]
+        rows = x.shape[0] * p_out
+
+        def body(m, k):
+            b, rest = m // p_out, m % p_out
+            o = []
+            for j in reversed(range(nd)):
+                o.append(rest % outs[j])
+                rest = rest // outs[j]
+            o.reverse()
+            ch, kp = k % c, k // c
+            kk = []
+            for j in reversed(range(nd)):
+                kk.append(kp % n.kernel_shape[j])
+                kp = kp // n.kernel_shape[j]
+            kk.reverse()
+            idx = [o[j] * n.strides[j] + kk[j] * n.dilations[j] - n.pads[j] for j in range(nd)]
+            inside = tirx.all(*[tirx.all(i >= 0, i < x.shape[1 + j]) for j, i in enumerate(idx)])
+            safe = [tirx.max(tirx.min(i, x.shape[1 + j] - 1), 0) for j, i in enumerate(idx)]
+            return tirx.if_then_else(inside, x[(b, *safe, ch)], tirx.const(0, x.dtype))
+
+        return te.compute((rows, n.kernel_size * c), body, name="im2col")
+
+    return f
+
+
+def _nchw_shape(shape):
+    """The NCHW shape of a channels-last ``[N, *spatial, C]`` shape."""
+    return None if shape is None else [shape[0], shape[-1], *shape[1:-1]]
+
+
+def _static_int(d) -> int | None:
+    """A shape dim as an int when it is known at compile time, else None."""
+    from tvm import tirx
+
+    if isinstance(d, (int, np.integer)):
+        return int(d)
+    return int(d.value) if isinstance(d, tirx.IntImm) else None
 
 
 def _as_prim(v):

@@ -216,6 +216,11 @@ def build_params(graph, manifest: dict[str, Any]) -> list[np.ndarray]:
             if v is None:
                 raise ArtifactError(f"node {src['node']!r} has no {src['role']}")
             a = np.asarray(v)
+        elif kind == "conv_weight":
+            n = _find_node(graph, src["node"])
+            if not hasattr(n, "kernel_weight"):
+                raise ArtifactError(f"node {src['node']!r} is not a convolution")
+            a = n.kernel_weight()
         elif kind == "lowrank":
             lin = _find_node(graph, src["linear"])
             lr = _descend(lin.weight, src["path"])

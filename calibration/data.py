@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..compressor.errors import CalibrationError
-from ..compressor.ir import Embedding, Graph, Linear
+from ..compressor.ir import Conv, Embedding, Graph, Linear
 
 _MAX_GENERATED_VOCAB = 1 << 20
 
@@ -267,7 +267,7 @@ def generate(graph: Graph, samples: int, seq_len: int | None, seed: int) -> dict
     for name in graph.inputs:
         v = graph.values.get(name)
         if v is not None and v.shape and isinstance(v.shape[-1], str) and len(v.shape) >= 2:
-            widths = {c.in_features for c in consumers.get(name, []) if isinstance(c, Linear) and c.inputs[0] == name}
+            widths = {c.in_features for c in consumers.get(name, []) if isinstance(c, Linear) and not isinstance(c, Conv) and c.inputs[0] == name}
             if len(widths) == 1:
                 sym.setdefault(v.shape[-1], widths.pop())
     out = {}

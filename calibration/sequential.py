@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..compressor.executor import Executor, Observer
+from ..compressor.executor import input_key, layer_rows
 from ..compressor.ir import Block, Graph, Linear, MoE
 from .stats import GramStats, LinearStatsObserver
 
@@ -122,8 +123,8 @@ class BlockStep:
                 where[n.name] = i
             elif isinstance(n, MoE) and any(l.name in lins for l in n.linears()):
                 moe_at.append(i)
-        first: dict[str, str] = {}
-        alias = {name: first.setdefault(lins[name].inputs[0], name) for name in sorted(where, key=where.get)}
+        first: dict[tuple, str] = {}
+        alias = {name: first.setdefault(input_key(lins[name]), name) for name in sorted(where, key=where.get)}
         observed = [n for n in lins if alias.get(n, n) == n]
         obs = LinearStatsObserver(observed, {n: lins[n].in_features for n in observed}, self.ex.device)
         # run only as far as needed: MoE nodes must execute; the last plain Linear only needs its input, read at stop
@@ -133,7 +134,7 @@ class BlockStep:
         finish = None
         if tail:
             inp = lins[tail[0]].inputs[0]
-            finish = lambda env: obs.linear_input(tail[0], env[inp].reshape(-1, env[inp].shape[-1]))  # noqa: E731
+            finish = lambda env: obs.linear_input(tail[0], layer_rows(lins[tail[0]], env[inp]))  # noqa: E731
             obs.names.discard(tail[0])  # not executed, not observed twice
         # the collected layers are usually rewritten next: keep the states before the first of them
         first_node = min(list(where.values()) + moe_at)

@@ -129,7 +129,9 @@ def inspect(
         "blocks": [b.name for b in blocks],
         "linear": [
             {"name": l.name, "shape": [l.out_features, l.in_features], "in": l.in_features, "out": l.out_features, "bias": l.bias is not None, "format": l.weight.describe(),
-             "params": l.param_count(), "bytes": l.nbytes(), **({"tied_to": l.meta["tied_to"]} if "tied_to" in l.meta else {})}
+             "params": l.param_count(), "bytes": l.nbytes(), **({"tied_to": l.meta["tied_to"]} if "tied_to" in l.meta else {}),
+             **({"conv": {"kernel": list(l.kernel_shape), "in_channels": l.in_channels, "strides": list(l.strides), "pads": list(l.pads),
+                          "dilations": list(l.dilations)}} if hasattr(l, "kernel_shape") else {})}
             for l in lins
         ],  # fmt: skip
         "moe": [{"name": m.name, "experts": len(m.experts), "top_k": m.top_k, "score": m.score, "renormalize": m.renormalize} for m in moes],

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputShapeError, IRError, NumericalError, ShapeError
-from .ir import Embedding, Expert, Generic, Graph, LayerNorm, Linear, MoE, Node, Residual, RMSNorm
+from .ir import Conv, Embedding, Expert, Generic, Graph, LayerNorm, Linear, MoE, Node, Residual, RMSNorm
 
 _TORCH_DTYPES = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
@@ -245,6 +245,8 @@ class Executor:
             from .onnx_ops import run_op
 
             return run_op(n.op_type, n.domain, ins, n.attributes, self.opset, n.name, num_outputs=len(n.outputs))
+        if isinstance(n, Conv):
+            return [self.conv(n, ins[0], observer)]
         if isinstance(n, Linear):
             return [self.linear(n, ins[0], observer)]
         if isinstance(n, LayerNorm):
@@ -280,6 +282,18 @@ class Executor:
         if x.dtype != w.dtype:
             return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
         return F.linear(x, w, b)
+
+    def conv(self, n: Conv, x: torch.Tensor, observer: Observer | None = None) -> torch.Tensor:
+        w, b = self.linear_params(n)
+        nd = len(n.kernel_shape)
+        if x.dim() != nd + 2 or x.shape[1] != n.in_channels:
+            raise ShapeError(f"conv input of shape {list(x.shape)}: expected [batch, {n.in_channels}, {nd} spatial dims]", node=n.name)
+        xp = pad_spatial(x, n.pads)
+        if observer is not None and observer.wants_linear(n.name):
+            observer.linear_input(n.name, conv_patches(xp, n.kernel_shape, n.strides, n.dilations))
+        fn = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+        w4 = n.kernel_of(w).to(x.dtype)
+        return fn(xp, w4, None if b is None else b.to(x.dtype), stride=n.strides, padding=0, dilation=n.dilations)
 
     def expert(self, e: Expert, x: torch.Tensor, observer: Observer | None) -> torch.Tensor:
         act = _ACTS[e.act]
@@ -320,6 +334,49 @@ class Executor:
             ye = self.expert(e, x2[tok], observer)
             out.index_add_(0, tok, ye * dense[tok, e_idx : e_idx + 1].to(ye.dtype))
         return out.reshape(*shape[:-1], dout)
+
+
+def layer_rows(lin: Linear, x: torch.Tensor) -> torch.Tensor:
+    """What a Linear multiplies by its weight, as ``[rows, in_features]``: its input flattened, or for a
+    :class:`Conv` the im2col patches of its (padded) input."""
+    if isinstance(lin, Conv):
+        return conv_patches(pad_spatial(x, lin.pads), lin.kernel_shape, lin.strides, lin.dilations)
+    return x.reshape(-1, x.shape[-1])
+
+
+def input_key(lin: Linear) -> tuple:
+    """Layers with equal keys multiply the same rows (q/k/v reading one value; convs also need one geometry)."""
+    if isinstance(lin, Conv):
+        return (lin.inputs[0], lin.kernel_shape, lin.strides, lin.pads, lin.dilations)
+    return (lin.inputs[0],)
+
+
+def pad_spatial(x: torch.Tensor, pads) -> torch.Tensor:
+    """Zero-pad the spatial dims of ``[N, C, *spatial]`` by ONNX ``[begin..., end...]`` pads."""
+    nd = len(pads) // 2
+    if not any(pads):
+        return x
+    spec: list[int] = []
+    for i in reversed(range(nd)):  # F.pad takes the last dim first
+        spec += [int(pads[i]), int(pads[i + nd])]
+    return F.pad(x, spec)
+
+
+def conv_patches(xp: torch.Tensor, kernel, strides, dilations) -> torch.Tensor:
+    """im2col of a padded ``[N, C, *spatial]`` input: ``[N * prod(out), prod(kernel) * C]``, each row one output
+    position's inputs ordered (kernel positions row-major, then channel): the input axis of :class:`Conv` weights."""
+    import itertools
+
+    nd = len(kernel)
+    n, c = xp.shape[:2]
+    outs = [(xp.shape[2 + i] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1 for i in range(nd)]
+    cols = []
+    for off in itertools.product(*[range(k) for k in kernel]):
+        idx = tuple(slice(off[i] * dilations[i], off[i] * dilations[i] + strides[i] * (outs[i] - 1) + 1, strides[i]) for i in range(nd))
+        cols.append(xp[(slice(None), slice(None)) + idx])
+    p = torch.stack(cols, dim=2)  # [N, C, K, *out]
+    p = p.permute(0, *range(3, 3 + nd), 2, 1)  # [N, *out, K, C]
+    return p.reshape(-1, len(cols) * c)
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:

@@ -6,6 +6,7 @@ domain and attributes and read constants (``graph.constants``) by name; *raised*
 
 =========  ==================================================================================================
 Linear     ``y = x @ W.T + b``; ``weight`` is a :mod:`formats` value of shape (out, in), ``bias`` optional
+Conv       a Linear over the im2col patches of an ONNX Conv (group 1): ``weight`` (out, kernel positions x channels)
 LayerNorm  normalization over the last axis with optional scale and bias
 RMSNorm    ``x / sqrt(mean(x^2) + eps) * weight``
 Embedding  ``table[ids]``
@@ -129,6 +130,85 @@ class Linear(Node):
     def describe(self) -> str:
         b = "+b" if self.bias is not None else ""
         return f"{self.in_features}->{self.out_features}{b} {self.weight.describe()}"
+
+
+@dataclass(eq=False)
+class Conv(Linear):
+    """An ONNX ``Conv`` (group 1, 1-3 spatial dims) raised to a Linear over patches: ``weight`` is the 2-D
+    ``(out, prod(kernel) * in_channels)`` matrix of the ONNX ``(out, in, *kernel)`` weight with its input axis ordered
+    (kernel positions row-major, then channel), so that N:M groups and quantization groups of ``M`` consecutive inputs
+    run along the channels of one kernel position, as sparse tensor core convolutions (implicit GEMM, NHWC) read them.
+    Passes see a Linear whose inputs are the im2col patches of the (padded) input in that order; the executor, the
+    ONNX export and the compiled library run a convolution with the weight reshaped back. ``pads`` are explicit
+    ``[begin..., end...]`` (``auto_pad`` is resolved when raising)."""
+
+    kernel_shape: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
+    pads: tuple[int, ...] = ()
+    dilations: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.op = "Conv"
+        nd = len(self.kernel_shape)
+        self.kernel_shape = tuple(int(k) for k in self.kernel_shape)
+        self.strides = tuple(int(k) for k in (self.strides or (1,) * nd))
+        self.pads = tuple(int(k) for k in (self.pads or (0,) * (2 * nd)))
+        self.dilations = tuple(int(k) for k in (self.dilations or (1,) * nd))
+        if not 1 <= nd <= 3 or len(self.strides) != nd or len(self.dilations) != nd or len(self.pads) != 2 * nd:
+            raise IRError(f"conv attributes do not agree: kernel {self.kernel_shape}, strides {self.strides}, pads {self.pads}, "
+                          f"dilations {self.dilations}", node=self.name)  # fmt: skip
+        if self.weight.shape[1] % self.kernel_size:
+            raise IRError(f"conv weight of {self.weight.shape[1]} inputs is not a multiple of the kernel size {self.kernel_size}", node=self.name)
+
+    @property
+    def kernel_size(self) -> int:
+        return int(np.prod(self.kernel_shape))
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[1] // self.kernel_size
+
+    def attrs(self):
+        return {"kernel_shape": list(self.kernel_shape), "strides": list(self.strides), "pads": list(self.pads),
+                "dilations": list(self.dilations)}  # fmt: skip
+
+    def onnx_attributes(self) -> dict[str, list[int]]:
+        return {"kernel_shape": list(self.kernel_shape), "strides": list(self.strides), "pads": list(self.pads),
+                "dilations": list(self.dilations), "group": 1}  # fmt: skip
+
+    @staticmethod
+    def matrix_of(w: np.ndarray) -> np.ndarray:
+        """ONNX ``(out, in, *kernel)`` -> ``(out, prod(kernel) * in)`` (kernel positions, then channel)."""
+        nd = w.ndim - 2
+        return np.ascontiguousarray(np.transpose(w, (0, *range(2, 2 + nd), 1)).reshape(w.shape[0], -1))
+
+    def kernel_of(self, w2):
+        """The inverse of :meth:`matrix_of` for this node's kernel, for numpy arrays and torch tensors."""
+        nd = len(self.kernel_shape)
+        w = w2.reshape(w2.shape[0], *self.kernel_shape, self.in_channels)
+        perm = (0, nd + 1, *range(1, nd + 1))
+        return np.ascontiguousarray(np.transpose(w, perm)) if isinstance(w, np.ndarray) else w.permute(*perm).contiguous()
+
+    def kernel_weight(self) -> np.ndarray:
+        """The ONNX ``(out, in, *kernel)`` weight that this node's (compressed) weight computes."""
+        return self.kernel_of(np.asarray(self.weight.materialize()))
+
+    def out_spatial(self, spatial) -> list:
+        """Output sizes for the input's spatial sizes (ints; ``None`` stays ``None``)."""
+        out = []
+        for i, n in enumerate(spatial):
+            if not isinstance(n, int):
+                out.append(None)
+                continue
+            n = n + self.pads[i] + self.pads[i + len(self.kernel_shape)]
+            out.append((n - self.dilations[i] * (self.kernel_shape[i] - 1) - 1) // self.strides[i] + 1)
+        return out
+
+    def describe(self) -> str:
+        b = "+b" if self.bias is not None else ""
+        k = "x".join(str(k) for k in self.kernel_shape)
+        return f"conv {k} {self.in_channels}->{self.out_features}{b} {self.weight.describe()}"
 
 
 @dataclass(eq=False)
@@ -291,7 +371,7 @@ class Generic(Node):
         return s if len(s) < 80 else s[:77] + "..."
 
 
-RAISED_OPS = {"Linear": Linear, "LayerNorm": LayerNorm, "RMSNorm": RMSNorm, "Embedding": Embedding, "Residual": Residual, "MoE": MoE}
+RAISED_OPS = {"Linear": Linear, "Conv": Conv, "LayerNorm": LayerNorm, "RMSNorm": RMSNorm, "Embedding": Embedding, "Residual": Residual, "MoE": MoE}
 
 _NUMERIC = re.compile(r"^\d+$")
 
@@ -556,7 +636,12 @@ class Graph:
             s = self._shape(name)
             return None if not s else s[-1]
 
-        if isinstance(n, Linear):
+        if isinstance(n, Conv):
+            for v, want, what in ((n.inputs[0], n.in_channels, "input channels"), (n.outputs[0], n.out_features, "output channels")):
+                s = self._shape(v)
+                if s is not None and (len(s) != len(n.kernel_shape) + 2 or (isinstance(s[1], int) and s[1] != want)):
+                    raise ShapeError(f"conv of {want} {what} and a {len(n.kernel_shape)}-d kernel: '{v}' has shape {shape_str(s)}", node=n.name)
+        elif isinstance(n, Linear):
             d = last(n.inputs[0])
             if isinstance(d, int) and d != n.in_features:
                 raise ShapeError(f"Linear expects input dim {n.in_features}, its input '{n.inputs[0]}' has {d}", node=n.name)
@@ -770,6 +855,9 @@ class Graph:
             attrs = d.get("attrs", {})
             if op == "Linear":
                 return Linear(**base, weight=params["weight"], bias=params.get("bias"))
+            if op == "Conv":
+                return Conv(**base, weight=params["weight"], bias=params.get("bias"), kernel_shape=tuple(attrs["kernel_shape"]),
+                            strides=tuple(attrs["strides"]), pads=tuple(attrs["pads"]), dilations=tuple(attrs["dilations"]))
             if op == "LayerNorm":
                 return LayerNorm(**base, weight=params.get("weight"), bias=params.get("bias"), eps=attrs["eps"])
             if op == "RMSNorm":

@@ -24,7 +24,7 @@ from onnx import helper, numpy_helper
 
 from .errors import IRError
 from .frontends.onnx import dtype_to_elem_type
-from .ir import Embedding, Generic, Graph, LayerNorm, Linear, MoE, Node, Residual, RMSNorm
+from .ir import Conv, Embedding, Generic, Graph, LayerNorm, Linear, MoE, Node, Residual, RMSNorm
 
 IR_VERSION = 10  # node metadata_props need IR version 10
 
@@ -323,6 +323,8 @@ def to_onnx(g: Graph, options: ExportOptions | None = None) -> onnx.ModelProto:
             if n.domain:
                 b.domains.setdefault(n.domain, g.opset.get(n.domain, 1))
             b.nodes.append(nd)
+        elif isinstance(n, Conv):
+            _lowerings.lower_conv(b, n, n.inputs[0], n.outputs[0], _linear_meta(n))
         elif isinstance(n, Linear):
             lower_linear(b, n, n.inputs[0], n.outputs[0], _linear_meta(n))
         elif isinstance(n, LayerNorm):

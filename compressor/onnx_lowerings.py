@@ -35,7 +35,7 @@ import onnx
 from onnx import TensorProto
 
 from .formats import GroupQuant, LowRank, NMSparse, pack_bits
-from .ir import Generic, Graph, Linear
+from .ir import Conv, Generic, Graph, Linear
 
 MATMULNBITS_BITS = (4,)
 BLOCKED_DQ_OPSET = 21
@@ -133,6 +133,17 @@ def _matmul_nbits(b, lin: Linear, q: Blocked, x: str, y: str, meta: dict) -> Non
 
 
 def _dequant_matmul(b, lin: Linear, q: Blocked, x: str, y: str, meta: dict) -> None:
+    wd = _dequant_weight(b, lin, q, meta)
+    fdt = _float_dtype(b)
+    (wt_,) = b.node("Transpose", [wd], 1, name=f"{lin.name}/Transpose", meta=meta, perm=[1, 0])
+    target = y if lin.bias is None else b.fresh(f"{lin.name}/MatMul_out")
+    b.node("MatMul", [x, wt_], [target], name=f"{lin.name}/MatMul", meta=meta)
+    if lin.bias is not None:
+        _add_bias(b, lin, target, y, meta, fdt)
+
+
+def _dequant_weight(b, lin: Linear, q: Blocked, meta: dict) -> str:
+    """DequantizeLinear of the codes: the name of the ``(out, in)`` float weight."""
     out, inn = q.codes.shape
     nb = inn // q.block
     fdt = _float_dtype(b)
@@ -172,11 +183,25 @@ def _dequant_matmul(b, lin: Linear, q: Blocked, x: str, y: str, meta: dict) -> N
         (wf,) = b.node("DequantizeLinear", ins, 1, name=f"{lin.name}/DequantizeLinear", meta=meta, axis=0)
         shape = b.init(f"{lin.name}/shape", np.array([out, inn], dtype=np.int64))
         (wd,) = b.node("Reshape", [wf, shape], 1, name=f"{lin.name}/Reshape", meta=meta)
-    (wt_,) = b.node("Transpose", [wd], 1, name=f"{lin.name}/Transpose", meta=meta, perm=[1, 0])
-    target = y if lin.bias is None else b.fresh(f"{lin.name}/MatMul_out")
-    b.node("MatMul", [x, wt_], [target], name=f"{lin.name}/MatMul", meta=meta)
-    if lin.bias is not None:
-        _add_bias(b, lin, target, y, meta, fdt)
+    return wd
+
+
+def lower_conv(b, n: Conv, x: str, y: str, meta: dict) -> None:
+    """A :class:`Conv` -> ONNX ``Conv``. A quantized weight (``GroupQuant``, ``NMSparse(GroupQuant)``) is stored as
+    its codes and scales: DequantizeLinear -> Reshape -> Transpose to the ``(out, in, *kernel)`` layout; other formats
+    (dense, N:M, low-rank) as the dense kernel they compute (ONNX has no sparse or factored convolution)."""
+    fdt = _float_dtype(b)
+    nd = len(n.kernel_shape)
+    q = blocked(n.weight) if b.options.weights == "native" and b.opset >= 13 else None
+    if q is not None:
+        wd = _dequant_weight(b, n, q, meta)
+        shape = b.init(f"{n.name}/kernel_shape", np.array([n.out_features, *n.kernel_shape, n.in_channels], dtype=np.int64))
+        (w4,) = b.node("Reshape", [wd, shape], 1, name=f"{n.name}/Reshape_kernel", meta=meta)
+        (wk,) = b.node("Transpose", [w4], 1, name=f"{n.name}/Transpose_kernel", meta=meta, perm=[0, nd + 1, *range(1, nd + 1)])
+    else:
+        wk = b.init(f"{n.name}.weight", n.kernel_weight().astype(fdt))
+    ins = [x, wk] + ([b.init(f"{n.name}.bias", n.bias.astype(fdt))] if n.bias is not None else [])
+    b.node("Conv", ins, [y], name=f"{n.name}/Conv", meta=meta, **n.onnx_attributes())
 
 
 def lower_group_quant(b, lin: Linear, x: str, y: str, meta: dict) -> bool:
@@ -239,7 +264,7 @@ def _needs_blocked_dq(g: Graph) -> bool:
         if q is None:
             continue
         pow2 = q.block >= 16 and q.block & (q.block - 1) == 0
-        if not (q.bits in MATMULNBITS_BITS and pow2):
+        if isinstance(lin, Conv) or not (q.bits in MATMULNBITS_BITS and pow2):  # a Conv has no MatMulNBits
             return True
     return False
 

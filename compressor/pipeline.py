@@ -36,7 +36,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 
 from .errors import PassError, RecipeError
-from .ir import Graph, Linear, walk_up
+from .ir import Conv, Graph, Linear, walk_up
 from .report import LayerRow, PassReport
 
 
@@ -456,6 +456,8 @@ def make_row(lin: Linear, before_fmt, before_shape, *, status="compressed", note
     if gq is not None:
         bits, gs = gq.bits, gq.group_size
     sp = after.sparsity() if status == "compressed" else None
+    if isinstance(lin, Conv):  # the weight is the conv's (out, kernel positions x channels) matrix
+        extra = {**(extra or {}), "conv": {"kernel": list(lin.kernel_shape), "in_channels": lin.in_channels}}
     return LayerRow(
         name=lin.name,
         shape_before=[int(s) for s in before_shape],

@@ -197,6 +197,9 @@ def render(report: dict[str, Any], console=None, max_rows: int | None = None) ->
             shape = "x".join(map(str, r.get("shape_after") or []))
             if r.get("shape_before") != r.get("shape_after"):
                 shape = "x".join(map(str, r.get("shape_before") or [])) + "->" + shape
+            conv = (r.get("extra") or {}).get("conv")
+            if conv:
+                shape += f" (conv {'x'.join(map(str, conv['kernel']))})"
             fmt = r.get("format_after", "")
             if r.get("format_before") != fmt:
                 fmt = f"{r.get('format_before')}->{fmt}"

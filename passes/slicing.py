@@ -70,6 +70,7 @@ from ..compressor.errors import PassError, RecipeError
 from ..compressor.executor import Executor, Observer
 from ..compressor.formats import Dense
 from ..compressor.ir import (
+    Conv,
     Embedding,
     Generic,
     Graph,
@@ -313,7 +314,8 @@ class _Finder:
 
     @staticmethod
     def is_writer(n: Node | None) -> bool:
-        return isinstance(n, (Linear, MoE, Embedding))
+        # a Conv's output channels are not the stream's last axis: a conv stem is a source (projected into the stream)
+        return isinstance(n, (Linear, MoE, Embedding)) and not isinstance(n, Conv)
 
     # ---- walking ---------------------------------------------------------------------------------------------
     def back(self, v: str) -> tuple[str, list[Node]]:
@@ -373,7 +375,7 @@ class _Finder:
                 seeds.append(n)
                 continue
             kinds = [self.prod.get(self.back(i)[0]) for i in n.inputs]
-            if any(isinstance(p, (Linear, MoE)) for p in kinds) and any(
+            if any(isinstance(p, (Linear, MoE)) and not isinstance(p, Conv) for p in kinds) and any(
                 isinstance(p, Embedding) or self.is_add(p) or self.is_norm(p) for p in kinds
             ):
                 seeds.append(n)
@@ -582,7 +584,7 @@ class _Finder:
                                           f"sparsec cannot fold it")  # fmt: skip
                     self.consume(s, c, c2, i2, at2)
             return
-        if isinstance(c, (Linear, MoE)) and i == 0:
+        if isinstance(c, (Linear, MoE)) and not isinstance(c, Conv) and i == 0:
             if not any(r.node is c and r.norm is norm for r in s.readers):
                 s.readers.append(Reader(c, norm))
             return

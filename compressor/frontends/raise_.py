@@ -30,6 +30,7 @@ import numpy as np
 
 from ..errors import UnsupportedOpError
 from ..ir import (
+    Conv,
     Embedding,
     Expert,
     Generic,
@@ -541,6 +542,58 @@ def match_linear(v: _View, n: Generic) -> _Match | None:
     return None
 
 
+def match_conv(v: _View, n: Generic) -> _Match | None:
+    """``Conv`` with a constant float weight, group 1 and 1-3 spatial dims -> :class:`Conv` (grouped and depthwise
+    convolutions stay generic: they are not one matrix product)."""
+    if n.op_type != "Conv" or n.domain != "" or len(n.inputs) < 2:
+        return None
+    x, wname = n.inputs[0], n.inputs[1]
+    w = v.const(wname)
+    if w is None or x in v.g.constants or w.dtype.kind != "f" or not 3 <= w.ndim <= 5:
+        return None
+    if int(n.attributes.get("group", 1)) != 1:
+        return None
+    nd = w.ndim - 2
+    kernel = [int(k) for k in n.attributes.get("kernel_shape", w.shape[2:])]
+    if kernel != list(w.shape[2:]):
+        return None
+    strides = [int(k) for k in n.attributes.get("strides", [1] * nd)]
+    dil = [int(k) for k in n.attributes.get("dilations", [1] * nd)]
+    auto = n.attributes.get("auto_pad", "NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+    if auto in ("NOTSET", ""):
+        pads = [int(k) for k in n.attributes.get("pads", [0] * (2 * nd))]
+    elif auto == "VALID":
+        pads = [0] * (2 * nd)
+    elif auto in ("SAME_UPPER", "SAME_LOWER"):
+        xs = v.shape(x)
+        if xs is None or len(xs) != nd + 2 or not all(isinstance(d, int) for d in xs[2:]):
+            return None  # SAME padding of unknown spatial sizes: left to the generic op
+        begin, end = [], []
+        for i in range(nd):
+            size = xs[2 + i]
+            total = max((-(-size // strides[i]) - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1 - size, 0)
+            lo = total // 2 if auto == "SAME_UPPER" else total - total // 2
+            begin.append(lo)
+            end.append(total - lo)
+        pads = begin + end
+    else:
+        return None
+    xs = v.shape(x)
+    if xs is not None and (len(xs) != nd + 2 or (isinstance(xs[1], int) and xs[1] != w.shape[1])):
+        return None
+    bias = None
+    if len(n.inputs) > 2 and n.inputs[2]:
+        bias = v.const(n.inputs[2])
+        if bias is None or bias.dtype.kind != "f" or bias.size != w.shape[0]:
+            return None
+        bias = bias.reshape(-1).astype(w.dtype)
+    conv = Conv(n.name, [x], [n.outputs[0]], _meta(n), weight=Conv.matrix_of(w), bias=bias, kernel_shape=tuple(kernel),
+                strides=tuple(strides), pads=tuple(pads), dilations=tuple(dil))  # fmt: skip
+    conv.meta["weight_name"] = wname
+    return _Match([n], conv)
+
+
 def match_embedding(v: _View, n: Generic) -> _Match | None:
     if n.op_type != "Gather" or n.domain != "" or int(n.attributes.get("axis", 0)) != 0:
         return None
@@ -606,7 +659,7 @@ def _writes_stream(v: _View, value: str, depth: int = 0) -> bool:
     n = v.prod.get(value)
     if n is None or depth > 4:
         return False
-    if isinstance(n, (Linear, MoE)):
+    if isinstance(n, (Linear, MoE)) and not isinstance(n, Conv):  # a conv net's adds stay generic: not a stream
         return True
     if isinstance(n, Generic):
         s = n.meta.get("sparsec") or {}
@@ -628,6 +681,7 @@ PATTERNS: list[tuple[str, Callable[[_View, Generic], _Match | None]]] = [
     ("RMSNorm", match_rmsnorm_fused),
     ("RMSNorm", match_rmsnorm),
     ("Linear", match_linear),
+    ("Conv", match_conv),
     ("Embedding", match_embedding),
     ("Residual", match_residual),
 ]
