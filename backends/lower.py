@@ -1066,45 +1066,40 @@ class _Lowerer:
 
     # ---- driver --------------------------------------------------------------------------------------------
     def lower_node(self, n) -> None:
+        try:
+            self._lower_node(n)
+        except (UnsupportedOpError, BuildError):
+            raise
+        except Exception as e:  # noqa: BLE001 - a TVM failure on a node is reported naming the node
+            if isinstance(e, (KeyboardInterrupt, MemoryError)):
+                raise
+            msg = str(e).strip().splitlines()
+            raise BuildError(f"node '{n.name}' ({n.op}): {msg[-1][:300] if msg else type(e).__name__}")
+
+    def _lower_node(self, n) -> None:
         relax = self.relax
-        try:
-            if isinstance(n, Conv) or isinstance(n, Generic):
-                y, last = self.conv(n, None) if isinstance(n, Conv) else (self.channels_last_op(n), True)
-                if y is not None:  # channels-last, or NCHW from the conv's fallback (spatial sizes unknown)
-                    (self.nhwc if last else self.env)[n.outputs[0]] = y
-                    return
-        except (UnsupportedOpError, BuildError):
-            raise
-        except Exception as e:  # noqa: BLE001 - a TVM failure on a node is reported naming the node
-            if isinstance(e, (KeyboardInterrupt, MemoryError)):
-                raise
-            msg = str(e).strip().splitlines()
-            raise BuildError(f"node '{n.name}' ({n.op}): {msg[-1][:300] if msg else type(e).__name__}")
+        if isinstance(n, (Conv, Generic)):
+            y, last = self.conv(n, None) if isinstance(n, Conv) else (self.channels_last_op(n), True)
+            if y is not None:  # channels-last, or NCHW from the conv's fallback (spatial sizes unknown)
+                (self.nhwc if last else self.env)[n.outputs[0]] = y
+                return
         ins = [self.value(i) for i in n.inputs]
-        try:
-            if isinstance(n, Linear):
-                outs = [(n.outputs[0], self.linear(n, ins[0]))]
-            elif isinstance(n, LayerNorm):
-                outs = [(n.outputs[0], self.layernorm(n, ins[0]))]
-            elif isinstance(n, RMSNorm):
-                outs = [(n.outputs[0], self.rmsnorm(n, ins[0]))]
-            elif isinstance(n, Embedding):
-                outs = [(n.outputs[0], self.embedding(n, ins[0]))]
-            elif isinstance(n, Residual):
-                outs = [(n.outputs[0], self.bb.emit(relax.op.add(ins[0], ins[1])))]
-            elif isinstance(n, MoE):
-                outs = [(n.outputs[0], self.moe(n, ins[0]))]
-            elif isinstance(n, Generic):
-                outs = self.generic(n, ins)
-            else:
-                raise UnsupportedOpError(f"{n.op} (node '{n.name}') cannot be lowered")
-        except (UnsupportedOpError, BuildError):
-            raise
-        except Exception as e:  # noqa: BLE001 - a TVM failure on a node is reported naming the node
-            if isinstance(e, (KeyboardInterrupt, MemoryError)):
-                raise
-            msg = str(e).strip().splitlines()
-            raise BuildError(f"node '{n.name}' ({n.op}): {msg[-1][:300] if msg else type(e).__name__}")
+        if isinstance(n, Linear):
+            outs = [(n.outputs[0], self.linear(n, ins[0]))]
+        elif isinstance(n, LayerNorm):
+            outs = [(n.outputs[0], self.layernorm(n, ins[0]))]
+        elif isinstance(n, RMSNorm):
+            outs = [(n.outputs[0], self.rmsnorm(n, ins[0]))]
+        elif isinstance(n, Embedding):
+            outs = [(n.outputs[0], self.embedding(n, ins[0]))]
+        elif isinstance(n, Residual):
+            outs = [(n.outputs[0], self.bb.emit(relax.op.add(ins[0], ins[1])))]
+        elif isinstance(n, MoE):
+            outs = [(n.outputs[0], self.moe(n, ins[0]))]
+        elif isinstance(n, Generic):
+            outs = self.generic(n, ins)
+        else:
+            raise UnsupportedOpError(f"{n.op} (node '{n.name}') cannot be lowered")
         for name, e in outs:
             self.env[name] = e
 

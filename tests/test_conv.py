@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -24,17 +21,9 @@ from sparsec.compressor.executor import Executor, conv_patches, pad_spatial
 from sparsec.compressor.frontends.onnx import load_onnx
 from sparsec.compressor.ir import Conv, Generic, Graph
 
+from .test_real_exports import rel, sparsec  # the CLI in a subprocess; relative L2 error
+
 pytestmark = pytest.mark.usefixtures("no_user_tuning_db")
-
-
-def sparsec(*args):
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-m", "sparsec", *map(str, args)], capture_output=True, text=True, env=env, timeout=900)
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def im2col_numpy(x, kernel, strides, pads, dilations):
