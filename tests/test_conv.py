@@ -406,3 +406,46 @@ def test_conv_lowering_matches_executor_for_each_geometry_and_format(tmp_path):
         for o in g.outputs:
             assert got[o].shape == ref[o].shape, o
             assert rel(got[o], ref[o]) < 1e-4, (o, b)
+
+
+class _MobileBlock(nn.Module):
+    """MobileNetV3-style: 1x1 expand, hardswish, depthwise 3x3, squeeze-excite (pooled 1x1 convs, a [N, C, 1, 1]
+    gate broadcast over the map), 1x1 project, residual; relu6 / clamp activations."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, 2, 1)
+        self.expand = nn.Conv2d(c, 4 * c, 1)
+        self.dw = nn.Conv2d(4 * c, 4 * c, 3, 1, 1, groups=4 * c)
+        self.se1, self.se2 = nn.Conv2d(4 * c, c, 1), nn.Conv2d(c, 4 * c, 1)
+        self.project = nn.Conv2d(4 * c, c, 1)
+        self.fc = nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = nn.functional.relu6(self.stem(x))
+        y = nn.functional.hardswish(self.dw(nn.functional.hardswish(self.expand(x))))
+        y = y * torch.sigmoid(self.se2(torch.relu(self.se1(y.mean((2, 3), keepdim=True)))))
+        y = torch.clamp(self.project(y) + x, 0, 6)
+        return self.fc(y.mean((2, 3)))
+
+
+def test_mobilenet_style_block_through_the_cli(tmp_path):
+    """Ops the channels-last lowering does not take (hardswish, a depthwise conv, a broadcast [N, C, 1, 1] gate,
+    pooling) read the NCHW form of conv outputs; the 2:4 library equals onnxruntime on model.onnx and the IR, and
+    every group-1 conv but the RGB stem is compressed (the SE convs on pooled maps included)."""
+    torch.manual_seed(0)
+    m = _MobileBlock().eval()
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(m, (torch.randn(2, 3, 24, 24),), str(path), input_names=["pixels"], output_names=["logits"], dynamo=False,
+                      dynamic_axes={"pixels": {0: "b"}})  # fmt: skip
+    rng = np.random.default_rng()
+    np.savez(tmp_path / "calib.npz", pixels=rng.standard_normal((16, 3, 24, 24)).astype(np.float32))
+    np.savez(tmp_path / "x.npz", pixels=rng.standard_normal((3, 3, 24, 24)).astype(np.float32))
+    out = tmp_path / "out"
+    r = sparsec("compress", path, "--nm", "2:4", "--calib", tmp_path / "calib.npz", "--target", "x86", "-o", out, "-q")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((out / "report.json").read_text())["passes"][0]["rows"]
+    status = {row["name"]: row["status"] for row in rows}
+    assert sorted(n for n, s in status.items() if s == "compressed") == ["expand", "project", "se1", "se2"], status
+    y_ir, y_lib, y_onnx = (_outputs(out, tmp_path, e) for e in ("ir", "lib", "onnx"))
+    assert rel(y_lib, y_ir) < 1e-5 and rel(y_onnx, y_ir) < 1e-5
