@@ -278,18 +278,17 @@ class _Lowerer:
                 self.sources[gv.name_hint] = src
         return gv
 
-    def conv(self, n: Conv, x):
+    def conv(self, n: Conv):
         """A :class:`Conv` through the layer's GEMM kernel (the same kernels as a Linear of its format, dense ones too):
         im2col of the NHWC input (one TE op, :func:`_im2col_te`, columns in the order of the weight's input axis) ->
         ``linear2d``; an unpadded 1x1 stride-1 conv needs no im2col. Returns ``(y, True)`` with ``y`` channels-last
-        (NHWC: see ``self.nhwc``); ``x`` None: the input is read from ``self.nhwc`` or ``self.value``. On x86 this made
+        (NHWC: see ``self.nhwc``); the input is read channels-last from ``self.nhwc`` when it is there. On x86 this made
         a dense ResNet-style net 31x faster than Relax's convolution with TVM's default schedule (1554 -> 49 ms, batch
         1). Spatial sizes unknown at compile time: Relax's convolution of the dense kernel, ``(y, False)``, NCHW."""
         relax = self.relax
         nd = len(n.kernel_shape)
         xl = self.nhwc.get(n.inputs[0])  # the input already channels-last (another conv's output)
-        if x is None:
-            x = self.value(n.inputs[0]) if xl is None else None
+        x = self.value(n.inputs[0]) if xl is None else None
         shape = _shape_of(x) if x is not None else _nchw_shape(_shape_of(xl))
         if shape is None or len(shape) != nd + 2:
             raise UnsupportedOpError(f"the input of conv '{n.name}' has an unknown rank", hint="give the model static ranks")
@@ -1079,7 +1078,7 @@ class _Lowerer:
     def _lower_node(self, n) -> None:
         relax = self.relax
         if isinstance(n, (Conv, Generic)):
-            y, last = self.conv(n, None) if isinstance(n, Conv) else (self.channels_last_op(n), True)
+            y, last = self.conv(n) if isinstance(n, Conv) else (self.channels_last_op(n), True)
             if y is not None:  # channels-last, or NCHW from the conv's fallback (spatial sizes unknown)
                 (self.nhwc if last else self.env)[n.outputs[0]] = y
                 return
