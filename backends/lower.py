@@ -1207,19 +1207,16 @@ def _im2col_te(n: Conv, outs: list[int]):
         c = x.shape[-1]
         rows = x.shape[0] * p_out
 
+        def unravel(i, dims):  # row-major
+            out = []
+            for d in reversed(dims):
+                out.append(i % d)
+                i = i // d
+            return out[::-1]
+
         def body(m, k):
-            b, rest = m // p_out, m % p_out
-            o = []
-            for j in reversed(range(nd)):
-                o.append(rest % outs[j])
-                rest = rest // outs[j]
-            o.reverse()
-            ch, kp = k % c, k // c
-            kk = []
-            for j in reversed(range(nd)):
-                kk.append(kp % n.kernel_shape[j])
-                kp = kp // n.kernel_shape[j]
-            kk.reverse()
+            b, o = m // p_out, unravel(m % p_out, outs)
+            ch, kk = k % c, unravel(k // c, n.kernel_shape)
             idx = [o[j] * n.strides[j] + kk[j] * n.dilations[j] - n.pads[j] for j in range(nd)]
             inside = tirx.all(*[tirx.all(i >= 0, i < x.shape[1 + j]) for j, i in enumerate(idx)])
             safe = [tirx.max(tirx.min(i, x.shape[1 + j] - 1), 0) for j, i in enumerate(idx)]
@@ -1237,11 +1234,8 @@ def _nchw_shape(shape):
 
 def _static_int(d) -> int | None:
     """A shape dim as an int when it is known at compile time, else None."""
-    from tvm import tirx
-
-    if isinstance(d, (int, np.integer)):
-        return int(d)
-    return int(d.value) if isinstance(d, tirx.IntImm) else None
+    v = _sv_elem(d)
+    return v if isinstance(v, int) else None
 
 
 def _as_prim(v):

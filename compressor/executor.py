@@ -7,6 +7,7 @@ routing decisions of every MoE layer.
 """
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Any, Iterable, Mapping
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputShapeError, IRError, NumericalError, ShapeError
-from .ir import Conv, Embedding, Expert, Generic, Graph, LayerNorm, Linear, MoE, Node, Residual, RMSNorm
+from .ir import Conv, Embedding, Expert, Generic, Graph, LayerNorm, Linear, MoE, Node, Residual, RMSNorm, conv_out_size
 
 _TORCH_DTYPES = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
@@ -365,11 +366,9 @@ def pad_spatial(x: torch.Tensor, pads) -> torch.Tensor:
 def conv_patches(xp: torch.Tensor, kernel, strides, dilations) -> torch.Tensor:
     """im2col of a padded ``[N, C, *spatial]`` input: ``[N * prod(out), prod(kernel) * C]``, each row one output
     position's inputs ordered (kernel positions row-major, then channel): the input axis of :class:`Conv` weights."""
-    import itertools
-
     nd = len(kernel)
     n, c = xp.shape[:2]
-    outs = [(xp.shape[2 + i] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1 for i in range(nd)]
+    outs = [conv_out_size(xp.shape[2 + i], kernel[i], strides[i], dilations[i]) for i in range(nd)]
     cols = []
     for off in itertools.product(*[range(k) for k in kernel]):
         idx = tuple(slice(off[i] * dilations[i], off[i] * dilations[i] + strides[i] * (outs[i] - 1) + 1, strides[i]) for i in range(nd))

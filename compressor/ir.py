@@ -132,6 +132,11 @@ class Linear(Node):
         return f"{self.in_features}->{self.out_features}{b} {self.weight.describe()}"
 
 
+def conv_out_size(padded: int, kernel: int, stride: int, dilation: int) -> int:
+    """Output positions of a convolution along one dim of ``padded`` (padding included) input positions."""
+    return (padded - dilation * (kernel - 1) - 1) // stride + 1
+
+
 @dataclass(eq=False)
 class Conv(Linear):
     """An ONNX ``Conv`` (group 1, 1-3 spatial dims) raised to a Linear over patches: ``weight`` is the 2-D
@@ -173,9 +178,8 @@ class Conv(Linear):
         return {"kernel_shape": list(self.kernel_shape), "strides": list(self.strides), "pads": list(self.pads),
                 "dilations": list(self.dilations)}  # fmt: skip
 
-    def onnx_attributes(self) -> dict[str, list[int]]:
-        return {"kernel_shape": list(self.kernel_shape), "strides": list(self.strides), "pads": list(self.pads),
-                "dilations": list(self.dilations), "group": 1}  # fmt: skip
+    def onnx_attributes(self) -> dict[str, Any]:
+        return {**self.attrs(), "group": 1}
 
     @staticmethod
     def matrix_of(w: np.ndarray) -> np.ndarray:
@@ -201,8 +205,8 @@ class Conv(Linear):
             if not isinstance(n, int):
                 out.append(None)
                 continue
-            n = n + self.pads[i] + self.pads[i + len(self.kernel_shape)]
-            out.append((n - self.dilations[i] * (self.kernel_shape[i] - 1) - 1) // self.strides[i] + 1)
+            padded = n + self.pads[i] + self.pads[i + len(self.kernel_shape)]
+            out.append(conv_out_size(padded, self.kernel_shape[i], self.strides[i], self.dilations[i]))
         return out
 
     def describe(self) -> str:
@@ -856,8 +860,7 @@ class Graph:
             if op == "Linear":
                 return Linear(**base, weight=params["weight"], bias=params.get("bias"))
             if op == "Conv":
-                return Conv(**base, weight=params["weight"], bias=params.get("bias"), kernel_shape=tuple(attrs["kernel_shape"]),
-                            strides=tuple(attrs["strides"]), pads=tuple(attrs["pads"]), dilations=tuple(attrs["dilations"]))
+                return Conv(**base, weight=params["weight"], bias=params.get("bias"), **attrs)
             if op == "LayerNorm":
                 return LayerNorm(**base, weight=params.get("weight"), bias=params.get("bias"), eps=attrs["eps"])
             if op == "RMSNorm":

@@ -559,6 +559,9 @@ def match_conv(v: _View, n: Generic) -> _Match | None:
         return None
     strides = [int(k) for k in n.attributes.get("strides", [1] * nd)]
     dil = [int(k) for k in n.attributes.get("dilations", [1] * nd)]
+    xs = v.shape(x)
+    if xs is not None and (len(xs) != nd + 2 or (isinstance(xs[1], int) and xs[1] != w.shape[1])):
+        return None
     auto = n.attributes.get("auto_pad", "NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else str(auto)
     if auto in ("NOTSET", ""):
@@ -566,8 +569,7 @@ def match_conv(v: _View, n: Generic) -> _Match | None:
     elif auto == "VALID":
         pads = [0] * (2 * nd)
     elif auto in ("SAME_UPPER", "SAME_LOWER"):
-        xs = v.shape(x)
-        if xs is None or len(xs) != nd + 2 or not all(isinstance(d, int) for d in xs[2:]):
+        if xs is None or not all(isinstance(d, int) for d in xs[2:]):
             return None  # SAME padding of unknown spatial sizes: left to the generic op
         begin, end = [], []
         for i in range(nd):
@@ -578,9 +580,6 @@ def match_conv(v: _View, n: Generic) -> _Match | None:
             end.append(total - lo)
         pads = begin + end
     else:
-        return None
-    xs = v.shape(x)
-    if xs is not None and (len(xs) != nd + 2 or (isinstance(xs[1], int) and xs[1] != w.shape[1])):
         return None
     bias = None
     if len(n.inputs) > 2 and n.inputs[2]:
