@@ -243,6 +243,9 @@ def test_cnn_pruned_2_4_through_the_cli(cnn, tmp_path, exporter):
     conv_rows = [row for row in rows if (row.get("extra") or {}).get("conv")]
     status = {row["name"]: row["status"] for row in conv_rows}
     assert sorted(status.values()) == ["compressed"] * COMPRESSIBLE + ["skipped"], status
+    # named as PyTorch names the modules, by every exporter: c1's BatchNorm is folded into it (the dynamo exporter
+    # then scopes the Conv under "bn")
+    assert {n for n, s in status.items() if s == "compressed"} == {"c1", "c2", "c3", "down", "pw"}, status
     kernels = rep["build"]["kernels"]
     assert f"cpu.nm_sparse x{COMPRESSIBLE}" in kernels, kernels
     ws = _onnx_conv_weights(out / "model.onnx")
@@ -449,3 +452,47 @@ def test_mobilenet_style_block_through_the_cli(tmp_path):
     assert sorted(n for n, s in status.items() if s == "compressed") == ["expand", "project", "se1", "se2"], status
     y_ir, y_lib, y_onnx = (_outputs(out, tmp_path, e) for e in ("ir", "lib", "onnx"))
     assert rel(y_lib, y_ir) < 1e-5 and rel(y_onnx, y_ir) < 1e-5
+
+
+class _Seq(nn.Module):
+    """Containers as real models write them: Sequential blocks (TorchScript scopes them as ``b`` then ``b.0``), nested
+    Sequentials, and Conv + BatchNorm pairs (folded by both ONNX exporters)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.b = nn.Sequential(*[nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+                                 for _ in range(2)])  # fmt: skip
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(16 * 8 * 8, 32), nn.ReLU(), nn.Linear(32, 8))
+
+    def forward(self, x):
+        return self.head(self.b(self.stem(x)))
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo", "pt2"])
+def test_layer_names_are_pytorch_module_paths(tmp_path, exporter):
+    """`--include` / `--exclude` take the names `named_modules()` prints: whatever exporter wrote the model, each raised
+    layer is named by its module's path (not ``b.b.0.0`` from TorchScript scopes, not the folded BatchNorm's path)."""
+    torch.manual_seed(0)
+    m = _Seq().eval()
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 8, 8)
+    if exporter == "pt2":
+        path = tmp_path / "m.pt2"
+        torch.export.save(torch.export.export(m, (x,)), str(path))
+    else:
+        path = tmp_path / "m.onnx"
+        torch.onnx.export(m, (x,), str(path), input_names=["pixels"], output_names=["logits"], dynamo=exporter == "dynamo")
+    want = {n for n, mod in m.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))}
+    assert want == {"stem.0", "b.0.0", "b.1.0", "head.1", "head.3"}
+    r = sparsec("inspect", path, "--json")
+    assert r.returncode == 0, r.stderr
+    assert {row["name"] for row in json.loads(r.stdout)["linear"]} == want
+    # and the names select layers: exclude one block's conv by its PyTorch path
+    out = tmp_path / "out"
+    r = sparsec("compress", path, "--nm", "2:4", "--exclude", r"b\.1\.0", "--target", "x86", "--no-build", "-o", out, "-q")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((out / "report.json").read_text())["passes"][0]["rows"]
+    assert {row["name"] for row in rows if row["status"] == "compressed"} == {"b.0.0", "head.1"}

@@ -163,12 +163,25 @@ def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
 # ----------------------------------------------------------------------------------------------------------------
 # module paths
 _SCOPE_OP = re.compile(r"^[A-Za-z_]+(_\d+)?$")
+_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 
 
 def module_path(node: onnx.NodeProto) -> str | None:
+    """The PyTorch module path of ``node``, from the exporter's metadata or node name; None when it has none.
+
+    - dynamo exporter: the last scope of ``pkg.torch.onnx.name_scopes`` above the op. A Conv into which onnxscript's
+      rewriter folded a BatchNorm carries the BatchNorm's scope: its weight's name (``l.0.c1.weight``) names the
+      conv instead.
+    - TorchScript exporter: ``/l/l.0/c1/Conv``. A called container and its child appear as ``l`` then ``l.0``;
+      keeping only the child gives ``l.0.c1``, the path ``named_modules()`` prints.
+    """
     md = {p.key: p.value for p in node.metadata_props}
     if md.get("sparsec.module"):
         return md["sparsec.module"]
+    if "FuseBatchNormInto" in md.get("pkg.onnxscript.rewriter.rule_name", "") and len(node.input) > 1:
+        w = node.input[1]
+        if w.endswith(".weight") and _DOTTED.match(w):
+            return w[: -len(".weight")]
     ns = md.get("pkg.torch.onnx.name_scopes")
     if ns:
         try:
@@ -181,9 +194,10 @@ def module_path(node: onnx.NodeProto) -> str | None:
         return None
     name = node.name
     if name.startswith("/"):
-        parts = [p for p in name.strip("/").split("/") if p]
-        if len(parts) >= 2:
-            return ".".join(parts[:-1])
+        parts = [p for p in name.strip("/").split("/") if p][:-1]
+        parts = [p for i, p in enumerate(parts) if not (i + 1 < len(parts) and parts[i + 1].startswith(p + "."))]
+        if parts:
+            return ".".join(parts)
     return None
 
 
