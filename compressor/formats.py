@@ -543,6 +543,10 @@ class LowRank(WeightFormat):
     def materialize(self) -> np.ndarray:
         return self.base.materialize() + self.a.astype(np.float32) @ self.b.astype(np.float32)
 
+    def sparsity(self) -> float:
+        """The base's: the residual ``A @ B`` is dense, but the sparse kernels run on the base (2:4 + lr8 is 2:4)."""
+        return self.base.sparsity()
+
     def _tensors(self):
         return {"a": self.a, "b": self.b}
 

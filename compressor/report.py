@@ -23,7 +23,7 @@ class LayerRow:
     format_after: str
     bytes_before: int
     bytes_after: int
-    sparsity: float | None = None  # fraction of zeros in the materialized weight
+    sparsity: float | None = None  # fraction of zeros in the stored weight (of a low-rank residual's base)
     bits: float | None = None
     group_size: int | None = None
     error: float | None = None  # relative output error ||WX - W'X|| / ||WX|| on held-out calibration inputs

@@ -113,6 +113,7 @@ def test_pass_compensates_pruned_and_quantized_layers():
         assert isinstance(w, LowRank) and isinstance(w.base, NMSparse) and isinstance(w.base.values, GroupQuant)
         assert w.rank == (16 if lin.name.endswith(".down") else 8) and r.extra["rank"] == w.rank
         assert r.error < r.error_before and r.format_after.endswith(f"+lr{w.rank}")
+        assert r.sparsity == pytest.approx(float((w.base.materialize() == 0).mean())) and r.sparsity >= 0.5
         # the error before compensation is the total of pruning + quantization (vs the dense weight); the first
         # layers see the same held-out inputs in both passes (later ones see compensated predecessors' outputs)
         if lin.name in ("layers.0.q", "layers.0.k"):
