@@ -27,6 +27,34 @@ from ..compressor.errors import ArtifactError, InputShapeError, ShapeError, Tool
 LIB_SCHEMA = "sparsec.lib/1"
 
 
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may run on (hyper-threads of one core count once)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+    cores = set()
+    for c in cpus:
+        try:
+            cores.add(Path(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").read_text().strip())
+        except OSError:
+            return max(1, len(cpus))
+    return max(1, len(cores))
+
+
+def default_cpu_threads() -> int:
+    """The TVM runtime's CPU threads: ``TVM_NUM_THREADS`` when set, else one per physical core, written to the
+    environment before TVM's thread pool starts. TVM's own default on x86 is half the logical CPUs (it assumes
+    hyper-threading), which on machines without it (many VMs and CI runners: 2 vCPUs, 1 thread per core) ran every
+    library on half the cores while onnxruntime used all of them."""
+    if not os.environ.get("TVM_NUM_THREADS", "").strip():
+        os.environ["TVM_NUM_THREADS"] = str(physical_cores())
+    try:
+        return max(1, int(os.environ["TVM_NUM_THREADS"]))
+    except ValueError:
+        return physical_cores()
+
+
 def _artifact(a):
     from ..compressor.artifact import Artifact, load_artifact
 
@@ -99,6 +127,7 @@ class LoadedLib:
             install_loader()
             self.dev = tvm.cuda(0)
         else:
+            default_cpu_threads()
             self.dev = tvm.cpu(0)
         path = self.lib_dir / self.manifest.get("library", "model.so")
         if not path.exists():

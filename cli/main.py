@@ -483,7 +483,7 @@ def bench(
     shapes: str = typer.Option("1x1,1x128", "--shapes", help="Scenarios as BATCHxSEQ (batch x sequence length; SEQ ignored for non-sequence models)."),
     runs: int = typer.Option(20, "--runs", min=1, help="Timed runs per engine and scenario (min and median reported)."),
     warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed warm-up runs."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads for every engine (default: all CPUs)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads for every engine (default: one per physical core, or TVM_NUM_THREADS)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write JSON + Markdown table here (a directory or a .json path; default: the artifact)."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON document."),
 ):

@@ -926,3 +926,34 @@ def test_kernels_keep_their_alias_info_inside_a_library():
     two = two.with_attr("global_symbol", "two").with_attr("tirx.noalias", False)
     mod = single_pointer_noalias()(tvm.IRModule({"two": two}))
     assert not mod["two"].attrs.get("tirx.noalias", False)
+
+
+def _cores_from_cpuinfo() -> int | None:
+    """(physical id, core id) pairs of the CPUs this process may use, from /proc/cpuinfo (an independent source)."""
+    try:
+        blocks = Path("/proc/cpuinfo").read_text().strip().split("\n\n")
+    except OSError:
+        return None
+    allowed, pairs = os.sched_getaffinity(0), set()
+    for b in blocks:
+        kv = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in b.splitlines())}
+        if "core id" not in kv or int(kv["processor"]) not in allowed:
+            continue
+        pairs.add((kv.get("physical id", "0"), kv["core id"]))
+    return len(pairs) or None
+
+
+def test_runtime_threads_default_to_physical_cores(monkeypatch):
+    """TVM's own default is half the logical CPUs on x86 (it assumes hyper-threading): on a machine without it the
+    library ran on half the cores. Unset, ``TVM_NUM_THREADS`` becomes the physical core count; a value the user set is
+    kept; `sparsec bench` gives onnxruntime the same count."""
+    from sparsec.backends.runtime import default_cpu_threads, physical_cores
+
+    want = _cores_from_cpuinfo()
+    if want is None:
+        pytest.skip("/proc/cpuinfo has no core ids here (the count cannot be checked independently)")
+    assert physical_cores() == want
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+    assert default_cpu_threads() == want and os.environ["TVM_NUM_THREADS"] == str(want)
+    monkeypatch.setenv("TVM_NUM_THREADS", "3")
+    assert default_cpu_threads() == 3 and os.environ["TVM_NUM_THREADS"] == "3"
