@@ -77,7 +77,11 @@ class TuningDB:
                 db.sources.append(str(sp))
         return db
 
-    def lookup(self, kernel: str, target, key: dict[str, Any]) -> dict[str, Any] | None:
+    def lookup(self, kernel: str, target, key: dict[str, Any], lanes: int | None = None) -> dict[str, Any] | None:
+        """The config of the first entry for ``kernel`` / ``target`` / ``key``. ``lanes`` (CPU kernels: float32 SIMD
+        lanes of this machine): entries tuned on another vector width are skipped; a schedule tuned with 512-bit
+        vectors (16 lanes) spills registers on a 256-bit machine (the shipped x86 entries, tuned on AVX-512, ran the
+        golden GPT's prefill GEMMs 2.5x slower on an AVX2 machine than its default schedules)."""
         tname = target if isinstance(target, str) else target.name
         tbase = tname.partition(":")[0]
         want = [key]
@@ -87,6 +91,8 @@ class TuningDB:
             ck = _canon(k)
             for e in self.entries:
                 if e["kernel"] == kernel and e.get("target", tbase) in (tname, tbase) and _canon(e["key"]) == ck:
+                    if lanes is not None and e.get("lanes") is not None and int(e["lanes"]) != lanes:
+                        continue
                     return dict(e["config"])
         return None
 
@@ -313,6 +319,9 @@ def tune_graph(graph, target, db: TuningDB, formats: list[str] | None = None, m_
         jobs.append((label, probe, kname))
     rows = []
     device = f"{platform.machine()} {target.tvm_dict().get('mcpu', '')}".strip()
+    from .kernels.registry import vector_lanes
+
+    lanes = {"lanes": vector_lanes(target, "float32")} if target.kind != "cuda" else {}  # the width CPU entries were tuned for
     for i, (label, probe, kname) in enumerate(jobs):
         if console is not None:
             console.print(f"[dim]tune {i + 1}/{len(jobs)}: {kname} {label} {probe.out_features}x{probe.in_features}[/dim]")
@@ -320,7 +329,8 @@ def tune_graph(graph, target, db: TuningDB, formats: list[str] | None = None, m_
         if r is None:
             continue
         db.record(kname, target.name.partition(":")[0], r.key, r.config, seconds={str(k): v for k, v in r.seconds.items()},
-                  default_seconds={str(k): v for k, v in r.default_seconds.items()}, candidates=r.candidates, device=device)  # fmt: skip
+                  default_seconds={str(k): v for k, v in r.default_seconds.items()}, candidates=r.candidates, device=device,
+                  **lanes)  # fmt: skip
         rows.append({"kernel": kname, "format": label, "shape": f"{probe.out_features}x{probe.in_features}",
                      "speedup_vs_default": r.speedup, "config": r.config,
                      **{f"us_m{m}": r.seconds[m] * 1e6 for m in r.seconds}})  # fmt: skip

@@ -957,3 +957,27 @@ def test_runtime_threads_default_to_physical_cores(monkeypatch):
     assert default_cpu_threads() == want and os.environ["TVM_NUM_THREADS"] == str(want)
     monkeypatch.setenv("TVM_NUM_THREADS", "3")
     assert default_cpu_threads() == 3 and os.environ["TVM_NUM_THREADS"] == "3"
+
+
+def test_cpu_tuning_entries_apply_only_at_the_vector_width_they_were_tuned_for(tmp_path):
+    """A CPU schedule tuned with 512-bit vectors spills registers at 256 bits (and one tuned at 256 bits wastes half
+    of 512): an entry recording another float32 lane count than this machine's is skipped (the layer builds untuned),
+    one recording this machine's is used, and an entry without ``lanes`` (older databases) is used as before. The
+    shipped x86 entries say which width they were tuned for."""
+    import json
+
+    from sparsec.backends.kernels.registry import vector_lanes
+    from sparsec.backends.tune import shipped_db_path
+
+    lanes = vector_lanes(X86, "float32")
+    lin = Linear("l", ["x"], ["y"], weight=make_weight("nm2:4", 32, 64, np.random.default_rng())[0])
+    default = select_kernel(lin, X86, ShapeHints(), TuningDB.empty())
+    cfg = dict(default.config, tile_m=8, rows=2, unroll=8, gemv_tiers=[1, 8])
+    assert cfg != default.config
+    for recorded, used in ((2 * lanes, False), (lanes, True), (None, True)):
+        db = TuningDB()
+        db.record("cpu.nm_sparse", "x86", linear_key(lin), cfg, **({} if recorded is None else {"lanes": recorded}))
+        impl = select_kernel(lin, X86, ShapeHints(), db)
+        assert impl.tuned is used and (impl.config == cfg) is used, (recorded, impl.config)
+    shipped = json.loads(shipped_db_path("x86").read_text())["entries"]
+    assert shipped and all(isinstance(e.get("lanes"), int) for e in shipped)

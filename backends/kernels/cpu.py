@@ -781,7 +781,7 @@ def _generate(kernel_name: str, linear, target, hints: ShapeHints, tuning) -> Ke
     if hints.config is not None:
         cfg = dict(hints.config)
     else:
-        found = tuning.lookup(kernel_name, target, linear_key(linear, hints))
+        found = tuning.lookup(kernel_name, target, linear_key(linear, hints), lanes=vector_lanes(target, "float32"))
         if found is not None and check_config(spec, {**default_config(spec, target), **found}, target) is None:
             cfg, tuned = {**default_config(spec, target), **found}, True
     if cfg is None:
