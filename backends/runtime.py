@@ -27,8 +27,31 @@ from ..compressor.errors import ArtifactError, InputShapeError, ShapeError, Tool
 LIB_SCHEMA = "sparsec.lib/1"
 
 
+def cgroup_cpu_limit() -> int | None:
+    """CPUs a container's CPU quota allows (cgroup v2 ``cpu.max``, v1 ``cfs_quota_us``), rounded up; None: no quota."""
+    import math
+
+    for quota_file, period_file in (("/sys/fs/cgroup/cpu.max", None),
+                                    ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")):  # fmt: skip
+        try:
+            parts = Path(quota_file).read_text().split()
+            if period_file is not None:
+                parts.append(Path(period_file).read_text().strip())
+            quota, period = parts[0], parts[1]
+        except (OSError, IndexError):
+            continue
+        if quota in ("max", "-1"):
+            return None
+        try:
+            return max(1, math.ceil(int(quota) / int(period)))
+        except (ValueError, ZeroDivisionError):
+            return None
+    return None
+
+
 def physical_cores() -> int:
-    """Physical cores among the CPUs this process may run on (hyper-threads of one core count once)."""
+    """Physical cores among the CPUs this process may run on (hyper-threads of one core count once), at most what a
+    container's CPU quota allows."""
     try:
         cpus = sorted(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -38,8 +61,10 @@ def physical_cores() -> int:
         try:
             cores.add(Path(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").read_text().strip())
         except OSError:
-            return max(1, len(cpus))
-    return max(1, len(cores))
+            cores = set(cpus)
+            break
+    limit = cgroup_cpu_limit()
+    return max(1, min(len(cores), limit) if limit else len(cores))
 
 
 def default_cpu_threads() -> int:

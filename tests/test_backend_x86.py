@@ -949,9 +949,13 @@ def test_runtime_threads_default_to_physical_cores(monkeypatch):
     kept; `sparsec bench` gives onnxruntime the same count."""
     from sparsec.backends.runtime import default_cpu_threads, physical_cores
 
+    from sparsec.backends.runtime import cgroup_cpu_limit
+
     want = _cores_from_cpuinfo()
     if want is None:
         pytest.skip("/proc/cpuinfo has no core ids here (the count cannot be checked independently)")
+    if cgroup_cpu_limit():
+        want = min(want, cgroup_cpu_limit())
     assert physical_cores() == want
     monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
     assert default_cpu_threads() == want and os.environ["TVM_NUM_THREADS"] == str(want)
@@ -981,3 +985,24 @@ def test_cpu_tuning_entries_apply_only_at_the_vector_width_they_were_tuned_for(t
         assert impl.tuned is used and (impl.config == cfg) is used, (recorded, impl.config)
     shipped = json.loads(shipped_db_path("x86").read_text())["entries"]
     assert shipped and all(isinstance(e.get("lanes"), int) for e in shipped)
+
+
+def test_container_cpu_quota_caps_the_thread_count(monkeypatch):
+    """A container limited to 2 CPUs (cgroup v2 ``cpu.max`` "200000 100000") on a many-core host runs 2 threads, not
+    one per host core; "max" (no quota) leaves the core count."""
+    from sparsec.backends import runtime
+
+    real_read = Path.read_text
+
+    def fake(text):
+        def read_text(self, *a, **k):
+            if str(self) == "/sys/fs/cgroup/cpu.max":
+                return text
+            return real_read(self, *a, **k)
+        return read_text
+
+    monkeypatch.setattr(Path, "read_text", fake("150000 100000\n"))
+    assert runtime.cgroup_cpu_limit() == 2 and runtime.physical_cores() <= 2
+    monkeypatch.setattr(Path, "read_text", fake("max 100000\n"))
+    assert runtime.cgroup_cpu_limit() is None
+    assert runtime.physical_cores() == (_cores_from_cpuinfo() or runtime.physical_cores())
