@@ -496,3 +496,61 @@ def test_layer_names_are_pytorch_module_paths(tmp_path, exporter):
     assert r.returncode == 0, r.stderr
     rows = json.loads((out / "report.json").read_text())["passes"][0]["rows"]
     assert {row["name"] for row in rows if row["status"] == "compressed"} == {"b.0.0", "head.1"}
+
+
+POOLS = [  # (op_type, attributes, axes input or None, NCHW output shape given the map [b, 32, 9, 9])
+    ("GlobalAveragePool", {}, None, (1, 1)),
+    ("GlobalMaxPool", {}, None, (1, 1)),
+    ("ReduceMean", {"keepdims": 0}, [2, 3], ()),
+    ("ReduceMean", {"keepdims": 1}, [-1, -2], (1, 1)),
+    ("ReduceMax", {"keepdims": 0}, [3, 2], ()),
+]
+
+
+def test_global_pools_of_conv_maps_are_reduced_channels_last(tmp_path):
+    """A CNN's head pools its last conv map: GlobalAveragePool / GlobalMaxPool, or ReduceMean / ReduceMax over the
+    spatial axes (axes as an input, any order, negative, keepdims 0 or 1). The map is reduced channels-last, with no
+    permute of it back to NCHW; outputs equal the executor's. A ReduceMean over channels is not a spatial pool and
+    reads the NCHW map as before."""
+    from sparsec.backends.build import build_to_dir
+    from sparsec.backends.lower import lower
+    from sparsec.backends.runtime import LoadedLib
+    from sparsec.backends.targets import get_target
+    from sparsec.backends.tune import TuningDB
+
+    rng = np.random.default_rng()
+
+    def graph(pools, opset=18):
+        g = Graph("pools")
+        g.opset = {"": opset}
+        g.inputs = ["x"]
+        g.add_value("x", "float32", ("b", 16, 9, 9))
+        g.nodes.append(Conv("c", ["x"], ["m"], weight=_weight("nm24", 32, 16 * 9, rng), bias=rng.standard_normal(32).astype(np.float32),
+                            kernel_shape=(3, 3), strides=(1, 1), pads=(1, 1, 1, 1), dilations=(1, 1)))  # fmt: skip
+        g.add_value("m", "float32", ("b", 32, 9, 9))
+        for i, (op, attrs, axes, tail) in enumerate(pools):
+            ins = ["m"]
+            if axes is not None:
+                g.constants[f"axes{i}"] = np.array(axes, np.int64)
+                ins.append(f"axes{i}")
+            types = {k: "INTS" if isinstance(v, list) else "INT" for k, v in attrs.items()}
+            g.nodes.append(Generic(f"p{i}", ins, [f"y{i}"], op_type=op, attributes=dict(attrs), attr_types=types))
+            g.add_value(f"y{i}", "float32", ("b", 32, *tail))
+            g.outputs.append(f"y{i}")
+        return g
+
+    # opset 18 (axes as an input) and opset 17 (axes as an attribute)
+    for i, g in enumerate((graph(POOLS), graph([("ReduceMean", {"keepdims": 1, "axes": [3, 2]}, None, (1, 1))], 17))):
+        build_to_dir(g, "x86", tmp_path / f"lib{i}")
+        lib, ex = LoadedLib(lib_dir=tmp_path / f"lib{i}", graph=g), Executor(g)
+        for b in (1, 3):
+            x = rng.standard_normal((b, 16, 9, 9)).astype(np.float32)
+            got, ref = lib.run({"x": x}), ex.run({"x": x})
+            for o in g.outputs:
+                assert got[o].shape == ref[o].shape and rel(got[o], ref[o]) < 1e-5, (o, b)
+        script = lower(g, get_target("x86"), TuningDB.empty()).mod["main"].script()
+        assert "axes=[0, 3, 1, 2]" not in script  # (the input's NCHW -> NHWC permute stays: the conv reads NHWC)
+    # over the channels: not a spatial pool, the map is permuted back to NCHW and reduced there
+    g2 = graph([("ReduceMean", {"keepdims": 0}, [1], (9, 9))])
+    g2.values["y0"] = g2.values["y0"].__class__("y0", "float32", ("b", 9, 9))
+    assert "axes=[0, 3, 1, 2]" in lower(g2, get_target("x86"), TuningDB.empty()).mod["main"].script()
