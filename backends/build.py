@@ -96,12 +96,14 @@ def single_pointer_noalias():
     than compiled alone (3136 x 576 -> 64, 2:4, 2 threads: 5.3 ms vs 1.8 ms; bench/conv_x86.py measures the nets)."""
     import tvm
 
+    def scalar(v) -> bool:
+        return isinstance(v.ty, tvm.ir.PrimType) and str(v.ty.dtype) != "handle"
+
     @tvm.transform.module_pass(opt_level=0, name="SinglePointerNoAlias")
     def _pass(mod, _ctx):
         out = tvm.IRModule(mod.functions, attrs=mod.attrs)
         for gv, f in mod.functions.items():
             if isinstance(f, tvm.tirx.PrimFunc) and not f.attrs.get("tirx.noalias", False):
-                scalar = lambda v: isinstance(v.ty, tvm.ir.PrimType) and str(v.ty.dtype) != "handle"  # noqa: E731
                 if sum(1 for v in f.params if not scalar(v)) <= 1:
                     out[gv] = f.with_attr("tirx.noalias", True)
         return out

@@ -326,14 +326,20 @@ class _Lowerer:
         y = self.bb.emit(relax.op.reshape(y2, (shape[0], *outs, n.out_features)))
         return (y if _dtype_of(y) == dt else self.bb.emit(relax.op.astype(y, dt))), True  # NHWC
 
+    def _nhwc_operand(self, n: Generic):
+        """The channels-last first input of a one-output ONNX-domain op (None when that input is not channels-last)."""
+        if n.domain or not n.inputs or n.inputs[0] not in self.nhwc or len(n.outputs) != 1:
+            return None
+        return self.nhwc[n.inputs[0]]
+
     def spatial_pool(self, n: Generic):
         """A global average / max pool of a channels-last conv output (GlobalAveragePool, GlobalMaxPool, ReduceMean /
         ReduceMax over exactly the spatial axes), reduced channels-last: its NCHW result (None when it does not apply).
         Without it a CNN's head permuted the whole last feature map back to NCHW only to average it."""
         relax = self.relax
-        if n.domain or not n.inputs or n.inputs[0] not in self.nhwc or len(n.outputs) != 1:
+        x = self._nhwc_operand(n)
+        if x is None:
             return None
-        x = self.nhwc[n.inputs[0]]
         shape = _shape_of(x)
         if shape is None:
             return None
@@ -352,6 +358,7 @@ class _Lowerer:
             mean, keep = op == "ReduceMean", bool(a.get("keepdims", 1))
         else:
             return None
+        out = (shape[0], shape[-1], *([1] * nd)) if keep else (shape[0], shape[-1])  # NCHW
         spatial = [_static_int(d) for d in shape[1:-1]]
         if mean and all(d is not None for d in spatial):
             # the mean as a row of 1/HW times the [HW, C] map of each image: a matmul the CPU schedules tile and
@@ -360,20 +367,18 @@ class _Lowerer:
             hw = int(np.prod(spatial))
             x3 = self.bb.emit(relax.op.reshape(x, (shape[0], hw, shape[-1])))
             w = relax.const(np.full((1, hw), 1.0 / hw, dtype=_dtype_of(x)))
-            y = self.bb.emit(relax.op.reshape(self.bb.emit(relax.op.matmul(w, x3)), (shape[0], shape[-1])))
+            y = self.bb.emit(relax.op.matmul(w, x3))  # [N, 1, C]
         else:
             y = self.bb.emit((relax.op.mean if mean else relax.op.max)(x, axis=list(range(1, nd + 1)), keepdims=False))
-        if keep:
-            y = self.bb.emit(relax.op.reshape(y, (shape[0], shape[-1], *([1] * nd))))
-        return y
+        return self.bb.emit(relax.op.reshape(y, out))
 
     def channels_last_op(self, n: Generic):
         """An elementwise op on channels-last conv outputs, computed channels-last (None when it does not apply):
         unary activations, and Add / Sub / Mul / Div of two such values of one shape or of one and a scalar constant."""
         relax = self.relax
-        if n.domain or not n.inputs or n.inputs[0] not in self.nhwc or len(n.outputs) != 1:
+        x = self._nhwc_operand(n)
+        if x is None:
             return None
-        x = self.nhwc[n.inputs[0]]
         op = n.op_type
         unary = {"Relu": relax.op.nn.relu, "Sigmoid": relax.op.sigmoid, "Tanh": relax.op.tanh}
         if op in unary and len(n.inputs) == 1:

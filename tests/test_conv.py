@@ -552,5 +552,5 @@ def test_global_pools_of_conv_maps_are_reduced_channels_last(tmp_path):
         assert "axes=[0, 3, 1, 2]" not in script  # (the input's NCHW -> NHWC permute stays: the conv reads NHWC)
     # over the channels: not a spatial pool, the map is permuted back to NCHW and reduced there
     g2 = graph([("ReduceMean", {"keepdims": 0}, [1], (9, 9))])
-    g2.values["y0"] = g2.values["y0"].__class__("y0", "float32", ("b", 9, 9))
+    g2.add_value("y0", "float32", ("b", 9, 9))
     assert "axes=[0, 3, 1, 2]" in lower(g2, get_target("x86"), TuningDB.empty()).mod["main"].script()
