@@ -263,7 +263,7 @@ def test_tiny_gpt_aarch64_under_qemu_matches_executor(tmp_path):
     manifest = build_lib(g, "aarch64:i8mm", tmp_path / "lib")
     assert "+i8mm" in manifest["tvm_target"]["mattr"]
     assert "arm.int8_sdot" not in {k["kernel"] for k in manifest["kernels"]}
-    check_against_executor(g, tmp_path / "lib", manifest, [(1, 1), (2, 16), (1, 128)], seed=21)
+    check_against_executor(g, tmp_path / "lib", manifest, [(1, 1), (1, 3), (1, 12), (2, 16), (1, 128)], seed=21)
     with pytest.raises(ShapeError, match="at most 128"):  # its causal-mask buffer has 128 rows
         cross.run_standalone(tmp_path / "lib", manifest, {g.inputs[0]: np.ones((1, 129), dtype=np.int64)})
 
@@ -281,7 +281,7 @@ def gpt_wasm(tmp_path_factory):
 @need_node
 def test_tiny_gpt_wasm_in_node_matches_executor(gpt_wasm):
     g, lib, manifest = gpt_wasm
-    check_against_executor(g, lib, manifest, [(1, 1), (2, 16), (1, 128)], seed=22)
+    check_against_executor(g, lib, manifest, [(1, 1), (1, 3), (1, 12), (2, 16), (1, 128)], seed=22)
     with pytest.raises(ShapeError, match="token ids"):
         cross.run_standalone(lib, manifest, {g.inputs[0]: np.array([[1, 300]])})
     with pytest.raises(ShapeError, match="at most 128"):  # its causal-mask buffer has 128 rows

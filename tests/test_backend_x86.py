@@ -170,6 +170,38 @@ def test_kernel_source_really_skips_pruned_weights():
     assert dense.params[0].shape == (32 // V, 64, V)
 
 
+@pytest.mark.parametrize("kind,g", [("int4s", 32), ("int4a", 16), ("int4a", 64), ("int8a", 32), ("int4a", 12),
+                                    ("nm2:4+int4a", 8)])
+def test_quantized_gemv_group_loop_and_code_words(kind, g):
+    """The quantized GEMV's group loop (gemv_hoist: scale and -zero*scale once a group, or sums of code*x and of x per
+    group for int4/int8 without sparsity) and the int32-word code layout, every combination against float64 at every
+    tier; a group that the unroll does not divide (g 12) takes the plain loop. x86 int4 defaults to words + the loop."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = np.random.default_rng(seed)
+    out_f, in_f = 40, 192
+    if kind.startswith("nm"):
+        fmt, wref = make_weight(kind, out_f, in_f, rng)
+    else:
+        fmt, wref = _quant_parts(rng, out_f, in_f, int(kind[3]), g, kind[4] == "s")
+    lin = Linear("l", ["x"], ["y"], weight=fmt, bias=rng.standard_normal(out_f).astype(np.float32))
+    spec = cpu.spec_of(lin)
+    base = cpu.default_config(spec, X86)
+    words = kind == "int4s" or kind == "int4a"
+    assert (base.get("codes") == "word") == (words and spec.J % 8 == 0)
+    impl = select_kernel(lin, X86, ShapeHints(), TuningDB.empty())
+    if words and g % 8 == 0:  # the default M = 1 GEMV sums code * x per group
+        assert "for gq in range" in impl.source and "xs[mi, 0] = xs[mi, 0] + x[" in impl.source
+    for codes in ("byte", "word"):
+        for hoist in (0, 1, 2):
+            cfg = dict(base, codes=codes, gemv_hoist=hoist, unroll=8, gemv_tiers=[1, 4, 16])
+            if cpu.check_config(spec, cfg, X86) is not None:
+                continue
+            impl = select_kernel(lin, X86, ShapeHints(config=cfg), TuningDB.empty())
+            assert ("for gq in range" in impl.source) == (hoist > 0 and g % 8 == 0)
+            assert impl.params[0].dtype == ("int32" if codes == "word" else "uint8")
+            _assert_matches_float64(impl, lin, wref, (1, 3, 4, 11, 16, 37), 2e-6, rng, f"{kind} g{g} {codes} hoist {hoist} seed={seed}")
+
+
 # the prefill GEMM on x86 (M above the GEMV tiers): each format decoded once per (output block, K block) into a dense
 # panel, then a register-blocked micro-kernel over every tile of x rows. Tails everywhere: M not a multiple of the
 # row tile, an odd number of output blocks (no block pairing), K split into blocks accumulated in y, wide N:M groups

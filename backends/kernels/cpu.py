@@ -204,17 +204,24 @@ def _swizzle_positions(nm, spec: Spec) -> np.ndarray:
     return np.ascontiguousarray(_interleave(idx, 4).reshape(spec.O // 4, spec.J * 4))
 
 
-def _swizzle_codes(gq, spec: Spec) -> list[np.ndarray]:
-    """wasm swizzle layout of quantized kept values: ``[O/4, J/per, 4]`` int32 words, lane = output row, code of kept
-    column ``per*q + k`` in bits ``[b*k, b*k+b)`` (per = 8 int4 / 4 int8 codes a word); scales/zeros as interleaved."""
-    codes = gq.codes().astype(np.uint32).reshape(spec.O, spec.J)
-    per, b = (8, 4) if spec.bits == 4 else (4, 8)
-    words = np.zeros((spec.O, spec.J // per), dtype=np.uint32)
+def _word_codes(gq, O: int, cols: int, V: int) -> list[np.ndarray]:
+    """Quantized values as int32 words: ``[O/V, cols/per, V]``, lane = output row, code of column ``per*q + k`` in
+    bits ``[b*k, b*k+b)`` (per = 8 int4 / 4 int8 codes a word); scales/zeros as interleaved. The wasm swizzle GEMV's
+    layout (V = 4), and the x86 one of int4 ("codes": "word"): a lane's codes are taken out of a 32-bit lane by a shift
+    and a mask, where the byte layout needs byte masks and a widening per column."""
+    codes = gq.codes().astype(np.uint32).reshape(O, cols)
+    per, b = (8, 4) if gq.bits == 4 else (4, 8)
+    words = np.zeros((O, cols // per), dtype=np.uint32)
     for k in range(per):
         words |= codes[:, k::per] << np.uint32(b * k)
     S = gq.scale_grid().astype(np.float32)
     Z = gq.zero_grid().astype(np.float32)
-    return [_interleave(words.view(np.int32), 4), _interleave(S, 4), _interleave(Z, 4)]
+    return [_interleave(words.view(np.int32), V), _interleave(S, V), _interleave(Z, V)]
+
+
+def _code_words(spec: Spec, cfg: dict[str, Any]) -> bool:
+    """Whether a config stores its codes as int32 words (_word_codes): the wasm swizzle GEMV, and "codes": "word"."""
+    return spec.kind in ("gq", "nm_gq") and (cfg.get("gemv_mode") == "swizzle" or cfg.get("codes") == "word")
 
 
 def prepare_cpu(linear, config: dict[str, Any]) -> list[np.ndarray]:
@@ -224,15 +231,16 @@ def prepare_cpu(linear, config: dict[str, Any]) -> list[np.ndarray]:
     V = int(config["block_o"])
     w = linear.weight
     swz = config.get("gemv_mode") == "swizzle"
+    words = _code_words(spec, config)
     if spec.kind == "dense":
         arrays = [_interleave(w.materialize().astype(np.float32), V)]
     elif spec.kind == "gq":
-        arrays = _quant_arrays(w, V)
+        arrays = _word_codes(w, spec.O, spec.K, V) if words else _quant_arrays(w, V)
     elif spec.kind == "nm":
         arrays = [_interleave(w.values.materialize().astype(np.float32), V)]
         arrays.append(_swizzle_positions(w, spec) if swz else _index_array(w, spec, V))
     else:
-        arrays = _swizzle_codes(w.values, spec) if swz else _quant_arrays(w.values, V)
+        arrays = _word_codes(w.values, spec.O, spec.J, V) if words else _quant_arrays(w.values, V)
         arrays.append(_swizzle_positions(w, spec) if swz else _index_array(w, spec, V))
     if swz:
         arrays.append(SPREAD_MASKS.copy())
@@ -241,12 +249,12 @@ def prepare_cpu(linear, config: dict[str, Any]) -> list[np.ndarray]:
     return arrays
 
 
-def param_specs(spec: Spec, V: int, swizzle: bool = False) -> list[WeightParam]:
+def param_specs(spec: Spec, V: int, swizzle: bool = False, words: bool = False) -> list[WeightParam]:
     OB = spec.O // V
     out: list[WeightParam] = []
 
     def quant(cols):
-        if swizzle:
+        if swizzle or words:
             per = 8 if spec.bits == 4 else 4
             c = WeightParam("codes", (OB, cols // per, V), "int32")
         else:
@@ -287,7 +295,15 @@ def default_config(spec: Spec, target) -> dict[str, Any]:
     V = _divisor_at_most(spec.O, lanes)
     unit = spec.unit
     unroll = unit * max(1, 4 // unit) if spec.J % (unit * max(1, 4 // unit)) == 0 else unit
+    # int4 on x86: codes as int32 words, 8 columns (one word a lane) an iteration: a code is a shift and a mask of its
+    # 32-bit lane (the byte layout took byte masks, shifts and a widening per column). With the GEMV's group loop,
+    # int4 g128 at M = 1, one thread, AVX2: 2.0 -> 1.0 ms (4096 x 4096), 5.7 -> 3.1 (11008 x 4096); the panel GEMM
+    # (M = 128) unchanged (python bench/cpu_gemv.py: bench/results/cpu_gemv.md)
+    words = _x86(target) and spec.kind == "gq" and spec.bits == 4 and spec.J % 8 == 0
+    if words:
+        unroll = 8
     return {
+        **({"codes": "word"} if words else {}),
         "block_o": V,
         "tile_m": 2 * lanes,
         "rows": min(V, 8 if lanes >= 16 else 4),
@@ -380,6 +396,14 @@ def check_config(spec: Spec, cfg: dict[str, Any], target=None) -> str | None:
             return "gemv_mode 'swizzle' needs a wasm simd128 target (i8x16.swizzle)"
         if V != 4:
             return "gemv_mode 'swizzle' needs block_o 4"
+    if cfg.get("gemv_xt", True) not in (True, False, 0, 1):
+        return "gemv_xt must be a boolean"
+    if cfg.get("gemv_hoist", 0) not in (0, 1, 2):
+        return "gemv_hoist must be 0 (off), 1 (scale and zero point per group) or 2 (code sums per group)"
+    if cfg.get("codes", "byte") not in ("byte", "word"):
+        return f"codes {cfg.get('codes')!r} is not one of byte, word"
+    if cfg.get("codes") == "word" and (spec.kind not in ("gq", "nm_gq") or spec.J % (8 if spec.bits == 4 else 4)):
+        return "codes 'word' needs a quantized format with whole words of codes (8 int4 / 4 int8) a row"
     if cfg.get("gemv_impl", "tir") not in ("tir", "c"):
         return f"gemv_impl {cfg.get('gemv_impl')!r} is not one of tir, c"
     if cfg.get("gemv_impl") == "c" and (cfg.get("gemv_mode") != "swizzle" or _c_gemv(spec) is None):
@@ -460,14 +484,18 @@ class _Src:
         return self.block()
 
 
-def _weight_expr(spec: Spec, U: int, ob: str, ko: str, ku: int, lane: str, swz: bool = False) -> str:
-    """The decoded float32 weight at stored column ``ko*U+ku`` of interleaved lane ``lane``."""
+def _weight_expr(spec: Spec, U: int, ob: str, ko: str, ku: int, lane: str, swz: bool = False,
+                 hoisted: str = "") -> str:
+    """The decoded float32 weight at stored column ``ko*U+ku`` of interleaved lane ``lane``. ``hoisted`` (the GEMV's
+    group loop, quantized formats): ``"fma"`` the group's scale and ``-zero * scale`` are in the local vectors ``sv`` /
+    ``zv`` (one multiply-add a weight instead of a subtract, a multiply and two loads); ``"code"`` the code alone (the
+    GEMV applies the scale and zero point once a group)."""
     j = f"{ko} * {U} + {ku}"
     if spec.kind in ("dense", "nm"):
         buf = "W" if spec.kind == "dense" else "Wv"
         return f"{buf}[{ob}, {j}, {lane}]"
     g = f"({j}) // {spec.G}"
-    if swz:  # int32 words of 8 int4 / 4 int8 codes (see _swizzle_codes)
+    if swz:  # int32 words of 8 int4 / 4 int8 codes (see _word_codes)
         per, b = (8, 4) if spec.bits == 4 else (4, 8)
         if U % per == 0:
             code = f"T.Cast(\"float32\", T.shift_right(C[{ob}, {ko} * {U // per} + {ku // per}, {lane}], {b * (ku % per)}) & {(1 << b) - 1})"
@@ -477,6 +505,10 @@ def _weight_expr(spec: Spec, U: int, ob: str, ko: str, ku: int, lane: str, swz: 
         code = f"T.Cast(\"float32\", T.shift_right(C[{ob}, {ko} * {U // 2} + {ku // 2}, {lane}], T.uint8({4 * (ku % 2)})) & T.uint8(15))"
     else:
         code = f"T.Cast(\"float32\", C[{ob}, {j}, {lane}])"
+    if hoisted == "code":
+        return code
+    if hoisted == "fma":
+        return f"{code} * sv[{lane}] + zv[{lane}]"
     return f"({code} - Z[{ob}, {g}, {lane}]) * S[{ob}, {g}, {lane}]"
 
 
@@ -505,7 +537,8 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
     OB, J, K, O = spec.O // V, spec.J, spec.K, spec.O
     sparse = spec.kind in ("nm", "nm_gq")
     swz = cfg.get("gemv_mode") == "swizzle"
-    params = param_specs(spec, V, swz)
+    words = _code_words(spec, cfg)
+    params = param_specs(spec, V, swz, words)
     short = {"weight": "W", "values": "Wv", "codes": "C", "scales": "S", "zeros": "Z", "index": "I", "spread": "SP", "bias": "B"}
     sig = ", ".join(f"{short[p.name]}: T.Buffer({tuple(p.shape)}, \"{p.dtype}\")" for p in params)
     s = _Src()
@@ -519,13 +552,13 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
 
         select = cfg.get("gemv_mode", "gather") == "select"
 
-        def nm_select_decode(ob: str, ko: str, dst):
+        def nm_select_decode(ob: str, ko: str, dst, hoisted: str = ""):
             """The U stored values of block ``ob``, unroll step ``ko`` (into wv) and their positions (into cv), then
             each group of n kept values expanded to its m dense weights by position selects, written to dst(gi, c)."""
             n_, m_ = spec.n, spec.m
             for ku in range(U):
                 with s.scope(f"for l in T.vectorized({V}):"):
-                    s(f"wv[{ku}, l] = {_weight_expr(spec, U, ob, ko, ku, 'l')}")
+                    s(f"wv[{ku}, l] = {_weight_expr(spec, U, ob, ko, ku, 'l', words, hoisted=hoisted)}")
                     s(f"cv[{ku}, l] = {_pos_expr(spec, U, ob, ko, ku, 'l')}")
             for gi in range(U // n_):
                 for c in range(m_):
@@ -583,8 +616,52 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
                         b_ = f" + B[T.Ramp(ob * 4, 1, 4)]" if spec.bias else ""
                         s(f"y[mi, T.Ramp(ob * 4, 1, 4)] = {tot}{b_}")
 
+        def gemv_xt(MB: int) -> bool:
+            """Whether the GEMV of tier MB reads x from a transposed copy xt[K, MB] (made once a call): the MB values of
+            a column are one cache line apart from the next column's instead of MB rows of K floats apart, which for
+            a power-of-two K put every row in the same L1 sets (dense 11008 x 4096 at M = 16 was 2.6x slower than
+            4096 x 11008)."""
+            return MB > 1 and bool(cfg.get("gemv_xt", True))
+
+        def gemv_step(MB: int, ko: str, NA: int, hoisted: str, acc: str = "acc"):
+            """One unroll step (stored columns ko*U .. ko*U+U-1) of the GEMV of tier MB: decode, multiply-add."""
+            xv = (lambda row, col: f"xt[{col}, mi]") if gemv_xt(MB) else (lambda row, col: f"x[{row}, {col}]")  # noqa: E731
+            if sparse and select:
+                # decode each group of m input columns to m dense weights in registers (select by the
+                # stored positions): no gather of x, m multiply-adds per group on broadcast x values
+                n_, m_ = spec.n, spec.m
+                s(f'wd = T.alloc_buffer(({U // n_ * m_}, {V}), "float32", scope="local")')
+                nm_select_decode("ob", ko, lambda gi, c: f"wd[{gi * m_ + c}, l]", hoisted)
+                with s.scope(f"for mi in T.unroll({MB}):"):
+                    row = "T.min(T.Cast(\"int64\", mi), M - T.int64(1))"
+                    for gi in range(U // n_):
+                        for c in range(m_):
+                            col = f"({ko} * {U // n_} + {gi}) * {m_} + {c}"
+                            with s.scope(f"for l in T.vectorized({V}):"):
+                                a = (gi * m_ + c) % NA
+                                s(f"{acc}[mi, {a}, l] = {acc}[mi, {a}, l] + wd[{gi * m_ + c}, l] * {xv(row, col)}")
+            else:
+                for ku in range(U):
+                    with s.scope(f"for l in T.vectorized({V}):"):
+                        s(f"wv[{ku}, l] = {_weight_expr(spec, U, 'ob', ko, ku, 'l', words, hoisted=hoisted)}")
+                        if sparse:
+                            s(f"cv[{ku}, l] = {_col_expr(spec, U, 'ob', ko, ku, 'l')}")
+                with s.scope(f"for mi in T.unroll({MB}):"):
+                    row = "T.min(T.Cast(\"int64\", mi), M - T.int64(1))"
+                    for ku in range(U):
+                        col = f"cv[{ku}, l]" if sparse else f"{ko} * {U} + {ku}"
+                        with s.scope(f"for l in T.vectorized({V}):"):
+                            s(f"{acc}[mi, {ku % NA}, l] = {acc}[mi, {ku % NA}, l] + wv[{ku}, l] * {xv(row, col)}")
+                        if hoisted == "code":  # the group's sum of x (times -zero * scale at its end)
+                            s(f"xs[mi, {ku % NA}] = xs[mi, {ku % NA}] + {xv(row, col)}")
+
         def gemv(MB: int):
             loop = "T.parallel" if cfg.get("parallel_gemv") else "range"
+            if gemv_xt(MB):
+                s(f'xt = T.alloc_buffer(({K}, {MB}), "float32")')
+                with s.scope(f"for k in range({K}):"):
+                    with s.scope(f"for mi in T.unroll({MB}):"):
+                        s("xt[k, mi] = x[T.min(T.Cast(\"int64\", mi), M - T.int64(1)), k]")
             with s.scope(f"for ob in {loop}({OB}):"):
                 NA = 4 if MB == 1 else 2 if MB <= 4 else 1  # independent accumulators per row (add latency)
                 s(f'acc = T.alloc_buffer(({MB}, {NA}, {V}), "float32", scope="local")')
@@ -595,33 +672,43 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
                     with s.scope(f"for l in T.vectorized({V}):"):
                         for a in range(NA):
                             s(f"acc[mi, {a}, l] = T.float32(0)")
-                with s.scope(f"for ko in range({J // U}):"):
-                    if sparse and select:
-                        # decode each group of m input columns to m dense weights in registers (select by the
-                        # stored positions): no gather of x, m multiply-adds per group on broadcast x values
-                        n_, m_ = spec.n, spec.m
-                        s(f'wd = T.alloc_buffer(({U // n_ * m_}, {V}), "float32", scope="local")')
-                        nm_select_decode("ob", "ko", lambda gi, c: f"wd[{gi * m_ + c}, l]")
-                        with s.scope(f"for mi in T.unroll({MB}):"):
-                            row = "T.min(T.Cast(\"int64\", mi), M - T.int64(1))"
-                            for gi in range(U // n_):
-                                for c in range(m_):
-                                    col = f"(ko * {U // n_} + {gi}) * {m_} + {c}"
+                # quantized formats: a loop over the quantization groups holds each group's scale and -zero * scale
+                # in registers (loaded once a group, not once a weight). "code" (int4/int8 without sparsity, few
+                # rows): the codes times x are summed over the group, scale and zero point applied once at its end:
+                # y += s * sum(c x) - z s * sum(x)
+                hoist = {0: "", 1: "fma", 2: "code"}[int(cfg.get("gemv_hoist", 2 if MB == 1 else 1 if MB <= 4 else 0))]
+                if not (spec.kind in ("gq", "nm_gq") and spec.G % U == 0 and J % spec.G == 0):
+                    hoist = ""
+                if spec.kind == "nm_gq" and "gemv_hoist" not in cfg:
+                    hoist = ""
+                if hoist == "code" and spec.kind != "gq":  # N:M: the zero point's sum runs over each row's kept x
+                    hoist = "fma"
+                if hoist:
+                    s(f'sv = T.alloc_buffer(({V},), "float32", scope="local")')
+                    s(f'zv = T.alloc_buffer(({V},), "float32", scope="local")')
+                    if hoist == "code":
+                        s(f'gacc = T.alloc_buffer(({MB}, {NA}, {V}), "float32", scope="local")')
+                        s(f'xs = T.alloc_buffer(({MB}, {NA}), "float32", scope="local")')
+                    with s.scope(f"for gq in range({J // spec.G}):"):
+                        with s.scope(f"for l in T.vectorized({V}):"):
+                            s("sv[l] = S[ob, gq, l]")
+                            s("zv[l] = T.float32(0) - Z[ob, gq, l] * S[ob, gq, l]")
+                        if hoist == "code":
+                            with s.scope(f"for mi in T.unroll({MB}):"):
+                                for a in range(NA):
+                                    s(f"xs[mi, {a}] = T.float32(0)")
                                     with s.scope(f"for l in T.vectorized({V}):"):
-                                        a = (gi * m_ + c) % NA
-                                        s(f"acc[mi, {a}, l] = acc[mi, {a}, l] + wd[{gi * m_ + c}, l] * x[{row}, {col}]")
-                    else:
-                        for ku in range(U):
-                            with s.scope(f"for l in T.vectorized({V}):"):
-                                s(f"wv[{ku}, l] = {_weight_expr(spec, U, 'ob', 'ko', ku, 'l')}")
-                                if sparse:
-                                    s(f"cv[{ku}, l] = {_col_expr(spec, U, 'ob', 'ko', ku, 'l')}")
-                        with s.scope(f"for mi in T.unroll({MB}):"):
-                            row = "T.min(T.Cast(\"int64\", mi), M - T.int64(1))"
-                            for ku in range(U):
-                                col = f"cv[{ku}, l]" if sparse else f"ko * {U} + {ku}"
-                                with s.scope(f"for l in T.vectorized({V}):"):
-                                    s(f"acc[mi, {ku % NA}, l] = acc[mi, {ku % NA}, l] + wv[{ku}, l] * x[{row}, {col}]")
+                                        s(f"gacc[mi, {a}, l] = T.float32(0)")
+                        with s.scope(f"for kq in range({spec.G // U}):"):
+                            gemv_step(MB, f"(gq * {spec.G // U} + kq)", NA, hoist, "gacc" if hoist == "code" else "acc")
+                        if hoist == "code":
+                            with s.scope(f"for mi in T.unroll({MB}):"):
+                                for a in range(NA):
+                                    with s.scope(f"for l in T.vectorized({V}):"):
+                                        s(f"acc[mi, {a}, l] = acc[mi, {a}, l] + sv[l] * gacc[mi, {a}, l] + zv[l] * xs[mi, {a}]")
+                else:
+                    with s.scope(f"for ko in range({J // U}):"):
+                        gemv_step(MB, "ko", NA, "")
                 with s.scope(f"for mi in T.unroll({MB}):"):
                     with s.scope("if T.Cast(\"int64\", mi) < M:"):
                         with s.scope(f"for l in T.vectorized({V}):"):
@@ -645,7 +732,7 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
                             for ku in range(U):
                                 with s.scope(f"for r in T.unroll({R}):"):
                                     lane = f"rb * {R} + r"
-                                    w = _weight_expr(spec, U, "ob", "ko", ku, lane, swz)
+                                    w = _weight_expr(spec, U, "ob", "ko", ku, lane, words)
                                     c = _col_expr(spec, U, "ob", "ko", ku, lane, swz)
                                     with s.scope(f"for mm in T.vectorized({MT}):"):
                                         s(f"acc[r, mm] = acc[r, mm] + {w} * xT[{c}, mm]")
@@ -683,7 +770,7 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
                                 with s.scope(f"for ko in range({JB // U}):"):
                                     for ku in range(U):
                                         with s.scope(f"for l in T.vectorized({V}):"):
-                                            s(f"P[b, ko * {U} + {ku}, l] = {_weight_expr(spec, U, ob, kk, ku, 'l')}")
+                                            s(f"P[b, ko * {U} + {ku}, l] = {_weight_expr(spec, U, ob, kk, ku, 'l', words)}")
                             elif spec.m <= 8:
                                 n_, m_ = spec.n, spec.m
                                 s(f'wv = T.alloc_buffer(({U}, {V}), "float32", scope="local")')
@@ -698,7 +785,7 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
                                     for ku in range(U):
                                         with s.scope(f"for l in range({V}):"):
                                             col = f"(ko * {U // spec.n} + {ku // spec.n}) * {spec.m} + {_pos_expr(spec, U, ob, kk, ku, 'l')}"
-                                            s(f"P[b, {col}, l] = {_weight_expr(spec, U, ob, kk, ku, 'l')}")
+                                            s(f"P[b, {col}, l] = {_weight_expr(spec, U, ob, kk, ku, 'l', words)}")
                     with s.scope(f"for mt in range((M + T.int64({MR - 1})) // T.int64({MR})):"):
                         row = f"T.min(mt * T.int64({MR}) + T.Cast(\"int64\", mi), M - T.int64(1))"
                         o = f"(obp * {NB} + b) * {V} + l"
@@ -782,6 +869,9 @@ def _generate(kernel_name: str, linear, target, hints: ShapeHints, tuning) -> Ke
         cfg = dict(hints.config)
     else:
         found = tuning.lookup(kernel_name, target, linear_key(linear, hints), lanes=vector_lanes(target, "float32"))
+        if found is not None and spec.kind == "gq":
+            # an entry without "codes" was tuned on the byte layout (before int4 codes became words on x86)
+            found = {"codes": "byte", **found}
         if found is not None and check_config(spec, {**default_config(spec, target), **found}, target) is None:
             cfg, tuned = {**default_config(spec, target), **found}, True
     if cfg is None:
@@ -792,7 +882,7 @@ def _generate(kernel_name: str, linear, target, hints: ShapeHints, tuning) -> Ke
             raise ValueError(f"config {cfg} is invalid for {linear.name}: {bad}")
         return None
     func, src = build_prim_func(spec, cfg)
-    impl = KernelImpl(kernel_name, param_specs(spec, int(cfg["block_o"]), cfg.get("gemv_mode") == "swizzle"), func=func, act_dtype="float32",
+    impl = KernelImpl(kernel_name, param_specs(spec, int(cfg["block_o"]), cfg.get("gemv_mode") == "swizzle", _code_words(spec, cfg)), func=func, act_dtype="float32",
                       fuses_bias=spec.bias, config=cfg, tuned=tuned)  # fmt: skip
     impl.source = src  # type: ignore[attr-defined]
     return impl
