@@ -6,11 +6,12 @@ For each LLM layer shape (4096x4096, 11008x4096, 4096x11008) and format (dense f
 g32 with zero points, int8 g128, 2:4 + int4 g32), times the CPU kernel at M = 1, 4, 16 (GEMV tiers) and 128 (panel
 GEMM) under:
 
-- ``before``: ``gemv_xt`` off, ``codes`` byte, ``unroll`` 4, ``gemv_hoist`` 0: the M = 4 / 16 tiers read ``x`` rows
-  K floats apart, every weight is dequantized ``(code - z) * s`` (the schedule before this benchmark's commit);
+- ``before``: ``gemv_xt`` off, ``codes`` byte, ``unroll`` 4, ``gemv_hoist`` 0, 2:4 ``gemv_mode`` select: the M = 4 /
+  16 tiers read ``x`` rows K floats apart, every weight is dequantized ``(code - z) * s``, 2:4 groups are expanded to
+  4 dense weights by position selects (the schedules before the commits this benchmark came with);
 - ``default``: what an untuned build uses now (``x`` transposed once a call for the M > 1 tiers; x86 int4: int32 code
   words, 8 columns an iteration; int4 / int8 group loop: sums of code * x per group at M = 1, scale and -zero*scale
-  held per group at M <= 4);
+  held per group at M <= 4; 2:4 (N:4): the permute GEMV, vpermilps picks each row's kept inputs);
 
 Each config is measured ``--rounds`` times, interleaved (the minimum per point is kept: this machine is shared);
 ratios against ``before`` and against the dense fp32 kernel's default of the same run. GB/s at M = 1 = the weight
@@ -33,6 +34,7 @@ FORMATS = ("dense", "2:4", "int4g128", "int4g32a", "int8g128", "2:4+int4g32")
 MS = (1, 4, 16, 128)
 BEFORE = {"gemv_xt": 0, "unroll": 4, "gemv_hoist": 0}
 BEFORE_QUANT = {"codes": "byte"}
+BEFORE_NM = {"gemv_mode": "select"}
 
 
 def main() -> None:
@@ -56,9 +58,7 @@ def main() -> None:
         for f in FORMATS:
             lin = Linear("l", ["x"], ["y"], weight=synthetic_weight(parse_format_spec(f), o, i))
             default = select_kernel(lin, tgt, ShapeHints(), TuningDB.empty())
-            old = {**BEFORE, **(BEFORE_QUANT if "int" in f else {})}
-            if "+" in f:  # N:M of int4: its unroll unit is its own
-                old.pop("unroll")
+            old = {**BEFORE, **(BEFORE_QUANT if "int" in f else {}), **(BEFORE_NM if "2:4" in f else {})}
             before = select_kernel(lin, tgt, ShapeHints(config={**default.config, **old}), TuningDB.empty())
             impls = {"before": (before, lin), "default": (default, lin)}
             best = {k: {m: float("inf") for m in MS} for k in impls}
@@ -91,8 +91,8 @@ def main() -> None:
     lines = [f"# CPU GEMV tiers: default schedule vs before (x86, {a.threads} thread(s))", "",
              f"CPU: {meta['cpu']}. Command: `python bench/cpu_gemv.py --threads {a.threads} --repeat {a.repeat} "
              f"--rounds {a.rounds}`. ms per call (min over rounds x repeats); `before` = {BEFORE} (+ {BEFORE_QUANT} for "
-             "int4 / int8; 2:4 + int4 keeps its unroll); ratios against `before` and the dense fp32 kernel's default of "
-             "the same run.", "",
+             f"int4 / int8, + {BEFORE_NM} for 2:4); ratios against `before` and the dense fp32 kernel's default of the "
+             "same run.", "",
              "| shape | format | M | dense (default) ms | before ms | default ms | **default vs before** | default vs dense |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

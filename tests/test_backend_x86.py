@@ -166,6 +166,7 @@ def test_kernel_source_really_skips_pruned_weights():
     V = impl.config["block_o"]
     assert shapes["values"] == (32 // V, 32, V) and shapes["index"] == (32 // V, 32 // 4, V)
     assert "I[ob" in impl.source and "T.shift_right" in impl.source
+    assert impl.config["gemv_mode"] == "permute" and "llvm.x86.avx.vpermilvar.ps" in impl.source  # N:4 on x86
     dense = select_kernel(Linear("d", ["x"], ["y"], weight=Dense(fmt.materialize())), X86, ShapeHints(), TuningDB.empty())
     assert dense.params[0].shape == (32 // V, 64, V)
 
@@ -186,11 +187,13 @@ def test_quantized_gemv_group_loop_and_code_words(kind, g):
     lin = Linear("l", ["x"], ["y"], weight=fmt, bias=rng.standard_normal(out_f).astype(np.float32))
     spec = cpu.spec_of(lin)
     base = cpu.default_config(spec, X86)
-    words = kind == "int4s" or kind == "int4a"
+    words = "int4" in kind  # x86 int4: dense quantized, and 2:4 (the permute GEMV)
     assert (base.get("codes") == "word") == (words and spec.J % 8 == 0)
+    assert base["gemv_mode"] == ("permute" if kind.startswith("nm") else "gather")
     impl = select_kernel(lin, X86, ShapeHints(), TuningDB.empty())
-    if words and g % 8 == 0:  # the default M = 1 GEMV sums code * x per group
-        assert "for gq in range" in impl.source and "xs[mi, 0] = xs[mi, 0] + x[" in impl.source
+    if words and g % 8 == 0:  # the default M = 1 GEMV sums code * x per group (2:4: holds scale and -zero*scale)
+        assert "for gq in range" in impl.source
+        assert ("* sv[l] + zv[l]" if kind.startswith("nm") else "xs[mi, 0] = xs[mi, 0] + x[") in impl.source
     for codes in ("byte", "word"):
         for hoist in (0, 1, 2):
             cfg = dict(base, codes=codes, gemv_hoist=hoist, unroll=8, gemv_tiers=[1, 4, 16])

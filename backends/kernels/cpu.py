@@ -299,7 +299,8 @@ def default_config(spec: Spec, target) -> dict[str, Any]:
     # 32-bit lane (the byte layout took byte masks, shifts and a widening per column). With the GEMV's group loop,
     # int4 g128 at M = 1, one thread, AVX2: 2.0 -> 1.0 ms (4096 x 4096), 5.7 -> 3.1 (11008 x 4096); the panel GEMM
     # (M = 128) unchanged (python bench/cpu_gemv.py: bench/results/cpu_gemv.md)
-    words = _x86(target) and spec.kind == "gq" and spec.bits == 4 and spec.J % 8 == 0
+    permute = _x86(target) and _permute_ok(spec, V, target)
+    words = _x86(target) and spec.bits == 4 and spec.J % 8 == 0 and 8 % unit == 0 and (spec.kind == "gq" or permute)
     if words:
         unroll = 8
     return {
@@ -311,7 +312,11 @@ def default_config(spec: Spec, target) -> dict[str, Any]:
         "gemv_tiers": [1, 4, GEMV_MAX],
         "parallel": True,
         "parallel_gemv": spec.O * spec.J >= 1 << 18,
-        "gemv_mode": "select" if spec.kind in ("nm", "nm_gq") and spec.m <= 8 else "gather",
+        # N:4 on x86 (AVX2 / AVX-512): the permute GEMV (gemv_permute in kernel_source). 4096 x 4096 2:4, one thread,
+        # AVX2: 3.0 -> 2.1 ms at M = 1, 11.5 -> 6.3 at M = 16 (select); 2:4 + int4 3.5 -> 1.6 at M = 1
+        # (python bench/cpu_gemv.py: bench/results/cpu_gemv.md)
+        "gemv_mode": "permute" if permute
+        else "select" if spec.kind in ("nm", "nm_gq") and spec.m <= 8 else "gather",
         # prefill GEMM (M above the last tier): decoded panels + register micro-kernel on x86 (gemm_panel in
         # kernel_source); the transposed-tile GEMM elsewhere (not re-measured on aarch64 / wasm)
         "gemm": "panel" if _x86(target) else "tile",
@@ -377,6 +382,13 @@ def _panel_nb(spec: Spec, cfg: dict[str, Any]) -> int:
     return nb if (spec.O // V) % nb == 0 else 1
 
 
+def _permute_ok(spec: Spec, V: int, target=None) -> bool:
+    """Whether the x86 ``permute`` GEMV applies: N:4 sparsity (a group of 4 inputs is one 128-bit lane of x), 4, 8 or
+    16 float lanes (vpermilps xmm / ymm / zmm), an x86 target (when given)."""
+    return (spec.kind in ("nm", "nm_gq") and spec.m == 4 and V in (4, 8, 16) and spec.K % 4 == 0
+            and (target is None or _x86(target)))
+
+
 def _x86(target) -> bool:
     return target is not None and target.name.partition(":")[0] == "x86"
 
@@ -426,8 +438,10 @@ def check_config(spec: Spec, cfg: dict[str, Any], target=None) -> str | None:
     if spec.kind in ("gq", "nm_gq") and spec.J % spec.G:
         return "group size does not divide the columns"
     mode = cfg.get("gemv_mode", "gather")
-    if mode not in ("gather", "select", "swizzle") or (mode == "select" and spec.m > 16):
-        return f"gemv_mode {mode!r} is not one of gather, select, swizzle (select needs M <= 16)"
+    if mode not in ("gather", "select", "swizzle", "permute") or (mode == "select" and spec.m > 16):
+        return f"gemv_mode {mode!r} is not one of gather, select, swizzle, permute (select needs M <= 16)"
+    if mode == "permute" and not _permute_ok(spec, V, target):
+        return "gemv_mode 'permute' needs N:4 sparsity, block_o 4, 8 or 16 and an x86 target"
     return None
 
 
@@ -445,6 +459,8 @@ def search_space(linear, target, hints) -> list[dict[str, Any]]:
                 for U in sorted({spec.unit, 2 * spec.unit, 4 * spec.unit, 8 * spec.unit}):
                     for pg in (False, True):
                         modes = ("select", "gather") if spec.kind in ("nm", "nm_gq") else (base["gemv_mode"],)
+                        if _permute_ok(spec, V, target) and _x86(target):
+                            modes = ("permute",) + modes
                         if _wasm_simd(target) and spec.swizzle_ok():
                             modes = ("swizzle",) + modes
                         for mode in modes:
@@ -615,6 +631,78 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
                         tot = " + ".join(f"acc[mi, {a}, {R4}]" for a in range(NA))
                         b_ = f" + B[T.Ramp(ob * 4, 1, 4)]" if spec.bias else ""
                         s(f"y[mi, T.Ramp(ob * 4, 1, 4)] = {tot}{b_}")
+
+        def gemv_permute(MB: int):
+            # x86 N:4 GEMV (gemv_mode "permute"): no selects and no gathers. The V output rows of a block are the V
+            # float lanes; per group of 4 inputs, x[4g..4g+3] is broadcast to every 128-bit lane, and each kept column
+            # takes, per lane, the input its row kept with vpermilps (an in-lane permute by the low 2 bits of each
+            # 32-bit index: the stored position byte shifted, no mask). n multiply-adds per group instead of m, and
+            # the positions cost one shift per kept column; weights decoded as in the other modes.
+            n_ = spec.n
+            U = int(cfg["unroll"])
+            if MB > 4 and U > 4 and 4 % spec.unit == 0:
+                # 4 kept columns a step at M > 4: the tier's MB accumulators leave no registers for 8 columns' weights
+                # and positions (2:4 + int4, 4096 x 11008, M = 16: 25.8 ms at 8, 17.4 at 4)
+                U = 4
+            intrin = {4: "llvm.x86.avx.vpermilvar.ps", 8: "llvm.x86.avx.vpermilvar.ps.256", 16: "llvm.x86.avx512.vpermilvar.ps.512"}[V]
+            RV = f"T.Ramp(0, 1, {V})"
+            NA = 4 if MB == 1 else 2 if MB <= 4 else 1
+            loop = "T.parallel" if cfg.get("parallel_gemv") else "range"
+            if MB > 1:  # the 4 inputs of a group for every row: one 16-byte load a row, rows 16 bytes apart
+                s(f'xq = T.alloc_buffer(({K // 4}, {MB}, 4), "float32")')
+                with s.scope(f"for g in range({K // 4}):"):
+                    with s.scope(f"for mi in T.unroll({MB}):"):
+                        with s.scope("for c in T.vectorized(4):"):
+                            s("xq[g, mi, c] = x[T.min(T.Cast(\"int64\", mi), M - T.int64(1)), g * 4 + c]")
+            with s.scope(f"for ob in {loop}({OB}):"):
+                s(f'acc = T.alloc_buffer(({MB}, {NA}, {V}), "float32", scope="local")')
+                s(f'wv = T.alloc_buffer(({U}, {V}), "float32", scope="local")')
+                s(f'cv = T.alloc_buffer(({U}, {V}), "int32", scope="local")')
+                with s.scope(f"for mi in T.unroll({MB}):"):
+                    with s.scope(f"for l in T.vectorized({V}):"):
+                        for a in range(NA):
+                            s(f"acc[mi, {a}, l] = T.float32(0)")
+
+                def step(ko: str, hoisted: str):
+                    for ku in range(U):
+                        with s.scope(f"for l in T.vectorized({V}):"):
+                            s(f"wv[{ku}, l] = {_weight_expr(spec, U, 'ob', ko, ku, 'l', words, hoisted=hoisted)}")
+                            byte = f"T.Cast(\"int32\", I[ob, {ko} * {U // spec.per} + {ku // spec.per}, l])"
+                            sh = spec.ib * (ku % spec.per)
+                            s(f"cv[{ku}, l] = {f'T.shift_right({byte}, {sh})' if sh else byte}")
+                    with s.scope(f"for mi in T.unroll({MB}):"):
+                        for gi in range(U // n_):
+                            grp = f"{ko} * {U // n_} + {gi}"
+                            src = f"x[T.min(T.Cast(\"int64\", mi), M - T.int64(1)), T.Ramp(({grp}) * 4, 1, 4)]" if MB == 1 \
+                                else f"xq[{grp}, mi, T.Ramp(0, 1, 4)]"
+                            if V == 4:
+                                s(f"xg{gi}: T.let = {src}")
+                            else:
+                                s(f"xg{gi}: T.let = T.Shuffle([{', '.join([src] * (V // 4))}], [{', '.join(str(i) for i in range(V))}])")
+                        for ku in range(U):
+                            a = ku % NA
+                            perm = f'T.call_llvm_pure_intrin("float32x{V}", "{intrin}", xg{ku // n_}, cv[{ku}, {RV}])'
+                            s(f"acc[mi, {a}, {RV}] = acc[mi, {a}, {RV}] + wv[{ku}, {RV}] * {perm}")
+
+                # int4 / int8 kept values: the group loop holds each group's scale and -zero * scale (gemv_hoist 1;
+                # the default: one multiply-add a weight instead of a subtract, a multiply and two loads)
+                if spec.kind == "nm_gq" and int(cfg.get("gemv_hoist", 1)) and spec.G % U == 0 and J % spec.G == 0:
+                    s(f'sv = T.alloc_buffer(({V},), "float32", scope="local")')
+                    s(f'zv = T.alloc_buffer(({V},), "float32", scope="local")')
+                    with s.scope(f"for gq in range({J // spec.G}):"):
+                        with s.scope(f"for l in T.vectorized({V}):"):
+                            s("sv[l] = S[ob, gq, l]")
+                            s("zv[l] = T.float32(0) - Z[ob, gq, l] * S[ob, gq, l]")
+                        with s.scope(f"for kq in range({spec.G // U}):"):
+                            step(f"(gq * {spec.G // U} + kq)", "fma")
+                else:
+                    with s.scope(f"for ko in range({J // U}):"):
+                        step("ko", "")
+                with s.scope(f"for mi in T.unroll({MB}):"):
+                    with s.scope("if T.Cast(\"int64\", mi) < M:"):
+                        with s.scope(f"for l in T.vectorized({V}):"):
+                            tot = " + ".join(f"acc[mi, {a}, l]" for a in range(NA))
+                            s(f"y[mi, ob * {V} + l] = {tot}{bias(f'ob * {V} + l')}")
 
         def gemv_xt(MB: int) -> bool:
             """Whether the GEMV of tier MB reads x from a transposed copy xt[K, MB] (made once a call): the MB values of
@@ -839,7 +927,7 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
                     gemm()
                 return
             with s.scope(f"if M <= T.int64({tiers[i]}):"):
-                (gemv_swizzle if swz else gemv)(tiers[i])
+                (gemv_swizzle if swz else gemv_permute if cfg.get("gemv_mode") == "permute" else gemv)(tiers[i])
             with s.scope("else:"):
                 chain(i + 1)
 
