@@ -85,7 +85,9 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "cpu_gemv" + (f"_t{a.threads}" if a.threads > 1 else "")
-    meta = {"machine": platform.processor() or platform.machine(), "cpu": _cpu_model(), "threads": a.threads,
+    from sparsec.backends.bench import _cpu_name
+
+    meta = {"machine": platform.processor() or platform.machine(), "cpu": _cpu_name(), "threads": a.threads,
             "repeat": a.repeat, "rounds": a.rounds, "before": BEFORE}  # fmt: skip
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     lines = [f"# CPU GEMV tiers: default schedule vs before (x86, {a.threads} thread(s))", "",
@@ -104,16 +106,6 @@ def main() -> None:
         lines.append(f"| {r['shape']} | {r['format']} | {r['before_gbps_m1']:.1f} | {r['default_gbps_m1']:.1f} |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / stem}.json and .md")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -632,6 +632,13 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
                         b_ = f" + B[T.Ramp(ob * 4, 1, 4)]" if spec.bias else ""
                         s(f"y[mi, T.Ramp(ob * 4, 1, 4)] = {tot}{b_}")
 
+        def group_scales():
+            """Inside the GEMV's loop over quantization groups ``gq``: the group's scale and -zero * scale into the
+            local vectors sv / zv (allocated by the caller before the loop)."""
+            with s.scope(f"for l in T.vectorized({V}):"):
+                s("sv[l] = S[ob, gq, l]")
+                s("zv[l] = T.float32(0) - Z[ob, gq, l] * S[ob, gq, l]")
+
         def gemv_permute(MB: int):
             # x86 N:4 GEMV (gemv_mode "permute"): no selects and no gathers. The V output rows of a block are the V
             # float lanes; per group of 4 inputs, x[4g..4g+3] is broadcast to every 128-bit lane, and each kept column
@@ -690,9 +697,7 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
                     s(f'sv = T.alloc_buffer(({V},), "float32", scope="local")')
                     s(f'zv = T.alloc_buffer(({V},), "float32", scope="local")')
                     with s.scope(f"for gq in range({J // spec.G}):"):
-                        with s.scope(f"for l in T.vectorized({V}):"):
-                            s("sv[l] = S[ob, gq, l]")
-                            s("zv[l] = T.float32(0) - Z[ob, gq, l] * S[ob, gq, l]")
+                        group_scales()
                         with s.scope(f"for kq in range({spec.G // U}):"):
                             step(f"(gq * {spec.G // U} + kq)", "fma")
                 else:
@@ -778,9 +783,7 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
                         s(f'gacc = T.alloc_buffer(({MB}, {NA}, {V}), "float32", scope="local")')
                         s(f'xs = T.alloc_buffer(({MB}, {NA}), "float32", scope="local")')
                     with s.scope(f"for gq in range({J // spec.G}):"):
-                        with s.scope(f"for l in T.vectorized({V}):"):
-                            s("sv[l] = S[ob, gq, l]")
-                            s("zv[l] = T.float32(0) - Z[ob, gq, l] * S[ob, gq, l]")
+                        group_scales()
                         if hoist == "code":
                             with s.scope(f"for mi in T.unroll({MB}):"):
                                 for a in range(NA):
