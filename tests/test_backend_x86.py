@@ -29,6 +29,7 @@ from sparsec.backends.kernels.registry import (  # noqa: E402
     linear_key,
     prepare_params,
     select_kernel,
+    vector_lanes,
 )
 from sparsec.backends.targets import get_target  # noqa: E402
 from sparsec.backends.tune import TuningDB  # noqa: E402
@@ -146,6 +147,11 @@ def test_cpu_kernels_in_their_search_space_are_correct():
     space = kernel_registry()["cpu.nm_group_quant"].search_space(lin, X86, ShapeHints())
     assert len(space) >= 8
     spec = cpu.spec_of(lin)
+    # the permute GEMV only at block widths the target's vectors hold (a zmm permute on an AVX2 target aborts LLVM)
+    lanes = vector_lanes(X86, "float32")
+    permute = [c for c in space if c["gemv_mode"] == "permute"]
+    assert permute and all(c["block_o"] <= lanes for c in permute)
+    assert cpu.check_config(spec, dict(permute[0], block_o=2 * lanes), X86) is not None
     picks = [space[i] for i in rng.choice(len(space), 2, replace=False)]
     picks.append(dict(cpu.default_config(spec, X86), block_o=4, rows=2, tile_m=8, unroll=2 * spec.unit,
                       gemv_tiers=[2, 8], parallel=False, parallel_gemv=True))  # fmt: skip

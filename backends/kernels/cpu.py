@@ -384,9 +384,10 @@ def _panel_nb(spec: Spec, cfg: dict[str, Any]) -> int:
 
 def _permute_ok(spec: Spec, V: int, target=None) -> bool:
     """Whether the x86 ``permute`` GEMV applies: N:4 sparsity (a group of 4 inputs is one 128-bit lane of x), 4, 8 or
-    16 float lanes (vpermilps xmm / ymm / zmm), an x86 target (when given)."""
+    16 float lanes (vpermilps xmm / ymm / zmm), an x86 target (when given) with at least V float lanes (the zmm
+    intrinsic on an AVX2 target aborts LLVM's instruction selection)."""
     return (spec.kind in ("nm", "nm_gq") and spec.m == 4 and V in (4, 8, 16) and spec.K % 4 == 0
-            and (target is None or _x86(target)))
+            and (target is None or (_x86(target) and V <= vector_lanes(target, "float32"))))
 
 
 def _x86(target) -> bool:
@@ -441,7 +442,7 @@ def check_config(spec: Spec, cfg: dict[str, Any], target=None) -> str | None:
     if mode not in ("gather", "select", "swizzle", "permute") or (mode == "select" and spec.m > 16):
         return f"gemv_mode {mode!r} is not one of gather, select, swizzle, permute (select needs M <= 16)"
     if mode == "permute" and not _permute_ok(spec, V, target):
-        return "gemv_mode 'permute' needs N:4 sparsity, block_o 4, 8 or 16 and an x86 target"
+        return "gemv_mode 'permute' needs N:4 sparsity, block_o 4, 8 or 16 (at most the target's float lanes) and an x86 target"
     return None
 
 
