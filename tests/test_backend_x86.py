@@ -1028,6 +1028,26 @@ def test_cpu_tuning_entries_apply_only_at_the_vector_width_they_were_tuned_for(t
     assert shipped and all(isinstance(e.get("lanes"), int) for e in shipped)
 
 
+def test_quantized_tuning_entries_keep_the_code_layout_they_were_tuned_on():
+    """int4 codes became int32 words on x86 (the default); an entry recorded before, without "codes", was tuned on the
+    byte layout and builds with it (its unroll may not hold whole words); one that records "codes" gets its own."""
+    rng = np.random.default_rng()
+    for kind in ("int4a", "nm2:4+int4a"):
+        fmt, wref = make_weight(kind, 32, 64, rng)
+        lin = Linear("l", ["x"], ["y"], weight=fmt)
+        default = select_kernel(lin, X86, ShapeHints(), TuningDB.empty())
+        assert default.config["codes"] == "word"
+        old = {k: v for k, v in default.config.items() if k != "codes"}
+        old.update(unroll=4, tile_m=8)
+        for entry, codes in ((old, "byte"), (dict(old, codes="word"), "word")):
+            db = TuningDB()
+            db.record(default.name, "x86", linear_key(lin), entry, lanes=vector_lanes(X86, "float32"))
+            impl = select_kernel(lin, X86, ShapeHints(), db)
+            assert impl.tuned and impl.config["codes"] == codes and impl.config["tile_m"] == 8
+            assert impl.params[0].dtype == ("int32" if codes == "word" else "uint8")
+            _assert_matches_float64(impl, lin, wref, (1, 5, 16, 20), 2e-6, rng, f"{kind} {codes}")
+
+
 def test_container_cpu_quota_caps_the_thread_count(monkeypatch):
     """A container limited to 2 CPUs (cgroup v2 ``cpu.max`` "200000 100000") on a many-core host runs 2 threads, not
     one per host core; "max" (no quota) leaves the core count."""

@@ -961,7 +961,7 @@ def _generate(kernel_name: str, linear, target, hints: ShapeHints, tuning) -> Ke
         cfg = dict(hints.config)
     else:
         found = tuning.lookup(kernel_name, target, linear_key(linear, hints), lanes=vector_lanes(target, "float32"))
-        if found is not None and spec.kind == "gq":
+        if found is not None and spec.kind in ("gq", "nm_gq"):
             # an entry without "codes" was tuned on the byte layout (before int4 codes became words on x86)
             found = {"codes": "byte", **found}
         if found is not None and check_config(spec, {**default_config(spec, target), **found}, target) is None:
