@@ -140,8 +140,9 @@ def test_swizzle_config_is_wasm_simd_only():
     cfg = cpu.default_config(spec, wasm)
     assert cfg["gemv_mode"] == "swizzle" and cpu.check_config(spec, cfg, wasm) is None
     assert cpu.default_config(spec, nosimd)["gemv_mode"] == "select"
-    assert cpu.default_config(spec, x86)["gemv_mode"] == "select"
+    assert cpu.default_config(spec, x86)["gemv_mode"] == "permute"  # x86's own N:4 GEMV (vpermilps)
     assert "wasm simd128" in cpu.check_config(spec, cfg, x86)
+    assert "x86" in cpu.check_config(spec, dict(cfg, gemv_mode="permute", gemv_impl="tir"), wasm)
     assert "block_o 4" in cpu.check_config(spec, dict(cfg, block_o=2, rows=2), wasm)
     assert any(c["gemv_mode"] == "swizzle" for c in cpu.search_space(lin, wasm, None))
     assert not any(c["gemv_mode"] == "swizzle" for c in cpu.search_space(lin, nosimd, None))
