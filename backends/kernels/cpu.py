@@ -460,7 +460,7 @@ def search_space(linear, target, hints) -> list[dict[str, Any]]:
                 for U in sorted({spec.unit, 2 * spec.unit, 4 * spec.unit, 8 * spec.unit}):
                     for pg in (False, True):
                         modes = ("select", "gather") if spec.kind in ("nm", "nm_gq") else (base["gemv_mode"],)
-                        if _permute_ok(spec, V, target) and _x86(target):
+                        if _x86(target) and _permute_ok(spec, V, target):
                             modes = ("permute",) + modes
                         if _wasm_simd(target) and spec.swizzle_ok():
                             modes = ("swizzle",) + modes
@@ -633,6 +633,21 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
                         b_ = f" + B[T.Ramp(ob * 4, 1, 4)]" if spec.bias else ""
                         s(f"y[mi, T.Ramp(ob * 4, 1, 4)] = {tot}{b_}")
 
+        def acc_zero(MB: int, NA: int):
+            """The GEMV block's accumulators acc[MB, NA, V] set to 0 (inside the loop over output blocks ob)."""
+            with s.scope(f"for mi in T.unroll({MB}):"):
+                with s.scope(f"for l in T.vectorized({V}):"):
+                    for a in range(NA):
+                        s(f"acc[mi, {a}, l] = T.float32(0)")
+
+        def acc_store(MB: int, NA: int):
+            """The rows of y the block owns: its NA partial sums added (+ bias), padding rows beyond M not written."""
+            with s.scope(f"for mi in T.unroll({MB}):"):
+                with s.scope("if T.Cast(\"int64\", mi) < M:"):
+                    with s.scope(f"for l in T.vectorized({V}):"):
+                        tot = " + ".join(f"acc[mi, {a}, l]" for a in range(NA))
+                        s(f"y[mi, ob * {V} + l] = {tot}{bias(f'ob * {V} + l')}")
+
         def group_scales():
             """Inside the GEMV's loop over quantization groups ``gq``: the group's scale and -zero * scale into the
             local vectors sv / zv (allocated by the caller before the loop)."""
@@ -666,10 +681,7 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
                 s(f'acc = T.alloc_buffer(({MB}, {NA}, {V}), "float32", scope="local")')
                 s(f'wv = T.alloc_buffer(({U}, {V}), "float32", scope="local")')
                 s(f'cv = T.alloc_buffer(({U}, {V}), "int32", scope="local")')
-                with s.scope(f"for mi in T.unroll({MB}):"):
-                    with s.scope(f"for l in T.vectorized({V}):"):
-                        for a in range(NA):
-                            s(f"acc[mi, {a}, l] = T.float32(0)")
+                acc_zero(MB, NA)
 
                 def step(ko: str, hoisted: str):
                     for ku in range(U):
@@ -704,11 +716,7 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
                 else:
                     with s.scope(f"for ko in range({J // U}):"):
                         step("ko", "")
-                with s.scope(f"for mi in T.unroll({MB}):"):
-                    with s.scope("if T.Cast(\"int64\", mi) < M:"):
-                        with s.scope(f"for l in T.vectorized({V}):"):
-                            tot = " + ".join(f"acc[mi, {a}, l]" for a in range(NA))
-                            s(f"y[mi, ob * {V} + l] = {tot}{bias(f'ob * {V} + l')}")
+                acc_store(MB, NA)
 
         def gemv_xt(MB: int) -> bool:
             """Whether the GEMV of tier MB reads x from a transposed copy xt[K, MB] (made once a call): the MB values of
@@ -762,10 +770,7 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
                 s(f'wv = T.alloc_buffer(({U}, {V}), "float32", scope="local")')
                 if sparse:
                     s(f'cv = T.alloc_buffer(({U}, {V}), "int32", scope="local")')
-                with s.scope(f"for mi in T.unroll({MB}):"):
-                    with s.scope(f"for l in T.vectorized({V}):"):
-                        for a in range(NA):
-                            s(f"acc[mi, {a}, l] = T.float32(0)")
+                acc_zero(MB, NA)
                 # quantized formats: a loop over the quantization groups holds each group's scale and -zero * scale
                 # in registers (loaded once a group, not once a weight). "code" (int4/int8 without sparsity, few
                 # rows): the codes times x are summed over the group, scale and zero point applied once at its end:
@@ -801,11 +806,7 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
                 else:
                     with s.scope(f"for ko in range({J // U}):"):
                         gemv_step(MB, "ko", NA, "")
-                with s.scope(f"for mi in T.unroll({MB}):"):
-                    with s.scope("if T.Cast(\"int64\", mi) < M:"):
-                        with s.scope(f"for l in T.vectorized({V}):"):
-                            tot = " + ".join(f"acc[mi, {a}, l]" for a in range(NA))
-                            s(f"y[mi, ob * {V} + l] = {tot}{bias(f'ob * {V} + l')}")
+                acc_store(MB, NA)
 
         def gemm():
             loop = "T.parallel" if cfg.get("parallel", True) else "range"
