@@ -172,7 +172,7 @@ def test_kernel_source_really_skips_pruned_weights():
     V = impl.config["block_o"]
     assert shapes["values"] == (32 // V, 32, V) and shapes["index"] == (32 // V, 32 // 4, V)
     assert "I[ob" in impl.source and "T.shift_right" in impl.source
-    assert impl.config["gemv_mode"] == "permute" and "llvm.x86.avx.vpermilvar.ps" in impl.source  # N:4 on x86
+    assert impl.config["gemv_mode"] == "permute" and "vpermilvar.ps" in impl.source  # N:4 on x86 (xmm/ymm/zmm)
     dense = select_kernel(Linear("d", ["x"], ["y"], weight=Dense(fmt.materialize())), X86, ShapeHints(), TuningDB.empty())
     assert dense.params[0].shape == (32 // V, 64, V)
 
@@ -256,8 +256,12 @@ def test_cpu_panel_gemm_matches_float64_reference(case):
     bias = rng.standard_normal(out_f).astype(np.float32) if with_bias else None
     lin = Linear("l", ["x"], ["y"], weight=fmt, bias=bias)
     default = select_kernel(lin, X86, ShapeHints(), TuningDB.empty())
-    assert default.config["gemm"] == "panel"
-    impl = select_kernel(lin, X86, ShapeHints(config=dict(default.config, gemm_kb=kb)), TuningDB.empty(), only=default.name)
+    n4 = kind.startswith("nm") and kind.split("+")[0].endswith(":4")
+    # N:4 defaults to the permute GEMM (test_permute_gemm_matches_float64); its dense panel stays a tuning choice
+    assert default.config["gemm"] == ("permute" if n4 else "panel")
+    lanes = vector_lanes(X86, "float32")
+    cfg = dict(default.config, gemm="panel", gemm_mr=8 if lanes >= 16 else 4, gemm_nb=0, gemm_kb=kb)
+    impl = select_kernel(lin, X86, ShapeHints(config=cfg), TuningDB.empty(), only=default.name)
     spec = cpu.spec_of(lin)
     jb = cpu._panel_cols(spec, impl.config)
     if kb < in_f:
@@ -1067,3 +1071,31 @@ def test_container_cpu_quota_caps_the_thread_count(monkeypatch):
     monkeypatch.setattr(Path, "read_text", fake("max 100000\n"))
     assert runtime.cgroup_cpu_limit() is None
     assert runtime.physical_cores() == (_cores_from_cpuinfo() or runtime.physical_cores())
+
+
+@pytest.mark.parametrize("kind", ["nm2:4", "nm1:4", "nm2:4+int4a", "nm2:4+int8s"])
+def test_permute_gemm_matches_float64(kind):
+    """The x86 N:4 prefill GEMM (gemm 'permute': a compressed panel of kept values + positions, in-lane permutes of
+    each row's 4 inputs) against float64 above the GEMV tiers: ragged row tiles, several K blocks (the later ones
+    accumulate into y, bias added once), each vector width and row / block count; it is the x86 default for N:4 and
+    refused where the permute is not (N:8, a block wider than the target's vectors)."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = np.random.default_rng(seed)
+    out_f, in_f = 64, 384
+    fmt, wref = make_weight(kind, out_f, in_f, rng)
+    lin = Linear("l", ["x"], ["y"], weight=fmt, bias=rng.standard_normal(out_f).astype(np.float32))
+    spec = cpu.spec_of(lin)
+    base = cpu.default_config(spec, X86)
+    assert base["gemm"] == "permute"
+    lanes = vector_lanes(X86, "float32")
+    assert cpu.check_config(spec, dict(base, block_o=2 * lanes), X86) is not None
+    n8, _ = make_weight("nm2:8", out_f, in_f, rng)
+    spec8 = cpu.spec_of(Linear("l8", ["x"], ["y"], weight=n8))
+    assert cpu.default_config(spec8, X86)["gemm"] == "panel"
+    assert cpu.check_config(spec8, dict(cpu.default_config(spec8, X86), gemm="permute"), X86) is not None
+    cfgs = [base, dict(base, gemm_kb=128), dict(base, block_o=4, rows=4, gemm_mr=3, gemm_nb=2, gemm_kb=128),
+            dict(base, block_o=min(8, lanes), rows=min(8, lanes), gemm_mr=6, gemm_nb=1, gemm_kb=256, parallel=False)]
+    for cfg in cfgs:
+        impl = select_kernel(lin, X86, ShapeHints(config=cfg), TuningDB.empty())
+        assert impl.config == cfg and "PV[b, g * " in impl.source and "vpermilvar" in impl.source
+        _assert_matches_float64(impl, lin, wref, (17, 23, 64), 2e-6, rng, f"{kind} {cfg} seed={seed}")

@@ -318,10 +318,10 @@ def default_config(spec: Spec, target) -> dict[str, Any]:
         "gemv_mode": "permute" if permute
         else "select" if spec.kind in ("nm", "nm_gq") and spec.m <= 8 else "gather",
         # prefill GEMM (M above the last tier): decoded panels + register micro-kernel on x86 (gemm_panel in
-        # kernel_source); the transposed-tile GEMM elsewhere (not re-measured on aarch64 / wasm)
-        "gemm": "panel" if _x86(target) else "tile",
-        "gemm_mr": 8 if lanes >= 16 else 4,
-        "gemm_nb": 0,  # 0: 2 output-row blocks per panel when 2 * block_o <= 32, else 1
+        # kernel_source), for N:4 the compressed panel + permute micro-kernel (gemm_permute); the transposed-tile GEMM
+        # elsewhere (not re-measured on aarch64 / wasm)
+        "gemm": "permute" if permute else "panel" if _x86(target) else "tile",
+        **_panel_blocking(permute, lanes),
         "gemm_kb": 512,
     } if not (_wasm_simd(target) and spec.swizzle_ok()) else {
         # wasm simd128, N:4: the swizzle GEMV (gemv_swizzle in kernel_source), output rows in the 4 f32 lanes
@@ -339,6 +339,15 @@ def default_config(spec: Spec, target) -> dict[str, Any]:
         # 2:4: the GEMV is the C kernel of backends/capi/wasm_swizzle.c (constant swizzle masks, see _c_gemv)
         "gemv_impl": "c" if _c_gemv(spec) else "tir",
     }
+
+
+def _panel_blocking(permute: bool, lanes: int) -> dict[str, int]:
+    """The x86 prefill micro-kernel's default rows of x (gemm_mr) and output-row blocks (gemm_nb, 0: automatic). The
+    permute GEMM (2 in-lane permutes + 2 multiply-adds a group and row) is fastest with fewer rows: 4 x 2 blocks of
+    zmm, 6 x 1 of ymm (bench/cpu_prefill.py)."""
+    if permute:
+        return {"gemm_mr": 4, "gemm_nb": 0} if lanes >= 16 else {"gemm_mr": 6, "gemm_nb": 1}
+    return {"gemm_mr": 8 if lanes >= 16 else 4, "gemm_nb": 0}  # gemm_nb 0: 2 blocks when 2 * block_o <= 32, else 1
 
 
 def _gemv_unroll(spec: Spec) -> int:
@@ -429,8 +438,10 @@ def check_config(spec: Spec, cfg: dict[str, Any], target=None) -> str | None:
         return f"rows {R} must divide block_o {V}"
     if MT < 1:
         return "tile_m must be positive"
-    if cfg.get("gemm", "tile") not in ("tile", "panel"):
-        return f"gemm {cfg.get('gemm')!r} is not one of tile, panel"
+    if cfg.get("gemm", "tile") not in ("tile", "panel", "permute"):
+        return f"gemm {cfg.get('gemm')!r} is not one of tile, panel, permute"
+    if cfg.get("gemm") == "permute" and not _permute_ok(spec, V, target):
+        return "gemm 'permute' needs N:4 sparsity, block_o 4, 8 or 16 (at most the target's float lanes) and an x86 target"
     if not 1 <= int(cfg.get("gemm_mr", 8)) <= 32 or int(cfg.get("gemm_nb", 0)) < 0 or int(cfg.get("gemm_kb", 512)) < 1:
         return "gemm_mr must be in 1..32, gemm_nb >= 0 (0: automatic), gemm_kb >= 1"
     tiers = list(cfg["gemv_tiers"])
@@ -466,6 +477,8 @@ def search_space(linear, target, hints) -> list[dict[str, Any]]:
                             modes = ("swizzle",) + modes
                         for mode in modes:
                             c = dict(base, block_o=V, tile_m=MT, rows=min(R, V), unroll=U, parallel_gemv=pg, gemv_mode=mode)
+                            if base.get("gemm") == "permute" and not _permute_ok(spec, V, target):
+                                c.update(gemm="panel", **_panel_blocking(False, lanes))
                             if mode != "swizzle":
                                 c.pop("gemv_impl", None)  # the C GEMV reads the swizzle layout only
                             if check_config(spec, c, target) is None and c not in out:
@@ -902,6 +915,62 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
                                         b_ = "" if not spec.bias else (f" + B[{o}]" if NKB == 1 else f" + T.Select(kb == {NKB - 1}, B[{o}], T.float32(0))")
                                         s(f"y[mt * T.int64({MR}) + T.Cast(\"int64\", mi), {o}] = acc[mi, b, l]{b_}")
 
+        def gemm_permute():
+            # x86 prefill for N:4 (gemm "permute"): the panel GEMM's blocking, but the panel keeps the weights
+            # compressed: the n kept values of each group of 4 inputs (int4 / int8 dequantized) and their positions,
+            # decoded once per panel. The micro-kernel loads each row's 4 inputs of a group once, broadcast to every
+            # 128-bit lane, and per kept column picks each output row's input with vpermilps (as gemv_permute does):
+            # n multiply-adds + n in-lane permutes per group and row instead of the dense panel's 4 multiply-adds.
+            MR = int(cfg.get("gemm_mr", 8))
+            NB = _panel_nb(spec, cfg)
+            JB = _panel_cols(spec, cfg)
+            KB = JB // spec.n * spec.m
+            NKB = J // JB
+            n_ = spec.n
+            intrin = {4: "llvm.x86.avx.vpermilvar.ps", 8: "llvm.x86.avx.vpermilvar.ps.256", 16: "llvm.x86.avx512.vpermilvar.ps.512"}[V]
+            RV = f"T.Ramp(0, 1, {V})"
+            loop = "T.parallel" if cfg.get("parallel", True) else "range"
+            kk = f"(kb * {JB // U} + ko)"
+            ob = f"(obp * {NB} + b)"
+            with s.scope(f"for kb in range({NKB}):"):
+                with s.scope(f"for obp in {loop}({OB // NB}):"):
+                    s(f'PV = T.alloc_buffer(({NB}, {JB}, {V}), "float32")')
+                    s(f'PC = T.alloc_buffer(({NB}, {JB}, {V}), "int32")')
+                    with s.scope(f"for b in range({NB}):"):
+                        with s.scope(f"for ko in range({JB // U}):"):
+                            for ku in range(U):
+                                with s.scope(f"for l in T.vectorized({V}):"):
+                                    s(f"PV[b, ko * {U} + {ku}, l] = {_weight_expr(spec, U, ob, kk, ku, 'l', words)}")
+                                    byte = f"T.Cast(\"int32\", I[{ob}, {kk} * {U // spec.per} + {ku // spec.per}, l])"
+                                    sh = spec.ib * (ku % spec.per)
+                                    s(f"PC[b, ko * {U} + {ku}, l] = {f'T.shift_right({byte}, {sh})' if sh else byte}")
+                    with s.scope(f"for mt in range((M + T.int64({MR - 1})) // T.int64({MR})):"):
+                        row = f"T.min(mt * T.int64({MR}) + T.Cast(\"int64\", mi), M - T.int64(1))"
+                        o = f"(obp * {NB} + b) * {V} + l"
+                        s(f'acc = T.alloc_buffer(({MR}, {NB}, {V}), "float32", scope="local")')
+                        with s.scope(f"for mi in T.unroll({MR}):"):
+                            with s.scope(f"for b in T.unroll({NB}):"):
+                                with s.scope(f"for l in T.vectorized({V}):"):
+                                    if NKB == 1:
+                                        s("acc[mi, b, l] = T.float32(0)")
+                                    else:
+                                        s(f"acc[mi, b, l] = T.Select(kb == 0, T.float32(0), y[{row}, {o}])")
+                        with s.scope(f"for g in range({JB // n_}):"):
+                            with s.scope(f"for mi in T.unroll({MR}):"):
+                                src = f"x[{row}, T.Ramp(kb * {KB} + g * 4, 1, 4)]"
+                                s(f"xg: T.let = {src}" if V == 4 else
+                                  f"xg: T.let = T.Shuffle([{', '.join([src] * (V // 4))}], [{', '.join(str(i) for i in range(V))}])")
+                                with s.scope(f"for b in T.unroll({NB}):"):
+                                    for j in range(n_):
+                                        perm = f'T.call_llvm_pure_intrin("float32x{V}", "{intrin}", xg, PC[b, g * {n_} + {j}, {RV}])'
+                                        s(f"acc[mi, b, {RV}] = acc[mi, b, {RV}] + PV[b, g * {n_} + {j}, {RV}] * {perm}")
+                        with s.scope(f"for mi in T.unroll({MR}):"):
+                            with s.scope(f"if mt * T.int64({MR}) + T.Cast(\"int64\", mi) < M:"):
+                                with s.scope(f"for b in T.unroll({NB}):"):
+                                    with s.scope(f"for l in T.vectorized({V}):"):
+                                        b_ = "" if not spec.bias else (f" + B[{o}]" if NKB == 1 else f" + T.Select(kb == {NKB - 1}, B[{o}], T.float32(0))")
+                                        s(f"y[mt * T.int64({MR}) + T.Cast(\"int64\", mi), {o}] = acc[mi, b, l]{b_}")
+
         def gemv_c():
             # the C GEMV of backends/capi/wasm_swizzle.c (all rows up to the last tier), linked by cross.link_wasm
             h = lambda b: f"{b}.data"  # noqa: E731
@@ -914,7 +983,7 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
 
         def chain(i: int):
             if i == len(tiers):
-                (gemm_panel if cfg.get("gemm", "tile") == "panel" else gemm)()
+                {"panel": gemm_panel, "permute": gemm_permute}.get(cfg.get("gemm", "tile"), gemm)()
                 return
             if swz and cfg.get("gemv_impl") == "c":
                 if spec.kind == "nm_gq" and i == 0 and tiers[0] == 1 and QUANT_C_GEMV_FROM_M > 1:
