@@ -1052,6 +1052,26 @@ def test_quantized_tuning_entries_keep_the_code_layout_they_were_tuned_on():
             _assert_matches_float64(impl, lin, wref, (1, 5, 16, 20), 2e-6, rng, f"{kind} {codes}")
 
 
+def test_tuning_entries_from_before_the_permute_gemm_keep_a_gemm_they_can_run():
+    """An N:4 entry recorded before the permute GEMM has no "gemm": at a block width the permute fits it gets the
+    permute GEMM (the default), at a wider one (the shipped AVX-512 entries hold block_o 32) the dense panel, not a
+    rejected entry; one recording "gemm" keeps it."""
+    rng = np.random.default_rng()
+    lanes = vector_lanes(X86, "float32")
+    fmt, wref = make_weight("nm2:4", 4 * lanes, 64, rng)
+    lin = Linear("l", ["x"], ["y"], weight=fmt)
+    default = select_kernel(lin, X86, ShapeHints(), TuningDB.empty())
+    old = {k: v for k, v in default.config.items() if not k.startswith("gemm")}
+    cases = ((dict(old, block_o=lanes, rows=4), "permute"), (dict(old, block_o=2 * lanes, rows=4, gemv_mode="select"), "panel"),
+             (dict(old, block_o=lanes, rows=4, gemm="panel"), "panel"))  # fmt: skip
+    for entry, gemm in cases:
+        db = TuningDB()
+        db.record(default.name, "x86", linear_key(lin), entry, lanes=lanes)
+        impl = select_kernel(lin, X86, ShapeHints(), db)
+        assert impl.tuned and impl.config["gemm"] == gemm and impl.config["block_o"] == entry["block_o"]
+        _assert_matches_float64(impl, lin, wref, (1, 20, 40), 2e-6, rng, f"{entry}")
+
+
 def test_container_cpu_quota_caps_the_thread_count(monkeypatch):
     """A container limited to 2 CPUs (cgroup v2 ``cpu.max`` "200000 100000") on a many-core host runs 2 threads, not
     one per host core; "max" (no quota) leaves the core count."""

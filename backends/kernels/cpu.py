@@ -1034,8 +1034,13 @@ def _generate(kernel_name: str, linear, target, hints: ShapeHints, tuning) -> Ke
         if found is not None and spec.kind in ("gq", "nm_gq"):
             # an entry without "codes" was tuned on the byte layout (before int4 codes became words on x86)
             found = {"codes": "byte", **found}
-        if found is not None and check_config(spec, {**default_config(spec, target), **found}, target) is None:
-            cfg, tuned = {**default_config(spec, target), **found}, True
+        if found is not None:
+            merged = {**default_config(spec, target), **found}
+            if "gemm" not in found and merged.get("gemm") == "permute" and not _permute_ok(spec, int(merged["block_o"]), target):
+                # an entry from before the permute GEMM, at a block width it cannot run: the dense panel it had
+                merged.update(gemm="panel", **_panel_blocking(False, vector_lanes(target, "float32")))
+            if check_config(spec, merged, target) is None:
+                cfg, tuned = merged, True
     if cfg is None:
         cfg = default_config(spec, target)
     bad = check_config(spec, cfg, target)
