@@ -205,6 +205,14 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def result_suffix() -> str:
+    """File-name suffix of the x86 benchmark results of this host: "_avx512" on an AVX-512 CPU, "" on AVX2 (the
+    machine the unsuffixed results come from), so the two machines' tables sit side by side."""
+    from .kernels.registry import _host_vector_bits
+
+    return "_avx512" if _host_vector_bits() >= 512 else ""
+
+
 def table_markdown(doc: dict[str, Any]) -> str:
     engines = list(doc["scenarios"][0]["engines"]) if doc["scenarios"] else []
     head = "| batch x seq | " + " | ".join(f"{e} ms (min / median)" for e in engines) + " | lib vs dense ORT | lib vs dense TVM |"

@@ -13,7 +13,7 @@ dense model and against the dense model compiled by the same backend, at batch x
 1x128 and 4x128; then each CPU kernel alone on LLM layer shapes (4096x4096, 11008x4096, 4096x11008) at M = 1, 16,
 128 against the dense kernel (and GB/s at M=1 against a numpy copy). Every ratio is against baselines measured in the
 same process. Results:
-``bench/results/bench_x86.json`` and ``.md`` (``bench_x86_t<N>.*`` for ``--threads N`` > 1). The quantized variants use plain round-to-nearest: they measure speed,
+``bench/results/bench_x86.json`` and ``.md`` (``bench_x86_avx512*`` on an AVX-512 host, ``_t<N>`` for ``--threads N`` > 1). The quantized variants use plain round-to-nearest: they measure speed,
 not quality (see the quantization pass for GPTQ).
 """
 from __future__ import annotations
@@ -156,7 +156,9 @@ def main() -> None:
         report["command"] += " --no-kernels"
     outd = Path(args.out)
     outd.mkdir(parents=True, exist_ok=True)
-    stem = "bench_x86" if args.threads == 1 else f"bench_x86_t{args.threads}"  # one file per thread count
+    from sparsec.backends.bench import result_suffix
+
+    stem = "bench_x86" + result_suffix() + ("" if args.threads == 1 else f"_t{args.threads}")  # one file per ISA and thread count
     (outd / f"{stem}.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
     lines = [f"# golden tiny-gpt on x86: sparsec vs onnxruntime ({args.threads} thread(s))", "", f"Command: `{report['command']}`", ""]
     for name, doc in docs.items():

@@ -12,7 +12,8 @@ ONNX exporter (dynamic batch and sequence), writes 16 x 128 calibration token id
 (wall time and peak RSS of the compress from ``/usr/bin/time -v`` when present) and collects ``bench.json``: the
 library vs onnxruntime on the dense ONNX and vs the dense model compiled by the same backend, one token and 1 x 128,
 same process, the thread count ``sparsec bench`` picks. Random weights: the output errors say nothing about quality,
-only the speed and the resources are the point. Writes ``cli_llama_x86.json`` and ``.md``.
+only the speed and the resources are the point. Writes ``cli_llama_x86.json`` and ``.md`` (``cli_llama_x86_avx512.*`` on an
+AVX-512 host).
 """
 from __future__ import annotations
 
@@ -93,9 +94,12 @@ def main() -> None:
 
     outd = Path(a.out)
     outd.mkdir(parents=True, exist_ok=True)
-    (outd / "cli_llama_x86.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    from sparsec.backends.bench import _cpu_name, result_suffix
+
+    stem = "cli_llama_x86" + result_suffix()
+    (outd / f"{stem}.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     lines = ["# 125M LLaMA-style model through the CLI on x86 (compress + `sparsec bench`)", "",
-             "Command: `python bench/cli_llama_x86.py` (docstring). Random weights; speed and resources only. "
+             f"CPU: {_cpu_name()}. Command: `python bench/cli_llama_x86.py` (docstring). Random weights; speed and resources only. "
              "ms = median of `sparsec bench` (same process: the compiled library, the dense model compiled by the same "
              "backend, onnxruntime on the dense ONNX).", "",
              "| recipe | compress s | peak RSS GB | threads | batch x seq | library ms | dense TVM ms | dense onnxruntime ms | vs dense ORT | vs dense TVM |",
@@ -110,8 +114,8 @@ def main() -> None:
                          f"{sc['speedup_vs_dense_onnxruntime']:.2f}x | {sc['speedup_vs_dense_tvm']:.2f}x |")
         if not r.get("bench"):
             lines.append(f"| {r['args']} | failed: {c.get('error', r.get('bench_rc'))} | | | | | | | | |")
-    (outd / "cli_llama_x86.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {outd / 'cli_llama_x86'}.json and .md (work dir {work})")
+    (outd / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {outd / stem}.json and .md (work dir {work})")
 
 
 if __name__ == "__main__":

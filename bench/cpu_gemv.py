@@ -15,7 +15,8 @@ GEMM) under:
 
 Each config is measured ``--rounds`` times, interleaved (the minimum per point is kept: this machine is shared);
 ratios against ``before`` and against the dense fp32 kernel's default of the same run. GB/s at M = 1 = the weight
-bytes as stored / time. Writes ``cpu_gemv.json`` and ``.md`` (``_t<N>`` for ``--threads N`` > 1).
+bytes as stored / time. Writes ``cpu_gemv.json`` and ``.md`` (``_avx512`` on an AVX-512 host, ``_t<N>`` for ``--threads N``
+> 1).
 """
 from __future__ import annotations
 
@@ -84,8 +85,9 @@ def main() -> None:
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "cpu_gemv" + (f"_t{a.threads}" if a.threads > 1 else "")
-    from sparsec.backends.bench import _cpu_name
+    from sparsec.backends.bench import _cpu_name, result_suffix
+
+    stem = "cpu_gemv" + result_suffix() + (f"_t{a.threads}" if a.threads > 1 else "")
 
     meta = {"machine": platform.processor() or platform.machine(), "cpu": _cpu_name(), "threads": a.threads,
             "repeat": a.repeat, "rounds": a.rounds, "before": BEFORE}  # fmt: skip

@@ -14,7 +14,7 @@ For each LLM layer shape (4096x4096, 11008x4096, 4096x11008) and format (2:4, 2:
 and the dense fp32 kernel's default of the same run. Each config is measured ``--rounds`` times, interleaved (min kept:
 this machine is shared). ``--isa avx2`` builds for a 256-bit AVX2 CPU (LLVM mcpu znver3, 8 float lanes) and runs that
 code on this host: the AVX2 defaults measured on an AVX-512 machine, labelled as such. Writes
-``cpu_prefill[_avx2][_t<N>].json`` and ``.md``.
+``cpu_prefill[_avx2|_avx512][_t<N>].json`` and ``.md`` (no ISA suffix: native on an AVX2 host).
 """
 from __future__ import annotations
 
@@ -87,8 +87,9 @@ def main() -> None:
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "cpu_prefill" + ("_avx2" if a.isa == "avx2" else "") + (f"_t{a.threads}" if a.threads > 1 else "")
-    from sparsec.backends.bench import _cpu_name
+    from sparsec.backends.bench import _cpu_name, result_suffix
+
+    stem = "cpu_prefill" + ("_avx2" if a.isa == "avx2" else result_suffix()) + (f"_t{a.threads}" if a.threads > 1 else "")
 
     meta = {"machine": platform.processor() or platform.machine(), "cpu": _cpu_name(), "threads": a.threads, "isa": a.isa,
             "llvm_target": tgt.tvm_dict(), "repeat": a.repeat, "rounds": a.rounds}  # fmt: skip
