@@ -1072,6 +1072,33 @@ def test_tuning_entries_from_before_the_permute_gemm_keep_a_gemm_they_can_run():
         _assert_matches_float64(impl, lin, wref, (1, 20, 40), 2e-6, rng, f"{entry}")
 
 
+def test_tuner_second_stage_searches_the_prefill_gemm_blocking():
+    """`sparsec tune` on x86 searches the prefill GEMM (gemm permute / panel, gemm_mr, gemm_nb, gemm_kb) in a second
+    stage around the first stage's winner, scored at the token counts above the GEMV tiers: its candidates change
+    nothing else (same weight layout, same GEMV), N:4 offers both GEMMs, and the winner computes x @ W.T."""
+    from sparsec.backends.tune import tune_linear
+
+    rng = np.random.default_rng()
+    fmt, wref = make_weight("nm2:4+int4a", 64, 256, rng)
+    lin = Linear("l", ["x"], ["y"], weight=fmt)
+    gen = kernel_registry()["cpu.nm_group_quant"]
+    base = select_kernel(lin, X86, ShapeHints(), TuningDB.empty()).config
+    space, m_min = gen.refine_space(lin, X86, base)
+    assert m_min == base["gemv_tiers"][-1] + 1 and len(space) >= 20
+    assert {c["gemm"] for c in space} == {"permute", "panel"}
+    spec = cpu.spec_of(lin)
+    for c in space:
+        assert cpu.check_config(spec, c, X86) is None and c != base
+        assert {k: v for k, v in c.items() if not k.startswith("gemm")} == {k: v for k, v in base.items() if not k.startswith("gemm")}
+    assert gen.refine_space(lin, get_target("wasm"), dict(base, gemm="tile")) is None
+    r = tune_linear(lin, X86, "cpu.nm_group_quant", m_values=(1, 24), max_candidates=3)
+    assert r.candidates == 3 + 2 and set(r.seconds) == {1, 24}
+    impl = select_kernel(lin, X86, ShapeHints(config=r.config), TuningDB.empty())
+    _assert_matches_float64(impl, lin, wref, (1, 24, 40), 2e-6, rng, str(r.config))
+    r = tune_linear(lin, X86, "cpu.nm_group_quant", m_values=(1, 8), max_candidates=2)  # nothing above the tiers
+    assert r.candidates == 2
+
+
 def test_container_cpu_quota_caps_the_thread_count(monkeypatch):
     """A container limited to 2 CPUs (cgroup v2 ``cpu.max`` "200000 100000") on a many-core host runs 2 threads, not
     one per host core; "max" (no quota) leaves the core count."""

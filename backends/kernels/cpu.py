@@ -283,6 +283,27 @@ def param_specs(spec: Spec, V: int, swizzle: bool = False, words: bool = False) 
 
 # ----------------------------------------------------------------------------------------------------------------
 # configuration
+def refine_space(linear, target, config: dict[str, Any]) -> tuple[list[dict[str, Any]], int] | None:
+    """The tuner's second stage on x86: the prefill GEMM's blocking around the first stage's winner ``config`` (whose
+    weight layout and GEMV tiers stay): for N:4 the permute GEMM and the dense panel, each with rows of x
+    (gemm_mr), output-row blocks (gemm_nb) and input columns a K block (gemm_kb); scored at M above the last GEMV tier.
+    None where the GEMM is not the panel family (aarch64 / wasm: the tile GEMM)."""
+    spec = spec_of(linear)
+    if spec is None or not _x86(target) or config.get("gemm") not in ("panel", "permute"):
+        return None
+    V = int(config["block_o"])
+    gemms = ["permute", "panel"] if _permute_ok(spec, V, target) else ["panel"]
+    out = []
+    for gemm in gemms:
+        for mr in (2, 4, 6, 8, 12):
+            for nb in (1, 2, 4):
+                for kb in (256, 512, 1024):
+                    c = dict(config, gemm=gemm, gemm_mr=mr, gemm_nb=nb, gemm_kb=kb)
+                    if c != config and _panel_nb(spec, c) == nb and c not in out and check_config(spec, c, target) is None:
+                        out.append(c)
+    return out, int(config["gemv_tiers"][-1]) + 1
+
+
 def _divisor_at_most(n: int, cap: int) -> int:
     for v in range(min(cap, n), 0, -1):
         if n % v == 0 and (v & (v - 1)) == 0:
@@ -1056,28 +1077,28 @@ def _generate(kernel_name: str, linear, target, hints: ShapeHints, tuning) -> Ke
 
 
 @register_kernel("cpu.dense", formats=("dense",), targets=CPU_TARGETS, priority=10, prepare=prepare_cpu,
-                 search_space=search_space)  # fmt: skip
+                 search_space=search_space, refine_space=refine_space)  # fmt: skip
 def cpu_dense(linear, target, hints, tuning):
     """Dense fp32 GEMV/GEMM with interleaved weights (the baseline every compressed kernel is compared with)."""
     return _generate("cpu.dense", linear, target, hints, tuning)
 
 
 @register_kernel("cpu.nm_sparse", formats=("nm_sparse[dense]",), targets=CPU_TARGETS, priority=10, prepare=prepare_cpu,
-                 search_space=search_space)  # fmt: skip
+                 search_space=search_space, refine_space=refine_space)  # fmt: skip
 def cpu_nm_sparse(linear, target, hints, tuning):
     """N:M sparse: kept values + packed positions; gathers x by position (GEMV), sparse row x dense tile (GEMM)."""
     return _generate("cpu.nm_sparse", linear, target, hints, tuning)
 
 
 @register_kernel("cpu.group_quant", formats=("group_quant",), targets=CPU_TARGETS, priority=10, prepare=prepare_cpu,
-                 search_space=search_space)  # fmt: skip
+                 search_space=search_space, refine_space=refine_space)  # fmt: skip
 def cpu_group_quant(linear, target, hints, tuning):
     """Group-quantized int4/int8 (symmetric or with zero points, optional group mask): dequantized in registers."""
     return _generate("cpu.group_quant", linear, target, hints, tuning)
 
 
 @register_kernel("cpu.nm_group_quant", formats=("nm_sparse[group_quant]",), targets=CPU_TARGETS, priority=10,
-                 prepare=prepare_cpu, search_space=search_space)  # fmt: skip
+                 prepare=prepare_cpu, search_space=search_space, refine_space=refine_space)  # fmt: skip
 def cpu_nm_group_quant(linear, target, hints, tuning):
     """N:M sparse with group-quantized kept values (int4/int8): decode positions and codes in registers."""
     return _generate("cpu.nm_group_quant", linear, target, hints, tuning)

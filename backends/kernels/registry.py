@@ -89,7 +89,9 @@ stored config dict or ``None`` (then use a sound default and set ``tuned=False``
 :func:`linear_key` builds the standard key (format key, N:M, bits, group size, out, in, act dtype). A generator that
 can be tuned also registers its search space with ``search_space=`` (a function ``(linear, target, hints) ->
 list[dict]`` of candidate configs, see :mod:`sparsec.backends.tune`); ``sparsec tune`` measures each candidate
-(by rebuilding the kernel with ``hints.config`` set to the candidate) and stores the fastest.
+(by rebuilding the kernel with ``hints.config`` set to the candidate) and stores the fastest. ``refine_space=``
+(``(linear, target, config) -> (configs, m_min) | None``) adds a second stage around the first stage's winner: configs
+that change only the code running at M >= m_min (the CPU prefill GEMM's blocking), scored at those token counts.
 """
 from __future__ import annotations
 
@@ -196,6 +198,9 @@ class KernelGenerator:
     prepare: Callable[..., list[np.ndarray]] | None = None  # prepare(linear, config) -> arrays for KernelImpl.params
     search_space: Callable[..., list[dict]] | None = None
     description: str = ""
+    # refine_space(linear, target, config) -> (configs, m_min): a second stage of the search around the first stage's
+    # winner (configs differing only in what runs at M >= m_min, scored there alone), or None
+    refine_space: Callable[..., tuple[list[dict], int] | None] | None = None
 
     def matches(self, fkey: str, target: "Target") -> bool:
         tnames = {target.kind, target.name, target.name.partition(":")[0]}
@@ -209,7 +214,8 @@ _LOADED = False
 
 
 def register_kernel(name: str, *, formats: tuple[str, ...], targets: tuple[str, ...], prepare: Callable[..., list[np.ndarray]],
-                    priority: int = 0, search_space: Callable[..., list[dict]] | None = None):  # fmt: skip
+                    priority: int = 0, search_space: Callable[..., list[dict]] | None = None,
+                    refine_space: Callable[..., tuple[list[dict], int] | None] | None = None):  # fmt: skip
     """Decorator registering a kernel generator ``fn(linear, target, hints, tuning) -> KernelImpl | None``.
 
     ``prepare(linear, config) -> list[np.ndarray]``: the kernel's weight parameters (see the module docstring)."""
@@ -219,7 +225,7 @@ def register_kernel(name: str, *, formats: tuple[str, ...], targets: tuple[str, 
             raise ValueError(f"kernel generator {name!r} is registered twice")
         doc = (fn.__doc__ or "").strip().splitlines()
         _REGISTRY[name] = KernelGenerator(name, fn, tuple(formats), tuple(targets), priority, prepare, search_space,
-                                          doc[0] if doc else "")  # fmt: skip
+                                          doc[0] if doc else "", refine_space)  # fmt: skip
         return fn
 
     return deco
