@@ -326,7 +326,10 @@ def compress(
     from sparsec.backends.targets import get_target
     from sparsec.compressor.pipeline import build_passes
 
-    get_target(r.target)  # recipe and target errors before a (possibly long) model load
+    get_target(r.target)  # recipe, target and device errors before a (possibly long) model load
+    from sparsec.compressor.executor import resolve_device
+
+    resolve_device(r.device)
     build_passes(r)
     src = _load(model, example)
     result = run_compress(src, r, output, force=force, console=None if quiet or as_json else err, progress=not (quiet or as_json))

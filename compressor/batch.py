@@ -211,6 +211,9 @@ def recipe_for(opts: dict[str, Any]):
         r.build = False
     r.max_error = None  # thresholds are checked by batch against the report (cached or not)
     get_target(r.target)  # unknown target -> RecipeError now
+    from sparsec.compressor.executor import resolve_device
+
+    resolve_device(r.device)  # a device this torch cannot use -> RecipeError now
     build_passes(r)  # unknown pass params / invalid combinations -> RecipeError now
     return r
 

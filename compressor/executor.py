@@ -40,12 +40,29 @@ _initialise_mkl()
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None`` -> $SPARSEC_DEVICE, else CPU. ``"auto"`` -> CUDA when available."""
+    """``None`` -> $SPARSEC_DEVICE, else CPU. ``"auto"`` -> CUDA when available. A device this torch cannot use (not
+    ``cpu`` / ``cuda[:N]``, CUDA missing, no such GPU) is a RecipeError naming it."""
+    from .errors import RecipeError
+
+    src = "SPARSEC_DEVICE" if device is None else "device"
     if device is None:
         device = os.environ.get("SPARSEC_DEVICE", "cpu")
     if str(device) == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    if isinstance(device, torch.device):
+        dev = device
+    else:
+        try:
+            dev = torch.device(str(device).strip())
+        except (RuntimeError, ValueError):
+            raise RecipeError(f"{src} {device!r}: not a device (cpu, cuda, cuda:N or auto)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise RecipeError(f"{src} {device!r}: the executor runs on cpu or cuda (cuda:N), or auto")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RecipeError(f"{src} {device!r}: CUDA is not available to this torch (use cpu or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RecipeError(f"{src} {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False

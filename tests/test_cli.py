@@ -126,6 +126,15 @@ def test_bad_input_errors(gpt2_onnx, tmp_path):
     bad = tmp_path / "r.yaml"
     bad.write_text("target: x86\nsed: 3\n")
     _one_line_error(sparsec("compress", path, "-o", out, "--recipe", bad), 6, "sed")
+    # executor devices this torch cannot use: a bad recipe naming the device, not an internal error (exit 70)
+    import torch
+
+    bad_devices = ["foo", "mps", "xpu"] + (["cuda", "cuda:1"] if not torch.cuda.is_available() else [f"cuda:{torch.cuda.device_count()}"])
+    for dev in bad_devices:
+        _one_line_error(sparsec("compress", path, "-o", out, "--no-build", "--device", dev), 6, dev)
+    bad.write_text("device: foo\n")
+    _one_line_error(sparsec("compress", path, "-o", out, "--recipe", bad), 6, "foo")
+    bad.write_text("target: x86\nsed: 3\n")
     blocker = tmp_path / "file"
     blocker.write_text("x")
     _one_line_error(sparsec("compress", path, "-o", blocker / "sub"), 7)

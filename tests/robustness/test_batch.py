@@ -99,6 +99,7 @@ BAD_JOBS = {
     "no jobs": ("defaults:\n  nm: '2:4'\n", ("jobs",)),
     "bad top-level": ("jobs:\n  - model: m.onnx\njbos: []\n", ("jbos",)),
     "bad size ratio": ("jobs:\n  - model: m.onnx\n    min_size_reduction: 0.5\n", ("jobs[0]", "min_size_reduction")),
+    "bad device": ("jobs:\n  - model: m.onnx\n    device: foo\n", ("jobs[0]", "foo")),
 }
 
 
