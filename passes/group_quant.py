@@ -165,6 +165,27 @@ def fp16_ceil(s: np.ndarray) -> np.ndarray:
     return h.astype(np.float32)
 
 
+# fp16 grid underflow: tallies of (groups, groups whose stored fp16 scale is >= 1.5x the scale their weights want),
+# one per active grid_tally() (the pass wraps each layer's quantization in one)
+_GRID_TALLIES: list[list[int]] = []
+COARSE_SCALE = 1.5
+
+
+class grid_tally:
+    """Counts, while active, the quantization groups :func:`grid_params` fits and those whose weights are too small
+    for an fp16 scale (below ~1e-6: the smallest fp16 scale, 6e-8, rounds the grid up to >= 1.5x what they want; a
+    group under ~3e-8 quantizes to zeros)."""
+
+    def __enter__(self):
+        self.groups = self.coarse = 0
+        _GRID_TALLIES.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        _GRID_TALLIES.remove(self)
+        return False
+
+
 def grid_params(w, bits: int, symmetric: bool, keep=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale (fp16-representable, float32) and zero point (float32 integer) per row of ``w`` ``(rows, k)``, from the
     entries where ``keep`` is true (all when None)."""
@@ -178,8 +199,15 @@ def grid_params(w, bits: int, symmetric: bool, keep=None) -> tuple[torch.Tensor,
         s = 2 * torch.maximum(-wmin, wmax) / maxq
     else:
         s = (wmax - wmin) / maxq
+    wanted = s.cpu().numpy()
     s = torch.where(s > 0, s, torch.ones_like(s))
-    s = torch.from_numpy(fp16_ceil(s.cpu().numpy())).to(w.device)
+    stored = fp16_ceil(s.cpu().numpy())
+    if _GRID_TALLIES:
+        nz = wanted > 0
+        for t in _GRID_TALLIES:
+            t.groups += int(nz.sum())
+            t.coarse += int((nz & (stored >= COARSE_SCALE * wanted)).sum())
+    s = torch.from_numpy(stored).to(w.device)
     if symmetric:
         z = torch.full_like(s, float(1 << (bits - 1)))
     else:
@@ -695,16 +723,25 @@ class GroupQuantize(Pass):
         if fit is not None:
             extra["tokens"] = int(fit.n)
         kw = dict(symmetric=cfg.symmetric, method=method, H=H, act_order=cfg.act_order, damp=cfg.damp, blocksize=cfg.blocksize, device=ctx.device)
-        if cfg.sparsity > 0:
-            fmt, info = quantize_gqsa(W, bits, g, cfg.sparsity, rounds=cfg.gqsa_rounds, **kw)
-            extra["gqsa"] = cfg.gqsa
-            extra["group_sparsity"] = info["groups_removed"] / max(1, info["groups"])
-        elif isinstance(before, NMSparse):
-            fmt, info = quantize_nm(before, bits, g, **kw)
-            extra["nm"] = f"{before.n}:{before.m}"
-        else:
-            fmt, info = quantize_dense(W, bits, g, **kw)
+        with grid_tally() as tally:
+            if cfg.sparsity > 0:
+                fmt, info = quantize_gqsa(W, bits, g, cfg.sparsity, rounds=cfg.gqsa_rounds, **kw)
+                extra["gqsa"] = cfg.gqsa
+                extra["group_sparsity"] = info["groups_removed"] / max(1, info["groups"])
+            elif isinstance(before, NMSparse):
+                fmt, info = quantize_nm(before, bits, g, **kw)
+                extra["nm"] = f"{before.n}:{before.m}"
+            else:
+                fmt, info = quantize_dense(W, bits, g, **kw)
         extra.update(info)
+        if tally.coarse:
+            share = tally.coarse / max(1, tally.groups)
+            extra["fp16_scale_underflow"] = share
+            notes.append(f"{share:.0%} of groups below the fp16 scale range (coarser grid)")
+            rep.warnings.append(f"{lin.name}: {share:.0%} of its quantization groups hold weights too small for an fp16 scale "
+                                f"(max |w| {np.abs(W).max():.2g}; below ~1e-6 the stored scale is >= {COARSE_SCALE}x what they "
+                                f"need, under ~3e-8 they quantize to zeros): its grid is coarser than planned; exclude it "
+                                f"(--exclude) or keep it in higher precision")  # fmt: skip
         if info.get("escalations"):
             rep.warnings.append(f"{lin.name}: Cholesky of the damped Hessian failed at damping {cfg.damp:g}; escalated "
                                 f"{info['escalations']}x to {info['damp']:g} x mean(diag H)")  # fmt: skip

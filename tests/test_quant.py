@@ -362,6 +362,26 @@ def test_pass_quantizes_all_but_head_with_fallback_and_overrides():
     assert 4 < rep.extra["bits_per_weight"] < 5.5
 
 
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_weights_too_small_for_an_fp16_scale_are_reported(method):
+    """A layer whose weights are below what an fp16 scale resolves (scales under the smallest fp16 subnormal round up
+    to it: a coarser grid, all zeros for |w| < ~3e-8) gets a warning and a note on its row with the share of groups;
+    layers of normal size do not."""
+    rng = np.random.default_rng()
+    g = raised_graph(rng, d=64, h=96)
+    tiny = g.linear("layers.1.up")
+    tiny.weight = Dense((tiny.weight.materialize() * float(rng.uniform(1e-8, 1e-7))).astype(np.float32))
+    (rep,), _ = run_recipe(g, [("group_quant", {"bits": "int4", "group_size": 32, "method": method})])
+    rows = {r.name: r for r in rep.rows}
+    assert rows["layers.1.up"].extra["fp16_scale_underflow"] > 0.9 and "fp16 scale" in rows["layers.1.up"].note
+    warned = [w for w in rep.warnings if "fp16 scale" in w]
+    assert len(warned) == 1 and warned[0].startswith("layers.1.up:")
+    assert rows["layers.1.up"].error > 0.3  # what the warning is about: the grid is too coarse for these weights
+    for name, r in rows.items():
+        if name != "layers.1.up" and r.status == "compressed":
+            assert "fp16_scale_underflow" not in r.extra and r.error < 0.2
+
+
 def test_pass_after_nm_prune_reports_total_error():
     rng = np.random.default_rng()
     g = raised_graph(rng)
