@@ -245,7 +245,7 @@ def compress(source: Source, recipe: Recipe, out: str | os.PathLike, *, force: b
     reports = run_passes(graph, passes, ctx)
     warnings.extend(ctx.warnings)
     # the graph is final here (the build reads it): its bytes are computed once, for the warnings and the report
-    bytes_before, bytes_after = int(original.nbytes()), int(graph.nbytes())
+    bytes_before, bytes_after = int(original.source_nbytes()), int(graph.nbytes())
     warnings.extend(outcome_warnings(bytes_before, bytes_after, reports))
 
     quality: dict[str, Any] = {}

@@ -290,3 +290,52 @@ def test_tvm_log_lines_are_filtered_and_others_pass_as_they_come():
     assert p.returncode == 0, p.stderr
     assert p.stderr.splitlines() == ["build: compiling with TVM...", "last line without newline", "after"], p.stderr
     assert p.stdout == "mid\n"
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "pt2"])
+def test_bfloat16_model_compresses_to_a_float32_artifact(exporter, tmp_path):
+    """A bfloat16 model (weights and float inputs bf16): imported as float32 with a warning, compressed, and the
+    artifact's model.onnx runs in onnxruntime (which has no CPU bfloat16 kernels: the original cannot run there) with
+    float32 inputs and outputs, close to the bf16 module; `inspect` counts the source's 2 bytes a weight. .pt2 files
+    failed to import (numpy has no bfloat16), ONNX ones wrote an ill-typed model.onnx (float32 weights, bf16 MatMuls)."""
+    import torch
+    import torch.nn.functional as F
+
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f1, self.f2 = torch.nn.Linear(64, 128), torch.nn.Linear(128, 32)
+
+        def forward(self, x):
+            return self.f2(F.gelu(self.f1(x)) * 0.5)
+
+    torch.manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    m = MLP().eval().to(torch.bfloat16)
+    x = torch.randn(2, 8, 64, dtype=torch.bfloat16)
+    path = tmp_path / ("m.pt2" if exporter == "pt2" else "m.onnx")
+    if exporter == "pt2":
+        torch.export.save(torch.export.export(m, (x,)), str(path))
+    else:
+        torch.onnx.export(m, (x,), str(path), dynamo=False, input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "b", 1: "t"}})
+    p = sparsec("inspect", path, "--json")
+    assert p.returncode == 0, p.stderr
+    info = json.loads(p.stdout)
+    assert info["bytes"] == 2 * info["params"] and info["inputs"][0]["dtype"] == "float32"
+    assert any("bfloat16" in w for w in info["warnings"])
+    out = tmp_path / "art"
+    p = sparsec("compress", path, "-o", out, "--quiet", "--no-build", "--nm", "2:4", "--method", "magnitude", "--include", "f1")
+    assert p.returncode == 0, p.stderr
+    xf = x.float().numpy()
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].type == "tensor(float)" and sess.get_outputs()[0].type == "tensor(float)"
+    (got,) = sess.run(None, {sess.get_inputs()[0].name: xf})
+    w1 = m.f1.weight.detach().float().numpy()
+    mask = np.zeros_like(w1, dtype=bool)  # the 2 largest of each group of 4 (magnitude 2:4), as the artifact holds
+    idx = np.argsort(-np.abs(w1.reshape(128, 16, 4)), axis=-1)[..., :2]
+    np.put_along_axis(mask.reshape(128, 16, 4), idx, True, axis=-1)
+    h = xf @ (w1 * mask).T + m.f1.bias.detach().float().numpy()
+    ref = torch.nn.functional.gelu(torch.from_numpy(h)).numpy() * 0.5 @ m.f2.weight.detach().float().numpy().T + m.f2.bias.detach().float().numpy()
+    assert tm.rel(ref, got) < 1e-4  # the float32 computation of the bf16 weights, pruned
+    np.savez(tmp_path / "in.npz", **{sess.get_inputs()[0].name: xf})
+    p = sparsec("run", out, "--inputs", tmp_path / "in.npz", "--output", tmp_path / "o.npz", "--engine", "onnx")
+    assert p.returncode == 0, p.stderr

@@ -324,6 +324,31 @@ def _constant_value(attrs: dict, node: onnx.NodeProto) -> np.ndarray:
     raise UnsupportedOpError(f"Constant node '{node.name}' with attributes {sorted(attrs)} is not supported")
 
 
+BF16_WARNING = ("the model computes in bfloat16: sparsec imports it as float32 (weights, inputs, outputs, casts), and "
+                "the artifact's model.onnx and library compute in float32 (onnxruntime's CPU provider has no "
+                "bfloat16 kernels); feed float32 inputs")
+
+
+def bfloat16_as_float32(g: Graph) -> bool:
+    """Rewrite a bfloat16 model to compute in float32: value dtypes (graph inputs and outputs included), Cast-to-
+    bfloat16 targets and bfloat16 tensor attributes (initializers and Constant nodes are read as float32 already).
+    True when anything was bfloat16 (the import then warns, BF16_WARNING)."""
+    bf16 = onnx.TensorProto.BFLOAT16
+    changed = False
+    for v in g.values.values():
+        if v.dtype == "bfloat16":
+            v.dtype, changed = "float32", True
+    for n in g.nodes:
+        if not isinstance(n, Generic):
+            continue
+        if n.op_type == "Cast" and n.domain in ("", None) and n.attributes.get("to") == bf16:
+            n.attributes["to"], changed = onnx.TensorProto.FLOAT, True
+        for k, a in list(n.attributes.items()):
+            if isinstance(a, np.ndarray) and (a.dtype.kind == "V" or "bfloat16" in str(a.dtype)):
+                n.attributes[k], changed = a.astype(np.float32), True
+    return changed
+
+
 def load_onnx(source: "str | os.PathLike | onnx.ModelProto", *, name: str | None = None, raise_ops: bool = True,
               validate: bool = True) -> Graph:
     """Import an ONNX model (path or ModelProto) into sparsec's IR, raised and validated."""
@@ -340,6 +365,9 @@ def load_onnx(source: "str | os.PathLike | onnx.ModelProto", *, name: str | None
     check_model(model, label)
     g = proto_to_graph(model, name)
     g.meta["source_sha256"] = digest
+    if bfloat16_as_float32(g):
+        g.meta["source_float"] = "bfloat16"
+        g.meta.setdefault("import_warnings", []).append(BF16_WARNING)
     if raise_ops:
         g.meta["raised"] = raise_graph(g)
     if validate:

@@ -621,7 +621,9 @@ def _check_against_module(g: Graph, model: nn.Module, example_inputs: tuple) -> 
     with torch.no_grad():
         ref = model(*example_inputs)
     refs = _flatten_outputs(ref)
-    feeds = {name: a.detach().cpu().numpy() for name, a in zip(g.inputs, [a for a in example_inputs if isinstance(a, torch.Tensor)])}
+    # bfloat16 inputs (numpy has no bfloat16; the graph computes such models in float32, see onnx.bfloat16_as_float32)
+    feeds = {name: (a.float() if a.dtype == torch.bfloat16 else a).detach().cpu().numpy()
+             for name, a in zip(g.inputs, [a for a in example_inputs if isinstance(a, torch.Tensor)])}  # fmt: skip
     got = Executor(g).run(feeds)
     errs = []
     for o, r in zip(g.outputs, refs):
