@@ -160,19 +160,27 @@ def test_inspect_bert_lists_36_linears(exported, tmp_path):
     assert res.exit_code == 0 and "encoder.layer.5.output.dense" in res.output
 
 
-@pytest.mark.parametrize("kind", ["llama", "mixtral"])
-def test_pt2_archive_import(kind, tmp_path):
+@pytest.mark.parametrize("kind,keywords", [("llama", False), ("mixtral", False), ("llama", True), ("mixtral", True)])
+def test_pt2_archive_import(kind, keywords, tmp_path):
+    """`.pt2` archives import and compute what the module does; ``keywords``: exported with keyword inputs only, as
+    HF-style models usually are (``export(m, (), kwargs={"input_ids": ...})``; refused as "no example inputs" before)."""
+    import inspect
+
     from sparsec.compressor.frontends.torch import load_pt2
 
     model = tm.build(kind)
     args = model.example_inputs()
+    kw = {}
+    if keywords:
+        kw = dict(zip(inspect.signature(model.forward).parameters, args))
+        args = ()
     if kind == "llama":  # dynamic batch and sequence, as users export for serving
-        dyn = ({0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO},)
-        ep = torch.export.export(model, args, dynamic_shapes=dyn)
+        dyn = {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}
+        ep = torch.export.export(model, args, kwargs=kw, dynamic_shapes={k: dyn for k in kw} if kw else (dyn,))
         b, t = 3, 7
     else:  # static shapes: the program only accepts the example shape
-        ep = torch.export.export(model, args)
-        b, t = args[0].shape
+        ep = torch.export.export(model, args, kwargs=kw)
+        b, t = (args or tuple(kw.values()))[0].shape
     path = tmp_path / "m.pt2"
     torch.export.save(ep, str(path))
     g = load_pt2(str(path))

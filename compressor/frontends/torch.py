@@ -728,13 +728,47 @@ def load_exported_program(path: str):
     return ep
 
 
-def _example_inputs_of(ep) -> tuple:
+def _example_inputs_of(ep) -> tuple[tuple, dict]:
+    """The program's example ``(args, kwargs)`` (HF-style models are often exported with keyword inputs only)."""
     ex = getattr(ep, "example_inputs", None)
     if ex:
         args, kwargs = ex if isinstance(ex, tuple) and len(ex) == 2 and isinstance(ex[1], dict) else (ex, {})
-        if not kwargs:
-            return tuple(args)
+        if args or kwargs:
+            return tuple(args), dict(kwargs)
     raise ModelLoadError("the .pt2 archive holds no example inputs (save it with torch.export.save from a program exported with example inputs)")
+
+
+def _positional_view(module: nn.Module, spec) -> nn.Module:
+    """``module`` (same submodules, so the exported layer names are its module paths) whose forward takes the
+    flattened user inputs positionally and calls the module's own forward with the ``(args, kwargs)`` they were
+    exported as (the MoE export path re-exports the unflattened program; it accepts only that structure)."""
+    import copy
+    import torch.utils._pytree as pytree
+
+    view = copy.copy(module)  # shallow: shares _modules / _parameters with ``module``
+    inner = module.forward
+
+    def forward(*flat):
+        args, kwargs = pytree.tree_unflatten(list(flat), spec)
+        return inner(*args, **kwargs)
+
+    view.forward = forward
+    return view
+
+
+class _Positional(nn.Module):
+    """``inner`` called with the program's flattened user inputs as positional arguments (the order of the graph's
+    inputs), rebuilt into the ``(args, kwargs)`` it was exported with."""
+
+    def __init__(self, inner: nn.Module, spec):
+        super().__init__()
+        self.inner, self.spec = inner, spec
+
+    def forward(self, *flat):
+        import torch.utils._pytree as pytree
+
+        args, kwargs = pytree.tree_unflatten(list(flat), self.spec)
+        return self.inner(*args, **kwargs)
 
 
 def _output_names(ep) -> list[str] | None:
@@ -775,8 +809,12 @@ def load_pt2(path: str, *, name: str | None = None, check: bool = True) -> Graph
     """Import a ``torch.export.save`` archive. MoE blocks are recognized on the unflattened module tree."""
     from .onnx import load_onnx
 
+    import torch.utils._pytree as pytree
+
     ep = load_exported_program(path)
-    example_inputs = _example_inputs_of(ep)
+    args, kwargs = _example_inputs_of(ep)
+    flat, tree_spec = pytree.tree_flatten((args, kwargs))
+    example_inputs = tuple(flat)  # the graph's user inputs, in order
     try:
         with _quiet():
             module = torch.export.unflatten(ep)
@@ -785,7 +823,7 @@ def load_pt2(path: str, *, name: str | None = None, check: bool = True) -> Graph
     moe, warns = ([], [])
     if module is not None:
         try:
-            moe, warns = discover_moe(module, example_inputs)
+            moe, warns = discover_moe(module, args, kwargs)
         except Exception as e:  # noqa: BLE001
             warns = [f"MoE discovery failed on the unflattened program ({type(e).__name__}); layers imported individually"]
             moe = []
@@ -800,7 +838,8 @@ def load_pt2(path: str, *, name: str | None = None, check: bool = True) -> Graph
             v = vals.get(nm)
             shape = getattr(v, "shape", None)
             spec.append(None if shape is None else {i: torch.export.Dim.AUTO for i, d in enumerate(shape) if not isinstance(d, int)} or None)
-        proto = export_onnx_proto(module, example_inputs, input_names=names, output_names=out_names, moe=moe, dynamic=tuple(spec))
+        proto = export_onnx_proto(module if not kwargs else _positional_view(module, tree_spec), example_inputs, input_names=names,
+                                  output_names=out_names, moe=moe, dynamic=tuple(spec))  # fmt: skip
     else:
         try:
             with _quiet():
@@ -819,5 +858,5 @@ def load_pt2(path: str, *, name: str | None = None, check: bool = True) -> Graph
         g.meta["import_warnings"] = _merge_warnings(g, warns)
     g.validate()
     if check:
-        _check_against_module(g, ep.module(), example_inputs)
+        _check_against_module(g, _Positional(ep.module(), tree_spec), example_inputs)
     return g
