@@ -192,7 +192,11 @@ def test_other_nm_patterns_and_int8_values_run_on_the_24_kernel(target):
     int4 = nm24.with_values(_gq(rng, 40, 128, 32, False))
     assert select_kernel(_linear(int4), tgt, ShapeHints()).name == "cuda.nm24_int4_mma_sp"
     impl = select_kernel(_linear(NMSparse.from_dense(dense, 4, 8)), tgt, ShapeHints())
-    assert impl.name == "tvm.dense" and "materialized dense" in impl.note
+    assert impl.name == "tvm.dense" and "materialized dense" in impl.note and "multiple of 32" not in impl.note
+    # a layer whose shape the kernels do not take says so (it said "no kernel for nm_sparse[dense] on this target")
+    odd = NMSparse.from_dense(rng.standard_normal((40, 72)).astype(np.float32), 2, 4)
+    impl = select_kernel(_linear(odd), tgt, ShapeHints())
+    assert impl.name == "tvm.dense" and "in_features a multiple of 32" in impl.note and "no kernel" not in impl.note
     # the shipped h100 entry of a 2:4 4096x4096 layer (the warp-specialized GEMM) serves a 1:4 one
     if target == "h100":
         big = NMSparse.from_dense(rng.standard_normal((4096, 4096)).astype(np.float32), 1, 4)

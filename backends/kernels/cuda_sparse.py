@@ -1757,6 +1757,21 @@ def _cuda_ok(target, k: int) -> bool:
     return target.kind == "cuda" and arch.isdigit() and int(arch) >= 80 and k % 32 == 0
 
 
+def _cuda_shapes(linear) -> str | None:
+    """The shape requirement of the CUDA kernels this layer misses (the note of a layer built dense instead)."""
+    return "in_features a multiple of 32" if linear.in_features % 32 else None
+
+
+def _cuda_shapes_gq(linear) -> str | None:
+    w = linear.weight
+    gq = w.values if isinstance(w, NMSparse) else w
+    if linear.in_features % 32:
+        return "in_features a multiple of 32"
+    if isinstance(gq, GroupQuant) and gq.group_size % 16:
+        return f"a quantization group size a multiple of 16 (this layer's: {gq.group_size})"
+    return None
+
+
 def _prepare_sp16(linear, config):
     return prepare_sp16(linear.weight)
 
@@ -1786,7 +1801,7 @@ def _space(kind):
     return fn
 
 
-@register_kernel("cuda.nm24_mma_sp", formats=("nm_sparse[dense]",), targets=("cuda",), priority=20, prepare=_prepare_sp16,
+@register_kernel("cuda.nm24_mma_sp", formats=("nm_sparse[dense]",), targets=("cuda",), shapes=_cuda_shapes, priority=20, prepare=_prepare_sp16,
                  search_space=_space("sp16"))  # fmt: skip
 def nm24_mma_sp(linear, target, hints, tuning):
     """2:4 sparse fp16 GEMM/GEMV on sparse tensor cores (mma.sp m16n8k32), decode and prefill paths."""
@@ -1830,7 +1845,7 @@ def _prepare_as24(linear, config):
     return prepare_sp16(nm_as_24(linear.weight))
 
 
-@register_kernel("cuda.nm_as_24_mma_sp", formats=(fmt_pattern("nm_sparse[*]"),), targets=("cuda",), priority=10,
+@register_kernel("cuda.nm_as_24_mma_sp", formats=(fmt_pattern("nm_sparse[*]"),), targets=("cuda",), shapes=_cuda_shapes, priority=10,
                  prepare=_prepare_as24, search_space=_space("sp16"))  # fmt: skip
 def nm_as_24_mma_sp(linear, target, hints, tuning):
     """N:M weights no specialised kernel takes, on the 2:4 fp16 kernel (cuda.nm24_mma_sp's), when the pattern fits
@@ -1853,7 +1868,7 @@ def nm_as_24_mma_sp(linear, target, hints, tuning):
     return _impl(proxy, target, hints, tuning, "cuda.nm24_mma_sp", "sp16", False, 0, "; ".join(notes))
 
 
-@register_kernel("cuda.nm24_int4_mma_sp", formats=("nm_sparse[group_quant]",), targets=("cuda",), priority=20,
+@register_kernel("cuda.nm24_int4_mma_sp", formats=("nm_sparse[group_quant]",), targets=("cuda",), shapes=_cuda_shapes_gq, priority=20,
                  prepare=_prepare_sp4, search_space=_space("sp4"))  # fmt: skip
 def nm24_int4_mma_sp(linear, target, hints, tuning):
     """2:4 sparse + int4 group-quantized values: int4 -> fp16 in registers, mma.sp m16n8k32."""
@@ -1867,7 +1882,7 @@ def nm24_int4_mma_sp(linear, target, hints, tuning):
     return _impl(linear, target, hints, tuning, "cuda.nm24_int4_mma_sp", "sp4", not gq.symmetric, gq.group_size, note)
 
 
-@register_kernel("cuda.int4_dequant_mma", formats=("group_quant",), targets=("cuda",), priority=20, prepare=_prepare_dq4,
+@register_kernel("cuda.int4_dequant_mma", formats=("group_quant",), targets=("cuda",), shapes=_cuda_shapes_gq, priority=20, prepare=_prepare_dq4,
                  search_space=_space("dq4"))  # fmt: skip
 def int4_dequant_mma(linear, target, hints, tuning):
     """int4 group-quantized dense weight: dequant in registers, mma m16n8k16."""
@@ -1878,7 +1893,7 @@ def int4_dequant_mma(linear, target, hints, tuning):
     return _impl(linear, target, hints, tuning, "cuda.int4_dequant_mma", "dq4", not gq.symmetric, gq.group_size, note)
 
 
-@register_kernel("cuda.int8_dequant_mma", formats=("group_quant",), targets=("cuda",), priority=20, prepare=_prepare_dq8,
+@register_kernel("cuda.int8_dequant_mma", formats=("group_quant",), targets=("cuda",), shapes=_cuda_shapes_gq, priority=20, prepare=_prepare_dq8,
                  search_space=_space("dq8"))  # fmt: skip
 def int8_dequant_mma(linear, target, hints, tuning):
     """int8 group-quantized dense weight: int8 -> fp16 in registers, mma m16n8k16 (the int4 kernel's structure with

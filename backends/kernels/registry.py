@@ -201,6 +201,9 @@ class KernelGenerator:
     # refine_space(linear, target, config) -> (configs, m_min): a second stage of the search around the first stage's
     # winner (configs differing only in what runs at M >= m_min, scored there alone), or None
     refine_space: Callable[..., tuple[list[dict], int] | None] | None = None
+    # shapes(linear) -> the shape requirement this layer misses ("in_features a multiple of 32") or None: the note of
+    # a layer the format's kernels decline
+    shapes: Callable[..., str | None] | None = None
 
     def matches(self, fkey: str, target: "Target") -> bool:
         tnames = {target.kind, target.name, target.name.partition(":")[0]}
@@ -215,7 +218,8 @@ _LOADED = False
 
 def register_kernel(name: str, *, formats: tuple[str, ...], targets: tuple[str, ...], prepare: Callable[..., list[np.ndarray]],
                     priority: int = 0, search_space: Callable[..., list[dict]] | None = None,
-                    refine_space: Callable[..., tuple[list[dict], int] | None] | None = None):  # fmt: skip
+                    refine_space: Callable[..., tuple[list[dict], int] | None] | None = None,
+                    shapes: Callable[..., str | None] | None = None):  # fmt: skip
     """Decorator registering a kernel generator ``fn(linear, target, hints, tuning) -> KernelImpl | None``.
 
     ``prepare(linear, config) -> list[np.ndarray]``: the kernel's weight parameters (see the module docstring)."""
@@ -225,7 +229,7 @@ def register_kernel(name: str, *, formats: tuple[str, ...], targets: tuple[str, 
             raise ValueError(f"kernel generator {name!r} is registered twice")
         doc = (fn.__doc__ or "").strip().splitlines()
         _REGISTRY[name] = KernelGenerator(name, fn, tuple(formats), tuple(targets), priority, prepare, search_space,
-                                          doc[0] if doc else "", refine_space)  # fmt: skip
+                                          doc[0] if doc else "", refine_space, shapes)  # fmt: skip
         return fn
 
     return deco
@@ -320,7 +324,11 @@ def select_kernel(linear: "Linear", target: "Target", hints: ShapeHints | None =
             return impl
     if only is not None and only != DENSE_KERNEL:
         raise LookupError(f"kernel generator {only!r} does not apply to {linear.name} ({fkey}) on {target.name}")
-    return dense_kernel(linear, hints, fkey)
+    impl = dense_kernel(linear, hints, fkey)
+    needs = sorted({r for r in (g.shapes(linear) for g in gens if g.shapes is not None) if r})
+    if fkey != "dense" and needs:  # this format has kernels here, not for this layer's shape: say why
+        impl.note = f"the {fkey} kernels on this target need {' or '.join(needs)}: weight materialized dense"
+    return impl
 
 
 def dense_prepare(linear: "Linear", config: dict[str, Any]) -> list[np.ndarray]:
