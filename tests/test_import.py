@@ -322,3 +322,63 @@ def test_a_linear_applied_twice_counts_once_until_its_uses_differ(tmp_path):
     rng = np.random.default_rng()
     fcs[1].weight = NMSparse.from_dense(w * (rng.random(w.shape) + 0.5), 2, 4)  # different: both stored
     assert g.nbytes() == fcs[0].weight.nbytes + fcs[1].weight.nbytes + 4 * 64 + 4 * 64 * 32
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo", "pt2"])
+def test_a_linear_called_twice_is_one_weight(exporter, tmp_path):
+    """One nn.Linear applied at two places: every exporter gives two MatMuls (TorchScript through an Identity of the
+    initializer, the dynamo exporter with W.T folded into a new initializer per use); the import warns that the weight
+    is applied by 2 layers and counts it once (it counted both: parameters overstated, size reduction with them),
+    while two layers that only share a shape stay two weights."""
+    import torch.nn.functional as F
+
+    from sparsec.compressor.frontends.torch import load_pt2
+
+    class Reuse(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(50, 32)
+            self.f, self.g, self.h = torch.nn.Linear(32, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 50)
+
+        def forward(self, ids):
+            x = self.emb(ids)
+            x = x + self.f(F.relu(self.g(x)))
+            return self.h(x + self.f(F.relu(x)))
+
+    torch.manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    m = Reuse().eval()
+    x = torch.randint(0, 50, (2, 5))
+    true_params = sum(p.numel() for p in m.parameters())
+    if exporter == "pt2":
+        path = tmp_path / "m.pt2"
+        torch.export.save(torch.export.export(m, (x,)), str(path))
+        g = load_pt2(str(path))
+    else:
+        path = tmp_path / "m.onnx"
+        torch.onnx.export(m, (x,), str(path), dynamo=exporter == "dynamo", input_names=["x"], output_names=["y"])
+        g = load_onnx(str(path))
+    assert len(g.linears()) == 4
+    assert g.param_count() == true_params
+    warned = [w for w in g.meta.get("import_warnings", []) if "applied by 2 Linear layers" in w]
+    assert len(warned) == 1 and "'f'" in warned[0], g.meta.get("import_warnings")
+    with torch.no_grad():
+        ref = m(x).numpy()
+    got = Executor(g).run({g.inputs[0]: x.numpy()})[g.outputs[0]]
+    assert tm.rel(ref, got) < 1e-5
+
+
+def test_equal_weights_under_two_names_are_one_weight():
+    """The dynamo exporter can fold ``W.T`` into a new initializer per use of a layer called twice: two initializers
+    with equal values under different names are one weight (and its copy); unequal ones of the same shape are not."""
+    from sparsec.compressor.frontends.raise_ import _View
+    from sparsec.compressor.ir import Graph
+
+    rng = np.random.default_rng()
+    w = rng.standard_normal((16, 8)).astype(np.float32)
+    other = w.copy()
+    other[3, 5] += 1.0  # differs off the sampled fingerprint's stride too
+    g = Graph("g")
+    for name, a in (("a", w), ("b", w.copy()), ("c", other), ("d", w)):
+        g.add_constant(name, a)
+    v = _View(g)
+    assert [v.const_root(n) for n in ("a", "b", "c", "d")] == ["a", "a", "c", "a"]

@@ -76,6 +76,34 @@ class _View:
             return None
         return self.g.constants.get(value)
 
+    def const_root(self, value: str) -> str:
+        """The name of the weight ``value`` holds, for a layer called at several places: the first constant holding
+        the same array (an initializer TorchScript's exporter re-exposes through an Identity keeps its own name), else
+        the first weight asked for with the same values (the dynamo exporter folds ``W.T`` into a new initializer
+        once per use). Values are compared only on a sampled fingerprint's match."""
+        arr = self.g.constants.get(value)
+        if arr is None:
+            return value
+        first = getattr(self, "_first_const", None)
+        if first is None:
+            first = self._first_const = {}
+            self._by_print: dict[tuple, list[str]] = {}
+            for k, a in self.g.constants.items():
+                first.setdefault(id(a), k)
+        root = first.get(id(arr), value)
+        if root != value:
+            return root
+        a = np.asarray(arr)
+        flat = a.reshape(-1)
+        fp = (a.shape, a.dtype.str, flat[:: max(1, flat.size // 64)][:64].tobytes())
+        same = self._by_print.setdefault(fp, [])
+        for k in same:
+            if k != value and np.array_equal(np.asarray(self.g.constants[k]), a):
+                return k
+        if value not in same:
+            same.append(value)
+        return value
+
     def users(self, value: str) -> list[Node]:
         return self.cons.get(value, [])
 
@@ -518,7 +546,7 @@ def match_linear(v: _View, n: Generic) -> _Match | None:
                     nodes.append(add)
                     out = add.outputs[0]
         lin = Linear(n.name, [x], [out], _meta(*nodes), weight=weight, bias=bias)
-        lin.meta["weight_name"] = wname
+        lin.meta["weight_name"] = v.const_root(wname)
         return _Match(nodes, lin)
     if n.op_type == "Gemm":
         a, b = n.inputs[0], n.inputs[1]
@@ -537,7 +565,7 @@ def match_linear(v: _View, n: Generic) -> _Match | None:
                 return None
             bias = (cv.reshape(-1) * beta).astype(weight.dtype)
         lin = Linear(n.name, [a], [n.outputs[0]], _meta(n), weight=weight, bias=bias)
-        lin.meta["weight_name"] = b
+        lin.meta["weight_name"] = v.const_root(b)
         return _Match([n], lin)
     return None
 
@@ -589,7 +617,7 @@ def match_conv(v: _View, n: Generic) -> _Match | None:
         bias = bias.reshape(-1).astype(w.dtype)
     conv = Conv(n.name, [x], [n.outputs[0]], _meta(n), weight=Conv.matrix_of(w), bias=bias, kernel_shape=tuple(kernel),
                 strides=tuple(strides), pads=tuple(pads), dilations=tuple(dil))  # fmt: skip
-    conv.meta["weight_name"] = wname
+    conv.meta["weight_name"] = v.const_root(wname)
     return _Match([n], conv)
 
 
