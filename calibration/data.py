@@ -154,13 +154,16 @@ def validate_arrays(arrays: dict[str, np.ndarray], graph: Graph, source: str) ->
         if a.dtype == object or a.dtype.kind not in "biuf":
             raise CalibrationError(f"{source}: '{name}' has dtype {a.dtype}, expected numbers")
         if v is not None and v.shape is not None:
+            given = list(a.shape)
+            one = ""
             if a.ndim == len(v.shape) - 1:
-                a = a[None]
+                a = a[None]  # one sample without its batch axis
+                one = f" (read as one sample, {list(a.shape)})"
             if a.ndim != len(v.shape):
-                raise CalibrationError(f"{source}: '{name}' has shape {list(a.shape)}, the model expects rank {len(v.shape)} {list(v.shape)}")
+                raise CalibrationError(f"{source}: '{name}' has shape {given}, the model expects rank {len(v.shape)} {list(v.shape)}")
             for i, (got, want) in enumerate(zip(a.shape, v.shape)):
                 if i > 0 and isinstance(want, int) and got != want:
-                    raise CalibrationError(f"{source}: '{name}' has shape {list(a.shape)}, the model expects {list(v.shape)}")
+                    raise CalibrationError(f"{source}: '{name}' has shape {given}{one}, the model expects {list(v.shape)}")
             want_float = v.dtype.startswith(("float", "bfloat"))
             if want_float and a.dtype.kind not in "f":
                 raise CalibrationError(f"{source}: '{name}' has dtype {a.dtype}, the model expects {v.dtype}")
@@ -365,7 +368,9 @@ def load_calibration(graph: Graph, data: str | None, *, samples: int, seq_len: i
             n_held = max(sb, (n_held // sb) * sb)
         n_fit = ((n - n_held) // sb) * sb
         if n_fit == 0:
-            raise CalibrationError(f"the model has a static batch size of {sb}: give at least {sb} calibration samples")
+            shapes = ", ".join(f"'{k}' {list(v.shape)}" for k, v in arrays.items())
+            raise CalibrationError(f"the model has a static batch size of {sb}: give at least {sb} calibration samples "
+                                   f"(got {n}: {shapes})")  # fmt: skip
         arrays = {k: v[: n_fit + n_held] for k, v in arrays.items()}
         n = n_fit + n_held
     elif sb is not None:

@@ -83,7 +83,7 @@ def test_samples_subset_is_seeded(tmp_path):
     assert all(tuple(r) in rows for r in f1.arrays["ids"])
 
 
-def test_static_batch_models():
+def test_static_batch_models(tmp_path):
     rng = np.random.default_rng()
     g = raised_graph(rng, layers=1)
     g.values["ids"].shape = (4, 10)
@@ -94,6 +94,13 @@ def test_static_batch_models():
     ex = Executor(g)
     for b in fit.batches():
         ex.run(b)  # the executor's input check accepts every batch
+    # too few samples, or an array missing an axis: the message names the array and the shape as given
+    np.savez(tmp_path / "one.npz", ids=_ids(rng, 1, 10)[0])
+    with pytest.raises(CalibrationError, match=r"static batch size of 4: give at least 4 calibration samples \(got 1: 'ids' \[1, 10\]\)"):
+        load_calibration(g, str(tmp_path / "one.npz"), samples=8, seq_len=None, seed=0, heldout=0.25)
+    np.savez(tmp_path / "flat.npz", ids=_ids(rng, 1, 40)[0])
+    with pytest.raises(CalibrationError, match=r"'ids' has shape \[40\] \(read as one sample, \[1, 40\]\), the model expects \[4, 10\]"):
+        load_calibration(g, str(tmp_path / "flat.npz"), samples=8, seq_len=None, seed=0, heldout=0.25)
 
 
 class _Capture(Observer):
