@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .artifact import ArtifactContent, check_output_dir, write_artifact
-from .errors import ModelLoadError, NumericalError, RecipeError
+from .errors import ModelLoadError, NumericalError, RecipeError, ShapeError
 from .ir import Graph
 from .pipeline import PassContext, Recipe, build_passes, run_passes
 from .report import Report
@@ -242,7 +242,15 @@ def compress(source: Source, recipe: Recipe, out: str | os.PathLike, *, force: b
         warnings.extend(calib.warnings)
     ctx = PassContext(recipe, calib=calib, heldout=held, device=device, original=original, console=console, golden=source.golden)
     ctx.show_progress = progress
-    reports = run_passes(graph, passes, ctx)
+    try:
+        reports = run_passes(graph, passes, ctx)
+    except ShapeError as e:
+        if recipe.calibration.data is not None or calib is None or "--seq-len" in str(e):
+            raise
+        # generated inputs of a shape the export does not take (a sequence length its reshapes fixed)
+        shapes = ", ".join(f"'{k}' {list(v.shape)}" for k, v in calib.arrays.items())
+        raise type(e)(f"{e} (on generated calibration inputs, {shapes}: give --calib data, or --seq-len / "
+                      "--batch-size the model was exported for)") from None  # fmt: skip
     warnings.extend(ctx.warnings)
     # the graph is final here (the build reads it): its bytes are computed once, for the warnings and the report
     bytes_before, bytes_after = int(original.source_nbytes()), int(graph.nbytes())

@@ -339,3 +339,29 @@ def test_bfloat16_model_compresses_to_a_float32_artifact(exporter, tmp_path):
     np.savez(tmp_path / "in.npz", **{sess.get_inputs()[0].name: xf})
     p = sparsec("run", out, "--inputs", tmp_path / "in.npz", "--output", tmp_path / "o.npz", "--engine", "onnx")
     assert p.returncode == 0, p.stderr
+
+
+def test_generated_inputs_the_export_cannot_take_suggest_seq_len(tmp_path):
+    """A TorchScript export whose reshapes fixed the sequence length (dynamic_axes notwithstanding) fails on the
+    generated calibration inputs (128 tokens): the one-line shape error says the inputs were generated, their shapes,
+    and to give --calib or --seq-len / --batch-size; with the export's (16 tokens, batch 2) it compresses."""
+    import torch
+
+    class Fixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e, self.f, self.g = torch.nn.Embedding(100, 64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 100)
+
+        def forward(self, ids):
+            x = self.f(self.e(ids)).view(2, 16, 4, 16).transpose(1, 2).reshape(2, 16, 64)
+            return self.g(x)
+
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(Fixed().eval(), (torch.randint(0, 100, (2, 16)),), str(path), dynamo=False, input_names=["ids"],
+                      dynamic_axes={"ids": {0: "b", 1: "t"}})  # fmt: skip
+    out = tmp_path / "o"
+    _one_line_error(sparsec("compress", path, "-o", out, "--no-build", "--nm", "2:4"), 5, "generated calibration inputs",
+                    "--seq-len", "'ids' [")  # fmt: skip
+    assert not out.exists()
+    p = sparsec("compress", path, "-o", out, "--no-build", "--nm", "2:4", "--seq-len", "16", "--batch-size", "2", "--quiet")
+    assert p.returncode == 0, p.stderr
