@@ -251,14 +251,25 @@ def load_artifact(path: str | Path, verify: bool = False) -> Artifact:
     timings = {}
     if (p / "timings.json").exists():
         timings = _read_json(p / "timings.json", "timings.json")
+    a = Artifact(p, manifest, report, timings)
     if verify:
-        for rel, info in manifest.get("files", {}).items():
-            f = p / rel
-            if not f.exists():
-                raise ArtifactError(f"{p}: {rel} is missing")
-            if sha256_file(f) != info["sha256"]:
-                raise ArtifactError(f"{p}: {rel} does not match its checksum in manifest.json")
-    return Artifact(p, manifest, report, timings)
+        verify_files(a, list(manifest.get("files", {})))
+    return a
+
+
+def verify_files(a: "Artifact", rels: list[str]) -> None:
+    """The artifact's files ``rels`` (those a run reads) against their sha256 in manifest.json: a file edited or
+    truncated after the artifact was written is an ArtifactError, not outputs computed from it."""
+    listing = a.manifest.get("files", {})
+    for rel in rels:
+        info = listing.get(rel)
+        if info is None:
+            continue
+        f = a.path / rel
+        if not f.exists():
+            raise ArtifactError(f"{a.path}: {rel} is missing")
+        if sha256_file(f) != info["sha256"]:
+            raise ArtifactError(f"{a.path}: {rel} does not match its checksum in manifest.json (changed after the artifact was written)")
 
 
 def load_graph(path: str | Path) -> Graph:

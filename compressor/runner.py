@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifact import Artifact, load_artifact
+from .artifact import Artifact, load_artifact, verify_files
 from .errors import ArtifactError, CalibrationError, InputShapeError, RecipeError, ShapeError
 from .executor import Executor, check_feeds
 
@@ -38,6 +38,7 @@ def run_artifact(artifact: str | Path, inputs, engine: str = "auto") -> RunResul
     if engine not in ENGINES:
         raise RecipeError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}")
     a = load_artifact(artifact)
+    verify_files(a, ["graph.json", "weights.safetensors"])
     g = a.graph
     feeds = inputs if isinstance(inputs, dict) else read_inputs(inputs, g)
     check_feeds(g, feeds)
@@ -54,6 +55,7 @@ def run_artifact(artifact: str | Path, inputs, engine: str = "auto") -> RunResul
     if engine == "lib":
         if not has_lib(a):
             raise ArtifactError(f"{a.path}: has no compiled library (lib/); use --engine onnx")
+        verify_files(a, ["lib/manifest.json"])
         from sparsec.backends.runtime import run_lib
 
         outs = run_lib(a, feeds)
@@ -62,6 +64,7 @@ def run_artifact(artifact: str | Path, inputs, engine: str = "auto") -> RunResul
 
         if not a.onnx_path.exists():
             raise ArtifactError(f"{a.path}: model.onnx is missing")
+        verify_files(a, ["model.onnx"])
         so = ort.SessionOptions()
         so.log_severity_level = 4  # fatal only: a failing run is reported once, as a sparsec error
         sess = ort.InferenceSession(str(a.onnx_path), so, providers=["CPUExecutionProvider"])

@@ -181,6 +181,25 @@ def test_run_rejects_wrong_shapes_and_missing_inputs(gpt2_onnx, tmp_path):
         _one_line_error(sparsec("run", art, "--inputs", tmp_path / "long.npz", "--engine", engine), 8, "input")
 
 
+def test_run_refuses_files_changed_after_the_artifact_was_written(gpt2_onnx, tmp_path):
+    """`sparsec run` checks the files it reads against manifest.json: a weights file or model.onnx edited afterwards
+    is an artifact error (exit 13) naming the file, not outputs computed from it."""
+    model, path = gpt2_onnx
+    art = tmp_path / "art"
+    assert sparsec("compress", path, "-o", art, "--quiet", "--no-build").returncode == 0
+    np.savez(tmp_path / "in.npz", **tm.feeds_for(model, b=1, t=5, seed=0))
+    assert sparsec("run", art, "--inputs", tmp_path / "in.npz").returncode == 0
+    for rel, engine in (("model.onnx", "onnx"), ("weights.safetensors", "ir")):
+        f = art / rel
+        good = f.read_bytes()
+        bad = bytearray(good)
+        bad[len(bad) - 3] ^= 0x01  # one bit of the last tensor / initializer
+        f.write_bytes(bytes(bad))
+        _one_line_error(sparsec("run", art, "--inputs", tmp_path / "in.npz", "--engine", engine), 13, rel, "checksum")
+        f.write_bytes(good)
+    assert sparsec("run", art, "--inputs", tmp_path / "in.npz", "--engine", "onnx").returncode == 0
+
+
 def test_existing_output_needs_force(gpt2_onnx, tmp_path):
     _, path = gpt2_onnx
     out = tmp_path / "o"
