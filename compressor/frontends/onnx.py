@@ -27,6 +27,21 @@ _RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUnifo
 _BIG = 1024  # initializers with more elements than this are hidden from shape inference (faster, no 2 GB limit)
 
 
+TORCH_CHECKPOINT = ("is a torch.save checkpoint (weights without the model's graph; sparsec never unpickles): "
+                    "export the model with torch.onnx.export (.onnx) or torch.export.export + torch.export.save (.pt2)")
+
+
+def torch_checkpoint(path: str) -> bool:
+    """Whether ``path`` is a zip written by ``torch.save`` (a ``data.pkl`` entry), e.g. a state_dict ``.pth``."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(n.rsplit("/", 1)[-1] == "data.pkl" for n in zf.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def elem_type_name(t: int) -> str:
     if t == onnx.TensorProto.BFLOAT16:
         return "bfloat16"
@@ -86,6 +101,8 @@ def read_model(path: str) -> onnx.ModelProto:
     with open(path, "rb") as f:
         head = f.read(8)
     if head.startswith(b"PK"):
+        if torch_checkpoint(path):
+            raise ModelLoadError(f"{path}: {TORCH_CHECKPOINT}")
         raise ModelLoadError(f"{path}: is a zip archive, not an ONNX model (a .pt2 file? give it a .pt2 name)")
     try:
         model = onnx.load(path, load_external_data=False)

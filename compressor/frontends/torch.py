@@ -665,6 +665,10 @@ def _check_pt2_archive(path: str) -> None:
     with zf:
         names = zf.namelist()
         if not any(n.endswith(".json") and "models/" in n for n in names):
+            from .onnx import TORCH_CHECKPOINT
+
+            if any(n.rsplit("/", 1)[-1] == "data.pkl" for n in names):
+                raise ModelLoadError(f"{path}: {TORCH_CHECKPOINT}")
             raise ModelLoadError(f"{path}: not a torch.export archive (no serialized program)")
         for n in names:
             base = n.rsplit("/", 1)[-1]

@@ -52,6 +52,22 @@ def test_wrong_file_type(tmp_path):
         assert listing(cases[name][1]) == [name]
 
 
+def test_torch_save_checkpoint_says_to_export(tmp_path):
+    """A state_dict saved with torch.save (.pth, .pt, or misnamed .pt2): exit 3 saying it is a checkpoint without a
+    graph and how to export one (it suggested renaming the file to .pt2), never unpickled, nothing written."""
+    import torch
+
+    cases = {}
+    for name in ("w.pth", "w.pt", "w.pt2"):
+        w = tmp_path / name.replace(".", "_")
+        w.mkdir()
+        torch.save(torch.nn.Linear(8, 4).state_dict(), str(w / name))
+        cases[name] = (("compress", name, "-o", "out", "--no-build"), w)
+    for name, p in run_many(cases).items():
+        one_line_error(p, 3, name, "torch.save checkpoint", "torch.export.save")
+        assert listing(cases[name][1]) == [name]
+
+
 def test_unsupported_op_on_the_path_a_pass_needs(tmp_path):
     """A custom-domain op feeds fc1: N:M pruning needs fc1's inputs, which only executing that op can give."""
     mlp_onnx(tmp_path / "custom.onnx", custom=True)
