@@ -721,9 +721,7 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
                     for ku in range(U):
                         with s.scope(f"for l in T.vectorized({V}):"):
                             s(f"wv[{ku}, l] = {_weight_expr(spec, U, 'ob', ko, ku, 'l', words, hoisted=hoisted)}")
-                            byte = f"T.Cast(\"int32\", I[ob, {ko} * {U // spec.per} + {ku // spec.per}, l])"
-                            sh = spec.ib * (ku % spec.per)
-                            s(f"cv[{ku}, l] = {f'T.shift_right({byte}, {sh})' if sh else byte}")
+                            s(f"cv[{ku}, l] = {permute_index('ob', ko, ku, U)}")
                     with s.scope(f"for mi in T.unroll({MB}):"):
                         for gi in range(U // n_):
                             grp = f"{ko} * {U // n_} + {gi}"
@@ -869,6 +867,37 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
                                     o = f"ob * {V} + rb * {R} + r"
                                     s(f"y[mt * T.int64({MT}) + T.Cast(\"int64\", mm), {o}] = acc[r, mm]{bias(o)}")
 
+        def panel_acc_init(MR: int, NB: int, NKB: int) -> tuple[str, str]:
+            """Inside the panel GEMMs' loop over row tiles mt: the MR x NB x V accumulators, 0 in the first K block
+            and y (the earlier blocks' sums) in later ones; returns the x row and the y column expressions."""
+            row = f"T.min(mt * T.int64({MR}) + T.Cast(\"int64\", mi), M - T.int64(1))"
+            o = f"(obp * {NB} + b) * {V} + l"
+            s(f'acc = T.alloc_buffer(({MR}, {NB}, {V}), "float32", scope="local")')
+            with s.scope(f"for mi in T.unroll({MR}):"):
+                with s.scope(f"for b in T.unroll({NB}):"):
+                    with s.scope(f"for l in T.vectorized({V}):"):
+                        if NKB == 1:
+                            s("acc[mi, b, l] = T.float32(0)")
+                        else:
+                            s(f"acc[mi, b, l] = T.Select(kb == 0, T.float32(0), y[{row}, {o}])")
+            return row, o
+
+        def panel_acc_store(MR: int, NB: int, NKB: int, o: str):
+            """The row tile's accumulators to y (rows beyond M not written), the bias added in the last K block."""
+            with s.scope(f"for mi in T.unroll({MR}):"):
+                with s.scope(f"if mt * T.int64({MR}) + T.Cast(\"int64\", mi) < M:"):
+                    with s.scope(f"for b in T.unroll({NB}):"):
+                        with s.scope(f"for l in T.vectorized({V}):"):
+                            b_ = "" if not spec.bias else (f" + B[{o}]" if NKB == 1 else f" + T.Select(kb == {NKB - 1}, B[{o}], T.float32(0))")
+                            s(f"y[mt * T.int64({MR}) + T.Cast(\"int64\", mi), {o}] = acc[mi, b, l]{b_}")
+
+        def permute_index(ob: str, ko: str, ku: int, U: int = U) -> str:
+            """The vpermilps index of stored column ko*U+ku, lane l: its position byte shifted into the low 2 bits
+            (the instruction reads only those: no mask)."""
+            byte = f"T.Cast(\"int32\", I[{ob}, {ko} * {U // spec.per} + {ku // spec.per}, l])"
+            sh = spec.ib * (ku % spec.per)
+            return f"T.shift_right({byte}, {sh})" if sh else byte
+
         def gemm_panel():
             # prefill at M above the last tier, x86: the weights of NB blocks of V output rows x JB stored columns are
             # decoded ONCE into a dense fp32 panel P[NB, KB, V] (int4/int8 dequantized, N:M groups expanded by
@@ -914,27 +943,13 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
                                             col = f"(ko * {U // spec.n} + {ku // spec.n}) * {spec.m} + {_pos_expr(spec, U, ob, kk, ku, 'l')}"
                                             s(f"P[b, {col}, l] = {_weight_expr(spec, U, ob, kk, ku, 'l', words)}")
                     with s.scope(f"for mt in range((M + T.int64({MR - 1})) // T.int64({MR})):"):
-                        row = f"T.min(mt * T.int64({MR}) + T.Cast(\"int64\", mi), M - T.int64(1))"
-                        o = f"(obp * {NB} + b) * {V} + l"
-                        s(f'acc = T.alloc_buffer(({MR}, {NB}, {V}), "float32", scope="local")')
-                        with s.scope(f"for mi in T.unroll({MR}):"):
-                            with s.scope(f"for b in T.unroll({NB}):"):
-                                with s.scope(f"for l in T.vectorized({V}):"):
-                                    if NKB == 1:
-                                        s("acc[mi, b, l] = T.float32(0)")
-                                    else:
-                                        s(f"acc[mi, b, l] = T.Select(kb == 0, T.float32(0), y[{row}, {o}])")
+                        row, o = panel_acc_init(MR, NB, NKB)
                         with s.scope(f"for k in range({KB}):"):
                             with s.scope(f"for mi in T.unroll({MR}):"):
                                 with s.scope(f"for b in T.unroll({NB}):"):
                                     with s.scope(f"for l in T.vectorized({V}):"):
                                         s(f"acc[mi, b, l] = acc[mi, b, l] + x[{row}, kb * {KB} + k] * {panel('k')}")
-                        with s.scope(f"for mi in T.unroll({MR}):"):
-                            with s.scope(f"if mt * T.int64({MR}) + T.Cast(\"int64\", mi) < M:"):
-                                with s.scope(f"for b in T.unroll({NB}):"):
-                                    with s.scope(f"for l in T.vectorized({V}):"):
-                                        b_ = "" if not spec.bias else (f" + B[{o}]" if NKB == 1 else f" + T.Select(kb == {NKB - 1}, B[{o}], T.float32(0))")
-                                        s(f"y[mt * T.int64({MR}) + T.Cast(\"int64\", mi), {o}] = acc[mi, b, l]{b_}")
+                        panel_acc_store(MR, NB, NKB, o)
 
         def gemm_permute():
             # x86 prefill for N:4 (gemm "permute"): the panel GEMM's blocking, but the panel keeps the weights
@@ -962,20 +977,9 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
                             for ku in range(U):
                                 with s.scope(f"for l in T.vectorized({V}):"):
                                     s(f"PV[b, ko * {U} + {ku}, l] = {_weight_expr(spec, U, ob, kk, ku, 'l', words)}")
-                                    byte = f"T.Cast(\"int32\", I[{ob}, {kk} * {U // spec.per} + {ku // spec.per}, l])"
-                                    sh = spec.ib * (ku % spec.per)
-                                    s(f"PC[b, ko * {U} + {ku}, l] = {f'T.shift_right({byte}, {sh})' if sh else byte}")
+                                    s(f"PC[b, ko * {U} + {ku}, l] = {permute_index(ob, kk, ku)}")
                     with s.scope(f"for mt in range((M + T.int64({MR - 1})) // T.int64({MR})):"):
-                        row = f"T.min(mt * T.int64({MR}) + T.Cast(\"int64\", mi), M - T.int64(1))"
-                        o = f"(obp * {NB} + b) * {V} + l"
-                        s(f'acc = T.alloc_buffer(({MR}, {NB}, {V}), "float32", scope="local")')
-                        with s.scope(f"for mi in T.unroll({MR}):"):
-                            with s.scope(f"for b in T.unroll({NB}):"):
-                                with s.scope(f"for l in T.vectorized({V}):"):
-                                    if NKB == 1:
-                                        s("acc[mi, b, l] = T.float32(0)")
-                                    else:
-                                        s(f"acc[mi, b, l] = T.Select(kb == 0, T.float32(0), y[{row}, {o}])")
+                        row, o = panel_acc_init(MR, NB, NKB)
                         with s.scope(f"for g in range({JB // n_}):"):
                             with s.scope(f"for mi in T.unroll({MR}):"):
                                 src = f"x[{row}, T.Ramp(kb * {KB} + g * 4, 1, 4)]"
@@ -985,12 +989,7 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
                                     for j in range(n_):
                                         perm = f'T.call_llvm_pure_intrin("float32x{V}", "{intrin}", xg, PC[b, g * {n_} + {j}, {RV}])'
                                         s(f"acc[mi, b, {RV}] = acc[mi, b, {RV}] + PV[b, g * {n_} + {j}, {RV}] * {perm}")
-                        with s.scope(f"for mi in T.unroll({MR}):"):
-                            with s.scope(f"if mt * T.int64({MR}) + T.Cast(\"int64\", mi) < M:"):
-                                with s.scope(f"for b in T.unroll({NB}):"):
-                                    with s.scope(f"for l in T.vectorized({V}):"):
-                                        b_ = "" if not spec.bias else (f" + B[{o}]" if NKB == 1 else f" + T.Select(kb == {NKB - 1}, B[{o}], T.float32(0))")
-                                        s(f"y[mt * T.int64({MR}) + T.Cast(\"int64\", mi), {o}] = acc[mi, b, l]{b_}")
+                        panel_acc_store(MR, NB, NKB, o)
 
         def gemv_c():
             # the C GEMV of backends/capi/wasm_swizzle.c (all rows up to the last tier), linked by cross.link_wasm
