@@ -412,6 +412,14 @@ def _panel_nb(spec: Spec, cfg: dict[str, Any]) -> int:
     return nb if (spec.O // V) % nb == 0 else 1
 
 
+def _panel_if_no_permute(spec: Spec, cfg: dict[str, Any], target) -> dict[str, Any]:
+    """``cfg`` with the permute GEMM replaced by the dense panel (and its blocking) where its block width cannot run it
+    (a search-space width, an old tuning entry's)."""
+    if cfg.get("gemm") == "permute" and not _permute_ok(spec, int(cfg["block_o"]), target):
+        return dict(cfg, gemm="panel", **_panel_blocking(False, vector_lanes(target, "float32")))
+    return cfg
+
+
 def _permute_ok(spec: Spec, V: int, target=None) -> bool:
     """Whether the x86 ``permute`` GEMV applies: N:4 sparsity (a group of 4 inputs is one 128-bit lane of x), 4, 8 or
     16 float lanes (vpermilps xmm / ymm / zmm), an x86 target (when given) with at least V float lanes (the zmm
@@ -497,9 +505,8 @@ def search_space(linear, target, hints) -> list[dict[str, Any]]:
                         if _wasm_simd(target) and spec.swizzle_ok():
                             modes = ("swizzle",) + modes
                         for mode in modes:
-                            c = dict(base, block_o=V, tile_m=MT, rows=min(R, V), unroll=U, parallel_gemv=pg, gemv_mode=mode)
-                            if base.get("gemm") == "permute" and not _permute_ok(spec, V, target):
-                                c.update(gemm="panel", **_panel_blocking(False, lanes))
+                            c = _panel_if_no_permute(spec, dict(base, block_o=V, tile_m=MT, rows=min(R, V), unroll=U,
+                                                                parallel_gemv=pg, gemv_mode=mode), target)  # fmt: skip
                             if mode != "swizzle":
                                 c.pop("gemv_impl", None)  # the C GEMV reads the swizzle layout only
                             if check_config(spec, c, target) is None and c not in out:
@@ -701,7 +708,6 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
                 # 4 kept columns a step at M > 4: the tier's MB accumulators leave no registers for 8 columns' weights
                 # and positions (2:4 + int4, 4096 x 11008, M = 16: 25.8 ms at 8, 17.4 at 4)
                 U = 4
-            intrin = {4: "llvm.x86.avx.vpermilvar.ps", 8: "llvm.x86.avx.vpermilvar.ps.256", 16: "llvm.x86.avx512.vpermilvar.ps.512"}[V]
             RV = f"T.Ramp(0, 1, {V})"
             NA = 4 if MB == 1 else 2 if MB <= 4 else 1
             loop = "T.parallel" if cfg.get("parallel_gemv") else "range"
@@ -727,14 +733,10 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
                             grp = f"{ko} * {U // n_} + {gi}"
                             src = f"x[T.min(T.Cast(\"int64\", mi), M - T.int64(1)), T.Ramp(({grp}) * 4, 1, 4)]" if MB == 1 \
                                 else f"xq[{grp}, mi, T.Ramp(0, 1, 4)]"
-                            if V == 4:
-                                s(f"xg{gi}: T.let = {src}")
-                            else:
-                                s(f"xg{gi}: T.let = T.Shuffle([{', '.join([src] * (V // 4))}], [{', '.join(str(i) for i in range(V))}])")
+                            broadcast4(f"xg{gi}", src)
                         for ku in range(U):
                             a = ku % NA
-                            perm = f'T.call_llvm_pure_intrin("float32x{V}", "{intrin}", xg{ku // n_}, cv[{ku}, {RV}])'
-                            s(f"acc[mi, {a}, {RV}] = acc[mi, {a}, {RV}] + wv[{ku}, {RV}] * {perm}")
+                            s(f"acc[mi, {a}, {RV}] = acc[mi, {a}, {RV}] + wv[{ku}, {RV}] * {permute(f'xg{ku // n_}', f'cv[{ku}, {RV}]')}")
 
                 # int4 / int8 kept values: the group loop holds each group's scale and -zero * scale (gemv_hoist 1;
                 # the default: one multiply-add a weight instead of a subtract, a multiply and two loads)
@@ -891,6 +893,16 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
                             b_ = "" if not spec.bias else (f" + B[{o}]" if NKB == 1 else f" + T.Select(kb == {NKB - 1}, B[{o}], T.float32(0))")
                             s(f"y[mt * T.int64({MR}) + T.Cast(\"int64\", mi), {o}] = acc[mi, b, l]{b_}")
 
+        def permute(xg: str, idx: str) -> str:
+            """vpermilps of the broadcast group ``xg`` by the index vector ``idx`` (xmm / ymm / zmm by V)."""
+            intrin = {4: "llvm.x86.avx.vpermilvar.ps", 8: "llvm.x86.avx.vpermilvar.ps.256", 16: "llvm.x86.avx512.vpermilvar.ps.512"}[V]
+            return f'T.call_llvm_pure_intrin("float32x{V}", "{intrin}", {xg}, {idx})'
+
+        def broadcast4(name: str, src: str):
+            """``name``: the 4 floats ``src`` in every 128-bit lane of a V-float vector."""
+            s(f"{name}: T.let = {src}" if V == 4 else
+              f"{name}: T.let = T.Shuffle([{', '.join([src] * (V // 4))}], [{', '.join(str(i) for i in range(V))}])")
+
         def permute_index(ob: str, ko: str, ku: int, U: int = U) -> str:
             """The vpermilps index of stored column ko*U+ku, lane l: its position byte shifted into the low 2 bits
             (the instruction reads only those: no mask)."""
@@ -963,7 +975,6 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
             KB = JB // spec.n * spec.m
             NKB = J // JB
             n_ = spec.n
-            intrin = {4: "llvm.x86.avx.vpermilvar.ps", 8: "llvm.x86.avx.vpermilvar.ps.256", 16: "llvm.x86.avx512.vpermilvar.ps.512"}[V]
             RV = f"T.Ramp(0, 1, {V})"
             loop = "T.parallel" if cfg.get("parallel", True) else "range"
             kk = f"(kb * {JB // U} + ko)"
@@ -982,12 +993,10 @@ def kernel_source(spec: Spec, cfg: dict[str, Any], name: str = "kernel") -> str:
                         row, o = panel_acc_init(MR, NB, NKB)
                         with s.scope(f"for g in range({JB // n_}):"):
                             with s.scope(f"for mi in T.unroll({MR}):"):
-                                src = f"x[{row}, T.Ramp(kb * {KB} + g * 4, 1, 4)]"
-                                s(f"xg: T.let = {src}" if V == 4 else
-                                  f"xg: T.let = T.Shuffle([{', '.join([src] * (V // 4))}], [{', '.join(str(i) for i in range(V))}])")
+                                broadcast4("xg", f"x[{row}, T.Ramp(kb * {KB} + g * 4, 1, 4)]")
                                 with s.scope(f"for b in T.unroll({NB}):"):
                                     for j in range(n_):
-                                        perm = f'T.call_llvm_pure_intrin("float32x{V}", "{intrin}", xg, PC[b, g * {n_} + {j}, {RV}])'
+                                        perm = permute("xg", f"PC[b, g * {n_} + {j}, {RV}]")
                                         s(f"acc[mi, b, {RV}] = acc[mi, b, {RV}] + PV[b, g * {n_} + {j}, {RV}] * {perm}")
                         panel_acc_store(MR, NB, NKB, o)
 
@@ -1056,9 +1065,8 @@ def _generate(kernel_name: str, linear, target, hints: ShapeHints, tuning) -> Ke
             found = {"codes": "byte", **found}
         if found is not None:
             merged = {**default_config(spec, target), **found}
-            if "gemm" not in found and merged.get("gemm") == "permute" and not _permute_ok(spec, int(merged["block_o"]), target):
-                # an entry from before the permute GEMM, at a block width it cannot run: the dense panel it had
-                merged.update(gemm="panel", **_panel_blocking(False, vector_lanes(target, "float32")))
+            if "gemm" not in found:  # an entry from before the permute GEMM: the dense panel it had where it cannot run
+                merged = _panel_if_no_permute(spec, merged, target)
             if check_config(spec, merged, target) is None:
                 cfg, tuned = merged, True
     if cfg is None:
