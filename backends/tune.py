@@ -257,11 +257,12 @@ def tune_linear(linear, target, kernel_name: str, m_values=(1, 16, 128), max_can
     assert best is not None and default_t is not None
     n = len(cands)
     stage2 = gen.refine_space(linear, target, best[1]) if gen.refine_space is not None else None
-    big = [m for m in m_values if stage2 is not None and m >= stage2[1]]
-    if stage2 is not None and big and stage2[0]:
+    more, m_min = stage2 if stage2 is not None else ([], 0)
+    big = [m for m in m_values if m >= m_min]
+    if more and big:
         # second stage: the code at M >= m_min around the winner (the CPU prefill GEMM's blocking), scored there;
         # the winner competes with the times it had (the code below m_min is the same in every candidate)
-        more = list(stage2[0])
+        more = list(more)
         random.Random(seed + 1).shuffle(more)
         ref = {m: best[2][m] for m in big}
         top = (1.0, best[1], ref)

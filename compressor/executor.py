@@ -63,7 +63,6 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
             raise RecipeError(f"{src} {device!r}: CUDA is not available to this torch (use cpu or auto)")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise RecipeError(f"{src} {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     return dev

@@ -31,13 +31,18 @@ TORCH_CHECKPOINT = ("is a torch.save checkpoint (weights without the model's gra
                     "export the model with torch.onnx.export (.onnx) or torch.export.export + torch.export.save (.pt2)")
 
 
+def torch_checkpoint_names(names: list[str]) -> bool:
+    """Whether a zip with these entries was written by ``torch.save`` (a ``data.pkl`` entry), e.g. a state_dict."""
+    return any(n.rsplit("/", 1)[-1] == "data.pkl" for n in names)
+
+
 def torch_checkpoint(path: str) -> bool:
-    """Whether ``path`` is a zip written by ``torch.save`` (a ``data.pkl`` entry), e.g. a state_dict ``.pth``."""
+    """Whether ``path`` is a zip written by ``torch.save``, e.g. a state_dict ``.pth``."""
     import zipfile
 
     try:
         with zipfile.ZipFile(path) as zf:
-            return any(n.rsplit("/", 1)[-1] == "data.pkl" for n in zf.namelist())
+            return torch_checkpoint_names(zf.namelist())
     except (zipfile.BadZipFile, OSError):
         return False
 
@@ -245,10 +250,14 @@ def attr_value(a: onnx.AttributeProto, node_name: str, op_type: str) -> tuple[An
     raise UnsupportedOpError(f"attribute '{a.name}' of type {t} at node '{node_name}' ({op_type}) is not supported")
 
 
+def _bf16(a: np.ndarray) -> bool:
+    """A bfloat16 array as onnx reads one (ml_dtypes, or raw 2-byte void): sparsec computes those in float32."""
+    return a.dtype.kind == "V" or "bfloat16" in str(a.dtype)
+
+
 def to_array(init: onnx.TensorProto) -> np.ndarray:
     arr = numpy_helper.to_array(init)
-    if arr.dtype.kind == "V" or "bfloat16" in str(arr.dtype):
-        # bfloat16 (ml_dtypes) -> float32: sparsec computes in float32
+    if _bf16(arr):
         arr = arr.astype(np.float32)
     return np.array(arr)  # own the memory (not a view of the proto)
 
@@ -329,7 +338,7 @@ def proto_to_graph(model: onnx.ModelProto, name: str | None = None) -> Graph:
 def _constant_value(attrs: dict, node: onnx.NodeProto) -> np.ndarray:
     if "value" in attrs:
         v = attrs["value"]
-        return np.array(v.astype(np.float32) if (v.dtype.kind == "V" or "bfloat16" in str(v.dtype)) else v)
+        return np.array(v.astype(np.float32) if _bf16(v) else v)
     if "value_float" in attrs:
         return np.array(attrs["value_float"], dtype=np.float32)
     if "value_floats" in attrs:
@@ -361,7 +370,7 @@ def bfloat16_as_float32(g: Graph) -> bool:
         if n.op_type == "Cast" and n.domain in ("", None) and n.attributes.get("to") == bf16:
             n.attributes["to"], changed = onnx.TensorProto.FLOAT, True
         for k, a in list(n.attributes.items()):
-            if isinstance(a, np.ndarray) and (a.dtype.kind == "V" or "bfloat16" in str(a.dtype)):
+            if isinstance(a, np.ndarray) and _bf16(a):
                 n.attributes[k], changed = a.astype(np.float32), True
     return changed
 

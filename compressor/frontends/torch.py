@@ -665,9 +665,9 @@ def _check_pt2_archive(path: str) -> None:
     with zf:
         names = zf.namelist()
         if not any(n.endswith(".json") and "models/" in n for n in names):
-            from .onnx import TORCH_CHECKPOINT
+            from .onnx import TORCH_CHECKPOINT, torch_checkpoint_names
 
-            if any(n.rsplit("/", 1)[-1] == "data.pkl" for n in names):
+            if torch_checkpoint_names(names):
                 raise ModelLoadError(f"{path}: {TORCH_CHECKPOINT}")
             raise ModelLoadError(f"{path}: not a torch.export archive (no serialized program)")
         for n in names:
