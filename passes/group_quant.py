@@ -165,9 +165,8 @@ def fp16_ceil(s: np.ndarray) -> np.ndarray:
     return h.astype(np.float32)
 
 
-# fp16 grid underflow: tallies of (groups, groups whose stored fp16 scale is >= 1.5x the scale their weights want),
-# one per active grid_tally() (the pass wraps each layer's quantization in one)
-_GRID_TALLIES: list[list[int]] = []
+# fp16 grid underflow: the active grid_tally()s (the pass wraps each layer's quantization in one)
+_GRID_TALLIES: list["grid_tally"] = []
 COARSE_SCALE = 1.5
 
 
@@ -200,10 +199,9 @@ def grid_params(w, bits: int, symmetric: bool, keep=None) -> tuple[torch.Tensor,
     else:
         s = (wmax - wmin) / maxq
     wanted = s.cpu().numpy()
-    s = torch.where(s > 0, s, torch.ones_like(s))
-    stored = fp16_ceil(s.cpu().numpy())
+    nz = wanted > 0
+    stored = fp16_ceil(np.where(nz, wanted, np.float32(1)))  # an all-zero group gets scale 1
     if _GRID_TALLIES:
-        nz = wanted > 0
         for t in _GRID_TALLIES:
             t.groups += int(nz.sum())
             t.coarse += int((nz & (stored >= COARSE_SCALE * wanted)).sum())

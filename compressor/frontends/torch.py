@@ -744,8 +744,9 @@ def _example_inputs_of(ep) -> tuple[tuple, dict]:
 
 def _positional_view(module: nn.Module, spec) -> nn.Module:
     """``module`` (same submodules, so the exported layer names are its module paths) whose forward takes the
-    flattened user inputs positionally and calls the module's own forward with the ``(args, kwargs)`` they were
-    exported as (the MoE export path re-exports the unflattened program; it accepts only that structure)."""
+    flattened user inputs positionally (the order of the graph's inputs) and calls the module's own forward with the
+    ``(args, kwargs)`` they were exported as: the MoE path re-exports the unflattened program, the import check runs
+    the program, and both accept only that structure."""
     import copy
     import torch.utils._pytree as pytree
 
@@ -758,21 +759,6 @@ def _positional_view(module: nn.Module, spec) -> nn.Module:
 
     view.forward = forward
     return view
-
-
-class _Positional(nn.Module):
-    """``inner`` called with the program's flattened user inputs as positional arguments (the order of the graph's
-    inputs), rebuilt into the ``(args, kwargs)`` it was exported with."""
-
-    def __init__(self, inner: nn.Module, spec):
-        super().__init__()
-        self.inner, self.spec = inner, spec
-
-    def forward(self, *flat):
-        import torch.utils._pytree as pytree
-
-        args, kwargs = pytree.tree_unflatten(list(flat), self.spec)
-        return self.inner(*args, **kwargs)
 
 
 def _output_names(ep) -> list[str] | None:
@@ -811,9 +797,9 @@ def _output_names(ep) -> list[str] | None:
 
 def load_pt2(path: str, *, name: str | None = None, check: bool = True) -> Graph:
     """Import a ``torch.export.save`` archive. MoE blocks are recognized on the unflattened module tree."""
-    from .onnx import load_onnx
-
     import torch.utils._pytree as pytree
+
+    from .onnx import load_onnx
 
     ep = load_exported_program(path)
     args, kwargs = _example_inputs_of(ep)
@@ -862,5 +848,5 @@ def load_pt2(path: str, *, name: str | None = None, check: bool = True) -> Graph
         g.meta["import_warnings"] = _merge_warnings(g, warns)
     g.validate()
     if check:
-        _check_against_module(g, _Positional(ep.module(), tree_spec), example_inputs)
+        _check_against_module(g, _positional_view(ep.module(), tree_spec), example_inputs)
     return g
