@@ -59,7 +59,7 @@ PATH_CHECK_M = {"gemv": 13, "gemm_small": 37, "gemm": 300}  # odd token counts: 
 DEFAULT_PATH_M = {"gemv": (1, 16), "gemm_small": (128,), "gemm": (2048,)}
 SMALL_LAYER = 1 << 20  # weights; below: the large GEMM is timed at M = 512 instead of 2048
 KERNEL_KIND = {"cuda.nm24_mma_sp": "sp16", "cuda.nm24_int4_mma_sp": "sp4", "cuda.int4_dequant_mma": "dq4",
-               "cuda.int8_dequant_mma": "dq8"}
+               "cuda.int8_dequant_mma": "dq8", "cuda.nm24_int8_mma_sp": "sp8"}
 TARGET_ARCH_CC = {"sm_80": (8, 0), "sm_86": (8, 6), "sm_89": (8, 9), "sm_90": (9, 0), "sm_90a": (9, 0)}
 
 

@@ -64,13 +64,13 @@ if DRY:
     DECODE_CHECK_SHAPES = [(48, 256), (40, 352), (24, 1184)]
     PREFILL_M = [40]
     LLM_GS = 32
-KINDS_ORDER = ("sp16", "sp4", "dq4", "dq8")
+KINDS_ORDER = ("sp16", "sp4", "dq4", "dq8", "sp8")
 KERNEL_OF_KIND = {"sp16": "cuda.nm24_mma_sp", "sp4": "cuda.nm24_int4_mma_sp", "dq4": "cuda.int4_dequant_mma",
-                  "dq8": "cuda.int8_dequant_mma"}
+                  "dq8": "cuda.int8_dequant_mma", "sp8": "cuda.nm24_int8_mma_sp"}
 
 
 def ref_gs(kind: str, k: int) -> int:
-    cols = k // 2 if kind == "sp4" else k
+    cols = k // 2 if kind in ("sp4", "sp8") else k
     for gs in (128, 64, 32, 16):
         if cols % gs == 0:
             return gs
@@ -334,8 +334,8 @@ def make_weight(kind, n, k, gs, asym, rng):
 
     if kind == "sp16":
         return _random_nm24(n, k, (rng.standard_normal((n, k // 2)) / math.sqrt(k)).astype(np.float32), rng)
-    cols = k // 2 if kind == "sp4" else k
-    bits = 8 if kind == "dq8" else 4
+    cols = k // 2 if kind in ("sp4", "sp8") else k
+    bits = 8 if kind in ("dq8", "sp8") else 4
     top = 1 << bits
     codes = rng.integers(0, top, size=(n, cols), dtype=np.uint8)
     scales = (rng.uniform(0.5, 1.5, size=(n, cols // gs)) / (top // 4 * math.sqrt(k))).astype(np.float16)
@@ -939,7 +939,7 @@ def cmd_report_decode(args):
     (outdir / f"cuda_kernels_decode_{name}.json").write_text(json.dumps(doc, indent=1))
 
     st = _steady_ms
-    names = {"sp16": "2:4 fp16", "sp4": "2:4 + int4 g128", "dq4": "int4 g128", "dq8": "int8 g128"}
+    names = {"sp16": "2:4 fp16", "sp4": "2:4 + int4 g128", "dq4": "int4 g128", "dq8": "int8 g128", "sp8": "2:4 + int8 g128"}
     L = [f"# sparsec decode GEMV (split-K) on {raw['info']['gpu']} ({raw.get('started', '')})", ""]
     L.append(f"L2 {raw['info'].get('l2_bytes', 0) / 2**20:.0f} MiB. Copy bandwidth (read + written): {copy:.0f} GB/s "
              f"(1 GiB copy), {ceil.get('copy_gbs_steady', 0):.0f} GB/s (64 MiB copies, steady state).")  # fmt: skip
@@ -1008,7 +1008,7 @@ def cmd_report_decode(args):
                  "time with og 0 / time with og 1, same config otherwise, search pass of this run: "
                  + "; ".join(f"{names[kd]} {min(x for r, x in og if r['kind'] == kd):.2f}–"
                              f"{max(x for r, x in og if r['kind'] == kd):.2f}"
-                             for kd in ("sp4", "dq4", "dq8") if any(r["kind"] == kd for r, _ in og)) + ".")  # fmt: skip
+                             for kd in ("sp4", "dq4", "dq8", "sp8") if any(r["kind"] == kd for r, _ in og)) + ".")  # fmt: skip
         L.append("")
 
     parts = []
@@ -1085,7 +1085,8 @@ def cmd_report(args):
                  f"{summary['candidates_checked'] - summary['candidates_failed']}/{summary['candidates_checked']} "
                  "search candidates correct.")  # fmt: skip
     lines.append("")
-    names = {"sp16": "2:4 fp16", "sp4": "2:4 + int4 (g128)", "dq4": "int4 (g128), dense", "dq8": "int8 (g128), dense"}
+    names = {"sp16": "2:4 fp16", "sp4": "2:4 + int4 (g128)", "dq4": "int4 (g128), dense", "dq8": "int8 (g128), dense",
+             "sp8": "2:4 + int8 (g128)"}  # fmt: skip
     lines.append("## Decode (M ≤ 16): time per call, speedup vs cuBLAS dense fp16, achieved bandwidth")
     lines.append("")
     lines.append("| kernel | out×in | M | ours µs | cuBLAS µs | vs dense | ours GB/s | % of copy BW | plain read of the same bytes µs |")
@@ -1241,11 +1242,11 @@ def write_tuning(raw):
                 cfg["estimated_from"] = dev
             for asym in ((False,) if kind == "sp16" else (False, True)):
                 key = {"format": {"sp16": "nm_sparse[dense]", "sp4": "nm_sparse[group_quant]", "dq4": "group_quant",
-                                  "dq8": "group_quant"}[kind], "out": n, "in": k, "act_dtype": "float16"}  # fmt: skip
+                                  "dq8": "group_quant", "sp8": "nm_sparse[group_quant]"}[kind], "out": n, "in": k, "act_dtype": "float16"}  # fmt: skip
                 if kind not in ("dq4", "dq8"):
                     key["nm"] = "2:4"
                 if kind != "sp16":
-                    key.update({"bits": 8 if kind == "dq8" else 4, "group_size": LLM_GS, "symmetric": not asym,
+                    key.update({"bits": 8 if kind in ("dq8", "sp8") else 4, "group_size": LLM_GS, "symmetric": not asym,
                                 "group_sparse": False})  # fmt: skip
                 info = {"device": dev if target == "h100" else f"not measured (configs from {dev})",
                         "measured": raw.get("started")}  # fmt: skip

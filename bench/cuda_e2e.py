@@ -7,9 +7,10 @@ runtime (Relax VM, runtime-only TVM) and compared with sparsec's executor on the
 Variants: ``nm24`` (2:4 fp16: cuda.nm24_mma_sp), ``nm24_int4`` (2:4 with int4 g32 RTN kept values:
 cuda.nm24_int4_mma_sp), ``int4`` (dense int4 g32 asymmetric RTN: cuda.int4_dequant_mma), and with groups that hold
 whole 64-column chunks (the decode GEMV then scales after the MMAs): ``nm24_int4_g64`` (asymmetric) and ``int4_g128``
-(symmetric); ``int8`` (dense int8 g32 asymmetric: cuda.int8_dequant_mma). Formats without a kernel of their own:
-``nm14`` (1:4, zero-padded to 2:4) and ``nm24_int8`` (2:4 with int8 g32 kept values, dequantized to fp16 at build
-time), both on cuda.nm_as_24_mma_sp. Token counts 1 (decode GEMV), 64 (small GEMM) and 8 x 128 (large GEMM).
+(symmetric); ``int8`` (dense int8 g32 asymmetric: cuda.int8_dequant_mma); ``nm24_int8`` (2:4 with int8 g32
+symmetric kept values: cuda.nm24_int8_mma_sp; it ran on cuda.nm_as_24_mma_sp, dequantized to fp16 at build time,
+before that kernel existed) and ``nm24_int8_g64a`` (int8 g64 asymmetric). A format without a kernel of its own:
+``nm14`` (1:4, zero-padded to 2:4, on cuda.nm_as_24_mma_sp). Token counts 1 (decode GEMV), 64 (small GEMM) and 8 x 128 (large GEMM).
 
 With ``--moe-src`` (an artifact of ``sparsec compress --example tiny-moe --nm 2:4``): the MoE variants of
 :func:`moe_variants`, routed and dense-equivalent.
@@ -73,9 +74,10 @@ def variants(src: str):
         "nm24_int4_g64": each_sparse(lambda w: kept(w, 64, 16, False)),
         "int4_g128": each_sparse(lambda w: rtn(w.materialize(), 128 if w.shape[1] % 128 == 0 else 32, True)),
         "int8": each_sparse(lambda w: rtn(w.materialize(), 32, False, 8)),
-        # formats without a CUDA kernel of their own: 1:4 and 2:4 + int8 on the 2:4 fp16 kernel
+        # a format without a CUDA kernel of its own: 1:4 on the 2:4 fp16 kernel
         "nm14": each_sparse(lambda w: NMSparse.from_dense(w.materialize(), 1, 4)),
         "nm24_int8": each_sparse(lambda w: kept(w, 32, 16, True, 8)),
+        "nm24_int8_g64a": each_sparse(lambda w: kept(w, 64, 16, False, 8)),
     }
 
 

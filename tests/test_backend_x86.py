@@ -772,13 +772,15 @@ def _sparsec_cli(*args) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed: CUDA code generation cannot be checked")
 @pytest.mark.parametrize("target,recipe,note,kernel", [
     ("a100", ["--nm", "2:8", "--method", "magnitude"], "2:8 run as 2:4", "cuda.nm_as_24_mma_sp"),
-    ("h100", ["--nm", "2:4", "--method", "magnitude", "--quant", "int8"], "int8 g", "cuda.nm_as_24_mma_sp"),
+    ("h100", ["--nm", "2:4", "--method", "magnitude", "--quant", "int8"], "", "cuda.nm24_int8_mma_sp"),
     ("h100", ["--quant", "int8"], "", "cuda.int8_dequant_mma"),
     ("a100", ["--quant", "int3"], "TVM dequantize + matmul", "tvm.dequant_matmul")])  # fmt: skip
 def test_cli_builds_formats_without_their_own_cuda_kernel(target, recipe, note, kernel, tmp_path):
     """What a user types: a 2:8 model for a100, a 2:4 + int8 and an int8 one for h100, an int3 one for a100. The 2:8
-    and 2:4 + int8 layers run on the 2:4 sparse tensor-core kernel (cuda.nm_as_24_mma_sp, compiled ahead of time), the
-    int8 ones on the int8 tensor-core kernel, the int3 ones on TVM's dequantize + matmul with the codes kept as bytes;
+    layers run on the 2:4 sparse tensor-core kernel (cuda.nm_as_24_mma_sp, compiled ahead of time), the 2:4 + int8 ones
+    on their own (int8 codes into mma.sp; with groups of 8 they run as 2:8 does:
+    test_other_nm_patterns_and_int8_values_run_on_the_24_kernel), the int8 ones on the int8 tensor-core kernel, the
+    int3 ones on TVM's dequantize + matmul with the codes kept as bytes;
     the report says what was converted, and no layer falls back to a materialized dense weight: only the head (not
     compressed) runs tvm.dense."""
     out = tmp_path / "out"

@@ -50,16 +50,19 @@ def _weight(kind, n, k, gs, asym, rng):
         if n * k <= 1 << 16:  # small: the real magnitude path
             return NMSparse.from_dense(rng.standard_normal((n, k)).astype(np.float32), 2, 4)
         return _nm24(rng, n, k, rng.standard_normal((n, k // 2)).astype(np.float32))
-    return _nm24(rng, n, k, _gq(rng, n, k // 2, gs, asym))
+    return _nm24(rng, n, k, _gq(rng, n, k // 2, gs, asym, bits=8 if kind == "sp8" else 4))
 
 
 # ------------------------------------------------------------------------------------------------ layouts (CI)
-@pytest.mark.parametrize("kind,asym", [("sp16", False), ("sp4", False), ("sp4", True), ("dq4", False), ("dq4", True),
-                                       ("dq8", False), ("dq8", True)])  # fmt: skip
+KIND_ASYM = [("sp16", False), ("sp4", False), ("sp4", True), ("dq4", False), ("dq4", True), ("dq8", False),
+             ("dq8", True), ("sp8", False), ("sp8", True)]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind,asym", KIND_ASYM)
 @pytest.mark.parametrize("n,k", [(16, 128), (40, 352), (10, 64), (64, 256)])
 def test_prepared_layout_decodes_to_the_weight(kind, asym, n, k):
     rng = _rng(hash((kind, asym, n, k)) % 2**31)
-    cols = k // 2 if kind == "sp4" else k
+    cols = k if kind in cs.DENSE_KINDS else k // 2
     gs = 16 if cols % 32 else 32
     w = _weight(kind, n, k, gs, asym, rng)
     arrays = cs.prepare(kind, w)
@@ -115,7 +118,8 @@ def _linear(w, name="fc"):
 
 
 @pytest.mark.parametrize("kind,gen,target", [("sp16", "cuda.nm24_mma_sp", "h100"), ("sp4", "cuda.nm24_int4_mma_sp", "a100"),
-                                             ("dq4", "cuda.int4_dequant_mma", "h100"), ("dq8", "cuda.int8_dequant_mma", "a100")])  # fmt: skip
+                                             ("dq4", "cuda.int4_dequant_mma", "h100"), ("dq8", "cuda.int8_dequant_mma", "a100"),
+                                             ("sp8", "cuda.nm24_int8_mma_sp", "h100")])  # fmt: skip
 def test_registry_selects_cuda_kernels(kind, gen, target):
     from sparsec.backends.kernels.registry import ShapeHints, get_prepare, select_kernel
     from sparsec.backends.targets import get_target
@@ -167,8 +171,9 @@ def test_nm_as_24_is_the_same_matrix_or_none(n, m):
 @pytest.mark.parametrize("target", ["h100", "a100"])
 def test_other_nm_patterns_and_int8_values_run_on_the_24_kernel(target):
     """N:M weights without a specialised CUDA kernel whose pattern fits 2:4 (1:4, 2:8, ...), and 2:4 weights of values
-    without an int kernel (int8, int4 with a group of 8), run on the 2:4 fp16 kernel: the prepared arrays decode to
-    the weight (rounded to fp16), the note says what was converted; 2:4 dense and 2:4 + int4 keep their own kernels;
+    without an int kernel (int8 / int4 with a group of 8), run on the 2:4 fp16 kernel: the prepared arrays decode to
+    the weight (rounded to fp16), the note says what was converted; 2:4 dense, 2:4 + int4 and 2:4 + int8 (groups of
+    a multiple of 16) keep their own kernels;
     4:8 falls back to the dense path; the 2:4 fp16 kernel's tuning entries serve the converted weight."""
     from sparsec.backends.kernels.registry import ShapeHints, get_prepare, select_kernel
     from sparsec.backends.targets import get_target
@@ -179,7 +184,7 @@ def test_other_nm_patterns_and_int8_values_run_on_the_24_kernel(target):
     dense = rng.standard_normal((40, 256)).astype(np.float32)
     cases = [(NMSparse.from_dense(dense, 1, 4), "1:4 run as 2:4"), (NMSparse.from_dense(dense, 2, 8), "2:8 run as 2:4")]
     nm24 = NMSparse.from_dense(dense, 2, 4)
-    cases += [(nm24.with_values(_gq(rng, 40, 128, 32, False, 8)), "int8 g32 values dequantized"),
+    cases += [(nm24.with_values(_gq(rng, 40, 128, 8, False, 8)), "int8 g8 values dequantized"),
               (nm24.with_values(_gq(rng, 40, 128, 8, False)), "int4 g8 values dequantized")]
     for w, note in cases:
         lin = _linear(w)
@@ -191,6 +196,8 @@ def test_other_nm_patterns_and_int8_values_run_on_the_24_kernel(target):
     assert select_kernel(_linear(nm24), tgt, ShapeHints()).name == "cuda.nm24_mma_sp"
     int4 = nm24.with_values(_gq(rng, 40, 128, 32, False))
     assert select_kernel(_linear(int4), tgt, ShapeHints()).name == "cuda.nm24_int4_mma_sp"
+    int8 = nm24.with_values(_gq(rng, 40, 128, 32, False, 8))
+    assert select_kernel(_linear(int8), tgt, ShapeHints()).name == "cuda.nm24_int8_mma_sp"
     impl = select_kernel(_linear(NMSparse.from_dense(dense, 4, 8)), tgt, ShapeHints())
     assert impl.name == "tvm.dense" and "materialized dense" in impl.note and "multiple of 32" not in impl.note
     # a layer whose shape the kernels do not take says so (it said "no kernel for nm_sparse[dense] on this target")
@@ -292,7 +299,7 @@ def _all_kinds():
     split = dict(cs.default_config("sp4"), gemv=dict(cs.default_config("sp4")["gemv"], ks=4))  # a fixed split count too
     return [cs.Variant.make(k, a, gs, cs.default_config(k, arch)) for arch in ("sm_90a",)
             for k, a, gs in (("sp16", False, 0), ("sp4", False, 64), ("sp4", True, 32), ("dq4", False, 128), ("dq4", True, 64),
-                             ("dq8", False, 128), ("dq8", True, 16))] + [
+                             ("dq8", False, 128), ("dq8", True, 16), ("sp8", False, 64), ("sp8", True, 16))] + [
         cs.Variant.make("sp4", True, 32, split)]  # fmt: skip
 
 
@@ -303,11 +310,11 @@ def test_ptxas_accepts_every_kernel(arch, tmp_path):
 
     variants = [cs.Variant.make(k, a, gs, cs.default_config(k, arch))
                 for k, a, gs in (("sp16", False, 0), ("sp4", False, 64), ("sp4", True, 32), ("dq4", False, 128), ("dq4", True, 64),
-                                 ("dq8", False, 32), ("dq8", True, 16))]  # fmt: skip
+                                 ("dq8", False, 32), ("dq8", True, 16), ("sp8", False, 32), ("sp8", True, 16))]  # fmt: skip
     # the untuned configs of LLM-sized layers (warps per token-tile count from the rows; 16-warp blocks)
     variants += [cs.Variant.make(k, a, gs, cs.default_config(k, arch, n, 4096, a)) for n in (4096, 14336)
                  for k, a, gs in (("sp16", False, 0), ("sp4", False, 128), ("sp4", True, 128), ("dq4", True, 128),
-                                  ("dq8", False, 128), ("dq8", True, 128))]  # fmt: skip
+                                  ("dq8", False, 128), ("dq8", True, 128), ("sp8", False, 128), ("sp8", True, 128))]  # fmt: skip
     rep = ptxas_report(variants, arch, str(tmp_path))
     names = {n for v in variants for n in v.kernel_names().values()}
     assert names <= set(rep), f"kernels missing from ptxas output: {names - set(rep)}"
@@ -346,7 +353,7 @@ def test_host_launchers_compile(tmp_path):
 # sparsec_mma.cuh split_range; the launcher picks ks for "ks": 0 with gemv_auto_ks and sizes the workspace.
 def _chunk_cols(kind: str, k: int, c: int) -> tuple[int, int]:
     """Input columns [lo, hi) of 16-byte weight chunk c (kind's k32 steps per chunk), clipped to K."""
-    w = {"sp16": 1, "sp4": 4, "dq4": 2, "dq8": 1}[kind] * 32
+    w = {"sp16": 1, "sp4": 4, "dq4": 2, "dq8": 1, "sp8": 2}[kind] * 32
     return min(c * w, k), min((c + 1) * w, k)
 
 
@@ -358,7 +365,7 @@ def test_split_k_partition_covers_k_once(kind, k):
     a numpy emulation of the partial sums reduced in split order equals x @ W^T."""
     rng = _rng(hash((kind, k)) % 2**31)
     nck = cs.gemv_chunks(kind, k)
-    assert nck == -(-k // ({"sp16": 32, "sp4": 128, "dq4": 64, "dq8": 32}[kind]))
+    assert nck == -(-k // ({"sp16": 32, "sp4": 128, "dq4": 64, "dq8": 32, "sp8": 64}[kind]))
     w = rng.standard_normal((16, k))
     x = rng.standard_normal((3, k))
     ref = x @ w.T
@@ -552,20 +559,22 @@ def _int4_to_fp16_emulated(arrays, n, k, gs, asym, kind):
     return out
 
 
-def _int8_to_fp16_emulated(arrays, n, k, gs, asym):
-    """numpy model of sparsec_mma.cuh codes_to_fp16_body<8>: thread (rt, u, lane) reads the uint4 of codes of k32 step u
-    and writes k16 units 2u + h (h = 0, 1) from words 2h, 2h + 1: register i = bytes 2 (i & 1), +1 of word 2h + i // 2
-    via byte_perm with 0x64 (1024 + code), minus 1024 + z (z = 128 without zero points), times the scale; registers
-    0 and 2 take row g's scale, 1 and 3 row g + 8's. -> [Np/16, K/16, 32, 8] fp16."""
+def _int8_to_fp16_emulated(arrays, n, k, gs, asym, kind="dq8"):
+    """numpy model of sparsec_mma.cuh codes_to_fp16_body<8>: thread (rt, u, lane) reads the uint4 of codes u (units
+    2u, 2u + 1: k16 units of dq8, k32 steps of sp8) and writes units 2u + h (h = 0, 1) from words 2h, 2h + 1: register
+    i = bytes 2 (i & 1), +1 of word 2h + i // 2 via byte_perm with 0x64 (1024 + code), minus 1024 + z (z = 128 without
+    zero points), times the scale; registers 0 and 2 take row g's scale, 1 and 3 row g + 8's.
+    -> [Np/16, units, 32, 8] fp16."""
     np_, kp = -(-n // 16) * 16, -(-k // 128) * 128
-    nrt, units = np_ // 16, kp // 16
-    q = arrays[0].view(np.uint32).reshape(nrt, kp // 32, 32, 4)
-    sc = arrays[1].view(np.uint32).reshape(nrt, -1, 8)
-    zb = arrays[2].view(np.uint32).reshape(nrt, -1, 8) if asym else None
+    nrt, units = np_ // 16, (kp // 32 if kind == "sp8" else kp // 16)
+    si = 2 if kind == "sp8" else 1  # scales after the metadata (sp8) or the codes (dq8)
+    q = arrays[0].view(np.uint32).reshape(nrt, units // 2, 32, 4)
+    sc = arrays[si].view(np.uint32).reshape(nrt, -1, 8)
+    zb = arrays[si + 1].view(np.uint32).reshape(nrt, -1, 8) if asym else None
     out = np.zeros((nrt, units, 32, 8), dtype=np.float16)
     half2 = lambda w: np.array([w], dtype=np.uint32).view(np.float16)  # noqa: E731 - (low, high)
     for rt in range(nrt):
-        for u in range(kp // 32):
+        for u in range(units // 2):
             for lane in range(32):
                 g = lane >> 2
                 for h in range(2):
@@ -593,21 +602,21 @@ def _d16_dense(frag, n, k):
     return w[:n, :k]
 
 
-@pytest.mark.parametrize("kind", ["sp4", "dq4", "dq8"])
+@pytest.mark.parametrize("kind", ["sp4", "dq4", "dq8", "sp8"])
 @pytest.mark.parametrize("asym", [False, True])
 def test_int4_to_fp16_conversion_layout(kind, asym):
     """The int4 / int8 prefill on sm_90a ("dq16") dequantizes the prepared codes into fp16 fragments and hands them to
-    the warp-specialized GEMM: 2:4 + int4 -> the prepared sp16 layout (with the sp4 metadata unchanged), int4 / int8 ->
-    dense m16n8k16 A fragments. The kernel's index math (numpy models above) must give the weight the independent
+    the warp-specialized GEMM: 2:4 + int4 / int8 -> the prepared sp16 layout (with their metadata unchanged), int4 /
+    int8 -> dense m16n8k16 A fragments. The kernel's index math (numpy models above) must give the weight the independent
     layout decoder reads from the arrays, rounded to fp16, exactly (row, K and group tails; groups of 16 to 64)."""
     for n, k, gs in ((40, 320, 16), (16, 128, 64), (72, 384, 32)):
-        w = _weight(kind, n, k, gs, asym, _rng(n + k + gs + asym + {"sp4": 0, "dq4": 7, "dq8": 11}[kind]))
+        w = _weight(kind, n, k, gs, asym, _rng(n + k + gs + asym + {"sp4": 0, "dq4": 7, "dq8": 11, "sp8": 13}[kind]))
         arrays = cs.prepare(kind, w)
-        if kind == "dq8":
-            frag = _int8_to_fp16_emulated(arrays, n, k, gs, asym)
+        if kind in cs.INT8_KINDS:
+            frag = _int8_to_fp16_emulated(arrays, n, k, gs, asym, kind)
         else:
             frag = _int4_to_fp16_emulated(arrays, n, k, gs, asym, kind)
-        if kind == "sp4":
+        if kind not in cs.DENSE_KINDS:
             got = cs.decode_layout("sp16", [frag.reshape(frag.shape[0] * 16, -1), arrays[1]], n, k)
         else:
             got = _d16_dense(frag, n, k)
@@ -622,11 +631,12 @@ def test_dq16_kernels_ptxas(tmp_path):
     kept (no C7514 serialization), the dense kernel issues dense wgmma m64n128k16."""
     from sparsec.backends.kernels.cuda_compile import ptxas_report
 
-    vs = [cs.Variant.make(k, a, 64, cs.default_config(k, "sm_90a")) for k in ("sp4", "dq4", "dq8") for a in (False, True)]
+    vs = [cs.Variant.make(k, a, 64, cs.default_config(k, "sm_90a")) for k in ("sp4", "dq4", "dq8", "sp8") for a in (False, True)]
     vs += [cs.Variant.make(k, False, 64, _dq16_config(k, 0)) for k in ("sp4", "dq4")]  # weights by bulk copies
     rep = ptxas_report(vs, "sm_90a", str(tmp_path))
     names = {n for v in vs for p, n in v.kernel_names().items() if p.startswith("dq16_")}
-    # 4 converters (int4 / int8, sym / asym); sparse and dense kernels, whole-tile and tail split, wmap or not
+    # 4 converters (int4 / int8, sym / asym: 2:4 + int8 shares dense int8's); sparse and dense kernels, whole-tile and
+    # tail split, wmap or not
     assert len(names) == 12
     for name in names:
         r = rep[name]
@@ -669,7 +679,7 @@ def test_gemv_pdl_policy():
     """PDL bits (cuda_sparse.gemv_pdl_bits): both kernels of 2:4 fp16 / 2:4 + int4 / int8 and the M > 8 kernel of int4,
     except the M > 8 kernel of layers with >= 4 x SMs row tiles; a tuned GEMV config stored without "pdl" (the DB
     predates it) takes its layer's bits."""
-    for kind, bits in (("sp16", 3), ("sp4", 3), ("dq4", 2), ("dq8", 3)):
+    for kind, bits in (("sp16", 3), ("sp4", 3), ("dq4", 2), ("dq8", 3), ("sp8", 3)):
         assert cs.default_config(kind, "sm_90a", 4096, 4096)["gemv"]["pdl"] == bits
         assert cs.default_config(kind, "sm_90a", 4096, 14336)["gemv"]["pdl"] == bits
         assert cs.default_config(kind, "sm_90a", 14336, 4096)["gemv"]["pdl"] == bits & 1  # 896 row tiles >= 4 x 132
@@ -702,7 +712,7 @@ def test_dq16_wmap_names_its_kernels():
     """The dequantize + ws GEMM of the int4 / int8 kinds reads the weights by tensor map by default; "wmap": 0 in the
     large config keeps the bulk copies (the int4 / int8 mma tile itself has no tensor-map form); without dq16 "wmap"
     is not a valid config."""
-    for kind, fam in (("sp4", "_wstm_"), ("dq4", "_wsdtm_"), ("dq8", "_wsdtm_")):
+    for kind, fam in (("sp4", "_wstm_"), ("dq4", "_wsdtm_"), ("dq8", "_wsdtm_"), ("sp8", "_wstm_")):
         v = cs.Variant.make(kind, False, 128, cs.default_config(kind, "sm_90a"))
         kn = v.kernel_names()
         assert v.dq16_cfg() == cs.DQ16_GEMM[kind] and cs.DQ16_GEMM[kind]["wmap"] == 1 and fam in kn["dq16_gemm_tail"], kn
@@ -744,7 +754,7 @@ def test_dq16_path_on_sm90a_only():
                 assert f" {name}(" in dev
             assert f'"{kn["dq16_convert"]}"' in cs.render_host_source([v], "x.fatbin", "sym")
     # small layers keep the int4 GEMM (the conversion pass and the second launch cost more than they save there)
-    for kind in ("sp4", "dq4", "dq8"):
+    for kind in ("sp4", "dq4", "dq8", "sp8"):
         lim = cs.DQ16_MIN_PARAMS[kind]
         assert cs.default_config(kind, "sm_90a", lim // 512, 512)["gemm"].get("dq16") == 1
         assert not cs.default_config(kind, "sm_90a", lim // 512 - 16, 512)["gemm"].get("dq16")
@@ -768,6 +778,11 @@ def test_dq16_path_on_sm90a_only():
     kn8 = v8.kernel_names()
     assert kn8["dq16_convert"] == "sparsec_int8s_to_fp16" and kn8["dq16_gemm"] == kn["dq16_gemm"]
     assert "sparsec::codes_to_fp16_body<8, false>" in cs.render_device_source([v8])
+    # 2:4 + int8 feeds the 2:4 fp16 kernel (2:4 + int4's) through the int8 converter
+    vs8 = cs.Variant.make("sp8", True, 64, cs.default_config("sp8", "sm_90a"))
+    v4 = cs.Variant.make("sp4", True, 64, cs.default_config("sp4", "sm_90a"))
+    assert vs8.kernel_names()["dq16_convert"] == "sparsec_int8a_to_fp16"
+    assert vs8.kernel_names()["dq16_gemm"] == v4.kernel_names()["dq16_gemm"]
     assert not cs.default_config("dq8", "sm_80")["gemm"].get("dq16")
     # int8 leaves its small mma tile for dequantize + ws from M = 17 on where dq16 runs (cuda_gemm_v2_dq8_tiles_ab.md);
     # a100 and layers below DQ16_MIN_PARAMS keep the small tile up to M = 128
@@ -1046,8 +1061,7 @@ def _gpu_lib(tmp_path_factory, name: str, variants, archs):
 def _ref_variants(arch):
     """Every kind's default config at every group size (the float64 reference and CUDA-graph tests)."""
     variants = {}
-    for kind, asym in (("sp16", False), ("sp4", False), ("sp4", True), ("dq4", False), ("dq4", True), ("dq8", False),
-                       ("dq8", True)):  # fmt: skip
+    for kind, asym in KIND_ASYM:
         for gs in ({0} if kind == "sp16" else {16, 32, 64, 128}):
             variants[(kind, asym, gs)] = cs.Variant.make(kind, asym, gs, cs.default_config(kind, arch))
     return variants
@@ -1069,7 +1083,7 @@ def _ws_variants():
 def _dq16_variants():
     """int4 / int8 dequantize + ws prefill, by tensor map (wmap 1) and by bulk copies (0), zero points or not."""
     return {(k, a, wm): cs.Variant.make(k, a, 64, dict(_dq16_config(k, wm), small_max=16))
-            for k in ("sp4", "dq4", "dq8") for a in (False, True) for wm in (1, 0)}  # fmt: skip
+            for k in ("sp4", "dq4", "dq8", "sp8") for a in (False, True) for wm in (1, 0)}  # fmt: skip
 
 
 SPLIT_SHAPES = [(40, 1184), (352, 352), (4096, 11008)]
@@ -1078,8 +1092,7 @@ SPLIT_SHAPES = [(40, 1184), (352, 352), (4096, 11008)]
 def _split_variants(arch):
     """Fixed split-K 2, 3, 8 and auto (0) decode GEMVs of every kind on shapes the splits do not divide."""
     variants = {}
-    for kind, asym in (("sp16", False), ("sp4", False), ("sp4", True), ("dq4", False), ("dq4", True), ("dq8", False),
-                       ("dq8", True)):  # fmt: skip
+    for kind, asym in KIND_ASYM:
         for n, k in SPLIT_SHAPES:
             gs = _gs_for(kind, k)
             for ks in (0, 2, 3, 8):
@@ -1100,13 +1113,12 @@ GPU_TEST_LIBS = {
 def _gs_for(kind, k):
     if kind == "sp16":
         return 0
-    cols = k // 2 if kind == "sp4" else k
+    cols = k if kind in cs.DENSE_KINDS else k // 2
     return next(g for g in (128, 64, 32, 16) if cols % g == 0)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind,asym", [("sp16", False), ("sp4", False), ("sp4", True), ("dq4", False), ("dq4", True),
-                                       ("dq8", False), ("dq8", True)])  # fmt: skip
+@pytest.mark.parametrize("kind,asym", KIND_ASYM)
 @pytest.mark.parametrize("n,k", LLM + REF)
 def test_kernel_matches_float64_reference(gpu_lib, kind, asym, n, k):
     torch, lib, variants = gpu_lib
@@ -1129,7 +1141,8 @@ def test_graph_captured_on_a_fresh_stream_runs_unsplit_and_correct(gpu_lib):
     cases = [("sp16", 4096, 11008, 1, 0),  # decode GEMV, automatic split-K
              ("sp16", 4096, 4096, 256, 0),  # 32 tiles of 256x128: the tail split on sm_90a
              ("sp4", 4096, 4096, 512, 128), ("dq4", 4096, 4096, 512, 128),  # the int4 prefill ("dq16" on sm_90a)
-             ("dq8", 4096, 4096, 512, 128), ("dq8", 4096, 11008, 1, 32)]
+             ("dq8", 4096, 4096, 512, 128), ("dq8", 4096, 11008, 1, 32),
+             ("sp8", 4096, 4096, 512, 128), ("sp8", 4096, 11008, 1, 32)]
     for kind, n, k, m, gs in cases:
         f = lib[variants[(kind, False, gs)].func_name]
         w = _weight(kind, n, k, gs, False, _rng(n + k + m))
@@ -1156,8 +1169,8 @@ def _unit_gain_weight(kind, n, k, gs, rng):
     stays far from fp16 overflow (_weight's grow ~45x a layer at K = 4096)."""
     if kind == "sp16":
         return _nm24(rng, n, k, (rng.standard_normal((n, k // 2)) / np.sqrt(k / 2)).astype(np.float32))
-    bits = 8 if kind == "dq8" else 4
-    cols = k // 2 if kind == "sp4" else k
+    bits = 8 if kind in cs.INT8_KINDS else 4
+    cols = k if kind in cs.DENSE_KINDS else k // 2
     code_std = np.sqrt(((1 << bits) ** 2 - 1) / 12)  # codes uniform over 0 .. 2^bits - 1, zero point 2^(bits-1)
     codes = rng.integers(0, 1 << bits, size=(n, cols), dtype=np.uint8)
     scales = np.full((n, cols // gs), 1.0 / (code_std * np.sqrt(cols)), np.float16)
@@ -1166,7 +1179,7 @@ def _unit_gain_weight(kind, n, k, gs, rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["sp16", "sp4", "dq4", "dq8"])
+@pytest.mark.parametrize("kind", ["sp16", "sp4", "dq4", "dq8", "sp8"])
 def test_gemv_chain_with_programmatic_dependent_launch(gpu_lib, kind):
     """GEMVs launched back to back, each reading the previous one's output (the read-after-write PDL must respect:
     griddepcontrol.wait), eagerly and replayed from a CUDA graph: every step within 1e-2 of float64 of its own input,

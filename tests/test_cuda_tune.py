@@ -141,16 +141,19 @@ class RiggedLib(ct.EmulatedLib):
 
 
 def test_plan_tunes_other_patterns_as_the_24_kernel():
-    """Layers that run on the 2:4 fp16 kernel in their 2:4 form (1:4, 2:8, 2:4 + int8: cuda.nm_as_24_mma_sp) are tuned
-    as that kernel with the 2:4 key, which is what their build looks up."""
+    """Layers that run on the 2:4 fp16 kernel in their 2:4 form (1:4, 2:8: cuda.nm_as_24_mma_sp) are tuned as that
+    kernel with the 2:4 key, which is what their build looks up; 2:4 + int8 has its own kernel and key."""
     from sparsec.compressor.compress import load_example
 
     graph = load_example("tiny-gpt").graph
-    for spec in ("1:4", "2:8", "2:4+int8"):
+    for spec in ("1:4", "2:8"):
         jobs = ct.plan(graph, get_target("h100"), [spec])
         assert jobs and {j.kernel for j in jobs} == {"cuda.nm24_mma_sp"}, spec
         assert all(j.key["nm"] == "2:4" and j.key["format"] == "nm_sparse[dense]" for j in jobs), spec
         assert all((j.linear.weight.n, j.linear.weight.m) == (2, 4) for j in jobs)
+    jobs = ct.plan(graph, get_target("h100"), ["2:4+int8"])
+    assert jobs and {j.kernel for j in jobs} == {"cuda.nm24_int8_mma_sp"}
+    assert all(j.key["nm"] == "2:4" and j.key["format"] == "nm_sparse[group_quant]" and j.key["bits"] == 8 for j in jobs)
 
 
 def test_emulated_search_rejects_wrong_slow_loses_and_build_reads_db(tmp_path):

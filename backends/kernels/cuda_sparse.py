@@ -1,6 +1,6 @@
 """CUDA kernels for compressed Linear layers: 2:4 sparse tensor cores (``mma.sp``), int4 / int8 dequant-in-register.
 
-Four kernel kinds, each with a decode GEMV path (M <= 16 tokens, weights streamed from global memory straight into
+Five kernel kinds, each with a decode GEMV path (M <= 16 tokens, weights streamed from global memory straight into
 registers) and a prefill GEMM path (multi-stage ``cp.async`` pipeline, ``ldmatrix`` for the activations), chosen at
 run time by the number of tokens:
 
@@ -9,6 +9,7 @@ kind       weight format                              instruction
 =========  =========================================  ==========================================================
 ``sp16``   ``NMSparse`` 2:4 of fp16/fp32 ``Dense``       ``mma.sp::ordered_metadata.m16n8k32`` f16 -> f32
 ``sp4``    ``NMSparse`` 2:4 of ``GroupQuant`` int4       int4 -> fp16 in registers, then ``mma.sp.m16n8k32``
+``sp8``    ``NMSparse`` 2:4 of ``GroupQuant`` int8       int8 -> fp16 in registers, then ``mma.sp.m16n8k32``
 ``dq4``    ``GroupQuant`` int4 (dense)                  int4 -> fp16 in registers, then ``mma.m16n8k16``
 ``dq8``    ``GroupQuant`` int8 (dense)                  int8 -> fp16 in registers, then ``mma.m16n8k16``
 =========  =========================================  ==========================================================
@@ -21,7 +22,7 @@ The device code is ``sparsec_mma.cuh`` (templates). This module
   TVM FFI functions (``sparsec_cuda_<id>(x, *weights, y)``; compiled ahead of time by
   :mod:`sparsec.backends.kernels.cuda_compile` into SASS for the target's arch and linked into the model library),
 - registers the kernel generators with :mod:`sparsec.backends.kernels.registry` (``cuda.nm24_mma_sp``,
-  ``cuda.nm24_int4_mma_sp``, ``cuda.int4_dequant_mma``, ``cuda.int8_dequant_mma``): the lowering calls them with ``R.call_dps_packed``.
+  ``cuda.nm24_int4_mma_sp``, ``cuda.nm24_int8_mma_sp``, ``cuda.int4_dequant_mma``, ``cuda.int8_dequant_mma``): the lowering calls them with ``R.call_dps_packed``.
 
 ``decode_layout`` is an independent decoder of the layouts (written from the PTX ISA's fragment and metadata
 definitions, not from the encoder) used by the tests to check ``prepare_*`` without a GPU.
@@ -48,6 +49,7 @@ __all__ = [
     "prepare",
     "prepare_sp16",
     "prepare_sp4",
+    "prepare_sp8",
     "prepare_dq4",
     "prepare_dq8",
     "decode_layout",
@@ -58,8 +60,9 @@ __all__ = [
 ]
 
 HEADER_PATH = Path(__file__).with_name("sparsec_mma.cuh")
-KINDS = ("sp16", "sp4", "dq4", "dq8")
-_KIND_ENUM = {"sp16": "KIND_SP16", "sp4": "KIND_SP4", "dq4": "KIND_DQ4", "dq8": "KIND_DQ8"}
+KINDS = ("sp16", "sp4", "dq4", "dq8", "sp8")  # the launcher's kind numbers are the indices
+_KIND_ENUM = {"sp16": "KIND_SP16", "sp4": "KIND_SP4", "dq4": "KIND_DQ4", "dq8": "KIND_DQ8", "sp8": "KIND_SP8"}
+INT8_KINDS = ("dq8", "sp8")  # byte codes (the int8 converter of the "dq16" path)
 DENSE_KINDS = ("dq4", "dq8")  # group-quantized kinds without sparsity (no metadata; scales per k16 unit)
 GEMV_MAX_M = 16
 K_ALIGN = 128  # the weight's K is padded to this (zeros, valid metadata); activations' K must be a multiple of 32
@@ -85,7 +88,10 @@ SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_9
 DEFAULT_GEMV = {"warps": 8, "rt": 2, "u": 1, "ks": 0, "pf": 0, "warps2": 0, "og": 1, "st": 0, "xs": 0}
 # 2:4 + int4 with 4-warp blocks at M <= 8 (rows beyond ~1.5 waves of 16-warp blocks): the staged path was 0.86-0.99x
 # of the unstaged one at M = 2-8 (bench/results/cuda_kernels_decode_xs_default.md), so those layers stage only at M > 8
-GEMV_XS_MIN_WARPS = {"sp4": 8}
+GEMV_XS_MIN_WARPS = {"sp4": 8, "sp8": 16}
+# 2:4 + int8 stages its activations at M <= 8 on Hopper only: measured there (bench/results/cuda_int8_24.md); for
+# sm_80 ptxas gives its 16-warp staged kernel 64 registers and a 16-byte spill, and no A100 run decided it
+GEMV_XS_HOPPER_ONLY = ("sp8",)
 GEMV_MAX_ST = 8
 # 2:4 + int4 stages its activations (xs): 16 32-bit activation loads a chunk were its largest instruction count
 # (bench/results/cuda_kernels_decode_xs.md, per-point medians over the configs: 0.94-1.08x at M <= 8, 1.17-1.30x at
@@ -96,10 +102,10 @@ GEMV_MAX_ST = 8
 # int4 5.5 -> 4.8; slower for the dense int4 M <= 8 kernel on most shapes (4096x14336: 19.7 -> 23.4 us) and for the
 # M > 8 kernels of layers with >= 4 x SMs row tiles (2:4 fp16 11008x4096: 21.4 -> 24.2 us): those launch plainly
 # (gemv_pdl_bits).
-GEMV_PDL_KIND = {"sp16": 3, "sp4": 3, "dq4": 2, "dq8": 3}
+GEMV_PDL_KIND = {"sp16": 3, "sp4": 3, "dq4": 2, "dq8": 3, "sp8": 3}
 DEFAULT_GEMV_KIND = {kind: dict(DEFAULT_GEMV, pdl=GEMV_PDL_KIND[kind], **extra)
                      for kind, extra in (("sp16", {"warps": 16}), ("sp4", {"xs": 3}), ("dq4", {"warps": 16}),
-                                         ("dq8", {"warps": 16}))}  # fmt: skip
+                                         ("dq8", {"warps": 16}), ("sp8", {"warps": 16, "xs": 3}))}  # fmt: skip
 GEMV_MAX_PF = 64
 # The warps of an untuned decode GEMV follow the layer's row count (gemv_auto_warps): the fewest waves of blocks, then
 # the most warps a block. GEMV_WARP_BUDGET[(kind, token tiles)]: warps one SM holds with the default tiles, 65536
@@ -111,15 +117,21 @@ GEMV_MAX_PF = 64
 # (128 blocks: one per SM), fewer for 11008 / 14336 rows (2:4 fp16 8, 2:4 + int4 4, int4 8 / 4). The M > 8 kernel of
 # 2:4 + int4 stays at <= 8 warps: with 16 it spills (128 bytes; 2688 with zero points).
 GEMV_WARP_BUDGET = {("sp16", 1): 32, ("sp4", 1): 20, ("dq4", 1): 24, ("sp16", 2): 24, ("sp4", 2): 16, ("dq4", 2): 16,
-                    ("dq8", 1): 32, ("dq8", 2): 20}
+                    ("dq8", 1): 32, ("dq8", 2): 20, ("sp8", 1): 28, ("sp8", 2): 19}
+# 2:4 + int8 (sp8): ptxas -v (sm_90a) 70-72 registers at one token tile with 4 / 8 warps (78-82 at 16; 72-88 with zero
+# points), 95-104 at two (110-111), 4-row-tile warps 157-167; the one-token-tile budget from the 4 / 8-warp kernels:
+# 11008 rows (344 blocks) then get 8 warps, 14336 rows (448) 4, which measured fastest on the H100 (11008x4096, M = 1:
+# 8 warps 11.4 us, 4 warps 14.9; 14336x4096: 4 warps 16.3, 8 warps 18.1; bench/results/cuda_int8_24.md, first run).
+# Staged activations (xs) at M <= 8 only with 16 warps: 4096x4096 M = 1 5.8 -> 5.4 us; with 8 warps (11008x4096) 0.91-0.95x
+# at M = 4 / 8, with 4 (14336x4096) 0.86-0.87x (second run).
 # int8 (dq8): from ptxas -v alone (sm_90a; not fitted on a GPU run): 58-62 registers at one token tile (64-73 with zero
 # points), 72-91 at two (80-96)
-GEMV_WARP_BUDGET_ASYM = {("dq4", 1): 16, ("sp4", 1): 16, ("sp4", 2): 12, ("dq8", 1): 28}
+GEMV_WARP_BUDGET_ASYM = {("dq4", 1): 16, ("sp4", 1): 16, ("sp4", 2): 12, ("dq8", 1): 28, ("sp8", 1): 25, ("sp8", 2): 18}
 # The same for 4-row-tile warps (gemv_tile_plan; ptxas -v, sm_90a, staged activations): one token tile 2:4 + int4
 # 126-128 registers (150 with zero points); two: 2:4 + int4 191-192 (203-204), 2:4 fp16 126-128, int4 152 (165),
 # int8 128-132
-GEMV_WARP_BUDGET_RT4 = {("sp4", 1): 16, ("sp4", 2): 10, ("sp16", 2): 16, ("dq4", 2): 13, ("dq8", 2): 16}
-GEMV_WARP_BUDGET_RT4_ASYM = {("sp4", 1): 13, ("sp4", 2): 10, ("dq4", 2): 12, ("dq8", 2): 15}
+GEMV_WARP_BUDGET_RT4 = {("sp4", 1): 16, ("sp4", 2): 10, ("sp16", 2): 16, ("dq4", 2): 13, ("dq8", 2): 16, ("sp8", 2): 12}
+GEMV_WARP_BUDGET_RT4_ASYM = {("sp4", 1): 13, ("sp4", 2): 10, ("dq4", 2): 12, ("dq8", 2): 15, ("sp8", 2): 12}
 GEMV_WARP_CHOICES = (16, 8, 4)
 GEMV_MAX_WARPS = {("sp4", 2): 8}
 ARCH_SMS = {"sm_80": 108, "sm_86": 84, "sm_89": 128, "sm_90": 132, "sm_90a": 132}  # A100, A40/3090-class, L40, H100 SXM
@@ -137,14 +149,23 @@ DEFAULT_GEMM = {
     # int8: twice the int4 tile's weight bytes a stage (3 stages of the int4 tile need 246 KB) and a uint4 of codes a
     # fragment: 128x256 tiles spill (ptxas, sm_90a: 112-136 bytes at 255 registers), 128x128x64 w2x4 does not
     "dq8": {"bm": 128, "bn": 128, "bk": 64, "wm": 2, "wn": 4, "stages": 4, "group": 16},
+    # 2:4 + int8: the 2:4 + int4 tile spills with its two code words a step (ptxas, sm_90a: 96 bytes at 255 registers)
+    "sp8": {"bm": 128, "bn": 128, "bk": 128, "wm": 2, "wn": 4, "stages": 3, "group": 16},
 }
 DEFAULT_GEMM_SMALL = {
     "sp16": {"bm": 64, "bn": 64, "bk": 128, "wm": 2, "wn": 2, "stages": 3, "group": 8},
     "sp4": {"bm": 128, "bn": 64, "bk": 128, "wm": 2, "wn": 2, "stages": 3, "group": 8},
     "dq4": {"bm": 64, "bn": 64, "bk": 128, "wm": 2, "wn": 2, "stages": 3, "group": 8},
     "dq8": {"bm": 64, "bn": 64, "bk": 128, "wm": 2, "wn": 2, "stages": 3, "group": 8},
+    # 2:4 + int8: 64x64 tiles; 128x64 (2:4 + int4's) where those still give every SM a tile at M = 128
+    # (SMALL_BM128_MIN_TILES; default_config)
+    "sp8": {"bm": 64, "bn": 64, "bk": 128, "wm": 2, "wn": 2, "stages": 3, "group": 8},
 }
 DEFAULT_SMALL_MAX = 128  # 16 < M <= small_max -> the small-tile GEMM
+# 2:4 + int8's small tile on the H100 at M = 128 (bench/results/cuda_int8_24.md, the two runs): 128x64 left half the SMs
+# idle at 4096 rows (64 tiles; 4096x4096 55.7 us, 4096x14336 189) where 64x64 took 42.4 / 147; at 11008 / 14336 rows
+# (172 / 224 tiles of 128x64) 128x64 took 69.3 / 71.0 us, 64x64 102.9 / 102.1. 128-row tiles from this many tiles on.
+SMALL_BM128_MIN_TILES = {"sp8": 1.0}  # x the SMs, at M = DEFAULT_SMALL_MAX
 # int8 on sm_90a takes the dequantize + warp-specialized path from M = 17 on: its small mma tile (64x64x128) ran
 # 0.33-0.69x cuBLAS at M = 32 / 128 where dequantize + ws ran 0.46-0.50x (geometric means 0.41x / 0.47x;
 # bench/results/cuda_gemm_v2_dq8_tiles_ab.md, H100, every int8 mma tile measured: none better)
@@ -176,6 +197,7 @@ DQ16_GEMM = {"sp4": {"bm": 256, "bn": 128, "bk": 128, "wm": 4, "wn": 1, "stages"
              "dq4": {"bm": 256, "bn": 128, "bk": 64, "wm": 4, "wn": 1, "stages": 4, "group": 16, "ws": 1, "dense": 1,
                      "tail": 4, "wmap": 1}}  # fmt: skip
 DQ16_GEMM["dq8"] = DQ16_GEMM["dq4"]  # dense int8 dequantizes into the same dense fp16 fragments
+DQ16_GEMM["sp8"] = DQ16_GEMM["sp4"]  # 2:4 + int8 into the same 2:4 fp16 layout
 
 
 # smaller fallbacks for GPUs with less shared memory than the H100 (A100: 163 KB per block)
@@ -184,6 +206,7 @@ FALLBACK_GEMM = {
     "sp4": {"bm": 128, "bn": 128, "bk": 128, "wm": 2, "wn": 4, "stages": 3, "group": 16},
     "dq4": {"bm": 128, "bn": 128, "bk": 64, "wm": 2, "wn": 4, "stages": 4, "group": 16},
     "dq8": {"bm": 128, "bn": 128, "bk": 64, "wm": 2, "wn": 4, "stages": 4, "group": 16},
+    "sp8": {"bm": 128, "bn": 128, "bk": 128, "wm": 2, "wn": 4, "stages": 3, "group": 16},
 }
 
 
@@ -226,8 +249,16 @@ def default_config(kind: str, arch: str = "sm_90a", n: int | None = None, k: int
         if plans[1] and not plans[2]:  # "rt" is the M > 8 kernel's too unless "rt2" says otherwise
             gemv["rt2"] = DEFAULT_GEMV_KIND[kind]["rt"]
         gemv["pdl"] = gemv_pdl_bits(kind, n, sms)
+    if kind in GEMV_XS_HOPPER_ONLY and arch not in ("sm_90", "sm_90a"):
+        gemv["xs"] = gemv.get("xs", 0) & ~1
     small_max = DQ16_SMALL_MAX.get(kind, DEFAULT_SMALL_MAX) if gemm.get("dq16") else DEFAULT_SMALL_MAX
-    return {"gemv": gemv, "gemm_small": dict(DEFAULT_GEMM_SMALL[kind]), "gemm": gemm, "small_max": small_max}
+    small = dict(DEFAULT_GEMM_SMALL[kind])
+    if n is not None and kind in SMALL_BM128_MIN_TILES:
+        sms = ARCH_SMS.get(arch, ARCH_SMS["sm_80"])
+        tiles = -(-n // 128) * -(-DEFAULT_SMALL_MAX // small["bn"])
+        if tiles >= SMALL_BM128_MIN_TILES[kind] * sms and gemm_valid(kind, dict(small, bm=128), asym, arch):
+            small["bm"] = 128
+    return {"gemv": gemv, "gemm_small": small, "gemm": gemm, "small_max": small_max}
 
 
 def gemv_pdl_bits(kind: str, n: int | None, sms: int) -> int:
@@ -262,7 +293,7 @@ def gemv_tile_plan(kind: str, n: int, k: int | None, nt: int, sms: int, asym: bo
         return {"rt": 4, "wr": 1}
     if nt == 2 and k is not None and not (kind == "sp4" and asym):
         blocks = 2 * -(-n_rt // 4)
-        rt, wr = (2, 2) if kind == "sp4" else (4, 1)
+        rt, wr = (2, 2) if kind in ("sp4", "sp8") else (4, 1)  # their 4-row-tile kernels spill at 16 warps
         if 0.9 * sms <= blocks <= sms and gemv_chunks(kind, k) >= 5 * 2 * (16 // wr):
             return {"rt": rt, "wr": wr, "ks": 2, "warps": 16}
     return {}
@@ -297,10 +328,10 @@ def gemm_smem_bytes(kind: str, c: dict[str, int], asym: bool) -> int:
         stage = _pad_to(bn * bk * 2 + (bm // 16) * steps * 512 + (bm // 16) * (steps // 2) * 128, 1024)
         return 1024 + max(st * stage, bn * (bm + 8) * 2)
     steps = bk // 32
-    bps = {"sp16": 512, "sp4": 128, "dq4": 256, "dq8": 512}[kind]
+    bps = {"sp16": 512, "sp4": 128, "dq4": 256, "dq8": 512, "sp8": 256}[kind]
     a = (bm // 16) * steps * bps
     meta = (bm // 16) * (steps // 2) * 128 if kind not in DENSE_KINDS else 0
-    slots = {"sp16": 0, "sp4": steps, "dq4": 2 * steps, "dq8": 2 * steps}[kind]
+    slots = {"sp16": 0, "sp4": steps, "dq4": 2 * steps, "dq8": 2 * steps, "sp8": steps}[kind]
     sc = (bm // 16) * slots * 32 * (2 if asym else 1)
     x = bn * bk * 2
     return max(st * (a + meta + sc + x), bn * (bm + 8) * 2)
@@ -342,7 +373,7 @@ def ws_config_error(kind: str, c: dict[str, int], arch: str = "sm_90a") -> str |
 # "dq16" pays for its conversion pass and second launch from this many weight entries (n x k) on: H100, interleaved
 # A/B at M = 256 / 1024 / 2048 (bench/results/cuda_gemm_v2_{sp4,dq4}_dq16_sizes.md): 2:4 + int4 352x256 0.94x,
 # 512x512 1.17x; int4 512x512 0.94x-0.97x, 1024x1024 1.2x-1.5x (the dequantize path vs the int4 mma GEMM)
-DQ16_MIN_PARAMS = {"sp4": 1 << 18, "dq4": 1 << 20, "dq8": 1 << 20}  # dq8: int4's threshold, not measured
+DQ16_MIN_PARAMS = {"sp4": 1 << 18, "dq4": 1 << 20, "dq8": 1 << 20, "sp8": 1 << 18}  # dq8, sp8: int4's, not measured
 
 
 def dq16_ok(kind: str, arch: str, n: int | None = None, k: int | None = None) -> bool:
@@ -655,7 +686,7 @@ class Variant:
         if tail:
             names["gemm_tail"] = tail
         if gl.get("dq16"):  # the converter and the fp16 kernels it feeds (whole tiles, tail split)
-            bits = 8 if self.kind == "dq8" else 4  # the int4 converter serves both int4 kinds
+            bits = 8 if self.kind in INT8_KINDS else 4  # one converter per code width serves its 2:4 and dense kinds
             names["dq16_convert"] = f"sparsec_int{bits}{'a' if self.asym else 's'}_to_fp16"
             names["dq16_gemm"], tail = _gemm_names("sp16", False, "gemm", self.dq16_cfg())
             if tail:
@@ -673,12 +704,12 @@ def _gemm_names(kind: str, asym: bool, path: str, c: dict[str, int]) -> tuple[st
 def gemv_one_group(kind: str, gs: int, c: dict[str, int] | None = None) -> bool:
     """The quantized decode GEMV's "one group per chunk" kernel (scales applied after the MMAs): every chunk
     (:func:`gemv_chunk_cols` of its own columns) lies in one quantization group, and the config's "og" allows it."""
-    return kind in ("sp4", "dq4", "dq8") and gs > 0 and gs % gemv_chunk_cols(kind) == 0 and bool((c or {}).get("og", 1))
+    return kind in ("sp4", "dq4", "dq8", "sp8") and gs > 0 and gs % gemv_chunk_cols(kind) == 0 and bool((c or {}).get("og", 1))
 
 
 def gemv_chunk_cols(kind: str) -> int:
-    """The value columns (its own: compressed for 2:4) one 16-byte GEMV chunk of a lane spans: 64 (32 for dq8)."""
-    return {"sp16": 16, "sp4": 64, "dq4": 64, "dq8": 32}[kind]
+    """The value columns (its own: compressed for 2:4) one 16-byte GEMV chunk of a lane spans: 64 (32 for int8)."""
+    return {"sp16": 16, "sp4": 64, "dq4": 64, "dq8": 32, "sp8": 32}[kind]
 
 
 def _inst_name(kind: str, asym: bool, path: str, c: dict[str, int], nt: int, og: bool = False) -> str:
@@ -751,7 +782,7 @@ def gemv_warps(c: dict[str, int], nt: int) -> int:
 def gemv_ring_stage_bytes(kind: str, rt: int, asym: bool, og: bool) -> int:
     """Bytes of one warp's stage of the cp.async ring (sparsec_mma.cuh GemvRing::kStageBytes)."""
     ch = _STEPS_PER_CHUNK[kind]
-    mp = (ch + 1) // 2 if kind in ("sp16", "sp4") else 0
+    mp = (ch + 1) // 2 if kind not in DENSE_KINDS else 0
     ns = (1 if og else (2 * ch if kind in DENSE_KINDS else ch)) if kind != "sp16" else 0
     nz = ns if asym else 0
     return (4 * rt + rt * (mp + ns + nz)) * 128
@@ -770,7 +801,7 @@ def _gemv_smem(c: dict[str, int], nt: int, kind: str = "sp16", asym: bool = Fals
 # ----------------------------------------------------------------------------------------------------- split-K GEMV
 # Host-side index math of the decode GEMV (mirrored by sparsec_mma.cuh split_range and the launcher's gemv_auto_ks;
 # tests/test_cuda_kernels.py compiles both and compares them with these).
-_STEPS_PER_CHUNK = {"sp16": 1, "sp4": 4, "dq4": 2, "dq8": 1}
+_STEPS_PER_CHUNK = {"sp16": 1, "sp4": 4, "dq4": 2, "dq8": 1, "sp8": 2}
 
 
 def split_range(n: int, parts: int, i: int) -> tuple[int, int]:
@@ -944,6 +975,31 @@ def prepare_sp4(w: NMSparse) -> list[np.ndarray]:
     return out
 
 
+def prepare_sp8(w: NMSparse) -> list[np.ndarray]:
+    """2:4 NMSparse of int8 GroupQuant -> [codes (Np, Kp/8) u32: per lane and pair of k32 steps 16 byte codes, words
+    2s, 2s+1 = step 2u+s's fragment (element e in byte e % 4 of word 2s + e // 4), meta (Np, Kp/32) u32, scales
+    (Np/16, Gp, 8) u32 (, zeros (Np/16, Gp, 8) u32 as 1024+z when asymmetric)]."""
+    gq: GroupQuant = w.values
+    n, k = w.shape
+    np_, kp = _pad_to(n, 16), _pad_to(k, K_ALIGN)
+    codes, scales, zeros = _gq_codes_scales(gq)
+    c = np.zeros((np_, kp // 2), dtype=np.uint8)
+    c[:n, : k // 2] = codes
+    frag = _frag_tiles(c, 16)  # [rt, T, 32, 8] bytes
+    t = kp // 32
+    pairs = frag.reshape(np_ // 16, t // 2, 2, 32, 8).transpose(0, 1, 3, 2, 4)  # [rt, T/2, 32, step s, 8]
+    idx = np.zeros((np_, kp // 4, 2), dtype=np.uint8)
+    idx[..., 1] = 1
+    idx[:n, : k // 4] = w.indices()
+    meta = _meta_words(idx, np_, kp)
+    gp = -(-(kp // 2) // gq.group_size)
+    out = [np.ascontiguousarray(pairs).view(np.uint32).reshape(np_, kp // 8), meta.reshape(np_, kp // 32),
+           _scale_pairs(scales, np_, gp)]  # fmt: skip
+    if not gq.symmetric:
+        out.append(_scale_pairs(zeros + 1024.0, np_, gp))
+    return out
+
+
 def prepare_dq4(gq: GroupQuant) -> list[np.ndarray]:
     """Dense int4 GroupQuant -> [codes (Np, Kp/8) u32, scales (Np/16, Gp, 8) u32 (, zeros as 1024+z)]."""
     n, k = gq.shape
@@ -979,18 +1035,19 @@ def prepare_dq8(gq: GroupQuant) -> list[np.ndarray]:
 
 
 def prepare(kind: str, weight) -> list[np.ndarray]:
-    return {"sp16": prepare_sp16, "sp4": prepare_sp4, "dq4": prepare_dq4, "dq8": prepare_dq8}[kind](weight)
+    return {"sp16": prepare_sp16, "sp4": prepare_sp4, "dq4": prepare_dq4, "dq8": prepare_dq8, "sp8": prepare_sp8}[kind](weight)
 
 
 def param_specs(kind: str, n: int, k: int, gs: int, asym: bool) -> list[WeightParam]:
     np_, kp = _pad_to(n, 16), _pad_to(k, K_ALIGN)
     if kind == "sp16":
         return [WeightParam("values", (np_, kp // 2), "float16"), WeightParam("meta", (np_, kp // 32), "uint32")]
-    cols = kp // 2 if kind == "sp4" else kp
+    cols = kp if kind in DENSE_KINDS else kp // 2
     gp = -(-cols // gs)
     p = []
-    if kind == "sp4":
-        p = [WeightParam("codes", (np_, kp // 16), "uint32"), WeightParam("meta", (np_, kp // 32), "uint32")]
+    if kind in ("sp4", "sp8"):
+        p = [WeightParam("codes", (np_, kp // (8 if kind == "sp8" else 16)), "uint32"),
+             WeightParam("meta", (np_, kp // 32), "uint32")]  # fmt: skip
     else:
         p = [WeightParam("codes", (np_, kp // (4 if kind == "dq8" else 8)), "uint32")]
     p.append(WeightParam("scales", (np_ // 16, gp, 8), "uint32"))
@@ -1023,7 +1080,7 @@ def decode_layout(kind: str, arrays: list[np.ndarray], n: int, k: int, gs: int =
     def dequant(codes, scales_w, zeros_w, grp):  # codes [rt, units, 32, 8]; grp [units]
         s_lo, s_hi = _h2(scales_w)  # [rt, G, 8] each
         if zeros_w is None:
-            z_lo = z_hi = np.full_like(s_lo, 1152.0 if kind == "dq8" else 1032.0)
+            z_lo = z_hi = np.full_like(s_lo, 1152.0 if kind in INT8_KINDS else 1032.0)
         else:
             z_lo, z_hi = _h2(zeros_w)
         e = np.arange(8)
@@ -1032,13 +1089,21 @@ def decode_layout(kind: str, arrays: list[np.ndarray], n: int, k: int, gs: int =
         z = np.where(hi, z_hi[:, grp][:, :, g][..., None], z_lo[:, grp][:, :, g][..., None])
         return ((codes + 1024.0) - z) * s
 
-    if kind in ("sp16", "sp4"):
+    def byte_elems(words):  # [..., 2] u32 -> [..., 8] codes, element e = byte e % 4 of word e // 4
+        w = words.astype(np.uint32)[..., np.arange(8) // 4]
+        return ((w >> (8 * (np.arange(8) % 4)).astype(np.uint32)) & 0xFF).astype(np.float32)
+
+    if kind in ("sp16", "sp4", "sp8"):
         if kind == "sp16":
             vals = arrays[0].reshape(nrt, steps, 32, 8).astype(np.float32)
             meta = arrays[1].reshape(nrt, steps // 2, 32)
         else:
-            words = arrays[0].reshape(nrt, steps // 4, 32, 4).transpose(0, 1, 3, 2).reshape(nrt, steps, 32)
-            codes = frag_elems_from_words(words)
+            if kind == "sp8":  # lane's uint4 of step pair u: words 2s, 2s+1 = step 2u+s
+                words = arrays[0].reshape(nrt, steps // 2, 32, 2, 2).transpose(0, 1, 3, 2, 4).reshape(nrt, steps, 32, 2)
+                codes = byte_elems(words)
+            else:
+                words = arrays[0].reshape(nrt, steps // 4, 32, 4).transpose(0, 1, 3, 2).reshape(nrt, steps, 32)
+                codes = frag_elems_from_words(words)
             grp = (np.arange(steps) * 16) // gs
             vals = dequant(codes, arrays[2], arrays[3] if len(arrays) > 3 else None, grp)
             meta = arrays[1].reshape(nrt, steps // 2, 32)
@@ -1064,8 +1129,7 @@ def decode_layout(kind: str, arrays: list[np.ndarray], n: int, k: int, gs: int =
     units = kp // 16
     if kind == "dq8":  # lane's uint4 of k32 step t: words 2h, 2h+1 = unit 2t+h, element e = byte e % 4 of word e // 4
         words = arrays[0].reshape(nrt, kp // 32, 32, 2, 2).transpose(0, 1, 3, 2, 4).reshape(nrt, units, 32, 2)
-        codes = ((words.astype(np.uint32)[..., np.arange(8) // 4] >> (8 * (np.arange(8) % 4)).astype(np.uint32)) & 0xFF
-                 ).astype(np.float32)  # fmt: skip
+        codes = byte_elems(words)
     else:  # dq4
         words = arrays[0].reshape(nrt, kp // 64, 32, 4).transpose(0, 1, 3, 2).reshape(nrt, units, 32)
         codes = frag_elems_from_words(words)
@@ -1134,7 +1198,7 @@ def render_device_source(variants: list[Variant]) -> str:
                 continue
             if path == "gemm" and c.get("dq16"):  # int4/int8 -> fp16 converter + the warp-specialized GEMM it feeds
                 conv = v.kernel_names()["dq16_convert"]
-                bits = 8 if v.kind == "dq8" else 4
+                bits = 8 if v.kind in INT8_KINDS else 4
                 seen[conv] = (
                     f'extern "C" __global__ void __launch_bounds__({DQ16_CONVERT_THREADS}) {conv}'
                     "(const uint4* __restrict__ Wq, const uint32_t* __restrict__ Sc, const uint32_t* __restrict__ Zb, "
@@ -1462,7 +1526,7 @@ void expect(const TensorView& t, const char* name, DLDataTypeCode code, int bits
 }
 
 struct Variant {
-  int kind;  // 0 sp16, 1 sp4, 2 dq4, 3 dq8
+  int kind;  // cuda_sparse.KINDS index: 0 sp16, 1 sp4, 2 dq4, 3 dq8, 4 sp8
   bool asym;
   int gs;
   Kernel gemv1, gemv2, gemm_small, gemm;
@@ -1550,14 +1614,15 @@ void run(const Variant& v, const TensorView& x, const TensorView* w, int nw, con
   int64_t Kp = 0;
   if (v.kind == 0) Kp = w[0].shape()[1] * 2;
   else if (v.kind == 1) Kp = w[0].shape()[1] * 16;
-  else if (v.kind == 2) Kp = w[0].shape()[1] * 8;
+  else if (v.kind == 2 || v.kind == 4) Kp = w[0].shape()[1] * 8;
   else Kp = w[0].shape()[1] * 4;
   if (Np < N || Np % 16 || Kp < K || Kp % 128)
     TVM_FFI_THROW(ValueError) << "sparsec CUDA kernels: weight arrays do not fit x[" << M << "," << K << "] -> y[" << M << "," << N << "]";
   if (M == 0) return;
   const void* X = x.data_ptr();
   const void* Wv = w[0].data_ptr();
-  const bool dense = v.kind >= 2;  // dq4, dq8: no metadata
+  const bool dense = v.kind == 2 || v.kind == 3;  // dq4, dq8: no metadata
+  const bool bytes = v.kind == 3 || v.kind == 4;  // int8 codes: dq8, sp8
   const void* Wm = dense ? nullptr : w[1].data_ptr();
   const int si = dense ? 1 : 2;
   const void* Sc = v.kind == 0 ? nullptr : w[si].data_ptr();
@@ -1572,7 +1637,7 @@ void run(const Variant& v, const TensorView& x, const TensorView* w, int nw, con
     CUfunction f = get_function(dev, k);
     const int rows = M <= 8 ? v.gemv_rows : v.gemv_rows2;
     const int64_t grid = (n_rt + rows - 1) / rows;
-    const int steps_per_chunk = (v.kind == 0 || v.kind == 3) ? 1 : (v.kind == 1 ? 4 : 2);
+    const int steps_per_chunk = (v.kind == 0 || v.kind == 3) ? 1 : (v.kind == 1 ? 4 : 2);  // cuda_sparse._STEPS_PER_CHUNK
     const int nck = (iK / 32 + steps_per_chunk - 1) / steps_per_chunk;
     const int threads = M <= 8 ? v.gemv_threads : v.gemv_threads2;
     const int warps = threads / 32;
@@ -1609,16 +1674,16 @@ void run(const Variant& v, const TensorView& x, const TensorView* w, int nw, con
   int group = small ? v.gs_group : v.gl_group;
   const int threads = small ? v.gs_threads : v.gl_threads;
   // int4 / int8 kinds (sm_90a): the weight dequantized into fp16 fragments in this stream's scratch, then the
-  // warp-specialized GEMM on it: 2:4 + int4 -> the 2:4 fp16 layout, with the same metadata (same layout for both
-  // kinds); dense int4 / int8 -> dense fp16 A fragments (16 rows x 32 k x 2 bytes per row tile and k32 step), no
+  // warp-specialized GEMM on it: 2:4 + int4 / int8 -> the 2:4 fp16 layout, with the same metadata (same layout for
+  // the 2:4 kinds); dense int4 / int8 -> dense fp16 A fragments (16 rows x 32 k x 2 bytes per row tile and k32 step), no
   // metadata. Without a scratch (a stream captured before its first such call) the int4 / int8 GEMM below runs.
   void* W16 = (!small && v.dq16.name != nullptr)
                   ? dq16_scratch(dev, stream, static_cast<size_t>(n_rt) * T * (dense ? 1024 : 512)) : nullptr;
   if (W16 != nullptr) {
     CUfunction fc = get_function(dev, Kernel{v.dq16_convert, 0});
-    int i_rt = n_rt, U = dense ? 2 * T : T;  // 16-column units per row tile: k16 units (dq4, dq8), k32 steps (sp4)
+    int i_rt = n_rt, U = dense ? 2 * T : T;  // 16-column units per row tile: k16 units (dq4, dq8), k32 steps (sp4, sp8)
     // one thread: a uint4 of codes (4 units of int4, 2 of int8)
-    const int64_t threads_total = static_cast<int64_t>(n_rt) * (U / (v.kind == 3 ? 2 : 4)) * 32;
+    const int64_t threads_total = static_cast<int64_t>(n_rt) * (U / (bytes ? 2 : 4)) * 32;
     const int64_t blocks = (threads_total + @DQ16_THREADS@ - 1) / @DQ16_THREADS@;
     void* cargs[] = {&Wv, &Sc, &Zb, &W16, &i_rt, &U, &G, &GS};
     check(driver().LaunchKernel(fc, static_cast<unsigned>(blocks), 1, 1, @DQ16_THREADS@, 1, 1, 0, stream, cargs, nullptr),
@@ -1780,6 +1845,10 @@ def _prepare_sp4(linear, config):
     return prepare_sp4(linear.weight)
 
 
+def _prepare_sp8(linear, config):
+    return prepare_sp8(linear.weight)
+
+
 def _prepare_dq4(linear, config):
     return prepare_dq4(linear.weight)
 
@@ -1849,8 +1918,8 @@ def _prepare_as24(linear, config):
                  prepare=_prepare_as24, search_space=_space("sp16"))  # fmt: skip
 def nm_as_24_mma_sp(linear, target, hints, tuning):
     """N:M weights no specialised kernel takes, on the 2:4 fp16 kernel (cuda.nm24_mma_sp's), when the pattern fits
-    2:4: other patterns (1:4, 2:8, ...; zero-padded to 2:4) and 2:4 of values without an int kernel on CUDA (int8,
-    int2/3, int4 with a group size that is not a multiple of 16), dequantized to fp16 when the model is built."""
+    2:4: other patterns (1:4, 2:8, ...; zero-padded to 2:4) and 2:4 of values without an int kernel on CUDA (int2/3,
+    int4 / int8 with a group size that is not a multiple of 16), dequantized to fp16 when the model is built."""
     w = linear.weight
     if not isinstance(w, NMSparse) or not _cuda_ok(target, w.shape[1]):
         return None
@@ -1880,6 +1949,21 @@ def nm24_int4_mma_sp(linear, target, hints, tuning):
         return None
     note = "group sparsity expanded to scale-0 groups" if gq.group_mask_packed is not None else ""
     return _impl(linear, target, hints, tuning, "cuda.nm24_int4_mma_sp", "sp4", not gq.symmetric, gq.group_size, note)
+
+
+@register_kernel("cuda.nm24_int8_mma_sp", formats=("nm_sparse[group_quant]",), targets=("cuda",), shapes=_cuda_shapes_gq, priority=20,
+                 prepare=_prepare_sp8, search_space=_space("sp8"))  # fmt: skip
+def nm24_int8_mma_sp(linear, target, hints, tuning):
+    """2:4 sparse + int8 group-quantized values: int8 -> fp16 in registers, mma.sp m16n8k32 (the 2:4 + int4 kernel's
+    structure with 8 byte codes a lane and k32 step)."""
+    w = linear.weight
+    if not isinstance(w, NMSparse) or (w.n, w.m) != (2, 4) or not isinstance(w.values, GroupQuant):
+        return None
+    gq = w.values
+    if gq.bits != 8 or gq.group_size % 16 or not _cuda_ok(target, w.shape[1]):
+        return None
+    note = "group sparsity expanded to scale-0 groups" if gq.group_mask_packed is not None else ""
+    return _impl(linear, target, hints, tuning, "cuda.nm24_int8_mma_sp", "sp8", not gq.symmetric, gq.group_size, note)
 
 
 @register_kernel("cuda.int4_dequant_mma", formats=("group_quant",), targets=("cuda",), shapes=_cuda_shapes_gq, priority=20, prepare=_prepare_dq4,

@@ -16,12 +16,15 @@
 //                                                    unit 4u+w (dense int4, no sparsity)
 //   KIND_DQ8   codes   [Np/16][T][32] x uint4      : words 2h, 2h+1 = the 8 byte codes (up to int8) of the m16n8k16
 //                                                    A fragment of k16 unit 2t+h, element e in byte e (dense)
+//   KIND_SP8   codes   [Np/16][T/2][32] x uint4    : words 2s, 2s+1 = the 8 byte codes (up to int8) of the
+//                                                    compressed 16x16 tile of step 2u+s (KIND_SP16's fragment
+//                                                    elements, element e in byte e % 4 of word 2s + e / 4)
 //   meta (sparse)      [Np/16][T/2][32] x uint32   : pair p of steps: lanes q<2 hold the metadata of step 2p
 //                                                    (sparsity selector 0), lanes q>=2 that of step 2p+1 (selector 1);
 //                                                    bits 0-15 row g, bits 16-31 row g+8, 4 bits per 4-chunk
 //   scales / zeros     [Np/16][G][8] x half2       : (row g, row g+8) of each 16-row tile and quantization group;
 //                                                    zeros are stored as 1024+z (exact in fp16); without zeros
-//                                                    the int4 kinds use z = 8 and KIND_DQ8 z = 128 (kSymZero)
+//                                                    the int4 kinds use z = 8, the int8 ones z = 128 (kSymZero)
 #pragma once
 #include <cuda.h>  // CUtensorMap: the warp-specialized GEMM's __grid_constant__ TMA descriptor
 #include <cuda_fp16.h>
@@ -29,7 +32,7 @@
 
 namespace sparsec {
 
-enum { KIND_SP16 = 0, KIND_SP4 = 1, KIND_DQ4 = 2, KIND_DQ8 = 3 };
+enum { KIND_SP16 = 0, KIND_SP4 = 1, KIND_DQ4 = 2, KIND_DQ8 = 3, KIND_SP8 = 4 };
 
 template <int KIND>
 struct KindTraits;
@@ -61,6 +64,16 @@ struct KindTraits<KIND_DQ8> {
   static constexpr int kColsPerStep = 32;
   static constexpr uint32_t kSymZero = 0x64806480u;  // z = 128
 };
+template <>
+struct KindTraits<KIND_SP8> {  // 2:4 + int8: KIND_SP4's structure with byte codes (two words a k32 step)
+  static constexpr bool kSparse = true, kQuant = true;
+  static constexpr int kStepsPerChunk = 2;
+  static constexpr int kColsPerStep = 16;
+  static constexpr uint32_t kSymZero = 0x64806480u;  // z = 128
+};
+// code words of one 16-column unit of a quantized kind: a k16 unit (dense) or a k32 step (2:4)
+template <int KIND>
+constexpr int kUnitWords = (KIND == KIND_DQ8 || KIND == KIND_SP8) ? 2 : 1;
 
 // ------------------------------------------------------------------------------------------------ instructions
 template <int SEL>
@@ -180,11 +193,12 @@ __device__ __forceinline__ void dequant8_b_unscaled(uint32_t q0, uint32_t q1, ui
     a[i] = h2_as_u32(__hsub2(u32_as_h2(byte_pair_h2(i < 2 ? q0 : q1, i & 1)), (i & 1) ? z_hi : z_lo));
 }
 
-// k16 unit v of a dense quantized kind's codes `w` -> the 4 half2 registers of its A fragment: one word a unit for int4
-// (KIND_DQ4; also the 2:4 + int4 steps), two for int8 (KIND_DQ8). SCALED false: code - z only (sc unused).
+// unit v (a k16 unit of a dense kind, a k32 step of a 2:4 one) of a quantized kind's codes `w` -> the 4 half2
+// registers of its A fragment: one word a unit for int4 (KIND_DQ4, KIND_SP4), two for int8 (KIND_DQ8, KIND_SP8).
+// SCALED false: code - z only (sc unused).
 template <int KIND, bool SCALED = true>
 __device__ __forceinline__ void dequant_unit(const uint32_t* w, int v, uint32_t sc, uint32_t zb, uint32_t (&a)[4]) {
-  if constexpr (KIND == KIND_DQ8) {
+  if constexpr (kUnitWords<KIND> == 2) {
     if constexpr (SCALED) dequant8_b(w[2 * v], w[2 * v + 1], sc, zb, a);
     else dequant8_b_unscaled(w[2 * v], w[2 * v + 1], zb, a);
   } else {
@@ -237,7 +251,7 @@ struct GemvAddr {
     return Wm + ((size_t)rt * (T / 2) + pair) * 32 + lane;
   }
   static __device__ __forceinline__ size_t scale(int rt, int G, int c, int i, int GS, int g) {
-    const int col = KIND == KIND_SP4 ? (c * CH + i) * 16 : (2 * c * CH + i) * 16;
+    const int col = KindTraits<KIND>::kSparse ? (c * CH + i) * 16 : (2 * c * CH + i) * 16;
     return ((size_t)rt * G + col / GS) * 8 + g;
   }
 };
@@ -361,9 +375,9 @@ __device__ __forceinline__ void gemv_compute(const GemvBuf<KIND, NT, RT, U>& f, 
           for (int i = 0; i < 4; ++i) t[n][i] = 0.f;
 #pragma unroll
         for (int s = 0; s < CH; ++s) {
-          if constexpr (KIND == KIND_SP4) {
+          if constexpr (KindTraits<KIND>::kSparse) {  // 2:4 + int4 / int8: step s of the chunk
             uint32_t a[4];
-            dequant8_unscaled(w4[s], f.z[u][r][0], a);
+            dequant_unit<KIND, false>(w4, s, 0u, f.z[u][r][0], a);
 #pragma unroll
             for (int n = 0; n < NT; ++n) {
               if (s & 1) mma_sp_16832<1>(t[n], a, f.b[u][s][n], f.m[u][r][s >> 1]);
@@ -388,11 +402,11 @@ __device__ __forceinline__ void gemv_compute(const GemvBuf<KIND, NT, RT, U>& f, 
           acc[r][n][2] = fmaf(s_hi, t[n][2], acc[r][n][2]);
           acc[r][n][3] = fmaf(s_hi, t[n][3], acc[r][n][3]);
         }
-      } else if constexpr (KIND == KIND_SP4) {
+      } else if constexpr (KindTraits<KIND>::kSparse) {  // 2:4 + int4 / int8
 #pragma unroll
         for (int s = 0; s < CH; ++s) {
           uint32_t a[4];
-          dequant8(w4[s], f.s[u][r][s], f.z[u][r][s], a);
+          dequant_unit<KIND>(w4, s, f.s[u][r][s], f.z[u][r][s], a);
 #pragma unroll
           for (int n = 0; n < NT; ++n) {
             if (s & 1) mma_sp_16832<1>(acc[r][n], a, f.b[u][s][n], f.m[u][r][s >> 1]);
@@ -773,10 +787,10 @@ struct GemmCfg {
   static constexpr int kWTM = BM / WM, kWTN = BN / WN;  // warp tile
   static constexpr int kMT = kWTM / 16, kNT = kWTN / 8;
   static constexpr int kSteps = BK / 32;
-  static constexpr int kBytesPerStep = Tr::kSparse ? (KIND == KIND_SP16 ? 512 : 128) : (KIND == KIND_DQ8 ? 512 : 256);  // per 16-row tile
+  static constexpr int kBytesPerStep = 128 * (Tr::kSparse ? (KIND == KIND_SP16 ? 4 : kUnitWords<KIND>) : 2 * kUnitWords<KIND>);  // per 16-row tile
   static constexpr int kABytes = (BM / 16) * kSteps * kBytesPerStep;
   static constexpr int kMetaBytes = Tr::kSparse ? (BM / 16) * (kSteps / 2) * 128 : 0;
-  static constexpr int kSlots = Tr::kQuant ? (KIND == KIND_SP4 ? kSteps : 2 * kSteps) : 0;  // groups a tile spans
+  static constexpr int kSlots = Tr::kQuant ? (Tr::kSparse ? kSteps : 2 * kSteps) : 0;  // groups a tile spans
   static constexpr int kScaleBytes = (BM / 16) * kSlots * 32 * (ASYM ? 2 : 1);
   static constexpr int kXBytes = BN * BK * 2;
   static constexpr int kStageBytes = kABytes + kMetaBytes + kScaleBytes + kXBytes;
@@ -847,7 +861,7 @@ __device__ __forceinline__ void gemm_body(const half* __restrict__ X, const uint
     }
     if constexpr (Tr::kQuant) {
       // slot s of row tile r <- group min(g0 + s, G - 1): 8 half2 = 32 bytes (x2 for zeros)
-      const int g0 = (KIND == KIND_SP4) ? (kt * (BK / 2)) / GS : (kt * BK) / GS;
+      const int g0 = Tr::kSparse ? (kt * (BK / 2)) / GS : (kt * BK) / GS;
       constexpr int pieces = (BM / 16) * C::kSlots * 2;
       unsigned char* sbase = base + C::kABytes + C::kMetaBytes;
       for (int i = tid; i < pieces * (ASYM ? 2 : 1); i += C::kThreads) {
@@ -902,7 +916,7 @@ __device__ __forceinline__ void gemm_body(const half* __restrict__ X, const uint
     const unsigned char* base = stage_ptr(kt % STAGES);
     const unsigned char* xb = base + C::kABytes + C::kMetaBytes + C::kScaleBytes;
     const uint32_t* sb = reinterpret_cast<const uint32_t*>(base + C::kABytes + C::kMetaBytes);
-    const int g0 = Tr::kQuant ? ((KIND == KIND_SP4) ? (kt * (BK / 2)) / GS : (kt * BK) / GS) : 0;
+    const int g0 = Tr::kQuant ? (Tr::kSparse ? (kt * (BK / 2)) / GS : (kt * BK) / GS) : 0;
 #pragma unroll
     for (int ks = 0; ks < C::kSteps; ++ks) {
       uint32_t b[C::kNT][4];
@@ -925,15 +939,21 @@ __device__ __forceinline__ void gemm_body(const half* __restrict__ X, const uint
             if (ks & 1) mma_sp_16832<1>(acc[mt][n], a, b[n], e);
             else mma_sp_16832<0>(acc[mt][n], a, b[n], e);
           }
-        } else if constexpr (KIND == KIND_SP4) {
-          const uint32_t w = *reinterpret_cast<const uint32_t*>(
-              base + ((size_t)(r * (C::kSteps / 4) + ks / 4) * 32 + lane) * 16 + (ks % 4) * 4);
+        } else if constexpr (Tr::kSparse) {  // 2:4 + int4 / int8: the step's codes, 4 (int4) or 8 bytes a lane
+          const unsigned char* wp = base + ((size_t)(r * (C::kSteps / CH) + ks / CH) * 32 + lane) * 16 + (ks % CH) * (16 / CH);
+          uint32_t ws[2];
+          if constexpr (kUnitWords<KIND> == 2) {
+            const uint2 w2 = *reinterpret_cast<const uint2*>(wp);
+            ws[0] = w2.x, ws[1] = w2.y;
+          } else {
+            ws[0] = *reinterpret_cast<const uint32_t*>(wp);
+          }
           const int t = kt * C::kSteps + ks;
           const int sl = (t * 16) / GS - g0;
           const uint32_t sc = sb[(r * C::kSlots + sl) * 8 + g];
           const uint32_t zb = ASYM ? sb[(BM / 16) * C::kSlots * 8 + (r * C::kSlots + sl) * 8 + g] : Tr::kSymZero;
           uint32_t a[4];
-          dequant8(w, sc, zb, a);
+          dequant_unit<KIND>(ws, 0, sc, zb, a);
           const uint32_t e =
               *reinterpret_cast<const uint32_t*>(base + C::kABytes + ((size_t)(r * (C::kSteps / 2) + ks / 2) * 32 + lane) * 4);
 #pragma unroll
