@@ -101,30 +101,44 @@ def calibration_for(src: Source, recipe: Recipe):
 
 
 def compare_graphs(ref: Graph, new: Graph, data, device=None) -> dict[str, Any]:
-    """Relative output error and cosine similarity of ``new`` against ``ref`` on ``data`` (all float outputs)."""
+    """Relative output error and cosine similarity of ``new`` against ``ref`` on ``data`` over the float outputs;
+    integer / bool outputs (token ids of an argmax, masks) are compared exactly: ``output_mismatch`` is the fraction of
+    their elements that differ. A model without float outputs gets that fraction as its ``output_rel_error``."""
     from .executor import Executor
 
     er, en = Executor(ref, device), Executor(new, device)
     d2 = r2 = n2 = dot = 0.0
+    floats, mism, total = 0, 0, 0
     for batch in data.batches():
         a = er.run(batch)
         b = en.run(batch)
         for o_ref, o_new in zip(ref.outputs, new.outputs):
-            x, y = a[o_ref].astype(np.float64), b[o_new].astype(np.float64)
-            if x.dtype.kind != "f" or x.shape != y.shape:
+            x, y = np.asarray(a[o_ref]), np.asarray(b[o_new])
+            if x.shape != y.shape:
                 continue
+            if x.dtype.kind not in "fc":
+                mism += int(np.count_nonzero(x != y))
+                total += x.size
+                continue
+            floats += 1
+            x, y = x.astype(np.float64), y.astype(np.float64)
             if not np.isfinite(y).all():
                 raise NumericalError("the compressed model produces NaN or inf on the held-out data")
             d2 += float(((x - y) ** 2).sum())
             r2 += float((x**2).sum())
             n2 += float((y**2).sum())
             dot += float((x * y).sum())
-    return {
-        "output_rel_error": math.sqrt(d2 / r2) if r2 > 0 else 0.0,
-        "output_cosine": dot / math.sqrt(r2 * n2) if r2 > 0 and n2 > 0 else 1.0,
-        "eval_samples": data.num_samples,
-        "eval_source": data.source,
-    }
+    out: dict[str, Any] = {}
+    if floats or not total:
+        out["output_rel_error"] = math.sqrt(d2 / r2) if r2 > 0 else 0.0
+        out["output_cosine"] = dot / math.sqrt(r2 * n2) if r2 > 0 and n2 > 0 else 1.0
+    if total:
+        out["output_mismatch"] = mism / total
+        if not floats:
+            out["output_rel_error"] = mism / total
+            out["output_rel_error_note"] = "no float outputs: the fraction of integer / bool output elements that differ"
+    out.update(eval_samples=data.num_samples, eval_source=data.source)
+    return out
 
 
 def golden_metrics(name: str, graph: Graph, device=None, limit: int | None = None) -> dict[str, Any]:
@@ -160,9 +174,9 @@ def check_export(graph: Graph, onnx_bytes: bytes, data, device=None, max_batches
         got = ex.run(batch)
         ort_out = sess.run(None, {k: v for k, v in batch.items()})
         for name, o in zip([o.name for o in sess.get_outputs()], ort_out):
-            r = got[name].astype(np.float64)
-            if r.dtype.kind != "f":
+            if np.asarray(got[name]).dtype.kind != "f":  # integer / bool outputs: not a relative error
                 continue
+            r = got[name].astype(np.float64)
             worst = max(worst, float(np.linalg.norm(o.astype(np.float64) - r) / max(np.linalg.norm(r), 1e-30)))
     return {"onnx_vs_executor_rel_error": worst}
 
@@ -277,11 +291,13 @@ def compress(source: Source, recipe: Recipe, out: str | os.PathLike, *, force: b
     onnx_bytes = onnx_model.SerializeToString(deterministic=True)
     check_data = eval_data
     if check_data is None:
-        from sparsec.calibration.data import CalibrationSet, generate
+        from sparsec.calibration.data import CalibrationSet, generate, static_batch
 
         try:
-            arrays = generate(graph, 2, 16, recipe.seed)
-            check_data = CalibrationSet(arrays, "generated (export check)", True, 2)
+            # the model's own batch size where its export fixed one (dynamo / torch.export default to static shapes)
+            n = static_batch(graph) or 2
+            arrays = generate(graph, n, recipe.calibration.seq_len or 16, recipe.seed)
+            check_data = CalibrationSet(arrays, "generated (export check)", True, n)
         except Exception:  # noqa: BLE001 - unknown input shapes: no export check
             check_data = None
     if check_data is not None:

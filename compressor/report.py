@@ -250,7 +250,7 @@ def render(report: dict[str, Any], console=None, max_rows: int | None = None) ->
 
 
 # quality keys that are labels of the reference evaluation, shown once in the caption instead of as rows
-_QUALITY_LABELS = ("metric", "split", "eval_source", "value", "windows", "eval_tokens")
+_QUALITY_LABELS = ("metric", "split", "eval_source", "value", "windows", "eval_tokens", "output_rel_error_note")
 _QUALITY_ORDER = ("perplexity", "nll", "accuracy", "output_rel_error", "output_cosine", "onnx_vs_executor_rel_error")
 
 
@@ -278,13 +278,16 @@ def render_quality(q: dict[str, Any], console, model: dict[str, Any] | None = No
         t.add_row(k, _fmt(a, ".5g") if a is not None else "", _fmt(b, ".5g"), change)
     m = model or {}
     if m.get("bytes") and m.get("bytes_after"):
-        t.add_row("model bytes", _fmt_bytes(m["bytes"]), _fmt_bytes(m["bytes_after"]), f"x{m['bytes'] / m['bytes_after']:.2f} smaller")
+        b0, b1 = m["bytes"], m["bytes_after"]
+        t.add_row("model bytes", _fmt_bytes(b0), _fmt_bytes(b1), f"x{b0 / b1:.2f} smaller" if b1 <= b0 else f"x{b1 / b0:.2f} larger")
     cap = []
     if q.get("eval_source") is not None:
         cap.append(f"held-out: {q['eval_source']}" + (f", {q['eval_samples']} samples" if q.get("eval_samples") is not None else ""))
     if q.get("metric") is not None:
         cap.append(f"reference metric: {q['metric']}" + (f" on {q['split']}" if q.get("split") else "")
                    + (f", {q['eval_tokens']} tokens" if q.get("eval_tokens") else ""))  # fmt: skip
+    if q.get("output_rel_error_note"):
+        cap.append(f"output_rel_error: {q['output_rel_error_note']}")
     if q.get("seconds") is not None:
         cap.append(f"{_fmt(q['seconds'], '.1f')}s")
     t.caption = "; ".join(cap) or None

@@ -384,3 +384,53 @@ def test_generated_inputs_the_export_cannot_take_suggest_seq_len(tmp_path):
     assert not out.exists()
     p = sparsec("compress", path, "-o", out, "--no-build", "--nm", "2:4", "--seq-len", "16", "--batch-size", "2", "--quiet")
     assert p.returncode == 0, p.stderr
+
+
+def test_no_pass_compress_of_a_static_shape_export(tmp_path):
+    """An export with fixed shapes (batch 1, as dynamo / torch.export give by default) compresses with no passes: the
+    export check runs on generated inputs of the model's own batch size (it used batch 2 and failed with exit 8)."""
+    import torch
+
+    m = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32)).eval()
+    path = tmp_path / "static.onnx"
+    torch.onnx.export(m, (torch.randn(1, 128),), str(path), dynamo=False, input_names=["x"])
+    out = tmp_path / "o"
+    p = sparsec("compress", path, "-o", out, "--no-build", "--quiet")
+    assert p.returncode == 0, p.stderr
+    q = json.loads((out / "report.json").read_text())["quality"]
+    assert q["onnx_vs_executor_rel_error"] < 1e-5
+
+
+def test_integer_outputs_are_not_in_the_relative_error(tmp_path):
+    """An argmax output (token ids) next to the logits does not change output_rel_error (float outputs only); the ids
+    are compared exactly (output_mismatch, the fraction that differ); a model whose only output is integer reports that
+    fraction as its error, saying so."""
+    import torch
+
+    class M(torch.nn.Module):
+        def __init__(self, outs):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b, self.outs = torch.nn.Linear(128, 256), torch.nn.Linear(256, 64), outs
+
+        def forward(self, x):
+            y = self.b(torch.relu(self.a(x)))
+            return {"logits": (y,), "both": (y, y.argmax(-1)), "ids": (y.argmax(-1),)}[self.outs]
+
+    rng = np.random.default_rng()
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((64, 128)).astype(np.float32))
+    q = {}
+    for outs, names in (("logits", ["logits"]), ("both", ["logits", "ids"]), ("ids", ["ids"])):
+        path = tmp_path / f"{outs}.onnx"
+        torch.onnx.export(M(outs).eval(), (torch.randn(4, 128),), str(path), dynamo=False, input_names=["x"],
+                          output_names=names, dynamic_axes={"x": {0: "b"}})  # fmt: skip
+        out = tmp_path / outs
+        p = sparsec("compress", path, "--nm", "2:4", "--method", "magnitude", "--include", ".*", "--calib", tmp_path / "c.npz",
+                    "-o", out, "--no-build", "--quiet")  # fmt: skip
+        assert p.returncode == 0, p.stderr
+        q[outs] = json.loads((out / "report.json").read_text())["quality"]
+    assert q["both"]["output_rel_error"] == pytest.approx(q["logits"]["output_rel_error"], rel=1e-9)
+    assert "output_mismatch" not in q["logits"] and 0 <= q["both"]["output_mismatch"] <= 1
+    assert q["ids"]["output_rel_error"] == q["ids"]["output_mismatch"] == q["both"]["output_mismatch"]
+    assert "integer" in q["ids"]["output_rel_error_note"] and "output_cosine" not in q["ids"]
+    assert q["both"]["output_mismatch"] > 0  # 2:4 of every layer moves some argmax
