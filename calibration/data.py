@@ -327,6 +327,34 @@ def crop_sequences(arrays: dict[str, np.ndarray], graph: Graph, seq_len: int | N
     return out
 
 
+def _flip_masking_bool_inputs(graph: Graph, arrays: dict[str, np.ndarray], warnings: list[str]) -> dict[str, np.ndarray]:
+    """Generated bool inputs are all True (an attention mask: attend everywhere). Under the other convention (a padding
+    mask, nn.MultiheadAttention's key_padding_mask: True = ignore) that masks every position and the model outputs NaN:
+    one sample is run, and where all True gives non-finite outputs and all False does not, the bool inputs are False."""
+    names = [k for k, v in arrays.items() if v.dtype == np.bool_]
+    if not names:
+        return arrays
+    from ..compressor.executor import Executor
+
+    rows = static_batch(graph) or 1
+
+    def finite(arr):
+        try:
+            out = Executor(graph).run({k: v[:rows] for k, v in arr.items()})
+        except Exception:  # noqa: BLE001 - the calibration run reports errors with context
+            return True
+        return all(np.isfinite(o).all() for o in out.values() if np.asarray(o).dtype.kind == "f")
+
+    if finite(arrays):
+        return arrays
+    flipped = dict(arrays, **{k: np.zeros_like(arrays[k]) for k in names})
+    if not finite(flipped):
+        return arrays
+    warnings.append(f"generated bool input(s) {', '.join(repr(k) for k in names)} set to all False: all True gave NaN / "
+                    "inf outputs (a padding mask that masked every position)")  # fmt: skip
+    return flipped
+
+
 def load_calibration(graph: Graph, data: str | None, *, samples: int, seq_len: int | None, seed: int, heldout: float,
                      batch_size: int = 8) -> tuple[CalibrationSet, CalibrationSet | None]:  # fmt: skip
     """(fit split, held-out split). ``samples`` counts both splits together."""
@@ -336,6 +364,7 @@ def load_calibration(graph: Graph, data: str | None, *, samples: int, seq_len: i
         source = "generated"
         warnings.append("no calibration data given: using generated inputs, a poor calibration set (give --calib data.npz)")
         generated = True
+        arrays = _flip_masking_bool_inputs(graph, arrays, warnings)
     else:
         arrays = read_arrays(data, graph)
         source = str(data)

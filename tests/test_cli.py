@@ -434,3 +434,33 @@ def test_integer_outputs_are_not_in_the_relative_error(tmp_path):
     assert q["ids"]["output_rel_error"] == q["ids"]["output_mismatch"] == q["both"]["output_mismatch"]
     assert "integer" in q["ids"]["output_rel_error_note"] and "output_cosine" not in q["ids"]
     assert q["both"]["output_mismatch"] > 0  # 2:4 of every layer moves some argmax
+
+
+@pytest.mark.parametrize("convention", ["padding", "attention"])
+def test_generated_bool_masks_follow_the_models_convention(convention, tmp_path):
+    """Generated calibration inputs make a bool mask all True. For a padding mask (nn.MultiheadAttention's
+    key_padding_mask: True = ignore) that masks every key and the calibration failed with NaN (exit 9): such masks
+    are now all False, with a warning naming the input. A mask where True means attend keeps all True, no warning."""
+    import torch
+
+    class Enc(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.out = torch.nn.Linear(32, 64), torch.nn.Linear(64, 8)
+            self.attn = torch.nn.MultiheadAttention(64, 4, batch_first=True)
+
+        def forward(self, x, mask):
+            h = self.inp(x)
+            pad = mask if convention == "padding" else ~mask
+            return self.out(h + self.attn(h, h, h, key_padding_mask=pad, need_weights=False)[0])
+
+    path = tmp_path / "m.onnx"
+    x, mask = torch.randn(2, 16, 32), torch.zeros(2, 16, dtype=torch.bool)
+    torch.onnx.export(Enc().eval(), (x, mask if convention == "padding" else ~mask), str(path), dynamo=False,
+                      input_names=["x", "mask"], output_names=["y"])  # fmt: skip
+    out = tmp_path / "o"
+    p = sparsec("compress", path, "--quant", "int8", "--include", ".*", "-o", out, "--no-build", "--seq-len", "16", "--batch-size", "2")
+    assert p.returncode == 0, p.stderr[-2000:]
+    warns = json.loads((out / "report.json").read_text())["warnings"]
+    flipped = [w for w in warns if "bool input" in w]
+    assert (flipped and "'mask'" in flipped[0]) if convention == "padding" else not flipped, warns
