@@ -1,7 +1,9 @@
 """`sparsec diff A B`: two artifacts' reports side by side (quality, totals, per-layer format / bytes / error).
 
 Each layer's state in an artifact is the last pass row that touched it (the format it ended in, its bytes, the
-latest measured relative output error); a layer no pass reported keeps the original format.
+latest measured relative output error and the pass that measured it); a layer no pass reported keeps the original
+format. A pass's error is measured against the layer's weights before that pass, so two layers' errors are compared
+(``error_delta``) only when the same passes compressed them: after 2:4 then int4, the error is int4's alone.
 """
 from __future__ import annotations
 
@@ -19,11 +21,12 @@ def layer_states(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for p in report.get("passes", []):
         for r in p.get("rows", []):
             s = out.setdefault(r["name"], {"format_original": r.get("format_before"), "bytes_original": r.get("bytes_before"),
-                                           "shape_original": r.get("shape_before"), "error": None, "passes": []})  # fmt: skip
+                                           "shape_original": r.get("shape_before"), "error": None, "error_pass": None,
+                                           "passes": []})  # fmt: skip
             s.update(format=r.get("format_after"), bytes=r.get("bytes_after"), shape=r.get("shape_after"),
                      sparsity=r.get("sparsity"), bits=r.get("bits"), status=r.get("status"))  # fmt: skip
             if r.get("error") is not None:
-                s["error"] = r["error"]
+                s["error"], s["error_pass"] = r["error"], p.get("name")
             if r.get("status") == "compressed":
                 s["passes"].append(p.get("name"))
     return out
@@ -58,12 +61,13 @@ def diff_reports(ra: dict[str, Any], rb: dict[str, Any], label_a: str = "a", lab
     layers = []
     for name in dict.fromkeys([*la, *lb]):
         a, b = la.get(name), lb.get(name)
-        keys = ("format", "bytes", "error", "sparsity", "bits", "status")
+        keys = ("format", "bytes", "error", "sparsity", "bits", "status", "error_pass", "passes")
         changed = a is None or b is None or any(a.get(k) != b.get(k) for k in keys)
+        same_passes = a is not None and b is not None and a.get("passes") == b.get("passes")
         layers.append({"name": name, "a": {k: a.get(k) for k in keys} if a else None, "b": {k: b.get(k) for k in keys} if b else None,
                        "changed": changed,
                        **({"bytes_delta": b["bytes"] - a["bytes"]} if a and b and _num(a.get("bytes")) is not None and _num(b.get("bytes")) is not None else {}),
-                       **({"error_delta": b["error"] - a["error"]} if a and b and _num(a.get("error")) is not None and _num(b.get("error")) is not None else {})})  # fmt: skip
+                       **({"error_delta": b["error"] - a["error"]} if same_passes and _num(a.get("error")) is not None and _num(b.get("error")) is not None else {})})  # fmt: skip
     recipe = {
         "target": _pair(ra.get("target"), rb.get("target")),
         "seed": _pair(ra.get("seed"), rb.get("seed")),
@@ -159,8 +163,12 @@ def render_diff(doc: dict[str, Any], console, max_rows: int | None = None, chang
         shown = rows if max_rows is None else rows[:max_rows]
         for l in shown:
             a, b = l["a"] or {}, l["b"] or {}
+            def err(s):  # the pass that measured it, where the two artifacts' passes differ
+                e = _f(s.get("error"))
+                return e if "error_delta" in l or s.get("error") is None else f"{e} ({s.get('error_pass')})"
+
             lt.add_row(l["name"] if l["changed"] else f"[dim]{l['name']}[/dim]", both(a.get("format"), b.get("format")),
-                       both(a.get("bytes"), b.get("bytes"), _fmt_bytes), _f(a.get("error")), _f(b.get("error")),
+                       both(a.get("bytes"), b.get("bytes"), _fmt_bytes), err(a), err(b),
                        f"{l['error_delta']:+.3g}" if "error_delta" in l else "")  # fmt: skip
         if len(shown) < len(rows):
             lt.add_row(f"... {len(rows) - len(shown)} more", *[""] * 5)

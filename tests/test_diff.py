@@ -75,3 +75,18 @@ def test_report_quality_table_pairs_original_and_compressed():
     render_quality(q, con, {"bytes": 2000, "bytes_after": 1000})
     text = con.export_text()
     assert "+6.1%" in text and "x2.00 smaller" in text and "value" not in text.split("held-out")[0]
+
+
+def test_diff_compares_layer_errors_of_the_same_passes_only(two_artifacts):
+    """A (2:4) against C (2:4 then int4): C's layer error is the int4 pass's, measured against the pruned weights, so
+    it is no total; the diff gives no error delta for such a layer and names the pass each error comes from."""
+    d = two_artifacts
+    p = sparsec("compress", "m.onnx", "--calib", "c.npz", "--include", "fc.*", "--no-build", "--quiet", "--nm", "2:4",
+                "--method", "magnitude", "--quant", "int4", "--group-size", "16", "-o", "c", cwd=d)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    doc = json.loads(sparsec("diff", "a", "c", "--json", cwd=d).stdout)
+    fc1 = {l["name"]: l for l in doc["layers"]}["fc1"]
+    assert fc1["a"]["passes"] == ["nm_prune"] and fc1["b"]["passes"] == ["nm_prune", "group_quant"]
+    assert fc1["b"]["error_pass"] == "group_quant" and "error_delta" not in fc1
+    table = sparsec("diff", "a", "c", cwd=d).stdout
+    assert "(group_quant)" in table and "(nm_prune)" in table
