@@ -392,6 +392,11 @@ def _build(graph: Graph, target: Target | str, recipe=None, console=None, *, tun
     if extra.get("fatbin"):
         info["device_code"] = f"lib/{extra['fatbin']['file']} ({extra['fatbin']['arch']}, {extra['fatbin']['bytes']} bytes)"
     info.update(summarize(low))
+    sa_status = (extra.get("standalone") or {}).get("status", "")
+    if sa_status.startswith("not built"):  # model.so still runs where the TVM runtime does; `sparsec run` here cannot
+        info.setdefault("notes", []).append(
+            f"the standalone aarch64 runtime (sparsec_run, libsparsec_model.so) is {sa_status}; lib/model.so needs the TVM "
+            "runtime on the device, and `sparsec run --engine lib` cannot run it here")  # fmt: skip
     if console is not None:
         console.print(f"[dim]build: {info['kernels']} ({time.perf_counter() - t0:.1f}s)[/dim]")
 

@@ -360,3 +360,17 @@ def test_float16_model_for_wasm_is_not_built_but_complete(tmp_path):
     info, writer = build(load_onnx(str(path)), "wasm")
     assert writer is None and info["status"].startswith("not built") and "float16" in info["status"], info
     assert time.perf_counter() - t0 < 120
+
+
+@need_arm_build
+def test_aarch64_moe_without_standalone_runtime_says_so():
+    """A MoE router's TopK calls tvm.contrib.sort.topk, which the standalone aarch64 runtime lacks: model.so (TVM
+    runtime) is built, and the build report's notes say the standalone runtime is not and why (it said "built" with
+    no note, and `sparsec run --engine lib` then failed)."""
+    from sparsec.backends.build import build
+    from sparsec.compressor.compress import load_example
+
+    info, writer = build(load_example("tiny-moe").graph, "aarch64")
+    assert info["status"] == "built" and writer is not None
+    notes = [n for n in info.get("notes", []) if "standalone aarch64 runtime" in n]
+    assert notes and "not built" in notes[0] and "topk" in notes[0], info.get("notes")
