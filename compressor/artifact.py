@@ -89,10 +89,10 @@ def check_output_dir(out: str | Path, force: bool = False) -> Path:
     probe = parent
     while not probe.exists():
         probe = probe.parent
+    if not os.path.isdir(probe):
+        raise OutputError(f"{out}: {probe} is not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise OutputError(f"{out}: directory {probe} is not writable")
-    if probe != parent and not os.path.isdir(probe):
-        raise OutputError(f"{out}: {probe} is not a directory")
     try:  # what os.access cannot tell (root, read-only or pseudo file systems such as /proc): try it
         os.rmdir(tempfile.mkdtemp(prefix=".sparsec-probe-", dir=probe))
     except OSError as e:

@@ -560,7 +560,7 @@ def render_summary(doc: dict[str, Any], console) -> None:
                   f"{err:.4g}" if isinstance(err, (int, float)) else "-", _quality_cell(q),
                   f"x{r['size_reduction']:.2f}" if r.get("size_reduction") else "-", f"{r.get('seconds', 0):.1f}")  # fmt: skip
     c = doc["counts"]
-    t.caption = f"{c['passed']} passed, {c['failed']} failed, {c['error']} errored ({c['cached']} from cache); exit {doc['exit_code']}"
+    t.caption = f"{c['passed']} passed, {c['failed']} failed, {c['error']} errored; {c['cached']} from cache; exit {doc['exit_code']}"
     # CI logs are not terminals (rich assumes 80 columns there) and do not wrap: use a readable width
     if not console.is_terminal and console.width < 132:
         from rich.console import Console

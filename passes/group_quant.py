@@ -657,7 +657,9 @@ class GroupQuantize(Pass):
         fallbacks = sorted(name for name, pl in todo.items() if pl.group_note)
         if fallbacks:
             gs = sorted({todo[n].cfg.group_size for n in fallbacks})
-            rep.warnings.append(f"group size {', '.join(map(str, gs))} does not divide the input width of {len(fallbacks)} layer(s) "
+            nm = [n for n in fallbacks if isinstance(graph.linear(n).weight, NMSparse)]
+            what = ("the width of the kept values (N:M layers: in_features x N / M) " if nm else "the input width ")
+            rep.warnings.append(f"group size {', '.join(map(str, gs))} does not divide {what}of {len(fallbacks)} layer(s) "
                                 f"({', '.join(fallbacks[:4])}{', ...' if len(fallbacks) > 4 else ''}): smaller groups used there (see their report rows)")  # fmt: skip
         if self.params.auto_bits is not None and todo:
             self._auto_bits(graph, ctx, todo, rep)

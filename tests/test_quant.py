@@ -352,7 +352,11 @@ def test_pass_quantizes_all_but_head_with_fallback_and_overrides():
     assert isinstance(g.linear("lm_head").weight, Dense)
     assert rows["layers.0.q"].format_after == "int4g64a" and rows["layers.0.q"].bits == 4 and rows["layers.0.q"].group_size == 64
     assert rows["layers.0.down"].group_size == 32 and "does not divide" in rows["layers.0.down"].note
-    assert any("does not divide" in w for w in rep.warnings)
+    assert any("does not divide the input width" in w for w in rep.warnings)
+    # after 2:4 the groups divide the kept values' width (d / 2 = 32 for d = 64): the warning says which width
+    g2 = raised_graph(rng, d=64, h=128)
+    (_, rep2), _ = run_recipe(g2, [("nm_prune", {"nm": "2:4", "method": "magnitude"}), ("group_quant", {"bits": "int4", "group_size": 64})])
+    assert any("kept values" in w and "layers.0.q" in w for w in rep2.warnings), rep2.warnings
     up1 = rows["layers.1.up"]
     assert up1.bits == 8 and up1.extra["method"] == "rtn" and up1.error < rows["layers.0.up"].error
     for r in rep.rows:

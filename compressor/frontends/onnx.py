@@ -116,6 +116,12 @@ def read_model(path: str) -> onnx.ModelProto:
     if not model.HasField("graph") or (len(model.graph.node) == 0 and len(model.graph.output) == 0):
         raise ModelLoadError(f"{path}: not an ONNX model (no graph)")
     base = os.path.dirname(os.path.abspath(path))
+    locs = sorted({e.value for init in model.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL
+                   for e in init.external_data if e.key == "location"})  # fmt: skip
+    missing = [loc for loc in locs if not os.path.isfile(os.path.join(base, loc))]
+    if missing:  # onnx's own error says "... but it is not regular file"
+        raise ModelLoadError(f"{path}: its external weight data file {missing[0]} is missing (looked in {base}: keep the .onnx "
+                             "file and its data file together)")  # fmt: skip
     try:
         from onnx.external_data_helper import load_external_data_for_model
 

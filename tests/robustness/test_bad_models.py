@@ -27,8 +27,8 @@ def test_truncated_external_data_of_dynamo_export(gpt2_dynamo, tmp_path):
     line = one_line_error(sparsec("compress", "gpt2.onnx", "-o", "out", "--no-build", cwd=w), 3)
     assert "gpt2.onnx" in line or ".data" in line, line
     assert listing(w) == before
-    (w / data.name).unlink()  # the .data file missing entirely
-    one_line_error(sparsec("compress", "gpt2.onnx", "-o", "out", "--no-build", cwd=w), 3)
+    (w / data.name).unlink()  # the .data file missing entirely: named, and said to be missing (onnx: "not regular file")
+    one_line_error(sparsec("compress", "gpt2.onnx", "-o", "out", "--no-build", cwd=w), 3, data.name, "is missing")
     assert listing(w) == [p for p in before if p != data.name]
 
 
