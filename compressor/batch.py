@@ -422,26 +422,45 @@ def run_job(job: Job, out_dir: str, cache_dir: str | None, threads: int | None =
     return res
 
 
-def _init_worker():  # pragma: no cover - runs in the worker processes
+_STOP = None  # in a worker: the batch's stop event (multiprocessing.Event), set once the batch is interrupted
+
+
+def _init_worker(stop=None):  # pragma: no cover - runs in the worker processes
     import signal
 
-    from .interrupt import enable, handle_sigterm
+    from .interrupt import enable
 
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    handle_sigterm()  # terminated by the parent (run_batch interrupted): unwind, removing the job's staging directory
+    global _STOP
+    _STOP = stop
+    # between jobs a Ctrl-C is ignored and SIGTERM (run_batch interrupted) ends the process quietly; a job installs
+    # the handlers that unwind it (_run_job_in_worker)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     enable()  # _run_job_in_worker ends the process when a build thread is abandoned
 
 
 def _run_job_in_worker(job: Job, out_dir: str, cache_dir: str | None, threads: int | None = None) -> dict[str, Any]:  # pragma: no cover
     """:func:`run_job` in a worker process. Interrupted while a build thread was left running (compressor/interrupt.py),
-    the process ends at once: finalizing the interpreter under that thread aborts noisily."""
+    the process ends at once: finalizing the interpreter under that thread aborts noisily. Once the batch is
+    interrupted (the stop event: set by the parent, or by a worker a Ctrl-C reached) no job starts: a job the pool had
+    already queued to this worker would otherwise run to its end after the Ctrl-C."""
+    import signal
+
     from . import interrupt
 
+    if _STOP is not None and _STOP.is_set():
+        raise KeyboardInterrupt("batch interrupted: job not started")
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    interrupt.handle_sigterm()  # terminated by the parent (run_batch interrupted): unwind, removing the staging directory
     try:
         return run_job(job, out_dir, cache_dir, threads)
     except KeyboardInterrupt as e:
+        if _STOP is not None:
+            _STOP.set()
         interrupt.exit_if_abandoned(interrupt.exit_code(e))
         raise
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def run_batch(jobs: list[Job], out_dir: str | os.PathLike, cache_dir: str | os.PathLike | None, workers: int = 1,
@@ -468,7 +487,9 @@ def run_batch(jobs: list[Job], out_dir: str | os.PathLike, cache_dir: str | os.P
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         threads = max(1, (os.cpu_count() or 1) // workers)
-        ex = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn"), initializer=_init_worker)
+        ctx = mp.get_context("spawn")
+        stop = ctx.Event()
+        ex = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker, initargs=(stop,))
         try:
             futs = {ex.submit(_run_job_in_worker, j, out_dir, cache, threads): j for j in jobs}
             for f in as_completed(futs):
@@ -484,7 +505,9 @@ def run_batch(jobs: list[Job], out_dir: str | os.PathLike, cache_dir: str | os.P
                     on_done(r)
         except BaseException:
             # a SIGTERM reached this process only (a Ctrl-C reaches the workers too): stop the jobs still running, or
-            # the interpreter's exit would wait for them (shutdown forgets the processes: take them first)
+            # the interpreter's exit would wait for them (shutdown forgets the processes: take them first); no worker
+            # starts a job it had already been handed
+            stop.set()
             procs = list((getattr(ex, "_processes", None) or {}).values())
             ex.shutdown(wait=False, cancel_futures=True)
             for proc in procs:

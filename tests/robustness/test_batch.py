@@ -145,3 +145,37 @@ def test_cache_key_covers_external_data_calibration_and_seed_not_thresholds(tmp_
     assert k1 != k0  # the weights live in the external file
     np.savez(tmp_path / "c.npz", x=np.zeros((8, 16), np.float32))
     assert key(base) != k1
+
+
+def test_interrupted_batch_starts_no_job_a_worker_was_handed(monkeypatch):
+    """After a Ctrl-C the pool's workers still hold the jobs it had queued to them; with the batch's stop event set
+    a worker refuses them (one such job ran to its end and left an artifact 8-12 s after the Ctrl-C), and a worker
+    that a Ctrl-C interrupts mid-job sets the event for the others."""
+    import signal
+    import threading
+
+    from sparsec.compressor import batch
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # a job sets them (a worker's)
+    try:
+        ran = []
+        monkeypatch.setattr(batch, "run_job", lambda *a, **k: ran.append(a) or {"status": "passed"})
+        stop = threading.Event()
+        monkeypatch.setattr(batch, "_STOP", stop)
+        assert batch._run_job_in_worker("job", "out", None) == {"status": "passed"} and len(ran) == 1
+        stop.set()
+        with pytest.raises(KeyboardInterrupt):
+            batch._run_job_in_worker("job", "out", None)
+        assert len(ran) == 1
+        stop.clear()
+
+        def interrupted(*a, **k):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(batch, "run_job", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            batch._run_job_in_worker("job", "out", None)
+        assert stop.is_set()
+    finally:
+        for sig, h in saved.items():
+            signal.signal(sig, h)
