@@ -382,3 +382,36 @@ def test_equal_weights_under_two_names_are_one_weight():
         g.add_constant(name, a)
     v = _View(g)
     assert [v.const_root(n) for n in ("a", "b", "c", "d")] == ["a", "a", "c", "a"]
+
+
+def test_torchscript_module_dict_blocks_keep_their_paths(tmp_path):
+    """Blocks held in an nn.ModuleDict and called as b["fc1"](x): the TorchScript exporter scopes their nodes /fc1,
+    /fc1_1 (the block prefix lost), while the parameters keep their full paths. Layers are named from those (so
+    --include 'blocks\\.1\\.' selects the second block); biases the exporter merged into one initializer (equal zero
+    biases of every block) name no layer."""
+    import torch
+
+    from sparsec.compressor.frontends.onnx import load_onnx
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(
+                torch.nn.ModuleDict({"fc1": torch.nn.Linear(32, 64), "fc2": torch.nn.Linear(64, 32), "gate": torch.nn.Linear(32, 32)})
+                for _ in range(2))  # fmt: skip
+            for b in self.blocks:
+                torch.nn.init.zeros_(b["gate"].bias)
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = x + b["fc2"](torch.relu(b["fc1"](x))) * torch.sigmoid(b["gate"](x))
+            return x
+
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(Net().eval(), (torch.randn(2, 32),), str(path), dynamo=False, input_names=["x"])
+    names = [lin.name for lin in load_onnx(str(path)).linears()]
+    for blk in (0, 1):
+        for fc in ("fc1", "fc2"):
+            assert f"blocks.{blk}.{fc}" in names, names
+    gates = [n for n in names if "gate" in n]
+    assert len(gates) == 2 and not any("#" in n for n in gates), names  # not blocks.0.gate and blocks.0.gate#1

@@ -23,6 +23,8 @@ Patterns recognized (each as the TorchScript and the dynamo exporters of torch.o
 """
 from __future__ import annotations
 
+import re
+
 import json
 from typing import Callable
 
@@ -547,6 +549,8 @@ def match_linear(v: _View, n: Generic) -> _Match | None:
                     out = add.outputs[0]
         lin = Linear(n.name, [x], [out], _meta(*nodes), weight=weight, bias=bias)
         lin.meta["weight_name"] = v.const_root(wname)
+        if bias is not None:
+            lin.meta["bias_name"] = v.const_root(_other(add, n.outputs[0]))
         return _Match(nodes, lin)
     if n.op_type == "Gemm":
         a, b = n.inputs[0], n.inputs[1]
@@ -566,6 +570,8 @@ def match_linear(v: _View, n: Generic) -> _Match | None:
             bias = (cv.reshape(-1) * beta).astype(weight.dtype)
         lin = Linear(n.name, [a], [n.outputs[0]], _meta(n), weight=weight, bias=bias)
         lin.meta["weight_name"] = v.const_root(b)
+        if c:
+            lin.meta["bias_name"] = v.const_root(c)
         return _Match([n], lin)
     return None
 
@@ -788,20 +794,51 @@ def _detach(lin: Linear) -> Linear:
     return Linear(role_name, [f"{role_name}:in"], [f"{role_name}:out"], {"module": role_name}, weight=lin.weight, bias=lin.bias)
 
 
+_PARAM_SUFFIX = re.compile(r"[._](weight|bias)$")
+_DUP_SCOPE = re.compile(r"_\d+$")
+
+
+def _param_path(lin: Linear, module: str | None) -> str | None:
+    """A Linear's name from its parameters' initializer names (``blocks.0.fc1.bias`` -> ``blocks.0.fc1``) where the
+    node's module path has none (an anonymous weight) or lost its parents: the TorchScript exporter scopes a module
+    called through a container's ``__getitem__`` (``nn.ModuleDict``: ``b["fc1"](x)``) as ``/fc1``, ``/fc1_1``, ...,
+    while the parameters keep their full paths. Taken only when the module path's last part (without the ``_1``
+    of a repeated scope) is a part of the parameter path, so that a shared or tied weight never renames a layer."""
+    for key in ("weight_name", "bias_name"):
+        p = lin.meta.get(key, "")
+        if not _PARAM_SUFFIX.search(p) or not re.fullmatch(r"[A-Za-z0-9_.]+", p):
+            continue
+        path = _PARAM_SUFFIX.sub("", p)
+        if not module:
+            return path if key == "weight_name" else module
+        last = _DUP_SCOPE.sub("", module.split(".")[-1])
+        if path != module and last in path.split(".") and path.count(".") > module.count("."):
+            return path
+    return module
+
+
 # ----------------------------------------------------------------------------------------------------------------
 def _name_raised(g: Graph) -> None:
     """Give raised nodes their module paths as names (unique); other nodes keep their ONNX names."""
     taken = {n.name for n in g.nodes if isinstance(n, Generic)}
     counters: dict[str, int] = {}
+    # parameter paths that name one Linear only: exporters merge identical initializers (zero biases of every block
+    # become one), and a weight called twice is one initializer
+    paths: dict[str, int] = {}
+    for n in g.nodes:
+        if isinstance(n, Linear) and n.module:
+            p = _param_path(n, n.module)
+            if p != n.module:
+                paths[p] = paths.get(p, 0) + 1
     for n in g.nodes:
         if isinstance(n, Generic) or isinstance(n, MoE):
             continue
         s = (n.meta.get("sparsec") or {}).get("sparsec.linear") if isinstance(n, Linear) else None
         base = s or n.module
-        if isinstance(n, Linear) and not base:
-            wn = n.meta.get("weight_name", "")
-            if wn.endswith(".weight"):
-                base = wn[: -len(".weight")]
+        if isinstance(n, Linear) and not s:
+            p = _param_path(n, base)
+            if not base or paths.get(p, 0) == 1:
+                base = p
         if isinstance(n, Embedding) and not base:
             tn = n.meta.get("table_name", "")
             if tn.endswith(".weight"):
