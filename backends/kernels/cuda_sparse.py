@@ -1937,18 +1937,23 @@ def nm_as_24_mma_sp(linear, target, hints, tuning):
     return _impl(proxy, target, hints, tuning, "cuda.nm24_mma_sp", "sp16", False, 0, "; ".join(notes))
 
 
-@register_kernel("cuda.nm24_int4_mma_sp", formats=("nm_sparse[group_quant]",), targets=("cuda",), shapes=_cuda_shapes_gq, priority=20,
-                 prepare=_prepare_sp4, search_space=_space("sp4"))  # fmt: skip
-def nm24_int4_mma_sp(linear, target, hints, tuning):
-    """2:4 sparse + int4 group-quantized values: int4 -> fp16 in registers, mma.sp m16n8k32."""
+def _nm24_int(linear, target, hints, tuning, bits: int, kernel_name: str, kind: str):
+    """A 2:4 weight of ``bits``-bit GroupQuant values (group size a multiple of 16) on its kernel, else None."""
     w = linear.weight
     if not isinstance(w, NMSparse) or (w.n, w.m) != (2, 4) or not isinstance(w.values, GroupQuant):
         return None
     gq = w.values
-    if gq.bits != 4 or gq.group_size % 16 or not _cuda_ok(target, w.shape[1]):
+    if gq.bits != bits or gq.group_size % 16 or not _cuda_ok(target, w.shape[1]):
         return None
     note = "group sparsity expanded to scale-0 groups" if gq.group_mask_packed is not None else ""
-    return _impl(linear, target, hints, tuning, "cuda.nm24_int4_mma_sp", "sp4", not gq.symmetric, gq.group_size, note)
+    return _impl(linear, target, hints, tuning, kernel_name, kind, not gq.symmetric, gq.group_size, note)
+
+
+@register_kernel("cuda.nm24_int4_mma_sp", formats=("nm_sparse[group_quant]",), targets=("cuda",), shapes=_cuda_shapes_gq, priority=20,
+                 prepare=_prepare_sp4, search_space=_space("sp4"))  # fmt: skip
+def nm24_int4_mma_sp(linear, target, hints, tuning):
+    """2:4 sparse + int4 group-quantized values: int4 -> fp16 in registers, mma.sp m16n8k32."""
+    return _nm24_int(linear, target, hints, tuning, 4, "cuda.nm24_int4_mma_sp", "sp4")
 
 
 @register_kernel("cuda.nm24_int8_mma_sp", formats=("nm_sparse[group_quant]",), targets=("cuda",), shapes=_cuda_shapes_gq, priority=20,
@@ -1956,14 +1961,7 @@ def nm24_int4_mma_sp(linear, target, hints, tuning):
 def nm24_int8_mma_sp(linear, target, hints, tuning):
     """2:4 sparse + int8 group-quantized values: int8 -> fp16 in registers, mma.sp m16n8k32 (the 2:4 + int4 kernel's
     structure with 8 byte codes a lane and k32 step)."""
-    w = linear.weight
-    if not isinstance(w, NMSparse) or (w.n, w.m) != (2, 4) or not isinstance(w.values, GroupQuant):
-        return None
-    gq = w.values
-    if gq.bits != 8 or gq.group_size % 16 or not _cuda_ok(target, w.shape[1]):
-        return None
-    note = "group sparsity expanded to scale-0 groups" if gq.group_mask_packed is not None else ""
-    return _impl(linear, target, hints, tuning, "cuda.nm24_int8_mma_sp", "sp8", not gq.symmetric, gq.group_size, note)
+    return _nm24_int(linear, target, hints, tuning, 8, "cuda.nm24_int8_mma_sp", "sp8")
 
 
 @register_kernel("cuda.int4_dequant_mma", formats=("group_quant",), targets=("cuda",), shapes=_cuda_shapes_gq, priority=20, prepare=_prepare_dq4,
