@@ -415,3 +415,29 @@ def test_torchscript_module_dict_blocks_keep_their_paths(tmp_path):
             assert f"blocks.{blk}.{fc}" in names, names
     gates = [n for n in names if "gate" in n]
     assert len(gates) == 2 and not any("#" in n for n in gates), names  # not blocks.0.gate and blocks.0.gate#1
+
+
+def test_a_head_sparsec_does_not_raise_leaves_the_hidden_layers_compressible(tmp_path):
+    """Raw-parameter layers: x @ W1 (raised to a Linear) then einsum('bsh,oh->bso', h, W2) (left generic): the einsum
+    is the model's head, so x @ W1 is a hidden layer, not the 'output head' the default selection leaves out (it
+    was, and nothing got compressed). A Linear that does feed the outputs directly stays the head."""
+    from sparsec.compressor.pipeline import Selection, output_heads
+
+    class M(torch.nn.Module):
+        def __init__(self, einsum_head):
+            super().__init__()
+            self.W1 = torch.nn.Parameter(torch.randn(128, 256) * 0.05)
+            self.W2 = torch.nn.Parameter(torch.randn(64, 256) * 0.05)
+            self.einsum_head = einsum_head
+
+        def forward(self, x):
+            h = torch.nn.functional.gelu(x @ self.W1)
+            return torch.einsum("bsh,oh->bso", h, self.W2) if self.einsum_head else h
+
+    for einsum_head in (True, False):
+        path = tmp_path / f"m{int(einsum_head)}.onnx"
+        torch.onnx.export(M(einsum_head).eval(), (torch.randn(2, 8, 128),), str(path), dynamo=False, input_names=["x"])
+        g = load_onnx(str(path))
+        (lin,) = g.linears()
+        decided = Selection().decide(g, "test")[lin.name]
+        assert (output_heads(g) == set()) == einsum_head and decided[0] == einsum_head, (einsum_head, decided)
