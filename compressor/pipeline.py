@@ -295,15 +295,11 @@ class Selection:
 def output_heads(graph: Graph) -> set[str]:
     """Linear layers whose output reaches a graph output without passing through another Linear or a residual add
     (the output projections of an encoder's last block feed the residual stream: they are not a head)."""
-    def through(_v, n):  # the walk stops at a Linear (a head candidate), an MoE block, a residual add and a product
+    def through(_v, n):  # the walk stops at a Linear (a head candidate), an MoE block, a residual add, and a product
+        # with a weight that sparsec leaves generic (an einsum 'bsh,oh->bso' head): the Linears behind it are hidden
         return not isinstance(n, Linear) and n.op not in ("MoE", "Residual") and not _weight_product(graph, n)
 
-    walked = list(walk_up(graph.producers(), graph.outputs, through))
-    if any(n is not None and _weight_product(graph, n) for _v, n in walked):
-        # the model's real head is a product with a weight sparsec does not take as a Linear (an einsum 'bsh,oh->bso',
-        # a MatMul by a reshaped constant): the Linears behind it are hidden layers, not a head
-        return set()
-    heads = {n.name for _v, n in walked if isinstance(n, Linear)}
+    heads = {n.name for _v, n in walk_up(graph.producers(), graph.outputs, through) if isinstance(n, Linear)}
     # a Linear whose output also feeds another Linear is not a head: a decoder exported with its KV cache returns
     # k_proj / v_proj outputs (through rotary, concat) as ``present.*`` graph outputs, but they feed o_proj too
     return {h for h in heads if not _feeds_linear(graph, graph.linear(h))}
