@@ -441,3 +441,16 @@ def test_a_head_sparsec_does_not_raise_leaves_the_hidden_layers_compressible(tmp
         (lin,) = g.linears()
         decided = Selection().decide(g, "test")[lin.name]
         assert (output_heads(g) == set()) == einsum_head and decided[0] == einsum_head, (einsum_head, decided)
+
+    class Two(M):  # a second output from a Linear head: that head stays one
+        def __init__(self):
+            super().__init__(True)
+            self.head = torch.nn.Linear(256, 10)
+
+        def forward(self, x):
+            h = torch.nn.functional.gelu(x @ self.W1)
+            return torch.einsum("bsh,oh->bso", h, self.W2), self.head(h)
+
+    torch.onnx.export(Two().eval(), (torch.randn(2, 8, 128),), str(tmp_path / "two.onnx"), dynamo=False, input_names=["x"])
+    g = load_onnx(str(tmp_path / "two.onnx"))
+    assert output_heads(g) == {lin.name for lin in g.linears() if lin.out_features == 10}, [l.name for l in g.linears()]
