@@ -89,7 +89,7 @@ DEFAULT_GEMV = {"warps": 8, "rt": 2, "u": 1, "ks": 0, "pf": 0, "warps2": 0, "og"
 # 2:4 + int4 with 4-warp blocks at M <= 8 (rows beyond ~1.5 waves of 16-warp blocks): the staged path was 0.86-0.99x
 # of the unstaged one at M = 2-8 (bench/results/cuda_kernels_decode_xs_default.md), so those layers stage only at M > 8
 GEMV_XS_MIN_WARPS = {"sp4": 8, "sp8": 16}
-# 2:4 + int8 stages its activations at M <= 8 on Hopper only: measured there (bench/results/cuda_int8_24.md); for
+# 2:4 + int8 stages its activations at M <= 8 on Hopper only: measured there (bench/results/cuda_int8_24*.md); for
 # sm_80 ptxas gives its 16-warp staged kernel 64 registers and a 16-byte spill, and no A100 run decided it
 GEMV_XS_HOPPER_ONLY = ("sp8",)
 GEMV_MAX_ST = 8
@@ -121,9 +121,9 @@ GEMV_WARP_BUDGET = {("sp16", 1): 32, ("sp4", 1): 20, ("dq4", 1): 24, ("sp16", 2)
 # 2:4 + int8 (sp8): ptxas -v (sm_90a) 70-72 registers at one token tile with 4 / 8 warps (78-82 at 16; 72-88 with zero
 # points), 95-104 at two (110-111), 4-row-tile warps 157-167; the one-token-tile budget from the 4 / 8-warp kernels:
 # 11008 rows (344 blocks) then get 8 warps, 14336 rows (448) 4, which measured fastest on the H100 (11008x4096, M = 1:
-# 8 warps 11.4 us, 4 warps 14.9; 14336x4096: 4 warps 16.3, 8 warps 18.1; bench/results/cuda_int8_24.md, first run).
+# 8 warps 11.4 us, 4 warps 14.9; 14336x4096: 4 warps 16.3, 8 warps 18.1; bench/results/cuda_int8_24_run1.md).
 # Staged activations (xs) at M <= 8 only with 16 warps: 4096x4096 M = 1 5.8 -> 5.4 us; with 8 warps (11008x4096) 0.91-0.95x
-# at M = 4 / 8, with 4 (14336x4096) 0.86-0.87x (second run).
+# at M = 4 / 8, with 4 (14336x4096) 0.86-0.87x (bench/results/cuda_int8_24_run2.md).
 # int8 (dq8): from ptxas -v alone (sm_90a; not fitted on a GPU run): 58-62 registers at one token tile (64-73 with zero
 # points), 72-91 at two (80-96)
 GEMV_WARP_BUDGET_ASYM = {("dq4", 1): 16, ("sp4", 1): 16, ("sp4", 2): 12, ("dq8", 1): 28, ("sp8", 1): 25, ("sp8", 2): 18}
@@ -162,7 +162,7 @@ DEFAULT_GEMM_SMALL = {
     "sp8": {"bm": 64, "bn": 64, "bk": 128, "wm": 2, "wn": 2, "stages": 3, "group": 8},
 }
 DEFAULT_SMALL_MAX = 128  # 16 < M <= small_max -> the small-tile GEMM
-# 2:4 + int8's small tile on the H100 at M = 128 (bench/results/cuda_int8_24.md, the two runs): 128x64 left half the SMs
+# 2:4 + int8's small tile on the H100 at M = 128 (bench/results/cuda_int8_24_run1.md / _run2.md): 128x64 left half the SMs
 # idle at 4096 rows (64 tiles; 4096x4096 55.7 us, 4096x14336 189) where 64x64 took 42.4 / 147; at 11008 / 14336 rows
 # (172 / 224 tiles of 128x64) 128x64 took 69.3 / 71.0 us, 64x64 102.9 / 102.1. 128-row tiles from this many tiles on.
 SMALL_BM128_MIN_TILES = {"sp8": 1.0}  # x the SMs, at M = DEFAULT_SMALL_MAX
