@@ -328,10 +328,10 @@ def gemm_smem_bytes(kind: str, c: dict[str, int], asym: bool) -> int:
         stage = _pad_to(bn * bk * 2 + (bm // 16) * steps * 512 + (bm // 16) * (steps // 2) * 128, 1024)
         return 1024 + max(st * stage, bn * (bm + 8) * 2)
     steps = bk // 32
-    bps = {"sp16": 512, "sp4": 128, "dq4": 256, "dq8": 512, "sp8": 256}[kind]
+    bps = 512 // _STEPS_PER_CHUNK[kind]  # a 16-byte chunk a lane per row tile holds this many k32 steps
     a = (bm // 16) * steps * bps
     meta = (bm // 16) * (steps // 2) * 128 if kind not in DENSE_KINDS else 0
-    slots = {"sp16": 0, "sp4": steps, "dq4": 2 * steps, "dq8": 2 * steps, "sp8": steps}[kind]
+    slots = 0 if kind == "sp16" else (2 * steps if kind in DENSE_KINDS else steps)  # quantization groups a tile spans
     sc = (bm // 16) * slots * 32 * (2 if asym else 1)
     x = bn * bk * 2
     return max(st * (a + meta + sc + x), bn * (bm + 8) * 2)
@@ -709,7 +709,7 @@ def gemv_one_group(kind: str, gs: int, c: dict[str, int] | None = None) -> bool:
 
 def gemv_chunk_cols(kind: str) -> int:
     """The value columns (its own: compressed for 2:4) one 16-byte GEMV chunk of a lane spans: 64 (32 for int8)."""
-    return {"sp16": 16, "sp4": 64, "dq4": 64, "dq8": 32, "sp8": 32}[kind]
+    return _STEPS_PER_CHUNK[kind] * (32 if kind in DENSE_KINDS else 16)  # k32 steps x the value columns of one
 
 
 def _inst_name(kind: str, asym: bool, path: str, c: dict[str, int], nt: int, og: bool = False) -> str:
@@ -927,18 +927,23 @@ def _scale_pairs(grid: np.ndarray, np_: int, gp: int) -> np.ndarray:
     return np.ascontiguousarray(s).view(np.uint32).reshape(np_ // 16, gp, 8)
 
 
+def _nm24_meta(w: NMSparse, np_: int, kp: int) -> np.ndarray:
+    """The 2:4 metadata of ``w`` in mma.sp order, (Np, Kp/32) uint32 (padding: positions 0, 1 of zero values)."""
+    n, k = w.shape
+    idx = np.zeros((np_, kp // 4, 2), dtype=np.uint8)
+    idx[..., 1] = 1
+    idx[:n, : k // 4] = w.indices()
+    return _meta_words(idx, np_, kp).reshape(np_, kp // 32)
+
+
 def prepare_sp16(w: NMSparse) -> list[np.ndarray]:
     """2:4 NMSparse with dense values -> [values (Np, Kp/2) fp16 in A-fragment order, meta (Np, Kp/32) uint32]."""
     n, k = w.shape
     np_, kp = _pad_to(n, 16), _pad_to(k, K_ALIGN)
     vals = np.zeros((np_, kp // 2), dtype=np.float16)
     vals[:n, : k // 2] = w.values.materialize().astype(np.float16)
-    idx = np.zeros((np_, kp // 4, 2), dtype=np.uint8)
-    idx[..., 1] = 1
-    idx[:n, : k // 4] = w.indices()
     frag = _frag_tiles(vals, 16)  # [rt, T, 32, 8]
-    meta = _meta_words(idx, np_, kp)
-    return [np.ascontiguousarray(frag).reshape(np_, kp // 2), meta.reshape(np_, kp // 32)]
+    return [np.ascontiguousarray(frag).reshape(np_, kp // 2), _nm24_meta(w, np_, kp)]
 
 
 def _gq_codes_scales(gq: GroupQuant) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -952,86 +957,64 @@ def _gq_codes_scales(gq: GroupQuant) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return codes, scales, zeros
 
 
-def prepare_sp4(w: NMSparse) -> list[np.ndarray]:
-    """2:4 NMSparse of int4 GroupQuant -> [codes (Np, Kp/16) u32, meta (Np, Kp/32) u32, scales (Np/16, Gp, 8) u32
-    (, zeros (Np/16, Gp, 8) u32 as 1024+z when asymmetric)]."""
-    gq: GroupQuant = w.values
-    n, k = w.shape
-    np_, kp = _pad_to(n, 16), _pad_to(k, K_ALIGN)
+def _quant_arrays(gq: GroupQuant, np_: int, cols: int) -> list[np.ndarray]:
+    """[code words, scales (, zeros as 1024+z when asymmetric)] of group-quantized values padded to ``np_`` x ``cols``
+    (the values' own columns: compressed for 2:4). Per lane, one uint4 holds the fragments of consecutive 16-column
+    units: int4, 4 units, word w = unit 4u + w (8 nibbles in _NIB order); int8, 2 units, words 2h, 2h+1 = unit 2u + h
+    (element e in byte e % 4 of word 2h + e // 4). A unit is a k32 step of a 2:4 kind, a k16 unit of a dense one."""
+    n = gq.shape[0]
     codes, scales, zeros = _gq_codes_scales(gq)
-    c = np.zeros((np_, kp // 2), dtype=np.uint8)
-    c[:n, : k // 2] = codes
-    words = _pack_nibbles(_frag_tiles(c, 16))  # [rt, T, 32]
-    t = kp // 32
-    words = words.reshape(np_ // 16, t // 4, 4, 32).transpose(0, 1, 3, 2)  # [rt, T/4, 32, 4]
-    idx = np.zeros((np_, kp // 4, 2), dtype=np.uint8)
-    idx[..., 1] = 1
-    idx[:n, : k // 4] = w.indices()
-    meta = _meta_words(idx, np_, kp)
-    gp = -(-(kp // 2) // gq.group_size)
-    out = [np.ascontiguousarray(words).reshape(np_, kp // 16), meta.reshape(np_, kp // 32), _scale_pairs(scales, np_, gp)]
+    c = np.zeros((np_, cols), dtype=np.uint8)
+    c[:n, : codes.shape[1]] = codes
+    frag = _frag_tiles(c, 16)  # [rt, units, 32, 8]
+    rt, units = frag.shape[:2]
+    if gq.bits == 8:
+        words = frag.reshape(rt, units // 2, 2, 32, 8).transpose(0, 1, 3, 2, 4)  # [rt, units/2, 32, unit h, 8 bytes]
+        words = np.ascontiguousarray(words).view(np.uint32)
+    else:
+        words = _pack_nibbles(frag).reshape(rt, units // 4, 4, 32).transpose(0, 1, 3, 2)  # [rt, units/4, 32, 4]
+    gp = -(-cols // gq.group_size)
+    out = [np.ascontiguousarray(words).reshape(np_, -1), _scale_pairs(scales, np_, gp)]
     if not gq.symmetric:
         out.append(_scale_pairs(zeros + 1024.0, np_, gp))
     return out
+
+
+def _prepare_nm24_quant(w: NMSparse) -> list[np.ndarray]:
+    n, k = w.shape
+    np_, kp = _pad_to(n, 16), _pad_to(k, K_ALIGN)
+    codes, *tail = _quant_arrays(w.values, np_, kp // 2)
+    return [codes, _nm24_meta(w, np_, kp), *tail]
+
+
+def _prepare_dense_quant(gq: GroupQuant) -> list[np.ndarray]:
+    n, k = gq.shape
+    return _quant_arrays(gq, _pad_to(n, 16), _pad_to(k, K_ALIGN))
+
+
+def prepare_sp4(w: NMSparse) -> list[np.ndarray]:
+    """2:4 NMSparse of int4 GroupQuant -> [codes (Np, Kp/16) u32: word s of a lane's uint4 = step 4u+s, meta (Np, Kp/32)
+    u32, scales (Np/16, Gp, 8) u32 (, zeros (Np/16, Gp, 8) u32 as 1024+z when asymmetric)]."""
+    return _prepare_nm24_quant(w)
 
 
 def prepare_sp8(w: NMSparse) -> list[np.ndarray]:
     """2:4 NMSparse of int8 GroupQuant -> [codes (Np, Kp/8) u32: per lane and pair of k32 steps 16 byte codes, words
     2s, 2s+1 = step 2u+s's fragment (element e in byte e % 4 of word 2s + e // 4), meta (Np, Kp/32) u32, scales
     (Np/16, Gp, 8) u32 (, zeros (Np/16, Gp, 8) u32 as 1024+z when asymmetric)]."""
-    gq: GroupQuant = w.values
-    n, k = w.shape
-    np_, kp = _pad_to(n, 16), _pad_to(k, K_ALIGN)
-    codes, scales, zeros = _gq_codes_scales(gq)
-    c = np.zeros((np_, kp // 2), dtype=np.uint8)
-    c[:n, : k // 2] = codes
-    frag = _frag_tiles(c, 16)  # [rt, T, 32, 8] bytes
-    t = kp // 32
-    pairs = frag.reshape(np_ // 16, t // 2, 2, 32, 8).transpose(0, 1, 3, 2, 4)  # [rt, T/2, 32, step s, 8]
-    idx = np.zeros((np_, kp // 4, 2), dtype=np.uint8)
-    idx[..., 1] = 1
-    idx[:n, : k // 4] = w.indices()
-    meta = _meta_words(idx, np_, kp)
-    gp = -(-(kp // 2) // gq.group_size)
-    out = [np.ascontiguousarray(pairs).view(np.uint32).reshape(np_, kp // 8), meta.reshape(np_, kp // 32),
-           _scale_pairs(scales, np_, gp)]  # fmt: skip
-    if not gq.symmetric:
-        out.append(_scale_pairs(zeros + 1024.0, np_, gp))
-    return out
+    return _prepare_nm24_quant(w)
 
 
 def prepare_dq4(gq: GroupQuant) -> list[np.ndarray]:
     """Dense int4 GroupQuant -> [codes (Np, Kp/8) u32, scales (Np/16, Gp, 8) u32 (, zeros as 1024+z)]."""
-    n, k = gq.shape
-    np_, kp = _pad_to(n, 16), _pad_to(k, K_ALIGN)
-    codes, scales, zeros = _gq_codes_scales(gq)
-    c = np.zeros((np_, kp), dtype=np.uint8)
-    c[:n, :k] = codes
-    words = _pack_nibbles(_frag_tiles(c, 16))  # [rt, Kp/16 units, 32]
-    words = words.reshape(np_ // 16, kp // 64, 4, 32).transpose(0, 1, 3, 2)  # [rt, Kp/64, 32, 4]
-    gp = -(-kp // gq.group_size)
-    out = [np.ascontiguousarray(words).reshape(np_, kp // 8), _scale_pairs(scales, np_, gp)]
-    if not gq.symmetric:
-        out.append(_scale_pairs(zeros + 1024.0, np_, gp))
-    return out
+    return _prepare_dense_quant(gq)
 
 
 def prepare_dq8(gq: GroupQuant) -> list[np.ndarray]:
     """Dense int8 GroupQuant -> [codes (Np, Kp/4) u32: per lane and k32 step 16 byte codes, words 2h, 2h+1 = k16 unit
     h's fragment, element e in byte e % 4 of word e // 4; scales (Np/16, Gp, 8) u32 (, zeros as 1024+z when
     asymmetric)]."""
-    n, k = gq.shape
-    np_, kp = _pad_to(n, 16), _pad_to(k, K_ALIGN)
-    codes, scales, zeros = _gq_codes_scales(gq)
-    c = np.zeros((np_, kp), dtype=np.uint8)
-    c[:n, :k] = codes
-    frag = _frag_tiles(c, 16)  # [rt, Kp/16 units, 32, 8] bytes
-    steps = frag.reshape(np_ // 16, kp // 32, 2, 32, 8).transpose(0, 1, 3, 2, 4)  # [rt, T, 32, unit h, 8]
-    gp = -(-kp // gq.group_size)
-    out = [np.ascontiguousarray(steps).view(np.uint32).reshape(np_, kp // 4), _scale_pairs(scales, np_, gp)]
-    if not gq.symmetric:
-        out.append(_scale_pairs(zeros + 1024.0, np_, gp))
-    return out
+    return _prepare_dense_quant(gq)
 
 
 def prepare(kind: str, weight) -> list[np.ndarray]:
@@ -1391,6 +1374,7 @@ bool gemv_pdl(int device_id) {
 }
 
 @GEMV_KS@
+@KIND_TABLE@
 @WS_TAIL@
 // Split-K workspace per (device, stream), shared by the decode GEMV's split and the GEMM's tail split: counters
 // (zeroed once here; every launch leaves them 0) then the fp32 partial tiles. Grown on demand; an outgrown buffer is
@@ -1611,18 +1595,13 @@ void run(const Variant& v, const TensorView& x, const TensorView* w, int nw, con
     }
   }
   const int64_t Np = w[0].shape()[0];
-  int64_t Kp = 0;
-  if (v.kind == 0) Kp = w[0].shape()[1] * 2;
-  else if (v.kind == 1) Kp = w[0].shape()[1] * 16;
-  else if (v.kind == 2 || v.kind == 4) Kp = w[0].shape()[1] * 8;
-  else Kp = w[0].shape()[1] * 4;
+  const int64_t Kp = w[0].shape()[1] * kKpPerCol[v.kind];
   if (Np < N || Np % 16 || Kp < K || Kp % 128)
     TVM_FFI_THROW(ValueError) << "sparsec CUDA kernels: weight arrays do not fit x[" << M << "," << K << "] -> y[" << M << "," << N << "]";
   if (M == 0) return;
   const void* X = x.data_ptr();
   const void* Wv = w[0].data_ptr();
-  const bool dense = v.kind == 2 || v.kind == 3;  // dq4, dq8: no metadata
-  const bool bytes = v.kind == 3 || v.kind == 4;  // int8 codes: dq8, sp8
+  const bool dense = kDense[v.kind];  // no metadata
   const void* Wm = dense ? nullptr : w[1].data_ptr();
   const int si = dense ? 1 : 2;
   const void* Sc = v.kind == 0 ? nullptr : w[si].data_ptr();
@@ -1637,7 +1616,7 @@ void run(const Variant& v, const TensorView& x, const TensorView* w, int nw, con
     CUfunction f = get_function(dev, k);
     const int rows = M <= 8 ? v.gemv_rows : v.gemv_rows2;
     const int64_t grid = (n_rt + rows - 1) / rows;
-    const int steps_per_chunk = (v.kind == 0 || v.kind == 3) ? 1 : (v.kind == 1 ? 4 : 2);  // cuda_sparse._STEPS_PER_CHUNK
+    const int steps_per_chunk = kStepsPerChunk[v.kind];
     const int nck = (iK / 32 + steps_per_chunk - 1) / steps_per_chunk;
     const int threads = M <= 8 ? v.gemv_threads : v.gemv_threads2;
     const int warps = threads / 32;
@@ -1683,7 +1662,7 @@ void run(const Variant& v, const TensorView& x, const TensorView* w, int nw, con
     CUfunction fc = get_function(dev, Kernel{v.dq16_convert, 0});
     int i_rt = n_rt, U = dense ? 2 * T : T;  // 16-column units per row tile: k16 units (dq4, dq8), k32 steps (sp4, sp8)
     // one thread: a uint4 of codes (4 units of int4, 2 of int8)
-    const int64_t threads_total = static_cast<int64_t>(n_rt) * (U / (bytes ? 2 : 4)) * 32;
+    const int64_t threads_total = static_cast<int64_t>(n_rt) * (U / (kByteCodes[v.kind] ? 2 : 4)) * 32;
     const int64_t blocks = (threads_total + @DQ16_THREADS@ - 1) / @DQ16_THREADS@;
     void* cargs[] = {&Wv, &Sc, &Zb, &W16, &i_rt, &U, &G, &GS};
     check(driver().LaunchKernel(fc, static_cast<unsigned>(blocks), 1, 1, @DQ16_THREADS@, 1, 1, 0, stream, cargs, nullptr),
@@ -1705,6 +1684,22 @@ void run(const Variant& v, const TensorView& x, const TensorView* w, int nw, con
 """
 
 
+def _kind_table_cxx() -> str:
+    """The launcher's per-kind constants, indexed by the kind number (KINDS order), from this module's tables."""
+    def arr(ctype, name, vals):
+        return f"constexpr {ctype} {name}[] = {{{', '.join(vals)}}};"
+
+    kp_per_col = [str(K_ALIGN // param_specs(k, 16, K_ALIGN, 16, False)[0].shape[1]) for k in KINDS]
+    return "\n".join([
+        f"// per kind ({', '.join(KINDS)}): Kp per column of the first weight array, k32 steps per 16-byte GEMV chunk,",
+        "// no metadata (dense), int8 codes (2 units a uint4 in the dq16 converter)",
+        arr("int", "kKpPerCol", kp_per_col),
+        arr("int", "kStepsPerChunk", [str(_STEPS_PER_CHUNK[k]) for k in KINDS]),
+        arr("bool", "kDense", ["true" if k in DENSE_KINDS else "false" for k in KINDS]),
+        arr("bool", "kByteCodes", ["true" if k in INT8_KINDS else "false" for k in KINDS]),
+    ]) + "\n"  # fmt: skip
+
+
 def _ws_kernel_init(name: str, c: dict[str, int], tail_name: str | None) -> str:
     """C++ initializer of the launcher's Kernel for a warp-specialized config: + the activations' TMA box
     (tma_x_params) for the per-call CUtensorMap, the tail split and its kernel."""
@@ -1719,7 +1714,7 @@ def render_host_source(variants: list[Variant], fatbin_path: str, symbol: str = 
     """The .cc file: driver-API launcher + one exported TVM FFI function per variant."""
     out = [_HOST_PRELUDE.replace("@FATSYM@", symbol).replace("@FATBIN@", str(fatbin_path))
            .replace("@GEMV_KS@", _GEMV_KS_CXX).replace("@WS_TAIL@", _WS_TAIL_CXX + _WS_WMAP_CXX)
-           .replace("@DQ16_THREADS@", str(DQ16_CONVERT_THREADS))]
+           .replace("@DQ16_THREADS@", str(DQ16_CONVERT_THREADS)).replace("@KIND_TABLE@", _kind_table_cxx())]
     seen = set()
     for v in variants:
         if v.func_name in seen:
