@@ -23,9 +23,9 @@ Patterns recognized (each as the TorchScript and the dynamo exporters of torch.o
 """
 from __future__ import annotations
 
-import re
-
 import json
+import re
+from collections import Counter
 from typing import Callable
 
 import numpy as np
@@ -824,21 +824,15 @@ def _name_raised(g: Graph) -> None:
     counters: dict[str, int] = {}
     # parameter paths that name one Linear only: exporters merge identical initializers (zero biases of every block
     # become one), and a weight called twice is one initializer
-    paths: dict[str, int] = {}
-    for n in g.nodes:
-        if isinstance(n, Linear) and n.module:
-            p = _param_path(n, n.module)
-            if p != n.module:
-                paths[p] = paths.get(p, 0) + 1
+    params = {id(n): _param_path(n, n.module) for n in g.nodes if isinstance(n, Linear)}
+    uses = Counter(params[id(n)] for n in g.nodes if id(n) in params and n.module and params[id(n)] != n.module)
     for n in g.nodes:
         if isinstance(n, Generic) or isinstance(n, MoE):
             continue
         s = (n.meta.get("sparsec") or {}).get("sparsec.linear") if isinstance(n, Linear) else None
         base = s or n.module
-        if isinstance(n, Linear) and not s:
-            p = _param_path(n, base)
-            if not base or paths.get(p, 0) == 1:
-                base = p
+        if isinstance(n, Linear) and not s and (not base or uses[params[id(n)]] == 1):
+            base = params[id(n)]
         if isinstance(n, Embedding) and not base:
             tn = n.meta.get("table_name", "")
             if tn.endswith(".weight"):
