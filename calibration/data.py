@@ -337,10 +337,11 @@ def _flip_masking_bool_inputs(graph: Graph, arrays: dict[str, np.ndarray], warni
     from ..compressor.executor import Executor
 
     rows = static_batch(graph) or 1
+    ex = Executor(graph)
 
     def finite(arr):
         try:
-            out = Executor(graph).run({k: v[:rows] for k, v in arr.items()})
+            out = ex.run({k: v[:rows] for k, v in arr.items()})
         except Exception:  # noqa: BLE001 - the calibration run reports errors with context
             return True
         return all(np.isfinite(o).all() for o in out.values() if np.asarray(o).dtype.kind == "f")

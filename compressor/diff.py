@@ -160,15 +160,15 @@ def render_diff(doc: dict[str, Any], console, max_rows: int | None = None, chang
             x, y = (fmt(x) if x is not None else "-"), (fmt(y) if y is not None else "-")
             return x if x == y else f"{x} -> {y}"
 
+        def err(l, s):  # with the pass that measured it where the two layers' passes differ (no error_delta)
+            e = _f(s.get("error"))
+            return e if "error_delta" in l or s.get("error") is None else f"{e} ({s.get('error_pass')})"
+
         shown = rows if max_rows is None else rows[:max_rows]
         for l in shown:
             a, b = l["a"] or {}, l["b"] or {}
-            def err(s):  # the pass that measured it, where the two artifacts' passes differ
-                e = _f(s.get("error"))
-                return e if "error_delta" in l or s.get("error") is None else f"{e} ({s.get('error_pass')})"
-
             lt.add_row(l["name"] if l["changed"] else f"[dim]{l['name']}[/dim]", both(a.get("format"), b.get("format")),
-                       both(a.get("bytes"), b.get("bytes"), _fmt_bytes), err(a), err(b),
+                       both(a.get("bytes"), b.get("bytes"), _fmt_bytes), err(l, a), err(l, b),
                        f"{l['error_delta']:+.3g}" if "error_delta" in l else "")  # fmt: skip
         if len(shown) < len(rows):
             lt.add_row(f"... {len(rows) - len(shown)} more", *[""] * 5)
