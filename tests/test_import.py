@@ -418,8 +418,8 @@ def test_torchscript_module_dict_blocks_keep_their_paths(tmp_path):
 
 
 def test_a_head_sparsec_does_not_raise_leaves_the_hidden_layers_compressible(tmp_path):
-    """Raw-parameter layers: x @ W1 (raised to a Linear) then einsum('bsh,oh->bso', h, W2) (left generic): the einsum
-    is the model's head, so x @ W1 is a hidden layer, not the 'output head' the default selection leaves out (it
+    """Raw-parameter layers: x @ W1 (raised to a Linear) then einsum('bsh,oh->bos', h, W2) (left generic: its output
+    is transposed, not a Linear's): the einsum is the model's head, so x @ W1 is a hidden layer, not the 'output head' the default selection leaves out (it
     was, and nothing got compressed). A Linear that does feed the outputs directly stays the head."""
     from sparsec.compressor.pipeline import Selection, output_heads
 
@@ -432,7 +432,7 @@ def test_a_head_sparsec_does_not_raise_leaves_the_hidden_layers_compressible(tmp
 
         def forward(self, x):
             h = torch.nn.functional.gelu(x @ self.W1)
-            return torch.einsum("bsh,oh->bso", h, self.W2) if self.einsum_head else h
+            return torch.einsum("bsh,oh->bos", h, self.W2) if self.einsum_head else h
 
     for einsum_head in (True, False):
         path = tmp_path / f"m{int(einsum_head)}.onnx"
@@ -449,8 +449,74 @@ def test_a_head_sparsec_does_not_raise_leaves_the_hidden_layers_compressible(tmp
 
         def forward(self, x):
             h = torch.nn.functional.gelu(x @ self.W1)
-            return torch.einsum("bsh,oh->bso", h, self.W2), self.head(h)
+            return torch.einsum("bsh,oh->bos", h, self.W2), self.head(h)
 
     torch.onnx.export(Two().eval(), (torch.randn(2, 8, 128),), str(tmp_path / "two.onnx"), dynamo=False, input_names=["x"])
     g = load_onnx(str(tmp_path / "two.onnx"))
     assert output_heads(g) == {lin.name for lin in g.linears() if lin.out_features == 10}, [l.name for l in g.linears()]
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_einsum_and_bare_parameter_layers_raise_to_linears(exporter, tmp_path):
+    """Projections written as einsums with a bare nn.Parameter (``bsd,fd->bsf`` with W [out, in], ``...f,fd->...d``
+    with W [in, out], the weight first ``oh,bsh->bso``) are Linears: raised (so the passes compress them), named by
+    their parameter paths, and numerically the same model as onnxruntime runs. Products with a constant weight that
+    are no Linear (an einsum whose output is transposed, the weight on the left of a MatMul) stay dense with an
+    import warning naming them."""
+    from sparsec.compressor.pipeline import output_heads
+
+    class Blk(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w_in = torch.nn.Parameter(torch.randn(96, 48) * 0.1)   # [out, in]
+            self.w_out = torch.nn.Parameter(torch.randn(96, 48) * 0.1)  # [in, out]
+            self.ln = torch.nn.LayerNorm(48)
+
+        def forward(self, x):
+            h = torch.relu(torch.einsum("bsd,fd->bsf", self.ln(x), self.w_in))
+            return x + torch.einsum("...f,fd->...d", h, self.w_out)
+
+    class Net(torch.nn.Module):
+        def __init__(self, odd):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([Blk() for _ in range(2)])
+            self.head = torch.nn.Parameter(torch.randn(100, 48) * 0.1)
+            self.mix = torch.nn.Parameter(torch.randn(72, 72) * 0.1)
+            self.odd = odd
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x)
+            if self.odd:  # no Linear: output axes swapped; the weight multiplies from the left
+                return torch.einsum("bsh,oh->bos", x, self.head), self.mix @ x.flatten(1).reshape(-1, 72, 8)[0]
+            return torch.einsum("oh,bsh->bso", self.head, x)
+
+    rng = np.random.default_rng()
+    for odd in (False, True):
+        torch.manual_seed(int(rng.integers(1 << 30)))
+        model = Net(odd).eval()
+        path = tmp_path / f"{exporter}{int(odd)}.onnx"
+        x = torch.randn(2, 12, 48)
+        kw = {"dynamic_axes": {"x": {0: "b"}}} if exporter == "torchscript" else {}
+        torch.onnx.export(model, (x,), str(path), dynamo=exporter == "dynamo", input_names=["x"], **kw)
+        g = load_onnx(str(path))
+        names = sorted(lin.name for lin in g.linears())
+        expect = [f"blocks.{i}.{w}" for i in (0, 1) for w in ("w_in", "w_out")] + ([] if odd else ["head"])
+        assert names == sorted(expect), names
+        for lin in g.linears():
+            assert lin.in_features == 48 if lin.name.endswith(("w_in", "head")) else lin.in_features == 96, lin.name
+        warns = " ".join(g.meta.get("import_warnings", []))
+        if odd:
+            assert "stay dense" in warns and "'head' [100, 48]" in warns and "'mix' [72, 72]" in warns, warns
+            assert output_heads(g) == set()  # the generic einsum head hides the Linears behind it
+        else:
+            assert "stay dense" not in warns, warns
+            assert output_heads(g) == {"head"}
+        feeds = {"x": rng.standard_normal((2, 12, 48)).astype(np.float32)}
+        ref = ort_run(str(path), feeds)
+        got = Executor(g).run(feeds)
+        for r, o in zip(ref, g.outputs):
+            assert tm.rel(r, got[o]) < 1e-5, o
+        with torch.no_grad():
+            mod = model(torch.from_numpy(feeds["x"]))
+        assert tm.rel((mod[0] if odd else mod).numpy(), ref[0]) < 1e-4

@@ -4,7 +4,9 @@ Patterns recognized (each as the TorchScript and the dynamo exporters of torch.o
 
 - constants: ``Constant`` nodes, ``Identity``/``Transpose``/``Cast``/... of constants are folded;
 - ``Linear``: ``MatMul(x, W)`` with a constant 2-D weight (or ``[1, K, N]``), with an optional following
-  ``Add(bias)``; ``Gemm(x, B, C)`` with constant ``B`` (transB 0/1, alpha, beta);
+  ``Add(bias)``; ``Gemm(x, B, C)`` with constant ``B`` (transB 0/1, alpha, beta); ``Einsum`` of an activation with a
+  constant 2-D weight over the activation's last axis (``bsh,oh->bso``, ``...h,ho->...o``, either operand order);
+  a product with a constant weight that fits none of these stays dense, with an import warning naming it;
 - ``LayerNorm``: ``LayerNormalization`` over the last axis; the decomposed form
   ``ReduceMean -> Sub -> Pow|Mul -> ReduceMean -> Add(eps) -> Sqrt -> Div|Reciprocal+Mul [-> Mul(gamma)] [-> Add(beta)]``;
 - ``RMSNorm``: ``Pow(x,2)|Mul(x,x) -> ReduceMean -> Add(eps) -> Sqrt -> Reciprocal|Div(1,.)  -> Mul(x, .)``,
@@ -518,22 +520,55 @@ def match_rmsnorm_fused(v: _View, n: Generic) -> _Match | None:
     return _Match([n], RMSNorm(n.name, [x], [n.outputs[0]], _meta(n), weight=w, eps=eps))
 
 
+def einsum_linear_weight(eq: str, w_first: bool, w: np.ndarray) -> np.ndarray | None:
+    """For ``Einsum(eq, x, W)`` (``w_first``: ``Einsum(eq, W, x)``) with a constant 2-D ``W`` that is a Linear over
+    x's last axis (``bsh,oh->bso``, ``...h,ho->...o``, ``oh,bsh->bso``: x's other axes kept in order, the weight's
+    other axis last in the output), ``W`` as ``[out, in]``; None for any other equation."""
+    m = re.fullmatch(r"([a-zA-Z.]+),([a-zA-Z.]+)->([a-zA-Z.]+)", eq.replace(" ", ""))
+    if not m or w.ndim != 2:
+        return None
+    terms = [t.replace("...", "*") for t in m.groups()]
+    if any("." in t for t in terms):
+        return None
+    a, b = (terms[1], terms[0]) if w_first else (terms[0], terms[1])
+    o = terms[2]
+    if len(b) != 2 or "*" in b or b[0] == b[1] or len(set(a)) != len(a) or len(a) < 1:
+        return None
+    k = a[-1]
+    if k == "*" or k not in b or k in o:
+        return None
+    n_ = b[0] if b[1] == k else b[1]
+    if n_ in a or o != a[:-1] + n_:
+        return None
+    return np.asarray(w if b[1] == k else w.T, order="C")
+
+
 def match_linear(v: _View, n: Generic) -> _Match | None:
     if n.domain != "":
         return None
-    if n.op_type == "MatMul":
+    if n.op_type in ("MatMul", "Einsum"):
+        if len(n.inputs) != 2:
+            return None
         x, wname = n.inputs
+        w_first = n.op_type == "Einsum" and v.const(x) is not None
+        if w_first:
+            x, wname = wname, x
         w = v.const(wname)
         if w is None or x in v.g.constants or w.dtype.kind != "f":
             return None
-        if w.ndim == 3 and w.shape[0] == 1:
+        if n.op_type == "MatMul" and w.ndim == 3 and w.shape[0] == 1:
             w = w[0]
         if w.ndim != 2:
             return None
         xs = v.shape(x)
         if xs is not None and len(xs) < 1:
             return None
-        weight = np.asarray(w.T, order="C")
+        if n.op_type == "Einsum":
+            weight = einsum_linear_weight(str(n.attributes.get("equation", "")), w_first, w)
+            if weight is None:
+                return None
+        else:
+            weight = np.asarray(w.T, order="C")
         nodes: list[Node] = [n]
         out = n.outputs[0]
         bias = None
@@ -796,6 +831,9 @@ def _detach(lin: Linear) -> Linear:
 
 _PARAM_SUFFIX = re.compile(r"[._](weight|bias)$")
 _DUP_SCOPE = re.compile(r"_\d+$")
+# initializer names exporters make up for constants that are not parameters (dynamo ``val_3``, torch.export lifted
+# constants); TorchScript's ``onnx::MatMul_30`` fails the identifier test already
+_GENERATED = re.compile(r"(val|_?tensor_constant|c_lifted_tensor|lifted_tensor|const|constant|initializer)_?\d+$")
 
 
 def _param_path(lin: Linear, module: str | None) -> str | None:
@@ -804,6 +842,12 @@ def _param_path(lin: Linear, module: str | None) -> str | None:
     called through a container's ``__getitem__`` (``nn.ModuleDict``: ``b["fc1"](x)``) as ``/fc1``, ``/fc1_1``, ...,
     while the parameters keep their full paths. Taken only when the module path's last part (without the ``_1``
     of a repeated scope) is a part of the parameter path, so that a shared or tied weight never renames a layer."""
+    w = lin.meta.get("weight_name", "")
+    if not _PARAM_SUFFIX.search(w) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", w) and not _GENERATED.match(w):
+        # a bare parameter used as the weight (``einsum('bsd,fd->bsf', x, self.w1)``, ``x @ self.proj``): its own path
+        # names the layer (``blocks.0.w1``), where it belongs to the node's module or the node has none
+        if not module or w.rpartition(".")[0] == module:
+            return w
     for key in ("weight_name", "bias_name"):
         p = lin.meta.get(key, "")
         if not _PARAM_SUFFIX.search(p) or not re.fullmatch(r"[A-Za-z0-9_.]+", p):
@@ -919,8 +963,34 @@ def raise_graph(g: Graph) -> dict[str, int]:
     remove_dead(g)
     mark_ties(g)
     note_repeated_weights(g)
+    note_dense_weight_products(g)
     g.toposort()
     return counts
+
+
+_DENSE_PRODUCT_MIN = 4096  # weights smaller than this (rotary frequency rows, tiny mixing matrices) are not reported
+
+
+def note_dense_weight_products(g: Graph) -> None:
+    """A MatMul / Gemm / Einsum with a constant float weight of at least 2 axes that no pattern raised (an einsum over
+    a non-last axis, a weight on the left of a MatMul, a Gemm with transA, stacked weights that did not split per
+    expert): the passes cannot compress it. One import warning lists them, so a user sees why a layer kept its size."""
+    found = []
+    for n in g.nodes:
+        if not isinstance(n, Generic) or n.domain != "" or n.op_type not in ("MatMul", "Gemm", "Einsum"):
+            continue
+        for i in n.inputs:
+            w = g.constants.get(i)
+            if w is not None and w.ndim >= 2 and w.dtype.kind == "f" and w.size >= _DENSE_PRODUCT_MIN:
+                eq = n.attributes.get("equation")
+                what = f"{n.op_type} '{eq}'" if eq else n.op_type
+                found.append(f"'{n.name}' ({what} by '{i}' {list(w.shape)})")
+                break
+    if found:
+        shown = ", ".join(found[:4]) + (f", and {len(found) - 4} more" if len(found) > 4 else "")
+        g.meta.setdefault("import_warnings", []).append(
+            f"{len(found)} product(s) with a constant weight are not a Linear form sparsec compresses and stay dense: "
+            f"{shown}")  # fmt: skip
 
 
 def note_repeated_weights(g: Graph) -> None:
