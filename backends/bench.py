@@ -103,16 +103,12 @@ def bench_artifact(path: str | Path, *, original: str | None = None, scenarios: 
                    runs: int = 20, warmup: int = 3, threads: int | None = None, console=None) -> dict[str, Any]:  # fmt: skip
     from ..compressor.artifact import load_artifact
     from .build import build_to_dir
-    from .runtime import LoadedLib, default_cpu_threads, lib_runnable_here, read_lib_manifest
+    from .runtime import LoadedLib, check_runnable_here, default_cpu_threads, read_lib_manifest
 
     a = load_artifact(path)
     if not (a.lib_dir / "manifest.json").exists():
         raise ArtifactError(f"{a.path}: has no compiled library (lib/); compress with a buildable --target first")
-    why = lib_runnable_here(read_lib_manifest(a.lib_dir))
-    if why is not None:
-        from ..compressor.errors import ToolMissingError
-
-        raise ToolMissingError(f"cannot bench here: {why}")
+    check_runnable_here(read_lib_manifest(a.lib_dir), "cannot bench here: ")
     threads = threads or default_cpu_threads()  # onnxruntime gets the TVM runtime's threads
     scenarios = scenarios or [(1, 1), (1, 128)]
     say = (lambda m: console.print(f"[dim]{m}[/dim]")) if console is not None else (lambda m: None)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..compressor.errors import ArtifactError, InputShapeError, ShapeError, ToolMissingError
+from ..compressor.errors import ArtifactError, InputShapeError, ShapeError, ToolMissingError, UnsupportedOpError
 
 LIB_SCHEMA = "sparsec.lib/1"
 
@@ -127,6 +127,17 @@ def lib_runnable_here(manifest: dict[str, Any]) -> str | None:
     return None
 
 
+def check_runnable_here(manifest: dict[str, Any], prefix: str = "") -> None:
+    """Raise when this machine cannot run the library: a standalone runtime that was not built (an operator it lacks,
+    the same on every machine: :class:`UnsupportedOpError`), else a missing GPU / runner (:class:`ToolMissingError`)."""
+    why = lib_runnable_here(manifest)
+    if why is None:
+        return
+    if str((manifest.get("standalone") or {}).get("status", "")).startswith("not built"):
+        raise UnsupportedOpError(prefix + why + "; run it with --engine onnx")
+    raise ToolMissingError(prefix + why)
+
+
 class LoadedLib:
     """A loaded library with its parameters bound: ``run(feeds) -> outputs``."""
 
@@ -142,9 +153,7 @@ class LoadedLib:
             lib_dir, root = Path(lib_dir), Path(lib_dir).parent
         self.lib_dir = Path(lib_dir)
         self.manifest = read_lib_manifest(self.lib_dir)
-        why = lib_runnable_here(self.manifest)
-        if why is not None:
-            raise ToolMissingError(why)
+        check_runnable_here(self.manifest)
         kind = self.manifest["kind"]
         if kind == "cuda":
             from .cuda_build import install_loader
@@ -313,10 +322,8 @@ def run_lib(artifact, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     a = _artifact(artifact)
     manifest = read_lib_manifest(a.lib_dir)
     if manifest.get("standalone"):  # aarch64 (qemu-aarch64) / wasm (node): backends/cross.py
-        from .cross import run_standalone, runner_missing
+        from .cross import run_standalone
 
-        why = runner_missing(manifest)
-        if why is not None:
-            raise ToolMissingError(why)
+        check_runnable_here(manifest)
         return run_standalone(a.lib_dir, manifest, inputs)[0]
     return load_lib(a).run(inputs)

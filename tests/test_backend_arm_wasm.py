@@ -206,6 +206,23 @@ def test_missing_runner_is_a_missing_tool_error(digits_wasm, tmp_path, monkeypat
     assert e.value.exit_code == 12
 
 
+def test_standalone_runtime_not_built_is_an_unsupported_op_not_a_missing_tool(digits_wasm, tmp_path, monkeypatch):
+    """A library whose standalone runtime was not built (an operator it lacks: the aarch64 MoE router's TopK) cannot run
+    on any machine: exit 4 (unsupported op) with a pointer to --engine onnx, not 12 (missing tool), which says to
+    install something. A missing runner stays a missing tool."""
+    from sparsec.backends import runtime
+    from sparsec.compressor.errors import UnsupportedOpError
+
+    _, manifest = digits_wasm
+    unbuilt = dict(manifest, standalone={"status": "not built: the standalone runtime lacks tvm.contrib.sort.topk"})
+    with pytest.raises(UnsupportedOpError, match="topk.*--engine onnx") as e:
+        runtime.check_runnable_here(unbuilt)
+    assert e.value.exit_code == 4
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ToolMissingError, match="needs node"):
+        runtime.check_runnable_here(manifest)
+
+
 @need_node
 def test_wasm_bad_inputs_are_typed_errors(digits_wasm):
     lib, manifest = digits_wasm
