@@ -356,6 +356,9 @@ def _flip_masking_bool_inputs(graph: Graph, arrays: dict[str, np.ndarray], warni
     return flipped
 
 
+_DEFAULT_SAMPLES = 128  # CalibrationSpec.samples' default
+
+
 def load_calibration(graph: Graph, data: str | None, *, samples: int, seq_len: int | None, seed: int, heldout: float,
                      batch_size: int = 8) -> tuple[CalibrationSet, CalibrationSet | None]:  # fmt: skip
     """(fit split, held-out split). ``samples`` counts both splits together."""
@@ -374,6 +377,8 @@ def load_calibration(graph: Graph, data: str | None, *, samples: int, seq_len: i
     arrays = crop_sequences(arrays, graph, seq_len)
     _check_positions(arrays, graph, source)
     n = next(iter(arrays.values())).shape[0]
+    if n < samples and not generated and samples != _DEFAULT_SAMPLES:  # asked for (--calib-samples), not the default
+        warnings.append(f"{source} holds {n} calibration samples, fewer than the {samples} asked for: using {n}")
     if n > samples:
         idx = np.sort(np.random.default_rng(seed).choice(n, size=samples, replace=False))
         arrays = {k: v[idx] for k, v in arrays.items()}

@@ -28,7 +28,11 @@ def test_sources_npz_npy_directory(tmp_path):
     np.savez(tmp_path / "a.npz", ids=a)
     np.save(tmp_path / "b.npy", b)
     fit, held = load_calibration(g, str(tmp_path / "a.npz"), samples=100, seq_len=None, seed=0, heldout=0.2)
-    assert fit.num_samples == 4 and held.num_samples == 1 and not fit.generated and not fit.warnings
+    assert fit.num_samples == 4 and held.num_samples == 1 and not fit.generated
+    # more samples asked for (--calib-samples 100) than the file holds: said once; the default (128) asks nothing
+    assert fit.warnings == [f"{tmp_path / 'a.npz'} holds 5 calibration samples, fewer than the 100 asked for: using 5"]
+    fit, _ = load_calibration(g, str(tmp_path / "a.npz"), samples=128, seq_len=None, seed=0, heldout=0.2)
+    assert fit.num_samples == 4 and not fit.warnings
     np.testing.assert_array_equal(np.concatenate([fit.arrays["ids"], held.arrays["ids"]]), a)
     fit, _ = load_calibration(g, str(tmp_path / "b.npy"), samples=100, seq_len=None, seed=0, heldout=0)
     np.testing.assert_array_equal(fit.arrays["ids"], b)
