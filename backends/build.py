@@ -214,6 +214,7 @@ def lib_manifest(low, target: Target, extra: dict[str, Any] | None = None) -> di
         "outputs": low.outputs,
         "input_ranges": low.input_ranges,
         "dim_limits": low.dim_limits,
+        "dim_ties": low.dim_ties,
         "params": [p.to_json() for p in low.params],
         "kernels": low.kernels,
     }

@@ -240,6 +240,19 @@ class _C:
         from tvm import relax
 
         L = self.lines
+        if isinstance(b, relax.MatchCast) and isinstance(b.value, relax.Var) and isinstance(b.ty, relax.TensorType):
+            # a tensor's dims given other names (unify_broadcast ties two inputs' dims the model needs equal): the
+            # same tensor, its sizes checked against the names already bound (or binding new ones)
+            src = self.ref(b.value)
+            for k, d in enumerate(b.ty.shape.values):
+                if isinstance(d, tvm.tirx.Var) and d not in self.sym:
+                    self.sym[d] = f"v_{d.name}"
+                    L.append(f"  const int64_t v_{d.name} = {src}.shape[{k}];")
+                else:
+                    L.append(f"  if ({src}.shape[{k}] != {self.expr(d)}) return rt_fail(\"inputs disagree on a size the "
+                             f"model needs equal (dim {k} of a tensor derived from them)\", 0);")  # fmt: skip
+            self.names[b.var] = src
+            return
         if not isinstance(b, relax.VarBinding):
             raise BuildError(f"standalone build: {type(b).__name__} bindings are not supported (data-dependent shapes)")
         v, val = b.var, b.value
@@ -486,7 +499,10 @@ def run_standalone(lib_dir, manifest, feeds, repeat: int = 1) -> tuple[dict[str,
 
     from ..compressor.errors import ShapeError
 
+    from .runtime import check_dim_ties
+
     lib_dir = Path(lib_dir)
+    check_dim_ties(manifest, manifest["inputs"], feeds)
     arrays = _feeds_in_order(manifest, feeds)
     base = str(manifest.get("target", "")).partition(":")[0]
     with tempfile.TemporaryDirectory(prefix="sparsec-run-") as tmp:
@@ -513,7 +529,7 @@ def run_standalone(lib_dir, manifest, feeds, repeat: int = 1) -> tuple[dict[str,
         p = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if p.returncode != 0:
             msg = " ".join(line.strip() for line in (p.stderr or p.stdout).strip().splitlines()) or f"exit {p.returncode}"
-            if "token ids" in msg or "input " in msg or re.search(r"Invalid \S*shape", msg):
+            if "token ids" in msg or "input " in msg or "inputs disagree" in msg or re.search(r"Invalid \S*shape", msg):
                 raise ShapeError(msg)
             raise BuildError(f"{Path(cmd[0]).name} run failed: {msg[:300]}")
         outs = {name: read_spt(os.path.join(tmp, f"out_{i}.spt")) for i, name in enumerate(manifest["outputs"])}

@@ -79,6 +79,9 @@ class Lowered:
     # symbolic input dim -> [largest size the model supports, why]: a buffer sliced by it (causal mask), positions
     # gathered by it (learned position embeddings). Checked by the runtimes before a call (TVM does not check it).
     dim_limits: dict[str, list] = field(default_factory=dict)
+    # symbolic input dim -> the input dim the model requires it to equal (unify_broadcast): attention_mask's
+    # ``attention_mask_dynamic_axes_2`` -> ``input_ids_dynamic_axes_2``. Checked by the runtimes before a call.
+    dim_ties: dict[str, str] = field(default_factory=dict)
 
 
 def _sanitize(name: str) -> str:
@@ -113,6 +116,7 @@ class _Lowerer:
         self.const_params: dict[str, tuple[Any, Any]] = {}  # var name -> (var, tvm tensor) for TVM's get_constant
         self.input_ranges: dict[str, list[int]] = {}
         self.dim_limits: dict[str, list] = {}
+        self.dim_ties: dict[str, str] = {}
         self.index_limits: dict[str, Any] = {}  # value -> exclusive bound of its values (Range(0, seq) -> seq)
         self.moe_notes: list[str] = []
         # MoE: routed (each expert on the tokens routed to it) or dense-equivalent (every expert on every token)
@@ -1019,6 +1023,8 @@ class _Lowerer:
         from ONNX shape inference) while the other side's size is known: ONNX requires them to be equal (or 1), so the
         unknown side is ``match_cast`` to the known size (checked at run time). Without it the result's shape is
         lost and TVM cannot legalize the ops downstream."""
+        from tvm import tirx
+
         relax = self.relax
         tensors = [(i, v) for i, v in enumerate(ins) if v is not None and isinstance(getattr(v, "ty", None), relax.TensorType)]
         shapes = {i: _shape_of(v) for i, v in tensors}
@@ -1055,6 +1061,15 @@ class _Lowerer:
             elif kb and not ka:
                 new[ia][da] = hb
                 changed.add(ia)
+            elif ka and kb and not _is_const(ha) and not _is_const(hb):
+                # two graph inputs' own dims that the model combines (input_ids [b1, s1] and attention_mask [b2, s2]
+                # from the TorchScript exporter's list-form dynamic_axes, which names every input's axes apart): ONNX
+                # requires them equal here, so b's is cast to a's (checked at run time, and by the runtimes before a
+                # call through dim_ties); TVM cannot otherwise give the sum a shape and the build failed
+                new[ib][db] = ha
+                changed.add(ib)
+                if isinstance(ha, tirx.Var) and isinstance(hb, tirx.Var):
+                    self.dim_ties.setdefault(hb.name, self.dim_ties.get(ha.name, ha.name))
         if not changed:
             return ins
         out = list(ins)
@@ -1197,7 +1212,7 @@ class _Lowerer:
         mod = self.bb.get()
         mod["main"] = mod["main"].with_attr("num_input", len(in_vars))
         return Lowered(mod, in_info, list(g.outputs), self.params, self.kernels, self.sources, self.input_ranges, self.moe_notes,
-                       self.moe_routed, self.extra_modules, self.dim_limits)
+                       self.moe_routed, self.extra_modules, self.dim_limits, self.dim_ties)
 
 
 def moe_routed_default(target) -> bool:
@@ -1407,6 +1422,12 @@ def _is_one(d) -> bool:
     from tvm import tirx
 
     return isinstance(d, (int, tirx.IntImm)) and int(d) == 1
+
+
+def _is_const(d) -> bool:
+    from tvm import tirx
+
+    return isinstance(d, (int, tirx.IntImm))
 
 
 def _same_dim_expr(a, b) -> bool:

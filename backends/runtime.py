@@ -127,6 +127,27 @@ def lib_runnable_here(manifest: dict[str, Any]) -> str | None:
     return None
 
 
+def check_dim_ties(manifest: dict[str, Any], inputs: list[dict], feeds: dict[str, np.ndarray]) -> None:
+    """Input dims the model requires equal though the inputs name them apart (the manifest's ``dim_ties``: an
+    attention mask as long as the token ids): a bad-input error naming both, before the library runs."""
+    ties = manifest.get("dim_ties") or {}
+    if not ties:
+        return
+    seen: dict[str, tuple[str, int, int]] = {}
+    for spec in inputs:
+        x = feeds.get(spec["name"])
+        if x is None:
+            continue
+        for i, d in enumerate(spec["shape"]):
+            if isinstance(d, str) and i < np.ndim(x):
+                seen.setdefault(d, (spec["name"], i, int(np.shape(x)[i])))
+    for d, root in ties.items():
+        if d in seen and root in seen and seen[d][2] != seen[root][2]:
+            (na, ia, sa), (nb, ib, sb) = seen[root], seen[d]
+            raise InputShapeError(f"input {nb!r} has size {sb} in dim {ib} and input {na!r} {sa} in dim {ia}: the model "
+                                  "needs them equal")  # fmt: skip
+
+
 def check_runnable_here(manifest: dict[str, Any], prefix: str = "") -> None:
     """Raise when this machine cannot run the library: a standalone runtime that was not built (an operator it lacks,
     the same on every machine: :class:`UnsupportedOpError`), else a missing GPU / runner (:class:`ToolMissingError`)."""
@@ -180,6 +201,7 @@ class LoadedLib:
 
         args = []
         limits = self.manifest.get("dim_limits", {})
+        check_dim_ties(self.manifest, self.inputs, feeds)
         for spec in self.inputs:
             name = spec["name"]
             if name not in feeds:

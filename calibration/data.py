@@ -317,10 +317,14 @@ def crop_sequences(arrays: dict[str, np.ndarray], graph: Graph, seq_len: int | N
         v = graph.values.get(name)
         if v is not None and v.shape is not None and len(v.shape) >= 2 and isinstance(v.shape[1], str):
             seq_dims.add(v.shape[1])
+    # lengths of the token inputs in this data: an input whose symbolic axis 1 has one of them is cut with them (the
+    # TorchScript exporter's list-form dynamic_axes names attention_mask's axes apart from input_ids')
+    seq_lens = {arrays[n].shape[1] for n in token_inputs(graph) if n in arrays and arrays[n].ndim >= 2}
     out = {}
     for name, a in arrays.items():
         v = graph.values.get(name)
-        if v is not None and v.shape is not None and len(v.shape) >= 2 and v.shape[1] in seq_dims and a.shape[1] > seq_len:
+        seq_axis = v is not None and v.shape is not None and len(v.shape) >= 2 and isinstance(v.shape[1], str)
+        if seq_axis and (v.shape[1] in seq_dims or a.shape[1] in seq_lens) and a.shape[1] > seq_len:
             out[name] = np.asarray(a[:, :seq_len], order="C")
         else:
             out[name] = a

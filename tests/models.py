@@ -394,9 +394,11 @@ def build(kind: str, seed: int = 0, **kw) -> nn.Module:
     return cls(**kw).eval()
 
 
-def export_onnx(model: nn.Module, path: str, exporter: str, opset: int) -> str:
+def export_onnx(model: nn.Module, path: str, exporter: str, opset: int, axes_apart: bool = False) -> str:
     """Export like users do: ``torch.onnx.export`` with the TorchScript exporter (``dynamo=False``) or the dynamo
-    exporter (weights in an external ``.data`` file), batch and sequence dims dynamic."""
+    exporter (weights in an external ``.data`` file), batch and sequence dims dynamic. ``axes_apart`` (TorchScript):
+    list-form ``dynamic_axes`` (``{"input_ids": [0, 1], ...}``), for which the exporter names every input's axes
+    apart (``input_ids_dynamic_axes_1``, ``attention_mask_dynamic_axes_1``, ...)."""
     import contextlib
     import io
     import warnings
@@ -406,8 +408,8 @@ def export_onnx(model: nn.Module, path: str, exporter: str, opset: int) -> str:
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         if exporter == "torchscript":
-            dyn = {n: {0: "batch", 1: "seq"} for n in names}
-            dyn["output"] = {0: "batch", 1: "seq"}
+            dyn = {n: ([0, 1] if axes_apart else {0: "batch", 1: "seq"}) for n in names}
+            dyn["output"] = [0, 1] if axes_apart else {0: "batch", 1: "seq"}
             torch.onnx.export(model, args, path, dynamo=False, opset_version=opset, input_names=names,
                               output_names=["output"], dynamic_axes=dyn)  # fmt: skip
         else:

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -391,3 +392,35 @@ def test_aarch64_moe_without_standalone_runtime_says_so():
     assert info["status"] == "built" and writer is not None
     notes = [n for n in info.get("notes", []) if "standalone aarch64 runtime" in n]
     assert notes and "not built" in notes[0] and "topk" in notes[0], info.get("notes")
+
+
+@pytest.mark.parametrize("target", ["aarch64", "wasm"])
+def test_standalone_runtime_of_inputs_with_their_axes_named_apart(target, tmp_path):
+    """The standalone call plan takes the build's tie of input_ids' and attention_mask's sizes (TorchScript's
+    list-form dynamic_axes names them apart; a Relax match_cast, which it refused): the library matches onnxruntime
+    on the artifact's model, and mismatched inputs are a bad-input error (exit 8) before the runner starts."""
+    if not ((HAS_QEMU and HAS_XCC) if target == "aarch64" else (HAS_NODE and HAS_WASM_LD)):
+        pytest.skip(f"the {target} toolchain or runner is not installed (scripts/install.sh)")
+    import onnxruntime as ort
+
+    from sparsec.compressor.errors import InputShapeError
+    from sparsec.compressor.runner import run_artifact
+
+    from . import models as tm
+
+    rng = np.random.default_rng()
+    m = tm.build("bert", seed=int(rng.integers(1 << 30)))
+    src = tm.export_onnx(m, str(tmp_path / "m.onnx"), "torchscript", 17, axes_apart=True)
+    r = subprocess.run([sys.executable, "-m", "sparsec", "compress", src, "--nm", "2:4", "--method", "magnitude", "--target",
+                        target, "-o", str(tmp_path / "art"), "-q"], capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    feeds = tm.feeds_for(m, b=2, t=9, seed=int(rng.integers(1 << 30)))
+    feeds["attention_mask"][0, 6:] = 0
+    got = run_artifact(tmp_path / "art", feeds, engine="lib").outputs
+    sess = ort.InferenceSession(str(tmp_path / "art" / "model.onnx"), providers=["CPUExecutionProvider"])
+    for o, ref in zip(sess.get_outputs(), sess.run(None, feeds)):
+        assert tm.rel(got[o.name], ref) < 1e-5, o.name
+    feeds["token_type_ids"] = feeds["token_type_ids"][:, :5]
+    with pytest.raises(InputShapeError, match="'token_type_ids' has size 5 in dim 1.*needs them equal") as e:
+        run_artifact(tmp_path / "art", feeds, engine="lib")
+    assert e.value.exit_code == 8
