@@ -150,6 +150,18 @@ def cuda_pipeline(tt):
     return _pipeline
 
 
+def _tvm_reason(e: Exception) -> str:
+    """One line from a TVM error: the line saying what went wrong ("CodeGenVM cannot emit this Relax operator
+    directly", "Check failed: ...") and the construct it names (often the last line, e.g. ``R.add(alloc9, alloc10)``)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip() and not ln.strip().startswith(("File ", "[bt]", "#"))]
+    if not lines:
+        return type(e).__name__
+    why = next((ln for ln in lines if re.search(r"cannot|Check failed|[Ee]rror|not supported|mismatch|unsupported", ln)), None)
+    if why is None or why == lines[-1]:
+        return lines[-1][:300]
+    return f"{why[:220]} (at {lines[-1][:100]})"
+
+
 def compile_lowered(low, target: Target, opt_level: int = 3):
     """``tvm.compile`` of a lowered module; returns (executable, cuda build log or None)."""
     import tvm
@@ -171,8 +183,7 @@ def compile_lowered(low, target: Target, opt_level: int = 3):
     except Exception as e:  # noqa: BLE001 - TVM compile failures become one-line build errors
         if isinstance(e, (KeyboardInterrupt, MemoryError)):
             raise
-        msg = [line for line in str(e).strip().splitlines() if line.strip()]
-        raise BuildError(f"TVM could not compile the model for {target.name}: {(msg[-1] if msg else type(e).__name__)[:300]}")
+        raise BuildError(f"TVM could not compile the model for {target.name}: {_tvm_reason(e)}")
 
 
 def link_extra_modules(mods: list[Any], target: Target, workdir: str) -> list[str]:

@@ -1184,3 +1184,17 @@ def test_permute_gemm_matches_float64(kind):
         impl = select_kernel(lin, X86, ShapeHints(config=cfg), TuningDB.empty())
         assert impl.config == cfg and "PV[b, g * " in impl.source and "vpermilvar" in impl.source
         _assert_matches_float64(impl, lin, wref, (17, 23, 64), 2e-6, rng, f"{kind} {cfg} seed={seed}")
+
+
+def test_tvm_build_errors_name_the_reason_and_the_construct():
+    """A TVM compile failure is one line with what went wrong and where: the reason line ("CodeGenVM cannot emit this
+    Relax operator directly") and the construct TVM names last; it was only the last line (``R.add(alloc9, alloc10)``)."""
+    from sparsec.backends.build import _tvm_reason
+
+    err = RuntimeError("Traceback (most recent call last):\n  File \"x.py\", line 1\n  [bt] (0) libtvm.so\n"
+                       "InternalError: Check failed: (false) is false: CodeGenVM cannot emit this Relax operator directly"
+                       "\n\nR.add(alloc9, alloc10)")  # fmt: skip
+    got = _tvm_reason(err)
+    assert "\n" not in got and "CodeGenVM cannot emit" in got and got.endswith("(at R.add(alloc9, alloc10))"), got
+    assert _tvm_reason(ValueError("one line only")) == "one line only"
+    assert _tvm_reason(RuntimeError("")) == "RuntimeError"
