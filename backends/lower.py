@@ -330,6 +330,62 @@ class _Lowerer:
         y = self.bb.emit(relax.op.reshape(y2, (shape[0], *outs, n.out_features)))
         return (y if _dtype_of(y) == dt else self.bb.emit(relax.op.astype(y, dt))), True  # NHWC
 
+    def grouped_conv(self, n: Generic):
+        """A grouped ONNX ``Conv`` (1 < group, at least 2 input and 2 output channels a group; not depthwise), constant
+        weight, static spatial sizes: channels-last im2col of every group (one TE op, ``[G, rows, kernel * C/G]``) and one
+        batched matmul with the weight as ``[G, kernel * C/G, O/G]``, which the CPU matmul schedule covers (None when it
+        does not apply). TVM's grouped ``conv2d`` has three reduction axes, no default schedule takes it, and it ran as a
+        plain loop nest: a 64-channel 3x3 group-4 conv at 16x16 took 1.36 ms on x86, 25x onnxruntime's whole model."""
+        relax = self.relax
+        if n.op_type != "Conv" or n.domain or len(n.inputs) < 2 or len(n.outputs) != 1:
+            return None
+        groups = int(n.attributes.get("group", 1))
+        w = self.g.constants.get(n.inputs[1])
+        if groups <= 1 or w is None or np.asarray(w).dtype.kind != "f" or not 3 <= w.ndim <= 5:
+            return None
+        out_c, cg, nd = int(w.shape[0]), int(w.shape[1]), w.ndim - 2
+        if out_c % groups or cg < 2 or out_c // groups < 2:
+            return None
+        kernel = tuple(int(k) for k in n.attributes.get("kernel_shape", w.shape[2:]))
+        auto = n.attributes.get("auto_pad", "NOTSET")
+        auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+        if kernel != tuple(w.shape[2:]) or auto not in ("NOTSET", "", "VALID"):
+            return None
+        bias = n.inputs[2] if len(n.inputs) > 2 and n.inputs[2] else None
+        if bias is not None and (bias not in self.g.constants or np.asarray(self.g.constants[bias]).size != out_c):
+            return None
+        xl = self.nhwc.get(n.inputs[0])
+        x = self.value(n.inputs[0]) if xl is None else None
+        shape = _shape_of(x) if x is not None else _nchw_shape(_shape_of(xl))
+        if shape is None or len(shape) != nd + 2 or _static_int(shape[1]) != groups * cg:
+            return None
+        spatial = [_static_int(d) for d in shape[2:]]
+        if any(d is None for d in spatial):
+            return None
+        geo = _ConvGeometry(kernel, tuple(int(k) for k in n.attributes.get("strides", [1] * nd)),
+                            tuple(int(k) for k in n.attributes.get("pads", [0] * (2 * nd))) if auto != "VALID" else (0,) * (2 * nd),
+                            tuple(int(k) for k in n.attributes.get("dilations", [1] * nd)))  # fmt: skip
+        outs = geo.out_spatial(spatial)
+        if any(o < 1 for o in outs):
+            return None
+        dt = _dtype_of(x if x is not None else xl)
+        xh = xl if xl is not None else self.bb.emit(relax.op.permute_dims(x, [0, *range(2, nd + 2), 1]))
+        cols = self.bb.emit_te(_im2col_te(geo, outs, groups), xh, primfunc_name_hint="im2col_grouped")  # [G, rows, K]
+        og, ksz = out_c // groups, geo.kernel_size * cg
+        wv = self.value(n.inputs[1])  # [O, C/G, *kernel] -> [G, kernel positions x C/G, O/G] (im2col's column order)
+        wv = self.bb.emit(relax.op.reshape(wv, (groups, og, cg, *kernel)))
+        wv = self.bb.emit(relax.op.permute_dims(wv, [0, *range(3, nd + 3), 2, 1]))
+        wv = self.bb.emit(relax.op.reshape(wv, (groups, ksz, og)))
+        if _dtype_of(wv) != dt:
+            wv = self.bb.emit(relax.op.astype(wv, dt))
+        y = self.bb.emit(relax.op.matmul(cols, wv))  # [G, rows, O/G]
+        y = self.bb.emit(relax.op.permute_dims(y, [1, 0, 2]))
+        y = self.bb.emit(relax.op.reshape(y, (shape[0], *outs, out_c)))  # NHWC, channel g * O/G + o
+        if bias is not None:
+            b = self.value(bias)
+            y = self.bb.emit(relax.op.add(y, b if _dtype_of(b) == dt else self.bb.emit(relax.op.astype(b, dt))))
+        return y
+
     def _nhwc_operand(self, n: Generic):
         """The channels-last first input of a one-output ONNX-domain op (None when that input is not channels-last)."""
         if n.domain or not n.inputs or n.inputs[0] not in self.nhwc or len(n.outputs) != 1:
@@ -1138,6 +1194,11 @@ class _Lowerer:
 
     def _lower_node(self, n) -> None:
         relax = self.relax
+        if isinstance(n, Generic):
+            y = self.grouped_conv(n)
+            if y is not None:
+                self.nhwc[n.outputs[0]] = y
+                return
         if isinstance(n, (Conv, Generic)):
             y, last = self.conv(n) if isinstance(n, Conv) else (self.channels_last_op(n), True)
             if y is None and isinstance(n, Generic):
@@ -1256,18 +1317,38 @@ def _sv_elem(d):
     return d
 
 
-def _im2col_te(n: Conv, outs: list[int]):
+@dataclass
+class _ConvGeometry:
+    """Kernel, strides, pads (``[begin..., end...]``) and dilations of a convolution (what :func:`_im2col_te` reads)."""
+
+    kernel_shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    pads: tuple[int, ...]
+    dilations: tuple[int, ...]
+
+    @property
+    def kernel_size(self) -> int:
+        return int(np.prod(self.kernel_shape))
+
+    def out_spatial(self, spatial: list[int]) -> list[int]:
+        nd = len(self.kernel_shape)
+        return [(spatial[i] + self.pads[i] + self.pads[nd + i] - self.dilations[i] * (self.kernel_shape[i] - 1) - 1)
+                // self.strides[i] + 1 for i in range(nd)]  # fmt: skip
+
+
+def _im2col_te(n: "Conv | _ConvGeometry", outs: list[int], groups: int = 1):
     """A TE function: channels-last ``[N, *spatial, C]`` -> the ``[N * prod(outs), prod(kernel) * C]`` patches of conv
     ``n`` (rows: batch and output positions, row-major; columns: kernel positions row-major, then channel), zero outside
     the input (the conv's padding). One injective op: TVM fuses it with the ops before it, and consecutive columns read
-    and write consecutive channels."""
+    and write consecutive channels. ``groups`` > 1: ``[groups, rows, prod(kernel) * C / groups]``, group g's columns
+    over its channels ``g * C / groups ...``."""
     from tvm import te, tirx
 
     nd = len(n.kernel_shape)
     p_out = int(np.prod(outs))
 
     def f(x):
-        c = x.shape[-1]
+        c = x.shape[-1] // groups
         rows = x.shape[0] * p_out
 
         def unravel(i, dims):  # row-major
@@ -1277,15 +1358,17 @@ def _im2col_te(n: Conv, outs: list[int]):
                 i = i // d
             return out[::-1]
 
-        def body(m, k):
+        def patch(m, k, ch0):
             b, o = m // p_out, unravel(m % p_out, outs)
-            ch, kk = k % c, unravel(k // c, n.kernel_shape)
+            ch, kk = ch0 + k % c, unravel(k // c, n.kernel_shape)
             idx = [o[j] * n.strides[j] + kk[j] * n.dilations[j] - n.pads[j] for j in range(nd)]
             inside = tirx.all(*[tirx.all(i >= 0, i < x.shape[1 + j]) for j, i in enumerate(idx)])
             safe = [tirx.max(tirx.min(i, x.shape[1 + j] - 1), 0) for j, i in enumerate(idx)]
             return tirx.if_then_else(inside, x[(b, *safe, ch)], tirx.const(0, x.dtype))
 
-        return te.compute((rows, n.kernel_size * c), body, name="im2col")
+        if groups > 1:
+            return te.compute((groups, rows, n.kernel_size * c), lambda g, m, k: patch(m, k, g * c), name="im2col")
+        return te.compute((rows, n.kernel_size * c), lambda m, k: patch(m, k, 0), name="im2col")
 
     return f
 
