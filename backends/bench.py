@@ -93,10 +93,21 @@ def original_graph(artifact, original: str | None):
                          "next to the artifact) with the same sha256: pass the original with --original")
 
 
-def scenario_inputs(graph, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+def scenario_inputs(graph, batch: int, seq: int | None, seed: int = 0) -> dict[str, np.ndarray]:
     from sparsec.calibration.data import generate
 
-    return generate(graph, batch, seq, seed)
+    return generate(graph, batch, seq or 1, seed)
+
+
+def has_sequence_dim(graph) -> bool:
+    """Whether the generated inputs' shapes follow the sequence length (token / sequence inputs), i.e. a scenario's
+    SEQ means anything (an image model's does not)."""
+    a, b = scenario_inputs(graph, 1, 2), scenario_inputs(graph, 1, 3)
+    return any(a[k].shape != b[k].shape for k in a)
+
+
+def _seq_label(seq) -> str:
+    return "-" if seq is None else str(seq)
 
 
 def bench_artifact(path: str | Path, *, original: str | None = None, scenarios: list[tuple[int, int]] | None = None,
@@ -110,12 +121,15 @@ def bench_artifact(path: str | Path, *, original: str | None = None, scenarios: 
         raise ArtifactError(f"{a.path}: has no compiled library (lib/); compress with a buildable --target first")
     check_runnable_here(read_lib_manifest(a.lib_dir), "cannot bench here: ")
     threads = threads or default_cpu_threads()  # onnxruntime gets the TVM runtime's threads
-    scenarios = scenarios or [(1, 1), (1, 128)]
     say = (lambda m: console.print(f"[dim]{m}[/dim]")) if console is not None else (lambda m: None)
 
     say("loading the compiled library")
     lib = LoadedLib(a)
     g = a.graph
+    if has_sequence_dim(g):
+        scenarios = scenarios or [(1, 1), (1, 128)]
+    else:  # no sequence length: batch 1 (latency) and 8 (throughput) by default; given SEQs collapse (one run a batch)
+        scenarios = list(dict.fromkeys((b, None) for b, _ in scenarios)) if scenarios else [(1, None), (8, None)]
     dense_graph, dense_onnx, dense_label = original_graph(a, original)
     say("compiling the uncompressed model with the same backend (dense tvm)")
     tmp = interrupt.temp_dir("sparsec-bench-")
@@ -128,7 +142,7 @@ def bench_artifact(path: str | Path, *, original: str | None = None, scenarios: 
 
     results, skipped = [], []
     for batch, seq in scenarios:
-        say(f"scenario batch={batch} seq={seq}")
+        say(f"scenario batch={batch} seq={_seq_label(seq)}")
         try:
             results.append(_scenario(g, lib, dense_lib, ort_dense, ort_comp, batch, seq, runs, warmup))
         except Exception as e:  # noqa: BLE001 - a scenario the model cannot run (positions, a size baked into the export)
@@ -139,11 +153,11 @@ def bench_artifact(path: str | Path, *, original: str | None = None, scenarios: 
             msg = getattr(e, "message", None) or (str(e).strip().splitlines() or [type(e).__name__])[-1]
             skipped.append({"batch": batch, "seq": seq, "reason": msg[:300]})
             if console is not None:
-                console.print(f"[yellow]sparsec: warning: scenario {batch}x{seq} skipped: {msg[:300]}[/yellow]")
+                console.print(f"[yellow]sparsec: warning: scenario {batch}x{_seq_label(seq)} skipped: {msg[:300]}[/yellow]")
     if not results:
         from ..compressor.errors import CalibrationError
 
-        why = "; ".join(f"{s['batch']}x{s['seq']}: {s['reason']}" for s in skipped)
+        why = "; ".join(f"{s['batch']}x{_seq_label(s['seq'])}: {s['reason']}" for s in skipped)
         raise CalibrationError(f"no --shapes scenario runs on this model ({why}); give --shapes it accepts")
     import onnxruntime
     import tvm
@@ -163,7 +177,7 @@ def bench_artifact(path: str | Path, *, original: str | None = None, scenarios: 
     }
 
 
-def _scenario(g, lib, dense_lib, ort_dense, ort_comp, batch: int, seq: int, runs: int, warmup: int) -> dict[str, Any]:
+def _scenario(g, lib, dense_lib, ort_dense, ort_comp, batch: int, seq: int | None, runs: int, warmup: int) -> dict[str, Any]:
     """One ``batch x seq`` scenario: every engine on the same generated inputs."""
     feeds = scenario_inputs(g, batch, seq)
     got = lib.run(feeds)
@@ -216,14 +230,14 @@ def table_markdown(doc: dict[str, Any]) -> str:
     rows = []
     for s in doc["scenarios"]:
         cells = [f"{s['engines'][e]['min_ms']:.3f} / {s['engines'][e]['median_ms']:.3f}" for e in engines]
-        rows.append(f"| {s['batch']} x {s['seq']} | " + " | ".join(cells)
+        rows.append(f"| {s['batch']} x {_seq_label(s['seq'])} | " + " | ".join(cells)
                     + f" | {s['speedup_vs_dense_onnxruntime']:.2f}x | {s['speedup_vs_dense_tvm']:.2f}x |")  # fmt: skip
     m = doc["machine"]
     prov = doc.get("onnxruntime_provider", "CPUExecutionProvider")
     foot = (f"\n{m['cpu']} ({m['arch']}), {m['threads']} threads; {doc['runs']} runs after {doc['warmup']} warm-up; "
             f"baseline: {doc['baseline']}; onnxruntime: {prov}.\n")
     for sk in doc.get("skipped", []):
-        foot += f"Skipped {sk['batch']} x {sk['seq']}: {sk['reason']}\n"
+        foot += f"Skipped {sk['batch']} x {_seq_label(sk['seq'])}: {sk['reason']}\n"
     return "\n".join([head, sep, *rows]) + "\n" + foot
 
 
@@ -239,7 +253,7 @@ def print_table(doc: dict[str, Any], console) -> None:
     t.add_column("vs dense ORT", justify="right")
     t.add_column("vs dense TVM", justify="right")
     for s in doc["scenarios"]:
-        t.add_row(f"{s['batch']} x {s['seq']}", *[f"{s['engines'][e]['min_ms']:.3f} / {s['engines'][e]['median_ms']:.3f}" for e in engines],
+        t.add_row(f"{s['batch']} x {_seq_label(s['seq'])}", *[f"{s['engines'][e]['min_ms']:.3f} / {s['engines'][e]['median_ms']:.3f}" for e in engines],
                   f"{s['speedup_vs_dense_onnxruntime']:.2f}x", f"{s['speedup_vs_dense_tvm']:.2f}x")  # fmt: skip
     console.print(t)
 

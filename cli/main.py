@@ -484,7 +484,8 @@ def _int_list(text: str, what: str) -> list[int]:
 def bench(
     artifact: Path = typer.Argument(..., help="Artifact directory with a compiled library (lib/)."),
     original: Optional[str] = typer.Option(None, "--original", help="The uncompressed model file (default: the reference model the artifact came from)."),
-    shapes: str = typer.Option("1x1,1x128", "--shapes", help="Scenarios as BATCHxSEQ (batch x sequence length; SEQ ignored for non-sequence models)."),
+    shapes: Optional[str] = typer.Option(None, "--shapes", help="Scenarios as BATCHxSEQ (batch x sequence length; default 1x1,1x128; "
+                                                                 "models without a sequence dim: batch 1 and 8, SEQ ignored)."),
     runs: int = typer.Option(20, "--runs", min=1, help="Timed runs per engine and scenario (min and median reported)."),
     warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed warm-up runs."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads for every engine (default: one per physical core, or TVM_NUM_THREADS)."),
@@ -497,12 +498,12 @@ def bench(
     from sparsec.backends.bench import bench_artifact, print_table, write_results
 
     scen = []
-    for part in shapes.split(","):
+    for part in shapes.split(",") if shapes is not None else []:
         b, _, q = part.strip().lower().partition("x")
         if not (b.isdigit() and q.isdigit() and int(b) > 0 and int(q) > 0):
             raise E.RecipeError(f"--shapes: expected BATCHxSEQ items like 1x128, got {part!r}")
         scen.append((int(b), int(q)))
-    doc = bench_artifact(artifact, original=original, scenarios=scen, runs=runs, warmup=warmup, threads=threads,
+    doc = bench_artifact(artifact, original=original, scenarios=scen or None, runs=runs, warmup=warmup, threads=threads,
                          console=None if as_json else err)  # fmt: skip
     try:
         j, md = write_results(doc, output if output is not None else artifact)
