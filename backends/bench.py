@@ -106,6 +106,14 @@ def has_sequence_dim(graph) -> bool:
     return any(a[k].shape != b[k].shape for k in a)
 
 
+def bench_scenarios(graph, given: list[tuple[int, int]] | None) -> list[tuple[int, int | None]]:
+    """The ``(batch, seq)`` scenarios to time: ``given`` (``--shapes``) or 1x1 and 1x128. A model without a sequence
+    dim: batch 1 (latency) and 8 (throughput) by default, and given SEQs collapse to one run a batch (seq None)."""
+    if has_sequence_dim(graph):
+        return list(given or [(1, 1), (1, 128)])
+    return list(dict.fromkeys((b, None) for b, _ in given)) if given else [(1, None), (8, None)]
+
+
 def _seq_label(seq) -> str:
     return "-" if seq is None else str(seq)
 
@@ -126,10 +134,7 @@ def bench_artifact(path: str | Path, *, original: str | None = None, scenarios: 
     say("loading the compiled library")
     lib = LoadedLib(a)
     g = a.graph
-    if has_sequence_dim(g):
-        scenarios = scenarios or [(1, 1), (1, 128)]
-    else:  # no sequence length: batch 1 (latency) and 8 (throughput) by default; given SEQs collapse (one run a batch)
-        scenarios = list(dict.fromkeys((b, None) for b, _ in scenarios)) if scenarios else [(1, None), (8, None)]
+    scenarios = bench_scenarios(g, scenarios)
     dense_graph, dense_onnx, dense_label = original_graph(a, original)
     say("compiling the uncompressed model with the same backend (dense tvm)")
     tmp = interrupt.temp_dir("sparsec-bench-")

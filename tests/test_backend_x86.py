@@ -1198,3 +1198,23 @@ def test_tvm_build_errors_name_the_reason_and_the_construct():
     assert "\n" not in got and "CodeGenVM cannot emit" in got and got.endswith("(at R.add(alloc9, alloc10))"), got
     assert _tvm_reason(ValueError("one line only")) == "one line only"
     assert _tvm_reason(RuntimeError("")) == "RuntimeError"
+
+
+def test_bench_scenarios_follow_whether_the_model_has_a_sequence_dim():
+    """An image model has no sequence length: `sparsec bench` timed 1x1 and a fake 1x128 of the same input; it now
+    times batch 1 and 8 (given BATCHxSEQ items collapse to one a batch). Token models keep 1x1, 1x128 or --shapes."""
+    from sparsec.backends.bench import bench_scenarios, has_sequence_dim
+    from sparsec.compressor.compress import load_example
+
+    rng = np.random.default_rng()
+    img = Graph("img")
+    img.inputs, img.outputs = ["x"], ["y"]
+    img.add_value("x", "float32", ("b", 4))
+    img.add_value("y", "float32", ("b", 4))
+    img.nodes.append(Linear("fc", ["x"], ["y"], weight=rng.standard_normal((4, 4)).astype(np.float32)))
+    assert not has_sequence_dim(img)
+    assert bench_scenarios(img, None) == [(1, None), (8, None)]
+    assert bench_scenarios(img, [(1, 1), (1, 128), (4, 16)]) == [(1, None), (4, None)]
+    gpt = load_example("tiny-gpt").graph
+    assert has_sequence_dim(gpt)
+    assert bench_scenarios(gpt, None) == [(1, 1), (1, 128)] and bench_scenarios(gpt, [(2, 7)]) == [(2, 7)]
