@@ -390,13 +390,15 @@ def load_calibration(graph: Graph, data: str | None, *, samples: int, seq_len: i
     n_held = int(round(heldout)) if heldout >= 1 else int(np.ceil(heldout * n))
     if heldout > 0 and n_held == 0:
         n_held = 1
-    if n_held >= n:
-        if n >= 2:
-            n_held = max(1, n // 2)
-        else:
-            n_held = 0
-            if heldout > 0:
-                warnings.append("only one calibration sample: no held-out split, errors are measured on the fitting data")
+    if n < 2:
+        if heldout > 0:
+            warnings.append("only one calibration sample: no held-out split, errors are measured on the fitting data")
+        n_held = 0
+    elif n_held > n // 2:  # a count (a fraction is at most 0.5): never more held out than fitted on
+        if heldout >= 1:
+            warnings.append(f"--heldout {int(round(heldout))} of {n} calibration samples would leave {max(n - n_held, 0)} to fit "
+                            f"on: holding out {n // 2}")  # fmt: skip
+        n_held = n // 2
     sb = static_batch(graph)
     if sb is not None and sb > 1:  # a model exported with a fixed batch size runs on batches of exactly that size
         batch_size = sb

@@ -274,3 +274,17 @@ def test_inputs_sharing_a_named_dim_must_agree():
     assert set(validate_arrays(ok, g, "x")) == {"ids", "mask"}
     with pytest.raises(CalibrationError, match=r"'mask' has seq=5 \(dim 1\) but 'ids' has seq=7"):
         validate_arrays({"ids": ok["ids"], "mask": np.ones((2, 5), np.int64)}, g, "x")
+
+
+def test_heldout_count_never_leaves_fewer_samples_to_fit_than_it_holds_out(tmp_path):
+    """--heldout N (a count) near the sample count: 31 of 32 left SparseGPT one sample to fit on, 32 silently held out
+    16. A count is capped at half the samples, as a fraction is (at most 0.5), and says so; smaller counts are exact."""
+    rng = np.random.default_rng()
+    g = raised_graph(rng, layers=1)
+    np.savez(tmp_path / "a.npz", ids=_ids(rng, 32, 6))
+    for asked, held, warned in ((31, 16, True), (32, 16, True), (40, 16, True), (16, 16, False), (5, 5, False)):
+        fit, ho = load_calibration(g, str(tmp_path / "a.npz"), samples=128, seq_len=None, seed=0, heldout=asked)
+        assert (fit.num_samples, ho.num_samples) == (32 - held, held), asked
+        assert any(f"--heldout {asked} of 32" in w for w in fit.warnings) == warned, (asked, fit.warnings)
+    fit, ho = load_calibration(g, str(tmp_path / "a.npz"), samples=128, seq_len=None, seed=0, heldout=0.5)
+    assert (fit.num_samples, ho.num_samples) == (16, 16) and not fit.warnings
