@@ -262,8 +262,8 @@ class Selection:
     """Which Linear layers a pass touches: ``include``/``exclude`` regexes searched in the layer name.
 
     By default the output head (a Linear whose output reaches a graph output through no other Linear), MoE
-    routers and the residual shortcuts that slicing adds are left out; an ``include`` pattern that names them
-    explicitly brings them in.
+    routers, single-output layers (gates, scores) and the residual shortcuts that slicing adds are left out; an
+    ``include`` pattern that names them explicitly brings them in.
     """
 
     include: list[str] = field(default_factory=list)
@@ -287,6 +287,10 @@ class Selection:
                 out[name] = (False, "MoE router (include it by name to compress it)")
             elif lin.meta.get("sparsec.slicing") and not (inc and any(p.search(name) for p in inc)):
                 out[name] = (False, "residual shortcut added by slicing (include it by name to compress it)")
+            elif lin.out_features == 1 and not (inc and any(p.search(name) for p in inc)):
+                # a gate or score (Qwen2-MoE's shared_expert_gate: sigmoid(x W) scales the shared expert): router-like,
+                # and one row saves nothing worth its error
+                out[name] = (False, "one output: a gate or score (include it by name to compress it)")
             else:
                 out[name] = (True, "")
         return out

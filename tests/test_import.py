@@ -520,3 +520,26 @@ def test_einsum_and_bare_parameter_layers_raise_to_linears(exporter, tmp_path):
         with torch.no_grad():
             mod = model(torch.from_numpy(feeds["x"]))
         assert tm.rel((mod[0] if odd else mod).numpy(), ref[0]) < 1e-4
+
+
+def test_single_output_gates_are_left_out_by_default_like_routers(tmp_path):
+    """A one-output Linear is a gate or a score (Qwen2-MoE's shared_expert_gate: sigmoid(x W) scales the shared expert):
+    router-like, and pruning its one row saves nothing; the default selection leaves it out with a reason, and an
+    include pattern naming it brings it in. Wider layers of the same model are selected."""
+    from sparsec.compressor.pipeline import Selection
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = torch.nn.Linear(32, 64), torch.nn.Linear(64, 32)
+            self.gate, self.head = torch.nn.Linear(32, 1), torch.nn.Linear(32, 10)
+
+        def forward(self, x):
+            return self.head(x + torch.sigmoid(self.gate(x)) * self.down(torch.relu(self.up(x))))
+
+    torch.onnx.export(M().eval(), (torch.randn(2, 32),), str(tmp_path / "m.onnx"), dynamo=False, input_names=["x"])
+    g = load_onnx(str(tmp_path / "m.onnx"))
+    got = Selection().decide(g, "test")
+    assert got["gate"][0] is False and "gate or score" in got["gate"][1], got
+    assert got["up"] == (True, "") and got["down"] == (True, "") and got["head"][0] is False
+    assert Selection(include=["gate", "up"]).decide(g, "test")["gate"] == (True, "")
