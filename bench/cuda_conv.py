@@ -29,14 +29,15 @@ VARIANTS = {"dense": ["--exclude", ".*"], "nm24": ["--nm", "2:4", "--method", "m
 BATCHES = (1, 8, 32)
 
 
-def net():
+def net(groups: int = 1):
+    """The ResNet-style net; ``groups`` > 1: its 3x3 convs grouped (ResNeXt-style: 32 groups of 2 / 4 / 8 channels)."""
     import torch.nn as nn
 
     class Bottleneck(nn.Module):
         def __init__(self, cin, mid, cout, stride):
             super().__init__()
             self.a = nn.Conv2d(cin, mid, 1)
-            self.b = nn.Conv2d(mid, mid, 3, stride=stride, padding=1)
+            self.b = nn.Conv2d(mid, mid, 3, stride=stride, padding=1, groups=groups)
             self.c = nn.Conv2d(mid, cout, 1)
             self.proj = nn.Conv2d(cin, cout, 1, stride=stride)
             self.act = nn.ReLU()
