@@ -171,7 +171,7 @@ def inspect(
 
 # ----------------------------------------------------------------------------------------------------------------
 def build_recipe(recipe_path, target, seed, calib, calib_samples, seq_len, heldout, batch_size, max_error, device, flags: dict):
-    from sparsec.compressor.pipeline import PassSpec, Recipe, load_recipe, recipe_from_dict
+    from sparsec.compressor.pipeline import PassSpec, Recipe, load_recipe, pass_registry, recipe_from_dict
 
     r = load_recipe(recipe_path) if recipe_path else Recipe()
     if target is not None:
@@ -196,13 +196,28 @@ def build_recipe(recipe_path, target, seed, calib, calib_samples, seq_len, heldo
         r.max_error = max_error
     if device is not None:
         r.device = device
+    reg = pass_registry()
+    canonical = lambda t: reg[t].name if t in reg else t  # noqa: E731 - a recipe may name a pass by an alias (prune, quant)
     for spec in passes_from_flags(flags):
-        existing = next((p for p in r.passes if p.type == spec.type), None)
+        existing = next((p for p in r.passes if canonical(p.type) == spec.type), None)
         if existing is None:
             r.passes.append(spec)
         else:
             existing.params.update(spec.params)
+    # --include / --exclude select the Linear layers of every pass that compresses them, the recipe's passes too
+    sel = {k: list(flags[k]) for k in ("include", "exclude") if flags.get(k)}
+    if sel:
+        takers = [p for p in r.passes if canonical(p.type) in _SELECTING_PASSES]
+        if not takers:
+            flag = " / ".join(f"--{k}" for k in sel)
+            raise E.RecipeError(f"{flag} selects the layers a pass compresses; give --nm, --quant or --compensate (or a recipe "
+                                "with such a pass) too")  # fmt: skip
+        for p in takers:
+            p.params.update(sel)
     return r
+
+
+_SELECTING_PASSES = ("nm_prune", "group_quant", "lowrank")  # passes whose include / exclude name Linear layers
 
 
 def parse_quant(quant) -> int:

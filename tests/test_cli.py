@@ -464,3 +464,29 @@ def test_generated_bool_masks_follow_the_models_convention(convention, tmp_path)
     warns = json.loads((out / "report.json").read_text())["warnings"]
     flipped = [w for w in warns if "bool input" in w]
     assert (flipped and "'mask'" in flipped[0]) if convention == "padding" else not flipped, warns
+
+
+def test_selection_flags_apply_to_the_recipes_passes_and_aliases_merge(gpt2_onnx, tmp_path):
+    """`--exclude` / `--include` with a recipe select the layers of the recipe's passes too (they were attached only to
+    passes built from flags: ignored, exit 0); a recipe pass named by an alias (`type: prune`) merges with the flag of
+    that pass (it failed: "pass 'nm_prune' appears twice"); a selection with no pass to apply to is a recipe error."""
+    from sparsec.cli.main import build_recipe
+
+    (tmp_path / "r.yaml").write_text("passes:\n  - type: prune\n    nm: '4:8'\n  - type: quant\n    bits: 8\n")
+    args = (None, None, None, None, None, None, None, None, None)
+    r = build_recipe(str(tmp_path / "r.yaml"), *args, {"nm": "2:4", "exclude": ["mlp"], "quant": 4})
+    assert [p.type for p in r.passes] == ["prune", "quant"], r.passes
+    assert r.passes[0].params["nm"] == "2:4" and r.passes[1].params["bits"] == 4
+    assert all(p.params["exclude"] == ["mlp"] for p in r.passes)
+    r = build_recipe(str(tmp_path / "r.yaml"), *args, {"include": ["h\\.0\\."]})
+    assert all(p.params["include"] == ["h\\.0\\."] for p in r.passes)
+    _one_line_error(sparsec("compress", gpt2_onnx[1], "-o", tmp_path / "none", "--exclude", "mlp"), 6, "--exclude")
+    # through the CLI: the recipe's pass leaves the excluded layers dense
+    (tmp_path / "p.yaml").write_text("passes:\n  - type: nm_prune\n    nm: '2:4'\n    method: magnitude\n")
+    out = tmp_path / "out"
+    r = sparsec("compress", gpt2_onnx[1], "--recipe", tmp_path / "p.yaml", "--exclude", "mlp", "--no-build", "-o", out, "-q")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((out / "report.json").read_text())["passes"][0]["rows"]
+    mlp = [row for row in rows if "mlp" in row["name"]]
+    assert mlp and all(row["status"] == "excluded" for row in mlp), mlp
+    assert any(row["status"] == "compressed" for row in rows)
