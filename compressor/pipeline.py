@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import pkgutil
 import re
 from dataclasses import dataclass, field
@@ -228,7 +229,15 @@ def load_recipe(path: str) -> Recipe:
         raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})")
     if doc is None:
         doc = {}
-    return recipe_from_dict(doc, where=path)
+    r = recipe_from_dict(doc, where=path)
+    data = r.calibration.data
+    if data and not os.path.isabs(data):
+        # relative to the recipe file, as a batch job file's paths are to it (a path that exists only from the working
+        # directory, as earlier versions read it, still works)
+        here = os.path.join(os.path.dirname(os.path.abspath(path)), data)
+        if os.path.exists(here) or not os.path.exists(data):
+            r.calibration.data = here
+    return r
 
 
 # ----------------------------------------------------------------------------------------------------------------

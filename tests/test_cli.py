@@ -490,3 +490,17 @@ def test_selection_flags_apply_to_the_recipes_passes_and_aliases_merge(gpt2_onnx
     mlp = [row for row in rows if "mlp" in row["name"]]
     assert mlp and all(row["status"] == "excluded" for row in mlp), mlp
     assert any(row["status"] == "compressed" for row in rows)
+
+
+def test_recipe_calibration_path_is_relative_to_the_recipe(gpt2_onnx, tmp_path):
+    """A recipe's `calibration.data` is read relative to the recipe file (as a batch job file's paths are), not to the
+    working directory: `sparsec batch ci/jobs.yaml` run from the repository root failed with 'no such file'."""
+    model, path = gpt2_onnx
+    (tmp_path / "rec").mkdir()
+    np.savez(tmp_path / "rec" / "c.npz", **tm.feeds_for(model, b=8, t=10, seed=3))
+    (tmp_path / "rec" / "r.yaml").write_text("calibration: {data: c.npz}\npasses:\n  - {type: nm_prune, nm: '2:4', method: wanda}\n")
+    (tmp_path / "elsewhere").mkdir()
+    r = sparsec("compress", path, "--recipe", tmp_path / "rec" / "r.yaml", "--no-build", "-o", tmp_path / "out", "-q",
+                cwd=tmp_path / "elsewhere")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "generated" not in r.stderr and "c.npz" in json.loads((tmp_path / "out" / "report.json").read_text())["quality"]["eval_source"]
