@@ -41,6 +41,7 @@ from ..compressor.formats import Dense, NMSparse, nm_mask_valid
 from ..compressor.ir import Graph, Linear
 from ..compressor.pipeline import Pass, PassContext, Selection, make_row, parse_overrides, parse_params, register_pass, skipped_by
 from ..compressor.report import PassReport
+from . import _reference
 from .obs import nm_mask_from_scores, obs_solve
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -251,6 +252,7 @@ class NMPrune(Pass):
             fmt = fmt.with_values(Dense(fmt.values.materialize().astype(before.data.dtype)))
         if not np.isfinite(fmt.values.materialize()).all():
             raise PassError(f"layer '{lin.name}': pruning produced NaN or inf")
+        _reference.remember(ctx, lin)  # the dense weight low-rank compensation fits against (after slicing: not the original's)
         lin.weight = fmt
         if "tied_to" in lin.meta:
             notes.append(f"untied from {lin.meta['tied_to']}")

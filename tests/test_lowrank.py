@@ -161,3 +161,34 @@ def test_onnx_of_compensated_weight():
     fmt = LowRank(gq, f.a.astype(np.float16), f.b.astype(np.float16))
     err, ops, _, _ = ort_vs_executor(one_linear_graph(fmt))
     assert err < 1e-5 and "MatMulNBits" in ops and "Cast" in ops
+
+
+@pytest.fixture(scope="module")
+def llama_graph(tmp_path_factory):
+    from sparsec.compressor.frontends.onnx import load_onnx
+
+    from . import models as tm
+
+    path = tm.export_onnx(tm.build("llama"), str(tmp_path_factory.mktemp("llama") / "m.onnx"), "torchscript", 17)
+    return load_onnx(path)
+
+
+@pytest.mark.parametrize("second", [("nm_prune", {"nm": "2:4"}), ("group_quant", {"bits": 4, "group_size": 16})])
+def test_compensation_after_slicing_fits_the_sliced_dense_weight(llama_graph, second):
+    """After slicing, a layer's dense reference is its sliced (rotated) weight, which the untouched model does not have:
+    N:M pruning did not record it, so `--slice --nm --compensate` compensated no layer ("the dense weight before
+    compression is not known", exit 0); quantization did. Both now fit W_sliced - Ŵ: a low rank lowers every layer's
+    error, and full rank gives back the sliced dense weight."""
+    for method, rank in (("eora", 8), ("svd", 4096)):
+        g = llama_graph.copy()
+        (_, _, lr), ctx = run_recipe(g, [("slicing", {"fraction": 0.25}), second, ("lowrank", {"method": method, "rank": rank, "dtype": "float32"})])
+        rows = [r for r in lr.rows if r.status == "compressed"]
+        assert rows and not [r for r in lr.rows if r.status == "skipped"], [(r.name, r.status, r.reason) for r in lr.rows]
+        refs = ctx.products["reference_weights"]
+        assert {r.name for r in rows} <= set(refs)  # every compensated layer was sliced: its reference was recorded
+        if method == "eora":
+            assert all(r.error < r.error_before for r in rows)
+        else:
+            for lin in g.linears():
+                if lin.name in {r.name for r in rows}:
+                    np.testing.assert_allclose(lin.weight.materialize(), refs[lin.name], atol=1e-4)
