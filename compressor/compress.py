@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .artifact import ArtifactContent, check_output_dir, write_artifact
-from .errors import ModelLoadError, NumericalError, RecipeError, ShapeError
+from .errors import ModelLoadError, NumericalError, RecipeError, ShapeError, UnsupportedOpError
 from .ir import Graph
 from .pipeline import PassContext, Recipe, build_passes, run_passes
 from .report import Report
@@ -243,6 +243,11 @@ def compress(source: Source, recipe: Recipe, out: str | os.PathLike, *, force: b
     torch.manual_seed(recipe.seed)
     device = resolve_device(recipe.device)
     graph = source.graph
+    if graph.meta.get("prequantized"):
+        # its integer weights would come back as float (the artifact larger than the input) and re-exporting its
+        # activation quantizers moves their rounding: refused instead
+        raise UnsupportedOpError(f"the model is already quantized ({graph.meta['prequantized']}): sparsec compresses "
+                                 "float models; give it the model before quantization")  # fmt: skip
     check_weights_finite(graph)
     original = graph.copy()
 

@@ -504,3 +504,34 @@ def test_recipe_calibration_path_is_relative_to_the_recipe(gpt2_onnx, tmp_path):
                 cwd=tmp_path / "elsewhere")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "generated" not in r.stderr and "c.npz" in json.loads((tmp_path / "out" / "report.json").read_text())["quality"]["eval_source"]
+
+
+def test_already_quantized_models_are_refused_with_the_reason(tmp_path):
+    """Models quantized by onnxruntime.quantization (dynamic: MatMulInteger; static QDQ: integer weights behind
+    DequantizeLinear; QOperator: QGemm) were taken as they came: no Linear found (dynamic: '0 compressed', exit 0), or the
+    int8 weights turned back into float32 (a 22 KB model became 140 KB) and model.onnx off the original by 1.6%. Now
+    `compress` refuses them (exit 4, naming what is quantized) and `inspect` warns; the float model still compresses."""
+    import torch
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_dynamic, quantize_static
+
+    m = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16)).eval()
+    src = tmp_path / "f.onnx"
+    torch.onnx.export(m, (torch.randn(4, 32),), str(src), dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "b"}})
+    rng = np.random.default_rng()
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"x": rng.standard_normal((4, 32)).astype(np.float32)} for _ in range(4)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_dynamic(str(src), str(tmp_path / "dyn.onnx"))
+    quantize_static(str(src), str(tmp_path / "qdq.onnx"), Reader(), quant_format=QuantFormat.QDQ)
+    for name, what in (("dyn", "MatMulInteger"), ("qdq", "DequantizeLinear")):
+        _one_line_error(sparsec("compress", tmp_path / f"{name}.onnx", "--nm", "2:4", "-o", tmp_path / name), 4, "already quantized", what)
+        assert not (tmp_path / name).exists()
+        r = sparsec("inspect", tmp_path / f"{name}.onnx")
+        assert r.returncode == 0 and "already quantized" in r.stdout + r.stderr, r.stderr
+    r = sparsec("compress", src, "--nm", "2:4", "--no-build", "-o", tmp_path / "float", "-q")
+    assert r.returncode == 0, r.stderr

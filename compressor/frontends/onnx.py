@@ -400,8 +400,35 @@ def load_onnx(source: "str | os.PathLike | onnx.ModelProto", *, name: str | None
     if bfloat16_as_float32(g):
         g.meta["source_float"] = "bfloat16"
         g.meta.setdefault("import_warnings", []).append(BF16_WARNING)
+    pq = prequantized(g)
+    if pq:
+        g.meta["prequantized"] = pq
+        g.meta.setdefault("import_warnings", []).append(f"the model is already quantized ({pq}): sparsec compresses float "
+                                                        "models")  # fmt: skip
     if raise_ops:
         g.meta["raised"] = raise_graph(g)
     if validate:
         g.validate()
     return g
+
+
+# integer-arithmetic and quantized-weight operators of quantization tools (onnxruntime.quantization: quantize_dynamic,
+# QOperator format; com.microsoft contrib ops); QDQ models are recognised by a DequantizeLinear of an integer constant
+_QUANT_OPS = {"MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "DynamicQuantizeLinear", "QGemm",
+              "MatMulNBits", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QAttention", "QLinearAdd", "QLinearMul",
+              "DynamicQuantizeLSTM", "QOrderedMatMul", "GatherBlockQuantized"}  # fmt: skip
+
+
+def prequantized(g: Graph) -> str:
+    """What makes ``g`` an already-quantized model ("" when nothing does): integer operators, or weights stored as
+    integers behind a ``DequantizeLinear`` (QDQ)."""
+    from collections import Counter
+
+    ops = Counter(n.op_type for n in g.nodes if isinstance(n, Generic) and n.op_type in _QUANT_OPS)
+    qdq = [n for n in g.nodes if isinstance(n, Generic) and n.op_type == "DequantizeLinear" and n.inputs
+           and n.inputs[0] in g.constants and np.asarray(g.constants[n.inputs[0]]).dtype.kind in "iu"]  # fmt: skip
+    parts = [f"{k} x{v}" for k, v in sorted(ops.items())]
+    if qdq:
+        eg = next((n for n in qdq if np.ndim(g.constants[n.inputs[0]]) >= 2), qdq[0])  # a weight matrix, not a bias
+        parts.append(f"{len(qdq)} integer weight(s) behind DequantizeLinear, e.g. '{eg.inputs[0]}'")
+    return ", ".join(parts)
