@@ -15,6 +15,7 @@ import numpy as np
 
 from .artifact import ArtifactContent, check_output_dir, write_artifact
 from .errors import ModelLoadError, NumericalError, RecipeError, ShapeError, UnsupportedOpError
+from .formats import Dense
 from .ir import Graph
 from .pipeline import PassContext, Recipe, build_passes, run_passes
 from .report import Report
@@ -206,12 +207,28 @@ class CompressResult:
     threshold_failed: list[str] = field(default_factory=list)
 
 
-def outcome_warnings(bytes_before: int, bytes_after: int, reports) -> list[str]:
+def shared_weights(graph) -> list[str]:
+    """Weights that several Linear layers apply and that are no longer stored once (a compressed use is stored per
+    layer), as "first layer: N uses"."""
+    uses: dict[str, list] = {}
+    for lin in graph.linears():
+        if lin.meta.get("weight_name"):
+            uses.setdefault(lin.meta["weight_name"], []).append(lin)
+    return [f"{ls[0].name}: {len(ls)} uses" for ls in uses.values() if len(ls) > 1 and any(not isinstance(lin.weight, Dense) for lin in ls)]
+
+
+def outcome_warnings(bytes_before: int, bytes_after: int, reports, shared: list[str] | None = None) -> list[str]:
     """What a user would want flagged about the result: a pass that compressed no layer (patterns that match nothing,
-    every layer excluded or skipped), a model that got larger than the original (a low-rank path of a large rank)."""
+    every layer excluded or skipped, a model with no Linear layer), a model that got larger than the original (a
+    low-rank path of a large rank; ``shared``: weights applied by several layers, stored once per use once
+    compressed)."""
     out = []
     for rep in reports:
-        if rep.name == "expert_merge" or not rep.rows or any(r.status == "compressed" for r in rep.rows):
+        if rep.name == "expert_merge" or any(r.status == "compressed" for r in rep.rows):
+            continue
+        if not rep.rows:
+            out.append(f"{rep.name} compressed no layer: the model has no Linear layer it can compress (`sparsec inspect "
+                       "MODEL` lists the layers sparsec recognises)")  # fmt: skip
             continue
         notes: dict[str, int] = {}
         for r in rep.rows:
@@ -221,8 +238,10 @@ def outcome_warnings(bytes_before: int, bytes_after: int, reports) -> list[str]:
         out.append(f"{rep.name} compressed no layer: {k} of {len(rep.rows)} {why!r}" + (
             " (check the --include / --exclude patterns against the layer names: `sparsec inspect MODEL`)" if "included" in why or "pattern" in why else ""))
     if bytes_after > bytes_before:
-        out.append(f"the compressed model stores more bytes than the original ({bytes_after:,} > {bytes_before:,}); e.g. a low-rank "
-                   f"path of a rank near the layers' width costs more than it saves")  # fmt: skip
+        why = (f"a weight applied by several layers is stored once per use once compressed ({', '.join(shared[:3])}"
+               f"{', ...' if len(shared) > 3 else ''}; exclude those layers to keep it shared)" if shared
+               else "e.g. a low-rank path of a rank near the layers' width costs more than it saves")  # fmt: skip
+        out.append(f"the compressed model stores more bytes than the original ({bytes_after:,} > {bytes_before:,}); {why}")
     return out
 
 
@@ -273,7 +292,7 @@ def compress(source: Source, recipe: Recipe, out: str | os.PathLike, *, force: b
     warnings.extend(ctx.warnings)
     # the graph is final here (the build reads it): its bytes are computed once, for the warnings and the report
     bytes_before, bytes_after = int(original.source_nbytes()), int(graph.nbytes())
-    warnings.extend(outcome_warnings(bytes_before, bytes_after, reports))
+    warnings.extend(outcome_warnings(bytes_before, bytes_after, reports, shared_weights(graph)))
 
     quality: dict[str, Any] = {}
     tq = time.perf_counter()

@@ -535,3 +535,40 @@ def test_already_quantized_models_are_refused_with_the_reason(tmp_path):
         assert r.returncode == 0 and "already quantized" in r.stdout + r.stderr, r.stderr
     r = sparsec("compress", src, "--nm", "2:4", "--no-build", "-o", tmp_path / "float", "-q")
     assert r.returncode == 0, r.stderr
+
+
+def test_outcome_warnings_name_a_pass_with_no_layer_and_shared_weights(tmp_path):
+    """A pass given a model with no Linear layer it can compress said nothing (exit 0, '0 compressed'); a model that
+    grew because a weight several layers apply is stored per use once compressed (ALBERT-style sharing) was blamed on
+    'a low-rank path of a large rank'. Both warnings now name the actual cause; the shared weight is found from the
+    graph (a Linear called twice, exported by torch)."""
+    import torch
+
+    from sparsec.compressor.compress import outcome_warnings, shared_weights
+    from sparsec.compressor.formats import NMSparse
+    from sparsec.compressor.frontends.onnx import load_onnx
+    from sparsec.compressor.report import PassReport
+
+    (w,) = outcome_warnings(10, 10, [PassReport("nm_prune")])
+    assert w.startswith("nm_prune compressed no layer: the model has no Linear layer"), w
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = torch.nn.Linear(32, 32), torch.nn.Linear(32, 4)
+
+        def forward(self, x):
+            return self.head(self.fc(torch.relu(self.fc(x))))
+
+    torch.onnx.export(Twice().eval(), (torch.randn(2, 32),), str(tmp_path / "t.onnx"), dynamo=False, input_names=["x"])
+    g = load_onnx(str(tmp_path / "t.onnx"))
+    assert shared_weights(g) == []  # still dense: stored once
+    fcs = [lin for lin in g.linears() if lin.out_features == 32]
+    assert len(fcs) == 2
+    fcs[0].weight = NMSparse.from_dense(fcs[0].weight.materialize(), 2, 4)
+    (shared,) = shared_weights(g)
+    assert shared.endswith(": 2 uses"), shared
+    (w,) = outcome_warnings(100, 120, [], [shared])
+    assert "stored once per use" in w and shared in w and "low-rank" not in w, w
+    (w,) = outcome_warnings(100, 120, [])
+    assert "low-rank" in w
