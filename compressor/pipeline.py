@@ -524,5 +524,17 @@ def run_passes(graph: Graph, passes: list[Pass], ctx: PassContext) -> list[PassR
         rep = p(graph, ctx)
         if not rep.params:
             rep.params = p.params_dict()
+        rep.warnings.extend(unmatched_overrides(p, rep))
         reports.append(rep)
     return reports
+
+
+def unmatched_overrides(p: "Pass", rep: PassReport) -> list[str]:
+    """Overrides of a layer pass whose ``match`` names none of the layers it saw (a typo: 'mlpp'), which changed
+    nothing without a word."""
+    overrides = getattr(p, "overrides", None)
+    if p.name not in ("nm_prune", "group_quant", "lowrank") or not overrides or not rep.rows:
+        return []
+    names = [r.name for r in rep.rows]
+    return [f"{p.where}.overrides[{i}]: match {o.match.pattern!r} names no layer (`sparsec inspect MODEL` lists them)"
+            for i, o in enumerate(overrides) if not any(o.match.search(n) for n in names)]  # fmt: skip

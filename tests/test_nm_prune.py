@@ -520,3 +520,16 @@ def test_cli_npz_max_error_and_recipe_equivalence(bert_onnx, tmp_path, monkeypat
     assert code == 1 and "exceeds --max-error" in err
     code, _, err = sparsec_inproc(monkeypatch, capsys, "compress", path, *flags, "-o", tmp_path / "d", "--quiet", "--max-error", err_value * 2)
     assert code == 0, err
+
+
+def test_an_override_that_names_no_layer_is_flagged():
+    """An override whose `match` selects no layer (a typo: 'mlpp') changed nothing and said nothing; the pass report
+    now warns, naming it. Overrides that match stay quiet."""
+    from .test_quant import raised_graph, run_recipe
+
+    g = raised_graph(np.random.default_rng(), d=32, h=64)
+    (rep,), _ = run_recipe(g, [("nm_prune", {"nm": "2:4", "overrides": [{"match": r"\.upp$", "skip": True},
+                                                                        {"match": r"layers\.0\.", "nm": "4:8"}]})])  # fmt: skip
+    flagged = [w for w in rep.warnings if "names no layer" in w]
+    assert len(flagged) == 1 and "overrides[0]" in flagged[0] and ".upp$" in flagged[0], rep.warnings
+    assert any(r.status == "compressed" and r.name.endswith(".up") for r in rep.rows)
