@@ -845,8 +845,9 @@ def _param_path(lin: Linear, module: str | None) -> str | None:
     w = lin.meta.get("weight_name", "")
     if not _PARAM_SUFFIX.search(w) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", w) and not _GENERATED.match(w):
         # a bare parameter used as the weight (``einsum('bsd,fd->bsf', x, self.w1)``, ``x @ self.proj``): its own path
-        # names the layer (``blocks.0.w1``), where it belongs to the node's module or the node has none
-        if not module or w.rpartition(".")[0] == module:
+        # names the layer (``blocks.0.w1``), where it belongs to the node's module, or the node has no module and an
+        # exporter-made name (``/Einsum``, ``node_einsum_4``; a hand-written graph's node names are kept)
+        if (w.rpartition(".")[0] == module) if module else _exporter_made(lin):
             return w
     for key in ("weight_name", "bias_name"):
         p = lin.meta.get(key, "")
@@ -859,6 +860,12 @@ def _param_path(lin: Linear, module: str | None) -> str | None:
         if path != module and last in path.split(".") and path.count(".") > module.count("."):
             return path
     return module
+
+
+def _exporter_made(lin: Linear) -> bool:
+    """The raised node's ONNX name is one an exporter made from its op type (``/MatMul_1``, ``node_einsum_4``)."""
+    m = re.fullmatch(r"/?(?:node_)?([A-Za-z]+)(?:_\d+)?", lin.name)
+    return m is not None and m.group(1).lower() in ("matmul", "einsum", "gemm")
 
 
 # ----------------------------------------------------------------------------------------------------------------
