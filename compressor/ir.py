@@ -730,6 +730,16 @@ class Graph:
                 keys[id(n)] = -1 if all(k < 0 for k in pk) else nblocks
             else:
                 keys[id(n)] = max(pk) if pk else -1
+        # a node no block owns never sorts after its readers: an encoder's final norm (module 'enc_final', no block) is
+        # read by every decoder block's cross-attention; keyed "epilogue", the toposort put it between the nodes of the
+        # first decoder block and split that block in two (its first part run, and its values kept, as a block of its
+        # own: slicing rotated a shortcut after its output had been computed)
+        cons = self.consumers()
+        for n in reversed(self.nodes):
+            if block_of_module(n.module) is None:
+                later = [keys[id(c)] for o in n.outputs if o for c in cons.get(o, ())]
+                if later and min(later) < keys[id(n)]:
+                    keys[id(n)] = min(later)
         self.toposort(key=lambda n: keys[id(n)])
         names = {v: k for k, v in order.items()}
         blocks: list[Block] = []

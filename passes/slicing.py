@@ -579,9 +579,11 @@ class _Finder:
                 for c2, i2, chain2, at2 in self.uses(c.outputs[0]):
                     self._chain(s, chain2)
                     for n in chain2:
-                        if self.scaling(n):
-                            raise _cannot(f"'{n.name}' scales the output of norm '{c.name}' before its readers; "
-                                          f"sparsec cannot fold it")  # fmt: skip
+                        # a scalar commutes with the rotation and with γ folded into the readers, not with β folded
+                        # into their biases (T5's tied head scales its final RMSNorm's output by d ** -0.5)
+                        if self.scaling(n) and isinstance(c, LayerNorm) and c.bias is not None and np.any(np.asarray(c.bias) != 0):
+                            raise _cannot(f"'{n.name}' scales the output of norm '{c.name}' (which has a bias) before "
+                                          f"its readers; sparsec cannot fold it")  # fmt: skip
                     self.consume(s, c, c2, i2, at2)
             return
         if isinstance(c, (Linear, MoE)) and not isinstance(c, Conv) and i == 0:
