@@ -1119,7 +1119,7 @@ class _Lowerer:
             elif kb and not ka:
                 new[ia][da] = hb
                 changed.add(ia)
-            elif ka and kb and not _is_const(ha) and not _is_const(hb):
+            elif ka and kb and _static_int(ha) is None and _static_int(hb) is None:
                 # two graph inputs' own dims that the model combines (input_ids [b1, s1] and attention_mask [b2, s2]
                 # from the TorchScript exporter's list-form dynamic_axes, which names every input's axes apart): ONNX
                 # requires them equal here, so b's is cast to a's (checked at run time, and by the runtimes before a
@@ -1331,14 +1331,8 @@ class _ConvGeometry:
     pads: tuple[int, ...]
     dilations: tuple[int, ...]
 
-    @property
-    def kernel_size(self) -> int:
-        return int(np.prod(self.kernel_shape))
-
-    def out_spatial(self, spatial: list[int]) -> list[int]:
-        nd = len(self.kernel_shape)
-        return [(spatial[i] + self.pads[i] + self.pads[nd + i] - self.dilations[i] * (self.kernel_shape[i] - 1) - 1)
-                // self.strides[i] + 1 for i in range(nd)]  # fmt: skip
+    kernel_size = Conv.kernel_size  # the raised Conv's, on the same four fields
+    out_spatial = Conv.out_spatial
 
 
 def _im2col_te(n: "Conv | _ConvGeometry", outs: list[int], groups: int = 1):
@@ -1510,12 +1504,6 @@ def _is_one(d) -> bool:
     from tvm import tirx
 
     return isinstance(d, (int, tirx.IntImm)) and int(d) == 1
-
-
-def _is_const(d) -> bool:
-    from tvm import tirx
-
-    return isinstance(d, (int, tirx.IntImm))
 
 
 def _same_dim_expr(a, b) -> bool:
