@@ -210,11 +210,10 @@ class CompressResult:
 def shared_weights(graph) -> list[str]:
     """Weights that several Linear layers apply and that are no longer stored once (a compressed use is stored per
     layer), as "first layer: N uses"."""
-    uses: dict[str, list] = {}
-    for lin in graph.linears():
-        if lin.meta.get("weight_name"):
-            uses.setdefault(lin.meta["weight_name"], []).append(lin)
-    return [f"{ls[0].name}: {len(ls)} uses" for ls in uses.values() if len(ls) > 1 and any(not isinstance(lin.weight, Dense) for lin in ls)]
+    from .frontends.raise_ import linears_by_weight
+
+    return [f"{ls[0].name}: {len(ls)} uses" for ls in linears_by_weight(graph).values()
+            if len(ls) > 1 and any(not isinstance(lin.weight, Dense) for lin in ls)]  # fmt: skip
 
 
 def outcome_warnings(bytes_before: int, bytes_after: int, reports, shared: list[str] | None = None) -> list[str]:

@@ -1000,15 +1000,22 @@ def note_dense_weight_products(g: Graph) -> None:
             f"{shown}")  # fmt: skip
 
 
+def linears_by_weight(g: Graph) -> dict[str, list[Linear]]:
+    """The Linear layers applying each weight initializer (by its import name): several when a layer is called twice
+    or layers share a weight (ALBERT)."""
+    groups: dict[str, list[Linear]] = {}
+    for n in g.linears():
+        if n.meta.get("weight_name"):
+            groups.setdefault(n.meta["weight_name"], []).append(n)
+    return groups
+
+
 def note_repeated_weights(g: Graph) -> None:
     """One weight applied by several Linear layers (a layer called twice): an import warning. Each use is a Linear of
     its own, compressed on its own; while their weights stay identical they are stored and counted once
     (``Graph.nbytes``), once a pass has compressed them differently each is stored."""
-    groups: dict[str, list[str]] = {}
-    for n in g.linears():
-        if n.meta.get("weight_name"):
-            groups.setdefault(n.meta["weight_name"], []).append(n.name)
-    for w, names in groups.items():
+    for w, lins in linears_by_weight(g).items():
+        names = [n.name for n in lins]
         if len(names) > 1:
             shown = ", ".join(f"'{x}'" for x in names[:4]) + (", ..." if len(names) > 4 else "")
             g.meta.setdefault("import_warnings", []).append(
