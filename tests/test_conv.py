@@ -563,16 +563,24 @@ GROUPED = [  # (groups, in, out, kernel, strides, pads, dilations, bias, auto_pa
     (2, 8, 32, (3, 3), (2, 2), None, (1, 1), True, "VALID"),
     (2, 8, 32, (5,), (2,), (2, 1), (1,), True, None),  # Conv1d
     (8, 32, 32, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), True, None),  # 4 outputs a group: TVM's grouped conv
+    # depthwise (one input channel a group): sparsec's channels-last depthwise kernel
+    (16, 16, 16, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), True, None),
+    (20, 20, 40, (3, 3), (2, 2), (0, 1, 1, 0), (2, 1), False, None),  # channel multiplier 2, 40 channels: 8 lanes
+    (24, 24, 24, (7,), (1,), (3, 3), (1,), True, None),  # Conv1d (ConvNeXt-1d / Mamba-style short conv)
+    (16, 16, 16, (3, 3), (2, 2), None, (1, 1), True, "VALID"),
+    (12, 12, 12, (5, 5), (1, 1), (2, 2, 2, 2), (1, 1), True, None),  # 4 lanes
+    (10, 10, 10, (3, 3), (1, 2), (1, 1, 1, 1), (1, 1), False, None),  # 10 channels: not vectorized
 ]
 
 
 @pytest.mark.parametrize("case", GROUPED, ids=lambda c: f"g{c[0]}k{'x'.join(map(str, c[3]))}s{''.join(map(str, c[4]))}")
 def test_grouped_convs_lower_to_im2col_and_a_batched_matmul(tmp_path, monkeypatch, case):
-    """Grouped convs (ResNeXt / RegNet blocks; not depthwise) stay generic ONNX nodes; TVM's grouped conv2d has three
+    """Grouped convs (ResNeXt / RegNet blocks, depthwise convs) stay generic ONNX nodes; TVM's grouped conv2d has three
     reduction axes that no default schedule takes and ran as a plain loop nest (1.36 ms for one 64-channel group-4 3x3
     conv at 16x16, 25x onnxruntime's whole model). With 16 or more outputs a group they lower to a grouped im2col and
-    one batched matmul (fewer: TVM's, faster there): the library equals onnxruntime on the ONNX model, at batch 1 and
-    3, behind another conv (channels-last input) and alone."""
+    one batched matmul (fewer: TVM's, faster there); depthwise convs (any channel multiplier, 1-d too) to sparsec's
+    channels-last depthwise kernel: the library equals onnxruntime on the ONNX model, at batch 1 and 3, behind another
+    conv (channels-last input) and alone."""
     from sparsec.backends import lower as lw
     from sparsec.backends.build import build_to_dir
     from sparsec.backends.runtime import LoadedLib
@@ -605,16 +613,23 @@ def test_grouped_convs_lower_to_im2col_and_a_batched_matmul(tmp_path, monkeypatc
     g = load_onnx(str(path))
     assert sum(isinstance(n, Generic) and n.op_type == "Conv" for n in g.nodes) == 2  # grouped: not raised
     taken = []
-    orig = lw._Lowerer.grouped_conv
 
-    def spy(self, n):
-        y = orig(self, n)
-        taken.append(y is not None)
-        return y
+    def spy(method):
+        orig = getattr(lw._Lowerer, method)
 
-    monkeypatch.setattr(lw._Lowerer, "grouped_conv", spy)
+        def f(self, n):
+            y = orig(self, n)
+            if y is not None:
+                taken.append(method)
+            return y
+
+        monkeypatch.setattr(lw._Lowerer, method, f)
+
+    spy("grouped_conv")
+    spy("depthwise_conv")
     build_to_dir(g, "x86", tmp_path / "lib")
-    assert taken.count(True) == (2 if cout // groups >= lw.GROUPED_CONV_MIN_OUT else 0), taken
+    want = "depthwise_conv" if cin == groups else "grouped_conv" if cout // groups >= lw.GROUPED_CONV_MIN_OUT else None
+    assert taken == ([want] * 2 if want else []), taken
     lib = LoadedLib(lib_dir=tmp_path / "lib", graph=g)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for b in (1, 3):
