@@ -519,6 +519,11 @@ class Graph:
                     out[n.name] = (n, f)
         return out
 
+    def shared_later_uses(self) -> set[str]:
+        """Names of the Linear layers whose weight is, right now, the same tensors as the first use of their source
+        weight: the artifact stores it once (counted with the first use)."""
+        return {name for name, (n, f) in self._later_uses().items() if _same_weight(f.weight, n.weight)}
+
     def _counted(self, nbytes: bool) -> int:
         """Bytes (``nbytes``) or parameters of the nodes' weights, a tied head and the tensors a later use of a weight
         shares with its first use left out."""

@@ -449,6 +449,7 @@ class Pass:
             self.requires(graph, ctx)
         except PassError as e:
             raise PassError(f"{self.name}: precondition failed: {e.message}") from e
+        shared_before = graph.shared_later_uses()
         t0 = time.perf_counter()
         report = self.run(graph, ctx)
         report.seconds = time.perf_counter() - t0
@@ -457,7 +458,7 @@ class Pass:
         except PassError as e:
             raise PassError(f"{self.name}: postcondition failed: {e.message}") from e
         graph.validate()
-        report.compute_totals()
+        report.compute_totals(shared_before, graph.shared_later_uses())
         return report
 
     def params_dict(self) -> dict[str, Any]:

@@ -44,10 +44,13 @@ class PassReport:
     extra: dict[str, Any] = field(default_factory=dict)  # pass-specific tables (slicing blocks, MoE groups, ...)
     seconds: float | None = None
 
-    def compute_totals(self) -> dict[str, Any]:
+    def compute_totals(self, shared_before: set[str] = frozenset(), shared_after: set[str] = frozenset()) -> dict[str, Any]:
+        """Counts, bytes and errors over the rows. A layer applying the same weight tensors as an earlier layer
+        (``shared_before`` / ``shared_after``: ALBERT's shared blocks, a layer called twice) adds no bytes on that side:
+        the model stores them once. Compressed apart, each use is stored, and the totals show the growth."""
         done = [r for r in self.rows if r.status == "compressed"]
-        bb = sum(r.bytes_before for r in self.rows)
-        ba = sum(r.bytes_after for r in self.rows)
+        bb = sum(r.bytes_before for r in self.rows if r.name not in shared_before)
+        ba = sum(r.bytes_after for r in self.rows if r.name not in shared_after)
         errs = [r.error for r in done if r.error is not None and math.isfinite(r.error)]
         self.totals.update(
             {
