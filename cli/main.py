@@ -239,16 +239,17 @@ def passes_from_flags(f: dict):
         sel["exclude"] = list(f["exclude"])
     specs = []
     if f.get("merge_experts") is not None:
-        specs.append(PassSpec("expert_merge", {"experts": f["merge_experts"], **({"method": f["merge_method"]} if f.get("merge_method") else {})}))
+        specs.append(PassSpec("expert_merge", {"experts": f["merge_experts"], **({"method": f["merge_method"]} if f.get("merge_method") else {})},
+                             where="--merge-experts"))
     elif f.get("merge_method"):
         raise E.RecipeError("--merge-method selects the expert merging method; give --merge-experts too (e.g. --merge-experts 4)")
     if f.get("slice") is not None:
-        specs.append(PassSpec("slicing", {"fraction": f["slice"]}))
+        specs.append(PassSpec("slicing", {"fraction": f["slice"]}, where="--slice"))
     if f.get("nm") is not None:
         p = {"nm": f["nm"], **sel}
         if f.get("method"):
             p["method"] = f["method"]
-        specs.append(PassSpec("nm_prune", p))
+        specs.append(PassSpec("nm_prune", p, where="--nm"))
     elif f.get("method"):
         raise E.RecipeError("--method selects the N:M pruning method; give --nm too (e.g. --nm 2:4 --method sparsegpt)")
     if f.get("quant") is not None or f.get("gqsa") is not None or f.get("auto_bits") is not None:
@@ -267,7 +268,7 @@ def passes_from_flags(f: dict):
             p["act_order"] = True
         if f.get("auto_bits") is not None:
             p["auto_bits"] = f["auto_bits"]
-        specs.append(PassSpec("group_quant", p))
+        specs.append(PassSpec("group_quant", p, where="--quant" if f.get("quant") is not None else "--gqsa" if f.get("gqsa") is not None else "--auto-bits"))
     else:
         for k, flag in (("group_size", "--group-size"), ("quant_method", "--quant-method"), ("act_order", "--act-order"),
                         ("symmetric", "--symmetric" if f.get("symmetric") else "--asymmetric")):  # fmt: skip
@@ -277,7 +278,7 @@ def passes_from_flags(f: dict):
         p = {"method": f["compensate"], **sel}
         if f.get("rank") is not None:
             p["rank"] = f["rank"]
-        specs.append(PassSpec("lowrank", p))
+        specs.append(PassSpec("lowrank", p, where="--compensate"))
     elif f.get("rank") is not None:
         raise E.RecipeError("--rank sets the rank of low-rank compensation; give --compensate eora (or svd) too")
     return specs

@@ -151,6 +151,7 @@ class CalibrationSpec:
 class PassSpec:
     type: str
     params: dict[str, Any] = field(default_factory=dict)
+    where: str = field(default="", compare=False)  # what errors name: "recipe.yaml.passes[1]", "--nm"
 
 
 @dataclass
@@ -213,7 +214,7 @@ def recipe_from_dict(doc: dict[str, Any], where: str = "recipe") -> Recipe:
         if not isinstance(p, dict) or "type" not in p:
             raise RecipeError(f"{where}.passes[{i}]: each pass needs a 'type' (one of {sorted(pass_registry())})")
         params = {k: v for k, v in p.items() if k != "type"}
-        r.passes.append(PassSpec(str(p["type"]), params))
+        r.passes.append(PassSpec(str(p["type"]), params, where=f"{where}.passes[{i}]"))
     return r
 
 
@@ -504,13 +505,14 @@ def build_passes(recipe: Recipe) -> list[Pass]:
     passes: list[Pass] = []
     seen: dict[str, int] = {}
     for i, spec in enumerate(recipe.passes):
+        where = spec.where or f"recipe.passes[{i}]"
         cls = reg.get(spec.type)
         if cls is None:
-            raise RecipeError(f"recipe.passes[{i}]: unknown pass type {spec.type!r}; known: {sorted(set(c.name for c in reg.values()))}")
+            raise RecipeError(f"{where}: unknown pass type {spec.type!r}; known: {sorted(set(c.name for c in reg.values()))}")
         if cls.name in seen:
-            raise RecipeError(f"recipe.passes[{i}]: pass {cls.name!r} appears twice (use overrides for per-layer settings)")
+            raise RecipeError(f"{where}: pass {cls.name!r} appears twice (use overrides for per-layer settings)")
         seen[cls.name] = i
-        passes.append(cls(spec.params, where=f"recipe.passes[{i}] ({cls.name})"))
+        passes.append(cls(spec.params, where=f"{where} ({cls.name})"))
     passes.sort(key=lambda p: p.order)
     for p in passes:
         reason = p.conflicts([q for q in passes if q is not p])

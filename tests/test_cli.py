@@ -605,3 +605,16 @@ def test_pass_totals_count_a_shared_weight_once_until_its_uses_differ(tmp_path):
         assert fc[0]["bytes_before"] == 64 * 64 * 4
         assert p["totals"]["bytes_before"] == 64 * 64 * 4 + head[0]["bytes_before"], p["totals"]
         assert p["totals"]["bytes_after"] == uses_after * fc[0]["bytes_after"] + head[0]["bytes_after"], (method, p["totals"])
+
+
+def test_a_pass_error_names_the_recipe_file_or_the_flag(tmp_path):
+    """An invalid pass setting named "recipe.passes[0]" whatever the recipe came from. Now it names the YAML file
+    (and the pass's index in it), or the flag that made the pass: one line, exit 6, no artifact."""
+    rec = tmp_path / "jobs" / "prune.yaml"
+    rec.parent.mkdir()
+    rec.write_text("passes:\n  - type: quant\n    bits: 4\n  - type: prune\n    nm: '3:2'\n")
+    for args, where in (([ "--recipe", rec], f"{rec}.passes[1] (nm_prune)"), (["--nm", "3:2"], "--nm (nm_prune)")):
+        out = tmp_path / "out"
+        r = sparsec("compress", "--example", "tiny-gpt", *args, "--no-build", "-o", out, "-q")
+        assert r.returncode == 6 and where in r.stderr and "3:2" in r.stderr, (r.returncode, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and not out.exists(), r.stderr
