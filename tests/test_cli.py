@@ -613,7 +613,7 @@ def test_a_pass_error_names_the_recipe_file_or_the_flag(tmp_path):
     rec = tmp_path / "jobs" / "prune.yaml"
     rec.parent.mkdir()
     rec.write_text("passes:\n  - type: quant\n    bits: 4\n  - type: prune\n    nm: '3:2'\n")
-    for args, where in (([ "--recipe", rec], f"{rec}.passes[1] (nm_prune)"), (["--nm", "3:2"], "--nm (nm_prune)")):
+    for args, where in ((["--recipe", rec], f"{rec}.passes[1] (nm_prune)"), (["--nm", "3:2"], "--nm (nm_prune)")):
         out = tmp_path / "out"
         r = sparsec("compress", "--example", "tiny-gpt", *args, "--no-build", "-o", out, "-q")
         assert r.returncode == 6 and where in r.stderr and "3:2" in r.stderr, (r.returncode, r.stderr)
