@@ -353,19 +353,10 @@ class _Lowerer:
         if geo is None or bias is False:
             return None
         kernel = geo.kernel_shape
-        xl = self.nhwc.get(n.inputs[0])
-        x = self.value(n.inputs[0]) if xl is None else None
-        shape = _shape_of(x) if x is not None else _nchw_shape(_shape_of(xl))
-        if shape is None or len(shape) != nd + 2 or _static_int(shape[1]) != groups * cg:
+        operand = self._grouped_operand(n, geo, groups * cg)
+        if operand is None:
             return None
-        spatial = [_static_int(d) for d in shape[2:]]
-        if any(d is None for d in spatial):
-            return None
-        outs = geo.out_spatial(spatial)
-        if any(o < 1 for o in outs):
-            return None
-        dt = _dtype_of(x if x is not None else xl)
-        xh = xl if xl is not None else self.bb.emit(relax.op.permute_dims(x, [0, *range(2, nd + 2), 1]))
+        xh, shape, _spatial, outs, dt = operand
         cols = self.bb.emit_te(_im2col_te(geo, outs, groups), xh, primfunc_name_hint="im2col_grouped")  # [G, rows, K]
         og, ksz = out_c // groups, geo.kernel_size * cg
         wv = self.value(n.inputs[1])  # [O, C/G, *kernel] -> [G, kernel positions x C/G, O/G] (im2col's column order)
@@ -397,26 +388,17 @@ class _Lowerer:
         w = self.g.constants.get(n.inputs[1])
         if groups <= 1 or w is None or np.asarray(w).dtype.kind != "f" or not 3 <= w.ndim <= 5 or w.shape[1] != 1:
             return None
-        out_c, nd = int(w.shape[0]), w.ndim - 2
+        out_c = int(w.shape[0])
         geo = self._grouped_geometry(n, w)
         if geo is None or out_c % groups:
             return None
         bias = self._conv_bias(n, out_c)
-        if bias is False:
+        if bias is False or geo.kernel_size > DEPTHWISE_MAX_TAPS:
             return None
-        xl = self.nhwc.get(n.inputs[0])
-        x = self.value(n.inputs[0]) if xl is None else None
-        shape = _shape_of(x) if x is not None else _nchw_shape(_shape_of(xl))
-        if shape is None or len(shape) != nd + 2 or _static_int(shape[1]) != groups:
+        operand = self._grouped_operand(n, geo, groups)
+        if operand is None:
             return None
-        spatial = [_static_int(d) for d in shape[2:]]
-        if any(d is None for d in spatial) or geo.kernel_size > DEPTHWISE_MAX_TAPS:
-            return None
-        outs = geo.out_spatial(spatial)
-        if any(o < 1 for o in outs):
-            return None
-        dt = _dtype_of(x if x is not None else xl)
-        xh = xl if xl is not None else self.bb.emit(relax.op.permute_dims(x, [0, *range(2, nd + 2), 1]))
+        xh, shape, spatial, outs, dt = operand
         wv = self.value(n.inputs[1])  # [O, 1, *kernel] -> [kernel positions, O]
         wv = self.bb.emit(relax.op.permute_dims(relax.op.reshape(wv, (out_c, geo.kernel_size)), [1, 0]))
         args = [xh, wv if _dtype_of(wv) == dt else self.bb.emit(relax.op.astype(wv, dt))]
@@ -433,6 +415,25 @@ class _Lowerer:
         gv = self.bb.add_func(func.with_attr("global_symbol", name), name)
         out_shape = (shape[0], *outs, out_c)
         return self.bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, dt)))
+
+    def _grouped_operand(self, n: Generic, geo: "_ConvGeometry", in_c: int):
+        """The channels-last input of a grouped Conv with ``in_c`` channels and static spatial sizes (permuted from NCHW
+        unless another conv left it channels-last), its NCHW shape, spatial and output sizes and dtype; None when the
+        input does not fit."""
+        nd = len(geo.kernel_shape)
+        xl = self.nhwc.get(n.inputs[0])
+        x = self.value(n.inputs[0]) if xl is None else None
+        shape = _shape_of(x) if x is not None else _nchw_shape(_shape_of(xl))
+        if shape is None or len(shape) != nd + 2 or _static_int(shape[1]) != in_c:
+            return None
+        spatial = [_static_int(d) for d in shape[2:]]
+        if any(d is None for d in spatial):
+            return None
+        outs = geo.out_spatial(spatial)
+        if any(o < 1 for o in outs):
+            return None
+        xh = xl if xl is not None else self.bb.emit(self.relax.op.permute_dims(x, [0, *range(2, nd + 2), 1]))
+        return xh, shape, spatial, outs, _dtype_of(xh)
 
     def _grouped_geometry(self, n: Generic, w) -> "_ConvGeometry | None":
         """The geometry of a grouped ONNX Conv from its attributes (None where sparsec's grouped lowerings do not take

@@ -13,7 +13,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -50,14 +49,9 @@ def _model(c, hw, k, s, pre, path, rng):
 
 
 def _median_ms(f, runs):
-    for _ in range(3):
-        f()
-    ts = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts) * 1e3)
+    from sparsec.backends.bench import time_fn
+
+    return time_fn(f, runs, 3)["median_ms"]
 
 
 def main():
