@@ -391,6 +391,49 @@ def block_of_module(path: str | None) -> str | None:
     return None
 
 
+def repeated_sibling_blocks(linear_modules) -> set[str]:
+    """Blocks of a model whose module paths have no numeric part (``nn.ModuleDict({"enc": ..., "dec": ...})``,
+    ``self.block1`` / ``self.block2``): sibling modules (children of one parent) that hold the same Linear layers
+    under the same relative paths, at least two siblings of at least two Linear layers each, at the shallowest parent
+    that has them. ``linear_modules``: the Linear layers' module paths. Attention's ``q`` / ``k`` / ``v`` sub-modules
+    of one Linear each are not blocks."""
+    kids: dict[tuple[str, ...], dict[str, set[tuple[str, ...]]]] = {}
+    for m in linear_modules:
+        parts = tuple(m.split(".")) if m else ()
+        for d in range(len(parts) - 1):
+            kids.setdefault(parts[:d], {}).setdefault(parts[d], set()).add(parts[d + 1 :])
+    for parent in sorted(kids, key=len):
+        by_set: dict[frozenset, list[str]] = {}
+        for child, rel in kids[parent].items():
+            if len(rel) >= 2:
+                by_set.setdefault(frozenset(rel), []).append(child)
+        found = {".".join((*parent, c)) for cs in by_set.values() if len(cs) >= 2 for c in cs}
+        if found:
+            return found
+    return set()
+
+
+def block_resolver(graph: "Graph"):
+    """``module path -> block`` for ``graph``: :func:`block_of_module` (numeric parts: ``layers.3``), or, when no
+    module path has a numeric part, the enclosing :func:`repeated_sibling_blocks` module."""
+    if any(block_of_module(n.module) for n in graph.nodes):
+        return block_of_module
+    sib = repeated_sibling_blocks(n.module or n.name for n in graph.linears())
+    if not sib:
+        return block_of_module
+
+    def of(path: str | None) -> str | None:
+        if not path:
+            return None
+        parts = path.split(".")
+        for i in range(1, len(parts) + 1):
+            if ".".join(parts[:i]) in sib:
+                return ".".join(parts[:i])
+        return None
+
+    return of
+
+
 @dataclass
 class Block:
     """A contiguous range ``nodes[start:stop]`` of the topologically ordered node list."""
@@ -716,18 +759,20 @@ class Graph:
 
     # ---- blocks ----------------------------------------------------------------------------------------------
     def assign_blocks(self) -> list[Block]:
-        """Partition the nodes into a prologue, numbered blocks (``layers.0``, ``layers.1`` ...), and an epilogue,
-        from the module paths in ``node.meta['module']``; reorder nodes so that each block is contiguous."""
+        """Partition the nodes into a prologue, numbered blocks (``layers.0``, ``layers.1`` ...; named repeated
+        siblings where no path is numbered: :func:`block_resolver`), and an epilogue, from the module paths in
+        ``node.meta['module']``; reorder nodes so that each block is contiguous."""
         order: dict[str, int] = {}
         keys: dict[int, float] = {}
         prod = self.producers()
+        block_of = block_resolver(self)
         for n in self.nodes:
-            b = block_of_module(n.module)
+            b = block_of(n.module)
             if b is not None and b not in order:
                 order[b] = len(order)
         nblocks = len(order)
         for n in self.nodes:  # nodes are in topological order
-            b = block_of_module(n.module)
+            b = block_of(n.module)
             pk = [keys[id(prod[i])] for i in n.inputs if i in prod and id(prod[i]) in keys]
             if b is not None:
                 keys[id(n)] = order[b]
@@ -741,7 +786,7 @@ class Graph:
         # own: slicing rotated a shortcut after its output had been computed)
         cons = self.consumers()
         for n in reversed(self.nodes):
-            if block_of_module(n.module) is None:
+            if block_of(n.module) is None:
                 later = [keys[id(c)] for o in n.outputs if o for c in cons.get(o, ())]
                 if later and min(later) < keys[id(n)]:
                     keys[id(n)] = min(later)

@@ -80,7 +80,7 @@ from ..compressor.ir import (
     Node,
     Residual,
     RMSNorm,
-    block_of_module,
+    block_resolver,
     walk_up,
 )
 from ..compressor.pipeline import Pass, PassContext, make_row, parse_overrides, parse_params, register_pass, skipped_by
@@ -644,9 +644,10 @@ class _Finder:
                     raise _cannot(f"norm '{n.name}' has {n.dim} channels on a stream of dim {s.dim}")
         # labels: "<block>.attn" / "<block>.mlp" / "embeddings"
         taken: dict[str, int] = {}
+        block_of = block_resolver(self.g)
         for s in segs:
             mods = [n.module for n in s.adds if n.module] + [n.module for n in s.writer_nodes() if n.module]
-            blocks = [b for b in (block_of_module(m) for m in mods) if b]
+            blocks = [b for b in (block_of(m) for m in mods) if b]
             s.block = blocks[0] if blocks else None
             if any(c.kind in ("embedding", "source") for c in s.contributions) and s.block is None:
                 s.kind = "embeddings"
