@@ -862,6 +862,18 @@ class _Lowerer:
             return [(n.outputs[0], self.refine(n.outputs[0], self.range_(ins)))]
         if n.op_type == "Slice" and not n.domain:
             self.slice_limits(n, ins)
+        if n.op_type == "Concat" and not n.domain and len(ins) > 1:
+            # drop the inputs empty along the axis (the rest of a full rotary, x[..., head_dim:]): TVM's CUDA schedules
+            # divide by their zero extent ("Divide by zero": every TorchScript export of a full-rotary model for h100)
+            axis, keep = int(n.attributes.get("axis", 0)), []
+            for e in ins:
+                sh = _shape_of(e) if isinstance(getattr(e, "ty", None), relax.TensorType) else None
+                if sh is None or not sh or _static_int(sh[axis % len(sh)]) != 0:
+                    keep.append(e)
+            if keep and len(keep) < len(ins):
+                if len(keep) == 1:
+                    return [(n.outputs[0], keep[0])]
+                ins = keep
         if n.op_type == "Pow" and not n.domain and n.inputs[1] in self.g.constants:
             e = np.asarray(self.g.constants[n.inputs[1]])
             x = ins[0]

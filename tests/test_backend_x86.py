@@ -1218,3 +1218,41 @@ def test_bench_scenarios_follow_whether_the_model_has_a_sequence_dim():
     gpt = load_example("tiny-gpt").graph
     assert has_sequence_dim(gpt)
     assert bench_scenarios(gpt, None) == [(1, 1), (1, 128)] and bench_scenarios(gpt, [(2, 7)]) == [(2, 7)]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed: CUDA code generation cannot be checked")
+def test_full_rotary_builds_for_cuda(tmp_path):
+    """The usual rotary code, ``cat([rotate(x[..., :rot]), x[..., rot:]])``, with ``rot == head_dim`` (Gemma, Mistral,
+    Falcon as exported by TorchScript) concatenates an empty slice; TVM's CUDA schedules divided by its zero extent and
+    every such model failed to build for h100 / a100 ("Divide by zero", exit 11). The empty input is dropped: the h100
+    build succeeds and the x86 library of the same model equals onnxruntime."""
+    import onnxruntime as ort
+    import torch
+
+    class Rot(torch.nn.Module):
+        def __init__(self, d=64, rot=64):
+            super().__init__()
+            self.q, self.o, self.rot = torch.nn.Linear(d, d), torch.nn.Linear(d, d), rot
+
+        def forward(self, x):
+            y = self.q(x)
+            r = y[..., : self.rot]
+            r = torch.cat([-r[..., self.rot // 2 :], r[..., : self.rot // 2]], -1)
+            return self.o(torch.cat([r * 0.5 + y[..., : self.rot], y[..., self.rot :]], -1))
+
+    torch.manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    path = tmp_path / "rot.onnx"
+    torch.onnx.export(Rot().eval(), (torch.randn(2, 5, 64),), str(path), dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "b", 1: "t"}})  # fmt: skip
+    x = np.random.default_rng().standard_normal((3, 7, 64)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    for target in ("h100", "x86"):
+        out = tmp_path / target
+        p = _sparsec_cli("compress", path, "--target", target, "--nm", "2:4", "--method", "magnitude", "-o", out, "-q")
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert json.loads((out / "report.json").read_text())["build"]["status"] == "built"
+    p = _sparsec_cli("run", tmp_path / "x86", "--inputs", tmp_path / "x.npz", "--output", tmp_path / "y.npz", "--engine", "lib")
+    assert p.returncode == 0, p.stderr
+    ref = ort.InferenceSession(str(tmp_path / "x86" / "model.onnx")).run(None, {"x": x})[0]
+    got = np.load(tmp_path / "y.npz")
+    assert np.abs(got[got.files[0]] - ref).max() / np.abs(ref).max() < 1e-5
