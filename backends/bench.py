@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -54,14 +55,22 @@ def ort_providers(target: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def _ort_session(model: bytes | str, threads: int, providers: list[str] | None = None):
+def _ort_session(model: bytes | str, threads: int, providers: list[str] | None = None, what: str = "the model"):
     import onnxruntime as ort
+
+    from ..compressor.errors import ModelLoadError
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    return ort.InferenceSession(model, so, providers=providers or ["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(model, so, providers=providers or ["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime refuses the file (a bfloat16 TorchScript export): one line
+        if type(e).__module__.startswith("onnxruntime"):
+            msg = " ".join(str(e).split())
+            raise ModelLoadError(f"onnxruntime cannot run {what}, the baseline bench times: {msg[:240]}")
+        raise
 
 
 def original_graph(artifact, original: str | None):
@@ -127,7 +136,15 @@ def bench_artifact(path: str | Path, *, original: str | None = None, scenarios: 
     a = load_artifact(path)
     if not (a.lib_dir / "manifest.json").exists():
         raise ArtifactError(f"{a.path}: has no compiled library (lib/); compress with a buildable --target first")
-    check_runnable_here(read_lib_manifest(a.lib_dir), "cannot bench here: ")
+    man = read_lib_manifest(a.lib_dir)
+    if man.get("standalone"):  # aarch64 / wasm: run here only by their standalone runner, not the TVM runtime
+        from ..compressor.errors import ToolMissingError
+
+        how = "under node, or in a browser with `sparsec serve`" if man.get("kind") == "wasm" else "under qemu-aarch64"
+        raise ToolMissingError(f"cannot bench here: the {a.manifest.get('target')} artifact's library is a standalone C library "
+                               f"that `sparsec run` runs {how} (outputs, not timings); bench times libraries this machine's "
+                               "TVM runtime loads (x86, a100, h100)")  # fmt: skip
+    check_runnable_here(man, "cannot bench here: ")
     threads = threads or default_cpu_threads()  # onnxruntime gets the TVM runtime's threads
     say = (lambda m: console.print(f"[dim]{m}[/dim]")) if console is not None else (lambda m: None)
 
@@ -139,11 +156,14 @@ def bench_artifact(path: str | Path, *, original: str | None = None, scenarios: 
     say("compiling the uncompressed model with the same backend (dense tvm)")
     tmp = interrupt.temp_dir("sparsec-bench-")
     target = a.manifest.get("target", "x86")
-    build_to_dir(dense_graph, target, Path(tmp) / "lib")
-    dense_lib = LoadedLib(lib_dir=Path(tmp) / "lib", graph=dense_graph)
+    try:
+        build_to_dir(dense_graph, target, Path(tmp) / "lib")
+        dense_lib = LoadedLib(lib_dir=Path(tmp) / "lib", graph=dense_graph)  # loaded: its files are no longer needed
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # every run left its dense library in /tmp
     providers = ort_providers(target)
-    ort_dense = _ort_session(dense_onnx, threads, providers)
-    ort_comp = _ort_session(str(a.onnx_path), threads, providers) if a.onnx_path.exists() else None
+    ort_dense = _ort_session(dense_onnx, threads, providers, f"the original model ({dense_label})")
+    ort_comp = _ort_session(str(a.onnx_path), threads, providers, "the artifact's model.onnx") if a.onnx_path.exists() else None
 
     results, skipped = [], []
     for batch, seq in scenarios:

@@ -424,3 +424,22 @@ def test_standalone_runtime_of_inputs_with_their_axes_named_apart(target, tmp_pa
     with pytest.raises(InputShapeError, match="'token_type_ids' has size 5 in dim 1.*needs them equal") as e:
         run_artifact(tmp_path / "art", feeds, engine="lib")
     assert e.value.exit_code == 8
+
+
+@need_wasm_build
+def test_bench_of_a_standalone_library_says_why_it_cannot_time_it(tmp_path):
+    """`sparsec bench` on a wasm (or aarch64) artifact said "bad artifact: .../lib/model.so cannot open shared object"
+    (exit 13) though the artifact is fine: its library is a standalone C library that `sparsec run` runs under node /
+    qemu. Now: exit 12, one line saying so. And onnxruntime refusing the baseline model (a bfloat16 TorchScript export)
+    is a one-line load error, not an internal error."""
+    from sparsec.backends.bench import _ort_session
+    from sparsec.compressor.errors import ModelLoadError
+
+    out = tmp_path / "w"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "sparsec", *map(str, a)], capture_output=True, text=True, timeout=900)  # noqa: E731
+    p = run("compress", "--example", "tiny-gpt", "--target", "wasm", "--nm", "2:4", "--method", "magnitude", "-o", out, "-q")
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = run("bench", out)
+    assert p.returncode == 12 and "standalone C library" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    with pytest.raises(ModelLoadError, match="onnxruntime cannot run the original"):
+        _ort_session(b"not an onnx model", 1, what="the original")
