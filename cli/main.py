@@ -324,12 +324,12 @@ def compress(
     force: bool = typer.Option(False, "--force", help="Replace the output directory if it exists."),
     no_build: bool = typer.Option(False, "--no-build", help="Skip compiling the library: the artifact runs through its ONNX model."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No tables or progress bars."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No tables or progress bars (warnings are still printed, one line each)."),
 ):
     """Compress a model and write an artifact: weights.safetensors, graph.json, model.onnx, report.json, lib/."""
     from sparsec.compressor.artifact import check_output_dir
     from sparsec.compressor.compress import compress as run_compress
-    from sparsec.compressor.report import merge_timings, render
+    from sparsec.compressor.report import merge_timings, render, warning_lines
 
     check_output_dir(output, force)
     if quant is not None:
@@ -356,6 +356,10 @@ def compress(
     elif not quiet:
         render(doc, console=err, max_rows=60)
         err.print(f"[green]wrote[/green] {result.out}")
+    else:  # -q drops the tables and progress, not the warnings (the missing-library one is already printed)
+        for line in warning_lines(doc):
+            if not line.startswith("warning: no compiled library for --target"):
+                print(f"sparsec: {line}", file=sys.stderr)
     for f in result.threshold_failed:
         err.print(f"[red]threshold failed[/red]: {f}")
     return E.EXIT_THRESHOLD if result.threshold_failed else 0
@@ -409,7 +413,7 @@ def report(
 ):
     """Show an artifact's pass reports again (from report.json)."""
     from sparsec.compressor.artifact import load_artifact
-    from sparsec.compressor.report import merge_timings, render
+    from sparsec.compressor.report import merge_timings, render, warning_lines
 
     a = load_artifact(artifact)
     doc = merge_timings(a.report, a.timings)

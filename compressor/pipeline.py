@@ -533,11 +533,20 @@ def run_passes(graph: Graph, passes: list[Pass], ctx: PassContext) -> list[PassR
 
 
 def unmatched_overrides(p: "Pass", rep: PassReport) -> list[str]:
-    """Overrides of a layer pass whose ``match`` names none of the layers it saw (a typo: 'mlpp'), which changed
-    nothing without a word."""
-    overrides = getattr(p, "overrides", None)
-    if p.name not in ("nm_prune", "group_quant", "lowrank") or not overrides or not rep.rows:
+    """Overrides of a layer pass whose ``match`` names none of the layers it saw (a typo: 'mlpp'), and include /
+    exclude patterns that match none: each changed nothing without a word."""
+    overrides = getattr(p, "overrides", None) or []
+    if p.name not in ("nm_prune", "group_quant", "lowrank") or not rep.rows:
         return []
     names = [r.name for r in rep.rows]
-    return [f"{p.where}.overrides[{i}]: match {o.match.pattern!r} names no layer (`sparsec inspect MODEL` lists them)"
-            for i, o in enumerate(overrides) if not any(o.match.search(n) for n in names)]  # fmt: skip
+    out = [f"{p.where}.overrides[{i}]: match {o.match.pattern!r} names no layer (`sparsec inspect MODEL` lists them)"
+           for i, o in enumerate(overrides) if not any(o.match.search(n) for n in names)]  # fmt: skip
+    for key in ("include", "exclude"):  # an --exclude with a typo compressed the layer the user meant to keep
+        for pat in getattr(p.params, key, None) or []:
+            try:
+                rx = re.compile(pat)
+            except re.error:
+                continue  # reported by the selection itself
+            if not any(rx.search(n) for n in names):
+                out.append(f"{key} pattern {pat!r} matches no layer (`sparsec inspect MODEL` lists them)")
+    return out

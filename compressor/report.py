@@ -178,6 +178,13 @@ def _fmt(x, spec: str = ".4f") -> str:
         return str(x)
 
 
+def warning_lines(report: dict[str, Any]) -> list[str]:
+    """Every warning of a report document, as the one-line form ``sparsec compress -q`` prints: the passes' (named by
+    pass), then the run's."""
+    out = [f"warning ({p['name']}): {w}" for p in report.get("passes", []) for w in p.get("warnings", [])]
+    return out + [f"warning: {w}" for w in report.get("warnings", [])]
+
+
 def render(report: dict[str, Any], console=None, max_rows: int | None = None) -> None:
     """Print a report document (report.json, optionally merged with timings) as rich tables."""
     from rich.console import Console

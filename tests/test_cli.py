@@ -618,3 +618,18 @@ def test_a_pass_error_names_the_recipe_file_or_the_flag(tmp_path):
         r = sparsec("compress", "--example", "tiny-gpt", *args, "--no-build", "-o", out, "-q")
         assert r.returncode == 6 and where in r.stderr and "3:2" in r.stderr, (r.returncode, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and not out.exists(), r.stderr
+
+
+def test_quiet_keeps_warnings_and_an_unmatched_exclude_warns(tmp_path):
+    """`--exclude` with a typo compressed the layer the user meant to keep, without a word; and `-q` ("no tables or
+    progress bars") hid every warning, that one and "no calibration data" included. Now an include / exclude pattern
+    that matches no layer is a pass warning, and -q prints each warning on one line (a matching pattern: none)."""
+    out = tmp_path / "out"
+    r = sparsec("compress", "--example", "tiny-gpt", "--nm", "2:4", "--exclude", "layers.0.mlpp", "--no-build", "-o", out, "-q")
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("sparsec: warning")]
+    assert any("exclude pattern 'layers.0.mlpp' matches no layer" in ln for ln in lines), r.stderr
+    rep = json.loads((out / "report.json").read_text())
+    assert any("matches no layer" in w for w in rep["passes"][0]["warnings"])
+    r = sparsec("compress", "--example", "tiny-gpt", "--nm", "2:4", "--exclude", "layers.0.mlp", "--no-build", "-o", tmp_path / "o2", "-q")
+    assert r.returncode == 0 and "matches no layer" not in r.stderr, r.stderr
