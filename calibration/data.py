@@ -308,8 +308,10 @@ def generate(graph: Graph, samples: int, seq_len: int | None, seed: int) -> dict
     return out
 
 
-def crop_sequences(arrays: dict[str, np.ndarray], graph: Graph, seq_len: int | None) -> dict[str, np.ndarray]:
-    """With ``seq_len``, cut integer token inputs (and inputs sharing their sequence dim) to that length."""
+def crop_sequences(arrays: dict[str, np.ndarray], graph: Graph, seq_len: int | None,
+                   warnings: list[str] | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+    """With ``seq_len``, cut integer token inputs (and inputs sharing their sequence dim) to that length. ``warnings``
+    gets a line when that cuts nothing (no such input; sequences no longer than ``seq_len``)."""
     if not seq_len:
         return arrays
     seq_dims = set()
@@ -328,6 +330,10 @@ def crop_sequences(arrays: dict[str, np.ndarray], graph: Graph, seq_len: int | N
             out[name] = np.asarray(a[:, :seq_len], order="C")
         else:
             out[name] = a
+    if warnings is not None and all(out[k] is arrays[k] for k in arrays):
+        warnings.append(f"--seq-len {seq_len} cuts nothing: " + (
+            f"the calibration sequences are {max(seq_lens)} tokens long" if seq_lens
+            else "the model has no token-sequence input (it cuts the sequence axis of integer token inputs)"))
     return out
 
 
@@ -361,6 +367,7 @@ def _flip_masking_bool_inputs(graph: Graph, arrays: dict[str, np.ndarray], warni
 
 
 _DEFAULT_SAMPLES = 128  # CalibrationSpec.samples' default
+_DEFAULT_BATCH = 8  # CalibrationSpec.batch_size's default
 
 
 def load_calibration(graph: Graph, data: str | None, *, samples: int, seq_len: int | None, seed: int, heldout: float,
@@ -378,7 +385,7 @@ def load_calibration(graph: Graph, data: str | None, *, samples: int, seq_len: i
         source = str(data)
         generated = False
     arrays = validate_arrays(arrays, graph, source)
-    arrays = crop_sequences(arrays, graph, seq_len)
+    arrays = crop_sequences(arrays, graph, seq_len, warnings if not generated else None)
     _check_positions(arrays, graph, source)
     n = next(iter(arrays.values())).shape[0]
     if n < samples and not generated and samples != _DEFAULT_SAMPLES:  # asked for (--calib-samples), not the default
@@ -400,6 +407,8 @@ def load_calibration(graph: Graph, data: str | None, *, samples: int, seq_len: i
                             f"on: holding out {n // 2}")  # fmt: skip
         n_held = n // 2
     sb = static_batch(graph)
+    if sb is not None and batch_size != _DEFAULT_BATCH and batch_size != sb:
+        warnings.append(f"--batch-size {batch_size}: the model's batch size is fixed at {sb} by its export: batches of {sb}")
     if sb is not None and sb > 1:  # a model exported with a fixed batch size runs on batches of exactly that size
         batch_size = sb
         if n_held and n < 2 * sb:

@@ -298,6 +298,8 @@ def compress(source: Source, recipe: Recipe, out: str | os.PathLike, *, force: b
     eval_data = held if held is not None else calib
     if passes and eval_data is not None:
         quality.update(compare_graphs(original, graph, eval_data, device))
+        if held is None:  # too few samples to hold some out: the errors are on the data the passes fitted
+            quality["eval_source"] = f"{eval_data.source} (the fitting data: no held-out split)"
     if source.golden and (recipe.eval or "auto") != "none":
         try:
             base = golden_metrics(source.golden, original, device)

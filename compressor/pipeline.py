@@ -145,6 +145,8 @@ class CalibrationSpec:
             raise ValueError("batch_size must be >= 1")
         if self.heldout < 0 or (0.5 < self.heldout < 1):
             raise ValueError("heldout must be a fraction in [0, 0.5] or a number of samples >= 1")
+        if self.heldout >= 1 and self.heldout != int(self.heldout):
+            raise ValueError(f"heldout {self.heldout:g}: 1 and more is a number of samples (a whole number), a share is at most 0.5")
 
 
 @dataclass

@@ -292,7 +292,7 @@ def render_quality(q: dict[str, Any], console, model: dict[str, Any] | None = No
         t.add_row("model bytes", _fmt_bytes(b0), _fmt_bytes(b1), f"x{b0 / b1:.2f} smaller" if b1 <= b0 else f"x{b1 / b0:.2f} larger")
     cap = []
     if q.get("eval_source") is not None:
-        cap.append(f"held-out: {q['eval_source']}" + (f", {q['eval_samples']} samples" if q.get("eval_samples") is not None else ""))
+        cap.append(f"evaluated on: {q['eval_source']}" + (f", {q['eval_samples']} samples" if q.get("eval_samples") is not None else ""))
     if q.get("metric") is not None:
         cap.append(f"reference metric: {q['metric']}" + (f" on {q['split']}" if q.get("split") else "")
                    + (f", {q['eval_tokens']} tokens" if q.get("eval_tokens") else ""))  # fmt: skip

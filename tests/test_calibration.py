@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -288,3 +289,43 @@ def test_heldout_count_never_leaves_fewer_samples_to_fit_than_it_holds_out(tmp_p
         assert any(f"--heldout {asked} of 32" in w for w in fit.warnings) == warned, (asked, fit.warnings)
     fit, ho = load_calibration(g, str(tmp_path / "a.npz"), samples=128, seq_len=None, seed=0, heldout=0.5)
     assert (fit.num_samples, ho.num_samples) == (16, 16) and not fit.warnings
+
+
+def test_calibration_flags_that_change_nothing_say_so(tmp_path):
+    """--seq-len longer than the data's sequences, --seq-len on a model with no token input and --batch-size on a model
+    whose export fixed its batch size changed nothing, silently; --heldout 1.5 became 2 samples. Now the first three
+    are warnings naming what was used and the last a recipe error."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sparsec.compressor.frontends.onnx import load_onnx
+    from sparsec.compressor.pipeline import CalibrationSpec
+
+    rng = np.random.default_rng()
+    w = rng.standard_normal((16, 8)).astype(np.float32)
+    gr = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])], [numpy_helper.from_array(w, "w")])  # fmt: skip
+    onnx.save(helper.make_model(gr, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    g = load_onnx(str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((12, 16)).astype(np.float32))
+    fit, held = load_calibration(g, str(tmp_path / "c.npz"), samples=12, seq_len=8, seed=0, heldout=0.25, batch_size=3)
+    assert fit.batch_size == 2 and held is not None
+    assert any("--seq-len 8 cuts nothing: the model has no token-sequence input" in m for m in fit.warnings), fit.warnings
+    assert any("--batch-size 3: the model's batch size is fixed at 2" in m for m in fit.warnings), fit.warnings
+    fit, _ = load_calibration(g, str(tmp_path / "c.npz"), samples=12, seq_len=None, seed=0, heldout=0.25, batch_size=8)
+    assert not fit.warnings, fit.warnings  # the defaults: nothing to say
+    with pytest.raises(ValueError, match="whole number"):
+        CalibrationSpec(heldout=1.5).validate()
+    CalibrationSpec(heldout=2).validate()
+    emb = rng.standard_normal((50, 16)).astype(np.float32)
+    gr = helper.make_graph([helper.make_node("Gather", ["emb", "ids"], ["h"]), helper.make_node("MatMul", ["h", "w"], ["y"])], "t",
+                           [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", 8])],
+                           [numpy_helper.from_array(emb, "emb"), numpy_helper.from_array(w, "w")])  # fmt: skip
+    onnx.save(helper.make_model(gr, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "t.onnx"))
+    gt = load_onnx(str(tmp_path / "t.onnx"))
+    np.savez(tmp_path / "ids.npz", ids=rng.integers(0, 50, (8, 10)))
+    fit, _ = load_calibration(gt, str(tmp_path / "ids.npz"), samples=8, seq_len=32, seed=0, heldout=0.25)
+    assert any("--seq-len 32 cuts nothing: the calibration sequences are 10 tokens long" in m for m in fit.warnings), fit.warnings
+    fit, _ = load_calibration(gt, str(tmp_path / "ids.npz"), samples=8, seq_len=6, seed=0, heldout=0.25)
+    assert fit.arrays["ids"].shape[1] == 6 and not fit.warnings, fit.warnings
