@@ -563,9 +563,10 @@ class Graph:
         return out
 
     def shared_later_uses(self) -> set[str]:
-        """Names of the Linear layers whose weight is, right now, the same tensors as the first use of their source
-        weight: the artifact stores it once (counted with the first use)."""
-        return {name for name, (n, f) in self._later_uses().items() if _same_weight(f.weight, n.weight)}
+        """Names of the Linear layers whose weight the artifact, right now, stores with another's: the same tensors
+        as the first use of their source weight (counted with it), or a head still tied to its embedding table
+        (counted with the table)."""
+        return {name for name, (n, f) in self._later_uses().items() if _same_weight(f.weight, n.weight)} | self.tied_linears()
 
     def _counted(self, nbytes: bool) -> int:
         """Bytes (``nbytes``) or parameters of the nodes' weights, a tied head and the tensors a later use of a weight

@@ -843,6 +843,12 @@ class Slicing(Pass):
         held_available = ctx.heldout is not None and ctx.heldout.num_samples > 0
         if not held_available:
             rep.warnings.append("no held-out calibration split: output errors are not measured")
+        asked = [s for s in st.segments if s.fraction > 0]
+        if asked and all(s.new_dim == s.dim for s in asked):  # rounded back to the full width: rotation only
+            dims = sorted({s.dim for s in asked})
+            rep.warnings.append(f"slicing removes nothing: {asked[0].fraction:g} of {'/'.join(map(str, dims))} channels rounds to "
+                                f"0 at round_to {self.params.round_to}, so the streams are only rotated (give a larger fraction, "
+                                "or round_to 1)")  # fmt: skip
         tracker = _RefTracker(ref, ctx.heldout, ctx.device) if held_available else None
         blocks_info: dict[int, dict[str, Any]] = {}
         done: set[int] = set()

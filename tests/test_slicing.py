@@ -118,6 +118,10 @@ def test_rotation_without_slicing_is_exact(kind, how):
         assert rep.totals["untied"] == ["lm_head (was tied to wte)"]
         assert any("untied lm_head" in w for w in rep.warnings)
         assert "tied_to" not in g.linear("lm_head").meta
+        # the tied head was stored with its embedding table: its bytes count once before (per use after untying)
+        rows = {r.name: r for r in rep.rows}
+        assert rep.totals["bytes_before"] == sum(r.bytes_before for r in rep.rows) - rows["lm_head"].bytes_before
+        assert rep.totals["bytes_after"] == sum(r.bytes_after for r in rep.rows)
     if kind == "bert":  # the encoder's output is rotated back (with the last LayerNorm's scale and bias)
         (restore,) = [n for n in g.nodes if n.meta.get("sparsec.slicing") == "restore"]
         assert restore.outputs == g.outputs and restore.bias is not None
@@ -711,3 +715,15 @@ def test_named_blocks_are_found_and_slice(tmp_path, exporter):
             sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
             assert tm.rel(sess.run(None, x)[0], got) < 1e-5
             assert sum(lin.in_features == 48 for lin in gg.linears()) >= 9, [lin.in_features for lin in gg.linears()]
+
+
+def test_a_fraction_that_rounds_to_nothing_warns():
+    """--slice 0.05 of a 64-wide stream rounds back to 64 at round_to 8: every block stayed 64 -> 64, the rows said
+    "compressed", and the only warning blamed a low-rank path for the model growing (the untied head). Now the pass
+    says it removes nothing and why; with round_to 1 the same fraction slices."""
+    model, g = _model("llama", "torch")
+    rep = _slice(g.copy(), model, fraction=0.05)
+    assert any(w.startswith("slicing removes nothing: 0.05 of 64 channels rounds to 0 at round_to 8") for w in rep.warnings), rep.warnings
+    assert all(b["dim_after"] == 64 for b in rep.extra["blocks"])
+    rep = _slice(g.copy(), model, fraction=0.05, round_to=1)
+    assert not any("removes nothing" in w for w in rep.warnings) and all(b["dim_after"] == 61 for b in rep.extra["blocks"])
