@@ -68,6 +68,8 @@ class CpuMatmul(CPUScheduleRule):
         loops = sch.get_loops(block)
         *outer, i, j, k = loops
         jext = get_extent(sch, j)
+        if isinstance(jext, int) and jext % lanes:  # e.g. a rank-8 low-rank factor (x @ B^T) with 16 lanes: narrower vectors
+            lanes = next((v for v in (lanes // 2, lanes // 4) if v >= 4 and jext % v == 0), lanes)
         if not isinstance(jext, int) or jext < lanes or jext % lanes:
             return None  # symbolic or ragged last axis: predicated vector lanes are slower than LLVM's own loop
         jo, ji = sch.split(j, [None, lanes])

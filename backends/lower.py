@@ -604,7 +604,7 @@ class _Lowerer:
                 if v is None or len(_shape_of(v) or ()) != rank or _dtype_of(v) != _dtype_of(x):
                     return None
                 parts.append(self.bb.emit(relax.op.permute_dims(v, [0, *range(2, rank), 1])))
-            return self.bb.emit(relax.op.concat(parts, axis=rank - 1))
+            return self.bb.emit(relax.op.concat(self.unify_concat(parts, rank - 1), axis=rank - 1))
         return None
 
     def _resize_channels_last(self, n: Generic, x):
@@ -894,6 +894,10 @@ class _Lowerer:
             return [(n.outputs[0], self.refine(n.outputs[0], self.range_(ins)))]
         if n.op_type == "Slice" and not n.domain:
             self.slice_limits(n, ins)
+        if n.op_type in ("Unsqueeze", "Squeeze") and not n.domain and len(ins) > 1 and n.inputs[1] in self.g.constants \
+                and np.asarray(self.g.constants[n.inputs[1]]).ndim == 0:
+            # axes as a 0-d tensor (the dynamo exporter's SDPA with enable_gqa; onnxruntime accepts it): one axis
+            ins = [ins[0], relax.const(np.asarray(self.g.constants[n.inputs[1]]).reshape(1).astype(np.int64), "int64"), *ins[2:]]
         if n.op_type == "Trilu" and not n.domain:
             out = self.trilu(n, ins)
             if out is not None:
@@ -933,6 +937,8 @@ class _Lowerer:
         attrs["tvm_custom"] = {"name": n.name, "num_outputs": len(n.outputs)}
         if n.op_type in BROADCAST_OPS:
             ins = self.unify_broadcast(n.op_type, list(ins))
+        if n.op_type == "Concat" and not n.domain:
+            ins = self.unify_concat(list(ins), int(n.attributes.get("axis", 0)))
         inputs = onnx_input()
         for e in ins:
             inputs.append(e)
@@ -1024,6 +1030,13 @@ class _Lowerer:
         self.shape_values[out] = val
         flat = list(val.reshape(-1))
         if not all(isinstance(x, (bool, int)) for x in flat):
+            import tvm
+
+            if n.op_type == "Concat" and val.ndim == 1 and all(isinstance(x, int) or tvm.ir.is_prim_expr(x) for x in flat):
+                # a target shape with symbolic sizes ([batch * heads, seq, 32]: dynamo's reshape to b * h): as the
+                # ShapeExpr TVM makes of a Concat of shapes; TVM's converter refused a size computed from a shape
+                # (a tensor) next to a shape ("relax.concat" cannot be lowered: no library for such exports)
+                return [(out, self.relax.ShapeExpr([x if not isinstance(x, int) else tvm.tirx.IntImm("int64", x) for x in flat]))]
             return None
         v = self.g.values.get(out)
         if all(isinstance(x, bool) for x in flat) and flat:
@@ -1359,6 +1372,36 @@ class _Lowerer:
         out = list(ins)
         for i in sorted(changed):
             out[i] = self.bb.match_cast(ins[i], relax.TensorType(new[i], str(ins[i].ty.dtype)))
+        return out
+
+    def unify_concat(self, ins: list, axis: int) -> list:
+        """A Concat's inputs agree on every dim but ``axis`` (ONNX requires it), though Relax may not see it: a U-Net
+        with dynamic height concatenates its input (``h``) with an up-conv of a pooled map (``(h // 2) * 2``). Each
+        such dim is ``match_cast`` to one size (a constant, else a graph input's dim, else the first), checked at run
+        time; without it the concat had no shape and the build failed ("CodeGenVM cannot emit ... R.concat")."""
+        from tvm import tirx
+
+        relax = self.relax
+        shapes = [_shape_of(v) if isinstance(getattr(v, "ty", None), relax.TensorType) else None for v in ins]
+        if len(ins) < 2 or any(sh is None for sh in shapes) or len({len(sh) for sh in shapes}) != 1:
+            return ins
+        rank = len(shapes[0])
+        ax = axis % rank
+        new, changed = [list(sh) for sh in shapes], set()
+        for d in range(rank):
+            dims = [sh[d] for sh in shapes]
+            if d == ax or all(_same_dim_expr(dims[0], x) for x in dims[1:]):
+                continue
+            target = next((x for x in dims if _static_int(x) is not None), None)
+            target = target if target is not None else next((x for x in dims if isinstance(x, tirx.Var) and self.known(x)), dims[0])
+            for i, x in enumerate(dims):
+                if not _same_dim_expr(x, target):
+                    new[i][d] = target
+                    changed.add(i)
+        out = list(ins)
+        for i in sorted(changed):  # a reshape (a view; its element count is checked at run time): a match_cast of
+            # (h // 2) * 2 to h crashed TVM's FuseTIR (a segfault) once fused with the ops around it
+            out[i] = self.bb.emit(relax.op.reshape(ins[i], new[i]))
         return out
 
     def known(self, d) -> bool:

@@ -712,3 +712,44 @@ def test_conv_transpose_resize_and_channel_concat_lower_channels_last(tmp_path, 
         got = lib.run(feeds)
         for o, ref in zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)):
             assert got[o].shape == ref.shape and rel(got[o], ref) < 1e-5, (o, b)
+
+
+class _TinyUNet(nn.Module):
+    """A U-Net level with dynamic height and width: conv, 2x2 max pool, a 2x2 up-conv and a bilinear upsample of the
+    pooled map, each concatenated with the full-resolution map (skip connections)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.c, self.d = nn.Conv2d(3, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+        self.up = nn.ConvTranspose2d(c, c, 2, 2)
+        self.out = nn.Conv2d(3 * c, 4, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.c(x))
+        p = torch.relu(self.d(nn.functional.max_pool2d(h, 2)))
+        u = nn.functional.interpolate(p, scale_factor=2.0, mode="bilinear", align_corners=False)
+        return self.out(torch.cat([self.up(p), h, u], 1))
+
+
+def test_unet_with_dynamic_height_and_width_builds(tmp_path):
+    """Concatenating the input-resolution map (height h) with an upsampled pooled one ((h // 2) * 2) left the concat
+    without a shape in Relax: the build failed (exit 11, "CodeGenVM cannot emit ... R.concat") for every U-Net exported
+    with dynamic height / width. The inputs are now unified (a reshape, checked at run time): the library builds and
+    equals onnxruntime at several even sizes."""
+    torch.manual_seed(0)
+    path = tmp_path / "u.onnx"
+    torch.onnx.export(_TinyUNet().eval(), (torch.randn(1, 3, 16, 16),), str(path), dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "b", 2: "h", 3: "w"}})  # fmt: skip
+    out = tmp_path / "out"
+    r = sparsec("compress", path, "--nm", "2:4", "--method", "magnitude", "-o", out, "-q")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "report.json").read_text())["build"]["status"] == "built"
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng()
+    for shape in ((1, 3, 8, 8), (2, 3, 12, 20)):
+        x = rng.standard_normal(shape).astype(np.float32)
+        np.savez(tmp_path / "x.npz", x=x)
+        r = sparsec("run", out, "--inputs", tmp_path / "x.npz", "--output", tmp_path / "y.npz", "--engine", "lib")
+        assert r.returncode == 0, r.stderr
+        got = np.load(tmp_path / "y.npz")
+        assert rel(got[got.files[0]], sess.run(None, {"x": x})[0]) < 1e-5, shape
