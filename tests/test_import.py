@@ -543,3 +543,43 @@ def test_single_output_gates_are_left_out_by_default_like_routers(tmp_path):
     assert got["gate"][0] is False and "gate or score" in got["gate"][1], got
     assert got["up"] == (True, "") and got["down"] == (True, "") and got["head"][0] is False
     assert Selection(include=["gate", "up"]).decide(g, "test")["gate"] == (True, "")
+
+
+def test_pt2_load_failures_are_one_readable_line(tmp_path):
+    """A .pt2 with a weight entry missing said "...Please check the warnings above" (none shown); torch's ONNX
+    conversion failing printed terminal colour codes and stopped at "Next steps:". Now: one line, exit 3, saying what
+    is probably wrong, without escape codes."""
+    import subprocess
+    import sys
+    import zipfile
+
+    import torch
+
+    m = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    src = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(m, (torch.randn(2, 16),)), str(src))
+    bad = tmp_path / "missing.pt2"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(bad, "w") as zout:
+        names = zin.namelist()
+        weights = [n for n in names if "/data/weights/" in n and not n.endswith("/")]
+        assert weights, names
+        for n in names:
+            if n != weights[0]:
+                zout.writestr(n, zin.read(n))
+    r = subprocess.run([sys.executable, "-m", "sparsec", "inspect", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 3 and len(r.stderr.strip().splitlines()) == 1 and "\\x1b" not in r.stderr, r.stderr
+    assert "missing or damaged" in r.stderr or "no such" in r.stderr.lower() or weights[0].split("/")[-1] in r.stderr, r.stderr
+
+    class Err(Exception):
+        pass
+
+    from sparsec.compressor.frontends.torch import _torch_error_line
+
+    try:
+        try:
+            raise AssertionError("expected sympy.Symbol")
+        except AssertionError as inner:
+            raise Err("Failed to decompose the FX graph. \\x1b[96mThis is step 2/3\\x1b[0m of exporting.\\nNext steps:") from inner
+    except Err as e:
+        line = _torch_error_line(e)
+    assert line == "Err: Failed to decompose the FX graph; caused by AssertionError: expected sympy.Symbol", line

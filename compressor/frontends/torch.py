@@ -712,6 +712,25 @@ def _no_unpickling():
         pickle.loads = real_loads
 
 
+def _torch_error_line(e: BaseException) -> str:
+    """One line for a torch failure: the first sentence of its message without terminal colour codes, and its root
+    cause (torch's ONNX exporter wraps the real error in a multi-line ConversionError)."""
+    import re
+
+    def clean(x: BaseException) -> str:
+        text = re.sub(r"\x1b\[[0-9;]*m|\[[0-9;]*m", "", str(x)).strip()
+        first = text.splitlines()[0] if text else ""
+        return first.split(". ")[0].rstrip(".") if first else type(x).__name__
+
+    root = e
+    while root.__cause__ is not None:
+        root = root.__cause__
+    line = f"{type(e).__name__}: {clean(e)}"
+    if root is not e:
+        line += f"; caused by {type(root).__name__}: {clean(root)}"
+    return line[:300]
+
+
 def load_exported_program(path: str):
     if not os.path.exists(path):
         raise ModelLoadError(f"{path}: no such file")
@@ -728,7 +747,10 @@ def load_exported_program(path: str):
             # (torch's own text goes on to suggest weights_only=False, i.e. running the archive's code)
             raise ModelLoadError(f"{path}: an entry of the archive (e.g. pickled example inputs) needs unpickling; "
                                  "refusing to unpickle (re-save the program with tensor inputs only)")  # fmt: skip
-        raise ModelLoadError(f"{path}: cannot load the exported program ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        why = _torch_error_line(e)
+        if "deserializ" in why:  # torch's text points at warnings it printed (hidden here): say what it usually is
+            why += " (an entry of the archive is missing or damaged, e.g. a weight file)"
+        raise ModelLoadError(f"{path}: cannot load the exported program ({why})")
     return ep
 
 
@@ -836,7 +858,8 @@ def load_pt2(path: str, *, name: str | None = None, check: bool = True) -> Graph
                 prog = torch.onnx.export(ep, example_inputs, dynamo=True, opset_version=18, input_names=names, output_names=out_names, optimize=True, verify=False)
             proto = prog.model_proto
         except Exception as e:  # noqa: BLE001
-            raise UnsupportedOpError(f"{path}: the exported program could not be converted ({str(e).strip().splitlines()[0][:300]})")
+            raise ModelLoadError(f"{path}: torch could not convert the exported program to ONNX ({_torch_error_line(e)}); "
+                                 "exporting the model to ONNX with torch.onnx.export may work")  # fmt: skip
     base = os.path.splitext(os.path.basename(path))[0]
     g = load_onnx(proto, name=name or base, raise_ops=True, validate=False)
     _place_moe(g, moe)
