@@ -89,7 +89,8 @@ def original_graph(artifact, original: str | None):
     if name and not name.startswith("example:"):
         # the model file by the name the artifact records, in the working directory or next to the artifact, when it
         # is the same file (sha256)
-        for cand in dict.fromkeys([Path(name), Path(artifact.path).resolve().parent / name]):
+        given = [Path(src["path"])] if src.get("path") else []  # the path as given to compress (models/x.onnx)
+        for cand in dict.fromkeys([*given, Path(name), Path(artifact.path).resolve().parent / name]):
             if cand.is_file():
                 try:
                     return original_graph(artifact, str(cand))

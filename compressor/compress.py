@@ -383,7 +383,8 @@ def compress(source: Source, recipe: Recipe, out: str | os.PathLike, *, force: b
     timings["total_seconds"] = time.perf_counter() - t_start
     manifest = {
         "sparsec_version": __version__,
-        "source": {"name": model_info["source"], "sha256": source.sha256},
+        "source": {"name": model_info["source"], "sha256": source.sha256,
+                   **({"path": source.label} if not source.label.startswith("example:") and os.path.exists(source.label) else {})},
         "recipe": recipe.to_dict(),
         "target": target.name,
         "seed": recipe.seed,

@@ -1434,3 +1434,22 @@ def test_low_rank_residual_of_any_rank_matches_the_executor(tmp_path, rank):
         ref = Executor(g).run({"x": x})["y"]
         got = lib.run({"x": x})["y"]
         assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-5, (rank, b, t)
+
+
+def test_bench_finds_the_original_by_the_path_compress_was_given(tmp_path):
+    """`sparsec compress models/m.onnx -o out/m` then `sparsec bench out/m`: the manifest kept only "m.onnx", which is
+    neither in the working directory nor next to the artifact, so bench asked for --original. It records the path as
+    given too and finds the file there (checked by its sha256)."""
+    import torch
+
+    (tmp_path / "models").mkdir()
+    m = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32)).eval()
+    torch.onnx.export(m, (torch.randn(2, 32),), str(tmp_path / "models" / "m.onnx"), dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "b"}})  # fmt: skip
+    run = lambda *a: subprocess.run([sys.executable, "-m", "sparsec", *a], capture_output=True, text=True, cwd=tmp_path, timeout=900)  # noqa: E731
+    p = run("compress", "models/m.onnx", "--nm", "2:4", "--method", "magnitude", "-o", "out/m", "-q")
+    assert p.returncode == 0, p.stderr
+    assert json.loads((tmp_path / "out" / "m" / "manifest.json").read_text())["source"]["path"] == "models/m.onnx"
+    p = run("bench", "out/m", "--shapes", "2x1", "--runs", "2", "--warmup", "1", "--threads", "1", "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["baseline"] == "original m.onnx"
