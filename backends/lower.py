@@ -377,10 +377,9 @@ class _Lowerer:
         """A depthwise ONNX ``Conv`` (one input channel a group: ``group`` = input channels, any channel multiplier),
         constant weight, static spatial sizes, on a CPU target: computed channels-last by one kernel (None when it does
         not apply), every output the explicit sum over the kernel positions (zero outside the input, as the padding),
-        the channel axis vectorized and the batch x first output axis run in parallel (:func:`_depthwise_func`). Before,
-        such a conv took TVM's grouped ``conv2d``, which no default schedule takes, on an NCHW copy of its channels-last
-        input: a 3x3 depthwise conv after a 1x1 conv (MobileNet's inverted residual) ran at 0.02-0.06x onnxruntime on
-        x86 (``python bench/depthwise_x86.py``)."""
+        the channel axis vectorized and the first output axis run in parallel (:func:`_depthwise_func`). Before, such a
+        conv took TVM's grouped ``conv2d``, which no default schedule takes, on an NCHW copy of its channels-last input
+        (``python bench/depthwise_x86.py`` times both and onnxruntime)."""
         relax = self.relax
         if self.target.is_gpu or n.op_type != "Conv" or n.domain or len(n.inputs) < 2 or len(n.outputs) != 1:
             return None
