@@ -104,19 +104,25 @@ def _export(family: str, d: Path, rng) -> tuple[str, dict, dict]:
     return path, mm.feeds(m, b=16, seed=5), mm.feeds(m, b=2, t=12, seed=int(rng.integers(1 << 30)))
 
 
-def build(out: Path, families: list[str], arch_target: str) -> None:
+def build(out: Path, families: list[str], arch_target: str, extra: list[str] = ()) -> None:
+    """``extra``: ``NAME=MODEL,CALIB.npz,INPUTS.npz`` models of one's own (compressed with 2:4)."""
     import onnxruntime as ort
 
     rng = np.random.default_rng(0)
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     index = []
-    for fam in families:
+    own = {}
+    for e in extra:
+        name, rest = e.split("=", 1)
+        model, calib_path, x_path = rest.split(",")
+        own[name] = (os.path.abspath(model), dict(np.load(calib_path)), dict(np.load(x_path)))
+    for fam in [*families, *own]:
         src = out / "_src" / fam
         src.mkdir(parents=True, exist_ok=True)
-        path, calib, feeds = _export(fam, src, rng)
+        path, calib, feeds = own[fam] if fam in own else _export(fam, src, rng)
         np.savez(src / "calib.npz", **calib)
-        for tag, flags in RECIPES[fam]:
+        for tag, flags in RECIPES.get(fam, [("nm24", ["--nm", "2:4"])]):
             name = f"{fam}-{tag}"
             art = out / name
             shutil.rmtree(art, ignore_errors=True)
@@ -196,12 +202,13 @@ def main() -> int:
     b.add_argument("--out", required=True)
     b.add_argument("--target", default="h100")
     b.add_argument("--only", nargs="*")
+    b.add_argument("--extra", nargs="*", default=[], help="NAME=MODEL,CALIB.npz,INPUTS.npz: models of one's own (2:4)")
     r = sub.add_parser("run")
     r.add_argument("--dir", required=True)
     r.add_argument("--out", required=True)
     args = ap.parse_args()
     if args.cmd == "build":
-        build(Path(args.out), args.only or list(RECIPES), args.target)
+        build(Path(args.out), list(RECIPES) if args.only is None else args.only, args.target, args.extra)
         return 0
     Path(args.out).mkdir(parents=True, exist_ok=True)
     return run(Path(args.dir), Path(args.out))
