@@ -263,23 +263,36 @@ def test_compiled_library_refuses_more_tokens_than_the_model_has_positions(mask_
 
 
 def test_bench_finds_the_original_model_by_its_recorded_name(gpt2_onnx, tmp_path, monkeypatch):
-    """`sparsec bench out/` without --original: the model the artifact records (by file name and sha256) is found in
-    the working directory or next to the artifact; another file of that name is not taken."""
+    """`sparsec bench out/` without --original: the model the artifact records (by the path compress was given, then
+    by file name and sha256) is found there, in the working directory or next to the artifact; another file of that
+    name is not taken."""
+    import shutil
+
     from sparsec.backends.bench import original_graph
     from sparsec.compressor.artifact import load_artifact
     from sparsec.compressor.errors import ModelLoadError
 
-    _, path = gpt2_onnx
+    _, path0 = gpt2_onnx
+    base = os.path.basename(path0)
+    (tmp_path / "src").mkdir()
+    path = tmp_path / "src" / base
+    shutil.copy(path0, path)
+    shutil.copy(str(path0) + ".data", str(path) + ".data")
     art = tmp_path / "art"
     assert sparsec("compress", path, "-o", art, "--quiet", "--no-build").returncode == 0
     a = load_artifact(art)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ModelLoadError, match="--original"):
+    g, onnx_src, label = original_graph(a, None)  # by the recorded path
+    assert label == f"original {base}" and g.inputs == a.graph.inputs
+    (tmp_path / "moved").mkdir()
+    for f in (path, path.with_name(base + ".data")):
+        shutil.move(str(f), str(tmp_path / "moved" / f.name))
+    with pytest.raises(ModelLoadError, match="--original"):  # gone from there, not here nor next to the artifact
         original_graph(a, None)
-    monkeypatch.chdir(os.path.dirname(path))
-    g, onnx_src, label = original_graph(a, None)
-    assert label == f"original {os.path.basename(path)}" and g.inputs == a.graph.inputs
-    other = tmp_path / os.path.basename(path)  # same name next to the artifact, another model
+    monkeypatch.chdir(tmp_path / "moved")
+    g, onnx_src, label = original_graph(a, None)  # by its name in the working directory
+    assert label == f"original {base}" and g.inputs == a.graph.inputs
+    other = tmp_path / base  # same name next to the artifact, another model
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
     onnx.save(helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]),
@@ -287,7 +300,6 @@ def test_bench_finds_the_original_model_by_its_recorded_name(gpt2_onnx, tmp_path
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ModelLoadError, match="--original"):
         original_graph(a, None)
-
 
 
 def test_tvm_log_lines_are_filtered_and_others_pass_as_they_come():
