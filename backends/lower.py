@@ -429,32 +429,21 @@ class _Lowerer:
         a = n.attributes
         if w is None or np.asarray(w).dtype.kind != "f" or not 3 <= w.ndim <= 5 or int(a.get("group", 1)) != 1 or "output_shape" in a:
             return None
-        in_c, out_c, kernel, nd = int(w.shape[0]), int(w.shape[1]), tuple(int(k) for k in w.shape[2:]), w.ndim - 2
-        auto = a.get("auto_pad", "NOTSET")
-        auto = auto.decode() if isinstance(auto, bytes) else str(auto)
-        if tuple(int(k) for k in a.get("kernel_shape", kernel)) != kernel or auto not in ("NOTSET", "", "VALID"):
-            return None
-        geo = _ConvGeometry(kernel, tuple(int(v) for v in a.get("strides", [1] * nd)),
-                            tuple(int(v) for v in a.get("pads", [0] * (2 * nd))) if auto != "VALID" else (0,) * (2 * nd),
-                            tuple(int(v) for v in a.get("dilations", [1] * nd)))  # fmt: skip
-        extra = tuple(int(v) for v in a.get("output_padding", [0] * nd))
+        in_c, out_c, nd = int(w.shape[0]), int(w.shape[1]), w.ndim - 2
+        geo = self._grouped_geometry(n, w)  # (the weight's trailing axes are the kernel here too)
         bias = self._conv_bias(n, out_c)
-        if bias is False:
+        if geo is None or bias is False:
             return None
-        xl = self.nhwc.get(n.inputs[0])
-        x = self.value(n.inputs[0]) if xl is None else None
-        shape = _shape_of(x) if x is not None else _nchw_shape(_shape_of(xl))
-        if shape is None or len(shape) != nd + 2 or _static_int(shape[1]) != in_c:
+        extra = tuple(int(v) for v in a.get("output_padding", [0] * nd))
+
+        def out_spatial(spatial):  # the transposed conv's output sizes
+            return [geo.strides[d] * (spatial[d] - 1) + extra[d] + (geo.kernel_shape[d] - 1) * geo.dilations[d] + 1
+                    - geo.pads[d] - geo.pads[nd + d] for d in range(nd)]  # fmt: skip
+
+        operand = self._grouped_operand(n, geo, in_c, out_spatial)
+        if operand is None:
             return None
-        spatial = [_static_int(d) for d in shape[2:]]
-        if any(d is None for d in spatial):
-            return None
-        outs = [geo.strides[d] * (spatial[d] - 1) + extra[d] + (kernel[d] - 1) * geo.dilations[d] + 1 - geo.pads[d] - geo.pads[nd + d]
-                for d in range(nd)]  # fmt: skip
-        if any(o < 1 for o in outs):
-            return None
-        xh = xl if xl is not None else self.bb.emit(relax.op.permute_dims(x, [0, *range(2, nd + 2), 1]))
-        dt = _dtype_of(xh)
+        xh, shape, spatial, outs, dt = operand
         rows = shape[0]
         for d in spatial:
             rows = rows * d
@@ -471,10 +460,10 @@ class _Lowerer:
             args.append(b if _dtype_of(b) == dt else self.bb.emit(relax.op.astype(b, dt)))
         return self.bb.emit_te(_col2im_te(geo, spatial, outs, bias is not None), *args, primfunc_name_hint="col2im")
 
-    def _grouped_operand(self, n: Generic, geo: "_ConvGeometry", in_c: int):
-        """The channels-last input of a grouped Conv with ``in_c`` channels and static spatial sizes (permuted from NCHW
-        unless another conv left it channels-last), its NCHW shape, spatial and output sizes and dtype; None when the
-        input does not fit."""
+    def _grouped_operand(self, n: Generic, geo: "_ConvGeometry", in_c: int, out_spatial=None):
+        """The channels-last input of a grouped Conv (or ConvTranspose: ``out_spatial`` maps input to output sizes)
+        with ``in_c`` channels and static spatial sizes (permuted from NCHW unless another conv left it channels-last),
+        its NCHW shape, spatial and output sizes and dtype; None when the input does not fit."""
         nd = len(geo.kernel_shape)
         xl = self.nhwc.get(n.inputs[0])
         x = self.value(n.inputs[0]) if xl is None else None
@@ -484,7 +473,7 @@ class _Lowerer:
         spatial = [_static_int(d) for d in shape[2:]]
         if any(d is None for d in spatial):
             return None
-        outs = geo.out_spatial(spatial)
+        outs = (out_spatial or geo.out_spatial)(spatial)
         if any(o < 1 for o in outs):
             return None
         xh = xl if xl is not None else self.bb.emit(self.relax.op.permute_dims(x, [0, *range(2, nd + 2), 1]))

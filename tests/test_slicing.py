@@ -595,6 +595,32 @@ class _T5(torch.nn.Module):
         return (self.dec_final(y) * self.d**-0.5) @ self.shared.weight.t()
 
 
+def _rotation_exact_then_slice_exports(g, feeds, torch_out, tmp_path):
+    """Slicing ``g`` by 0 (the rotation alone: equal to ``torch_out(x)``) and by 25% (the exported model equals the
+    executor in onnxruntime); returns the 25%-sliced graph. ``feeds(n, t)``: n samples of t tokens."""
+    import onnx
+    import onnxruntime as ort
+
+    from sparsec.compressor.onnx_export import to_onnx
+
+    for fraction in (0.0, 0.25):
+        gg = g.copy()
+        fit, held = CalibrationSet(feeds(16, 12), "fit", batch_size=8), CalibrationSet(feeds(8, 12), "held", batch_size=8)
+        r = Recipe(passes=[PassSpec("slicing", {"fraction": fraction})])
+        run_passes(gg, build_passes(r), PassContext(r, calib=fit, heldout=held))
+        gg.validate()
+        x = feeds(3, 10)
+        got = Executor(gg).run(x)[gg.outputs[0]]
+        if fraction == 0.0:
+            assert tm.rel(got, torch_out(x)) < 1e-5
+        else:
+            onnx_path = tmp_path / "sliced.onnx"
+            onnx.save(to_onnx(gg), str(onnx_path))
+            sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+            assert tm.rel(sess.run(None, x)[0], got) < 1e-5
+    return gg
+
+
 def test_encoder_decoder_blocks_are_contiguous_and_slice(tmp_path):
     """T5: the encoder's final norm (no block of its own) is read by the decoder blocks' cross-attention. It was keyed
     'epilogue' and the block order split the first decoder block in two; slicing then rotated a residual shortcut
@@ -602,11 +628,7 @@ def test_encoder_decoder_blocks_are_contiguous_and_slice(tmp_path):
     final RMSNorm was refused ("scales the output of norm"), though with no bias to fold it commutes with the rotation.
     Now every block is one contiguous range, the rotation alone is exact against torch, and 25% slicing runs and
     exports (onnxruntime == the executor)."""
-    import onnx
-    import onnxruntime as ort
-
     from sparsec.compressor.frontends.onnx import load_onnx
-    from sparsec.compressor.onnx_export import to_onnx
 
     torch.manual_seed(_seed())
     model = _T5().eval()
@@ -619,24 +641,13 @@ def test_encoder_decoder_blocks_are_contiguous_and_slice(tmp_path):
     assert blocks == ["enc.0", "enc.1", "dec.0", "dec.1"], blocks
     rng = np.random.default_rng(_seed())
     feeds = lambda n, s: {"input_ids": rng.integers(0, 64, (n, s)), "decoder_input_ids": rng.integers(0, 64, (n, s - 2))}  # noqa: E731
-    for fraction in (0.0, 0.25):
-        gg = g.copy()
-        fit, held = CalibrationSet(feeds(16, 12), "fit", batch_size=8), CalibrationSet(feeds(8, 12), "held", batch_size=8)
-        r = Recipe(passes=[PassSpec("slicing", {"fraction": fraction})])
-        run_passes(gg, build_passes(r), PassContext(r, calib=fit, heldout=held))
-        gg.validate()
-        x = feeds(3, 10)
-        got = Executor(gg).run(x)[gg.outputs[0]]
-        if fraction == 0.0:
-            with torch.no_grad():
-                ref = model(torch.from_numpy(x["input_ids"]), torch.from_numpy(x["decoder_input_ids"])).numpy()
-            assert tm.rel(got, ref) < 1e-5
-        else:
-            onnx_path = tmp_path / "sliced.onnx"
-            onnx.save(to_onnx(gg), str(onnx_path))
-            sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-            assert tm.rel(sess.run(None, x)[0], got) < 1e-5
-            assert any(lin.in_features == 48 for lin in gg.linears() if lin.name.endswith(".attn.q"))  # 64 sliced by 25%
+
+    def torch_out(x):
+        with torch.no_grad():
+            return model(torch.from_numpy(x["input_ids"]), torch.from_numpy(x["decoder_input_ids"])).numpy()
+
+    gg = _rotation_exact_then_slice_exports(g, feeds, torch_out, tmp_path)
+    assert any(lin.in_features == 48 for lin in gg.linears() if lin.name.endswith(".attn.q"))  # 64 sliced by 25%
 
 
 class _NamedBlocks(torch.nn.Module):
@@ -675,11 +686,7 @@ def test_named_blocks_are_found_and_slice(tmp_path, exporter):
     `inspect` said "blocks: 1", SparseGPT's block-by-block calibration saw the dense model's inputs throughout and
     slicing labelled nothing. The repeated siblings are now the blocks (3, contiguous, from all three exporters), the
     rotation alone is exact against torch and 25% slicing runs and exports (onnxruntime == the executor)."""
-    import onnx
-    import onnxruntime as ort
-
     from sparsec.compressor.compress import load_model
-    from sparsec.compressor.onnx_export import to_onnx
 
     torch.manual_seed(_seed())
     model = _NamedBlocks().eval()
@@ -697,24 +704,13 @@ def test_named_blocks_are_found_and_slice(tmp_path, exporter):
     rng = np.random.default_rng(_seed())
     name = g.inputs[0]
     feeds = lambda n, s: {name: rng.integers(0, 64, (n, s))}  # noqa: E731
-    for fraction in (0.0, 0.25):
-        gg = g.copy()
-        fit, held = CalibrationSet(feeds(16, 12), "fit", batch_size=8), CalibrationSet(feeds(8, 12), "held", batch_size=8)
-        r = Recipe(passes=[PassSpec("slicing", {"fraction": fraction})])
-        (rep,) = run_passes(gg, build_passes(r), PassContext(r, calib=fit, heldout=held))
-        gg.validate()
-        x = feeds(3, 10)
-        got = Executor(gg).run(x)[gg.outputs[0]]
-        if fraction == 0.0:
-            with torch.no_grad():
-                ref = model(torch.from_numpy(x[name])).numpy()
-            assert tm.rel(got, ref) < 1e-5
-        else:
-            onnx_path = tmp_path / "sliced.onnx"
-            onnx.save(to_onnx(gg), str(onnx_path))
-            sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-            assert tm.rel(sess.run(None, x)[0], got) < 1e-5
-            assert sum(lin.in_features == 48 for lin in gg.linears()) >= 9, [lin.in_features for lin in gg.linears()]
+
+    def torch_out(x):
+        with torch.no_grad():
+            return model(torch.from_numpy(x[name])).numpy()
+
+    gg = _rotation_exact_then_slice_exports(g, feeds, torch_out, tmp_path)
+    assert sum(lin.in_features == 48 for lin in gg.linears()) >= 9, [lin.in_features for lin in gg.linears()]
 
 
 def test_a_fraction_that_rounds_to_nothing_warns():
