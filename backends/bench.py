@@ -118,10 +118,14 @@ def has_sequence_dim(graph) -> bool:
 
 def bench_scenarios(graph, given: list[tuple[int, int]] | None) -> list[tuple[int, int | None]]:
     """The ``(batch, seq)`` scenarios to time: ``given`` (``--shapes``) or 1x1 and 1x128. A model without a sequence
-    dim: batch 1 (latency) and 8 (throughput) by default, and given SEQs collapse to one run a batch (seq None)."""
+    dim: batch 1 (latency) and 8 (throughput) by default, and given SEQs collapse to one run a batch (seq None). A
+    model whose export fixed its batch size runs at that size by default (1 and 8 could not run it)."""
+    from ..calibration.data import static_batch
+
+    sb = None if given else static_batch(graph)
     if has_sequence_dim(graph):
-        return list(given or [(1, 1), (1, 128)])
-    return list(dict.fromkeys((b, None) for b, _ in given)) if given else [(1, None), (8, None)]
+        return list(given or ([(sb, 1), (sb, 128)] if sb else [(1, 1), (1, 128)]))
+    return list(dict.fromkeys((b, None) for b, _ in given)) if given else ([(sb, None)] if sb else [(1, None), (8, None)])
 
 
 def _seq_label(seq) -> str:

@@ -1222,6 +1222,9 @@ def test_bench_scenarios_follow_whether_the_model_has_a_sequence_dim():
     gpt = load_example("tiny-gpt").graph
     assert has_sequence_dim(gpt)
     assert bench_scenarios(gpt, None) == [(1, 1), (1, 128)] and bench_scenarios(gpt, [(2, 7)]) == [(2, 7)]
+    # an export with a fixed batch size (2) ran neither 1 nor 8: "no --shapes scenario runs on this model"
+    img.values["x"].shape, img.values["y"].shape = (2, 4), (2, 4)
+    assert bench_scenarios(img, None) == [(2, None)] and bench_scenarios(img, [(2, 1)]) == [(2, None)]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed: CUDA code generation cannot be checked")
