@@ -271,12 +271,7 @@ class _Lowerer:
         key = (impl.name, src) if src is not None else (impl.name, id(impl.func))
         gv = self._funcs.get(key)
         if gv is None:
-            base = _sanitize(f"{impl.name}_{lin.weight.shape[0]}x{lin.weight.shape[1]}")
-            name, i = base, 1
-            while name in self._func_names:
-                name, i = f"{base}_{i}", i + 1
-            self._func_names.add(name)
-            gv = self.bb.add_func(impl.func, name)
+            gv = self.bb.add_func(impl.func, self.unique_func_name(f"{impl.name}_{lin.weight.shape[0]}x{lin.weight.shape[1]}"))
             self._funcs[key] = gv
             if src is not None:
                 self.sources[gv.name_hint] = src
@@ -362,15 +357,13 @@ class _Lowerer:
         wv = self.value(n.inputs[1])  # [O, C/G, *kernel] -> [G, kernel positions x C/G, O/G] (im2col's column order)
         wv = self.bb.emit(relax.op.reshape(wv, (groups, og, cg, *kernel)))
         wv = self.bb.emit(relax.op.permute_dims(wv, [0, *range(3, nd + 3), 2, 1]))
-        wv = self.bb.emit(relax.op.reshape(wv, (groups, ksz, og)))
-        if _dtype_of(wv) != dt:
-            wv = self.bb.emit(relax.op.astype(wv, dt))
+        wv = self.as_dtype(self.bb.emit(relax.op.reshape(wv, (groups, ksz, og))), dt)
         y = self.bb.emit(relax.op.matmul(cols, wv))  # [G, rows, O/G]
         y = self.bb.emit(relax.op.permute_dims(y, [1, 0, 2]))
         y = self.bb.emit(relax.op.reshape(y, (shape[0], *outs, out_c)))  # NHWC, channel g * O/G + o
         if bias is not None:
             b = self.value(bias)
-            y = self.bb.emit(relax.op.add(y, b if _dtype_of(b) == dt else self.bb.emit(relax.op.astype(b, dt))))
+            y = self.bb.emit(relax.op.add(y, self.as_dtype(b, dt)))
         return y
 
     def depthwise_conv(self, n: Generic):
@@ -400,18 +393,11 @@ class _Lowerer:
         xh, shape, spatial, outs, dt = operand
         wv = self.value(n.inputs[1])  # [O, 1, *kernel] -> [kernel positions, O]
         wv = self.bb.emit(relax.op.permute_dims(relax.op.reshape(wv, (out_c, geo.kernel_size)), [1, 0]))
-        args = [xh, wv if _dtype_of(wv) == dt else self.bb.emit(relax.op.astype(wv, dt))]
-        if bias is not None:
-            b = self.value(bias)
-            args.append(b if _dtype_of(b) == dt else self.bb.emit(relax.op.astype(b, dt)))
+        args = [xh, self.as_dtype(wv, dt)] + ([self.as_dtype(self.value(bias), dt)] if bias is not None else [])
         from .cpu_schedule import _lanes
 
         func = _depthwise_func(geo, shape[0], spatial, groups, out_c, dt, bias is not None, _lanes(self.target.tvm_target()))
-        name = _sanitize(f"depthwise_{n.name}")
-        while name in self._func_names:
-            name += "_"
-        self._func_names.add(name)
-        gv = self.bb.add_func(func.with_attr("global_symbol", name), name)
+        gv = self.add_own_func(func, f"depthwise_{n.name}")
         out_shape = (shape[0], *outs, out_c)
         return self.bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, dt)))
 
@@ -449,16 +435,29 @@ class _Lowerer:
             rows = rows * d
         wv = self.value(n.inputs[1])  # [C_in, C_out, *kernel] -> [C_in, kernel positions x C_out]
         wv = self.bb.emit(relax.op.permute_dims(relax.op.reshape(wv, (in_c, out_c, geo.kernel_size)), [0, 2, 1]))
-        wv = self.bb.emit(relax.op.reshape(wv, (in_c, geo.kernel_size * out_c)))
-        if _dtype_of(wv) != dt:
-            wv = self.bb.emit(relax.op.astype(wv, dt))
+        wv = self.as_dtype(self.bb.emit(relax.op.reshape(wv, (in_c, geo.kernel_size * out_c))), dt)
         cols = self.bb.emit(relax.op.matmul(relax.op.reshape(xh, (rows, in_c)), wv))
         cols = self.bb.emit(relax.op.reshape(cols, (shape[0], *spatial, geo.kernel_size, out_c)))
-        args = [cols]
-        if bias is not None:
-            b = self.value(bias)
-            args.append(b if _dtype_of(b) == dt else self.bb.emit(relax.op.astype(b, dt)))
+        args = [cols] + ([self.as_dtype(self.value(bias), dt)] if bias is not None else [])
         return self.bb.emit_te(_col2im_te(geo, spatial, outs, bias is not None), *args, primfunc_name_hint="col2im")
+
+    def as_dtype(self, e, dt: str):
+        """``e`` cast to ``dt`` (``e`` itself when it already is)."""
+        return e if _dtype_of(e) == dt else self.bb.emit(self.relax.op.astype(e, dt))
+
+    def unique_func_name(self, base: str) -> str:
+        """``base`` sanitized, with ``_1``, ``_2`` ... where another function of the module has that name."""
+        base = _sanitize(base)
+        name, i = base, 1
+        while name in self._func_names:
+            name, i = f"{base}_{i}", i + 1
+        self._func_names.add(name)
+        return name
+
+    def add_own_func(self, func, base: str):
+        """Add a PrimFunc sparsec made (a depthwise conv, a Trilu) under a unique name: its global symbol is its name."""
+        name = self.unique_func_name(base)
+        return self.bb.add_func(func.with_attr("global_symbol", name), name)
 
     def _grouped_operand(self, n: Generic, geo: "_ConvGeometry", in_c: int, out_spatial=None):
         """The channels-last input of a grouped Conv (or ConvTranspose: ``out_spatial`` maps input to output sizes)
@@ -851,11 +850,7 @@ class _Lowerer:
 
         y = te.compute(shape, body, name="trilu")
         func = te.create_prim_func([xp, y]).with_attrs({"op_pattern": 8, "tirx.noalias": True})
-        name = _sanitize(f"trilu_{n.name}")
-        while name in self._func_names:
-            name += "_"
-        self._func_names.add(name)
-        gv = self.bb.add_func(func.with_attr("global_symbol", name), name)
+        gv = self.add_own_func(func, f"trilu_{n.name}")
         return self.bb.emit(self.relax.call_tir(gv, [x], x.ty))
 
     def generic(self, n: Generic, ins):
@@ -1365,8 +1360,9 @@ class _Lowerer:
     def unify_concat(self, ins: list, axis: int) -> list:
         """A Concat's inputs agree on every dim but ``axis`` (ONNX requires it), though Relax may not see it: a U-Net
         with dynamic height concatenates its input (``h``) with an up-conv of a pooled map (``(h // 2) * 2``). Each
-        such dim is ``match_cast`` to one size (a constant, else a graph input's dim, else the first), checked at run
-        time; without it the concat had no shape and the build failed ("CodeGenVM cannot emit ... R.concat")."""
+        such dim is reshaped to one size (a constant, else a graph input's dim, else the first; the element count is
+        checked at run time); without it the concat had no shape and the build failed ("CodeGenVM cannot emit ...
+        R.concat")."""
         from tvm import tirx
 
         relax = self.relax

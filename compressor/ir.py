@@ -562,7 +562,7 @@ class Graph:
                     out[n.name] = (n, f)
         return out
 
-    def shared_later_uses(self) -> set[str]:
+    def stored_with_another(self) -> set[str]:
         """Names of the Linear layers whose weight the artifact, right now, stores with another's: the same tensors
         as the first use of their source weight (counted with it), or a head still tied to its embedding table
         (counted with the table)."""

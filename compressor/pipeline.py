@@ -452,7 +452,7 @@ class Pass:
             self.requires(graph, ctx)
         except PassError as e:
             raise PassError(f"{self.name}: precondition failed: {e.message}") from e
-        shared_before = graph.shared_later_uses()
+        shared_before = graph.stored_with_another()
         t0 = time.perf_counter()
         report = self.run(graph, ctx)
         report.seconds = time.perf_counter() - t0
@@ -461,7 +461,7 @@ class Pass:
         except PassError as e:
             raise PassError(f"{self.name}: postcondition failed: {e.message}") from e
         graph.validate()
-        report.compute_totals(shared_before, graph.shared_later_uses())
+        report.compute_totals(shared_before, graph.stored_with_another())
         return report
 
     def params_dict(self) -> dict[str, Any]:
