@@ -413,7 +413,7 @@ def report(
 ):
     """Show an artifact's pass reports again (from report.json)."""
     from sparsec.compressor.artifact import load_artifact
-    from sparsec.compressor.report import merge_timings, render, warning_lines
+    from sparsec.compressor.report import merge_timings, render
 
     a = load_artifact(artifact)
     doc = merge_timings(a.report, a.timings)

@@ -237,7 +237,7 @@ def outcome_warnings(bytes_before: int, bytes_after: int, reports, shared: list[
         out.append(f"{rep.name} compressed no layer: {k} of {len(rep.rows)} {why!r}" + (
             " (check the --include / --exclude patterns against the layer names: `sparsec inspect MODEL`)" if "included" in why or "pattern" in why else ""))
     if bytes_after > bytes_before:
-        untied = any(w.startswith("untied ") for rep in reports if rep.name == "slicing" for w in rep.warnings)
+        untied = any(rep.totals.get("untied") for rep in reports if rep.name == "slicing")
         why = (f"a weight applied by several layers is stored once per use once compressed ({', '.join(shared[:3])}"
                f"{', ...' if len(shared) > 3 else ''}; exclude those layers to keep it shared)" if shared
                else "slicing untied the head from the embedding table (both are stored) and removed less than that adds"

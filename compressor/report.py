@@ -45,9 +45,10 @@ class PassReport:
     seconds: float | None = None
 
     def compute_totals(self, shared_before: set[str] = frozenset(), shared_after: set[str] = frozenset()) -> dict[str, Any]:
-        """Counts, bytes and errors over the rows. A layer applying the same weight tensors as an earlier layer
-        (``shared_before`` / ``shared_after``: ALBERT's shared blocks, a layer called twice) adds no bytes on that side:
-        the model stores them once. Compressed apart, each use is stored, and the totals show the growth."""
+        """Counts, bytes and errors over the rows. A layer whose weight the model stores with another's on that side
+        (``shared_before`` / ``shared_after``, Graph.stored_with_another: ALBERT's shared blocks, a layer called twice,
+        a head tied to its embedding table) adds no bytes there. Stored apart, each use counts, and the totals show
+        the growth."""
         done = [r for r in self.rows if r.status == "compressed"]
         bb = sum(r.bytes_before for r in self.rows if r.name not in shared_before)
         ba = sum(r.bytes_after for r in self.rows if r.name not in shared_after)

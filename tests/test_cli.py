@@ -584,6 +584,9 @@ def test_outcome_warnings_name_a_pass_with_no_layer_and_shared_weights(tmp_path)
     assert "stored once per use" in w and shared in w and "low-rank" not in w, w
     (w,) = outcome_warnings(100, 120, [])
     assert "low-rank" in w
+    sliced = PassReport("slicing", totals={"untied": ["lm_head (was tied to wte)"]})
+    (w,) = [m for m in outcome_warnings(100, 120, [sliced]) if "stores more bytes" in m]
+    assert "slicing untied the head" in w and "low-rank" not in w, w
 
 
 def test_pass_totals_count_a_shared_weight_once_until_its_uses_differ(tmp_path):
