@@ -421,6 +421,9 @@ def load_calibration(graph: Graph, data: str | None, *, samples: int, seq_len: i
             shapes = ", ".join(f"'{k}' {list(v.shape)}" for k, v in arrays.items())
             raise CalibrationError(f"the model has a static batch size of {sb}: give at least {sb} calibration samples "
                                    f"(got {n}: {shapes})")  # fmt: skip
+        if n_fit + n_held < n:
+            warnings.append(f"the model's batch size is fixed at {sb} by its export: {n - n_fit - n_held} of {n} calibration "
+                            f"samples left out ({n_fit} fitted in batches of {sb}" + (f", {n_held} held out)" if n_held else ")"))
         arrays = {k: v[: n_fit + n_held] for k, v in arrays.items()}
         n = n_fit + n_held
     elif sb is not None:

@@ -83,6 +83,14 @@ def load_example(name: str) -> Source:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+def calibration_used(calib, held) -> dict[str, Any]:
+    """What the passes ran on, where the recipe says what was asked for: samples fitted and held out (after a file
+    held fewer, or a static batch dropped some), the batch size, and each input's per-sample shape (after --seq-len)."""
+    return {"source": calib.source, "generated": bool(calib.generated), "samples": calib.num_samples,
+            "heldout_samples": held.num_samples if held is not None else 0, "batch_size": int(calib.batch_size),
+            "shapes": {k: [int(d) for d in v.shape[1:]] for k, v in calib.arrays.items()}}  # fmt: skip
+
+
 def calibration_for(src: Source, recipe: Recipe):
     """(fit split, held-out split) for a model: the user's data, the reference model's own text/digits, or generated."""
     from sparsec.calibration.data import CalibrationSet, load_calibration
@@ -272,6 +280,7 @@ def compress(source: Source, recipe: Recipe, out: str | os.PathLike, *, force: b
     original = graph.copy()
 
     calib = held = None
+    calib_used: dict[str, Any] = {}
     warnings: list[str] = list(graph.meta.get("import_warnings", []))
     # given calibration data is always read and checked (a file that does not fit the model is an error even when no
     # pass needs it; with no passes it serves the export check)
@@ -279,6 +288,7 @@ def compress(source: Source, recipe: Recipe, out: str | os.PathLike, *, force: b
     if need_calib:
         calib, held = calibration_for(source, recipe)
         warnings.extend(calib.warnings)
+        calib_used = calibration_used(calib, held)
     ctx = PassContext(recipe, calib=calib, heldout=held, device=device, original=original, console=console, golden=source.golden)
     ctx.show_progress = progress
     try:
@@ -378,7 +388,8 @@ def compress(source: Source, recipe: Recipe, out: str | os.PathLike, *, force: b
     if source.golden:
         model_info["golden"] = source.golden
     rep = Report(model=model_info, recipe=recipe.to_dict(), target=target.name, seed=recipe.seed, passes=reports,
-                 quality=quality, build=build_info, warnings=warnings, sparsec_version=__version__)  # fmt: skip
+                 quality=quality, build=build_info, warnings=warnings, sparsec_version=__version__,
+                 calibration=calib_used)  # fmt: skip
     doc, timings = rep.to_json()
     timings["total_seconds"] = time.perf_counter() - t_start
     manifest = {
@@ -388,6 +399,7 @@ def compress(source: Source, recipe: Recipe, out: str | os.PathLike, *, force: b
         "recipe": recipe.to_dict(),
         "target": target.name,
         "seed": recipe.seed,
+        **({"calibration_used": doc["calibration"]} if "calibration" in doc else {}),
     }
     content = ArtifactContent(graph=graph, manifest=manifest, report=doc, onnx_bytes=onnx_bytes, timings=timings, writers=writers)
     path = write_artifact(out, content, force=force)

@@ -80,6 +80,7 @@ class Report:
     build: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     sparsec_version: str = ""
+    calibration: dict[str, Any] = field(default_factory=dict)  # the data the passes ran on (calibration_used)
 
     def to_json(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(report.json document, timings.json document)."""
@@ -112,6 +113,8 @@ class Report:
             "build": _clean(b),
             "warnings": list(self.warnings),
         }
+        if self.calibration:
+            doc["calibration"] = _clean(self.calibration)
         return doc, timings
 
 
@@ -247,6 +250,9 @@ def render(report: dict[str, Any], console=None, max_rows: int | None = None) ->
                 console.print(et)
         for w in p.get("warnings", []):
             console.print(f"[yellow]warning[/yellow] ({p['name']}): {w}")
+    c = report.get("calibration")
+    if c:
+        console.print("[bold]calibration[/bold] " + calibration_line(c), highlight=False)
     q = report.get("quality") or {}
     if q:
         render_quality(q, console, m)
@@ -258,6 +264,14 @@ def render(report: dict[str, Any], console=None, max_rows: int | None = None) ->
             console.print(f"[yellow]note[/yellow] (build): {n}", highlight=False)
     for w in report.get("warnings", []):
         console.print(f"[yellow]warning[/yellow]: {w}")
+
+
+def calibration_line(c: dict[str, Any]) -> str:
+    """One line for report.json's ``calibration`` block: the samples the passes fitted and held out, batch, shapes."""
+    held = c.get("heldout_samples") or 0
+    shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in (c.get("shapes") or {}).items())
+    return (f"{c.get('samples')} samples" + (f" + {held} held out" if held else " (no held-out split)")
+            + f" from {c.get('source')}, batch {c.get('batch_size')}" + (f"; per sample: {shapes}" if shapes else ""))
 
 
 # quality keys that are labels of the reference evaluation, shown once in the caption instead of as rows

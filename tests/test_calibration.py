@@ -95,6 +95,10 @@ def test_static_batch_models(tmp_path):
     assert static_batch(g) == 4
     fit, held = load_calibration(g, None, samples=19, seq_len=None, seed=0, heldout=0.25)
     assert fit.batch_size == 4 and fit.num_samples % 4 == 0 and held.num_samples % 4 == 0 and held.num_samples >= 4
+    left = 19 - fit.num_samples - held.num_samples
+    assert left > 0 and any(f"{left} of 19 calibration samples left out" in w for w in fit.warnings), fit.warnings
+    fit8, held8 = load_calibration(g, None, samples=16, seq_len=None, seed=0, heldout=0.25)
+    assert fit8.num_samples + held8.num_samples == 16 and not any("left out" in w for w in fit8.warnings)
     assert all(b["ids"].shape == (4, 10) for b in fit.batches() + held.batches())
     ex = Executor(g)
     for b in fit.batches():

@@ -516,6 +516,14 @@ def test_recipe_calibration_path_is_relative_to_the_recipe(gpt2_onnx, tmp_path):
                 cwd=tmp_path / "elsewhere")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "generated" not in r.stderr and "c.npz" in json.loads((tmp_path / "out" / "report.json").read_text())["quality"]["eval_source"]
+    # what the passes ran on (the recipe keeps what was asked for): 8 samples, 1 held out (0.125), batches of 8
+    used = json.loads((tmp_path / "out" / "report.json").read_text())["calibration"]
+    feeds = tm.feeds_for(model, b=8, t=10, seed=3)
+    assert used["samples"] == 7 and used["heldout_samples"] == 1 and used["batch_size"] == 8 and not used["generated"]
+    assert used["shapes"] == {k: list(v.shape[1:]) for k, v in feeds.items()} and used["source"].endswith("c.npz")
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["calibration_used"] == used
+    shown = sparsec("report", tmp_path / "out")
+    assert shown.returncode == 0 and "calibration 7 samples + 1 held out from" in shown.stdout, shown.stdout
 
 
 def test_already_quantized_models_are_refused_with_the_reason(tmp_path):
