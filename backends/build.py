@@ -337,7 +337,7 @@ def _build(graph: Graph, target: Target | str, recipe=None, console=None, *, tun
            moe_routed: bool | None = None) -> tuple[dict[str, Any], Callable[[Path], None] | None]:  # fmt: skip
     """Compile ``graph`` for ``target``. Returns (info for the report, writer of ``lib/``). ``moe_routed``: see
     :func:`sparsec.backends.lower.lower` (None: the target's default)."""
-    from .lower import lower
+    from .lower import float32_compute, lower
     from .tune import TuningDB
 
     target = get_target(target) if isinstance(target, str) else target
@@ -347,8 +347,18 @@ def _build(graph: Graph, target: Target | str, recipe=None, console=None, *, tun
     if tuning is None:
         tuning = TuningDB.for_target(target.name, tuning_db)
     t0 = time.perf_counter()
+    io_dtypes: dict[str, str] = {}
+    f32_note = None
+    if target.kind != "cuda":  # no float16 arithmetic on CPU targets: a float16 model computes in float32 there
+        f32 = float32_compute(graph)
+        if f32 is not None:
+            graph, io_dtypes = f32
+            if target.kind == "wasm":  # the standalone wasm module takes and returns float32 (JS has no float16 array)
+                io_dtypes = {}
+            f32_note = ("float16 model: computed in float32 on this CPU target (no float16 arithmetic there); "
+                        + ("inputs and outputs stay float16" if io_dtypes else "the library takes and returns float32"))
     try:
-        low = lower(graph, target, tuning, dense_kernel=dense_kernel, moe_routed=moe_routed)
+        low = lower(graph, target, tuning, dense_kernel=dense_kernel, moe_routed=moe_routed, io_dtypes=io_dtypes)
     except UnsupportedOpError as e:
         # an operator TVM cannot lower (e.g. a data-dependent Reshape): the artifact is still complete without lib/
         # (model.onnx runs everywhere); the report says why, and `sparsec run --engine lib` refuses clearly
@@ -360,7 +370,10 @@ def _build(graph: Graph, target: Target | str, recipe=None, console=None, *, tun
     if target.kind == "wasm":  # standalone model.wasm + model.js, no Relax VM library (backends/cross.py)
         from .cross import build_wasm_lib
 
-        return build_wasm_lib(graph, low, target, console)
+        info, writer = build_wasm_lib(graph, low, target, console)
+        if f32_note and writer is not None:
+            info.setdefault("notes", []).append(f32_note)
+        return info, writer
     ex, cuda_log = compile_lowered(low, target)
     tmp = interrupt.temp_dir("sparsec-build-")
     try:
@@ -404,6 +417,8 @@ def _build(graph: Graph, target: Target | str, recipe=None, console=None, *, tun
     if extra.get("fatbin"):
         info["device_code"] = f"lib/{extra['fatbin']['file']} ({extra['fatbin']['arch']}, {extra['fatbin']['bytes']} bytes)"
     info.update(summarize(low))
+    if f32_note:
+        info.setdefault("notes", []).append(f32_note)
     sa_status = (extra.get("standalone") or {}).get("status", "")
     if sa_status.startswith("not built"):  # model.so still runs where the TVM runtime does; `sparsec run` here cannot
         info.setdefault("notes", []).append(

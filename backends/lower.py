@@ -91,7 +91,7 @@ def _sanitize(name: str) -> str:
 
 class _Lowerer:
     def __init__(self, graph: Graph, target, tuning, act_dtype: str = "float32", dense_kernel: str | None = None,
-                 moe_routed: bool | None = None):
+                 moe_routed: bool | None = None, io_dtypes: dict[str, str] | None = None):
         from tvm import relax
 
         self.relax = relax
@@ -99,6 +99,7 @@ class _Lowerer:
         self.target = target
         self.tuning = tuning
         self.act_dtype = act_dtype
+        self.io_dtypes = dict(io_dtypes or {})  # graph inputs / outputs cast at the library's boundary
         self.dense_kernel = dense_kernel  # force a generator name for dense layers (bench: "tvm.dense")
         self.bb = relax.BlockBuilder()
         self.env: dict[str, Any] = {}
@@ -158,11 +159,12 @@ class _Lowerer:
             if v is None or v.shape is None:
                 raise UnsupportedOpError(f"graph input '{name}' has an unknown rank: the library needs at least the rank")
             shape = [self.dim(d, f"{name}_d{j}") for j, d in enumerate(v.shape)]
-            var = relax.Var(_sanitize(name), relax.TensorType(shape, v.dtype))
+            dt = self.io_dtypes.get(name, v.dtype)
+            var = relax.Var(_sanitize(name), relax.TensorType(shape, dt))
             self.input_syms.extend(d for d in shape if not isinstance(d, int) and all(not d.same_as(s) for s in self.input_syms))
             vars_.append(var)
             self.env[name] = var
-            info.append({"name": name, "dtype": v.dtype, "shape": [d if isinstance(d, int) else str(d) for d in shape]})
+            info.append({"name": name, "dtype": dt, "shape": [d if isinstance(d, int) else str(d) for d in shape]})
         return vars_, info
 
     # ---- values --------------------------------------------------------------------------------------------
@@ -1511,6 +1513,12 @@ class _Lowerer:
             # match_cast, and FuseOps reorders a dataflow block by data dependencies only, which moved the uses of
             # those counts above their binding. Outside a dataflow block nothing is reordered (or fused).
             block = None
+            cast_in = [n for n in g.inputs if n in self.io_dtypes and self.io_dtypes[n] != g.values[n].dtype]
+            if cast_in:  # inputs taken in their io dtype, computed in the graph's
+                block = self.bb.dataflow()
+                block.__enter__()
+                for name in cast_in:
+                    self.env[name] = self.bb.emit(relax.op.astype(self.env[name], g.values[name].dtype))
             for i, n in enumerate(g.nodes):
                 if isinstance(n, MoE) and self.moe_routed:
                     if block is not None:
@@ -1525,6 +1533,8 @@ class _Lowerer:
                 block = self.bb.dataflow()
                 block.__enter__()
             results = [self.value(o) for o in g.outputs]
+            results = [r if o not in self.io_dtypes or _dtype_of(r) == self.io_dtypes[o] else
+                       self.bb.emit(relax.op.astype(r, self.io_dtypes[o])) for o, r in zip(g.outputs, results)]  # fmt: skip
             res = results[0] if len(results) == 1 else relax.Tuple(results)
             out = self.bb.emit_output(res)
             block.__exit__(None, None, None)
@@ -1546,13 +1556,88 @@ def moe_routed_default(target) -> bool:
 
 
 def lower(graph: Graph, target, tuning=None, act_dtype: str = "float32", dense_kernel: str | None = None,
-          moe_routed: bool | None = None) -> Lowered:
+          moe_routed: bool | None = None, io_dtypes: dict[str, str] | None = None) -> Lowered:
     """Lower ``graph`` for ``target`` (a :class:`sparsec.backends.targets.Target`) into a Relax module. ``moe_routed``:
-    MoE layers routed or dense-equivalent (None: :func:`moe_routed_default`)."""
+    MoE layers routed or dense-equivalent (None: :func:`moe_routed_default`). ``io_dtypes``: graph inputs and outputs
+    the library takes / returns in another float dtype than ``graph`` computes them in (cast at its boundary; see
+    :func:`float32_compute`)."""
     from .tune import TuningDB
 
     return _Lowerer(graph, target, tuning if tuning is not None else TuningDB.empty(), act_dtype, dense_kernel,
-                    moe_routed).run()
+                    moe_routed, io_dtypes).run()
+
+
+_F16 = 10  # onnx.TensorProto.FLOAT16
+_F32 = 1  # onnx.TensorProto.FLOAT
+_DTYPE_ATTR_OPS = ("EyeLike", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli")
+
+
+def float32_compute(graph: Graph) -> tuple[Graph, dict[str, str]] | None:
+    """A float16 model for a CPU target: a copy of ``graph`` that computes in float32, and the float16 graph inputs and
+    outputs (name -> "float16") the library keeps at its boundary. None when nothing in ``graph`` is float16.
+
+    CPU targets have no float16 arithmetic: LLVM converts every float16 element to float32 and back around each
+    scalar operation (a float16 Mistral ran at 0.22-0.36x onnxruntime on x86). Value dtypes, constants, node arrays
+    (norm weights, embedding tables, biases, dense weights), Cast-to-float16 targets and float16 tensor attributes
+    become float32; compressed formats keep their storage (their kernels compute in float32 already). The artifact's
+    weights stay as stored: the library's parameters are cast when they are bound (runtime.build_params)."""
+    import copy as _copy
+
+    from ..compressor.formats import Dense
+    from ..compressor.ir import Value
+
+    g = graph.copy()
+    changed = False
+    memo: dict[int, Any] = {}  # one float32 array per float16 array (a head tied to its embedding stays one array)
+
+    def f32(a):
+        nonlocal changed
+        if isinstance(a, np.ndarray) and a.dtype == np.float16:
+            if id(a) not in memo:
+                memo[id(a)] = a.astype(np.float32)
+            changed = True
+            return memo[id(a)]
+        if isinstance(a, Dense) and a.data.dtype == np.float16:
+            if id(a) not in memo:
+                memo[id(a)] = Dense(f32(a.data))
+            return memo[id(a)]
+        if isinstance(a, LowRank):
+            base = f32(a.base)
+            if base is not a.base:
+                c = _copy.copy(a)
+                c.base = base
+                return c
+        return a
+
+    io = {n: "float16" for n in list(g.inputs) + list(g.outputs) if g.values.get(n) is not None and g.values[n].dtype == "float16"}
+    for k, v in list(g.values.items()):
+        if v.dtype == "float16":
+            g.values[k], changed = Value(v.name, "float32", v.shape), True
+    g.constants = {k: f32(np.asarray(a)) if np.asarray(a).dtype == np.float16 else a for k, a in g.constants.items()}
+
+    def convert(n) -> None:
+        for f in ("weight", "bias", "table"):
+            if hasattr(n, f):
+                setattr(n, f, f32(getattr(n, f)))
+
+    attrs_changed = False
+    for n in g.nodes:
+        if isinstance(n, MoE):
+            for lin in n.linears():
+                convert(lin)
+        elif isinstance(n, Generic):
+            if n.domain in ("", None) and n.op_type == "Cast" and n.attributes.get("to") == _F16:
+                n.attributes["to"], attrs_changed = _F32, True
+            if n.domain in ("", None) and n.op_type in _DTYPE_ATTR_OPS and n.attributes.get("dtype") == _F16:
+                n.attributes["dtype"], attrs_changed = _F32, True
+            for k, a in list(n.attributes.items()):
+                if isinstance(a, np.ndarray) and a.dtype == np.float16:
+                    n.attributes[k] = f32(a)
+        else:
+            convert(n)
+    if not (changed or attrs_changed):
+        return None
+    return g, io
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -361,23 +361,54 @@ def test_wasm_build_is_deterministic(digits_graph, digits_wasm, tmp_path):
         assert (tmp_path / "again" / p.name).read_bytes() == p.read_bytes(), p.name
 
 
-def test_float16_model_for_wasm_is_not_built_but_complete(tmp_path):
-    """LLVM's wasm32 code generation of half-precision ops did not finish (a 2-Linear float16 model ran > 13 min):
-    a float16 model is 'not built' for wasm at once, with the reason, and runs through model.onnx."""
+@pytest.mark.parametrize("target", ["x86", "aarch64", "wasm"])
+def test_float16_model_computes_in_float32_on_cpu_targets(target, tmp_path):
+    """CPU targets have no float16 arithmetic: a float16 model's library converted every element around each scalar
+    operation (x86: 0.22-0.36x onnxruntime on a float16 Mistral), accumulated its LayerNorm / softmax / matmuls in
+    float16 (2.3e-3 off the float32 computation here), and wasm was not built at all (LLVM's wasm32 half-precision
+    code generation did not finish in 13 min). Now the library computes in float32: within the output's float16
+    rounding of torch in float32 on the same (float16-rounded) weights and inputs. The VM libraries (x86, aarch64)
+    keep float16 inputs and outputs; the standalone wasm module takes and returns float32."""
+    if target == "aarch64" and not (HAS_QEMU and HAS_XCC):
+        pytest.skip("qemu-aarch64 or the aarch64 cross toolchain is not installed (scripts/install.sh)")
+    if target == "wasm" and not (HAS_NODE and HAS_WASM_LD):
+        pytest.skip("node, clang or wasm-ld is not installed (scripts/install.sh)")
     import time
 
     import torch
 
-    from sparsec.backends.build import build
-    from sparsec.compressor.frontends.onnx import load_onnx
+    from sparsec.compressor.runner import run_artifact
 
-    m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32)).half().eval()
+    rng = np.random.default_rng()
+    torch.manual_seed(int(rng.integers(1 << 30)))
+
+    class M(torch.nn.Module):
+        def __init__(self, d=512):
+            super().__init__()
+            self.ln, self.a, self.b = torch.nn.LayerNorm(d), torch.nn.Linear(d, d), torch.nn.Linear(d, 256)
+
+        def forward(self, x):
+            h = torch.nn.functional.gelu(self.a(self.ln(x))) + x
+            return torch.softmax(self.b(h), -1) * 100.0
+
+    m = M().half().eval()
+    x = (torch.randn(3, 20, 512) * 2 + 1).half()
     path = tmp_path / "fp16.onnx"
-    torch.onnx.export(m, (torch.randn(2, 64).half(),), str(path), dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "b"}})
+    torch.onnx.export(m, (x,), str(path), dynamo=False, input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "b", 1: "t"}})
+    with torch.no_grad():
+        ref = m.float()(x.float()).numpy().astype(np.float64)
     t0 = time.perf_counter()
-    info, writer = build(load_onnx(str(path)), "wasm")
-    assert writer is None and info["status"].startswith("not built") and "float16" in info["status"], info
-    assert time.perf_counter() - t0 < 120
+    r = subprocess.run([sys.executable, "-m", "sparsec", "compress", str(path), "--target", target, "-o", str(tmp_path / "art"), "-q"],
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert time.perf_counter() - t0 < 300
+    build = json.loads((tmp_path / "art" / "report.json").read_text())["build"]
+    assert build["status"] == "built" and any("computed in float32" in n for n in build.get("notes", [])), build
+    y = run_artifact(tmp_path / "art", {"x": x.numpy()}, engine="lib").outputs["y"]
+    assert y.dtype == (np.float32 if target == "wasm" else np.float16)
+    err = np.linalg.norm(y.astype(np.float64) - ref) / np.linalg.norm(ref)
+    rounding = np.linalg.norm(ref.astype(np.float16).astype(np.float64) - ref) / np.linalg.norm(ref)
+    assert err < max(3 * rounding, 1e-3), (err, rounding)
 
 
 @need_arm_build
