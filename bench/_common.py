@@ -15,3 +15,13 @@ def subprocess_env(threads: int) -> dict:
     for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[k] = str(threads)
     return env
+
+
+def write_results(stem: str, doc: dict, md: list[str]) -> None:
+    """``bench/results/<stem>.json`` (``doc``) and ``<stem>.md`` (the table's lines), and the table on stdout."""
+    import json
+
+    out = ROOT / "bench" / "results"
+    (out / f"{stem}.json").write_text(json.dumps(doc, indent=1))
+    (out / f"{stem}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))

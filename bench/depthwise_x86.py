@@ -9,7 +9,6 @@ and onnxruntime on the same ONNX model. Each model is a depthwise conv (+ bias, 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -19,6 +18,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from _common import write_results  # noqa: E402
 
 # (channels, spatial, kernel, stride, after a 1x1 conv): MobileNetV2 / EfficientNet 3x3 and 5x5, ConvNeXt 7x7, a conv1d
 CASES = [(96, 56, 3, 1, False), (96, 56, 3, 1, True), (144, 28, 3, 2, True), (240, 28, 5, 1, True), (384, 14, 3, 1, True),
@@ -96,9 +97,6 @@ def main():
                      "vs_ort": ms["onnxruntime"] / ms["sparsec depthwise"], "vs_tvm_conv2d": ms["tvm conv2d"] / ms["sparsec depthwise"]})  # fmt: skip
         print(rows[-1], flush=True)
     doc = {"cpu": _cpu_name(), "threads": a.threads, "runs": a.runs, "cases": rows}
-    out = ROOT / "bench" / "results"
-    stem = f"depthwise_x86_t{a.threads}"
-    (out / f"{stem}.json").write_text(json.dumps(doc, indent=1))
     md = [f"# Depthwise conv + ReLU on x86 ({doc['cpu']}), batch 1, {a.threads} thread(s): `python bench/depthwise_x86.py --threads {a.threads}`", "",
           "| conv | C | size | kernel | stride | input | sparsec ms | tvm conv2d ms (before) | onnxruntime ms | vs onnxruntime | vs before | max rel err |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -108,8 +106,7 @@ def main():
                   f"{m['sparsec depthwise']:.3f} | {m['tvm conv2d']:.3f} | {m['onnxruntime']:.3f} | {r['vs_ort']:.2f}x | "
                   f"{r['vs_tvm_conv2d']:.1f}x | {r['max_rel_err_vs_ort']['sparsec depthwise']:.1e} |")  # fmt: skip
     md += ["", f"Median of {a.runs} calls after 3 warm-up, same run; `vs` columns: the other's time over sparsec's."]
-    (out / f"{stem}.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_results(f"depthwise_x86_t{a.threads}", doc, md)
 
 
 if __name__ == "__main__":

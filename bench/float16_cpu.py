@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import sys
@@ -22,6 +21,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from _common import write_results  # noqa: E402
 
 CASES = [("mistral_sdpa", 128), ("mistral_sdpa", 512), ("qwen2", 128), ("gemma", 128), ("distilbert", 64)]
 
@@ -80,9 +81,6 @@ def main():
         del lib, sess
         shutil.rmtree(d, ignore_errors=True)
     doc = {"cpu": _cpu_name(), "threads": a.threads, "runs": a.runs, "cases": rows}
-    out = ROOT / "bench" / "results"
-    stem = f"float16_cpu_t{a.threads}"
-    (out / f"{stem}.json").write_text(json.dumps(doc, indent=1))
     md = [f"# Float16 models on x86 ({doc['cpu']}), batch 1, {a.threads} thread(s): `python bench/float16_cpu.py --threads {a.threads}`", "",
           "| model | tokens | float32 compute ms | float16 compute ms (before) | onnxruntime ms | vs onnxruntime | before vs onnxruntime | vs before | rel err: float32 / float16 / onnxruntime |",
           "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -93,8 +91,7 @@ def main():
                   f"{e['float32 compute']:.1e} / {e['float16 compute']:.1e} / {e['onnxruntime']:.1e} |")  # fmt: skip
     md += ["", f"Median of {a.runs} calls after 3 warm-up, same run; `vs` columns: the other's time over the float32 library's. "
            "Errors: relative to the torch module in float32 on the same float16-rounded weights (no passes)."]  # fmt: skip
-    (out / f"{stem}.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_results(f"float16_cpu_t{a.threads}", doc, md)
 
 
 if __name__ == "__main__":
