@@ -259,8 +259,9 @@ def static_batch(graph: Graph) -> int | None:
     return dims.pop() if len(dims) == 1 else None
 
 
-def generate(graph: Graph, samples: int, seq_len: int | None, seed: int) -> dict[str, np.ndarray]:
-    """Inputs from the model's input spec (see module docstring)."""
+def generate(graph: Graph, samples: int, seq_len: int | None, seed: int, used: dict[str, bool] | None = None) -> dict[str, np.ndarray]:
+    """Inputs from the model's input spec (see module docstring). ``used["seq"]``: whether some input took the sequence
+    length (a dynamic axis besides the batch and a Linear's feature width)."""
     rng = np.random.default_rng(seed)
     vocab = token_inputs(graph)
     seq = seq_len or min(128, max_positions(graph) or 128)
@@ -286,7 +287,10 @@ def generate(graph: Graph, samples: int, seq_len: int | None, seed: int) -> dict
                 shape.append(samples)
             else:
                 key = d if isinstance(d, str) else f"{name}:{i}"
-                sym.setdefault(key, seq)
+                if key not in sym:
+                    sym[key] = seq
+                    if used is not None:
+                        used["seq"] = True
                 shape.append(sym[key])
         if isinstance(v.shape[0], int) and v.shape[0] != samples:
             shape[0] = samples  # static batch dim: samples still go along axis 0, batches are cut to its size
@@ -375,8 +379,12 @@ def load_calibration(graph: Graph, data: str | None, *, samples: int, seq_len: i
     """(fit split, held-out split). ``samples`` counts both splits together."""
     warnings = []
     if data is None:
-        arrays = generate(graph, samples, seq_len, seed)
+        used = {"seq": False}
+        arrays = generate(graph, samples, seq_len, seed, used)
         source = "generated"
+        if seq_len and not used["seq"]:
+            warnings.append(f"--seq-len {seq_len} does nothing: the model's inputs have no dynamic axis besides the batch "
+                            "(generated inputs take their exported shapes)")  # fmt: skip
         warnings.append("no calibration data given: using generated inputs, a poor calibration set (give --calib data.npz)")
         generated = True
         arrays = _flip_masking_bool_inputs(graph, arrays, warnings)

@@ -360,8 +360,8 @@ def compress(
         for line in warning_lines(doc):
             if not line.startswith("warning: no compiled library for --target"):
                 print(f"sparsec: {line}", file=sys.stderr)
-    for f in result.threshold_failed:
-        err.print(f"[red]threshold failed[/red]: {f}")
+    for f in result.threshold_failed:  # one line, like every error (the artifact stays: it is what failed the check)
+        print(f"sparsec: threshold failed: {f} (the artifact is kept in {result.out})", file=sys.stderr)
     return E.EXIT_THRESHOLD if result.threshold_failed else 0
 
 
@@ -462,7 +462,7 @@ def batch(
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute every job (and do not store results)."),
     no_build: bool = typer.Option(False, "--no-build", help="Skip compiling libraries for every job."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the summary JSON to this file ('-': stdout)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No table."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No table, and no line per job that passed (failed and errored jobs still get theirs)."),
 ):
     """Compress many models x recipes x targets from a job file, in parallel, cached, with quality thresholds."""
     from sparsec.compressor import batch as B
@@ -471,10 +471,10 @@ def batch(
     base = job_file.resolve().parent
     out_dir = out_dir if out_dir is not None else base / "sparsec-out"
     cache_dir = None if no_cache else (cache if cache is not None else base / ".sparsec-cache")
-    show = not quiet and json_path != "-"
+    show = not quiet and json_path != "-"  # the table (stdout is the JSON with `--json -`)
 
-    def done(r):
-        if show:
+    def done(r):  # a line per job on stderr, also with `--json -`; -q keeps those of jobs that did not pass
+        if not quiet or r["status"] != "passed":
             err.print(f"{r['name']}: {r['status']}" + (" (cached)" if r.get("cached") else "") + (f" - {r['error']}" if r.get("error") else ""))
 
     results = B.run_batch(jl, out_dir, cache_dir, workers=jobs, on_done=done)

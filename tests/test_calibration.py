@@ -99,6 +99,13 @@ def test_static_batch_models(tmp_path):
     assert left > 0 and any(f"{left} of 19 calibration samples left out" in w for w in fit.warnings), fit.warnings
     fit8, held8 = load_calibration(g, None, samples=16, seq_len=None, seed=0, heldout=0.25)
     assert fit8.num_samples + held8.num_samples == 16 and not any("left out" in w for w in fit8.warnings)
+    # --seq-len on generated data for a model with no dynamic axis besides the batch: said nothing
+    fit5, _ = load_calibration(g, None, samples=16, seq_len=5, seed=0, heldout=0.25)
+    assert fit5.arrays["ids"].shape[1] == 10 and any("--seq-len 5 does nothing" in w for w in fit5.warnings), fit5.warnings
+    g.values["ids"].shape = ("b", "t")
+    fit5, _ = load_calibration(g, None, samples=16, seq_len=5, seed=0, heldout=0.25)
+    assert fit5.arrays["ids"].shape[1] == 5 and not any("--seq-len" in w for w in fit5.warnings), fit5.warnings
+    g.values["ids"].shape = (4, 10)
     assert all(b["ids"].shape == (4, 10) for b in fit.batches() + held.batches())
     ex = Executor(g)
     for b in fit.batches():

@@ -753,3 +753,34 @@ def test_unet_with_dynamic_height_and_width_builds(tmp_path):
         assert r.returncode == 0, r.stderr
         got = np.load(tmp_path / "y.npz")
         assert rel(got[got.files[0]], sess.run(None, {"x": x})[0]) < 1e-5, shape
+
+
+def test_convs_no_pass_compresses_are_named_in_one_import_warning(tmp_path):
+    """A grouped conv (wav2vec2's positional conv: 27% of that model's bytes), a depthwise one or a ConvTranspose has
+    no report row (no pass compresses them): the size ratio counted them with nothing saying so. One import warning
+    now names them and their share of the weight bytes; group-1 convs (raised, compressible) are not in it."""
+    from sparsec.compressor.frontends.onnx import load_onnx
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Conv1d(64, 64, 16, groups=4, padding=8)
+            self.dw = nn.Conv1d(64, 64, 7, groups=64, padding=3)
+            self.pw = nn.Conv1d(64, 128, 1)
+            self.up = nn.ConvTranspose1d(128, 64, 4, stride=2)
+
+        def forward(self, x):
+            return self.up(self.pw(self.dw(self.pos(x))))
+
+    torch.manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    m = M().eval()
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(m, (torch.randn(1, 64, 50),), str(path), dynamo=False, input_names=["x"])
+    g = load_onnx(str(path))
+    w = [x for x in g.meta.get("import_warnings", []) if "conv(s) are not compressed" in x]
+    assert len(w) == 1, g.meta.get("import_warnings")
+    assert w[0].startswith("2 grouped / depthwise / transposed conv(s)"), w  # dw: 64 x 7 = 448 weights, below the floor
+    assert "groups=4 [64, 16, 16]" in w[0] and "ConvTranspose [128, 64, 4]" in w[0], w
+    dense = (64 * 16 * 16 + 128 * 64 * 4) * 4
+    assert f"({dense / g.nbytes():.0%} of the model's weight bytes)" in w[0], (w, dense, g.nbytes())
+    assert "pw" not in w[0] and any(n.op == "Conv" for n in g.nodes)

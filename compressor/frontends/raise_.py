@@ -982,9 +982,20 @@ def note_dense_weight_products(g: Graph) -> None:
     """A MatMul / Gemm / Einsum with a constant float weight of at least 2 axes that no pattern raised (an einsum over
     a non-last axis, a weight on the left of a MatMul, a Gemm with transA, stacked weights that did not split per
     expert): the passes cannot compress it. One import warning lists them, so a user sees why a layer kept its size."""
-    found = []
+    found, convs, nbytes = [], [], 0
     for n in g.nodes:
-        if not isinstance(n, Generic) or n.domain != "" or n.op_type not in ("MatMul", "Gemm", "Einsum"):
+        if not isinstance(n, Generic) or n.domain != "":
+            continue
+        if n.op_type in ("Conv", "ConvTranspose"):  # grouped / depthwise convs and transposed convs (docs/conv.md)
+            w = g.constants.get(n.inputs[1]) if len(n.inputs) > 1 else None
+            if w is not None and w.ndim >= 3 and w.dtype.kind == "f" and w.size >= _DENSE_PRODUCT_MIN:
+                groups = int(n.attributes.get("group", 1))
+                what = n.op_type + (" depthwise" if groups > 1 and w.shape[1] == 1 and n.op_type == "Conv" else
+                                    f" groups={groups}" if groups > 1 else "")  # fmt: skip
+                convs.append(f"'{n.name}' ({what} {list(w.shape)})")
+                nbytes += int(w.nbytes)
+            continue
+        if n.op_type not in ("MatMul", "Gemm", "Einsum"):
             continue
         for i in n.inputs:
             w = g.constants.get(i)
@@ -992,12 +1003,22 @@ def note_dense_weight_products(g: Graph) -> None:
                 eq = n.attributes.get("equation")
                 what = f"{n.op_type} '{eq}'" if eq else n.op_type
                 found.append(f"'{n.name}' ({what} by '{i}' {list(w.shape)})")
+                nbytes += int(w.nbytes)
                 break
+
+    def listed(items):
+        return ", ".join(items[:4]) + (f", and {len(items) - 4} more" if len(items) > 4 else "")
+
+    total = max(g.nbytes(), 1)
+    share = f" ({nbytes / total:.0%} of the model's weight bytes)" if nbytes else ""
     if found:
-        shown = ", ".join(found[:4]) + (f", and {len(found) - 4} more" if len(found) > 4 else "")
         g.meta.setdefault("import_warnings", []).append(
             f"{len(found)} product(s) with a constant weight are not a Linear form sparsec compresses and stay dense: "
-            f"{shown}")  # fmt: skip
+            f"{listed(found)}" + (share if not convs else ""))  # fmt: skip
+    if convs:
+        g.meta.setdefault("import_warnings", []).append(
+            f"{len(convs)} grouped / depthwise / transposed conv(s) are not compressed (docs/conv.md) and stay dense: "
+            f"{listed(convs)}{share}")  # fmt: skip
 
 
 def linears_by_weight(g: Graph) -> dict[str, list[Linear]]:

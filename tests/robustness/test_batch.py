@@ -78,6 +78,8 @@ def test_batch_exit_codes_summary_and_cache(project, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     doc = json.loads(p.stdout)
     assert doc["counts"] == {"passed": 2, "failed": 0, "error": 0, "cached": 2}, doc["counts"]
+    # stdout is the JSON alone; a line per job on stderr (it was empty with `--json -`: a CI log showed no reason)
+    assert "passing: passed (cached)" in p.stderr and "strict: passed (cached)" in p.stderr, p.stderr
     for n in ("passing", "strict"):
         assert (project / "sparsec-out" / n / "weights.safetensors").read_bytes() == before[n]
 
@@ -87,6 +89,7 @@ def test_batch_exit_codes_summary_and_cache(project, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     doc = json.loads(p.stdout)
     assert doc["counts"]["cached"] == 0
+    assert "passing:" not in p.stderr and "strict:" not in p.stderr, p.stderr  # -q: no line for a job that passed
     assert [p.name for p in (project / ".sparsec-cache").iterdir()].__len__() == 4  # two old entries + two new
 
 
