@@ -573,9 +573,15 @@ class Graph:
         shares with its first use left out."""
         tied, later = self.tied_linears(), self._later_uses()
         total = 0
+        tables: list[np.ndarray] = []  # an embedding table read by two nodes (T5 / BART's `shared`): stored once
         for n in self.nodes:
             if n.name in tied:
                 continue
+            if isinstance(n, Embedding) and n.table is not None:
+                t = n.table
+                if any(t is u or (t.shape == u.shape and t.dtype == u.dtype and np.array_equal(t, u)) for u in tables):
+                    continue
+                tables.append(t)
             if n.name not in later:
                 total += n.nbytes() if nbytes else n.param_count()
                 continue

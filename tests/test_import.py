@@ -136,6 +136,40 @@ def test_tied_embedding_and_head_are_marked():
     assert g.tied_linears() == set() and g.nbytes() == sum(n.nbytes() for n in g.nodes) + consts
 
 
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_embedding_table_read_twice_is_counted_once(tmp_path, exporter):
+    """T5 / BART / Marian read one `shared` table in the encoder and the decoder: two Embedding nodes, one tensor in
+    the artifact, but params and bytes (inspect, report, size ratios) counted it twice (a T5: 935,692 parameters for
+    886,528)."""
+    import torch
+
+    from sparsec.compressor.frontends.onnx import load_onnx
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = torch.nn.Embedding(384, 64)
+            self.enc, self.dec = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+
+        def forward(self, ids, dec_ids):
+            return self.dec(self.shared(dec_ids)) + self.enc(self.shared(ids)).mean(1, keepdim=True)
+
+    torch.manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    m = M().eval()
+    args = (torch.randint(0, 384, (2, 7)), torch.randint(0, 384, (2, 5)))
+    path = str(tmp_path / "m.onnx")
+    torch.onnx.export(m, args, path, dynamo=exporter == "dynamo", input_names=["ids", "dec_ids"], external_data=False)
+    g = load_onnx(path)
+    embs = [n for n in g.nodes if n.op == "Embedding"]
+    assert len(embs) == 2, g.op_counts()
+    params = sum(p.numel() for p in m.parameters())
+    floats = sum(int(c.size) for c in g.constants.values() if c.dtype.kind == "f")
+    assert g.param_count() == params + floats, (g.param_count(), params, floats)
+    assert g.nbytes() == 4 * params + sum(int(c.nbytes) for c in g.constants.values())
+    embs[1].table = embs[1].table * 2  # no longer the same table: counted twice
+    assert g.param_count() == params + 384 * 64 + floats
+
+
 def test_inspect_bert_lists_36_linears(exported, tmp_path):
     import json
 
