@@ -675,10 +675,24 @@ def match_embedding(v: _View, n: Generic) -> _Match | None:
     return _Match([n], emb)
 
 
+def _unknown_dim(d) -> bool:
+    """A dim ONNX shape inference could not relate to any other (it names those ``unk__N``)."""
+    return isinstance(d, str) and d.startswith("unk__")
+
+
 def _same_shape(a, b) -> bool:
+    """Equal shapes of rank >= 2 (a residual add's operands). An ``unk__`` dim matches any dim: the TorchScript export
+    of HF GPT-NeoX's attention output (``view(b, t, h * d)`` with ``b, t`` read from ``query.shape`` after a partial
+    rotary) came out ``[unk__21, unk__22, 128]`` next to the stream's ``[batch, seq, 128]``, and from there the stream
+    itself had such dims: its parallel residuals were not raised. The last (feature) dim must be known and equal, and
+    some other dim known on one side."""
     if a is None or b is None or len(a) != len(b) or len(a) < 2:
         return False
-    return all(x is not None and x == y for x, y in zip(a, b))
+    if a[-1] is None or a[-1] != b[-1] or _unknown_dim(a[-1]):
+        return False
+    if all(_unknown_dim(x) for x in a[:-1]) and all(_unknown_dim(y) for y in b[:-1]):
+        return False  # nothing known on either side but the width
+    return all(x is not None and y is not None and (x == y or _unknown_dim(x) or _unknown_dim(y)) for x, y in zip(a, b))
 
 
 def match_residual(v: _View, n: Generic) -> _Match | None:
