@@ -170,6 +170,60 @@ def test_embedding_table_read_twice_is_counted_once(tmp_path, exporter):
     assert g.param_count() == params + 384 * 64 + floats
 
 
+def test_layers_whose_children_the_model_calls_keep_their_container_in_torchscript(tmp_path):
+    """A forward that calls a layer's children itself (`l.attn(l.norm(x))`, the layer never called) is scoped by the
+    TorchScript exporter `attn.q`, `attn.q_1`, ...: layers with a bias took their full path from it, the bias-less
+    `attn.o` kept `attn.o_1`, so `--exclude 'layers\\.1\\.'` missed it. Now it takes the container of its named
+    sibling; a model's own `fc_1` / `fc_2` modules keep their names, and so does a scope with no named layer
+    (`mlp.down_1`: nothing says which container it is in)."""
+    import torch
+
+    from sparsec.compressor.frontends.onnx import load_onnx
+
+    class Attn(torch.nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.q, self.o = torch.nn.Linear(d, d), torch.nn.Linear(d, d, bias=False)
+
+        def forward(self, x):
+            return self.o(torch.tanh(self.q(x)))
+
+    class Mlp(torch.nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.up, self.down = torch.nn.Linear(d, 2 * d, bias=False), torch.nn.Linear(2 * d, d, bias=False)
+
+        def forward(self, x):
+            return self.down(torch.relu(self.up(x)))
+
+    class Layer(torch.nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.norm, self.attn, self.mlp = torch.nn.LayerNorm(d), Attn(d), Mlp(d)
+
+    class M(torch.nn.Module):
+        def __init__(self, d=32):
+            super().__init__()
+            self.emb = torch.nn.Embedding(50, d)
+            self.layers = torch.nn.ModuleList(Layer(d) for _ in range(3))
+            self.fc, self.fc_1 = torch.nn.Linear(d, d, bias=False), torch.nn.Linear(d, 50, bias=False)
+
+        def forward(self, ids):
+            x = self.emb(ids)
+            for l in self.layers:  # the layer's children called, the layer not
+                x = x + l.attn(l.norm(x))
+                x = x + l.mlp(x)
+            return self.fc_1(self.fc(x))
+
+    torch.manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    path = str(tmp_path / "m.onnx")
+    torch.onnx.export(M().eval(), (torch.randint(0, 50, (2, 6)),), path, dynamo=False, input_names=["ids"])
+    names = [lin.name for lin in load_onnx(path).linears()]
+    want = [n for i in range(3) for n in (f"layers.{i}.attn.q", f"layers.{i}.attn.o", "mlp.up" + (f"_{i}" if i else ""),
+                                          "mlp.down" + (f"_{i}" if i else ""))] + ["fc", "fc_1"]  # fmt: skip
+    assert names == want, names
+
+
 def test_inspect_bert_lists_36_linears(exported, tmp_path):
     import json
 

@@ -921,6 +921,47 @@ def _name_raised(g: Graph) -> None:
             n.meta["module"] = base
 
 
+_REPEAT = re.compile(r"(.+?)_(\d+)")
+
+
+def restore_container_prefixes(g: Graph) -> None:
+    """Linear layers named by a TorchScript scope that lost its container: a model whose forward calls a layer's
+    children itself (``for l in self.layers: x = l.self_attn(l.norm(x))``, the layer never called) is scoped
+    ``self_attn.q_proj``, ``self_attn.q_proj_1``, ... (``_k``: the k-th call). A layer with a named parameter gets its
+    full path from it (``layers.1.self_attn.q_proj``, :func:`_param_path`); a bias-less sibling kept
+    ``self_attn.o_proj_1``, so ``--exclude 'layers\\.1\\.'`` silently missed it. A layer whose scope starts with
+    the same called module (``self_attn``) and call index as a named one takes its container (``layers.1``). Scopes
+    with no named layer keep their names (nothing says which container they are in)."""
+
+    def split(module: str) -> tuple[str, int]:
+        m = _REPEAT.fullmatch(module)
+        return (m.group(1), int(m.group(2))) if m else (module, 0)
+
+    lins = g.linears()
+    container: dict[tuple[str, int], str | None] = {}  # (called module, call index) -> container path
+    for lin in lins:
+        if lin.module and lin.name != lin.module:
+            base, k = split(lin.module)
+            if "." in base and lin.name.endswith("." + base):
+                key, prefix = (base.split(".")[0], k), lin.name[: -len(base) - 1]
+                if container.setdefault(key, prefix) != prefix:
+                    container[key] = None  # two containers for one scope and call: nothing to learn
+    bare = [lin for lin in lins if lin.module and lin.name == lin.module]
+    calls: dict[str, set[int]] = {}
+    for lin in bare:
+        base, k = split(lin.module)
+        calls.setdefault(base, set()).add(k)
+    taken = {n.name for n in g.nodes} | {lin.name for lin in lins}
+    for lin in bare:
+        base, k = split(lin.module)
+        prefix = container.get((base.split(".")[0], k))
+        name = f"{prefix}.{base}" if prefix and "." in base else None
+        # a repeated scope: its first call has no suffix (a model's own `fc_1`, `fc_2` modules are not one scope)
+        if name and 0 in calls[base] and len(calls[base]) > 1 and name not in taken:
+            taken.add(name)
+            lin.name, lin.meta["module"] = name, name
+
+
 def mark_ties(g: Graph) -> None:
     """Record Linear weights that equal an embedding table (tied input/output embeddings)."""
     embs = [n for n in g.nodes if isinstance(n, Embedding)]
@@ -982,6 +1023,7 @@ def raise_graph(g: Graph) -> dict[str, int]:
     if moe_warnings:
         g.meta.setdefault("import_warnings", []).extend(moe_warnings)
     remove_dead(g)
+    restore_container_prefixes(g)
     mark_ties(g)
     note_repeated_weights(g)
     note_dense_weight_products(g)
