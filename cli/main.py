@@ -117,6 +117,7 @@ def inspect(
     bf16 = g.stored_as_bfloat16()  # a bfloat16 file: its float tensors take 2 bytes (sparsec computes in float32)
     moes = [n for n in g.nodes if isinstance(n, MoE)]
     blocks = [b for b in g.assign_blocks() if b.kind == "block"]
+    tied = g.tied_linears()  # still tied: a head a pass compressed or changed is stored apart (`untied`)
     summary = {
         "name": g.name,
         "source": src.label,
@@ -130,7 +131,7 @@ def inspect(
         "blocks": [b.name for b in blocks],
         "linear": [
             {"name": l.name, "shape": [l.out_features, l.in_features], "in": l.in_features, "out": l.out_features, "bias": l.bias is not None, "format": l.weight.describe(),
-             "params": l.param_count(), "bytes": 2 * l.param_count() if bf16 else l.nbytes(), **({"tied_to": l.meta["tied_to"]} if "tied_to" in l.meta else {}),
+             "params": l.param_count(), "bytes": 2 * l.param_count() if bf16 else l.nbytes(), **({"tied_to": l.meta["tied_to"]} if l.name in tied else {}),
              **({"conv": {"kernel": list(l.kernel_shape), "in_channels": l.in_channels, "strides": list(l.strides), "pads": list(l.pads),
                           "dilations": list(l.dilations)}} if hasattr(l, "kernel_shape") else {})}
             for l in lins

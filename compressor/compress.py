@@ -245,11 +245,14 @@ def outcome_warnings(bytes_before: int, bytes_after: int, reports, shared: list[
         out.append(f"{rep.name} compressed no layer: {k} of {len(rep.rows)} {why!r}" + (
             " (check the --include / --exclude patterns against the layer names: `sparsec inspect MODEL`)" if "included" in why or "pattern" in why else ""))
     if bytes_after > bytes_before:
-        untied = any(rep.totals.get("untied") for rep in reports if rep.name == "slicing")
+        sliced_apart = any(rep.totals.get("untied") for rep in reports if rep.name == "slicing")
+        untied = [r.name for rep in reports for r in rep.rows if "untied from" in (r.note or "")]
         why = (f"a weight applied by several layers is stored once per use once compressed ({', '.join(shared[:3])}"
                f"{', ...' if len(shared) > 3 else ''}; exclude those layers to keep it shared)" if shared
                else "slicing untied the head from the embedding table (both are stored) and removed less than that adds"
-               if untied else "e.g. a low-rank path of a rank near the layers' width costs more than it saves")  # fmt: skip
+               if sliced_apart else f"compressing '{untied[0]}' untied it from the embedding table it shared (both are "
+               "stored; exclude it to keep it tied)" if untied
+               else "e.g. a low-rank path of a rank near the layers' width costs more than it saves")  # fmt: skip
         out.append(f"the compressed model stores more bytes than the original ({bytes_after:,} > {bytes_before:,}); {why}")
     return out
 

@@ -595,6 +595,13 @@ def test_outcome_warnings_name_a_pass_with_no_layer_and_shared_weights(tmp_path)
     sliced = PassReport("slicing", totals={"untied": ["lm_head (was tied to wte)"]})
     (w,) = [m for m in outcome_warnings(100, 120, [sliced]) if "stores more bytes" in m]
     assert "slicing untied the head" in w and "low-rank" not in w, w
+    # a pass that compressed a tied head (--include lm_head): that is the reason, not a low-rank path
+    from sparsec.compressor.report import LayerRow
+
+    row = LayerRow("lm_head", [64, 32], [64, 32], "dense", "2:4", 8192, 5120, status="compressed", note="untied from wte")
+    pruned = PassReport("nm_prune", rows=[row])
+    (w,) = [m for m in outcome_warnings(100, 120, [pruned]) if "stores more bytes" in m]
+    assert "compressing 'lm_head' untied it" in w and "low-rank" not in w, w
 
 
 def test_pass_totals_count_a_shared_weight_once_until_its_uses_differ(tmp_path):
@@ -656,3 +663,19 @@ def test_quiet_keeps_warnings_and_an_unmatched_exclude_warns(tmp_path):
     assert any("matches no layer" in w for w in rep["passes"][0]["warnings"])
     r = sparsec("compress", "--example", "tiny-gpt", "--nm", "2:4", "--exclude", "layers.0.mlp", "--no-build", "-o", tmp_path / "o2", "-q")
     assert r.returncode == 0 and "matches no layer" not in r.stderr, r.stderr
+
+
+def test_inspect_of_an_artifact_whose_tied_head_was_compressed_says_it_is_not_tied(gpt2_onnx, tmp_path):
+    """`sparsec inspect out/` kept the import's "(tied to wte)" label on a head `--include` had compressed (the report
+    said "untied from wte"), and the grown-model warning blamed a low-rank path."""
+    _, path = gpt2_onnx
+    before = json.loads(sparsec("inspect", path, "--json").stdout)
+    heads = [x for x in before["linear"] if x.get("tied_to")]
+    assert len(heads) == 1, before["linear"]
+    head = heads[0]["name"]
+    out = tmp_path / "out"
+    r = sparsec("compress", path, "--nm", "2:4", "--method", "magnitude", "--include", head, "--no-build", "-o", out, "-q")
+    assert r.returncode == 0, r.stderr
+    after = {x["name"]: x for x in json.loads(sparsec("inspect", out, "--json").stdout)["linear"]}
+    assert "tied_to" not in after[head] and after[head]["format"].startswith("2:4"), after[head]
+    assert f"compressing '{head}' untied it" in r.stderr, r.stderr
