@@ -288,7 +288,9 @@ def generate(graph: Graph, samples: int, seq_len: int | None, seed: int, used: d
             else:
                 key = d if isinstance(d, str) else f"{name}:{i}"
                 if key not in sym:
-                    sym[key] = seq
+                    # the default length within the bound a .pt2 program declares (Dim("seq", max=64))
+                    cap = (graph.meta.get("input_dim_max") or {}).get(name, {}).get(str(i))
+                    sym[key] = min(seq, cap) if cap and not seq_len else seq
                     if used is not None:
                         used["seq"] = True
                 shape.append(sym[key])

@@ -340,3 +340,34 @@ def test_calibration_flags_that_change_nothing_say_so(tmp_path):
     assert any("--seq-len 32 cuts nothing: the calibration sequences are 10 tokens long" in m for m in fit.warnings), fit.warnings
     fit, _ = load_calibration(gt, str(tmp_path / "ids.npz"), samples=8, seq_len=6, seed=0, heldout=0.25)
     assert fit.arrays["ids"].shape[1] == 6 and not fit.warnings, fit.warnings
+
+
+def test_generated_data_stays_within_a_pt2_programs_sequence_bound(tmp_path):
+    """A `.pt2` exported with `Dim("seq", max=64)` (a model with 64 learned positions, kept as a parameter, not an
+    Embedding) got 128-token generated inputs and failed (exit 5: 'Add failed ... 128 ... 64'); its program's range
+    constraints bound the default length now. An explicit --seq-len is kept as given."""
+    import torch
+
+    from sparsec.compressor.compress import load_model
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.pos = torch.nn.Embedding(100, 32), torch.nn.Parameter(torch.randn(64, 32))
+            self.fc = torch.nn.Linear(32, 32)
+
+        def forward(self, ids):
+            return self.fc(self.emb(ids) + self.pos[: ids.shape[1]])
+
+    ids = torch.randint(0, 100, (2, 9))
+    dyn = ({0: torch.export.Dim("b", max=32), 1: torch.export.Dim("seq", min=2, max=64)},)
+    path = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(M().eval(), (ids,), dynamic_shapes=dyn), str(path))
+    g = load_model(str(path)).graph
+    fit, held = load_calibration(g, None, samples=12, seq_len=None, seed=0, heldout=0.25)
+    assert fit.arrays[g.inputs[0]].shape[1:] == (64,), fit.arrays[g.inputs[0]].shape
+    ex = Executor(g)
+    for b in fit.batches():
+        ex.run(b)
+    fit, _ = load_calibration(g, None, samples=12, seq_len=16, seed=0, heldout=0.25)
+    assert fit.arrays[g.inputs[0]].shape[1:] == (16,)

@@ -817,6 +817,26 @@ def _output_names(ep) -> list[str] | None:
     return names
 
 
+def _input_dim_limits(ep) -> dict[str, dict[str, int]]:
+    """Upper bounds the program's range constraints put on its inputs' dynamic dims (``Dim("seq", max=64)``):
+    input name -> {axis: max}. Generated calibration data stays within them (a model with 64 learned positions)."""
+    vals = {nd.name: nd.meta.get("val") for nd in ep.graph.nodes if nd.op == "placeholder"}
+    out: dict[str, dict[str, int]] = {}
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind.name != "USER_INPUT":
+            continue
+        for i, d in enumerate(getattr(vals.get(spec.arg.name), "shape", None) or ()):
+            if isinstance(d, int):
+                continue
+            try:
+                upper = ep.range_constraints[d.node.expr].upper
+                if upper.is_finite and int(upper) > 0:
+                    out.setdefault(spec.arg.name, {})[str(i)] = int(upper)
+            except (AttributeError, KeyError, TypeError, ValueError):
+                continue
+    return out
+
+
 def load_pt2(path: str, *, name: str | None = None, check: bool = True) -> Graph:
     """Import a ``torch.export.save`` archive. MoE blocks are recognized on the unflattened module tree."""
     import torch.utils._pytree as pytree
@@ -864,6 +884,9 @@ def load_pt2(path: str, *, name: str | None = None, check: bool = True) -> Graph
     g = load_onnx(proto, name=name or base, raise_ops=True, validate=False)
     _place_moe(g, moe)
     g.meta["frontend"] = "pt2"
+    limits = _input_dim_limits(ep)
+    if limits:
+        g.meta["input_dim_max"] = limits
     from .onnx import file_sha256
 
     g.meta["source_sha256"] = file_sha256(path)
