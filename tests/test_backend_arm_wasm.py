@@ -411,6 +411,7 @@ def test_float16_model_computes_in_float32_on_cpu_targets(target, tmp_path):
     assert err < max(3 * rounding, 1e-3), (err, rounding)
 
 
+@pytest.mark.slow
 @need_arm_build
 def test_aarch64_moe_without_standalone_runtime_says_so():
     """A MoE router's TopK calls tvm.contrib.sort.topk, which the standalone aarch64 runtime lacks: model.so (TVM
@@ -425,7 +426,7 @@ def test_aarch64_moe_without_standalone_runtime_says_so():
     assert notes and "not built" in notes[0] and "topk" in notes[0], info.get("notes")
 
 
-@pytest.mark.parametrize("target", ["aarch64", "wasm"])
+@pytest.mark.parametrize("target", [pytest.param("aarch64", marks=pytest.mark.slow), "wasm"])
 def test_standalone_runtime_of_inputs_with_their_axes_named_apart(target, tmp_path):
     """The standalone call plan takes the build's tie of input_ids' and attention_mask's sizes (TorchScript's
     list-form dynamic_axes names them apart; a Relax match_cast, which it refused): the library matches onnxruntime
@@ -457,6 +458,7 @@ def test_standalone_runtime_of_inputs_with_their_axes_named_apart(target, tmp_pa
     assert e.value.exit_code == 8
 
 
+@pytest.mark.slow
 @need_wasm_build
 def test_bench_of_a_standalone_library_says_why_it_cannot_time_it(tmp_path):
     """`sparsec bench` on a wasm (or aarch64) artifact said "bad artifact: .../lib/model.so cannot open shared object"

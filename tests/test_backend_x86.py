@@ -772,9 +772,9 @@ def _sparsec_cli(*args) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed: CUDA code generation cannot be checked")
 @pytest.mark.parametrize("target,recipe,note,kernel", [
     ("a100", ["--nm", "2:8", "--method", "magnitude"], "2:8 run as 2:4", "cuda.nm_as_24_mma_sp"),
-    ("h100", ["--nm", "2:4", "--method", "magnitude", "--quant", "int8"], "", "cuda.nm24_int8_mma_sp"),
-    ("h100", ["--quant", "int8"], "", "cuda.int8_dequant_mma"),
-    ("a100", ["--quant", "int3"], "TVM dequantize + matmul", "tvm.dequant_matmul")])  # fmt: skip
+    pytest.param("h100", ["--nm", "2:4", "--method", "magnitude", "--quant", "int8"], "", "cuda.nm24_int8_mma_sp", marks=pytest.mark.slow),
+    pytest.param("h100", ["--quant", "int8"], "", "cuda.int8_dequant_mma", marks=pytest.mark.slow),
+    pytest.param("a100", ["--quant", "int3"], "TVM dequantize + matmul", "tvm.dequant_matmul", marks=pytest.mark.slow)])  # fmt: skip
 def test_cli_builds_formats_without_their_own_cuda_kernel(target, recipe, note, kernel, tmp_path):
     """What a user types: a 2:8 model for a100, a 2:4 + int8 and an int8 one for h100, an int3 one for a100. The 2:8
     layers run on the 2:4 sparse tensor-core kernel (cuda.nm_as_24_mma_sp, compiled ahead of time), the 2:4 + int8 ones
@@ -1331,7 +1331,7 @@ def test_trilu_is_its_own_kernel_and_masks_attention(tmp_path, monkeypatch):
         np.testing.assert_array_equal(got[o], ref)
 
 
-@pytest.mark.parametrize("exporter", ["dynamo", "pt2"])
+@pytest.mark.parametrize("exporter", ["dynamo", pytest.param("pt2", marks=pytest.mark.slow)])
 def test_reshape_to_batch_times_heads_builds(tmp_path, exporter):
     """BLOOM / Falcon write attention on ``[batch * heads, seq, head_dim]``. The dynamo exporter (and .pt2) compute
     that target shape as Concat(Reshape(Mul(batch, heads)), seq, 32): TVM's Concat refused a size computed from a

@@ -228,7 +228,7 @@ def _onnx_conv_weights(path) -> dict[str, np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("exporter", ["torchscript", "dynamo", "pt2"])
+@pytest.mark.parametrize("exporter", ["torchscript", pytest.param("dynamo", marks=pytest.mark.slow), pytest.param("pt2", marks=pytest.mark.slow)])
 def test_cnn_pruned_2_4_through_the_cli(cnn, tmp_path, exporter):
     """`sparsec compress cnn --nm 2:4` prunes every group-1 conv whose inputs allow 2:4 (not the 27-input RGB stem, not
     the depthwise conv, not the head); the exported

@@ -1611,6 +1611,7 @@ def test_dq16_wmap_matches_float64_reference(tmp_path_factory):
             _call_checked(torch, lib[v.func_name], x, ws, x.double() @ wref.T, f"{kind} asym={asym} wmap={wm} {n}x{k} M={m}")
 
 
+@pytest.mark.slow
 def test_gemm_v2_driver_survives_a_hung_candidate(tmp_path):
     """bench/bench_gemm_v2.py device (CPU rehearsal, kernels emulated): a candidate whose smoke stage blocks forever
     is killed and marked, the run goes on and the other candidates are measured and checked."""

@@ -156,6 +156,7 @@ def test_plan_tunes_other_patterns_as_the_24_kernel():
     assert all(j.key["nm"] == "2:4" and j.key["format"] == "nm_sparse[group_quant]" and j.key["bits"] == 8 for j in jobs)
 
 
+@pytest.mark.slow
 def test_emulated_search_rejects_wrong_slow_loses_and_build_reads_db(tmp_path):
     from sparsec.compressor.compress import load_example
 

@@ -208,6 +208,7 @@ def cli(capsys, *args):
     return e.value.code, out.out, out.err
 
 
+@pytest.mark.slow
 def test_cli_pt2_merge_then_nm_then_onnx_roundtrip(tmp_path, capsys):
     model = tm.build("mixtral")
     ep = torch.export.export(model, model.example_inputs(), dynamic_shapes=({0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO},))

@@ -324,7 +324,7 @@ def test_pt2_with_pickled_entries_is_refused(tmp_path):
         load_pt2(str(tmp_path / "junk.pt2"))
 
 
-@pytest.mark.parametrize("name", ["tiny-gpt", "tiny-moe", "digits"])
+@pytest.mark.parametrize("name", ["tiny-gpt", pytest.param("tiny-moe", marks=pytest.mark.slow), "digits"])
 def test_reference_models_roundtrip(name, tmp_path):
     """Every reference model: PyTorch -> IR -> executor equals the module; ONNX (both exporters) -> IR -> ONNX
     equals onnxruntime on the original."""

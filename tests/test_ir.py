@@ -172,6 +172,7 @@ print(sum(int((first[f] != getattr(torch, f)(x)).sum()) for f in first))
 """
 
 
+@pytest.mark.slow
 def test_first_vector_math_call_is_deterministic():
     """torch + MKL: the first parallel exp/tanh/erf of a process raced in MKL's initialisation and computed one
     thread's chunk differently (1 process in 3 to 15 without the executor's warm-up; the same compress command wrote

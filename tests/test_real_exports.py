@@ -168,7 +168,8 @@ def _slice_and_run(path, d, out, fraction, x):
     return json.loads((out / "report.json").read_text()), got, ref
 
 
-@pytest.mark.parametrize("family,exporter", [(f, e) for f in ("vit", "whisper_enc") for e in ("torchscript", "dynamo")])
+@pytest.mark.parametrize("family,exporter", [pytest.param(f, e, marks=[pytest.mark.slow] if e == "dynamo" else [])
+                                             for f in ("vit", "whisper_enc") for e in ("torchscript", "dynamo")])
 def test_conv_stem_stream_is_sliced(exported, tmp_path, family, exporter):
     """ViT (Conv2d patches -> flatten/transpose -> Concat with the cls token -> + positions; head: cls token ->
     LayerNorm -> classifier) and the Whisper encoder (Conv1d -> GELU -> Conv1d -> GELU -> transpose -> + positions;

@@ -238,6 +238,7 @@ def test_c_gemv_config():
     assert "gemv_impl" not in cpu.default_config(spec, get_target("wasm:nosimd"))
 
 
+@pytest.mark.slow
 @need_node
 def test_golden_gpt_24_on_wasm_matches_executor(tmp_path):
     """The golden tiny-gpt with every Linear but the head 2:4 (fp32, and int4 g16), built for wasm (the C GEMV for the
