@@ -357,9 +357,10 @@ def compress(
     elif not quiet:
         render(doc, console=err, max_rows=60)
         err.print(f"[green]wrote[/green] {result.out}")
-    else:  # -q drops the tables and progress, not the warnings (the missing-library one is already printed)
+    else:  # -q drops the tables and progress, not the warnings (those compress printed itself once)
+        done = {f"warning: {w}" for w in result.printed}
         for line in warning_lines(doc):
-            if not line.startswith("warning: no compiled library for --target"):
+            if line not in done:
                 print(f"sparsec: {line}", file=sys.stderr)
     for f in result.threshold_failed:  # one line, like every error (the artifact stays: it is what failed the check)
         print(f"sparsec: threshold failed: {f} (the artifact is kept in {result.out})", file=sys.stderr)

@@ -213,6 +213,7 @@ class CompressResult:
     report: dict[str, Any]
     timings: dict[str, Any]
     threshold_failed: list[str] = field(default_factory=list)
+    printed: list[str] = field(default_factory=list)  # warnings compress printed itself (stderr, no console)
 
 
 def shared_weights(graph) -> list[str]:
@@ -351,6 +352,7 @@ def compress(source: Source, recipe: Recipe, out: str | os.PathLike, *, force: b
     build_info: dict[str, Any] = {"target": target.name}
     writers = []
     tb = time.perf_counter()
+    printed: list[str] = []
     backend_build = None
     if recipe.build:
         try:
@@ -377,6 +379,7 @@ def compress(source: Source, recipe: Recipe, out: str | os.PathLike, *, force: b
             import sys
 
             print(f"sparsec: warning: {w}", file=sys.stderr)
+            printed.append(w)
 
     model_info = {
         "name": graph.name,
@@ -411,4 +414,4 @@ def compress(source: Source, recipe: Recipe, out: str | os.PathLike, *, force: b
         err = quality.get("output_rel_error")
         if err is not None and err > recipe.max_error:
             failed.append(f"output relative error {err:.4g} exceeds --max-error {recipe.max_error:g}")
-    return CompressResult(path, doc, timings, failed)
+    return CompressResult(path, doc, timings, failed, printed)

@@ -520,6 +520,7 @@ def test_cli_npz_max_error_and_recipe_equivalence(bert_onnx, tmp_path, monkeypat
     assert code == 1 and "exceeds --max-error" in err
     line = [ln for ln in err.splitlines() if "exceeds --max-error" in ln]
     assert len(line) == 1 and line[0].startswith("sparsec: threshold failed: output relative error"), err  # one error line
+    assert err.count("no compiled library for --target") == 1, err  # printed by compress, not again by -q's list
     assert (tmp_path / "c" / "report.json").exists()
     code, _, err = sparsec_inproc(monkeypatch, capsys, "compress", path, *flags, "-o", tmp_path / "d", "--quiet", "--max-error", err_value * 2)
     assert code == 0, err
