@@ -1038,7 +1038,7 @@ def note_dense_weight_products(g: Graph) -> None:
     """A MatMul / Gemm / Einsum with a constant float weight of at least 2 axes that no pattern raised (an einsum over
     a non-last axis, a weight on the left of a MatMul, a Gemm with transA, stacked weights that did not split per
     expert): the passes cannot compress it. One import warning lists them, so a user sees why a layer kept its size."""
-    found, convs, nbytes = [], [], 0
+    found, convs, nbytes = [], [], {"found": 0, "convs": 0}
     for n in g.nodes:
         if not isinstance(n, Generic) or n.domain != "":
             continue
@@ -1049,7 +1049,7 @@ def note_dense_weight_products(g: Graph) -> None:
                 what = n.op_type + (" depthwise" if groups > 1 and w.shape[1] == 1 and n.op_type == "Conv" else
                                     f" groups={groups}" if groups > 1 else "")  # fmt: skip
                 convs.append(f"'{n.name}' ({what} {list(w.shape)})")
-                nbytes += int(w.nbytes)
+                nbytes["convs"] += int(w.nbytes)
             continue
         if n.op_type not in ("MatMul", "Gemm", "Einsum"):
             continue
@@ -1059,22 +1059,26 @@ def note_dense_weight_products(g: Graph) -> None:
                 eq = n.attributes.get("equation")
                 what = f"{n.op_type} '{eq}'" if eq else n.op_type
                 found.append(f"'{n.name}' ({what} by '{i}' {list(w.shape)})")
-                nbytes += int(w.nbytes)
+                nbytes["found"] += int(w.nbytes)
                 break
 
-    def listed(items):
-        return ", ".join(items[:4]) + (f", and {len(items) - 4} more" if len(items) > 4 else "")
-
+    if not (found or convs):
+        return
     total = max(g.nbytes(), 1)
-    share = f" ({nbytes / total:.0%} of the model's weight bytes)" if nbytes else ""
+
+    def listed(kind: str) -> str:
+        items = found if kind == "found" else convs
+        return (", ".join(items[:4]) + (f", and {len(items) - 4} more" if len(items) > 4 else "")
+                + f" ({nbytes[kind] / total:.0%} of the model's weight bytes)")  # fmt: skip
+
     if found:
         g.meta.setdefault("import_warnings", []).append(
             f"{len(found)} product(s) with a constant weight are not a Linear form sparsec compresses and stay dense: "
-            f"{listed(found)}" + (share if not convs else ""))  # fmt: skip
+            f"{listed('found')}")  # fmt: skip
     if convs:
         g.meta.setdefault("import_warnings", []).append(
             f"{len(convs)} grouped / depthwise / transposed conv(s) are not compressed (docs/conv.md) and stay dense: "
-            f"{listed(convs)}{share}")  # fmt: skip
+            f"{listed('convs')}")  # fmt: skip
 
 
 def linears_by_weight(g: Graph) -> dict[str, list[Linear]]:
