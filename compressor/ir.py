@@ -445,6 +445,11 @@ class Block:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+def _same_array(a: np.ndarray, b: np.ndarray) -> bool:
+    """The same array, or equal ones (shape, dtype and values): what the artifact stores once."""
+    return a is b or (a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b))
+
+
 def _same_weight(a, b) -> bool:
     """Two weight formats hold the same tensors (what the artifact would store once)."""
     if a is b:
@@ -452,7 +457,7 @@ def _same_weight(a, b) -> bool:
     if a.kind != b.kind or a.shape != b.shape:
         return False
     ta, tb = a.to_tensors("w"), b.to_tensors("w")
-    return ta.keys() == tb.keys() and all(ta[k].dtype == tb[k].dtype and np.array_equal(ta[k], tb[k]) for k in ta)
+    return ta.keys() == tb.keys() and all(_same_array(ta[k], tb[k]) for k in ta)
 
 
 class Graph:
@@ -543,7 +548,7 @@ class Graph:
             e = embs.get(n.meta.get("tied_to", "")) if isinstance(n, Linear) else None
             if e is not None and n.weight.kind == "dense" and n.bias is None:
                 w = n.weight.data
-                if w is e.table or (w.shape == e.table.shape and w.dtype == e.table.dtype and np.array_equal(w, e.table)):
+                if _same_array(w, e.table):
                     out.add(n.name)
         return out
 
@@ -579,7 +584,7 @@ class Graph:
                 continue
             if isinstance(n, Embedding) and n.table is not None:
                 t = n.table
-                if any(t is u or (t.shape == u.shape and t.dtype == u.dtype and np.array_equal(t, u)) for u in tables):
+                if any(_same_array(t, u) for u in tables):
                     continue
                 tables.append(t)
             if n.name not in later:

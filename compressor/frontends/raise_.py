@@ -47,6 +47,7 @@ from ..ir import (
     RMSNorm,
     Value,
     _np_dtype_name,
+    _same_array,
 )
 
 _FLOAT = ("float32", "float16", "float64", "bfloat16")
@@ -972,7 +973,7 @@ def mark_ties(g: Graph) -> None:
             continue
         w = lin.weight.data
         for e in embs:
-            if e.table.shape == w.shape and e.table.dtype == w.dtype and np.array_equal(e.table, w):
+            if _same_array(e.table, w):
                 lin.meta["tied_to"] = e.name
                 break
 
