@@ -165,6 +165,7 @@ class NMPrune(Pass):
     # ------------------------------------------------------------------------------------------------------------
     def run(self, graph: Graph, ctx: PassContext) -> PassReport:
         from sparsec.calibration.sequential import sequential
+        from sparsec.calibration.shared import SharedUses
 
         from ._progress import PassProgress
 
@@ -178,30 +179,36 @@ class NMPrune(Pass):
                 rows[lin.name] = make_row(lin, lin.weight, lin.weight.shape, status=status, note=note)
         rep = PassReport(self.name, params=self.params_dict())
         self._done = {}
+        shared = SharedUses(graph, todo)  # one weight applied by several layers: pruned once
         with PassProgress(ctx, "nm_prune", len(todo)) as prog:
             if ctx.calib is None:  # magnitude only (requires() refused the other methods)
                 for lin in graph.linears():
                     if lin.name in todo:
-                        rows[lin.name] = self._prune(lin, todo[lin.name], None, None, ctx, rep, 0.0, "no calibration data: error not measured")
+                        rows[lin.name] = shared.compress(graph, lin, None, None, lambda l, f, h: self._prune(
+                            l, todo[l.name], f, h, ctx, rep, 0.0, "no calibration data: error not measured"), ctx, rows, self._done)
                         prog.layer_done(lin.name)
             else:
                 held_available = ctx.heldout is not None and ctx.heldout.num_samples > 0
                 if not held_available and todo:
                     rep.warnings.append("no held-out calibration split: layer errors are measured on the fitting data")
+                shared.collect(graph, ctx)
+                pre = shared.precollected()
                 for step in sequential(graph, ctx.calib, ctx.heldout, ctx.device, progress=prog.blocks, description="nm_prune"):
                     stages = step.stages() if self.params.true_sequential else [step.linears()]
                     for stage in stages:
-                        names = [l.name for l in stage if l.name in todo]
-                        if not names:
+                        todo_here = [l.name for l in stage if l.name in todo]
+                        if not todo_here:
                             continue
+                        names = [n for n in todo_here if n not in pre]
                         t0 = time.perf_counter()
                         need_fit = names if not held_available else [n for n in names if todo[n].method != "magnitude"]
                         fit = step.collect(need_fit)
                         held = step.collect(names, heldout=True) if held_available else fit
-                        share = (time.perf_counter() - t0) / len(names)
+                        share = (time.perf_counter() - t0) / len(todo_here)
                         for lin in stage:
                             if lin.name in todo:
-                                rows[lin.name] = self._prune(lin, todo[lin.name], fit.get(lin.name), held.get(lin.name), ctx, rep, share)
+                                rows[lin.name] = shared.compress(graph, lin, fit.get(lin.name), held.get(lin.name), lambda l, f, h: self._prune(
+                                    l, todo[l.name], f, h, ctx, rep, share), ctx, rows, self._done)
                                 prog.layer_done(lin.name)
         rep.rows = [rows[l.name] for l in graph.linears() if l.name in rows]
         if self._few_tokens:

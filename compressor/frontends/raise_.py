@@ -1093,13 +1093,15 @@ def linears_by_weight(g: Graph) -> dict[str, list[Linear]]:
 
 
 def note_repeated_weights(g: Graph) -> None:
-    """One weight applied by several Linear layers (a layer called twice): an import warning. Each use is a Linear of
-    its own, compressed on its own; while their weights stay identical they are stored and counted once
-    (``Graph.nbytes``), once a pass has compressed them differently each is stored."""
+    """One weight applied by several Linear layers (a layer called twice, ALBERT's shared layers): an import warning.
+    Each use is a Linear of its own; the calibrated passes compress the weight once for all of them
+    (calibration/shared.py), and while their weights stay identical they are stored and counted once
+    (``Graph.nbytes``); uses compressed with different settings are each stored."""
     for w, lins in linears_by_weight(g).items():
         names = [n.name for n in lins]
         if len(names) > 1:
             shown = ", ".join(f"'{x}'" for x in names[:4]) + (", ..." if len(names) > 4 else "")
             g.meta.setdefault("import_warnings", []).append(
-                f"weight '{w}' is applied by {len(names)} Linear layers ({shown}): each use is compressed on its own, "
-                f"and uses compressed differently are stored separately")  # fmt: skip
+                f"weight '{w}' is applied by {len(names)} Linear layers ({shown}): the passes compress it once (on the "
+                f"calibration statistics of all its uses) and the artifact stores it once, unless its uses are compressed "
+                f"with different settings")  # fmt: skip
