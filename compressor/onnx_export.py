@@ -293,12 +293,70 @@ def _value_info(g: Graph, name: str) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, dtype_to_elem_type(v.dtype), shape)
 
 
+def convert_node(nd: onnx.NodeProto, src: int, dst: int) -> list[onnx.NodeProto] | None:
+    """Default-domain node ``nd`` of opset ``src`` as nodes of opset ``dst`` (the same node where its op did not change
+    in between; onnx's version converter where it did: ``Split`` without sizes needs ``num_outputs`` from 18, Reduce*
+    and opset-11 Squeeze / Unsqueeze / Split take ``axes`` / ``split`` as inputs, ...). Values it adds are named
+    ``_v_*`` (see :func:`upgrade_node`). None when the converter has no adapter for it."""
+    if dst <= src:
+        return [nd]
+    try:
+        if onnx.defs.get_schema(nd.op_type, src).since_version == onnx.defs.get_schema(nd.op_type, dst).since_version:
+            return [nd]
+    except onnx.defs.SchemaError:
+        return None
+    from onnx import version_converter
+
+    ins = [i for i in nd.input if i]
+    g1 = helper.make_graph([nd], "node", [helper.make_tensor_value_info(i, onnx.TensorProto.UNDEFINED, None) for i in ins],
+                           [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in nd.output if o])  # fmt: skip
+    try:
+        m = version_converter.convert_version(helper.make_model(g1, opset_imports=[helper.make_opsetid("", src)]), dst)
+    except Exception:  # noqa: BLE001 - no adapter for this op / these attributes
+        return None
+    return [onnx.NodeProto.FromString(x.SerializeToString()) for x in m.graph.node]
+
+
+def upgrade_node(nd: onnx.NodeProto, src: int, dst: int, b: Builder) -> list[onnx.NodeProto]:
+    """A node of the source model's default-domain opset ``src`` written into a model of opset ``dst`` (raised for a
+    compressed layer's lowering, e.g. blocked DequantizeLinear at 21; :func:`onnx_lowerings.upgrade_safe` raises it
+    only where every node converts): :func:`convert_node`, the constants it adds renamed to fresh names."""
+    conv = convert_node(nd, src, dst)
+    if conv is None or conv == [nd]:
+        return [nd]
+    keep = {i for i in nd.input if i} | {o for o in nd.output if o}
+    ren: dict[str, str] = {}
+    for x in conv:
+        for i, name in enumerate(x.input):
+            if name in ren:
+                x.input[i] = ren[name]
+        for i, name in enumerate(x.output):
+            if name and name not in keep:
+                ren[name] = x.output[i] = b.fresh(f"{nd.name}/{name.strip('_')}")
+        if x.op_type == nd.op_type:
+            x.name = nd.name
+            del x.metadata_props[:]
+            x.metadata_props.extend(nd.metadata_props)
+        else:
+            x.name = b.fresh(f"{nd.name}/{x.op_type}")
+    return conv
+
+
+def generic_proto(n: Generic, name: str | None = None) -> onnx.NodeProto:
+    """The ONNX node of a generic IR node (its op, inputs, outputs and attributes)."""
+    nd = helper.make_node(n.op_type, list(n.inputs), list(n.outputs), name=name or n.name, domain=n.domain or None)
+    for k in sorted(n.attributes):
+        nd.attribute.append(_attribute(k, n.attributes[k], n.attr_types.get(k)))
+    return nd
+
+
 def to_onnx(g: Graph, options: ExportOptions | None = None) -> onnx.ModelProto:
     options = options or ExportOptions()
     opset = options.opset or int(g.opset.get("", 17))
     if options.opset is None and options.weights == "native":
         for hook in OPSET_HOOKS:
             opset = hook(g, opset)
+    source_opset = int(g.opset.get("", 17))
     b = Builder(opset=opset, options=options)
     b.taken.update(g.inputs)
     b.taken.update(g.constants)
@@ -314,15 +372,13 @@ def to_onnx(g: Graph, options: ExportOptions | None = None) -> onnx.ModelProto:
         act = xv.dtype if xv is not None else None
         options.float_dtype = act if act in ("float16", "float32", "float64") else default_float
         if isinstance(n, Generic):
-            nd = helper.make_node(n.op_type, list(n.inputs), list(n.outputs), name=b.fresh(n.name), domain=n.domain or None)
-            for k in sorted(n.attributes):
-                nd.attribute.append(_attribute(k, n.attributes[k], n.attr_types.get(k)))
+            nd = generic_proto(n, b.fresh(n.name))
             for k, v in sorted(meta.items()):
                 p = nd.metadata_props.add()
                 p.key, p.value = k, v
             if n.domain:
                 b.domains.setdefault(n.domain, g.opset.get(n.domain, 1))
-            b.nodes.append(nd)
+            b.nodes.extend(upgrade_node(nd, source_opset, opset, b) if not n.domain else [nd])
         elif isinstance(n, Conv):
             _lowerings.lower_conv(b, n, n.inputs[0], n.outputs[0], _linear_meta(n))
         elif isinstance(n, Linear):

@@ -270,14 +270,27 @@ def _needs_blocked_dq(g: Graph) -> bool:
 
 
 def upgrade_safe(g: Graph, opset: int, target: int = BLOCKED_DQ_OPSET) -> bool:
-    """True when every generic default-domain node of ``g`` means the same at ``target`` as at ``opset``."""
-    if opset < 13:
-        return False
+    """True when every generic default-domain node of ``g`` can be written at ``target``: its op did not change after
+    ``opset``, or onnx's version converter converts it (onnx_export.convert_node: Split without sizes, Reduce* axes,
+    opset-11 Squeeze / Unsqueeze, ...); the export then converts them."""
+    from .onnx_export import convert_node, generic_proto
+
+    seen: set[str] = set()
     for n in g.nodes:
         if isinstance(n, Generic) and not n.domain:
             last = _CHANGED_AFTER.get(n.op_type)
-            if last is not None and opset <= last < target:
+            if last is None or not opset <= last < target:
+                try:
+                    if onnx.defs.get_schema(n.op_type, opset).since_version == onnx.defs.get_schema(n.op_type, target).since_version:
+                        continue
+                except onnx.defs.SchemaError:
+                    return False
+            key = f"{n.op_type}/{len(n.inputs)}/{len(n.outputs)}" + repr(sorted(n.attributes.items()))
+            if key in seen:
+                continue
+            if convert_node(generic_proto(n), opset, target) is None:
                 return False
+            seen.add(key)
     return True
 
 

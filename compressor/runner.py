@@ -67,7 +67,12 @@ def run_artifact(artifact: str | Path, inputs, engine: str = "auto") -> RunResul
         verify_files(a, ["model.onnx"])
         so = ort.SessionOptions()
         so.log_severity_level = 4  # fatal only: a failing run is reported once, as a sparsec error
-        sess = ort.InferenceSession(str(a.onnx_path), so, providers=["CPUExecutionProvider"])
+        try:
+            sess = ort.InferenceSession(str(a.onnx_path), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - onnxruntime refuses the artifact's model: one line, not an internal error
+            msg = " ".join(str(e).split())
+            msg = msg.split("Status Message:")[-1].strip() if "Status Message:" in msg else msg
+            raise ArtifactError(f"{a.path}: onnxruntime cannot load model.onnx: {msg[:300]}") from None
         names = [o.name for o in sess.get_outputs()]
         try:
             outs = dict(zip(names, sess.run(None, feeds)))

@@ -10,6 +10,8 @@ import json
 import os
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from hypothesis import given, settings
@@ -554,9 +556,12 @@ def test_onnx_int8_dequantizelinear_blocked_and_per_axis():
         assert err < 1e-5 and "DequantizeLinear" in ops and opset == 21, (bits, sym, ops)
         dq = next(n for n in m.graph.node if n.op_type == "DequantizeLinear")
         assert {a.name: a.i for a in dq.attribute}["block_size"] == gq.group_size
-        # a graph whose generic ops change meaning at opset 18 keeps its opset: per-axis DequantizeLinear
-        err, ops, opset, _ = ort_vs_executor(one_linear_graph(gq, opset=17, extra_reduce=True))
-        assert err < 1e-5 and "DequantizeLinear" in ops and "Reshape" in ops and opset == 17
+        # a graph whose generic ops changed at opset 18 (ReduceMean's axes attribute -> input) is converted to 21 (it
+        # kept opset 17 and a per-axis DequantizeLinear of the expanded scales)
+        err, ops, opset, m = ort_vs_executor(one_linear_graph(gq, opset=17, extra_reduce=True))
+        assert err < 1e-5 and "DequantizeLinear" in ops and opset == 21, (bits, sym, ops)
+        rm = next(n for n in m.graph.node if n.op_type == "ReduceMean")
+        assert len(rm.input) == 2 and not [a for a in rm.attribute if a.name == "axes"]
 
 
 def test_onnx_nm_int4_gqsa_and_lowrank():
@@ -657,3 +662,49 @@ def test_cli_end_to_end(case, llama_onnx, tmp_path, monkeypatch, capsys):
         assert {r["bits"] for r in rows} <= {2, 3, 4, 8}
     feeds = tm.feeds_for(model, b=2, t=9, seed=int(np.random.default_rng().integers(1 << 30)))
     _artifact_matches_ort(out, feeds)
+
+
+@pytest.mark.parametrize("src_opset", [11, 13])
+def test_quantized_export_upgrades_the_source_ops_it_raises_the_opset_over(src_opset, tmp_path):
+    """Blocked DequantizeLinear raises model.onnx to opset 21; the model's own ops were copied as they were, so a
+    ``Split`` without sizes (TorchScript's ``chunk`` / ``F.glu``: opset 18 needs ``num_outputs``), ``ReduceMean`` with an
+    ``axes`` attribute (an input from 18) or an opset-11 ``Unsqueeze`` gave a model.onnx onnxruntime refused to load,
+    with exit 0 (and `run --engine onnx` exit 70). Now they are converted: the artifact's model.onnx loads and matches
+    onnxruntime on the original model, and `run` through it works."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sparsec.compressor.compress import compress, load_model
+    from sparsec.compressor.pipeline import PassSpec, Recipe
+
+    rng = np.random.default_rng()
+    w = rng.standard_normal((32, 64)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("Split", ["h"], ["a", "b"], axis=-1),
+             helper.make_node("Sigmoid", ["b"], ["sb"]), helper.make_node("Mul", ["a", "sb"], ["glu"]),
+             helper.make_node("ReduceMean", ["glu"], ["mu"], axes=[-1], keepdims=1),
+             helper.make_node("Sub", ["glu", "mu"], ["c0"]), helper.make_node("MatMul", ["c0", "w2"], ["c"]),
+             helper.make_node("Unsqueeze", ["c"] + (["ax"] if src_opset >= 13 else []), ["y"], **({} if src_opset >= 13 else {"axes": [1]}))]  # fmt: skip
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(rng.standard_normal((32, 32)).astype(np.float32), "w2")] + ([numpy_helper.from_array(np.array([1], np.int64), "ax")] if src_opset >= 13 else [])
+    g = helper.make_graph(nodes, "glu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 1, 32])], inits)  # fmt: skip
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", src_opset)])
+    m.ir_version = 7
+    path = tmp_path / "glu.onnx"
+    onnx.save(m, str(path))
+    x = rng.standard_normal((4, 32)).astype(np.float32)
+    ref = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    out = tmp_path / "out"
+    res = compress(load_model(str(path)), Recipe(passes=[PassSpec("group_quant", {"bits": 8, "group_size": 32})], build=False), out)
+    assert not [w_ for w_ in res.report["warnings"] if "does not load" in w_], res.report["warnings"]
+    assert "onnx_vs_executor_rel_error" in res.report["quality"], res.report["quality"]
+    exported = onnx.load(str(out / "model.onnx"))
+    assert {o.version for o in exported.opset_import if o.domain in ("", "ai.onnx")} == {21}
+    assert "DequantizeLinear" in {n.op_type for n in exported.graph.node}
+    split = next(n for n in exported.graph.node if n.op_type == "Split")
+    assert any(a.name == "num_outputs" for a in split.attribute) or len(split.input) == 2
+    got = ort.InferenceSession(str(out / "model.onnx")).run(None, {"x": x})[0]
+    assert got.shape == ref.shape and np.abs(got - ref).max() <= 2e-2 * np.abs(ref).max()
+    from sparsec.compressor.runner import run_artifact
+
+    r = run_artifact(out, {"x": x}, engine="onnx")
+    np.testing.assert_allclose(r.outputs["y"], got, rtol=1e-5, atol=1e-6)
