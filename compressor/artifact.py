@@ -74,6 +74,30 @@ def serialize_weights(tensors: dict[str, np.ndarray]) -> bytes:
     return save({k: np.asarray(v, order="C") for k, v in tensors.items()})
 
 
+ARTIFACT_EXTRAS = ("manifest.json", "timings.json", "lib", "bench.json", "bench.md")  # sparsec files the checksums leave out
+
+
+def not_an_artifact(out: Path) -> str:
+    """Why the non-empty directory ``out`` is not a sparsec artifact that ``--force`` may replace ("" when it is one):
+    its manifest.json must be sparsec's (a JSON object with ``sparsec_version`` and its ``files``), and it may hold
+    nothing but the files that manifest lists (and timings.json, lib/). A web extension's or another tool's
+    manifest.json, or an artifact folder the user added files to, is not replaced."""
+    man = out / "manifest.json"
+    if not man.is_file():
+        return "no manifest.json"
+    try:
+        m = json.loads(man.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return "its manifest.json is not sparsec's"
+    if not isinstance(m, dict) or "sparsec_version" not in m or not isinstance(m.get("files"), dict):
+        return "its manifest.json is not sparsec's"
+    known = {str(k).split("/", 1)[0] for k in m["files"]} | set(ARTIFACT_EXTRAS)
+    other = sorted(e.name for e in out.iterdir() if e.name not in known)
+    if other:
+        return f"it also holds {', '.join(other[:3])}{', ...' if len(other) > 3 else ''}"
+    return ""
+
+
 def check_output_dir(out: str | Path, force: bool = False) -> Path:
     """Fail early (before any work) when the output cannot be written."""
     out = Path(out)
@@ -81,10 +105,12 @@ def check_output_dir(out: str | Path, force: bool = False) -> Path:
         raise OutputError(f"{out}: exists and is not a directory")
     if out.exists() and not force:
         raise OutputError(f"{out}: already exists (use --force to replace it)")
-    if out.exists() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+    if out.exists() and any(out.iterdir()):
         # --force replaces an artifact (or an empty directory), never a folder of the user's
-        raise OutputError(f"{out}: exists and is not a sparsec artifact (no manifest.json); refusing to replace it "
-                          f"even with --force: remove it or choose another -o")  # fmt: skip
+        why = not_an_artifact(out)
+        if why:
+            raise OutputError(f"{out}: exists and is not a sparsec artifact ({why}); refusing to replace it even with "
+                              f"--force: remove it or choose another -o")  # fmt: skip
     parent = out.resolve().parent
     probe = parent
     while not probe.exists():

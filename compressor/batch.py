@@ -361,8 +361,13 @@ def _copy_artifact(src: Path, dst: Path) -> None:
 
 def _check_job_output(out: Path) -> None:
     """Batch replaces its own job directories, but never a directory that is not a sparsec artifact."""
-    if out.exists() and not (out.is_dir() and (out / "manifest.json").is_file()):
-        raise OutputError(f"{out}: exists and is not a sparsec artifact (batch replaces only its own job outputs)")
+    from .artifact import not_an_artifact
+
+    if not out.exists():
+        return
+    why = "not a directory" if not out.is_dir() else not_an_artifact(out) if any(out.iterdir()) else ""
+    if why:
+        raise OutputError(f"{out}: exists and is not a sparsec artifact ({why}; batch replaces only its own job outputs)")
 
 
 def run_job(job: Job, out_dir: str, cache_dir: str | None, threads: int | None = None) -> dict[str, Any]:

@@ -212,10 +212,23 @@ def test_existing_output_needs_force(gpt2_onnx, tmp_path):
     p = sparsec("compress", path, "-o", out, "--quiet", "--no-build", "--force")
     assert p.returncode == 7 and "not a sparsec artifact" in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert (out / "keep.txt").read_text() == "user data"
+    # a folder with another tool's manifest.json (a web extension) is not an artifact either: it was deleted
+    ext = tmp_path / "webext"
+    (ext / "src").mkdir(parents=True)
+    (ext / "manifest.json").write_text('{"manifest_version": 3, "name": "x"}')
+    (ext / "src" / "app.js").write_text("code")
+    p = sparsec("compress", path, "-o", ext, "--quiet", "--no-build", "--force")
+    assert p.returncode == 7 and "manifest.json is not sparsec's" in p.stderr, p.stderr
+    assert (ext / "src" / "app.js").read_text() == "code"
     art = tmp_path / "art"
     assert sparsec("compress", path, "-o", art, "--quiet", "--no-build").returncode == 0
     p = sparsec("compress", path, "-o", art, "--quiet", "--no-build", "--force", "--nm", "2:4")
     assert p.returncode == 0, p.stderr
+    # an artifact the user added files to keeps them: refused
+    (art / "notes.txt").write_text("mine")
+    p = sparsec("compress", path, "-o", art, "--quiet", "--no-build", "--force")
+    assert p.returncode == 7 and "notes.txt" in p.stderr, p.stderr
+    assert (art / "notes.txt").read_text() == "mine"
 
 
 def test_usage_errors_exit_2():
