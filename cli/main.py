@@ -477,7 +477,8 @@ def batch(
 
     def done(r):  # a line per job on stderr, also with `--json -`; -q keeps those of jobs that did not pass
         if not quiet or r["status"] != "passed":
-            err.print(f"{r['name']}: {r['status']}" + (" (cached)" if r.get("cached") else "") + (f" - {r['error']}" if r.get("error") else ""))
+            why = r.get("error") or "; ".join(c["message"] for c in r.get("thresholds", []) if not c.get("ok") and c.get("message"))
+            err.print(f"{r['name']}: {r['status']}" + (" (cached)" if r.get("cached") else "") + (f" - {why}" if why else ""))
 
     results = B.run_batch(jl, out_dir, cache_dir, workers=jobs, on_done=done)
     doc = B.summary(results, str(job_file), str(out_dir), str(cache_dir) if cache_dir else None)

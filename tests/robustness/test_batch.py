@@ -69,6 +69,8 @@ def test_batch_exit_codes_summary_and_cache(project, tmp_path):
     assert passing["min_size_reduction"]["value"] > 1.05 and all(c["ok"] for c in passing.values())
     strict = jobs["strict"]["thresholds"][0]
     assert jobs["strict"]["status"] == "failed" and not strict["ok"] and strict["value"] > 1e-6
+    # the failed job's stderr line says why (with -q the summary footer that held the reason is not printed)
+    assert "strict: failed - output relative error" in p.stderr and "not <= max_error" in p.stderr, p.stderr
     assert 0 < rep["quality"]["output_rel_error"] < 0.9
     before = {n: (project / "sparsec-out" / n / "weights.safetensors").read_bytes() for n in ("passing", "strict")}
 
