@@ -248,11 +248,16 @@ def outcome_warnings(bytes_before: int, bytes_after: int, reports, shared: list[
     if bytes_after > bytes_before:
         sliced_apart = any(rep.totals.get("untied") for rep in reports if rep.name == "slicing")
         untied = [r.name for rep in reports for r in rep.rows if "untied from" in (r.note or "")]
+        added = [r for rep in reports if rep.name == "slicing" for r in rep.rows if r.status == "added"]
         why = (f"a weight applied by several layers is stored once per use once compressed ({', '.join(shared[:3])}"
                f"{', ...' if len(shared) > 3 else ''}; exclude those layers to keep it shared)" if shared
                else "slicing untied the head from the embedding table (both are stored) and removed less than that adds"
                if sliced_apart else f"compressing '{untied[0]}' untied it from the embedding table it shared (both are "
                "stored; exclude it to keep it tied)" if untied
+               else (f"slicing added {len(added)} Linear layer(s) ({', '.join(r.name for r in added[:3])}: "
+                     f"{sum(r.bytes_after for r in added):,} bytes; projections of an input or a shortcut into the sliced "
+                     "stream, graph outputs rotated back) and removed less than that: the model is too narrow or too "
+                     "shallow for this fraction to pay off") if added
                else "e.g. a low-rank path of a rank near the layers' width costs more than it saves")  # fmt: skip
         out.append(f"the compressed model stores more bytes than the original ({bytes_after:,} > {bytes_before:,}); {why}")
     return out
@@ -344,6 +349,10 @@ def compress(source: Source, recipe: Recipe, out: str | os.PathLike, *, force: b
     if check_data is not None:
         quality.update(check_export(graph, onnx_bytes, check_data, device))
         gap = quality.get("onnx_vs_executor_rel_error")
+        if str(quality.get("onnxruntime", "")).startswith("failed to load"):
+            warnings.append(f"model.onnx does not load in onnxruntime ({quality['onnxruntime'][len('failed to load: '):]}): "
+                            "the artifact's portable model is broken (please report it); the compiled library is not "
+                            "affected")  # fmt: skip
         if isinstance(gap, float) and gap > 1e-2:
             # e.g. integer ops (MatMulInteger, QDQ) onnxruntime computes with saturation the executor does not have
             warnings.append(f"model.onnx run by onnxruntime and sparsec's executor disagree by {gap:.3g} (relative) "

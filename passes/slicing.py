@@ -1252,6 +1252,9 @@ class _Fusion:
         self._value_like(inner, v)
         s.values.discard(v)
         s.values.add(inner)
+        if s.value == v:  # the stream's value itself is the output (a model with no final norm): calibrate on the inner
+            s.ref_value = s.ref_value or v
+            s.value = inner
         name = g.unique_name("output_restore")
         W = np.eye(s.dim)
         b = None

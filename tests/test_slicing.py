@@ -787,3 +787,50 @@ def test_a_fraction_that_rounds_to_nothing_warns():
     assert all(b["dim_after"] == 64 for b in rep.extra["blocks"])
     rep = _slice(g.copy(), model, fraction=0.05, round_to=1)
     assert not any("removes nothing" in w for w in rep.warnings) and all(b["dim_after"] == 61 for b in rep.extra["blocks"])
+
+
+def test_stream_that_is_the_graph_output_without_a_final_norm(tmp_path):
+    """A residual MLP with no norm whose graph output is the residual stream itself: slicing stopped with "no
+    calibration tokens reached the residual stream at 'out'" (the output restore took the stream's name and the
+    covariance watched the restored output, computed after the stream's producer). Now rotation alone is exact
+    against torch, and 25% slicing compresses with the stream restored to its full width at the output."""
+    from sparsec.compressor.frontends.onnx import load_onnx
+
+    class NoNorm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = torch.nn.Linear(24, 64)
+            self.f = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64))
+                                         for _ in range(2))  # fmt: skip
+
+        def forward(self, x):
+            h = self.inp(x)
+            for f in self.f:
+                h = h + f(h)
+            return h
+
+    seed = _seed()
+    torch.manual_seed(seed)
+    m = NoNorm().eval()
+    path = tmp_path / "nonorm.onnx"
+    torch.onnx.export(m, (torch.randn(2, 5, 24),), str(path), dynamo=False, input_names=["x"], output_names=["out"],
+                      dynamic_axes={"x": {0: "b", 1: "t"}})  # fmt: skip
+    rng = np.random.default_rng(seed)
+    fit = CalibrationSet({"x": rng.standard_normal((16, 8, 24)).astype(np.float32)}, "fit", batch_size=8)
+    held = CalibrationSet({"x": rng.standard_normal((8, 8, 24)).astype(np.float32)}, "held", batch_size=8)
+    x = rng.standard_normal((3, 7, 24)).astype(np.float32)
+    with torch.no_grad():
+        ref = m(torch.from_numpy(x)).numpy()
+    for fraction in (0.0, 0.25):
+        g = load_onnx(str(path))
+        r = Recipe(passes=[PassSpec("slicing", {"fraction": fraction})])
+        (rep,) = run_passes(g, build_passes(r), PassContext(r, calib=fit, heldout=held))
+        g.validate()
+        got = Executor(g).run({"x": x})[g.outputs[0]]
+        assert got.shape == ref.shape
+        if fraction == 0.0:
+            assert tm.rel(got, ref) <= 1e-4, (seed, tm.rel(got, ref))
+        else:
+            assert [b["dim_after"] for b in rep.extra["blocks"]] == [48] * len(rep.extra["blocks"])
+            assert 0 < tm.rel(got, ref) < 1.0
+        assert any(n.meta.get("sparsec.slicing") == "restore" for n in g.nodes if isinstance(n, Linear))
