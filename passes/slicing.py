@@ -268,6 +268,12 @@ class _Finder:
                 return 0
             if op == "Mul" and _scalar_const(self.g, n.inputs[0]) and n.inputs[1] not in self.g.constants:
                 return 1
+            if op == "Mul":  # a per-token scalar (last dim 1: a sigmoid gate of a shared expert) commutes with rotation
+                for k in (0, 1):
+                    other = n.inputs[1 - k]
+                    if (other not in self.g.constants and self.last_dim(other) == 1 and (self.last_dim(n.inputs[k]) or 0) > 1
+                            and self.is_float(other) and (self.rank(other) or 0) <= (self.rank(n.inputs[k]) or 0)):  # fmt: skip
+                        return k
             return None
         if op == "Transpose":
             perm = n.attributes.get("perm")

@@ -834,3 +834,78 @@ def test_stream_that_is_the_graph_output_without_a_final_norm(tmp_path):
             assert [b["dim_after"] for b in rep.extra["blocks"]] == [48] * len(rep.extra["blocks"])
             assert 0 < tm.rel(got, ref) < 1.0
         assert any(n.meta.get("sparsec.slicing") == "restore" for n in g.nodes if isinstance(n, Linear))
+
+
+def test_shared_expert_behind_a_sigmoid_gate(tmp_path):
+    """Qwen2-MoE's shared expert adds ``sigmoid(shared_expert_gate(x)) * shared_expert(x)`` to the stream. The Mul by
+    that per-token scalar stopped slicing ("'Mul' adds to the residual stream ... computed from the residual stream");
+    a scalar per token commutes with the rotation, so it now passes the stream through: rotation alone is exact
+    against torch and 25% slicing compresses the experts, the shared expert and its gate's input."""
+    from sparsec.compressor.frontends.onnx import load_onnx
+
+    d, f, E = 64, 96, 4
+
+    class Norm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(1 + 0.1 * torch.randn(d))
+
+        def forward(self, x):
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+    def mlp(width):
+        return torch.nn.Sequential(torch.nn.Linear(d, width, bias=False), torch.nn.SiLU(), torch.nn.Linear(width, d, bias=False))
+
+    class Moe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = torch.nn.Linear(d, E, bias=False)
+            self.experts = torch.nn.ModuleList(mlp(f) for _ in range(E))
+            self.shared_expert, self.shared_expert_gate = mlp(2 * f), torch.nn.Linear(d, 1, bias=False)
+
+        def forward(self, x):
+            p = torch.softmax(self.gate(x), -1)
+            w, idx = torch.topk(p, 2, -1)
+            out = torch.zeros_like(x)
+            for e in range(E):
+                out = out + (w * (idx == e).to(w.dtype)).sum(-1, keepdim=True) * self.experts[e](x)
+            return out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+
+    class Lm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(100, d)
+            self.norms, self.moes = torch.nn.ModuleList(Norm() for _ in range(2)), torch.nn.ModuleList(Moe() for _ in range(2))
+            self.norm, self.head = Norm(), torch.nn.Linear(d, 100, bias=False)
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            for n, m in zip(self.norms, self.moes):
+                h = h + m(n(h))
+            return self.head(self.norm(h))
+
+    seed = _seed()
+    torch.manual_seed(seed)
+    m = Lm().eval()
+    path = tmp_path / "qmoe.onnx"
+    torch.onnx.export(m, (torch.randint(0, 100, (2, 6)),), str(path), dynamo=False, input_names=["ids"],
+                      output_names=["logits"], dynamic_axes={"ids": {0: "b", 1: "t"}})  # fmt: skip
+    rng = np.random.default_rng(seed)
+    fit = CalibrationSet({"ids": rng.integers(0, 100, (16, 12))}, "fit", batch_size=8)
+    held = CalibrationSet({"ids": rng.integers(0, 100, (8, 12))}, "held", batch_size=8)
+    ids = rng.integers(0, 100, (3, 9))
+    with torch.no_grad():
+        ref = m(torch.from_numpy(ids)).numpy()
+    for fraction in (0.0, 0.25):
+        g = load_onnx(str(path))
+        r = Recipe(passes=[PassSpec("slicing", {"fraction": fraction})])
+        (rep,) = run_passes(g, build_passes(r), PassContext(r, calib=fit, heldout=held))
+        g.validate()
+        got = Executor(g).run({"ids": ids})[g.outputs[0]]
+        if fraction == 0.0:
+            assert tm.rel(got, ref) <= 1e-4, (seed, tm.rel(got, ref))
+        else:
+            assert {b["dim_after"] for b in rep.extra["blocks"]} == {48}
+            shared = [lin for lin in g.linears() if "shared_expert" in lin.name]
+            assert shared and all(48 in lin.weight.shape for lin in shared), [(l.name, l.weight.shape) for l in shared]
+            assert 0 < tm.rel(got, ref) < 1.0
