@@ -225,7 +225,11 @@ def shared_weights(graph) -> list[str]:
             if len(ls) > 1 and any(not isinstance(lin.weight, Dense) for lin in ls)]  # fmt: skip
 
 
-def outcome_warnings(bytes_before: int, bytes_after: int, reports, shared: list[str] | None = None) -> list[str]:
+MIN_EVAL_SAMPLES = 8  # held-out samples below which the end-to-end output error is flagged as noisy
+
+
+def outcome_warnings(bytes_before: int, bytes_after: int, reports, shared: list[str] | None = None,
+                     float16_source: int = 0) -> list[str]:  # fmt: skip
     """What a user would want flagged about the result: a pass that compressed no layer (patterns that match nothing,
     every layer excluded or skipped, a model with no Linear layer), a model that got larger than the original (a
     low-rank path of a large rank; ``shared``: weights applied by several layers, stored once per use once
@@ -258,6 +262,9 @@ def outcome_warnings(bytes_before: int, bytes_after: int, reports, shared: list[
                      f"{sum(r.bytes_after for r in added):,} bytes; projections of an input or a shortcut into the sliced "
                      "stream, graph outputs rotated back) and removed less than that: the model is too narrow or too "
                      "shallow for this fraction to pay off") if added
+               else f"the file stores {float16_source} layer weight(s) as float16 (cast to float32 by the model), which "
+               "sparsec stores in float32: compressed, they still take more bytes than their float16 originals"
+               if float16_source
                else "e.g. a low-rank path of a rank near the layers' width costs more than it saves")  # fmt: skip
         out.append(f"the compressed model stores more bytes than the original ({bytes_after:,} > {bytes_before:,}); {why}")
     return out
@@ -312,7 +319,8 @@ def compress(source: Source, recipe: Recipe, out: str | os.PathLike, *, force: b
     warnings.extend(ctx.warnings)
     # the graph is final here (the build reads it): its bytes are computed once, for the warnings and the report
     bytes_before, bytes_after = int(original.source_nbytes()), int(graph.nbytes())
-    warnings.extend(outcome_warnings(bytes_before, bytes_after, reports, shared_weights(graph)))
+    narrow = sum(n.meta.get("source_dtype") == "float16" for n in original.linears())
+    warnings.extend(outcome_warnings(bytes_before, bytes_after, reports, shared_weights(graph), narrow))
 
     quality: dict[str, Any] = {}
     tq = time.perf_counter()
@@ -321,6 +329,10 @@ def compress(source: Source, recipe: Recipe, out: str | os.PathLike, *, force: b
         quality.update(compare_graphs(original, graph, eval_data, device))
         if held is None:  # too few samples to hold some out: the errors are on the data the passes fitted
             quality["eval_source"] = f"{eval_data.source} (the fitting data: no held-out split)"
+        elif eval_data.num_samples < MIN_EVAL_SAMPLES and not eval_data.generated:
+            warnings.append(f"the output error is measured on {eval_data.num_samples} held-out sample(s): a noisy figure "
+                            f"(it can rank two recipes the wrong way round); hold out at least {MIN_EVAL_SAMPLES} "
+                            "(--heldout, or more --calib samples)")  # fmt: skip
     if source.golden and (recipe.eval or "auto") != "none":
         try:
             base = golden_metrics(source.golden, original, device)

@@ -618,7 +618,14 @@ class Graph:
         """:meth:`nbytes` as the source file stores them: a bfloat16 model's float tensors at 2 bytes (what a
         compressed artifact's size is compared with)."""
         if not self.stored_as_bfloat16():
-            return self.nbytes()
+            # weights the file stores as float16 and the model casts to float32 (a mixed-precision export): 2 bytes
+            cands = [n for n in self.nodes if isinstance(n, Linear) and n.meta.get("source_dtype") == "float16"
+                     and isinstance(n.weight, Dense) and n.weight.data.dtype == np.float32]  # fmt: skip
+            if not cands:
+                return self.nbytes()
+            shared = self.stored_with_another()
+            narrow = {id(n.weight): n.weight.nbytes // 2 for n in cands if n.name not in shared}
+            return self.nbytes() - sum(narrow.values())
         return 2 * self.param_count() + sum(int(c.nbytes) for c in self.constants.values() if np.asarray(c).dtype.kind != "f")
 
     def op_counts(self) -> dict[str, int]:

@@ -671,3 +671,52 @@ def test_pt2_load_failures_are_one_readable_line(tmp_path):
     except Err as e:
         line = _torch_error_line(e)
     assert line == "Err: Failed to decompose the FX graph; caused by AssertionError: expected sympy.Symbol", line
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_float16_weights_behind_a_cast_count_as_the_file_stores_them(transposed, tmp_path):
+    """A mixed-precision export stores its weights as float16 initializers the model casts to float32 (then maybe
+    transposes). sparsec computes them in float32, but counted them at 4 bytes as the original's size: the report said
+    'x1.80 smaller' for a 2:4 artifact larger than the file. Now they count at the file's 2 bytes (inspect, the
+    report's original bytes), the import says so, and a result that grew names this as the reason."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sparsec.compressor.compress import compress, load_model
+    from sparsec.compressor.pipeline import PassSpec, Recipe
+
+    rng = np.random.default_rng()
+    dims = [(64, 128), (128, 128), (128, 10)]
+    nodes, inits = [], []
+    x = "x"
+    for i, (a, b) in enumerate(dims):
+        w = rng.standard_normal((b, a) if transposed else (a, b)).astype(np.float16)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("Cast", [f"w{i}"], [f"c{i}"], to=TensorProto.FLOAT))
+        wv = f"c{i}"
+        if transposed:
+            nodes.append(helper.make_node("Transpose", [wv], [f"t{i}"], perm=[1, 0]))
+            wv = f"t{i}"
+        nodes.append(helper.make_node("MatMul", [x, wv], [f"h{i}"]))
+        x = f"h{i}"
+        if i < len(dims) - 1:
+            nodes.append(helper.make_node("Relu", [x], [f"r{i}"]))
+            x = f"r{i}"
+    g = helper.make_graph(nodes, "f16", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
+                          [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["b", 10])], inits)  # fmt: skip
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    path = tmp_path / "f16.onnx"
+    onnx.save(m, str(path))
+    file_bytes = sum(a * b * 2 for a, b in dims)
+    graph = load_onnx(str(path))
+    assert len(graph.linears()) == 3 and all(n.meta.get("source_dtype") == "float16" for n in graph.linears())
+    assert graph.source_nbytes() == file_bytes and graph.nbytes() == 2 * file_bytes
+    assert any("stored as float16 in the file" in w for w in graph.meta["import_warnings"])
+    xin = rng.standard_normal((3, 64)).astype(np.float32)
+    ref = ort.InferenceSession(str(path)).run(None, {"x": xin})[0]
+    assert tm.rel(Executor(graph).run({"x": xin})[graph.outputs[0]], ref) < 1e-6
+    res = compress(load_model(str(path)), Recipe(passes=[PassSpec("nm_prune", {"nm": "2:4", "include": [".*"]})], build=False),
+                   tmp_path / "out")  # fmt: skip
+    assert res.report["model"]["bytes"] == file_bytes
+    grew = [w for w in res.report["warnings"] if "stores more bytes than the original" in w]
+    assert grew and "as float16" in grew[0], res.report["warnings"]

@@ -407,6 +407,12 @@ def load_onnx(source: "str | os.PathLike | onnx.ModelProto", *, name: str | None
                                                         "models")  # fmt: skip
     if raise_ops:
         g.meta["raised"] = raise_graph(g)
+        narrow = [n for n in g.linears() if n.meta.get("source_dtype") == "float16"]
+        if narrow:
+            g.meta.setdefault("import_warnings", []).append(
+                f"{len(narrow)} layer weight(s) are stored as float16 in the file and cast to float32 by the model (e.g. "
+                f"'{narrow[0].name}'): sparsec computes them in float32 and stores uncompressed ones in float32 (twice "
+                f"their bytes in the file); sizes are compared with the file's")  # fmt: skip
     if validate:
         g.validate()
     return g

@@ -291,16 +291,36 @@ def fold_constants(g: Graph) -> int:
             if any(o.numel() > _FOLD_LIMIT for o in outs[: len(n.outputs)]):
                 keep.append(n)
                 continue
+            narrow = _float16_source(g, n)
             for name, t in zip(n.outputs, outs):
                 if name:
                     arr = _to_numpy(t)
                     g.constants[name] = arr
                     g.values[name] = Value(name, *_dv(arr))
+                    if narrow and arr.dtype == np.float32:
+                        g.float16_consts.add(name)
             folded += 1
             continue
         keep.append(n)
     g.nodes = keep
     return folded
+
+
+_LAYOUT_OPS = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
+
+
+def _float16_source(g: Graph, n: Generic) -> bool:
+    """Node ``n`` (folded) turns a float16 initializer into float32 values: a ``Cast`` of one (a mixed-precision
+    export stores its weights as float16 and casts them), or a layout op of such values. Its outputs are then recorded
+    in ``g.float16_consts`` (the Linear raised on them counts its weight at 2 bytes: ``Graph.source_nbytes``)."""
+    if not hasattr(g, "float16_consts"):
+        g.float16_consts = set()
+    first = g.constants.get(n.inputs[0]) if n.inputs and n.inputs[0] else None
+    if first is None:
+        return False
+    if n.op_type == "Cast":
+        return np.asarray(first).dtype == np.float16
+    return n.op_type in _LAYOUT_OPS and n.inputs[0] in g.float16_consts
 
 
 def _static_dims(g: Graph, n: Generic, shape_of: dict[str, list]):
@@ -585,6 +605,7 @@ def match_linear(v: _View, n: Generic) -> _Match | None:
                     out = add.outputs[0]
         lin = Linear(n.name, [x], [out], _meta(*nodes), weight=weight, bias=bias)
         lin.meta["weight_name"] = v.const_root(wname)
+        _note_float16(v.g, lin, wname)
         if bias is not None:
             lin.meta["bias_name"] = v.const_root(_other(add, n.outputs[0]))
         return _Match(nodes, lin)
@@ -606,6 +627,7 @@ def match_linear(v: _View, n: Generic) -> _Match | None:
             bias = (cv.reshape(-1) * beta).astype(weight.dtype)
         lin = Linear(n.name, [a], [n.outputs[0]], _meta(n), weight=weight, bias=bias)
         lin.meta["weight_name"] = v.const_root(b)
+        _note_float16(v.g, lin, b)
         if c:
             lin.meta["bias_name"] = v.const_root(c)
         return _Match([n], lin)
@@ -660,7 +682,14 @@ def match_conv(v: _View, n: Generic) -> _Match | None:
     conv = Conv(n.name, [x], [n.outputs[0]], _meta(n), weight=Conv.matrix_of(w), bias=bias, kernel_shape=tuple(kernel),
                 strides=tuple(strides), pads=tuple(pads), dilations=tuple(dil))  # fmt: skip
     conv.meta["weight_name"] = v.const_root(wname)
+    _note_float16(v.g, conv, wname)
     return _Match([n], conv)
+
+
+def _note_float16(g: Graph, lin: Linear, wname: str) -> None:
+    """A layer whose float32 weight the model casts from a float16 initializer: ``meta["source_dtype"]``."""
+    if wname in getattr(g, "float16_consts", ()) and getattr(lin.weight, "data", np.zeros(0, np.float16)).dtype == np.float32:
+        lin.meta["source_dtype"] = "float16"
 
 
 def match_embedding(v: _View, n: Generic) -> _Match | None:
