@@ -449,6 +449,8 @@ def test_a_linear_called_twice_is_one_weight(exporter, tmp_path):
     assert g.param_count() == true_params
     warned = [w for w in g.meta.get("import_warnings", []) if "applied by 2 Linear layers" in w]
     assert len(warned) == 1 and "'f'" in warned[0], g.meta.get("import_warnings")
+    # the second call is named alike by every exporter (TorchScript scoped it 'f_1', the others 'f#1')
+    assert {"f", "f#1"} <= {lin.name for lin in g.linears()}, [lin.name for lin in g.linears()]
     with torch.no_grad():
         ref = m(x).numpy()
     got = Executor(g).run({g.inputs[0]: x.numpy()})[g.outputs[0]]

@@ -1055,6 +1055,7 @@ def raise_graph(g: Graph) -> dict[str, int]:
     remove_dead(g)
     restore_container_prefixes(g)
     mark_ties(g)
+    name_repeated_uses(g)
     note_repeated_weights(g)
     note_dense_weight_products(g)
     g.toposort()
@@ -1119,6 +1120,21 @@ def linears_by_weight(g: Graph) -> dict[str, list[Linear]]:
         if n.meta.get("weight_name"):
             groups.setdefault(n.meta["weight_name"], []).append(n)
     return groups
+
+
+def name_repeated_uses(g: Graph) -> None:
+    """The later uses of a weight applied by several Linear layers are named ``<first>#k`` whichever exporter wrote
+    them: TorchScript scopes the k-th call of a module ``<module>_k`` where the dynamo exporter and ``.pt2`` give
+    ``<module>#k``, so ``--include`` / ``--exclude`` patterns and `sparsec diff` did not carry over between exports."""
+    taken = {n.name for n in g.nodes}
+    for lins in linears_by_weight(g).values():
+        first = lins[0].name
+        for lin in lins[1:]:
+            m = re.fullmatch(re.escape(first) + r"_(\d+)", lin.name)
+            if m and f"{first}#{m.group(1)}" not in taken:
+                taken.discard(lin.name)
+                lin.name = f"{first}#{m.group(1)}"
+                taken.add(lin.name)
 
 
 def note_repeated_weights(g: Graph) -> None:
