@@ -656,7 +656,8 @@ class GroupQuantize(Pass):
                 rows[lin.name] = make_row(lin, lin.weight, lin.weight.shape, status=pl.status, note=pl.note)
         todo = {name: pl for name, pl in plan.items() if pl.status == "compress"}
         fallbacks = sorted(name for name, pl in todo.items() if pl.group_note)
-        if fallbacks:
+        asked = "group_size" in self.raw_params or any("group_size" in o.params for o in self.overrides)
+        if fallbacks and asked:  # the default group size adapts quietly (each row's note says so)
             gs = sorted({todo[n].cfg.group_size for n in fallbacks})
             nm = [n for n in fallbacks if isinstance(graph.linear(n).weight, NMSparse)]
             what = ("the width of the kept values (N:M layers: in_features x N / M) " if nm else "the input width ")

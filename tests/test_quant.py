@@ -359,6 +359,11 @@ def test_pass_quantizes_all_but_head_with_fallback_and_overrides():
     g2 = raised_graph(rng, d=64, h=128)
     (_, rep2), _ = run_recipe(g2, [("nm_prune", {"nm": "2:4", "method": "magnitude"}), ("group_quant", {"bits": "int4", "group_size": 64})])
     assert any("kept values" in w and "layers.0.q" in w for w in rep2.warnings), rep2.warnings
+    # the default group size (128, not asked for) adapts without a warning: the rows' notes say so
+    g3 = raised_graph(rng, d=64, h=96)
+    (rep3,), _ = run_recipe(g3, [("group_quant", {"bits": "int4"})])
+    assert not any("does not divide" in w for w in rep3.warnings), rep3.warnings
+    assert all("does not divide" in r.note for r in rep3.rows if r.status == "compressed")
     up1 = rows["layers.1.up"]
     assert up1.bits == 8 and up1.extra["method"] == "rtn" and up1.error < rows["layers.0.up"].error
     for r in rep.rows:
