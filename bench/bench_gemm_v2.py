@@ -97,6 +97,41 @@ def variants_int4(kind: str, gs: int = 128, mma_tiles: bool = False):
     return [Variant.make(kind, False, gs, r["config"]) for r in rows], rows
 
 
+def variants_mid(kinds):
+    """M = 17..128 (between the decode GEMV and the large GEMM): per kind, its default (the small-tile mma GEMM up to
+    small_max = 128) and the large path from M = 17 on (``small_max`` 16): for sp16 the default warp-specialized
+    tail-split GEMM and two verified tail-split tiles, for the int kinds their dequantize + ws path. For ``ab``:
+    ``--pick`` the "small" kernel against the large ones at ``--prefill-m 32 64 128``."""
+    from sparsec.backends.kernels.cuda_sparse import Variant, default_config, search_space, ws_tag
+
+    rows, seen = [], set()
+    for kind in kinds:
+        gs = 0 if kind == "sp16" else 128
+        base = default_config(kind)
+        cands = [("small", dict(base))]
+        large = [base["gemm"]]
+        if kind == "sp16":
+            large += [c for c in search_space("sp16", "sm_90a")["gemm"]
+                      if c.get("ws") and ws_tag(c) in ("wst8 256x128x128 s3", "wst4m 256x128x128 s3")]
+        cands += [("large", dict(base, gemm=c, small_max=16)) for c in large]
+        for path, cfg in cands:
+            v = Variant.make(kind, False, gs, cfg)
+            if v.func_name in seen:
+                continue
+            seen.add(v.func_name)
+            kn = v.kernel_names()
+            if path == "small":
+                kernel = kn["gemm_small"]
+            elif v.cfg("gemm").get("dq16"):
+                kernel = kn["dq16_convert"] + "+" + kn.get("dq16_gemm_tail", kn["dq16_gemm"])
+            else:
+                kernel = kn.get("gemm_tail", kn["gemm"])
+            rows.append({"func": v.func_name, "kind": kind, "asym": False, "gs": gs, "config": v.config_dict(),
+                         "path": path, "wgmma": path != "small", "ws": path != "small", "default": path == "small",
+                         "reference": path == "small", "kernel": kernel})  # fmt: skip
+    return [Variant.make(r["kind"], False, r["gs"], r["config"]) for r in rows], rows
+
+
 def variants():
     from sparsec.backends.kernels.cuda_sparse import DEFAULT_GEMM, Variant, default_config, search_space
 
@@ -119,7 +154,10 @@ def cmd_build(args):
 
     pack = Path(args.pack)
     pack.mkdir(parents=True, exist_ok=True)
-    vs, rows = variants_int4(args.kind, mma_tiles=args.mma_tiles) if args.kind != "sp16" else variants()
+    if args.mid:
+        vs, rows = variants_mid(args.mid)
+    else:
+        vs, rows = variants_int4(args.kind, mma_tiles=args.mma_tiles) if args.kind != "sp16" else variants()
     t = time.time()
     build_shared(vs, ["sm_90a"], str(pack / "sparsec_cuda.so"), workdir=str(pack / "build"))
     rep = ptxas_report(vs, "sm_90a", str(pack / "ptxas"))  # registers / spills / wgmma serialization per kernel
@@ -365,7 +403,9 @@ def cmd_ab_report(args):
     dst = Path(args.dst)
     (dst / f"{args.name}.json").write_text(json.dumps(raw, indent=1))
     cands = raw["candidates"]
-    label = {c["func"]: _cfg(c["config"]) for c in cands}
+    # a --mid "small" row times the small-tile kernel, whatever large-GEMM config it carries
+    label = {c["func"]: (f"small tile {c['kernel'].split('_', 3)[-1]} (the M <= 128 default)" if (c["config"].get("ws") or c["config"].get("dq16")) and "_ws" not in c["kernel"]
+                         and "to_fp16" not in c["kernel"] else _cfg(c["config"])) for c in cands}  # fmt: skip
     ch = raw["checks"]
     kind = cands[0].get("kind") or ("sp4" if any("sp4" in c["kernel"] for c in cands) else "sp16")  # (older runs)
     what = {"sp16": "2:4 fp16", "sp4": "2:4 + int4", "dq4": "int4", "dq8": "int8"}[kind]
@@ -658,6 +698,8 @@ def main():
                    help="sp16: every 2:4 fp16 large-GEMM candidate; sp4 / dq4 / dq8: 2:4 + int4 / int4 / int8, g128: the "
                    "mma GEMM vs dequantize + ws, the weights by tensor map (the default) or by bulk copies")
     b.add_argument("--mma-tiles", action="store_true", help="sp4 / dq4 / dq8: also the mma GEMM with each of MMA_TILES")
+    b.add_argument("--mid", nargs="+", choices=("sp16", "sp4", "dq4", "dq8", "sp8"), default=None,
+                   help="instead: M = 17..128, each kind's small-tile default vs its large path (variants_mid)")
     d = sub.add_parser("device")
     d.add_argument("--pack", default=".devpack_v2")
     d.add_argument("--out", default=os.environ.get("OUT", "bench/results/tmp"))

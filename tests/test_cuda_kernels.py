@@ -790,6 +790,23 @@ def test_dq16_path_on_sm90a_only():
     assert cs.default_config("dq8", "sm_80")["small_max"] == cs.DEFAULT_SMALL_MAX
     assert cs.default_config("dq8", "sm_90a", 64, 128)["small_max"] == cs.DEFAULT_SMALL_MAX
     assert cs.default_config("dq4", "sm_90a")["small_max"] == cs.DEFAULT_SMALL_MAX
+    # 2:4 + int4 (dequantize + ws) and 2:4 fp16 (its ws GEMM) too on sm_90a (bench/results/cuda_gemm_v2_mid_*.md);
+    # a100, and 2:4 + int4 layers below DQ16_MIN_PARAMS, keep the small tile up to M = 128
+    assert cs.default_config("sp4", "sm_90a", 4096, 4096)["small_max"] == cs.GEMV_MAX_M
+    assert cs.default_config("sp4", "sm_90a", 64, 128)["small_max"] == cs.DEFAULT_SMALL_MAX
+    assert cs.default_config("sp16", "sm_90a", 4096, 4096)["small_max"] == cs.GEMV_MAX_M
+    assert cs.default_config("sp16", "sm_90a")["gemm"].get("ws") and cs.default_config("sp16", "sm_80")["small_max"] == cs.DEFAULT_SMALL_MAX
+    assert cs.default_config("sp4", "sm_80", 4096, 4096)["small_max"] == cs.DEFAULT_SMALL_MAX
+    # the shipped h100 tuning entries record the small_max of their day (128); it is not a tuned value and must not
+    # undo the measured default (the LLM shapes those entries cover are the ones measured)
+    from sparsec.backends.kernels.registry import ShapeHints
+    from sparsec.backends.targets import get_target
+    from sparsec.backends.tune import TuningDB
+
+    lin = _linear(_weight("sp16", 4096, 4096, 0, False, _rng(5)))
+    db = TuningDB.for_target("h100")
+    v, tuned = cs.variant_for(lin, get_target("h100"), ShapeHints(), db, "cuda.nm24_mma_sp", "sp16", False, 0)
+    assert tuned and v.small_max == cs.GEMV_MAX_M and v.cfg("gemm").get("ws")
     v8b = cs.Variant.make("dq8", False, 128, cs.default_config("dq8", "sm_90a", 4096, 4096))
     assert f", {cs.GEMV_MAX_M}, \"sparsec_int8s_to_fp16\"" in cs.render_host_source([v8b], "x.fatbin", "sym")
 

@@ -169,7 +169,14 @@ SMALL_BM128_MIN_TILES = {"sp8": 1.0}  # x the SMs, at M = DEFAULT_SMALL_MAX
 # int8 on sm_90a takes the dequantize + warp-specialized path from M = 17 on: its small mma tile (64x64x128) ran
 # 0.33-0.69x cuBLAS at M = 32 / 128 where dequantize + ws ran 0.46-0.50x (geometric means 0.41x / 0.47x;
 # bench/results/cuda_gemm_v2_dq8_tiles_ab.md, H100, every int8 mma tile measured: none better)
-DQ16_SMALL_MAX = {"dq8": GEMV_MAX_M}
+# 2:4 + int4 on sm_90a takes it from M = 17 on as well, and 2:4 fp16 its warp-specialized tail-split GEMM (WS_SMALL_MAX):
+# interleaved A/B on an H100, M = 32 / 64 / 128, 4096x4096 / 11008x4096 / 4096x11008, L2 flushed, medians of 5
+# (bench/results/cuda_gemm_v2_mid_{sp16,sp4,dq4}.md): 2:4 fp16 0.90 / 1.17-1.19 / 1.13x cuBLAS where its small tile
+# ran 0.59-0.61 / 0.84-0.94 / 0.50-0.53x; 2:4 + int4 0.63-0.68 / 0.77-0.82 / 0.73x where its small tile ran
+# 0.36-0.38 / 0.62-0.78 / 0.31-0.32x. Dense int4 not: dequantize + ws 0.48-0.50x at 11008x4096 where the small tile
+# ran 0.54-0.69x (better at the other two shapes).
+DQ16_SMALL_MAX = {"dq8": GEMV_MAX_M, "sp4": GEMV_MAX_M}
+WS_SMALL_MAX = {"sp16": GEMV_MAX_M}
 _FAMILY_KEYS = ("ws", "wgmma", "persistent", "cluster", "tail", "dq16", "wmap")  # kernel family flags of a GEMM config
 # sm_90a (H100): the warp-specialized TMA + wgmma.sp GEMM, tried first. bench/bench_gemm_v2.py on an H100
 # (bench/results/cuda_gemm_v2.md): 0.93-1.04x cuBLAS at M = 2048 / 8192 on the LLM shapes where the mma.sp default
@@ -251,7 +258,8 @@ def default_config(kind: str, arch: str = "sm_90a", n: int | None = None, k: int
         gemv["pdl"] = gemv_pdl_bits(kind, n, sms)
     if kind in GEMV_XS_HOPPER_ONLY and arch not in ("sm_90", "sm_90a"):
         gemv["xs"] = gemv.get("xs", 0) & ~1
-    small_max = DQ16_SMALL_MAX.get(kind, DEFAULT_SMALL_MAX) if gemm.get("dq16") else DEFAULT_SMALL_MAX
+    small_max = (DQ16_SMALL_MAX.get(kind, DEFAULT_SMALL_MAX) if gemm.get("dq16")
+                 else WS_SMALL_MAX.get(kind, DEFAULT_SMALL_MAX) if gemm.get("ws") else DEFAULT_SMALL_MAX)  # fmt: skip
     small = dict(DEFAULT_GEMM_SMALL[kind])
     if n is not None and kind in SMALL_BM128_MIN_TILES:
         sms = ARCH_SMS.get(arch, ARCH_SMS["sm_80"])
@@ -1769,6 +1777,9 @@ def variant_for(linear, target, hints: ShapeHints, tuning, kernel_name: str, kin
         if cfg is None:  # the kernels always run in fp16: entries measured by bench/bench_cuda.py use that key
             cfg = tuning.lookup(kernel_name, target, dict(key, act_dtype="float16"))
         tuned = cfg is not None and not cfg.get("untuned", False)
+        if cfg is not None:  # the tuner never searches the small-tile / large-GEMM boundary: an entry records the
+            # default of its day (128), which must not undo a later measured default (WS_SMALL_MAX, DQ16_SMALL_MAX)
+            cfg = {key_: val for key_, val in cfg.items() if key_ != "small_max"}
     arch = target.arch or "sm_80"
     n, k = (int(d) for d in linear.weight.shape)
     base = default_config(kind, arch, n, k, asym=asym)
