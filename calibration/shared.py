@@ -80,14 +80,16 @@ class SharedUses:
             return f"one weight, {k} layers: compressed once" + (f" on the inputs of all {k}" if self.fit else "")
         return f"the weight compressed for '{first}' (one weight, {k} layers)"
 
-    def compress(self, graph: Graph, lin: Linear, fit, held, compress_fn, ctx, rows: dict, done: dict):
+    def compress(self, graph: Graph, lin: Linear, fit, held, compress_fn, ctx, rows: dict, done: dict, row_fn=None):
         """The report row of layer ``lin`` of a pass: a later use of a compressed group applies its first use's
         weight (``done``: the pass's record of what it did per layer, copied); the first use of a group is compressed
         by ``compress_fn(lin, fit, held)`` with the sums of all uses' statistics; any other layer with ``fit`` /
-        ``held`` as given."""
+        ``held`` as given. ``row_fn(lin, before, held)``: the pass's own report row for a later use (the errors it
+        measures, e.g. low-rank compensation's against the dense reference); default: the output error against the
+        weight before the pass."""
         if self.is_later(lin.name):
             first = graph.linear(self.first_of[lin.name])
-            row = self._reuse(lin, first, ctx, rows.get(first.name))
+            row = self._reuse(lin, first, ctx, rows.get(first.name), row_fn)
             if row is not None:
                 if first.name in done:
                     done[lin.name] = done[first.name]
@@ -101,7 +103,7 @@ class SharedUses:
             row.note = "; ".join(x for x in (row.note, self.note(lin.name)) if x)
         return row
 
-    def _reuse(self, lin: Linear, first: Linear, ctx, first_row):
+    def _reuse(self, lin: Linear, first: Linear, ctx, first_row, row_fn=None):
         """Give the later use ``lin`` the weight its first use was compressed to, and its report row (error on its
         own held-out inputs). None when the first use was not compressed."""
         from ..compressor.pipeline import make_row
@@ -114,8 +116,13 @@ class SharedUses:
         W = before.materialize()
         _reference.remember(ctx, lin)
         lin.weight = first.weight
-        err = None
         held = self.held.get(lin.name)
+        if row_fn is not None:
+            row = row_fn(lin, before, held)
+            row.note = "; ".join(x for x in (row.note, self.note(lin.name)) if x)
+            row.extra = {**dict(first_row.extra or {}), **(row.extra or {})}
+            return row
+        err = None
         if held is not None and held.n > 0:
             err = relative_output_error(W, lin.weight.materialize(), held.gram())
         return make_row(lin, before, before.shape, error=err, seconds=0.0, note=self.note(lin.name),

@@ -308,7 +308,7 @@ class LowRankCompensate(Pass):
                         for lin in stage:
                             if lin.name in todo:
                                 rows[lin.name] = shared.compress(graph, lin, fit.get(lin.name), held.get(lin.name), lambda l, f, h: self._compensate(
-                                    l, todo[l.name], f, h, ctx, rep, share), ctx, rows, self._done)
+                                    l, todo[l.name], f, h, ctx, rep, share), ctx, rows, self._done, row_fn=lambda l, b, h: self._shared_row(l, b, h, ctx))
                                 prog.layer_done(lin.name)
         rep.rows = [rows[l.name] for l in graph.linears() if l.name in rows]
         done = [r for r in rep.rows if r.status == "compressed" and r.error is not None and r.error_before is not None]
@@ -371,6 +371,20 @@ class LowRankCompensate(Pass):
         self._done[lin.name] = (f.rank, id(before))
         secs = time.perf_counter() - t0 + extra_seconds
         return make_row(lin, before, before.shape, error=err, error_before=err_before, seconds=secs, note="; ".join(notes), extra=extra)
+
+    def _shared_row(self, lin: Linear, before, held, ctx: PassContext):
+        """The row of a later use of a shared weight that received its first use's low-rank path: the errors of
+        the compressed weight before / after compensation against the dense reference, on its own held-out inputs
+        (the measure of :meth:`_compensate`'s rows)."""
+        from sparsec.calibration.stats import relative_output_error
+
+        err = err_before = None
+        W_ref = _reference.reference(ctx, lin)
+        if held is not None and held.n > 0 and W_ref is not None:
+            gram = held.gram()
+            err_before = relative_output_error(W_ref, before.materialize(), gram)
+            err = relative_output_error(W_ref, lin.weight.materialize(), gram)
+        return make_row(lin, before, before.shape, error=err, error_before=err_before, seconds=0.0)
 
     def ensures(self, graph: Graph, ctx: PassContext, report: PassReport) -> None:
         lins = {l.name: l for l in graph.linears()}

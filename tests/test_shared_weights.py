@@ -122,6 +122,12 @@ def test_shared_weight_stays_one_weight_through_quantization_and_low_rank(albert
         assert all(t.keys() == ts[0].keys() and all(np.array_equal(t[k], ts[0][k]) for k in t) for t in ts)
         assert uses[0].weight.describe() != "dense"
     assert g.nbytes() < sum(lin.weight.nbytes for lin in g.linears())  # stored once, not per use
+    rep = json.loads((out / "report.json").read_text())
+    for pr in rep["passes"]:  # every use's row measures what the pass's rows measure (EoRA: error before and after)
+        uses = [r for r in pr["rows"] if r["name"].startswith("layer.up") and r["status"] == "compressed"]
+        assert len(uses) == LAYERS and len({r["error_before"] is None for r in uses}) == 1, uses
+        if pr["name"] == "lowrank":
+            assert all(r["error"] < r["error_before"] for r in uses), uses
     # 24 samples, 1/8 held out: the end-to-end error is measured on 3 samples, which the compress output now says
     held = json.loads((out / "report.json").read_text())["quality"]["eval_samples"]
     assert held == 3 and f"measured on {held} held-out sample(s): a noisy figure" in err, err
