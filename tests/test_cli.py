@@ -620,8 +620,8 @@ def test_outcome_warnings_name_a_pass_with_no_layer_and_shared_weights(tmp_path)
 def test_pass_totals_count_a_shared_weight_once_until_its_uses_differ(tmp_path):
     """A Linear applied twice (ALBERT-style sharing) is one tensor in the model: a pass's byte totals counted it per
     use ("1.9 MB -> 1.0 MB" for a model that grew from 744 KB to 1.1 MB). Now the "before" side counts it once, and the
-    "after" side once while the pass leaves the uses identical (magnitude pruning: the same mask) and per use once
-    they differ (Wanda: each use's own activations)."""
+    "after" side once while the pass leaves the uses identical (magnitude pruning: the same mask; Wanda: since the
+    weight is compressed once on the statistics of both uses) and per use once they differ (one use excluded)."""
     import torch
 
     class Twice(torch.nn.Module):
@@ -636,18 +636,19 @@ def test_pass_totals_count_a_shared_weight_once_until_its_uses_differ(tmp_path):
     torch.onnx.export(Twice().eval(), (torch.randn(2, 64),), str(tmp_path / "t.onnx"), dynamo=False, input_names=["x"],
                       dynamic_axes={"x": {0: "b"}})  # fmt: skip
     np.savez(tmp_path / "c.npz", x=np.random.default_rng().standard_normal((64, 64)).astype(np.float32) * 3)
-    for method, uses_after in (("magnitude", 1), ("wanda", 2)):
-        out = tmp_path / method
+    for method, extra in (("magnitude", []), ("wanda", []), ("wanda", ["--exclude", "fc#1"])):
+        out = tmp_path / (method + str(len(extra)))
         r = sparsec("compress", tmp_path / "t.onnx", "--nm", "2:4", "--method", method, "--calib", tmp_path / "c.npz",
-                    "--no-build", "-o", out, "-q")  # fmt: skip
+                    "--no-build", "-o", out, "-q", *extra)  # fmt: skip
         assert r.returncode == 0, r.stderr
         (p,) = json.loads((out / "report.json").read_text())["passes"]
         fc = [row for row in p["rows"] if row["shape_before"] == [64, 64]]
         head = [row for row in p["rows"] if row["shape_before"] == [8, 64]]
-        assert len(fc) == 2 and len(head) == 1 and all(row["status"] == "compressed" for row in fc), p["rows"]
+        assert len(fc) == 2 and len(head) == 1 and [row["status"] for row in fc] == ["compressed", "excluded" if extra else "compressed"], p["rows"]
         assert fc[0]["bytes_before"] == 64 * 64 * 4
         assert p["totals"]["bytes_before"] == 64 * 64 * 4 + head[0]["bytes_before"], p["totals"]
-        assert p["totals"]["bytes_after"] == uses_after * fc[0]["bytes_after"] + head[0]["bytes_after"], (method, p["totals"])
+        after = fc[0]["bytes_after"] + (fc[1]["bytes_after"] if extra else 0)  # apart once one use is left dense
+        assert p["totals"]["bytes_after"] == after + head[0]["bytes_after"], (method, extra, p["totals"])
 
 
 def test_a_pass_error_names_the_recipe_file_or_the_flag(tmp_path):
