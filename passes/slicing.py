@@ -371,6 +371,32 @@ class _Finder:
     def real_uses(self, v: str):
         return [u for u in self.uses(v) if not (isinstance(u[0], Generic) and u[0].op_type == "Shape")]
 
+    def _why_no_seed(self) -> str:
+        """A model with residual additions none of which adds a layer's output directly: the branch reaches the add
+        through a norm (Gemma-2's post-attention / post-feed-forward norms) or a per-channel scale (LayerScale,
+        ``x + gamma * f(x)``), which sparsec does not rotate. The named reason, or "" when that is not the case."""
+        for n in self.g.nodes:
+            if not self.is_add(n) or len(n.inputs) != 2:
+                continue
+            for i in n.inputs:
+                p = self.prod.get(self.back(i)[0])
+                if p is None:
+                    continue
+                if self.is_norm(p) and isinstance(self.prod.get(self.back(p.inputs[0])[0]), (Linear, MoE)):
+                    src = self.prod.get(self.back(p.inputs[0])[0])
+                    return (f"the residual additions add a layer's output through a norm ('{src.name}' -> '{p.name}' "
+                            f"-> '{n.name}': a post-norm on the branch, as Gemma-2 writes it); sparsec rotates a stream "
+                            f"that layers write directly, not through a norm")  # fmt: skip
+                if isinstance(p, Generic) and p.op_type == "Mul" and len(p.inputs) == 2:
+                    for k in (0, 1):
+                        src = self.prod.get(self.back(p.inputs[k])[0])
+                        c = self.g.constants.get(p.inputs[1 - k])
+                        if isinstance(src, (Linear, MoE)) and c is not None and c.ndim >= 1 and c.shape[-1] > 1:
+                            return (f"the residual additions add a layer's output scaled per channel ('{src.name}' -> "
+                                    f"'{p.name}' -> '{n.name}': a layer scale, x + gamma * f(x)); sparsec does not fold "
+                                    f"the scale into the layer, so it cannot rotate that stream")  # fmt: skip
+        return ""
+
     # ---- discovery -------------------------------------------------------------------------------------------
     def run(self) -> Structure:
         seeds = []
@@ -386,6 +412,9 @@ class _Finder:
             ):
                 seeds.append(n)
         if not seeds:
+            why = self._why_no_seed()
+            if why:
+                raise _cannot(why)
             first = next((l.name for l in self.g.linears()), None)
             where = f" (its first layer '{first}' starts no residual stream)" if first else ""
             raise _cannot(f"no residual connection found: the model has no addition of a layer's output to a "

@@ -909,3 +909,41 @@ def test_shared_expert_behind_a_sigmoid_gate(tmp_path):
             shared = [lin for lin in g.linears() if "shared_expert" in lin.name]
             assert shared and all(48 in lin.weight.shape for lin in shared), [(l.name, l.weight.shape) for l in shared]
             assert 0 < tm.rel(got, ref) < 1.0
+
+
+@pytest.mark.parametrize("kind", ["post_norm", "layer_scale"])
+def test_branches_written_through_a_norm_or_a_layer_scale_are_named(kind, tmp_path):
+    """Gemma-2's post-norm on a branch (``x + norm(o_proj(.))``) and DINOv2's LayerScale (``x + gamma * f(x)``) are
+    not rotated; the refusal said "no residual connection found" about models full of residual adds. It now names
+    the layer, the norm / scale and the add."""
+    from sparsec.compressor.frontends.onnx import load_onnx
+
+    class Block(torch.nn.Module):
+        def __init__(self, d=32):
+            super().__init__()
+            self.norm, self.fc = torch.nn.LayerNorm(d), torch.nn.Linear(d, d)
+            self.post = torch.nn.LayerNorm(d) if kind == "post_norm" else None
+            self.gamma = torch.nn.Parameter(torch.full((d,), 0.1)) if kind == "layer_scale" else None
+
+        def forward(self, x):
+            y = self.fc(self.norm(x))
+            return x + (self.post(y) if self.post is not None else self.gamma * y)
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.blocks, self.head = torch.nn.Embedding(50, 32), torch.nn.Sequential(Block(), Block()), torch.nn.Linear(32, 50)
+
+        def forward(self, ids):
+            return self.head(self.blocks(self.emb(ids)))
+
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(M().eval(), (torch.randint(0, 50, (2, 5)),), str(path), dynamo=False, input_names=["ids"])
+    g = load_onnx(str(path))
+    fit = CalibrationSet({"ids": np.random.default_rng().integers(0, 50, (8, 5))}, "fit", batch_size=8)
+    r = Recipe(passes=[PassSpec("slicing", {"fraction": 0.25})])
+    with pytest.raises(PassError) as e:
+        run_passes(g, build_passes(r), PassContext(r, calib=fit))
+    msg = str(e.value)
+    assert "no residual connection found" not in msg and "fc" in msg, msg
+    assert ("through a norm" in msg) if kind == "post_norm" else ("layer scale" in msg), msg
