@@ -621,10 +621,13 @@ class Graph:
             # weights the file stores as float16 and the model casts to float32 (a mixed-precision export): 2 bytes
             cands = [n for n in self.nodes if isinstance(n, Linear) and n.meta.get("source_dtype") == "float16"
                      and isinstance(n.weight, Dense) and n.weight.data.dtype == np.float32]  # fmt: skip
-            if not cands:
+            biases = [n for n in self.nodes if isinstance(n, Linear) and n.meta.get("source_bias_dtype") == "float16"
+                      and n.bias is not None and n.bias.dtype == np.float32]  # fmt: skip
+            if not cands and not biases:
                 return self.nbytes()
             shared = self.stored_with_another()
             narrow = {id(n.weight): n.weight.nbytes // 2 for n in cands if n.name not in shared}
+            narrow.update({id(n.bias): int(n.bias.nbytes) // 2 for n in biases if n.name not in shared})
             return self.nbytes() - sum(narrow.values())
         return 2 * self.param_count() + sum(int(c.nbytes) for c in self.constants.values() if np.asarray(c).dtype.kind != "f")
 

@@ -700,6 +700,10 @@ def test_float16_weights_behind_a_cast_count_as_the_file_stores_them(transposed,
             wv = f"t{i}"
         nodes.append(helper.make_node("MatMul", [x, wv], [f"h{i}"]))
         x = f"h{i}"
+        if i == 0:  # a float16 bias behind a Cast too
+            inits.append(numpy_helper.from_array(rng.standard_normal(b).astype(np.float16), "b0"))
+            nodes += [helper.make_node("Cast", ["b0"], ["cb0"], to=TensorProto.FLOAT), helper.make_node("Add", [x, "cb0"], ["hb0"])]
+            x = "hb0"
         if i < len(dims) - 1:
             nodes.append(helper.make_node("Relu", [x], [f"r{i}"]))
             x = f"r{i}"
@@ -709,9 +713,10 @@ def test_float16_weights_behind_a_cast_count_as_the_file_stores_them(transposed,
     m.ir_version = 8
     path = tmp_path / "f16.onnx"
     onnx.save(m, str(path))
-    file_bytes = sum(a * b * 2 for a, b in dims)
+    file_bytes = sum(a * b * 2 for a, b in dims) + dims[0][1] * 2
     graph = load_onnx(str(path))
     assert len(graph.linears()) == 3 and all(n.meta.get("source_dtype") == "float16" for n in graph.linears())
+    assert graph.linears()[0].bias is not None
     assert graph.source_nbytes() == file_bytes and graph.nbytes() == 2 * file_bytes
     assert any("stored as float16 in the file" in w for w in graph.meta["import_warnings"])
     xin = rng.standard_normal((3, 64)).astype(np.float32)

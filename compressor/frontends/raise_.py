@@ -605,7 +605,7 @@ def match_linear(v: _View, n: Generic) -> _Match | None:
                     out = add.outputs[0]
         lin = Linear(n.name, [x], [out], _meta(*nodes), weight=weight, bias=bias)
         lin.meta["weight_name"] = v.const_root(wname)
-        _note_float16(v.g, lin, wname)
+        _note_float16(v.g, lin, wname, _other(add, n.outputs[0]) if bias is not None else None)
         if bias is not None:
             lin.meta["bias_name"] = v.const_root(_other(add, n.outputs[0]))
         return _Match(nodes, lin)
@@ -627,7 +627,7 @@ def match_linear(v: _View, n: Generic) -> _Match | None:
             bias = (cv.reshape(-1) * beta).astype(weight.dtype)
         lin = Linear(n.name, [a], [n.outputs[0]], _meta(n), weight=weight, bias=bias)
         lin.meta["weight_name"] = v.const_root(b)
-        _note_float16(v.g, lin, b)
+        _note_float16(v.g, lin, b, c or None)
         if c:
             lin.meta["bias_name"] = v.const_root(c)
         return _Match([n], lin)
@@ -686,10 +686,14 @@ def match_conv(v: _View, n: Generic) -> _Match | None:
     return _Match([n], conv)
 
 
-def _note_float16(g: Graph, lin: Linear, wname: str) -> None:
-    """A layer whose float32 weight the model casts from a float16 initializer: ``meta["source_dtype"]``."""
-    if wname in getattr(g, "float16_consts", ()) and getattr(lin.weight, "data", np.zeros(0, np.float16)).dtype == np.float32:
+def _note_float16(g: Graph, lin: Linear, wname: str, bname: str | None = None) -> None:
+    """A layer whose float32 weight (bias) the model casts from a float16 initializer: ``meta["source_dtype"]``
+    (``meta["source_bias_dtype"]``)."""
+    narrow = getattr(g, "float16_consts", ())
+    if wname in narrow and getattr(lin.weight, "data", np.zeros(0, np.float16)).dtype == np.float32:
         lin.meta["source_dtype"] = "float16"
+    if bname and bname in narrow and lin.bias is not None and lin.bias.dtype == np.float32:
+        lin.meta["source_bias_dtype"] = "float16"
 
 
 def match_embedding(v: _View, n: Generic) -> _Match | None:
