@@ -912,10 +912,10 @@ def test_shared_expert_behind_a_sigmoid_gate(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["post_norm", "layer_scale"])
-def test_branches_written_through_a_norm_or_a_layer_scale_are_named(kind, tmp_path):
-    """Gemma-2's post-norm on a branch (``x + norm(o_proj(.))``) and DINOv2's LayerScale (``x + gamma * f(x)``) are
-    not rotated; the refusal said "no residual connection found" about models full of residual adds. It now names
-    the layer, the norm / scale and the add."""
+def test_branches_written_through_a_norm_or_a_layer_scale(kind, tmp_path):
+    """DINOv2 / CaiT LayerScale (``x + gamma * f(x)``): the import folds the per-channel scale into the Linear's rows
+    (exact), so the stream is rotated and sliced; it was refused ("no residual connection found"). Gemma-2's post-norm
+    on a branch (``x + norm(o_proj(.))``) is still refused, now naming the layer, the norm and the add."""
     from sparsec.compressor.frontends.onnx import load_onnx
 
     class Block(torch.nn.Module):
@@ -923,7 +923,7 @@ def test_branches_written_through_a_norm_or_a_layer_scale_are_named(kind, tmp_pa
             super().__init__()
             self.norm, self.fc = torch.nn.LayerNorm(d), torch.nn.Linear(d, d)
             self.post = torch.nn.LayerNorm(d) if kind == "post_norm" else None
-            self.gamma = torch.nn.Parameter(torch.full((d,), 0.1)) if kind == "layer_scale" else None
+            self.gamma = torch.nn.Parameter(0.1 + torch.rand(d)) if kind == "layer_scale" else None
 
         def forward(self, x):
             y = self.fc(self.norm(x))
@@ -933,17 +933,42 @@ def test_branches_written_through_a_norm_or_a_layer_scale_are_named(kind, tmp_pa
         def __init__(self):
             super().__init__()
             self.emb, self.blocks, self.head = torch.nn.Embedding(50, 32), torch.nn.Sequential(Block(), Block()), torch.nn.Linear(32, 50)
+            self.norm = torch.nn.LayerNorm(32)
 
         def forward(self, ids):
-            return self.head(self.blocks(self.emb(ids)))
+            return self.head(self.norm(self.blocks(self.emb(ids))))
 
+    seed = _seed()
+    torch.manual_seed(seed)
+    m = M().eval()
     path = tmp_path / "m.onnx"
-    torch.onnx.export(M().eval(), (torch.randint(0, 50, (2, 5)),), str(path), dynamo=False, input_names=["ids"])
+    torch.onnx.export(m, (torch.randint(0, 50, (2, 5)),), str(path), dynamo=False, input_names=["ids"],
+                      dynamic_axes={"ids": {0: "b", 1: "t"}})  # fmt: skip
+    rng = np.random.default_rng(seed)
+    fit = CalibrationSet({"ids": rng.integers(0, 50, (16, 6))}, "fit", batch_size=8)
+    ids = rng.integers(0, 50, (3, 7))
+    with torch.no_grad():
+        ref = m(torch.from_numpy(ids)).numpy()
     g = load_onnx(str(path))
-    fit = CalibrationSet({"ids": np.random.default_rng().integers(0, 50, (8, 5))}, "fit", batch_size=8)
-    r = Recipe(passes=[PassSpec("slicing", {"fraction": 0.25})])
-    with pytest.raises(PassError) as e:
-        run_passes(g, build_passes(r), PassContext(r, calib=fit))
-    msg = str(e.value)
-    assert "no residual connection found" not in msg and "fc" in msg, msg
-    assert ("through a norm" in msg) if kind == "post_norm" else ("layer scale" in msg), msg
+    if kind == "layer_scale":  # folded at import: the Linear holds gamma * W (and gamma * b), the Mul is gone
+        fc = g.linear("blocks.0.fc")
+        blk = m.blocks[0]
+        want = (blk.gamma[:, None] * blk.fc.weight).detach().numpy()
+        np.testing.assert_allclose(fc.weight.materialize(), want, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(fc.bias, (blk.gamma * blk.fc.bias).detach().numpy(), rtol=1e-6, atol=1e-7)
+        assert tm.rel(Executor(g).run({"ids": ids})[g.outputs[0]], ref) < 1e-5
+    for fraction in (0.0, 0.25):
+        gg = g.copy()
+        r = Recipe(passes=[PassSpec("slicing", {"fraction": fraction})])
+        if kind == "post_norm":
+            with pytest.raises(PassError) as e:
+                run_passes(gg, build_passes(r), PassContext(r, calib=fit))
+            msg = str(e.value)
+            assert "no residual connection found" not in msg and "through a norm" in msg and "fc" in msg, msg
+            return
+        (rep,) = run_passes(gg, build_passes(r), PassContext(r, calib=fit))
+        got = Executor(gg).run({"ids": ids})[gg.outputs[0]]
+        if fraction == 0.0:
+            assert tm.rel(got, ref) <= 1e-4, (seed, tm.rel(got, ref))
+        else:
+            assert {b["dim_after"] for b in rep.extra["blocks"]} == {24}

@@ -33,6 +33,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import UnsupportedOpError
+from ..formats import Dense
 from ..ir import (
     Conv,
     Embedding,
@@ -791,6 +792,40 @@ def _writes_stream(v: _View, value: str, depth: int = 0) -> bool:
     return False
 
 
+def match_layer_scale(v: _View, n: Generic) -> _Match | None:
+    """LayerScale (DINOv2, CaiT, DeiT-III: ``x + gamma * f(x)``): a Linear's output multiplied by a constant vector
+    of one factor per output channel is the Linear with its rows (and bias) scaled, exactly. Folded, the residual add
+    sees the Linear itself (slicing rotates it; the passes compress the scaled weight, which magnitude / Wanda /
+    SparseGPT / GPTQ treat row by row alike). Not where the Linear's output has another use, its weight is applied
+    by another layer or tied, or the scale would broadcast the output to a higher rank."""
+    if n.op_type != "Mul" or n.domain != "" or len(n.inputs) != 2:
+        return None
+    for k in (0, 1):
+        c = v.g.constants.get(n.inputs[1 - k])
+        lin = v.prod.get(n.inputs[k])
+        if c is None or not isinstance(lin, Linear) or isinstance(lin, Conv) or not isinstance(lin.weight, Dense):
+            continue
+        d = lin.out_features
+        if c.dtype.kind != "f" or c.ndim < 1 or c.shape[-1] != d or c.size != d or d < 2:
+            continue
+        out_shape = v.shape(lin.outputs[0])
+        if out_shape is None or c.ndim > len(out_shape):
+            continue
+        if lin.outputs[0] in v.outputs or len(v.users(lin.outputs[0])) != 1 or lin.meta.get("tied_to"):
+            continue
+        wn = lin.meta.get("weight_name")
+        if wn and any(o is not lin and o.meta.get("weight_name") == wn for o in v.g.linears()):
+            continue
+        scale = c.reshape(-1).astype(np.float32)
+        W = lin.weight.data
+        new = Linear(lin.name, list(lin.inputs), [n.outputs[0]], dict(lin.meta),
+                     weight=(W.astype(np.float32) * scale[:, None]).astype(W.dtype),
+                     bias=None if lin.bias is None else (lin.bias.astype(np.float32) * scale).astype(lin.bias.dtype))  # fmt: skip
+        new.meta["layer_scale_folded"] = n.name
+        return _Match([lin, n], new)
+    return None
+
+
 PATTERNS: list[tuple[str, Callable[[_View, Generic], _Match | None]]] = [
     ("LayerNorm", match_layernorm_fused),
     ("LayerNorm", match_layernorm_decomposed),
@@ -799,6 +834,7 @@ PATTERNS: list[tuple[str, Callable[[_View, Generic], _Match | None]]] = [
     ("Linear", match_linear),
     ("Conv", match_conv),
     ("Embedding", match_embedding),
+    ("LayerScale", match_layer_scale),
     ("Residual", match_residual),
 ]
 
