@@ -33,9 +33,6 @@ class SharedUses:
         self.fit: dict[str, GramStats] = {}
         self.held: dict[str, GramStats] = {}
 
-    def __bool__(self) -> bool:
-        return bool(self.uses)
-
     def all_uses(self) -> set[str]:
         return {n for us in self.uses.values() for n in us}
 
@@ -48,7 +45,7 @@ class SharedUses:
         if not self.uses or ctx.calib is None:
             return
         names = sorted(self.all_uses())
-        dims = {lin.name: lin.in_features for lin in graph.linears() if lin.name in set(names)}
+        dims = {lin.name: lin.in_features for lin in graph.linears() if lin.name in self.first_of or lin.name in self.uses}
         ex = Executor(graph, ctx.device)
 
         def run(data) -> dict[str, GramStats]:
@@ -113,7 +110,6 @@ class SharedUses:
         if first_row is None or first_row.status != "compressed" or _same_weight(first.weight, lin.weight):
             return None
         before = lin.weight
-        W = before.materialize()
         _reference.remember(ctx, lin)
         lin.weight = first.weight
         held = self.held.get(lin.name)
@@ -124,7 +120,7 @@ class SharedUses:
             return row
         err = None
         if held is not None and held.n > 0:
-            err = relative_output_error(W, lin.weight.materialize(), held.gram())
+            err = relative_output_error(before.materialize(), lin.weight.materialize(), held.gram())
         return make_row(lin, before, before.shape, error=err, seconds=0.0, note=self.note(lin.name),
                         extra=dict(first_row.extra or {}))
 

@@ -40,15 +40,6 @@ from .ir import Conv, Generic, Graph, Linear
 MATMULNBITS_BITS = (4,)
 BLOCKED_DQ_OPSET = 21
 
-# default-domain ops whose definition changed incompatibly after the given opset (up to 21)
-_CHANGED_AFTER = {
-    **{op: 17 for op in ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean",
-                         "ReduceMin", "ReduceProd", "ReduceSumSquare")},  # axes attribute -> input at 18
-    "GroupNormalization": 20,  # scale/bias per channel at 21
-    "GridSample": 19,  # mode names at 20
-    "DFT": 19,  # axis attribute -> input at 20
-}  # fmt: skip
-
 
 # ----------------------------------------------------------------------------------------------------------------
 class Blocked:
@@ -278,13 +269,11 @@ def upgrade_safe(g: Graph, opset: int, target: int = BLOCKED_DQ_OPSET) -> bool:
     seen: set[str] = set()
     for n in g.nodes:
         if isinstance(n, Generic) and not n.domain:
-            last = _CHANGED_AFTER.get(n.op_type)
-            if last is None or not opset <= last < target:
-                try:
-                    if onnx.defs.get_schema(n.op_type, opset).since_version == onnx.defs.get_schema(n.op_type, target).since_version:
-                        continue
-                except onnx.defs.SchemaError:
-                    return False
+            try:
+                if onnx.defs.get_schema(n.op_type, opset).since_version == onnx.defs.get_schema(n.op_type, target).since_version:
+                    continue
+            except onnx.defs.SchemaError:
+                return False
             key = f"{n.op_type}/{len(n.inputs)}/{len(n.outputs)}" + repr(sorted(n.attributes.items()))
             if key in seen:
                 continue
