@@ -20,6 +20,7 @@ as long as no node before that point was changed (checked by identity of nodes, 
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -196,3 +197,48 @@ def sequential(graph: Graph, fit, heldout=None, device=None, *, progress: Callab
         step = BlockStep(ex, blk, fit_envs, held_envs)
         yield step
         step.advance()
+
+
+def compress_layers(graph: Graph, ctx, todo, shared, compress_fn: Callable, rows: dict, done: dict, prog,
+                    warnings: list[str], *, description: str, true_sequential: bool = True, fit_names: Callable | None = None,
+                    row_fn: Callable | None = None) -> None:  # fmt: skip
+    """The layer loop of a calibrated weight pass (N:M pruning, group quantization, low-rank compensation): every
+    layer of ``todo`` in graph order gets its report row ``rows[name]``, block by block on the current (already
+    compressed) inputs, in stages inside a block when ``true_sequential``. ``compress_fn(lin, fit, held, seconds)``
+    compresses one layer from its Gram statistics (``None`` without calibration data) and returns its row;
+    ``seconds`` is the layer's share of the time spent collecting them. ``shared``
+    (:class:`~sparsec.calibration.shared.SharedUses`) makes a weight applied by several layers one compressed weight
+    fitted on all its uses (``done`` and ``row_fn`` as in its ``compress``). ``fit_names(names)``: the layers that
+    need fitting statistics (default all; the held-out split gives every layer its error). ``prog``: the pass's
+    :class:`~sparsec.passes._progress.PassProgress`; ``warnings``: the pass report's, told when errors are measured
+    on the fitting data."""
+    if not todo:
+        return
+    if ctx.calib is None:  # data-free methods: no statistics, no error measured
+        for lin in graph.linears():
+            if lin.name in todo:
+                rows[lin.name] = shared.compress(graph, lin, None, None, lambda l, f, h: compress_fn(l, f, h, 0.0),
+                                                 ctx, rows, done, row_fn=row_fn)  # fmt: skip
+                prog.layer_done(lin.name)
+        return
+    held_available = ctx.heldout is not None and ctx.heldout.num_samples > 0
+    if not held_available and todo:
+        warnings.append("no held-out calibration split: layer errors are measured on the fitting data")
+    shared.collect(graph, ctx)
+    pre = shared.precollected()
+    for step in sequential(graph, ctx.calib, ctx.heldout, ctx.device, progress=prog.blocks, description=description):
+        for stage in step.stages() if true_sequential else [step.linears()]:
+            todo_here = [lin.name for lin in stage if lin.name in todo]
+            if not todo_here:
+                continue
+            names = [n for n in todo_here if n not in pre]
+            t0 = time.perf_counter()
+            fit = step.collect(names if fit_names is None or not held_available else fit_names(names))
+            held = step.collect(names, heldout=True) if held_available else fit
+            share = (time.perf_counter() - t0) / len(todo_here)
+            for lin in stage:
+                if lin.name in todo:
+                    rows[lin.name] = shared.compress(
+                        graph, lin, fit.get(lin.name), held.get(lin.name),
+                        lambda l, f, h: compress_fn(l, f, h, share), ctx, rows, done, row_fn=row_fn)  # fmt: skip
+                    prog.layer_done(lin.name)

@@ -270,7 +270,7 @@ class LowRankCompensate(Pass):
         return out
 
     def run(self, graph: Graph, ctx: PassContext) -> PassReport:
-        from sparsec.calibration.sequential import sequential
+        from sparsec.calibration.sequential import compress_layers
         from sparsec.calibration.shared import SharedUses
 
         from ._progress import PassProgress
@@ -286,30 +286,11 @@ class LowRankCompensate(Pass):
         if not todo:
             rep.warnings.append("no compressed layer to compensate")
         self._done = {}
-        held_available = ctx.heldout is not None and ctx.heldout.num_samples > 0
-        if todo and not held_available:
-            rep.warnings.append("no held-out calibration split: layer errors are measured on the fitting data")
         shared = SharedUses(graph, todo)  # one compressed weight applied by several layers: one low-rank path
         with PassProgress(ctx, "lowrank", len(todo)) as prog:
-            if todo:
-                shared.collect(graph, ctx)
-                pre = shared.precollected()
-                for step in sequential(graph, ctx.calib, ctx.heldout, ctx.device, progress=prog.blocks, description="lowrank"):
-                    stages = step.stages() if self.params.true_sequential else [step.linears()]
-                    for stage in stages:
-                        todo_here = [l.name for l in stage if l.name in todo]
-                        if not todo_here:
-                            continue
-                        names = [n for n in todo_here if n not in pre]
-                        t0 = time.perf_counter()
-                        fit = step.collect(names)
-                        held = step.collect(names, heldout=True) if held_available else fit
-                        share = (time.perf_counter() - t0) / len(todo_here)
-                        for lin in stage:
-                            if lin.name in todo:
-                                rows[lin.name] = shared.compress(graph, lin, fit.get(lin.name), held.get(lin.name), lambda l, f, h: self._compensate(
-                                    l, todo[l.name], f, h, ctx, rep, share), ctx, rows, self._done, row_fn=lambda l, b, h: self._shared_row(l, b, h, ctx))
-                                prog.layer_done(lin.name)
+            compress_layers(graph, ctx, todo, shared, lambda l, f, h, s: self._compensate(l, todo[l.name], f, h, ctx, rep, s),
+                            rows, self._done, prog, rep.warnings, description="lowrank",
+                            true_sequential=self.params.true_sequential, row_fn=lambda l, b, h: self._shared_row(l, b, h, ctx))  # fmt: skip
         rep.rows = [rows[l.name] for l in graph.linears() if l.name in rows]
         done = [r for r in rep.rows if r.status == "compressed" and r.error is not None and r.error_before is not None]
         if done:

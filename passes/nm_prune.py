@@ -164,7 +164,7 @@ class NMPrune(Pass):
 
     # ------------------------------------------------------------------------------------------------------------
     def run(self, graph: Graph, ctx: PassContext) -> PassReport:
-        from sparsec.calibration.sequential import sequential
+        from sparsec.calibration.sequential import compress_layers
         from sparsec.calibration.shared import SharedUses
 
         from ._progress import PassProgress
@@ -180,36 +180,11 @@ class NMPrune(Pass):
         rep = PassReport(self.name, params=self.params_dict())
         self._done = {}
         shared = SharedUses(graph, todo)  # one weight applied by several layers: pruned once
+        note = "no calibration data: error not measured" if ctx.calib is None else ""  # magnitude only then
         with PassProgress(ctx, "nm_prune", len(todo)) as prog:
-            if ctx.calib is None:  # magnitude only (requires() refused the other methods)
-                for lin in graph.linears():
-                    if lin.name in todo:
-                        rows[lin.name] = shared.compress(graph, lin, None, None, lambda l, f, h: self._prune(
-                            l, todo[l.name], f, h, ctx, rep, 0.0, "no calibration data: error not measured"), ctx, rows, self._done)
-                        prog.layer_done(lin.name)
-            else:
-                held_available = ctx.heldout is not None and ctx.heldout.num_samples > 0
-                if not held_available and todo:
-                    rep.warnings.append("no held-out calibration split: layer errors are measured on the fitting data")
-                shared.collect(graph, ctx)
-                pre = shared.precollected()
-                for step in sequential(graph, ctx.calib, ctx.heldout, ctx.device, progress=prog.blocks, description="nm_prune"):
-                    stages = step.stages() if self.params.true_sequential else [step.linears()]
-                    for stage in stages:
-                        todo_here = [l.name for l in stage if l.name in todo]
-                        if not todo_here:
-                            continue
-                        names = [n for n in todo_here if n not in pre]
-                        t0 = time.perf_counter()
-                        need_fit = names if not held_available else [n for n in names if todo[n].method != "magnitude"]
-                        fit = step.collect(need_fit)
-                        held = step.collect(names, heldout=True) if held_available else fit
-                        share = (time.perf_counter() - t0) / len(todo_here)
-                        for lin in stage:
-                            if lin.name in todo:
-                                rows[lin.name] = shared.compress(graph, lin, fit.get(lin.name), held.get(lin.name), lambda l, f, h: self._prune(
-                                    l, todo[l.name], f, h, ctx, rep, share), ctx, rows, self._done)
-                                prog.layer_done(lin.name)
+            compress_layers(graph, ctx, todo, shared, lambda l, f, h, s: self._prune(l, todo[l.name], f, h, ctx, rep, s, note),
+                            rows, self._done, prog, rep.warnings, description="nm_prune", true_sequential=self.params.true_sequential,
+                            fit_names=lambda names: [n for n in names if todo[n].method != "magnitude"])  # fmt: skip
         rep.rows = [rows[l.name] for l in graph.linears() if l.name in rows]
         if self._few_tokens:
             name, t, k = min(self._few_tokens, key=lambda x: x[1] / x[2])
