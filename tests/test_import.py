@@ -727,3 +727,60 @@ def test_float16_weights_behind_a_cast_count_as_the_file_stores_them(transposed,
     assert res.report["model"]["bytes"] == file_bytes
     grew = [w for w in res.report["warnings"] if "stores more bytes than the original" in w]
     assert grew and "as float16" in grew[0], res.report["warnings"]
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo", "pt2"])
+@pytest.mark.parametrize("form", ["w*x*rsqrt", "x*w/sqrt"])
+def test_rmsnorm_with_the_weight_applied_first_is_raised(exporter, form, tmp_path):
+    """An RMSNorm written ``self.weight * x * torch.rsqrt(mean(x^2) + eps)`` (Granite / Cohere style: the weight scales
+    x before the normalization does) is one RMSNorm of that weight, as ``w * (x * rsqrt(..))`` is; it was left as
+    elementwise ops, so slicing found no norm to fold. The normalized stream must match torch, and the raised weight
+    must be the module's."""
+    from sparsec.compressor.frontends.torch import load_pt2
+    from sparsec.compressor.ir import RMSNorm
+
+    class Norm(torch.nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.rand(d) + 0.5)
+
+        def forward(self, x):
+            var = x.pow(2).mean(-1, keepdim=True) + 1e-6
+            if form == "w*x*rsqrt":
+                return self.weight * x * torch.rsqrt(var)
+            return x * self.weight / torch.sqrt(var)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(40, 32)
+            self.n1, self.n2 = Norm(32), Norm(32)
+            self.up, self.down = torch.nn.Linear(32, 64), torch.nn.Linear(64, 32)
+
+        def forward(self, ids):
+            x = self.emb(ids)
+            x = x + self.down(torch.nn.functional.silu(self.up(self.n1(x))))
+            return self.n2(x)
+
+    torch.manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    m = Block().eval()
+    ids = torch.randint(0, 40, (2, 7))
+    if exporter == "pt2":
+        path = tmp_path / "m.pt2"
+        torch.export.save(torch.export.export(m, (ids,)), str(path))
+        g = load_pt2(str(path))
+    else:
+        path = tmp_path / "m.onnx"
+        torch.onnx.export(m, (ids,), str(path), dynamo=exporter == "dynamo", input_names=["ids"], output_names=["y"])
+        g = load_onnx(str(path))
+    norms = [n for n in g.nodes if isinstance(n, RMSNorm)]
+    assert len(norms) == 2, [type(n).__name__ + ":" + getattr(n, "op_type", "") for n in g.nodes]
+    got_w = sorted((n.weight for n in norms), key=lambda w: float(w[0]))
+    ref_w = sorted((p.detach().numpy() for p in (m.n1.weight, m.n2.weight)), key=lambda w: float(w[0]))
+    for a, b in zip(got_w, ref_w):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert not any(getattr(n, "op_type", "") in ("Sqrt", "Reciprocal", "ReduceMean", "Pow") for n in g.nodes)
+    with torch.no_grad():
+        ref = m(ids).numpy()
+    got = Executor(g).run({g.inputs[0]: ids.numpy()})[g.outputs[0]]
+    assert tm.rel(ref, got) < 1e-5

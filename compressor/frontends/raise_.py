@@ -406,9 +406,10 @@ def _affine_tail(v: _View, value: str, nodes: list[Node], dim: int | None, allow
     return weight, bias, out
 
 
-def _normalize_tail(v: _View, num: str, denom_sqrt: Generic, nodes: list[Node]):
+def _normalize_tail(v: _View, num, denom_sqrt: Generic, nodes: list[Node]):
     """From ``s = Sqrt(var + eps)``, find ``num / s`` as Div(num, s), Mul(num, Reciprocal(s)) or Mul(num, Div(1, s)).
-    Returns the normalized value name or None."""
+    ``num``: the numerator's name, or a set of the names it may have. Returns the normalized value name or None."""
+    nums = {num} if isinstance(num, str) else num
     s = denom_sqrt.outputs[0]
     us = v.users(s)
     if len(us) != 1 or s in v.outputs:
@@ -416,16 +417,28 @@ def _normalize_tail(v: _View, num: str, denom_sqrt: Generic, nodes: list[Node]):
     u = us[0]
     if not isinstance(u, Generic) or u.domain != "":
         return None
-    if u.op_type == "Div" and u.inputs[1] == s and u.inputs[0] == num:
+    if u.op_type == "Div" and u.inputs[1] == s and u.inputs[0] in nums:
         nodes.append(u)
         return u.outputs[0]
     if u.op_type == "Reciprocal" or (u.op_type == "Div" and u.inputs[1] == s and _scalar(v.const(u.inputs[0])) == 1.0):
         r = u.outputs[0]
         mul = v.sole_user(r, "Mul")
-        if mul is not None and _other(mul, r) == num:
+        if mul is not None and _other(mul, r) in nums:
             nodes += [u, mul]
             return mul.outputs[0]
     return None
+
+
+def _scaled_inputs(v: _View, x: str, dim: int | None) -> dict[str, tuple[Generic, np.ndarray]]:
+    """``Mul(x, w)`` values with a constant per-channel ``w`` and one user: an RMSNorm written ``w * x * rsqrt(..)``
+    (left to right: the weight scales x before the normalization does; the product is the same)."""
+    out = {}
+    for u in v.users(x):
+        if isinstance(u, Generic) and u.op_type == "Mul" and u.domain == "" and len(v.users(u.outputs[0])) == 1:
+            w = _vector(v.const(_other(u, x)), dim)
+            if w is not None and w.size == dim and u.outputs[0] not in v.outputs:
+                out[u.outputs[0]] = (u, w)
+    return out
 
 
 def match_layernorm_decomposed(v: _View, m1: Generic) -> _Match | None:
@@ -490,19 +503,29 @@ def match_rmsnorm(v: _View, m: Generic) -> _Match | None:
     nodes: list[Node] = [sq, m, add]
     a = add.outputs[0]
     normed = None
+    scaled = _scaled_inputs(v, x, _last_dim(v, x))  # w * x, normalized after
+    nums = {x, *scaled}
     powr = v.sole_user(a, "Pow")
     if powr is not None and powr.inputs[0] == a and _scalar(v.const(powr.inputs[1])) == -0.5:
         mul = v.sole_user(powr.outputs[0], "Mul")
-        if mul is not None and _other(mul, powr.outputs[0]) == x:
+        if mul is not None and _other(mul, powr.outputs[0]) in nums:
             nodes += [powr, mul]
             normed = mul.outputs[0]
     else:
         sqrt = v.sole_user(a, "Sqrt")
         if sqrt is not None:
             nodes.append(sqrt)
-            normed = _normalize_tail(v, x, sqrt, nodes)
+            normed = _normalize_tail(v, nums, sqrt, nodes)
     if normed is None:
         return None
+    pre_weight = None
+    num = next((i for i in nodes[-1].inputs if i in scaled), None)
+    if num is not None:
+        wmul, pre_weight = scaled[num]
+        nodes.insert(0, wmul)
+        weight, _, out = _affine_tail(v, normed, nodes, _last_dim(v, x), allow_bias=False)
+        weight = pre_weight if weight is None else (pre_weight * weight).astype(pre_weight.dtype)
+        return _Match(nodes, RMSNorm(m.name, [x], [out], _meta(*nodes), weight=weight, eps=eps))
     # an optional no-op Cast between the normalization and the weight (HF: weight * x.to(input_dtype))
     cast = v.sole_user(normed, "Cast")
     if cast is not None and v.dtype(cast.outputs[0]) == v.dtype(normed) and v.dtype(normed) is not None:
