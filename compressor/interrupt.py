@@ -111,10 +111,16 @@ def temp_dir(prefix: str) -> str:
 
 
 def cleanup() -> None:
-    """Remove the :func:`temp_dir` directories that still exist (before ``os._exit`` under an abandoned worker)."""
+    """Remove the :func:`temp_dir` directories that still exist (before ``os._exit`` under an abandoned worker), and
+    TVM's own (``export_library`` compiles into a ``tvm.support.utils.TempDirectory``, which TVM removes at
+    interpreter exit: ``os._exit`` skips that, and a SIGTERM during the link left ``/tmp/tmp*/lib0.o`` behind)."""
     for d in _temp_dirs:
         if os.path.isdir(d):
             shutil.rmtree(d, ignore_errors=True)
+    tvm_utils = sys.modules.get("tvm.support.utils")
+    tvm_dirs = getattr(getattr(tvm_utils, "TempDirectory", None), "TEMPDIRS", None)
+    for d in list(tvm_dirs or ()):
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def exit_code(e: KeyboardInterrupt) -> int:

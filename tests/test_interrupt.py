@@ -84,3 +84,22 @@ def test_cleanup_removes_temp_dirs_still_there(tmp_path, monkeypatch):
     os.rmdir(gone)  # its maker already removed it
     interrupt.cleanup()
     assert os.listdir(tmp_path) == []
+
+
+def test_cleanup_removes_tvm_temp_dirs(tmp_path, monkeypatch):
+    """TVM's export_library compiles and links in a ``tvm.support.utils.TempDirectory`` that TVM removes at interpreter
+    exit; the CLI ends an interrupted build with ``os._exit``, which skips it: a SIGTERM during the link left
+    ``/tmp/tmp*/lib0.o``. cleanup() removes TVM's live temp directories too."""
+    import tempfile
+
+    from tvm.support.utils import TempDirectory, tempdir
+
+    monkeypatch.setattr(interrupt, "_temp_dirs", [])
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(TempDirectory, "TEMPDIRS", set())
+    d = tempdir()  # alive, as in the abandoned worker
+    open(d.relpath("lib0.o"), "w").close()
+    assert os.listdir(tmp_path)
+    interrupt.cleanup()
+    assert os.listdir(tmp_path) == []
+    d.remove()  # its own bookkeeping, before the patched set is restored
