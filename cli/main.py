@@ -118,6 +118,7 @@ def inspect(
     moes = [n for n in g.nodes if isinstance(n, MoE)]
     blocks = [b for b in g.assign_blocks() if b.kind == "block"]
     tied = g.tied_linears()  # still tied: a head a pass compressed or changed is stored apart (`untied`)
+    later = g._later_uses()  # a weight applied twice: its later uses (the total counts it once)
     summary = {
         "name": g.name,
         "source": src.label,
@@ -132,6 +133,7 @@ def inspect(
         "linear": [
             {"name": l.name, "shape": [l.out_features, l.in_features], "in": l.in_features, "out": l.out_features, "bias": l.bias is not None, "format": l.weight.describe(),
              "params": l.param_count(), "bytes": 2 * l.param_count() if bf16 else l.nbytes(), **({"tied_to": l.meta["tied_to"]} if l.name in tied else {}),
+             **({"weight_of": later[l.name][1].name} if l.name in later else {}),
              **({"conv": {"kernel": list(l.kernel_shape), "in_channels": l.in_channels, "strides": list(l.strides), "pads": list(l.pads),
                           "dilations": list(l.dilations)}} if hasattr(l, "kernel_shape") else {})}
             for l in lins
@@ -160,7 +162,8 @@ def inspect(
     for c, j in (("name", "left"), ("in", "right"), ("out", "right"), ("bias", "center"), ("format", "left"), ("params", "right"), ("bytes", "right")):
         t.add_column(c, justify=j)
     for l in summary["linear"]:
-        name = l["name"] + (f" (tied to {l['tied_to']})" if "tied_to" in l else "")
+        name = l["name"] + (f" (tied to {l['tied_to']})" if "tied_to" in l else "") + (
+            f" (weight of {l['weight_of']}: counted once)" if "weight_of" in l else "")
         t.add_row(name, str(l["in"]), str(l["out"]), "✓" if l["bias"] else "", l["format"], f"{l['params']:,}", f"{l['bytes']:,}")
     out.print(t)
     for m in summary["moe"]:

@@ -695,3 +695,33 @@ def test_inspect_of_an_artifact_whose_tied_head_was_compressed_says_it_is_not_ti
     after = {x["name"]: x for x in json.loads(sparsec("inspect", out, "--json").stdout)["linear"]}
     assert "tied_to" not in after[head] and after[head]["format"].startswith("2:4"), after[head]
     assert f"compressing '{head}' untied it" in r.stderr, r.stderr
+
+
+def test_inspect_marks_the_later_use_of_a_weight_applied_twice(tmp_path):
+    """A head applied twice (start / end logits from one nn.Linear): `inspect` lists both uses, names the second
+    as the first's weight (its row looked like a second copy the total counted twice), and the total counts it once:
+    the module's parameters plus the float scalars of the graph."""
+    import torch
+
+    class TwoUses(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = torch.nn.Linear(16, 16), torch.nn.Linear(16, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.fc(x))
+            return self.head(h)[..., 0], self.head(h * 2.0)[..., 1]
+
+    m = TwoUses().eval()
+    path = tmp_path / "two.onnx"
+    torch.onnx.export(m, (torch.randn(2, 3, 16),), str(path), dynamo=False, input_names=["x"], output_names=["s", "e"])
+    doc = json.loads(sparsec("inspect", path, "--json").stdout)
+    rows = {x["name"]: x for x in doc["linear"]}
+    later = [x for x in rows.values() if x.get("weight_of")]
+    assert len(later) == 1 and later[0]["weight_of"] == "head" and "weight_of" not in rows["head"], rows
+    scalars = sum(1 for v in onnx.load(str(path)).graph.initializer if v.data_type == TensorProto.FLOAT and not v.dims)
+    consts = sum(1 for n in onnx.load(str(path)).graph.node if n.op_type == "Constant")  # 2.0, slice indices
+    true = sum(p.numel() for p in m.parameters())
+    assert true <= doc["params"] <= true + scalars + consts, (doc["params"], true)
+    assert sum(x["params"] for x in rows.values()) == true + rows["head"]["params"]
+    assert "(weight of head: counted once)" in sparsec("inspect", path).stdout
