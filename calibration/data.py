@@ -30,29 +30,73 @@ _MAX_GENERATED_VOCAB = 1 << 20
 
 @dataclass
 class CalibrationSet:
-    """Samples of every graph input (same number along axis 0), and the batches they are run in."""
+    """Samples of every graph input, and the batches they are run in. ``arrays``: one group of samples (every input the
+    same number along axis 0), or a list of groups whose per-sample shapes differ (sequences of several lengths:
+    every batch is taken from one group). ``groups`` is always the list; ``arrays`` then its first group."""
 
-    arrays: dict[str, np.ndarray]
+    arrays: dict[str, np.ndarray] | list[dict[str, np.ndarray]]
     source: str
     generated: bool = False
     batch_size: int = 8
     warnings: list[str] = field(default_factory=list)
 
+    def __post_init__(self):
+        groups = [self.arrays] if isinstance(self.arrays, dict) else list(self.arrays)
+        self.groups: list[dict[str, np.ndarray]] = [g for g in groups if _count(g)] or groups[:1]
+        self.arrays = self.groups[0] if self.groups else {}
+
     @property
     def num_samples(self) -> int:
-        return int(next(iter(self.arrays.values())).shape[0]) if self.arrays else 0
+        return sum(_count(g) for g in self.groups)
 
     def batches(self) -> list[dict[str, np.ndarray]]:
-        n = self.num_samples
-        return [{k: v[i : i + self.batch_size] for k, v in self.arrays.items()} for i in range(0, n, self.batch_size)]
+        return [{k: v[i : i + self.batch_size] for k, v in g.items()}
+                for g in self.groups for i in range(0, _count(g), self.batch_size)]  # fmt: skip
 
     def subset(self, idx: np.ndarray, source: str | None = None) -> "CalibrationSet":
-        return CalibrationSet({k: v[idx] for k, v in self.arrays.items()}, source or self.source, self.generated, self.batch_size)
+        """The samples at ``idx`` (indices over the groups in order)."""
+        return CalibrationSet(_pick(self.groups, np.asarray(idx)), source or self.source, self.generated, self.batch_size)
 
     def tokens(self) -> int:
         """Number of sample positions (samples x sequence length for token inputs)."""
-        a = next(iter(self.arrays.values()))
-        return int(np.prod(a.shape[:2])) if a.ndim >= 2 else int(a.shape[0])
+        n = 0
+        for g in self.groups:
+            a = next(iter(g.values()))
+            n += int(np.prod(a.shape[:2])) if a.ndim >= 2 else int(a.shape[0])
+        return n
+
+    def sample_shapes(self) -> dict[str, list]:
+        """Each input's per-sample shape; with several groups, the list of their shapes."""
+        per = {k: [[int(d) for d in g[k].shape[1:]] for g in self.groups] for k in self.arrays}
+        return {k: v[0] if len(self.groups) == 1 else v for k, v in per.items()}
+
+
+def _count(group: dict[str, np.ndarray]) -> int:
+    return int(next(iter(group.values())).shape[0]) if group else 0
+
+
+def _pick(groups: list[dict[str, np.ndarray]], idx: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """The samples at global indices ``idx`` (sorted; over the groups in order), group by group."""
+    out, start = [], 0
+    for g in groups:
+        n = _count(g)
+        local = idx[(idx >= start) & (idx < start + n)] - start
+        if local.size:
+            out.append({k: v[local] for k, v in g.items()})
+        start += n
+    return out
+
+
+def _slice(groups: list[dict[str, np.ndarray]], start: int, stop: int) -> list[dict[str, np.ndarray]]:
+    return _pick(groups, np.arange(start, stop))
+
+
+def _merge_same_shapes(groups: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Groups whose per-sample shapes agree become one (in first-appearance order)."""
+    by: dict[tuple, list[dict[str, np.ndarray]]] = {}
+    for g in groups:
+        by.setdefault(tuple((k, v.shape[1:]) for k, v in sorted(g.items())), []).append(g)
+    return [{k: np.concatenate([g[k] for g in gs], axis=0) if len(gs) > 1 else gs[0][k] for k in gs[0]} for gs in by.values()]
 
 
 _NPY_MAGIC = b"\x93NUMPY"
@@ -98,7 +142,17 @@ def _load_npy(path: Path) -> np.ndarray:
 
 
 def read_arrays(path: str | os.PathLike, graph: Graph) -> dict[str, np.ndarray]:
-    """Arrays from a file or directory, keyed by input name (not yet validated)."""
+    """Arrays from a file or directory, keyed by input name (not yet validated); a directory's files must stack."""
+    groups = read_groups(path, graph)
+    if len(groups) > 1:
+        shapes = "; ".join(", ".join(f"'{k}' {list(v.shape[1:])}" for k, v in g.items()) for g in groups[:3])
+        raise CalibrationError(f"{path}: the files hold samples of different shapes ({shapes})")
+    return groups[0]
+
+
+def read_groups(path: str | os.PathLike, graph: Graph) -> list[dict[str, np.ndarray]]:
+    """Arrays from a file or directory, keyed by input name (not yet validated). A directory's files are stacked
+    where their per-sample shapes agree: one group per shape (sequences of several lengths), in file order."""
     p = Path(path)
     if not p.exists():
         raise CalibrationError(f"{p}: no such file or directory")
@@ -106,28 +160,32 @@ def read_arrays(path: str | os.PathLike, graph: Graph) -> dict[str, np.ndarray]:
         files = sorted(f for f in p.iterdir() if f.suffix in (".npz", ".npy") and f.is_file())
         if not files:
             raise CalibrationError(f"{p}: directory has no .npz or .npy files")
-        parts = [read_arrays(f, graph) for f in files]
+        parts = [read_groups(f, graph)[0] for f in files]
         keys = set(parts[0])
         for f, part in zip(files, parts):
             if set(part) != keys:
                 raise CalibrationError(f"{f}: has arrays {sorted(part)}, other files have {sorted(keys)}")
-        out = {}
-        for k in sorted(keys):
-            arrs = [part[k] for part in parts]
-            # a file holding one sample (no batch axis) is promoted to a batch of one
-            rank = _expected_rank(graph, k)
-            arrs = [a[None] if rank is not None and a.ndim == rank - 1 else a for a in arrs]
-            try:
-                out[k] = np.concatenate(arrs, axis=0)
-            except ValueError as e:
-                raise CalibrationError(f"{p}: arrays named '{k}' do not stack across files ({e})")
-        return out
+        groups = []
+        for f, part in zip(files, parts):
+            g = {}
+            for k in sorted(keys):
+                a = part[k]
+                # a file holding one sample (no batch axis) is promoted to a batch of one
+                rank = _expected_rank(graph, k)
+                g[k] = a[None] if rank is not None and a.ndim == rank - 1 else a
+                if g[k].ndim == 0:
+                    raise CalibrationError(f"{f}: '{k}' is a scalar; samples must be along axis 0")
+            counts = {k: v.shape[0] for k, v in g.items()}
+            if len(set(counts.values())) > 1:
+                raise CalibrationError(f"{f}: inputs have different numbers of samples ({counts})")
+            groups.append(g)
+        return _merge_same_shapes(groups)
     if p.suffix == ".npy":
         if len(graph.inputs) != 1:
             raise CalibrationError(f"{p}: a .npy file holds one array, but the model has inputs {graph.inputs}; use an .npz keyed by input name")
-        return {graph.inputs[0]: _load_npy(p)}
+        return [{graph.inputs[0]: _load_npy(p)}]
     if p.suffix == ".npz" or zipfile.is_zipfile(p):
-        return _load_npz(p)
+        return [_load_npz(p)]
     raise CalibrationError(f"{p}: calibration data must be .npz, .npy or a directory of them")
 
 
@@ -204,15 +262,47 @@ def _check_named_dims(arrays: dict[str, np.ndarray], graph: Graph, source: str) 
 
 
 def _check_positions(arrays: dict[str, np.ndarray], graph: Graph, source: str) -> None:
-    """Token sequences longer than the model's learned position table (GPT-2's 1024 positions)."""
+    """Token sequences longer than the model's learned position table (GPT-2's 1024 positions), less the offset the
+    model adds to its position ids (RoBERTa's start at padding_idx + 1 = 2: 514 rows take 512 tokens)."""
     limit = max_positions(graph)
     if limit is None:
         return
     for name in token_inputs(graph):
         a = arrays.get(name)
-        if a is not None and a.ndim >= 2 and a.shape[1] > limit:
-            raise CalibrationError(f"{source}: '{name}' holds sequences of {a.shape[1]} tokens, the model has {limit} "
-                                   f"positions; cut them (e.g. --seq-len {limit})")  # fmt: skip
+        if a is None or a.ndim < 2 or a.shape[1] < limit - _MAX_POSITION_OFFSET:
+            continue
+        usable, offset = _usable_positions(graph, arrays, limit)
+        if a.shape[1] > usable:
+            why = f"{limit} positions" if not offset else f"a {limit}-row position table and its position ids start at {offset}"
+            raise CalibrationError(f"{source}: '{name}' holds sequences of {a.shape[1]} tokens, the model takes {usable} "
+                                   f"({why}); cut them (e.g. --seq-len {usable})")  # fmt: skip
+
+
+_MAX_POSITION_OFFSET = 8  # sequences this close to the table's rows are checked by running one sample
+
+
+def _usable_positions(graph: Graph, arrays: dict[str, np.ndarray], limit: int) -> tuple[int, int]:
+    """(longest sequence, position id offset): one batch of the data cut to ``limit`` tokens is run; when a position
+    table (an embedding not indexed by a graph input) is indexed past its rows, the offset is its largest id minus the
+    last position (RoBERTa: ids 2 .. L + 1). Other failures are left to the calibration run to report."""
+    from ..compressor.errors import InputShapeError
+    from ..compressor.executor import Executor
+
+    rows = static_batch(graph) or 1
+    probe = crop_sequences({k: v[:rows] for k, v in arrays.items()}, graph, limit)
+    length = max((v.shape[1] for k, v in probe.items() if k in token_inputs(graph) and v.ndim >= 2), default=limit)
+    try:
+        Executor(graph).run(probe)
+    except InputShapeError as e:
+        node = next((n for n in graph.nodes if n.name == e.node), None)
+        top = getattr(e, "values", None)
+        if isinstance(node, Embedding) and node.inputs[0] not in graph.inputs and top is not None:
+            offset = int(top[1]) - (length - 1)
+            if 0 < offset < limit:
+                return limit - offset, offset
+    except Exception:  # noqa: BLE001 - the calibration run reports these with context
+        pass
+    return limit, 0
 
 
 def _check_token_range(arrays: dict[str, np.ndarray], graph: Graph, source: str) -> None:
@@ -389,20 +479,25 @@ def load_calibration(graph: Graph, data: str | None, *, samples: int, seq_len: i
                             "(generated inputs take their exported shapes)")  # fmt: skip
         warnings.append("no calibration data given: using generated inputs, a poor calibration set (give --calib data.npz)")
         generated = True
-        arrays = _flip_masking_bool_inputs(graph, arrays, warnings)
+        groups = [_flip_masking_bool_inputs(graph, arrays, warnings)]
     else:
-        arrays = read_arrays(data, graph)
+        groups = read_groups(data, graph)  # one group per per-sample shape (sequences of several lengths)
         source = str(data)
         generated = False
-    arrays = validate_arrays(arrays, graph, source)
-    arrays = crop_sequences(arrays, graph, seq_len, warnings if not generated else None)
-    _check_positions(arrays, graph, source)
-    n = next(iter(arrays.values())).shape[0]
+    groups = [validate_arrays(g, graph, source) for g in groups]
+    cut_nothing: list[str] = []
+    groups = [crop_sequences(g, graph, seq_len, cut_nothing if not generated else None) for g in groups]
+    if len(cut_nothing) == len(groups) and cut_nothing:  # no group was cut: the line of the longest sequences
+        warnings.append(max(cut_nothing, key=lambda w: (len(w), w)))
+    groups = _merge_same_shapes(groups)
+    for g in groups:
+        _check_positions(g, graph, source)
+    n = sum(_count(g) for g in groups)
     if n < samples and not generated and samples != _DEFAULT_SAMPLES:  # asked for (--calib-samples), not the default
         warnings.append(f"{source} holds {n} calibration samples, fewer than the {samples} asked for: using {n}")
     if n > samples:
         idx = np.sort(np.random.default_rng(seed).choice(n, size=samples, replace=False))
-        arrays = {k: v[idx] for k, v in arrays.items()}
+        groups = _pick(groups, idx)
         n = samples
     n_held = int(round(heldout)) if heldout >= 1 else int(np.ceil(heldout * n))
     if heldout > 0 and n_held == 0:
@@ -421,6 +516,14 @@ def load_calibration(graph: Graph, data: str | None, *, samples: int, seq_len: i
         warnings.append(f"--batch-size {batch_size}: the model's batch size is fixed at {sb} by its export: batches of {sb}")
     if sb is not None and sb > 1:  # a model exported with a fixed batch size runs on batches of exactly that size
         batch_size = sb
+        if len(groups) > 1:  # every batch comes from one group: each holds whole batches
+            groups = [{k: v[: (_count(g) // sb) * sb] for k, v in g.items()} for g in groups]
+            groups = [g for g in groups if _count(g)] or groups[:1]
+            n2 = sum(_count(g) for g in groups)
+            if n2 < n:
+                warnings.append(f"the model's batch size is fixed at {sb} by its export: {n - n2} of {n} calibration samples "
+                                f"of several shapes left out (each shape's samples in whole batches of {sb})")  # fmt: skip
+            n = n2
         if n_held and n < 2 * sb:
             n_held = 0
             warnings.append(f"fewer than {2 * sb} samples for a model with a static batch size of {sb}: no held-out split")
@@ -428,18 +531,16 @@ def load_calibration(graph: Graph, data: str | None, *, samples: int, seq_len: i
             n_held = max(sb, (n_held // sb) * sb)
         n_fit = ((n - n_held) // sb) * sb
         if n_fit == 0:
-            shapes = ", ".join(f"'{k}' {list(v.shape)}" for k, v in arrays.items())
+            shapes = ", ".join(f"'{k}' {list(v.shape)}" for k, v in groups[0].items())
             raise CalibrationError(f"the model has a static batch size of {sb}: give at least {sb} calibration samples "
                                    f"(got {n}: {shapes})")  # fmt: skip
         if n_fit + n_held < n:
             warnings.append(f"the model's batch size is fixed at {sb} by its export: {n - n_fit - n_held} of {n} calibration "
                             f"samples left out ({n_fit} fitted in batches of {sb}" + (f", {n_held} held out)" if n_held else ")"))
-        arrays = {k: v[: n_fit + n_held] for k, v in arrays.items()}
+        groups = _slice(groups, 0, n_fit + n_held)
         n = n_fit + n_held
     elif sb is not None:
         batch_size = 1
-    fit = {k: v[: n - n_held] for k, v in arrays.items()}
-    held = {k: v[n - n_held :] for k, v in arrays.items()} if n_held else None
-    fit_set = CalibrationSet(fit, source, generated, batch_size, warnings)
-    held_set = None if held is None else CalibrationSet(held, source + " (held out)", generated, batch_size)
+    fit_set = CalibrationSet(_slice(groups, 0, n - n_held), source, generated, batch_size, warnings)
+    held_set = CalibrationSet(_slice(groups, n - n_held, n), source + " (held out)", generated, batch_size) if n_held else None
     return fit_set, held_set

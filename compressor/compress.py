@@ -88,7 +88,7 @@ def calibration_used(calib, held) -> dict[str, Any]:
     held fewer, or a static batch dropped some), the batch size, and each input's per-sample shape (after --seq-len)."""
     return {"source": calib.source, "generated": bool(calib.generated), "samples": calib.num_samples,
             "heldout_samples": held.num_samples if held is not None else 0, "batch_size": int(calib.batch_size),
-            "shapes": {k: [int(d) for d in v.shape[1:]] for k, v in calib.arrays.items()}}  # fmt: skip
+            "shapes": calib.sample_shapes()}  # fmt: skip
 
 
 def calibration_for(src: Source, recipe: Recipe):

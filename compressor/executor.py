@@ -283,7 +283,9 @@ class Executor:
             t = self._param(n, "table", n.table)
             ids = ins[0].long()
             if ids.numel() and (int(ids.min()) < -t.shape[0] or int(ids.max()) >= t.shape[0]):
-                raise InputShapeError(f"token ids must be in [0, {t.shape[0]}), got values in [{int(ids.min())}, {int(ids.max())}]", node=n.name)
+                err = InputShapeError(f"token ids must be in [0, {t.shape[0]}), got values in [{int(ids.min())}, {int(ids.max())}]", node=n.name)
+                err.values = (int(ids.min()), int(ids.max()))
+                raise err
             ids = torch.where(ids < 0, ids + t.shape[0], ids)
             return [F.embedding(ids, t)]
         if isinstance(n, Residual):

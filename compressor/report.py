@@ -269,7 +269,10 @@ def render(report: dict[str, Any], console=None, max_rows: int | None = None) ->
 def calibration_line(c: dict[str, Any]) -> str:
     """One line for report.json's ``calibration`` block: the samples the passes fitted and held out, batch, shapes."""
     held = c.get("heldout_samples") or 0
-    shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in (c.get("shapes") or {}).items())
+    def dims(v):  # one shape, or the shapes of samples of several lengths
+        return " | ".join(dims(s) for s in v) if v and isinstance(v[0], list) else "x".join(map(str, v))
+
+    shapes = ", ".join(f"{k} {dims(v)}" for k, v in (c.get("shapes") or {}).items())
     return (f"{c.get('samples')} samples" + (f" + {held} held out" if held else " (no held-out split)")
             + f" from {c.get('source')}, batch {c.get('batch_size')}" + (f"; per sample: {shapes}" if shapes else ""))
 

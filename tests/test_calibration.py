@@ -371,3 +371,84 @@ def test_generated_data_stays_within_a_pt2_programs_sequence_bound(tmp_path):
         ex.run(b)
     fit, _ = load_calibration(g, None, samples=12, seq_len=16, seed=0, heldout=0.25)
     assert fit.arrays[g.inputs[0]].shape[1:] == (16,)
+
+
+def test_a_directory_of_sequences_of_several_lengths_is_one_calibration_set(tmp_path):
+    """Text calibration comes as files of different sequence lengths (one sample per file, or batches per length).
+    Each length is a group of its own: every batch is taken from one group, every sample is fitted or held out
+    exactly once, --seq-len cuts the longer ones (merging the groups it makes equal), and the statistics a pass
+    collects count every token. They were refused ("do not stack across files")."""
+    from sparsec.compressor.report import calibration_line
+
+    rng = np.random.default_rng()
+    g = raised_graph(rng, layers=1)
+    lens = rng.permutation([6, 9, 13])
+    parts = [_ids(rng, 4, int(lens[0])), _ids(rng, 3, int(lens[1])), _ids(rng, 1, int(lens[2]))[0]]
+    single = _ids(rng, 1, int(lens[0]))[0]  # 1-D: one sample, the same length as the first file
+    d = tmp_path / "dir"
+    d.mkdir()
+    for i, a in enumerate([*parts, single]):
+        np.savez(d / f"{i}.npz", ids=a)
+    every = sorted(tuple(r) for a in [*parts, single] for r in np.atleast_2d(a))
+    fit, held = load_calibration(g, str(d), samples=100, seq_len=None, seed=0, heldout=2)
+    assert fit.num_samples + held.num_samples == 9 and held.num_samples == 2
+    batches = fit.batches() + held.batches()
+    assert sorted(tuple(r) for b in batches for r in b["ids"]) == every
+    assert all(b["ids"].ndim == 2 and b["ids"].shape[0] <= fit.batch_size for b in batches)
+    assert {b["ids"].shape[1] for b in batches} == set(int(x) for x in lens)
+    assert fit.tokens() + held.tokens() == sum(len(r) for r in every)
+    shapes = sorted(fit.sample_shapes()["ids"] + held.sample_shapes()["ids"]) if len(fit.groups) > 1 else None
+    assert shapes is None or {s[0] for s in shapes} <= set(int(x) for x in lens)
+    line = calibration_line({"samples": 7, "heldout_samples": 2, "source": "d", "batch_size": 8,
+                             "shapes": {"ids": [[6], [9]]}})  # fmt: skip
+    assert "ids 6 | 9" in line
+    # the statistics of a layer: every fitted token, each batch run at its own length
+    lin = g.linears()[0]
+    tokens = sum(step.collect([lin.name])[lin.name].n for step in sequential(g, fit) if lin in step.linears())
+    assert tokens == fit.tokens()
+    # --seq-len cuts the sequences longer than it; equal lengths then share a group
+    cut = int(sorted(lens)[1])
+    fit2, held2 = load_calibration(g, str(d), samples=100, seq_len=cut, seed=0, heldout=2)
+    both = fit2.batches() + held2.batches()
+    assert {b["ids"].shape[1] for b in both} == {int(min(lens)), cut}
+    assert sorted(tuple(r) for b in both for r in b["ids"]) == sorted(tuple(r[:cut]) for r in every)
+    assert len(fit2.groups) + len(held2.groups) <= 3
+    # the same seed picks the same samples from several groups
+    f3, _ = load_calibration(g, str(d), samples=5, seq_len=None, seed=3, heldout=0)
+    f4, _ = load_calibration(g, str(d), samples=5, seq_len=None, seed=3, heldout=0)
+    assert f3.num_samples == 5 and [b["ids"].tolist() for b in f3.batches()] == [b["ids"].tolist() for b in f4.batches()]
+
+
+@pytest.mark.parametrize("offset", [0, 2])
+def test_sequences_past_an_offset_position_table_name_the_usable_length(offset, tmp_path):
+    """RoBERTa's position ids start at padding_idx + 1 = 2: a table of P rows takes P - 2 tokens. The hint for too long
+    calibration data names that length (it said --seq-len P, which failed again); data of P - 1 tokens, within the
+    table's rows but past its usable length, get the same one-line error instead of an executor error; the usable
+    length itself passes."""
+    from sparsec.compressor.frontends.onnx import load_onnx
+
+    rows = int(np.random.default_rng().integers(20, 40))
+
+    class Enc(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.pos = torch.nn.Embedding(50, 16), torch.nn.Embedding(rows, 16)
+            self.fc = torch.nn.Linear(16, 16)
+
+        def forward(self, ids):
+            pos = torch.arange(ids.shape[1]).unsqueeze(0) + offset
+            return self.fc(self.tok(ids) + self.pos(pos))
+
+    path = tmp_path / "enc.onnx"
+    torch.onnx.export(Enc().eval(), (torch.randint(0, 50, (2, 8)),), str(path), dynamo=False, input_names=["ids"],
+                      dynamic_axes={"ids": {0: "b", 1: "t"}})  # fmt: skip
+    g = load_onnx(str(path))
+    usable = rows - offset
+    rng = np.random.default_rng()
+    for length in (rows + 7, rows - 1 if offset else rows + 1):
+        np.savez(tmp_path / "d.npz", ids=rng.integers(0, 50, (3, length)))
+        with pytest.raises(CalibrationError, match=rf"{length} tokens, the model takes {usable} .*--seq-len {usable}\)"):
+            load_calibration(g, str(tmp_path / "d.npz"), samples=8, seq_len=None, seed=0, heldout=0)
+    fit, _ = load_calibration(g, str(tmp_path / "d.npz"), samples=8, seq_len=usable, seed=0, heldout=0)
+    assert fit.arrays["ids"].shape == (3, usable)
+    Executor(g).run(fit.arrays)
