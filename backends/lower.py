@@ -615,7 +615,8 @@ class _Lowerer:
         elif scales is not None and scales.size == 4 and float(scales[0]) == 1 and float(scales[1]) == 1:
             size = [int(np.float32(scales[2 + i]) * np.float32(hw[i])) for i in range(2)]
             if any(size[i] != float(np.float32(scales[2 + i]) * np.float32(hw[i])) for i in range(2)):
-                return None  # resize2d maps coordinates by size / size; ONNX by the given scale: equal only when whole
+                # resize2d maps coordinates by size / size; ONNX by the given scale: equal only when whole
+                return self._resize_by_matrices(n, x, [1, 2])
         else:
             return None
         if roi is None or roi.size == 0:
@@ -633,6 +634,56 @@ class _Lowerer:
             coordinate_transformation_mode=dec(a.get("coordinate_transformation_mode"), "half_pixel"),
             rounding_method=dec(a.get("nearest_mode"), "round_prefer_floor"), cubic_alpha=float(a.get("cubic_coeff_a", -0.75)),
             cubic_exclude=int(a.get("exclude_outside", 0)), extrapolation_value=float(a.get("extrapolation_value", 0.0))))  # fmt: skip
+
+    def _resize_by_matrices(self, n: Generic, x, axes: list[int]):
+        """An ONNX ``Resize`` of the two spatial ``axes`` of ``x`` (NCHW: 2, 3; channels-last: 1, 2) with constant
+        scales that are not whole numbers, as two matmuls with constant interpolation matrices. TVM's resize (its
+        ONNX converter's too) maps output to input coordinates by the ratio of the sizes, ONNX by the given scale:
+        F.interpolate(scale_factor=1.5) of a 7x7 map came out 2.5e-2 off. Every mode ONNX defines for it (linear,
+        nearest, cubic, antialias) is separable along the axes, so each axis is one (out x in) matrix, read off the
+        executor's Resize applied to the identity. None (another lowering) where that does not hold:
+        non-constant or non-spatial scales, sizes, a region of interest, tf_crop_and_resize (extrapolation is not
+        linear), opset-18 axes / aspect-ratio policy, dynamic spatial dims."""
+        relax = self.relax
+        shape = _shape_of(x)
+        if shape is None or len(shape) != 4 or self.g.opset.get("", 17) < 11 or len(n.inputs) < 3:
+            return None
+        if (len(n.inputs) > 3 and n.inputs[3]) or (n.inputs[1] and np.asarray(self.g.constants.get(n.inputs[1], np.zeros(1))).size):
+            return None
+        scales = self.g.constants.get(n.inputs[2])
+        if scales is None or np.asarray(scales).size != 4:
+            return None
+        scales = np.asarray(scales, np.float32).reshape(-1)
+        spatial = [2, 3]  # ONNX's scales are NCHW's, whatever layout x has here
+        if any(float(scales[i]) != 1.0 for i in range(4) if i not in spatial):
+            return None
+        a = n.attributes
+        dec = lambda v, d: (v.decode() if isinstance(v, bytes) else str(v)) if v is not None else d  # noqa: E731
+        if dec(a.get("coordinate_transformation_mode"), "half_pixel") == "tf_crop_and_resize" or "axes" in a \
+                or dec(a.get("keep_aspect_ratio_policy"), "stretch") != "stretch":  # fmt: skip
+            return None
+        dims = [_static_int(shape[ax]) for ax in axes]
+        if any(d is None or d < 1 for d in dims) or not _dtype_of(x).startswith("float"):
+            return None  # (integer maps round after interpolating: TVM's resize)
+        mats = [_resize_matrix(n, int(d), float(scales[sp]), int(self.g.opset.get('', 17))) for d, sp in zip(dims, spatial)]
+        if any(m is None for m in mats):
+            return None
+        dt = _dtype_of(x)
+        y = x
+        for ax, (m, d) in reversed(list(zip(axes, zip(mats, dims)))):  # the later axis first
+            if m.shape[0] == d and np.array_equal(m, np.eye(d, dtype=m.dtype)):
+                continue
+            cur = _shape_of(y)
+            mat = relax.const(m.astype(dt), dt)
+            if ax == 3:  # the last axis: x @ R^T
+                y = self.bb.emit(relax.op.matmul(y, relax.const(np.ascontiguousarray(m.T).astype(dt), dt)))
+            elif ax == 2:  # the second last: R @ x (broadcast over the leading axes)
+                y = self.bb.emit(relax.op.matmul(mat, y))
+            else:  # axis 1 of (N, H, W, C): R @ (N, H, W*C)
+                flat = self.bb.emit(relax.op.reshape(y, relax.ShapeExpr([cur[0], cur[1], cur[2] * cur[3]])))
+                y = self.bb.emit(relax.op.matmul(mat, flat))
+                y = self.bb.emit(relax.op.reshape(y, relax.ShapeExpr([cur[0], m.shape[0], cur[2], cur[3]])))
+        return y
 
     def linear(self, lin: Linear, x):
         x2, lead, m = self.flatten(x, lin.in_features, lin.name)
@@ -883,6 +934,10 @@ class _Lowerer:
                 and np.asarray(self.g.constants[n.inputs[1]]).ndim == 0:
             # axes as a 0-d tensor (the dynamo exporter's SDPA with enable_gqa; onnxruntime accepts it): one axis
             ins = [ins[0], relax.const(np.asarray(self.g.constants[n.inputs[1]]).reshape(1).astype(np.int64), "int64"), *ins[2:]]
+        if n.op_type == "Resize" and not n.domain and ins and ins[0] is not None:
+            out = self._resize_by_matrices(n, ins[0], [2, 3])
+            if out is not None:
+                return [(n.outputs[0], self.refine(n.outputs[0], out))]
         if n.op_type == "Trilu" and not n.domain:
             out = self.trilu(n, ins)
             if out is not None:
@@ -1796,6 +1851,27 @@ def _im2col_te(n: "Conv | _ConvGeometry", outs: list[int], groups: int = 1):
 def _nchw_shape(shape):
     """The NCHW shape of a channels-last ``[N, *spatial, C]`` shape."""
     return None if shape is None else [shape[0], shape[-1], *shape[1:-1]]
+
+
+def _resize_matrix(n: Generic, size: int, scale: float, opset: int) -> np.ndarray | None:
+    """The (out x in) matrix of an ONNX Resize along one axis of ``size`` elements at ``scale``, with the node's
+    attributes: the executor's Resize (which matches onnxruntime; the ONNX reference implementation does not, for
+    align_corners and nearest at some scales) applied to the identity, in float64: column j is the resize of e_j.
+    None where the executor does not run it (e.g. antialias when downscaling)."""
+    import torch
+
+    from ..compressor.errors import SparsecError
+    from ..compressor.onnx_ops import run_op
+
+    keep = ("mode", "coordinate_transformation_mode", "cubic_coeff_a", "exclude_outside", "nearest_mode", "antialias")
+    eye = torch.eye(size, dtype=torch.float64)[None, None]
+    scales = torch.tensor([1.0, 1.0, scale, 1.0], dtype=torch.float32)
+    try:
+        (y,) = run_op("Resize", "", [eye, None, scales], {k: v for k, v in n.attributes.items() if k in keep}, opset, n.name)
+    except SparsecError:
+        return None
+    m = y.detach().cpu().numpy()[0, 0].astype(np.float64)
+    return m if m.ndim == 2 and m.shape[1] == size and np.isfinite(m).all() else None
 
 
 def _static_int(d) -> int | None:
