@@ -784,3 +784,58 @@ def test_rmsnorm_with_the_weight_applied_first_is_raised(exporter, form, tmp_pat
         ref = m(ids).numpy()
     got = Executor(g).run({g.inputs[0]: ids.numpy()})[g.outputs[0]]
     assert tm.rel(ref, got) < 1e-5
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo", "pt2"])
+def test_layernorm_written_with_rsqrt_is_raised(exporter, tmp_path):
+    """Cohere's LayerNorm: ``(x - mean) * torch.rsqrt(var + eps)`` then ``weight *`` (no bias). The Reciprocal form was
+    never matched (the check that the centred value has no other reader looked at the Reciprocal, not at the Mul), so
+    the graph kept a RMSNorm of ``x - mean`` with the ReduceMean / Sub on the residual stream, and slicing was refused.
+    It is one LayerNorm of the module's weight, and the graph matches torch."""
+    from sparsec.compressor.frontends.torch import load_pt2
+    from sparsec.compressor.ir import LayerNorm
+
+    class CohereNorm(torch.nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.rand(d) + 0.5)
+
+        def forward(self, x):
+            mean = x.mean(-1, keepdim=True)
+            var = (x - mean).pow(2).mean(-1, keepdim=True)
+            return self.weight * ((x - mean) * torch.rsqrt(var + 1e-5))
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(40, 32)
+            self.n1, self.n2 = CohereNorm(32), CohereNorm(32)
+            self.up, self.down = torch.nn.Linear(32, 64), torch.nn.Linear(64, 32)
+
+        def forward(self, ids):
+            x = self.emb(ids)
+            x = x + self.down(torch.nn.functional.gelu(self.up(self.n1(x))))
+            return self.n2(x)
+
+    torch.manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    m = Block().eval()
+    ids = torch.randint(0, 40, (2, 7))
+    if exporter == "pt2":
+        path = tmp_path / "m.pt2"
+        torch.export.save(torch.export.export(m, (ids,)), str(path))
+        g = load_pt2(str(path))
+    else:
+        path = tmp_path / "m.onnx"
+        torch.onnx.export(m, (ids,), str(path), dynamo=exporter == "dynamo", input_names=["ids"], output_names=["y"])
+        g = load_onnx(str(path))
+    norms = [n for n in g.nodes if isinstance(n, LayerNorm)]
+    assert len(norms) == 2 and all(n.bias is None for n in norms), [type(n).__name__ for n in g.nodes]
+    got_w = sorted((n.weight for n in norms), key=lambda w: float(w[0]))
+    ref_w = sorted((p.detach().numpy() for p in (m.n1.weight, m.n2.weight)), key=lambda w: float(w[0]))
+    for a, b in zip(got_w, ref_w):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert not any(getattr(n, "op_type", "") in ("Sqrt", "Reciprocal", "ReduceMean", "Pow") for n in g.nodes)
+    with torch.no_grad():
+        ref = m(ids).numpy()
+    got = Executor(g).run({g.inputs[0]: ids.numpy()})[g.outputs[0]]
+    assert tm.rel(ref, got) < 1e-5

@@ -473,8 +473,9 @@ def match_layernorm_decomposed(v: _View, m1: Generic) -> _Match | None:
     normed = _normalize_tail(v, d, sqrt, nodes)
     if normed is None:
         return None
+    reads_d = nodes[-1]  # Div(d, s), or the Mul of d and Reciprocal(s) (rsqrt: Cohere's LayerNorm)
     weight, bias, out = _affine_tail(v, normed, nodes, _last_dim(v, x), allow_bias=True)
-    if not v.private(m1.outputs[0], sub) or not v.private(d, sq, nodes[6]):
+    if not v.private(m1.outputs[0], sub) or not v.private(d, sq, reads_d):
         return None
     ln = LayerNorm(m1.name, [x], [out], _meta(*nodes), weight=weight, bias=bias, eps=eps)
     return _Match(nodes, ln)
