@@ -286,6 +286,15 @@ class _Finder:
             if r is not None and (ax % r) != r - 1:
                 return 0
             return None
+        if op == "Flatten":  # (B, T, D) -> (B*T, D): the token axes merged (TorchScript's x[arange(B), idx])
+            r = self.rank(n.inputs[0])
+            return 0 if r is not None and r >= 2 and int(n.attributes.get("axis", 1)) % r == r - 1 else None
+        if op == "GatherND" and len(n.inputs) == 2:
+            # rows picked by index tuples over the leading axes (CLIP's pooled token: x[arange(B), ids.argmax(-1)]):
+            # the last axis is kept when the tuples and batch dims do not reach it
+            r, k = self.rank(n.inputs[0]), self.last_dim(n.inputs[1])
+            b = int(n.attributes.get("batch_dims", 0))
+            return 0 if r is not None and k is not None and b + k < r else None
         if op == "Slice":
             r = self.rank(n.inputs[0])
             if r is None or len(n.inputs) < 4 or n.inputs[3] not in self.g.constants:

@@ -292,6 +292,51 @@ def test_layer_scaled_stream_is_sliced(tmp_path):
     assert rel(got, ref) < 1e-5
 
 
+class _CLIPWithProjection(torch.nn.Module):
+    """CLIPTextModelWithProjection: the final LayerNorm's output at each sequence's end-of-text token (the largest id,
+    ``x[arange(B), ids.argmax(-1)]``), projected by a bias-less ``text_projection``."""
+
+    def __init__(self):
+        super().__init__()
+        from .models_more import CLIPText
+
+        self.text = CLIPText(vocab=64, d=32, layers=2, heads=4, ffn=64)
+        self.text_projection = torch.nn.Linear(32, 16, bias=False)
+
+    def forward(self, input_ids):
+        h = self.text(input_ids)
+        pooled = h[torch.arange(h.shape[0]), input_ids.argmax(dim=-1)]
+        return self.text_projection(pooled)
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_token_pooled_projection_is_sliced(tmp_path, exporter):
+    """CLIP's text tower with its projection picks one token per sequence from the final LayerNorm's output (dynamo:
+    GatherND; TorchScript: Flatten + Gather): slicing was refused ("'GatherND' reads the output of norm"). Picking
+    tokens keeps the hidden axis, so it commutes with the rotation: rotation alone is exact, 25% slices the stream."""
+    torch.manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    m = _CLIPWithProjection().eval()
+    ids = torch.randint(0, 64, (2, 9))
+    path = tmp_path / "clip.onnx"
+    if exporter == "dynamo":
+        torch.onnx.export(m, (ids,), str(path), dynamo=True, input_names=["input_ids"], output_names=["text_embeds"],
+                          dynamic_shapes={"input_ids": {0: torch.export.Dim("b", max=64), 1: torch.export.Dim("t", min=2, max=64)}})  # fmt: skip
+    else:
+        torch.onnx.export(m, (ids,), str(path), dynamo=False, input_names=["input_ids"], output_names=["text_embeds"],
+                          dynamic_axes={"input_ids": {0: "b", 1: "t"}})  # fmt: skip
+    rng = np.random.default_rng()
+    np.savez(tmp_path / "calib.npz", input_ids=rng.integers(0, 64, (32, 12)))
+    np.savez(tmp_path / "x.npz", input_ids=rng.integers(0, 64, (3, 12)))
+    with torch.no_grad():
+        torch_out = m(torch.from_numpy(np.load(tmp_path / "x.npz")["input_ids"])).numpy()
+    _, got, ref = _slice_and_run(path, tmp_path, tmp_path / "s0", 0.0, tmp_path / "x.npz")
+    assert rel(got["text_embeds"], torch_out) < 1e-5 and rel(ref["text_embeds"], got["text_embeds"]) < 1e-5
+    rep, got, ref = _slice_and_run(path, tmp_path, tmp_path / "s25", 0.25, tmp_path / "x.npz")
+    assert rel(ref["text_embeds"], got["text_embeds"]) < 1e-5 and 1e-4 < rel(got["text_embeds"], torch_out)
+    rows = {r["name"]: r for p in rep["passes"] if p["name"] == "slicing" for r in p["rows"]}
+    assert rows["text_projection"]["shape_after"] == [16, 24], rows["text_projection"]
+
+
 # ------------------------------------------------------------------------------------------------ float16 exports
 def test_float16_export_compresses_to_a_valid_model(exported, tmp_path):
     """A float16 export came out with float32 weights next to float16 activations: model.onnx did not load in
