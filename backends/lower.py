@@ -771,6 +771,78 @@ class _Lowerer:
                 continue
             self.limit(e, d, f"'{n.inputs[0]}' has {d} entries on axis {a}, sliced by this size in node '{n.name}'")
 
+    def slice_from_the_end(self, n: Generic, ins):
+        """ONNX Slice whose start (or end) is a negative size known only at run time: MPT's ALiBi buffer
+        ``alibi[:, :, -t:, -t:]``. TVM's converter gives it fresh shape variables the VM never computes (exit 11,
+        "has not been computed"), or recursed until the stack overflowed (SIGSEGV, the TorchScript export). Here the
+        bounds are normalized as ONNX does (a negative bound counts from the end, then clamped to [0, dim]) on TIR
+        expressions of the input dims, taken as at least 1, and the slice is a strided_slice with those bounds.
+        None (TVM's converter) for any other Slice: static bounds, non-unit steps, bounds not known."""
+        from tvm import sym, tirx
+
+        relax = self.relax
+        x = ins[0]
+        dims = _shape_of(x)
+        if dims is None or len(ins) < 3 or ins[1] is None or ins[2] is None:
+            return None
+        vals = []
+        for i in (1, 2, 3, 4):  # starts, ends, axes, steps
+            if i >= len(ins) or ins[i] is None or not n.inputs[i]:
+                vals.append(None)
+                continue
+            v = self.shape_value(n.inputs[i], ins[i])
+            if v is None:
+                return None
+            vals.append([_sv_elem(e) for e in np.atleast_1d(v)])
+        starts, ends, axes, steps = vals
+        rank = len(dims)
+        axes = list(range(len(starts))) if axes is None else axes
+        if steps is not None and any(st != 1 for st in steps):
+            return None
+        if not (len(axes) == len(starts) == len(ends)) or not all(isinstance(a, int) and -rank <= a < rank for a in axes):
+            return None
+        ana = sym.Analyzer()
+        for v in self.input_syms:
+            ana.update(v, sym.ConstIntBound(1, 2**62))
+
+        def sign(e):  # -1, 1 (known: negative / non-negative), 0 (unknown)
+            if isinstance(e, int):
+                return -1 if e < 0 else 1
+            if _is_true(ana.simplify(e < 0)):
+                return -1
+            return 1 if _is_true(ana.simplify(e >= 0)) else 0
+
+        def bound(e, d):  # ONNX: e < 0 counts from the end; then clamped to [0, d]
+            sg = sign(e)
+            if sg == 0:
+                return None
+            if sg < 0:
+                if isinstance(e, int):
+                    return max(e + d, 0)
+                if _is_true(ana.simplify(e + d <= 0)):  # at least the whole axis (a size-1 axis of the buffer)
+                    return 0
+                # -e <= d at run time (checked: more would clamp, and the model's shapes would not agree), so that the
+                # extent is -e itself, not a clamp TVM cannot unify with the other operand's dim
+                self.limit(ana.simplify(-e), d, f"'{n.inputs[0]}' has {d} entries on an axis sliced from its end in node '{n.name}'")
+                return e + d
+            return min(e, d) if isinstance(e, int) and isinstance(d, int) else tirx.min(e, d)
+
+        symbolic_neg = any(not isinstance(e, int) and sign(e) < 0 for e in (*starts, *ends))
+        if not symbolic_neg:
+            return None
+        begin, end = [], []
+        for a, st, en in zip(axes, starts, ends):
+            d = _sv_elem(dims[a % rank])
+            if d is None:
+                return None
+            en = d if isinstance(en, int) and en >= 2**62 else en
+            b, e = bound(st, d), bound(en, d)
+            if b is None or e is None:
+                return None
+            begin.append(ana.simplify(b) if not isinstance(b, int) else b)
+            end.append(ana.simplify(e) if not isinstance(e, int) else e)
+        return self.bb.emit(relax.op.strided_slice(x, [a % rank for a in axes], begin, end, assume_inbound=True))
+
     def moe(self, n: MoE, x):
         relax = self.relax
         op = relax.op
@@ -930,6 +1002,9 @@ class _Lowerer:
             return [(n.outputs[0], self.refine(n.outputs[0], self.range_(ins)))]
         if n.op_type == "Slice" and not n.domain:
             self.slice_limits(n, ins)
+            out = self.slice_from_the_end(n, ins)
+            if out is not None:
+                return [(n.outputs[0], self.refine(n.outputs[0], out))]
         if n.op_type in ("Unsqueeze", "Squeeze") and not n.domain and len(ins) > 1 and n.inputs[1] in self.g.constants \
                 and np.asarray(self.g.constants[n.inputs[1]]).ndim == 0:
             # axes as a 0-d tensor (the dynamo exporter's SDPA with enable_gqa; onnxruntime accepts it): one axis
@@ -1872,6 +1947,12 @@ def _resize_matrix(n: Generic, size: int, scale: float, opset: int) -> np.ndarra
         return None
     m = y.detach().cpu().numpy()[0, 0].astype(np.float64)
     return m if m.ndim == 2 and m.shape[1] == size and np.isfinite(m).all() else None
+
+
+def _is_true(e) -> bool:
+    from tvm import tirx
+
+    return isinstance(e, tirx.IntImm) and bool(e.value)
 
 
 def _static_int(d) -> int | None:

@@ -1463,3 +1463,58 @@ def test_bench_finds_the_original_by_the_path_compress_was_given(tmp_path):
     finally:
         os.chdir(cwd)
     assert label == "original m.onnx" and g.inputs == ["x"]
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_a_constant_buffer_sliced_from_its_end_by_the_sequence_builds(exporter, tmp_path):
+    """MPT's ALiBi bias is a constant buffer sliced ``alibi[:, :, -t:, -t:]`` by the run-time sequence length. TVM's
+    converter gave it shape variables the VM never computed (dynamo export: exit 11) or recursed until the stack
+    overflowed (TorchScript export: SIGSEGV, no message). The slice now counts from the end with the length checked
+    against the buffer at run time: built, equal to torch at several lengths (1 included: the buffer's size-1 axis),
+    and a sequence longer than the buffer is a one-line error naming it."""
+    import torch
+    import torch.nn.functional as F
+
+    from sparsec.backends.build import build_to_dir
+    from sparsec.backends.runtime import LoadedLib
+    from sparsec.compressor.errors import InputShapeError
+    from sparsec.compressor.frontends.onnx import load_onnx
+
+    maxlen = int(np.random.default_rng().integers(20, 40))
+
+    class Alibi(torch.nn.Module):
+        def __init__(self, d=32, nh=4):
+            super().__init__()
+            self.nh, self.hd = nh, d // nh
+            self.emb, self.qkv, self.out = torch.nn.Embedding(50, d), torch.nn.Linear(d, 3 * d, bias=False), torch.nn.Linear(d, d, bias=False)
+            slopes = (1.0 / torch.pow(2, torch.arange(1, nh + 1) * (8 / nh))).view(1, nh, 1, 1)
+            self.register_buffer("alibi", torch.arange(1 - maxlen, 1).view(1, 1, 1, maxlen) * slopes, persistent=False)
+
+        def forward(self, ids):
+            b, t = ids.shape
+            x = self.emb(ids)
+            q, k, v = (z.reshape(b, t, self.nh, self.hd).transpose(1, 2) for z in self.qkv(x).chunk(3, dim=2))
+            w = q @ k.transpose(-1, -2) * self.hd ** -0.5 + self.alibi[:, :, -t:, -t:]
+            return x + self.out((F.softmax(w, -1) @ v).transpose(1, 2).reshape(b, t, -1))
+
+    torch.manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    m = Alibi().eval()
+    ids = torch.randint(0, 50, (2, 8))
+    path = tmp_path / "alibi.onnx"
+    if exporter == "dynamo":
+        dyn = ({0: torch.export.Dim("b", max=64), 1: torch.export.Dim("t", min=2, max=maxlen)},)
+        torch.onnx.export(m, (ids,), str(path), dynamo=True, input_names=["ids"], dynamic_shapes=dyn)
+    else:
+        torch.onnx.export(m, (ids,), str(path), dynamo=False, input_names=["ids"], dynamic_axes={"ids": {0: "b", 1: "t"}})
+    g = load_onnx(str(path))
+    build_to_dir(g, "x86", tmp_path / "lib")
+    lib = LoadedLib(lib_dir=tmp_path / "lib", graph=g)
+    rng = np.random.default_rng()
+    for t in (1, 5, int(rng.integers(6, maxlen)), maxlen):
+        x = rng.integers(0, 50, (2, t)).astype(np.int64)
+        with torch.no_grad():
+            ref = m(torch.from_numpy(x)).numpy()
+        got = lib.run({"ids": x})[g.outputs[0]]
+        assert got.shape == ref.shape and np.abs(got - ref).max() / np.abs(ref).max() < 1e-5, t
+    with pytest.raises(InputShapeError, match=f"{maxlen}"):
+        lib.run({"ids": rng.integers(0, 50, (2, maxlen + 3)).astype(np.int64)})
