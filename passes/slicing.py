@@ -522,7 +522,13 @@ class _Finder:
             raise _cannot(f"{what} {how} with a non-float value")
         dep = self.stream_dependency(v)
         if dep is not None:
-            raise _cannot(f"{what} {how} but is computed from the residual stream (through {dep}); "
+            # the nearest layer upstream: where the value is a layer's output moved by ops slicing does not follow
+            # (Swin's torch.roll / window reverse between attn.proj and the add), say which op stopped it
+            layer = next((q for _, q in walk_up(self.prod, [v]) if self.is_writer(q)), None)
+            via = (f"; it is the output of '{layer.name}' ({layer.op}) moved by '{p.name}' ({p.op}), which slicing does "
+                   "not follow (it follows ops that keep each token's hidden vector whole with the hidden axis last: "
+                   "Reshape, Transpose, token Gather / Slice, scalar Mul)") if layer is not None and p is not None else ""
+            raise _cannot(f"{what} {how} but is computed from the residual stream (through {dep}){via}; "
                           f"only residual additions, Linear/MoE layers, embeddings, constants and values computed before "
                           f"the stream starts may write to it")  # fmt: skip
 

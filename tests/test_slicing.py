@@ -972,3 +972,36 @@ def test_branches_written_through_a_norm_or_a_layer_scale(kind, tmp_path):
             assert tm.rel(got, ref) <= 1e-4, (seed, tm.rel(got, ref))
         else:
             assert {b["dim_after"] for b in rep.extra["blocks"]} == {24}
+
+
+def test_a_layer_output_rolled_over_the_tokens_is_refused_naming_the_op(tmp_path):
+    """Swin writes ``torch.roll(window_reverse(attn.proj(.)))`` to the stream; the roll is exported as Slice + Concat
+    over the token axes, which slicing does not follow. The refusal said only "computed from the residual stream"
+    (about a Linear's output); it now names the layer and the op that moved it."""
+    from sparsec.compressor.frontends.onnx import load_onnx
+
+    d = 32
+
+    class Rolled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(50, d)
+            self.norm0, self.fc = torch.nn.LayerNorm(d), torch.nn.Linear(d, d)
+            self.norm, self.proj = torch.nn.LayerNorm(d), torch.nn.Linear(d, d)
+            self.head = torch.nn.Linear(d, 10)
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            h = h + self.fc(self.norm0(h))
+            h = h + torch.roll(self.proj(self.norm(h)), shifts=2, dims=1)
+            return self.head(h)
+
+    torch.manual_seed(_seed())
+    path = tmp_path / "rolled.onnx"
+    torch.onnx.export(Rolled().eval(), (torch.randint(0, 50, (2, 8)),), str(path), dynamo=False, input_names=["ids"])
+    g = load_onnx(str(path))
+    rng = np.random.default_rng()
+    fit = CalibrationSet({"ids": rng.integers(0, 50, (8, 8))}, "fit", batch_size=8)
+    r = Recipe(passes=[PassSpec("slicing", {"fraction": 0.25})])
+    with pytest.raises(PassError, match=r"output of 'proj' \(Linear\) moved by '[^']+' \(Concat\), which slicing does not follow"):
+        run_passes(g, build_passes(r), PassContext(r, calib=fit))
