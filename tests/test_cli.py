@@ -725,3 +725,13 @@ def test_inspect_marks_the_later_use_of_a_weight_applied_twice(tmp_path):
     assert true <= doc["params"] <= true + scalars + consts, (doc["params"], true)
     assert sum(x["params"] for x in rows.values()) == true + rows["head"]["params"]
     assert "(weight of head: counted once)" in sparsec("inspect", path).stdout
+
+
+def test_a_crash_in_native_code_says_where():
+    """A segfault inside TVM's compiler (stack overflow by recursion) ended `sparsec compress` with exit 139 and
+    nothing on stderr, even with --debug. The CLI enables faulthandler: the crash names itself and the Python stack
+    of the thread that crashed."""
+    code = ("import ctypes, sys; import sparsec.cli.main as m; "
+            "m.app = lambda **kw: ctypes.string_at(0); sys.argv = ['sparsec', 'inspect', 'x.onnx']; m.main()")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "Segmentation fault" in p.stderr and "cli/main.py" in p.stderr, (p.returncode, p.stderr[-2000:])
