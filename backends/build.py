@@ -22,6 +22,7 @@ manifest's checksums, like ``timings.json``); tests check its *behaviour* is ide
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import json
 import os
 import re
@@ -302,6 +303,9 @@ def tvm_log_filtered():
     reader.start()
     os.dup2(w, 2)
     os.close(w)
+    crash_report = faulthandler.is_enabled()  # (the CLI's): a crash in TVM is reported on the real stderr, not the pipe
+    if crash_report:
+        interrupt.report_crashes(saved)
     try:
         yield
     finally:
@@ -310,6 +314,8 @@ def tvm_log_filtered():
         except (OSError, ValueError):
             pass
         os.dup2(saved, 2)  # the pipe's last write end closes: the reader sees the end after the last line
+        if crash_report:
+            interrupt.report_crashes(2)
         # (unless a child process still holds it: do not wait long for one, nor at all when interrupted)
         reader.join(0.2 if sys.exc_info()[0] is not None else 5.0)
         if not reader.is_alive():
@@ -320,6 +326,10 @@ def tvm_log_filtered():
 def build(graph: Graph, target: Target | str, recipe=None, console=None, **kw) -> tuple[dict[str, Any], Callable[[Path], None] | None]:
     """Compile ``graph`` for ``target`` (:func:`_build`), TVM's own log lines filtered from stderr
     (:func:`tvm_log_filtered`), also while ``lib/`` is written."""
+    if faulthandler.is_enabled():  # the CLI reports crashes: TVM's import replaces that SIGSEGV handler by its own
+        import tvm  # noqa: F401
+
+        interrupt.report_crashes(2)
     with tvm_log_filtered():  # in a worker thread: Ctrl-C / SIGTERM stop the caller at once (compressor/interrupt.py)
         info, writer = interrupt.call_interruptible(_build, graph, target, recipe, console, **kw)
     if writer is None:

@@ -7,7 +7,6 @@ calibration data; 9 NaN/inf; 10 a pass's invariant failed; 11 build failed; 12 m
 """
 from __future__ import annotations
 
-import faulthandler
 import json
 import os
 import sys
@@ -648,8 +647,7 @@ def main(argv: list[str] | None = None) -> None:
     interrupt.handle_sigterm()  # SIGTERM unwinds like Ctrl-C (no staging directory or temp files left), exit 143
     # a crash in native code (TVM's compiler recursing until the stack overflows) killed the process with no word on
     # stderr, even with --debug: the Python stack of every thread says where it happened
-    if not faulthandler.is_enabled():
-        faulthandler.enable(file=sys.__stderr__, all_threads=True)
+    interrupt.report_crashes(2)
     interrupt.enable()  # builds and tune searches in a worker thread: a signal stops the CLI at once
     try:
         rv = app(args=argv, prog_name="sparsec", standalone_mode=False)

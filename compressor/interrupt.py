@@ -16,6 +16,7 @@ is in effect: the same unwinding, exit code 143, where the default action would 
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import shutil
 import signal
@@ -75,6 +76,8 @@ def call_interruptible(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any
 
     def work() -> None:
         try:
+            if faulthandler.is_enabled():  # a stack overflow in this thread is reported too (see _alternate_stack)
+                _alternate_stack()
             box["value"] = fn(*args, **kwargs)
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             box["error"] = e
@@ -95,6 +98,43 @@ def call_interruptible(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any
     if "error" in box:
         raise box["error"]
     return box.get("value")
+
+
+_crash_fd = [2]  # where faulthandler reports a crash (the real stderr while fd 2 is a pipe: backends/build.py)
+
+
+def report_crashes(fd: int = 2) -> None:
+    """Report a crash in native code (a segfault, a stack overflow in TVM's compiler) on ``fd``, with the Python stack
+    of every thread, from this thread and from the workers of :func:`call_interruptible` (each has its own alternate
+    signal stack, which a stack overflow needs). Called again after ``import tvm``, whose own SIGSEGV handler
+    replaces faulthandler's (backends/build.py)."""
+    _crash_fd[0] = fd
+    faulthandler.disable()  # enable() alone keeps handlers another library replaced (TVM's import installs its own,
+    faulthandler.enable(file=fd, all_threads=True)  # which cannot run on an overflowed stack)
+
+
+_alt_stacks: list = []  # the alternate signal stacks of worker threads (kept: a thread may outlive its caller)
+
+
+def _alternate_stack() -> None:
+    """Give this thread an alternate signal stack. faulthandler's handler runs on one (SA_ONSTACK), but Python sets
+    it up only for the thread that first enabled faulthandler: a stack overflow in a worker (TVM's compiler
+    recursing) had no stack left to report on, and the process died without a word. Linux / glibc; elsewhere a
+    no-op."""
+    import ctypes
+    import ctypes.util
+
+    class _StackT(ctypes.Structure):
+        _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        buf = ctypes.create_string_buffer(1 << 16)
+        st = _StackT(ctypes.cast(buf, ctypes.c_void_p), 0, len(buf))
+        if libc.sigaltstack(ctypes.byref(st), None) == 0:
+            _alt_stacks.append(buf)
+    except (OSError, AttributeError):
+        pass
 
 
 def abandoned() -> bool:

@@ -727,11 +727,24 @@ def test_inspect_marks_the_later_use_of_a_weight_applied_twice(tmp_path):
     assert "(weight of head: counted once)" in sparsec("inspect", path).stdout
 
 
-def test_a_crash_in_native_code_says_where():
-    """A segfault inside TVM's compiler (stack overflow by recursion) ended `sparsec compress` with exit 139 and
-    nothing on stderr, even with --debug. The CLI enables faulthandler: the crash names itself and the Python stack
-    of the thread that crashed."""
-    code = ("import ctypes, sys; import sparsec.cli.main as m; "
-            "m.app = lambda **kw: ctypes.string_at(0); sys.argv = ['sparsec', 'inspect', 'x.onnx']; m.main()")
+CRASHES = {
+    "segfault": "m.app = lambda **kw: ctypes.string_at(0)",
+    # a stack overflow in the build's worker thread after `import tvm` (whose own SIGSEGV handler cannot run there):
+    # what TVM's compiler recursing without end did
+    "worker_stack_overflow": ("import tvm; from sparsec.compressor import interrupt; sys.setrecursionlimit(10**8); "
+                              "x = []\nfor _ in range(10**6): x = [x]\n"  # repr recurses in C: the C stack overflows
+                              "m.app = lambda **kw: (interrupt.report_crashes(2), interrupt.call_interruptible(repr, x))"),
+}
+
+
+@pytest.mark.parametrize("kind", list(CRASHES))
+def test_a_crash_in_native_code_says_where(kind):
+    """A segfault inside TVM's compiler (a stack overflow by recursion, in the build's worker thread) ended `sparsec
+    compress` with exit 139 and nothing on stderr, even with --debug: TVM's import replaces faulthandler's SIGSEGV
+    handler with one that cannot run on an overflowed stack, and worker threads had no alternate signal stack. The
+    crash now names itself with the Python stack of the thread."""
+    code = ("import ctypes, sys; import sparsec.cli.main as m\n" + CRASHES[kind] +
+            "\nsys.argv = ['sparsec', 'inspect', 'x.onnx']; m.main()")  # fmt: skip
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert p.returncode != 0 and "Segmentation fault" in p.stderr and "cli/main.py" in p.stderr, (p.returncode, p.stderr[-2000:])
+    assert p.returncode != 0 and "Fatal Python error: Segmentation fault" in p.stderr, (p.returncode, p.stderr[-2000:])
+    assert ("interrupt.py" if kind != "segfault" else "cli/main.py") in p.stderr, p.stderr[-2000:]
