@@ -497,7 +497,7 @@ def run_standalone(lib_dir, manifest, feeds, repeat: int = 1) -> tuple[dict[str,
     """Run an aarch64 (qemu-aarch64) or wasm (node) lib/ on ``feeds``: (outputs, info with the per-run time)."""
     import re
 
-    from ..compressor.errors import ShapeError
+    from ..compressor.errors import InputShapeError
 
     from .runtime import check_dim_ties
 
@@ -530,7 +530,7 @@ def run_standalone(lib_dir, manifest, feeds, repeat: int = 1) -> tuple[dict[str,
         if p.returncode != 0:
             msg = " ".join(line.strip() for line in (p.stderr or p.stdout).strip().splitlines()) or f"exit {p.returncode}"
             if "token ids" in msg or "input " in msg or "inputs disagree" in msg or re.search(r"Invalid \S*shape", msg):
-                raise ShapeError(msg)
+                raise InputShapeError(msg)  # the feeds do not fit the model: bad input data (exit 8), as on x86
             raise BuildError(f"{Path(cmd[0]).name} run failed: {msg[:300]}")
         outs = {name: read_spt(os.path.join(tmp, f"out_{i}.spt")) for i, name in enumerate(manifest["outputs"])}
         m = re.search(r"([0-9.]+) ms each", p.stderr)

@@ -24,7 +24,7 @@ tvm = pytest.importorskip("tvm")
 
 from sparsec.backends import cross  # noqa: E402
 from sparsec.backends.targets import get_target  # noqa: E402
-from sparsec.compressor.errors import RecipeError, ShapeError, ToolMissingError  # noqa: E402
+from sparsec.compressor.errors import InputShapeError, RecipeError, ToolMissingError  # noqa: E402
 from sparsec.compressor.formats import GroupQuant, NMSparse  # noqa: E402
 
 from .wasm_disasm import wasm_ops  # noqa: E402
@@ -227,9 +227,9 @@ def test_standalone_runtime_not_built_is_an_unsupported_op_not_a_missing_tool(di
 @need_node
 def test_wasm_bad_inputs_are_typed_errors(digits_wasm):
     lib, manifest = digits_wasm
-    with pytest.raises(ShapeError, match=r"shape\[1\]|dimension 1"):
+    with pytest.raises(InputShapeError, match=r"shape\[1\]|dimension 1"):  # bad input data: exit 8, as on x86
         cross.run_standalone(lib, manifest, {manifest["inputs"][0]["name"]: np.zeros((2, 63), np.float32)})
-    with pytest.raises(ShapeError, match="missing input"):
+    with pytest.raises(InputShapeError, match="missing input"):
         cross.run_standalone(lib, manifest, {})
 
 
@@ -282,7 +282,7 @@ def test_tiny_gpt_aarch64_under_qemu_matches_executor(tmp_path):
     assert "+i8mm" in manifest["tvm_target"]["mattr"]
     assert "arm.int8_sdot" not in {k["kernel"] for k in manifest["kernels"]}
     check_against_executor(g, tmp_path / "lib", manifest, [(1, 1), (1, 3), (1, 12), (2, 16), (1, 128)], seed=21)
-    with pytest.raises(ShapeError, match="at most 128"):  # its causal-mask buffer has 128 rows
+    with pytest.raises(InputShapeError, match="at most 128"):  # its causal-mask buffer has 128 rows: exit 8, as on x86
         cross.run_standalone(tmp_path / "lib", manifest, {g.inputs[0]: np.ones((1, 129), dtype=np.int64)})
 
 
@@ -300,9 +300,9 @@ def gpt_wasm(tmp_path_factory):
 def test_tiny_gpt_wasm_in_node_matches_executor(gpt_wasm):
     g, lib, manifest = gpt_wasm
     check_against_executor(g, lib, manifest, [(1, 1), (1, 3), (1, 12), (2, 16), (1, 128)], seed=22)
-    with pytest.raises(ShapeError, match="token ids"):
+    with pytest.raises(InputShapeError, match="token ids"):
         cross.run_standalone(lib, manifest, {g.inputs[0]: np.array([[1, 300]])})
-    with pytest.raises(ShapeError, match="at most 128"):  # its causal-mask buffer has 128 rows
+    with pytest.raises(InputShapeError, match="at most 128"):  # its causal-mask buffer has 128 rows: exit 8, as on x86
         cross.run_standalone(lib, manifest, {g.inputs[0]: np.ones((1, 129), dtype=np.int64)})
 
 
