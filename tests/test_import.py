@@ -729,6 +729,49 @@ def test_float16_weights_behind_a_cast_count_as_the_file_stores_them(transposed,
     assert grew and "as float16" in grew[0], res.report["warnings"]
 
 
+def _norm_block_raises(norm_cls, kind, exporter, tmp_path, act=torch.nn.functional.silu):
+    """A pre-norm block ``x + down(act(up(norm1(x))))`` then ``norm2`` with the given hand-written norm module, exported
+    one of three ways: the import raises both norms to ``kind`` with the modules' weights, leaves none of their
+    elementwise ops, and the graph matches torch. Returns the raised norms."""
+    from sparsec.compressor.frontends.torch import load_pt2
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(40, 32)
+            self.n1, self.n2 = norm_cls(32), norm_cls(32)
+            self.up, self.down = torch.nn.Linear(32, 64), torch.nn.Linear(64, 32)
+
+        def forward(self, ids):
+            x = self.emb(ids)
+            x = x + self.down(act(self.up(self.n1(x))))
+            return self.n2(x)
+
+    torch.manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    m = Block().eval()
+    ids = torch.randint(0, 40, (2, 7))
+    if exporter == "pt2":
+        path = tmp_path / "m.pt2"
+        torch.export.save(torch.export.export(m, (ids,)), str(path))
+        g = load_pt2(str(path))
+    else:
+        path = tmp_path / "m.onnx"
+        torch.onnx.export(m, (ids,), str(path), dynamo=exporter == "dynamo", input_names=["ids"], output_names=["y"])
+        g = load_onnx(str(path))
+    norms = [n for n in g.nodes if isinstance(n, kind)]
+    assert len(norms) == 2, [type(n).__name__ + ":" + getattr(n, "op_type", "") for n in g.nodes]
+    got_w = sorted((n.weight for n in norms), key=lambda w: float(w[0]))
+    ref_w = sorted((p.detach().numpy() for p in (m.n1.weight, m.n2.weight)), key=lambda w: float(w[0]))
+    for a, b in zip(got_w, ref_w):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert not any(getattr(n, "op_type", "") in ("Sqrt", "Reciprocal", "ReduceMean", "Pow") for n in g.nodes)
+    with torch.no_grad():
+        ref = m(ids).numpy()
+    got = Executor(g).run({g.inputs[0]: ids.numpy()})[g.outputs[0]]
+    assert tm.rel(ref, got) < 1e-5
+    return norms
+
+
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo", "pt2"])
 @pytest.mark.parametrize("form", ["w*x*rsqrt", "x*w/sqrt"])
 def test_rmsnorm_with_the_weight_applied_first_is_raised(exporter, form, tmp_path):
@@ -736,7 +779,6 @@ def test_rmsnorm_with_the_weight_applied_first_is_raised(exporter, form, tmp_pat
     x before the normalization does) is one RMSNorm of that weight, as ``w * (x * rsqrt(..))`` is; it was left as
     elementwise ops, so slicing found no norm to fold. The normalized stream must match torch, and the raised weight
     must be the module's."""
-    from sparsec.compressor.frontends.torch import load_pt2
     from sparsec.compressor.ir import RMSNorm
 
     class Norm(torch.nn.Module):
@@ -750,40 +792,7 @@ def test_rmsnorm_with_the_weight_applied_first_is_raised(exporter, form, tmp_pat
                 return self.weight * x * torch.rsqrt(var)
             return x * self.weight / torch.sqrt(var)
 
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = torch.nn.Embedding(40, 32)
-            self.n1, self.n2 = Norm(32), Norm(32)
-            self.up, self.down = torch.nn.Linear(32, 64), torch.nn.Linear(64, 32)
-
-        def forward(self, ids):
-            x = self.emb(ids)
-            x = x + self.down(torch.nn.functional.silu(self.up(self.n1(x))))
-            return self.n2(x)
-
-    torch.manual_seed(int(np.random.default_rng().integers(1 << 30)))
-    m = Block().eval()
-    ids = torch.randint(0, 40, (2, 7))
-    if exporter == "pt2":
-        path = tmp_path / "m.pt2"
-        torch.export.save(torch.export.export(m, (ids,)), str(path))
-        g = load_pt2(str(path))
-    else:
-        path = tmp_path / "m.onnx"
-        torch.onnx.export(m, (ids,), str(path), dynamo=exporter == "dynamo", input_names=["ids"], output_names=["y"])
-        g = load_onnx(str(path))
-    norms = [n for n in g.nodes if isinstance(n, RMSNorm)]
-    assert len(norms) == 2, [type(n).__name__ + ":" + getattr(n, "op_type", "") for n in g.nodes]
-    got_w = sorted((n.weight for n in norms), key=lambda w: float(w[0]))
-    ref_w = sorted((p.detach().numpy() for p in (m.n1.weight, m.n2.weight)), key=lambda w: float(w[0]))
-    for a, b in zip(got_w, ref_w):
-        np.testing.assert_allclose(a, b, rtol=1e-6)
-    assert not any(getattr(n, "op_type", "") in ("Sqrt", "Reciprocal", "ReduceMean", "Pow") for n in g.nodes)
-    with torch.no_grad():
-        ref = m(ids).numpy()
-    got = Executor(g).run({g.inputs[0]: ids.numpy()})[g.outputs[0]]
-    assert tm.rel(ref, got) < 1e-5
+    _norm_block_raises(Norm, RMSNorm, exporter, tmp_path)
 
 
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo", "pt2"])
@@ -792,7 +801,6 @@ def test_layernorm_written_with_rsqrt_is_raised(exporter, tmp_path):
     never matched (the check that the centred value has no other reader looked at the Reciprocal, not at the Mul), so
     the graph kept a RMSNorm of ``x - mean`` with the ReduceMean / Sub on the residual stream, and slicing was refused.
     It is one LayerNorm of the module's weight, and the graph matches torch."""
-    from sparsec.compressor.frontends.torch import load_pt2
     from sparsec.compressor.ir import LayerNorm
 
     class CohereNorm(torch.nn.Module):
@@ -805,37 +813,5 @@ def test_layernorm_written_with_rsqrt_is_raised(exporter, tmp_path):
             var = (x - mean).pow(2).mean(-1, keepdim=True)
             return self.weight * ((x - mean) * torch.rsqrt(var + 1e-5))
 
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = torch.nn.Embedding(40, 32)
-            self.n1, self.n2 = CohereNorm(32), CohereNorm(32)
-            self.up, self.down = torch.nn.Linear(32, 64), torch.nn.Linear(64, 32)
-
-        def forward(self, ids):
-            x = self.emb(ids)
-            x = x + self.down(torch.nn.functional.gelu(self.up(self.n1(x))))
-            return self.n2(x)
-
-    torch.manual_seed(int(np.random.default_rng().integers(1 << 30)))
-    m = Block().eval()
-    ids = torch.randint(0, 40, (2, 7))
-    if exporter == "pt2":
-        path = tmp_path / "m.pt2"
-        torch.export.save(torch.export.export(m, (ids,)), str(path))
-        g = load_pt2(str(path))
-    else:
-        path = tmp_path / "m.onnx"
-        torch.onnx.export(m, (ids,), str(path), dynamo=exporter == "dynamo", input_names=["ids"], output_names=["y"])
-        g = load_onnx(str(path))
-    norms = [n for n in g.nodes if isinstance(n, LayerNorm)]
-    assert len(norms) == 2 and all(n.bias is None for n in norms), [type(n).__name__ for n in g.nodes]
-    got_w = sorted((n.weight for n in norms), key=lambda w: float(w[0]))
-    ref_w = sorted((p.detach().numpy() for p in (m.n1.weight, m.n2.weight)), key=lambda w: float(w[0]))
-    for a, b in zip(got_w, ref_w):
-        np.testing.assert_allclose(a, b, rtol=1e-6)
-    assert not any(getattr(n, "op_type", "") in ("Sqrt", "Reciprocal", "ReduceMean", "Pow") for n in g.nodes)
-    with torch.no_grad():
-        ref = m(ids).numpy()
-    got = Executor(g).run({g.inputs[0]: ids.numpy()})[g.outputs[0]]
-    assert tm.rel(ref, got) < 1e-5
+    norms = _norm_block_raises(CohereNorm, LayerNorm, exporter, tmp_path, act=torch.nn.functional.gelu)
+    assert all(n.bias is None for n in norms)
