@@ -22,7 +22,6 @@ manifest's checksums, like ``timings.json``); tests check its *behaviour* is ide
 from __future__ import annotations
 
 import contextlib
-import faulthandler
 import json
 import os
 import re
@@ -303,7 +302,7 @@ def tvm_log_filtered():
     reader.start()
     os.dup2(w, 2)
     os.close(w)
-    crash_report = faulthandler.is_enabled()  # (the CLI's): a crash in TVM is reported on the real stderr, not the pipe
+    crash_report = interrupt.reporting_crashes()  # (the CLI's): a crash in TVM is reported on the real stderr, not the pipe
     if crash_report:
         interrupt.report_crashes(saved)
     try:
@@ -326,7 +325,7 @@ def tvm_log_filtered():
 def build(graph: Graph, target: Target | str, recipe=None, console=None, **kw) -> tuple[dict[str, Any], Callable[[Path], None] | None]:
     """Compile ``graph`` for ``target`` (:func:`_build`), TVM's own log lines filtered from stderr
     (:func:`tvm_log_filtered`), also while ``lib/`` is written."""
-    if faulthandler.is_enabled():  # the CLI reports crashes: TVM's import replaces that SIGSEGV handler by its own
+    if interrupt.reporting_crashes():  # the CLI reports crashes: TVM's import replaces that SIGSEGV handler by its own
         import tvm  # noqa: F401
 
         interrupt.report_crashes(2)

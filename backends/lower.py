@@ -627,12 +627,11 @@ class _Lowerer:
         else:
             return None
         a = n.attributes
-        dec = lambda v, d: (v.decode() if isinstance(v, bytes) else str(v)) if v is not None else d  # noqa: E731
-        mode = dec(a.get("mode"), "nearest")
+        mode = _attr_str(a.get("mode"), "nearest")
         return self.bb.emit(relax.op.image.resize2d(
             x, size=relax.ShapeExpr(size), roi=roi_s, layout="NHWC", method="nearest_neighbor" if mode == "nearest" else mode,
-            coordinate_transformation_mode=dec(a.get("coordinate_transformation_mode"), "half_pixel"),
-            rounding_method=dec(a.get("nearest_mode"), "round_prefer_floor"), cubic_alpha=float(a.get("cubic_coeff_a", -0.75)),
+            coordinate_transformation_mode=_attr_str(a.get("coordinate_transformation_mode"), "half_pixel"),
+            rounding_method=_attr_str(a.get("nearest_mode"), "round_prefer_floor"), cubic_alpha=float(a.get("cubic_coeff_a", -0.75)),
             cubic_exclude=int(a.get("exclude_outside", 0)), extrapolation_value=float(a.get("extrapolation_value", 0.0))))  # fmt: skip
 
     def _resize_by_matrices(self, n: Generic, x, axes: list[int]):
@@ -658,9 +657,8 @@ class _Lowerer:
         if any(float(scales[i]) != 1.0 for i in range(4) if i not in spatial):
             return None
         a = n.attributes
-        dec = lambda v, d: (v.decode() if isinstance(v, bytes) else str(v)) if v is not None else d  # noqa: E731
-        if dec(a.get("coordinate_transformation_mode"), "half_pixel") == "tf_crop_and_resize" or "axes" in a \
-                or dec(a.get("keep_aspect_ratio_policy"), "stretch") != "stretch":  # fmt: skip
+        if _attr_str(a.get("coordinate_transformation_mode"), "half_pixel") == "tf_crop_and_resize" or "axes" in a \
+                or _attr_str(a.get("keep_aspect_ratio_policy"), "stretch") != "stretch":  # fmt: skip
             return None
         dims = [_static_int(shape[ax]) for ax in axes]
         if any(d is None or d < 1 for d in dims) or not _dtype_of(x).startswith("float"):
@@ -674,14 +672,13 @@ class _Lowerer:
             if m.shape[0] == d and np.array_equal(m, np.eye(d, dtype=m.dtype)):
                 continue
             cur = _shape_of(y)
-            mat = relax.const(m.astype(dt), dt)
             if ax == 3:  # the last axis: x @ R^T
                 y = self.bb.emit(relax.op.matmul(y, relax.const(np.ascontiguousarray(m.T).astype(dt), dt)))
             elif ax == 2:  # the second last: R @ x (broadcast over the leading axes)
-                y = self.bb.emit(relax.op.matmul(mat, y))
+                y = self.bb.emit(relax.op.matmul(relax.const(m.astype(dt), dt), y))
             else:  # axis 1 of (N, H, W, C): R @ (N, H, W*C)
                 flat = self.bb.emit(relax.op.reshape(y, relax.ShapeExpr([cur[0], cur[1], cur[2] * cur[3]])))
-                y = self.bb.emit(relax.op.matmul(mat, flat))
+                y = self.bb.emit(relax.op.matmul(relax.const(m.astype(dt), dt), flat))
                 y = self.bb.emit(relax.op.reshape(y, relax.ShapeExpr([cur[0], m.shape[0], cur[2], cur[3]])))
         return y
 
@@ -750,15 +747,9 @@ class _Lowerer:
         dims = _shape_of(ins[0])
         if dims is None or len(ins) < 3 or ins[2] is None:
             return
-        vals = []
-        for i in (2, 3, 4):  # ends, axes, steps (the starts do not bound the read)
-            if i >= len(ins) or ins[i] is None or not n.inputs[i]:
-                vals.append(None)
-                continue
-            v = self.shape_value(n.inputs[i], ins[i])
-            if v is None:
-                return
-            vals.append([_sv_elem(x) for x in np.atleast_1d(v)])
+        vals = self.slice_args(n, ins, (2, 3, 4))  # ends, axes, steps (the starts do not bound the read)
+        if vals is None:
+            return
         ends, axes, steps = vals
         rank = len(dims)
         axes = list(range(len(ends))) if axes is None else axes
@@ -770,6 +761,20 @@ class _Lowerer:
             if isinstance(e, int) or not isinstance(d, int) or not (isinstance(st, int) and st > 0):
                 continue
             self.limit(e, d, f"'{n.inputs[0]}' has {d} entries on axis {a}, sliced by this size in node '{n.name}'")
+
+    def slice_args(self, n: Generic, ins, which) -> list | None:
+        """A Slice's inputs ``which`` (1 starts, 2 ends, 3 axes, 4 steps) as lists of ints / TIR expressions (None for
+        an omitted one), or None when one of them is not known at compile time."""
+        vals = []
+        for i in which:
+            if i >= len(ins) or ins[i] is None or not n.inputs[i]:
+                vals.append(None)
+                continue
+            v = self.shape_value(n.inputs[i], ins[i])
+            if v is None:
+                return None
+            vals.append([_sv_elem(e) for e in np.atleast_1d(v)])
+        return vals
 
     def slice_from_the_end(self, n: Generic, ins):
         """ONNX Slice whose start (or end) is a negative size known only at run time: MPT's ALiBi buffer
@@ -785,15 +790,9 @@ class _Lowerer:
         dims = _shape_of(x)
         if dims is None or len(ins) < 3 or ins[1] is None or ins[2] is None:
             return None
-        vals = []
-        for i in (1, 2, 3, 4):  # starts, ends, axes, steps
-            if i >= len(ins) or ins[i] is None or not n.inputs[i]:
-                vals.append(None)
-                continue
-            v = self.shape_value(n.inputs[i], ins[i])
-            if v is None:
-                return None
-            vals.append([_sv_elem(e) for e in np.atleast_1d(v)])
+        vals = self.slice_args(n, ins, (1, 2, 3, 4))
+        if vals is None:
+            return None
         starts, ends, axes, steps = vals
         rank = len(dims)
         axes = list(range(len(starts))) if axes is None else axes
@@ -1947,6 +1946,11 @@ def _resize_matrix(n: Generic, size: int, scale: float, opset: int) -> np.ndarra
         return None
     m = y.detach().cpu().numpy()[0, 0].astype(np.float64)
     return m if m.ndim == 2 and m.shape[1] == size and np.isfinite(m).all() else None
+
+
+def _attr_str(v, default: str) -> str:
+    """A string attribute of an ONNX node as imported (bytes or str), or ``default`` when absent."""
+    return (v.decode() if isinstance(v, bytes) else str(v)) if v is not None else default
 
 
 def _is_true(e) -> bool:

@@ -267,11 +267,13 @@ def _check_positions(arrays: dict[str, np.ndarray], graph: Graph, source: str) -
     limit = max_positions(graph)
     if limit is None:
         return
+    usable = None
     for name in token_inputs(graph):
         a = arrays.get(name)
         if a is None or a.ndim < 2 or a.shape[1] < limit - _MAX_POSITION_OFFSET:
             continue
-        usable, offset = _usable_positions(graph, arrays, limit)
+        if usable is None:  # one probe run for all the token inputs
+            usable, offset = _usable_positions(graph, arrays, limit)
         if a.shape[1] > usable:
             why = f"{limit} positions" if not offset else f"a {limit}-row position table and its position ids start at {offset}"
             raise CalibrationError(f"{source}: '{name}' holds sequences of {a.shape[1]} tokens, the model takes {usable} "

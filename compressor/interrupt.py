@@ -76,7 +76,7 @@ def call_interruptible(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any
 
     def work() -> None:
         try:
-            if faulthandler.is_enabled():  # a stack overflow in this thread is reported too (see _alternate_stack)
+            if reporting_crashes():  # a stack overflow in this thread is reported too (see _alternate_stack)
                 _alternate_stack()
             box["value"] = fn(*args, **kwargs)
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
@@ -100,7 +100,13 @@ def call_interruptible(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any
     return box.get("value")
 
 
-_crash_fd = [2]  # where faulthandler reports a crash (the real stderr while fd 2 is a pipe: backends/build.py)
+_crash_fd: list[int | None] = [None]  # where report_crashes sends a crash report (the real stderr while fd 2 is a
+# pipe: backends/build.py); None: not asked for (sparsec used as a library keeps its caller's faulthandler set-up)
+
+
+def reporting_crashes() -> bool:
+    """Whether :func:`report_crashes` was asked for (the CLI)."""
+    return _crash_fd[0] is not None
 
 
 def report_crashes(fd: int = 2) -> None:
