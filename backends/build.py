@@ -324,27 +324,212 @@ def tvm_log_filtered():
 
 def build(graph: Graph, target: Target | str, recipe=None, console=None, **kw) -> tuple[dict[str, Any], Callable[[Path], None] | None]:
     """Compile ``graph`` for ``target`` (:func:`_build`), TVM's own log lines filtered from stderr
-    (:func:`tvm_log_filtered`), also while ``lib/`` is written."""
+    (:func:`tvm_log_filtered`). Returns (info for the report, writer of ``lib/`` or None). For the CLI the compile runs
+    in a child process (:func:`_build_in_child`): a crash in TVM's native code is a one-line build error there."""
     if interrupt.reporting_crashes():  # the CLI reports crashes: TVM's import replaces that SIGSEGV handler by its own
         import tvm  # noqa: F401
 
         interrupt.report_crashes(2)
     with tvm_log_filtered():  # in a worker thread: Ctrl-C / SIGTERM stop the caller at once (compressor/interrupt.py)
-        info, writer = interrupt.call_interruptible(_build, graph, target, recipe, console, **kw)
-    if writer is None:
+        got = _build_in_child(graph, target, recipe, console, **kw) if _isolated_builds() else None
+        if got is None:  # (or no child could be forked: e.g. a process too large for the system's overcommit rule)
+            got = interrupt.call_interruptible(_build, graph, target, recipe, console, **kw)
+        info, files = got
+    if files is None:
         return info, None
 
     def write(d: Path) -> None:
-        with tvm_log_filtered():
-            writer(d)
+        for name, data in sorted(files.items()):
+            with open(Path(d) / name, "wb") as f:
+                f.write(data)
 
     return info, write
 
 
+def _isolated_builds() -> bool:
+    """Whether :func:`build` compiles in a child process: for the CLI (which reports crashes), where ``os.fork``
+    exists, unless ``SPARSEC_BUILD_IN_PROCESS=1``."""
+    return interrupt.reporting_crashes() and hasattr(os, "fork") and not os.environ.get("SPARSEC_BUILD_IN_PROCESS")
+
+
+_SIGNAL_WORDS = {"SIGSEGV": "segmentation fault", "SIGBUS": "bus error", "SIGABRT": "aborted", "SIGILL": "illegal instruction",
+                 "SIGFPE": "arithmetic exception", "SIGKILL": "killed, e.g. out of memory"}  # fmt: skip
+
+
+def _build_in_child(graph: Graph, target: Target | str, recipe, console, **kw) -> tuple[dict[str, Any], dict[str, bytes] | None] | None:
+    """:func:`_build` in a forked child process. TVM's compiler runs native code where a bug crashes the process (a
+    stack overflow in a recursive pass, a segfault in LLVM): in the CLI's own process that ended ``sparsec compress``
+    with exit 139 and a page of stack dump, and left its temp files. Here the child dies, and the parent raises
+    one :class:`BuildError` naming the signal (exit 11), nothing of the artifact written. The child writes ``lib/``'s
+    files and the report's info (JSON) into a private directory; its errors come back as the same exception classes
+    (:func:`_error_doc`). Every temp file the child or the compilers it runs make is under that directory, removed
+    here whatever happens. Ctrl-C / SIGTERM: the parent kills the child and unwinds as before. None when no child
+    could be forked (the caller builds in its own process)."""
+    import signal
+    import warnings
+
+    name = target if isinstance(target, str) else target.name
+    work = interrupt.temp_dir("sparsec-build-")
+    try:
+        os.makedirs(os.path.join(work, "tmp"))
+        os.makedirs(os.path.join(work, "lib"))
+        for f in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                f.flush()
+        with warnings.catch_warnings():  # Python 3.12: "This process is multi-threaded, use of fork() may lead to
+            warnings.simplefilter("ignore", DeprecationWarning)  # deadlocks": the child touches no lock of another thread
+            try:
+                pid = os.fork()
+            except OSError:  # ENOMEM, EAGAIN: build in this process
+                return None
+        if pid == 0:  # the child: never returns
+            _child_build(work, graph, target, recipe, console, kw)
+        try:
+            _, status = os.waitpid(pid, 0)  # a signal handler's exception (Ctrl-C, SIGTERM) ends the wait
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            raise
+        result_path = os.path.join(work, "result.json")
+        if os.WIFSIGNALED(status) or not os.path.exists(result_path):
+            if os.WIFSIGNALED(status):
+                sig = signal.Signals(os.WTERMSIG(status)).name
+                how = f"crashed ({sig}, {_SIGNAL_WORDS.get(sig, 'signal')})" if sig != "SIGKILL" else f"was killed ({sig}: out of memory?)"
+            else:
+                how = f"ended with exit code {os.WEXITSTATUS(status)} and no result"
+            raise BuildError(f"TVM's compiler {how} while compiling the model for {name}; no artifact was written",
+                             hint="a bug in TVM or in sparsec's lowering: please report it with the model; "
+                                  "`--no-build` writes the artifact without lib/ (`sparsec run` uses model.onnx)")  # fmt: skip
+        with open(result_path) as f:
+            result = json.load(f)
+        if "error" in result:
+            raise _error_from_doc(result["error"])
+        files = None
+        if result.get("files") is not None:
+            files = {n: Path(work, "lib", n).read_bytes() for n in result["files"]}
+        return result["info"], files
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _child_build(work: str, graph: Graph, target, recipe, console, kw: dict[str, Any]) -> None:
+    """The forked child of :func:`_build_in_child`: build, write the result, ``os._exit``."""
+    import faulthandler
+    import signal
+    import tempfile
+
+    code = 0
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the whole group: the parent decides
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        faulthandler.disable()  # a crash ends the child at once, without a dump (the parent reports it in one line)
+        for s in (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT):
+            signal.signal(s, signal.SIG_DFL)
+        with contextlib.suppress(ImportError, ValueError, OSError):
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file in the user's directory
+        _die_with_parent()
+        tmp = os.path.join(work, "tmp")
+        tempfile.tempdir = tmp  # TVM's TempDirectory, sparsec's temp_dir ...
+        os.environ["TMPDIR"] = tmp  # ... and the compilers and linkers it runs
+        interrupt.in_child()
+        torch = sys.modules.get("torch")
+        if torch is not None:  # the parent's OpenMP threads are not in this process: no parallel region here
+            torch.set_num_threads(1)
+        info, files = _build(graph, target, recipe, console, **kw)
+        for n, data in (files or {}).items():
+            with open(os.path.join(work, "lib", n), "wb") as f:
+                f.write(data)
+        result: dict[str, Any] = {"info": info, "files": sorted(files) if files is not None else None}
+    except BaseException as e:  # noqa: BLE001 - sent to the parent, which raises it
+        result = {"error": _error_doc(e)}
+    try:
+        text = json.dumps(result, default=_json_default)  # (the info's key order is the report's)
+        with open(os.path.join(work, "result.json.part"), "w") as f:
+            f.write(text)
+        os.replace(os.path.join(work, "result.json.part"), os.path.join(work, "result.json"))
+    except BaseException:  # noqa: BLE001
+        code = 71
+    for f in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            f.flush()
+    os._exit(code)
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, (tuple, set, frozenset)):
+        return list(o)
+    if isinstance(o, os.PathLike):
+        return os.fspath(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serializable")
+
+
+def _die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when its parent dies (a parent killed with SIGKILL cannot kill its child)."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+def _error_doc(e: BaseException) -> dict[str, Any]:
+    """An exception of the child as JSON: a :class:`SparsecError` by class and attributes, anything else as text."""
+    import traceback
+
+    from ..compressor.errors import SparsecError
+
+    if isinstance(e, SparsecError):
+        attrs = {}
+        for k, v in vars(e).items():
+            try:
+                json.dumps(v)
+            except (TypeError, ValueError):
+                continue
+            attrs[k] = v
+        return {"kind": "sparsec", "module": type(e).__module__, "class": type(e).__qualname__, "message": str(e.message),
+                "attrs": attrs}  # fmt: skip
+    return {"kind": "internal", "class": type(e).__qualname__, "text": str(e),
+            "traceback": "".join(traceback.format_exception(type(e), e, e.__traceback__))}  # fmt: skip
+
+
+class BuildChildError(RuntimeError):
+    """An unexpected exception (a bug) in the build's child process; its traceback is in the notes."""
+
+
+def _error_from_doc(doc: dict[str, Any]) -> BaseException:
+    """The exception :func:`_error_doc` described."""
+    import importlib
+
+    from ..compressor.errors import SparsecError
+
+    if doc.get("kind") == "sparsec":
+        with contextlib.suppress(ImportError, AttributeError):
+            cls = importlib.import_module(doc["module"])
+            for part in doc["class"].split("."):
+                cls = getattr(cls, part)
+            if isinstance(cls, type) and issubclass(cls, SparsecError):
+                e = cls.__new__(cls)
+                Exception.__init__(e, doc["message"])
+                e.__dict__.update(doc.get("attrs") or {})
+                e.message = doc["message"]
+                return e
+        return BuildError(doc["message"])
+    e = BuildChildError(f"{doc.get('class')}: {doc.get('text')}")
+    e.add_note("in the build's child process:\n" + str(doc.get("traceback", "")).rstrip())
+    return e
+
+
 def _build(graph: Graph, target: Target | str, recipe=None, console=None, *, tuning=None, dense_kernel: str | None = None,
            tuning_db: str | os.PathLike | None = None, strict: bool = False,
-           moe_routed: bool | None = None) -> tuple[dict[str, Any], Callable[[Path], None] | None]:  # fmt: skip
-    """Compile ``graph`` for ``target``. Returns (info for the report, writer of ``lib/``). ``moe_routed``: see
+           moe_routed: bool | None = None) -> tuple[dict[str, Any], dict[str, bytes] | None]:  # fmt: skip
+    """Compile ``graph`` for ``target``. Returns (info for the report, the files of ``lib/`` by name, or None). ``moe_routed``: see
     :func:`sparsec.backends.lower.lower` (None: the target's default)."""
     from .lower import float32_compute, lower
     from .tune import TuningDB
@@ -379,10 +564,10 @@ def _build(graph: Graph, target: Target | str, recipe=None, console=None, *, tun
     if target.kind == "wasm":  # standalone model.wasm + model.js, no Relax VM library (backends/cross.py)
         from .cross import build_wasm_lib
 
-        info, writer = build_wasm_lib(graph, low, target, console)
-        if f32_note and writer is not None:
+        info, files = build_wasm_lib(graph, low, target, console)
+        if f32_note and files is not None:
             info.setdefault("notes", []).append(f32_note)
-        return info, writer
+        return info, files
     ex, cuda_log = compile_lowered(low, target)
     tmp = interrupt.temp_dir("sparsec-build-")
     try:
@@ -435,14 +620,7 @@ def _build(graph: Graph, target: Target | str, recipe=None, console=None, *, tun
             "runtime on the device, and `sparsec run --engine lib` cannot run it here")  # fmt: skip
     if console is not None:
         console.print(f"[dim]build: {info['kernels']} ({time.perf_counter() - t0:.1f}s)[/dim]")
-
-    def writer(d: Path) -> None:
-        d = Path(d)
-        for name, data in sorted(files.items()):
-            with open(d / name, "wb") as f:
-                f.write(data)
-
-    return info, writer
+    return info, files
 
 
 def build_to_dir(graph: Graph, target: Target | str, out: str | os.PathLike, **kw) -> dict[str, Any]:

@@ -547,7 +547,8 @@ def is_standalone(manifest_or_target) -> bool:
 
 
 def build_wasm_lib(graph, low, target, console=None):
-    """``build()`` for wasm targets: lib/ = model.wasm + model.js + params.bin + manifest (no Relax VM library)."""
+    """``build()`` for wasm targets: lib/ = model.wasm + model.js + params.bin + manifest (no Relax VM library).
+    Returns (info, the files of lib/ by name, or None)."""
     import json as _json
     import time
 
@@ -573,13 +574,7 @@ def build_wasm_lib(graph, low, target, console=None):
     info.update(summarize(low))
     if console is not None:
         console.print(f"[dim]build: {info['kernels']} -> model.wasm ({time.perf_counter() - t0:.1f}s)[/dim]")
-
-    def writer(d: Path) -> None:
-        for name, data in sorted(files.items()):
-            with open(Path(d) / name, "wb") as f:
-                f.write(data)
-
-    return info, writer
+    return info, files
 
 
 def runner_missing(manifest) -> str | None:

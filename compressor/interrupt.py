@@ -65,6 +65,14 @@ def enable() -> None:
     _enabled[0] = True
 
 
+def in_child() -> None:
+    """In a forked child that does one job and ends with ``os._exit`` (backends/build.py): calls run in this thread,
+    no crash reports (the parent reports the child's end), and no temp directories of the parent's to remove."""
+    _enabled[0] = False
+    _crash_fd[0] = None
+    _temp_dirs.clear()
+
+
 def call_interruptible(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)``, run in a worker thread when called from the main thread of a process that
     :func:`enable` d it, so that Ctrl-C / SIGTERM interrupt the caller at once (the exception is raised here; the

@@ -750,3 +750,95 @@ def test_a_crash_in_native_code_says_where(kind):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "Fatal Python error: Segmentation fault" in p.stderr, (p.returncode, p.stderr[-2000:])
     assert ("interrupt.py" if kind != "segfault" else "cli/main.py") in p.stderr, p.stderr[-2000:]
+
+
+def _tiny_mlp_onnx(path):
+    """A 2-Linear model (fast to compile)."""
+    import torch
+
+    m = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32)).eval()
+    torch.onnx.export(m, (torch.randn(2, 32),), str(path), dynamo=False, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})  # fmt: skip
+    return m
+
+
+BUILD_FAULTS = {  # what the build's child does instead of compiling -> (exit code, what stderr's last line says)
+    "segfault": ("ctypes.string_at(0)", 11, "TVM's compiler crashed (SIGSEGV, segmentation fault) while compiling the model for x86"),
+    # TVM's compiler recursing without end: the C stack overflows (what the MPT ALiBi slice did, exit 139 before)
+    "stack_overflow": ("sys.setrecursionlimit(10**8); x = []\n    for _ in range(10**6): x = [x]\n    repr(x)", 11,
+                       "TVM's compiler crashed (SIGSEGV"),
+    "abort": ("os.abort()", 11, "TVM's compiler crashed (SIGABRT, aborted)"),
+    "killed": ("os.kill(os.getpid(), signal.SIGKILL)", 11, "was killed (SIGKILL: out of memory?)"),
+    "sparsec_error": ("raise InputShapeError('input x: 9 tokens, at most 8', hint='give --seq-len 8')", 8,
+                      "bad input data: input x: 9 tokens, at most 8 (give --seq-len 8)"),
+    "bug": ("raise ValueError('no such slot')", 70, "ValueError: no such slot"),
+}
+
+
+@pytest.mark.parametrize("fault", list(BUILD_FAULTS))
+def test_a_crash_in_the_build_is_one_line_and_leaves_nothing(fault, tmp_path):
+    """The CLI compiles in a child process (backends/build.py, _build_in_child): a crash in TVM's native code (a
+    segfault, a stack overflow, an abort, the OOM killer) is one line naming the signal, exit 11, no artifact and no
+    temp file left. It was exit 139 with a page of stack dump, or with nothing at all. Errors of the child come back
+    as the same exception (exit code, message); a bug in it exits 70 and --debug shows the child's traceback."""
+    body, code, says = BUILD_FAULTS[fault]
+    _tiny_mlp_onnx(tmp_path / "m.onnx")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    script = ("import ctypes, os, signal, sys\nimport sparsec.cli.main as m\nimport sparsec.backends.build as b\n"
+              "from sparsec.compressor.errors import InputShapeError\n"
+              f"def fault(*a, **k):\n    open(os.path.join({str(tmp_path)!r}, 'child.pid'), 'w').write(str(os.getpid()))\n    {body}\n"
+              f"open(os.path.join({str(tmp_path)!r}, 'cli.pid'), 'w').write(str(os.getpid()))\n"
+              "b._build = fault\nsys.argv = ['sparsec'] + sys.argv[1:]; m.main()")  # fmt: skip
+    for debug in ([], ["--debug"]):
+        out = tmp_path / f"out{len(debug)}"
+        p = subprocess.run([sys.executable, "-c", script, *debug, "compress", str(tmp_path / "m.onnx"), "-o", str(out)],
+                           capture_output=True, text=True, timeout=300, env=dict(os.environ, TMPDIR=str(tmp)), cwd=tmp_path)  # fmt: skip
+        child = int((tmp_path / "child.pid").read_text())
+        assert child != int((tmp_path / "cli.pid").read_text()), "the build ran in the CLI's own process"
+        assert p.returncode == code, (p.returncode, p.stderr[-3000:])
+        last = p.stderr.strip().splitlines()[-1]
+        assert says in last, p.stderr[-3000:]
+        if not debug:
+            assert "Fatal Python error" not in p.stderr and "Traceback" not in p.stderr, p.stderr[-3000:]
+            assert [ln for ln in p.stderr.splitlines() if ln.startswith("sparsec:")] == [last], p.stderr
+        elif fault == "bug":  # the child's own traceback, where the bug is
+            assert "in the build's child process" in p.stderr and "in fault" in p.stderr, p.stderr[-3000:]
+        assert not out.exists(), sorted(out.rglob("*"))
+        left = [f for f in tmp.iterdir() if f.name != ".ses"]  # .ses: a session file a dependency keeps in TMPDIR
+        assert left == [], sorted(tmp.rglob("*"))  # nor the child's temp files
+        with pytest.raises(ProcessLookupError):
+            os.kill(child, 0)  # reaped
+
+
+def test_the_build_in_a_child_writes_what_the_build_in_process_writes(tmp_path):
+    """The same artifact from the child process as from the CLI's own (SPARSEC_BUILD_IN_PROCESS=1): lib/'s files
+    (model.so behaves the same: the outputs of `sparsec run`, which executes it), and the report's build section."""
+    _tiny_mlp_onnx(tmp_path / "m.onnx")
+    x = np.random.default_rng().standard_normal((3, 32)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    outs = {}
+    for mode, env in (("child", {}), ("in_process", {"SPARSEC_BUILD_IN_PROCESS": "1"})):
+        out = tmp_path / mode
+        p = subprocess.run([sys.executable, "-m", "sparsec", "compress", str(tmp_path / "m.onnx"), "--nm", "2:4", "-o", str(out)],
+                           capture_output=True, text=True, timeout=600, env=dict(os.environ, **env))  # fmt: skip
+        assert p.returncode == 0, p.stderr[-3000:]
+        r = subprocess.run([sys.executable, "-m", "sparsec", "run", str(out), "--inputs", str(tmp_path / "x.npz"), "--engine",
+                            "lib", "-o", str(tmp_path / f"y_{mode}.npz")], capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs[mode] = out
+    a, b = outs["child"] / "lib", outs["in_process"] / "lib"
+    assert sorted(f.name for f in a.iterdir()) == sorted(f.name for f in b.iterdir())
+    for f in a.iterdir():
+        if f.name != "model.so":
+            assert f.read_bytes() == (b / f.name).read_bytes(), f.name
+    ya, yb = np.load(tmp_path / "y_child.npz")["y"], np.load(tmp_path / "y_in_process.npz")["y"]
+    assert np.array_equal(ya, yb)
+    ref = ort.InferenceSession(str(outs["child"] / "model.onnx")).run(None, {"x": x})[0]
+    assert np.abs(ya - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
+    rep = {m: json.loads((o / "report.json").read_text())["build"] for m, o in outs.items()}
+    for r in rep.values():
+        r.pop("seconds", None)
+    assert rep["child"] == rep["in_process"] and rep["child"]["status"] == "built"
+    assert list(rep["child"]) == list(rep["in_process"])  # the same order of keys (the printed summary's)
+
