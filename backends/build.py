@@ -239,7 +239,7 @@ def summarize(low) -> dict[str, Any]:
         counts[k["kernel"]] = counts.get(k["kernel"], 0) + 1
     gen = [k for k in low.kernels if k["kernel"] != "tvm.dense"]
     tuned = sum(1 for k in gen if k["tuned"])
-    notes = sorted({k["note"] for k in low.kernels if k.get("note")})
+    notes = sorted({k["note"] for k in low.kernels if k.get("note")} | set(low.notes))
     info = {
         "kernels": ", ".join(f"{n} x{c}" for n, c in sorted(counts.items())),
         "tuning": "untuned" if gen and tuned == 0 else (f"tuned {tuned}/{len(gen)} layers" if gen else "n/a"),

@@ -82,6 +82,9 @@ class Lowered:
     # symbolic input dim -> the input dim the model requires it to equal (unify_broadcast): attention_mask's
     # ``attention_mask_dynamic_axes_2`` -> ``input_ids_dynamic_axes_2``. Checked by the runtimes before a call.
     dim_ties: dict[str, str] = field(default_factory=dict)
+    # input dims the model fixes though the inputs declare them symbolic (see _Lowerer.unify_broadcast): the library
+    # takes them at that size only; a line for the build report each
+    notes: list[str] = field(default_factory=list)
 
 
 def _sanitize(name: str) -> str:
@@ -91,7 +94,8 @@ def _sanitize(name: str) -> str:
 
 class _Lowerer:
     def __init__(self, graph: Graph, target, tuning, act_dtype: str = "float32", dense_kernel: str | None = None,
-                 moe_routed: bool | None = None, io_dtypes: dict[str, str] | None = None):
+                 moe_routed: bool | None = None, io_dtypes: dict[str, str] | None = None,
+                 fixed_dims: dict[str, int] | None = None):  # fmt: skip
         from tvm import relax
 
         self.relax = relax
@@ -114,6 +118,8 @@ class _Lowerer:
         self._func_names: set[str] = set()
         self.sym: dict[str, Any] = {}
         self.input_syms: list[Any] = []
+        self.fixed_dims = dict(fixed_dims or {})  # symbolic input dim -> the size it is lowered at (a static dim)
+        self.found_fixed: dict[str, tuple[int, str]] = {}  # symbolic input dim -> (the size the model needs, node)
         self.const_params: dict[str, tuple[Any, Any]] = {}  # var name -> (var, tvm tensor) for TVM's get_constant
         self.input_ranges: dict[str, list[int]] = {}
         self.dim_limits: dict[str, list] = {}
@@ -147,6 +153,8 @@ class _Lowerer:
         if isinstance(d, int):
             return d
         key = d if isinstance(d, str) else fresh
+        if key in self.fixed_dims:
+            return int(self.fixed_dims[key])
         if key not in self.sym:
             self.sym[key] = tirx.Var(_sanitize(key), "int64")
         return self.sym[key]
@@ -1465,6 +1473,7 @@ class _Lowerer:
             ha, hb = new[ia][da], new[ib][db]
             if _is_one(ha) or _is_one(hb) or _same_dim_expr(ha, hb):
                 continue
+            self.note_fixed(ha, hb, op_type)
             ka, kb = self.known(ha), self.known(hb)
             if ka and not kb:
                 new[ib][db] = ha
@@ -1487,6 +1496,20 @@ class _Lowerer:
         for i in sorted(changed):
             out[i] = self.bb.match_cast(ins[i], relax.TensorType(new[i], str(ins[i].ty.dtype)))
         return out
+
+    def note_fixed(self, a, b, op: str) -> None:
+        """A graph input's symbolic dim that must equal a constant size here (ONNX broadcasting, no 1 on either side):
+        a TorchScript export with the sequence length baked in (a 16 x 16 mask added to the scores). TVM cannot build
+        the op (the shapes disagree for every other size: "CodeGenVM cannot emit ... R.add"), and onnxruntime fails
+        at every other size too: :func:`lower` lowers the input at that size."""
+        from tvm import tirx
+
+        for var, size in ((a, b), (b, a)):
+            n = _static_int(size)
+            if isinstance(var, tirx.Var) and n is not None and n > 1 and any(var.same_as(v) for v in self.input_syms):
+                key = next((k for k, v in self.sym.items() if v.same_as(var)), None)
+                if key is not None:
+                    self.found_fixed.setdefault(key, (n, op))
 
     def unify_concat(self, ins: list, axis: int) -> list:
         """A Concat's inputs agree on every dim but ``axis`` (ONNX requires it), though Relax may not see it: a U-Net
@@ -1671,7 +1694,7 @@ class _Lowerer:
         mod = self.bb.get()
         mod["main"] = mod["main"].with_attr("num_input", len(in_vars))
         return Lowered(mod, in_info, list(g.outputs), self.params, self.kernels, self.sources, self.input_ranges, self.moe_notes,
-                       self.moe_routed, self.extra_modules, self.dim_limits, self.dim_ties)
+                       self.moe_routed, self.extra_modules, self.dim_limits, self.dim_ties)  # fmt: skip
 
 
 def moe_routed_default(target) -> bool:
@@ -1692,8 +1715,26 @@ def lower(graph: Graph, target, tuning=None, act_dtype: str = "float32", dense_k
     :func:`float32_compute`)."""
     from .tune import TuningDB
 
-    return _Lowerer(graph, target, tuning if tuning is not None else TuningDB.empty(), act_dtype, dense_kernel,
-                    moe_routed, io_dtypes).run()
+    tuning = tuning if tuning is not None else TuningDB.empty()
+    first = _Lowerer(graph, target, tuning, act_dtype, dense_kernel, moe_routed, io_dtypes)
+    try:
+        low = first.run()
+        failed = None
+    except UnsupportedOpError as e:
+        low, failed = None, e
+    if not first.found_fixed:
+        if failed is not None:
+            raise failed
+        return low
+    # an input dim the model fixes (note_fixed): lowered at that size, the library takes no other (as onnxruntime)
+    fixed = {k: n for k, (n, _) in first.found_fixed.items()}
+    low = _Lowerer(graph, target, tuning, act_dtype, dense_kernel, moe_routed, io_dtypes, fixed).run()
+    for k, (n, op) in sorted(first.found_fixed.items()):
+        where = ", ".join(f"input {i['name']!r} dim {j}" for i in low.inputs for j, d in enumerate(graph.values[i["name"]].shape or [])
+                          if d == k)  # fmt: skip
+        low.notes.append(f"{where or k}: the model needs size {n} there (an {op} with a constant of that size: the export "
+                         f"fixed it); the library takes only that size")  # fmt: skip
+    return low
 
 
 _F16 = 10  # onnx.TensorProto.FLOAT16

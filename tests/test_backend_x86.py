@@ -683,6 +683,52 @@ def test_lib_is_deterministic_except_model_so(artifact, tmp_path):
     assert np.array_equal(y1, y2)
 
 
+def test_a_sequence_length_the_export_fixed_is_built_at_that_length(tmp_path):
+    """A TorchScript export whose inputs say the sequence length is dynamic while the graph adds a constant of a fixed
+    length to it (CLIP's text encoder: nn.MultiheadAttention with a 16 x 16 causal mask buffer) failed to build with
+    TVM's "CodeGenVM cannot emit ... R.add" (exit 11); onnxruntime fails at every other length too. The library is
+    now built at that length (batch still dynamic), the report says so, and another length is a bad-input error."""
+    import onnxruntime as ort
+    import torch
+
+    from sparsec.backends.build import build_to_dir
+    from sparsec.backends.runtime import LoadedLib
+    from sparsec.compressor.compress import load_model
+    from sparsec.compressor.errors import InputShapeError
+
+    t = int(np.random.default_rng().integers(6, 20))
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.attn = torch.nn.Embedding(100, 32), torch.nn.MultiheadAttention(32, 4)
+            self.head = torch.nn.Linear(32, 10)
+            self.register_buffer("mask", torch.full((t, t), float("-inf")).triu(1))
+
+        def forward(self, ids):
+            x = self.emb(ids).permute(1, 0, 2)
+            x = x + self.attn(x, x, x, need_weights=False, attn_mask=self.mask)[0]
+            return self.head(x.permute(1, 0, 2))
+
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(M().eval(), (torch.randint(0, 100, (2, t)),), str(path), dynamo=False, input_names=["ids"],
+                      output_names=["y"], dynamic_axes={"ids": {0: "b", 1: "s"}, "y": {0: "b", 1: "s"}})  # fmt: skip
+    g = load_model(str(path)).graph
+    info = build_to_dir(g, "x86", tmp_path / "lib")
+    assert any(f"input 'ids' dim 1: the model needs size {t} there" in n for n in info.get("notes", [])), info
+    man = json.loads((tmp_path / "lib" / "manifest.json").read_text())
+    assert man["inputs"][0]["shape"][1] == t and isinstance(man["inputs"][0]["shape"][0], str), man["inputs"]
+    lib = LoadedLib(lib_dir=tmp_path / "lib", graph=g)
+    sess = ort.InferenceSession(str(path))
+    for b in (1, 3):
+        ids = np.random.default_rng().integers(0, 100, (b, t))
+        ref = sess.run(None, {"ids": ids})[0]
+        got = lib.run({"ids": ids})["y"]
+        assert np.abs(got - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
+    with pytest.raises(InputShapeError, match=f"the model expects {t}"):
+        lib.run({"ids": np.zeros((2, t - 1), dtype=np.int64)})
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # tuning database
 def test_tuning_db_round_trip_changes_the_schedule(tmp_path):
