@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..compressor.errors import CalibrationError
-from ..compressor.ir import Conv, Embedding, Graph, Linear
+from ..compressor.ir import Conv, Embedding, Generic, Graph, Linear
 
 _MAX_GENERATED_VOCAB = 1 << 20
 
@@ -92,11 +92,13 @@ def _slice(groups: list[dict[str, np.ndarray]], start: int, stop: int) -> list[d
 
 
 def _merge_same_shapes(groups: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    """Groups whose per-sample shapes agree become one (in first-appearance order)."""
+    """Groups whose per-sample shapes agree become one; the groups ordered by their per-sample shapes (shortest
+    sequences first: the report lists the lengths in that order, whatever the files' order)."""
     by: dict[tuple, list[dict[str, np.ndarray]]] = {}
     for g in groups:
         by.setdefault(tuple((k, v.shape[1:]) for k, v in sorted(g.items())), []).append(g)
-    return [{k: np.concatenate([g[k] for g in gs], axis=0) if len(gs) > 1 else gs[0][k] for k in gs[0]} for gs in by.values()]
+    return [{k: np.concatenate([g[k] for g in gs], axis=0) if len(gs) > 1 else gs[0][k] for k in gs[0]}
+            for _, gs in sorted(by.items(), key=lambda kv: kv[0])]  # fmt: skip
 
 
 _NPY_MAGIC = b"\x93NUMPY"
@@ -330,14 +332,46 @@ def token_inputs(graph: Graph) -> dict[str, int]:
 
 
 def max_positions(graph: Graph) -> int | None:
-    """Rows of the smallest learned position table (an embedding not indexed by a graph input): the longest
-    sequence the model accepts, so that generated data stays within it."""
+    """The longest sequence the model accepts, so that generated data stays within it: the rows of the smallest
+    learned position table (an embedding not indexed by a graph input), and the length of a constant buffer sliced by
+    a bound known only at run time (a causal mask ``bias[:, :, :t, :t]``, MPT's ALiBi ``alibi[:, :, -t:, -t:]``)."""
     rows = []
+    prod = graph.producers()
     for n in graph.nodes:
         # (tiny tables, e.g. token types indexed by an internal zeros tensor, are not position tables)
         if isinstance(n, Embedding) and n.inputs[0] not in graph.inputs and n.table.shape[0] >= 16:
             rows.append(int(n.table.shape[0]))
+        elif _is_slice(n):
+            rows.extend(_run_time_sliced_lengths(graph, n, prod))
     return min(rows) if rows else None
+
+
+def _is_slice(n) -> bool:
+    return isinstance(n, Generic) and n.op_type == "Slice" and not n.domain
+
+
+def _run_time_sliced_lengths(graph: Graph, n: Generic, prod: dict) -> list[int]:
+    """The lengths (>= 16) along the sliced axes of a constant sliced by starts or ends computed at run time (or of
+    a slice of one: TorchScript slices one axis at a time)."""
+    ins = list(n.inputs) + [""] * (5 - len(n.inputs))
+    starts, ends, axes = ins[1], ins[2], ins[3]
+    if starts in graph.constants and ends in graph.constants:
+        return []
+    root, data = ins[0], None
+    while root not in graph.constants and _is_slice(prod.get(root)):
+        root = prod[root].inputs[0]
+    if root in graph.constants:  # (a slice keeps the rank: the constant's dims bound the sliced value's)
+        data = graph.constants[root]
+    if data is None or data.ndim == 0:
+        return []
+    ax = graph.constants.get(axes) if axes else None
+    if axes and ax is None:  # axes computed at run time: any axis
+        picked = range(data.ndim)
+    else:
+        bounds = graph.constants.get(ends) if ends in graph.constants else graph.constants.get(starts)
+        count = int(np.asarray(bounds).size) if bounds is not None else data.ndim
+        picked = [int(a) % data.ndim for a in np.asarray(ax).reshape(-1)] if ax is not None else range(min(count, data.ndim))
+    return [int(data.shape[a]) for a in picked if int(data.shape[a]) >= 16]
 
 
 def static_batch(graph: Graph) -> int | None:

@@ -397,8 +397,10 @@ def test_a_directory_of_sequences_of_several_lengths_is_one_calibration_set(tmp_
     assert all(b["ids"].ndim == 2 and b["ids"].shape[0] <= fit.batch_size for b in batches)
     assert {b["ids"].shape[1] for b in batches} == set(int(x) for x in lens)
     assert fit.tokens() + held.tokens() == sum(len(r) for r in every)
-    shapes = sorted(fit.sample_shapes()["ids"] + held.sample_shapes()["ids"]) if len(fit.groups) > 1 else None
-    assert shapes is None or {s[0] for s in shapes} <= set(int(x) for x in lens)
+    for part in (fit, held):  # the groups (and the report's list of lengths) shortest first, whatever the files' order
+        assert [gg["ids"].shape[1] for gg in part.groups] == sorted(gg["ids"].shape[1] for gg in part.groups)
+    shapes = [s for part in (fit, held) for s in (part.sample_shapes()["ids"] if len(part.groups) > 1 else [part.sample_shapes()["ids"]])]
+    assert {s[0] for s in shapes} == set(int(x) for x in lens)  # (one group: its shape, not a list of them)
     line = calibration_line({"samples": 7, "heldout_samples": 2, "source": "d", "batch_size": 8,
                              "shapes": {"ids": [[6], [9]]}})  # fmt: skip
     assert "ids 6 | 9" in line
@@ -417,6 +419,38 @@ def test_a_directory_of_sequences_of_several_lengths_is_one_calibration_set(tmp_
     f3, _ = load_calibration(g, str(d), samples=5, seq_len=None, seed=3, heldout=0)
     f4, _ = load_calibration(g, str(d), samples=5, seq_len=None, seed=3, heldout=0)
     assert f3.num_samples == 5 and [b["ids"].tolist() for b in f3.batches()] == [b["ids"].tolist() for b in f4.batches()]
+
+
+@pytest.mark.parametrize("slice_from", ["end", "start"])
+def test_generated_data_stays_within_a_buffer_sliced_by_the_sequence_length(slice_from, tmp_path):
+    """A constant buffer sliced by the sequence length at run time bounds the generated length too: an ONNX MPT with
+    a 32-long ALiBi buffer (``alibi[:, -t:, -t:]``) or a causal mask (``mask[:t, :t]``) failed on generated 128-token
+    inputs (exit 5, 'Add failed ... 128 ... 32'). The length is the buffer's (the shortest), and the model runs."""
+    from sparsec.compressor.compress import load_model
+
+    rows = int(np.random.default_rng().integers(16, 40))
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.q, self.k = torch.nn.Embedding(100, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 32)
+            self.register_buffer("buf", torch.randn(1, rows + 8, rows))  # its 2nd axis longer: the sliced axes bound
+            self.register_buffer("long", torch.randn(1, 300, 300))  # a longer buffer does not
+
+        def forward(self, ids):
+            t, x = ids.shape[1], self.emb(ids)
+            b = self.buf[:, -t:, -t:] if slice_from == "end" else self.buf[:, :t, :t]
+            return torch.softmax(self.q(x) @ self.k(x).transpose(1, 2) + b + self.long[:, :t, :t], -1) @ x
+
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(M().eval(), (torch.randint(0, 100, (2, 8)),), str(path), dynamo=False, input_names=["ids"],
+                      dynamic_axes={"ids": {0: "b", 1: "t"}})  # fmt: skip
+    g = load_model(str(path)).graph
+    fit, _ = load_calibration(g, None, samples=8, seq_len=None, seed=0, heldout=0.25)
+    assert fit.arrays["ids"].shape[1:] == (rows,), fit.arrays["ids"].shape
+    ex = Executor(g)
+    for b in fit.batches():
+        ex.run(b)
 
 
 @pytest.mark.parametrize("offset", [0, 2])
