@@ -347,19 +347,34 @@ def compress(source: Source, recipe: Recipe, out: str | os.PathLike, *, force: b
 
     onnx_model = to_onnx(graph, ExportOptions(weights="native"))
     onnx_bytes = onnx_model.SerializeToString(deterministic=True)
-    check_data = eval_data
-    if check_data is None:
+    checks = [eval_data] if eval_data is not None else []
+    if not checks:  # no calibration data (a model compressed without passes): inputs generated for the check
         from sparsec.calibration.data import CalibrationSet, generate, static_batch
 
+        # short sequences first (cheap), then the length generated calibration uses: a 16-sample waveform is shorter
+        # than an audio model's conv stack takes (Wav2Vec2: "padded input size ... (2). Kernel size: (3)", exit 5)
+        for length in dict.fromkeys([recipe.calibration.seq_len or 16, recipe.calibration.seq_len]):
+            try:
+                # the model's own batch size where its export fixed one (dynamo / torch.export default to static shapes)
+                n = static_batch(graph) or 2
+                arrays = generate(graph, n, length, recipe.seed)
+                checks.append(CalibrationSet(arrays, "generated (export check)", True, n))
+            except Exception:  # noqa: BLE001 - unknown input shapes: no export check
+                pass
+    check_data = None
+    for i, data in enumerate(checks):
         try:
-            # the model's own batch size where its export fixed one (dynamo / torch.export default to static shapes)
-            n = static_batch(graph) or 2
-            arrays = generate(graph, n, recipe.calibration.seq_len or 16, recipe.seed)
-            check_data = CalibrationSet(arrays, "generated (export check)", True, n)
-        except Exception:  # noqa: BLE001 - unknown input shapes: no export check
-            check_data = None
+            quality.update(check_export(graph, onnx_bytes, data, device))
+            check_data = data
+            break
+        except Exception as e:  # noqa: BLE001 - (the executor's shape error, or onnxruntime's own)
+            if not data.generated:
+                raise
+            if i == len(checks) - 1:  # generated inputs the model does not take: the check is skipped, not the compress
+                why = " ".join(str(getattr(e, "message", None) or e).split())[:300]
+                warnings.append(f"model.onnx was not checked against sparsec's executor: the generated check inputs do "
+                                f"not fit the model ({why}); give --calib data to check it")  # fmt: skip
     if check_data is not None:
-        quality.update(check_export(graph, onnx_bytes, check_data, device))
         gap = quality.get("onnx_vs_executor_rel_error")
         if str(quality.get("onnxruntime", "")).startswith("failed to load"):
             warnings.append(f"model.onnx does not load in onnxruntime ({quality['onnxruntime'][len('failed to load: '):]}): "
