@@ -1134,16 +1134,17 @@ def note_dense_weight_products(g: Graph) -> None:
     a non-last axis, a weight on the left of a MatMul, a Gemm with transA, stacked weights that did not split per
     expert): the passes cannot compress it. One import warning lists them, so a user sees why a layer kept its size."""
     found, convs, nbytes = [], [], {"found": 0, "convs": 0}
+    conv_sizes: list[tuple[int, int, str]] = []
     for n in g.nodes:
         if not isinstance(n, Generic) or n.domain != "":
             continue
         if n.op_type in ("Conv", "ConvTranspose"):  # grouped / depthwise convs and transposed convs (docs/conv.md)
             w = g.constants.get(n.inputs[1]) if len(n.inputs) > 1 else None
-            if w is not None and w.ndim >= 3 and w.dtype.kind == "f" and w.size >= _DENSE_PRODUCT_MIN:
+            if w is not None and w.ndim >= 3 and w.dtype.kind == "f":  # every one, however small (a depthwise 3x3)
                 groups = int(n.attributes.get("group", 1))
                 what = n.op_type + (" depthwise" if groups > 1 and w.shape[1] == 1 and n.op_type == "Conv" else
                                     f" groups={groups}" if groups > 1 else "")  # fmt: skip
-                convs.append(f"'{n.name}' ({what} {list(w.shape)})")
+                conv_sizes.append((-int(w.nbytes), len(conv_sizes), f"'{n.name}' ({what} {list(w.shape)})"))
                 nbytes["convs"] += int(w.nbytes)
             continue
         if n.op_type not in ("MatMul", "Gemm", "Einsum"):
@@ -1157,6 +1158,7 @@ def note_dense_weight_products(g: Graph) -> None:
                 nbytes["found"] += int(w.nbytes)
                 break
 
+    convs.extend(t for _, _, t in sorted(conv_sizes))  # the largest named first
     if not (found or convs):
         return
     total = max(g.nbytes(), 1)
