@@ -294,7 +294,9 @@ class _C:
                 self.tensor(name, f"{src}.data", list(val.args[1].values), str(v.ty.dtype))
                 self.names[v] = name
                 return
-            raise UnsupportedOpError(f"standalone build: runtime function {op.global_symbol} is not supported")
+            why = _RUNTIME_FUNCTION_WORDS.get(str(op.global_symbol))
+            raise UnsupportedOpError(f"standalone build: runtime function {op.global_symbol} is not supported"
+                                     + (f" ({why})" if why else ""))  # fmt: skip
         if isinstance(op, tvm.ir.GlobalVar):
             fn = self.mod[op]
             sym = str(fn.attrs["global_symbol"]) if fn.attrs and "global_symbol" in fn.attrs else op.name_hint
@@ -544,6 +546,15 @@ STANDALONE = ("aarch64", "wasm")
 def is_standalone(manifest_or_target) -> bool:
     name = manifest_or_target.get("target", "") if isinstance(manifest_or_target, dict) else manifest_or_target.name
     return str(name).partition(":")[0] in STANDALONE
+
+
+# what a model does that makes the Relax VM call these (the standalone call plan sizes every buffer from the inputs)
+_RUNTIME_FUNCTION_WORDS = {
+    "vm.builtin.tensor_to_shape": "the model computes a shape from tensor values at run time: a Reshape, Range or "
+                                  "Expand whose size is read from a tensor, as position ids after a dynamic-length "
+                                  "KV cache",
+    "vm.builtin.shape_of": "the shape of a value computed at run time",
+}
 
 
 def build_wasm_lib(graph, low, target, console=None):
