@@ -90,6 +90,8 @@ def original_graph(artifact, original: str | None):
         # the model file by the name the artifact records, in the working directory or next to the artifact, when it
         # is the same file (sha256)
         given = [Path(src["path"])] if src.get("path") else []  # the path as given to compress (models/x.onnx)
+        if src.get("from_artifact"):  # the same file from the artifact's directory (bench run from elsewhere)
+            given.append(Path(artifact.path) / src["from_artifact"])
         for cand in dict.fromkeys([*given, Path(name), Path(artifact.path).resolve().parent / name]):
             if cand.is_file():
                 try:

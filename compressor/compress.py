@@ -437,7 +437,9 @@ def compress(source: Source, recipe: Recipe, out: str | os.PathLike, *, force: b
     manifest = {
         "sparsec_version": __version__,
         "source": {"name": model_info["source"], "sha256": source.sha256,
-                   **({"path": source.label} if not source.label.startswith("example:") and os.path.exists(source.label) else {})},
+                   **({"path": source.label,  # as given (from the working directory then), and from the artifact: bench
+                       "from_artifact": os.path.relpath(os.path.abspath(source.label), os.path.abspath(out))}  # finds it
+                      if not source.label.startswith("example:") and os.path.exists(source.label) else {})},  # fmt: skip
         "recipe": recipe.to_dict(),
         "target": target.name,
         "seed": recipe.seed,

@@ -1503,12 +1503,17 @@ def test_bench_finds_the_original_by_the_path_compress_was_given(tmp_path):
     from sparsec.compressor.artifact import load_artifact
 
     cwd = os.getcwd()
+    (tmp_path / "elsewhere").mkdir()
     try:
         os.chdir(tmp_path)
         g, _, label = original_graph(load_artifact("out/m"), None)
+        assert label == "original m.onnx" and g.inputs == ["x"]
+        # from another directory: the path from the artifact (the path as given no longer leads there)
+        os.chdir(tmp_path / "elsewhere")
+        g, _, label = original_graph(load_artifact("../out/m"), None)
+        assert label == "original m.onnx" and g.inputs == ["x"]
     finally:
         os.chdir(cwd)
-    assert label == "original m.onnx" and g.inputs == ["x"]
 
 
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
