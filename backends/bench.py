@@ -172,6 +172,7 @@ def bench_artifact(path: str | Path, *, original: str | None = None, scenarios: 
     ort_dense = _ort_session(dense_onnx, threads, providers, f"the original model ({dense_label})")
     ort_comp = _ort_session(str(a.onnx_path), threads, providers, "the artifact's model.onnx") if a.onnx_path.exists() else None
 
+    load_before = _load()
     results, skipped = [], []
     for batch, seq in scenarios:
         say(f"scenario batch={batch} seq={_seq_label(seq)}")
@@ -194,8 +195,13 @@ def bench_artifact(path: str | Path, *, original: str | None = None, scenarios: 
     import onnxruntime
     import tvm
 
+    warnings = busy_warning(load_before, os.cpu_count() or 1, threads, results)
+    for w in warnings:
+        if console is not None:
+            console.print(f"[yellow]sparsec: warning: {w}[/yellow]")
     return {
         "schema": BENCH_SCHEMA,
+        **({"warnings": warnings} if warnings else {}),
         "artifact": str(a.path),
         "target": target,
         "baseline": dense_label,
@@ -207,6 +213,32 @@ def bench_artifact(path: str | Path, *, original: str | None = None, scenarios: 
         "scenarios": results,
         "skipped": skipped,
     }
+
+
+def _load() -> float | None:
+    try:
+        return float(os.getloadavg()[0])
+    except (OSError, AttributeError):
+        return None
+
+
+def busy_warning(before: float | None, cpus: int, threads: int, results: list[dict]) -> list[str]:
+    """A warning when other processes competed for the cores while timing: the 1-minute load average above the CPU
+    count before the timing started (afterwards it counts this process's own threads), or a compiled library whose
+    median is over 3x its minimum. TVM's thread pool waits at every parallel region for threads the OS has descheduled: on a
+    2-core machine at load 8 the library's median was 20-100x its minimum (and onnxruntime's was not), which made
+    the ratios nonsense."""
+    loads = [before] if before is not None else []
+    spread = max((e["median_ms"] / max(e["min_ms"], 1e-9) for r in results for k, e in r["engines"].items()
+                  if k in ("sparsec lib", "dense tvm")), default=1.0)  # fmt: skip
+    busy = loads and max(loads) > cpus
+    if not busy and spread <= 3.0:
+        return []
+    why = (f"the 1-minute load average was {max(loads):.1f} on {cpus} CPUs" if busy else
+           f"a compiled library's median time was {spread:.0f}x its minimum")  # fmt: skip
+    return [f"this machine was busy while timing ({why}): the times are unreliable, the compiled libraries' most "
+            f"(TVM's thread pool waits for threads the OS has descheduled); rerun on an idle machine"
+            + (", or with --threads 1" if threads > 1 else "")]
 
 
 def _scenario(g, lib, dense_lib, ort_dense, ort_comp, batch: int, seq: int | None, runs: int, warmup: int) -> dict[str, Any]:

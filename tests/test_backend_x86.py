@@ -1250,6 +1250,28 @@ def test_tvm_build_errors_name_the_reason_and_the_construct():
     assert _tvm_reason(RuntimeError("")) == "RuntimeError"
 
 
+def test_bench_warns_when_the_machine_was_busy():
+    """On a 2-core machine at load 8 the compiled libraries' medians were 20-100x their minimums (TVM's thread pool
+    waits for descheduled threads) and the ratios read 0.02x: bench says the machine was busy, from the load average
+    before timing or from that spread, and not on a quiet run."""
+    from sparsec.backends.bench import busy_warning
+
+    rng = np.random.default_rng()
+
+    def res(spread):
+        base = float(rng.uniform(0.05, 5.0))
+        eng = {k: {"min_ms": base, "median_ms": base * (spread if k == "sparsec lib" else 1.1)}
+               for k in ("sparsec lib", "dense tvm", "dense onnxruntime")}  # fmt: skip
+        return [{"engines": eng}]
+
+    assert busy_warning(0.9, 2, 2, res(1.2)) == [] and busy_warning(None, 2, 2, res(2.0)) == []
+    w = busy_warning(8.4, 2, 2, res(1.2))
+    assert len(w) == 1 and "load average was 8.4 on 2 CPUs" in w[0] and "--threads 1" in w[0], w
+    w = busy_warning(1.0, 4, 1, res(40.0))
+    assert len(w) == 1 and "median time was 40x its minimum" in w[0] and "--threads 1" not in w[0], w
+    assert busy_warning(1.0, 4, 2, res(1.0) + [{"engines": {"dense onnxruntime": {"min_ms": 1, "median_ms": 9}}}]) == []
+
+
 def test_bench_scenarios_follow_whether_the_model_has_a_sequence_dim():
     """An image model has no sequence length: `sparsec bench` timed 1x1 and a fake 1x128 of the same input; it now
     times batch 1 and 8 (given BATCHxSEQ items collapse to one a batch). Token models keep 1x1, 1x128 or --shapes."""
