@@ -678,6 +678,7 @@ def main(argv: list[str] | None = None) -> None:
         code = E.EXIT_INTERNAL
     sys.stdout.flush()
     interrupt.exit_if_abandoned(code)  # a compile left running in a worker thread: no interpreter finalization
+    interrupt.end_cli()  # (main called in process: later builds there run as a library's again, not in a child)
     sys.exit(code)
 
 

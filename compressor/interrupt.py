@@ -73,6 +73,13 @@ def in_child() -> None:
     _temp_dirs.clear()
 
 
+def end_cli() -> None:
+    """The CLI's ``main`` has finished (called in process, by a test or a script that goes on): builds and calls run
+    in the caller's thread and process again, as for any library caller (:func:`enable`, :func:`report_crashes`)."""
+    _enabled[0] = False
+    _crash_fd[0] = None
+
+
 def call_interruptible(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)``, run in a worker thread when called from the main thread of a process that
     :func:`enable` d it, so that Ctrl-C / SIGTERM interrupt the caller at once (the exception is raised here; the

@@ -103,3 +103,16 @@ def test_cleanup_removes_tvm_temp_dirs(tmp_path, monkeypatch):
     interrupt.cleanup()
     assert os.listdir(tmp_path) == []
     d.remove()  # its own bookkeeping, before the patched set is restored
+
+
+def test_the_cli_called_in_process_leaves_builds_in_process(tmp_path):
+    """`main()` called in process (tests, scripts) turned on crash reports and worker threads and left them on: every
+    later build in that process was forked into a child (backends/build.py), where a caller's spies on the lowering saw
+    nothing (16 test_conv failures in a run where a CLI test had gone first in the same worker)."""
+    from sparsec.backends.build import _isolated_builds
+    from sparsec.cli.main import main
+
+    with pytest.raises(SystemExit):
+        main(["inspect", str(tmp_path / "missing.onnx")])
+    assert not interrupt.reporting_crashes() and not _isolated_builds()
+    assert interrupt.call_interruptible(threading.current_thread) is threading.current_thread()
