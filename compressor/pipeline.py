@@ -285,7 +285,8 @@ class Selection:
         inc = compile_patterns(self.include, f"{where}.include")
         exc = compile_patterns(self.exclude, f"{where}.exclude")
         heads = output_heads(graph)
-        routers = {n.router.name for n in graph.nodes if n.op == "MoE"}
+        # (and the router of an MoE-like block that was not raised: pruning it would change which expert a token takes)
+        routers = {n.router.name for n in graph.nodes if n.op == "MoE"} | {l.name for l in graph.linears() if l.meta.get("moe_router")}
         out: dict[str, tuple[bool, str]] = {}
         for lin in graph.linears():
             name = lin.name

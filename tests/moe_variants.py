@@ -93,6 +93,30 @@ class SwitchStyleMoe(nn.Module):
         return pmax * nxt, logits
 
 
+class SortedSwitchMoe(nn.Module):
+    """Switch-style top-1 with the tokens sorted by expert (``argsort``), every expert run on the sorted tokens and
+    selected with ``where``, and the results scattered back with ``index_add_`` (TorchScript: a TopK with a run-time k
+    and a ScatterElements into a zero buffer, 18 nodes after the last expert)."""
+
+    def __init__(self, d, f, num_experts=4):
+        super().__init__()
+        self.num_experts = num_experts
+        self.router = nn.Linear(d, num_experts, bias=False)
+        self.experts = nn.ModuleList([SwitchDense(d, f) for _ in range(num_experts)])
+
+    def forward(self, x):
+        b, t, d = x.shape
+        h = x.reshape(-1, d)
+        logits = self.router(h)
+        p, idx = F.softmax(logits, dim=-1).max(dim=-1)
+        order = torch.argsort(idx)
+        hs, es, ps = h[order], idx[order], p[order]
+        ys = torch.zeros_like(hs)
+        for e in range(self.num_experts):
+            ys = torch.where((es == e).unsqueeze(-1), self.experts[e](hs), ys)
+        return torch.zeros_like(h).index_add_(0, order, ys * ps.unsqueeze(-1)).view(b, t, d), logits
+
+
 class DenseSigmoidMoe(nn.Module):
     def __init__(self, d, f, num_experts=4, top_k=2):
         super().__init__()
@@ -196,6 +220,7 @@ VARIANTS = {
     "mixtral": (None, (4, 2, True, "softmax")),
     "qwen": (lambda d, f: QwenStyleMoe(d, f), (6, 2, False, "softmax")),
     "switch": (lambda d, f: SwitchStyleMoe(d, f), (4, 1, None, None)),  # top-1: renormalize/score are equivalent
+    "switch_sorted": (lambda d, f: SortedSwitchMoe(d, f), (4, 1, False, "softmax")),
     "dense_sigmoid": (lambda d, f: DenseSigmoidMoe(d, f), (4, 2, True, "sigmoid")),
     "topk_softmax": (lambda d, f: TopkSoftmaxMoe(d, f), (4, 2, True, "softmax")),
     "stacked": (lambda d, f: StackedMoe(d, f), (4, 2, True, "softmax")),

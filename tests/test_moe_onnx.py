@@ -23,7 +23,7 @@ from . import models as tm
 from .moe_variants import VARIANTS, build_variant
 
 EXPORTERS = [("torchscript", 17), ("dynamo", 18)]
-RAISED = ["mixtral", "qwen", "switch", "dense_sigmoid", "topk_softmax", "stacked", "fused_chunk",
+RAISED = ["mixtral", "qwen", "switch", "switch_sorted", "dense_sigmoid", "topk_softmax", "stacked", "fused_chunk",
           pytest.param("fused_interleaved", marks=pytest.mark.slow)]  # suite time: fused_chunk covers the default run
 
 
@@ -125,6 +125,15 @@ def test_unexpressible_routing_keeps_plain_layers_with_a_warning(exported, expor
         assert len(w) == 1 and "not raised" in w[0] and "mixture" in w[0], warns
     experts = [n for n in g.nodes if isinstance(n, Linear) and ".experts." in n.name]
     assert len(experts) == 2 * 4 * 3  # imported individually: pruning and quantization still apply
+    # ... but not the routers, by default: pruning one changes which expert a token takes
+    from sparsec.compressor.pipeline import Selection
+
+    routers = [n.name for n in g.nodes if isinstance(n, Linear) and n.meta.get("moe_router")]
+    assert len(routers) == 2, routers
+    picked = Selection().decide(g, "test")
+    assert all(not picked[r][0] and "MoE router" in picked[r][1] for r in routers)
+    assert all(picked[e.name][0] for e in experts)
+    assert all(Selection(include=[r]).decide(g, "test")[r][0] for r in routers)  # named: compressed
     ids = fresh_ids(np.random.default_rng())
     assert tm.rel(Executor(g).run({"input_ids": ids})[g.outputs[0]], ort_run(path, ids)) <= 1e-4
 
@@ -289,3 +298,35 @@ def test_stacked_weights_split_into_linears_without_an_moe(tmp_path):
             with torch.no_grad():
                 ref = model(torch.from_numpy(ids)).numpy()
             assert tm.rel(got, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("exporter,opset", EXPORTERS, ids=[e for e, _ in EXPORTERS])
+def test_experts_gathered_from_a_3d_weight_are_named_in_the_import_warning(exporter, opset, tmp_path):
+    """DBRX applies its experts as slices of one 3-D weight gathered by the routed expert ids (``w1[ids]`` then
+    ``bmm``): no pass compresses that, and 63% of a model's weights stayed dense with nothing saying so (a 2:4 run read
+    as a success). The import warning about products with a constant weight now names them, with the ops between."""
+    import torch.nn.functional as F
+
+    class Dbrx(torch.nn.Module):
+        def __init__(self, d=32, f=48, n=4):
+            super().__init__()
+            self.router = torch.nn.Linear(d, n, bias=False)
+            self.w1, self.w2 = torch.nn.Parameter(torch.randn(n, f, d)), torch.nn.Parameter(torch.randn(n, f, d))
+
+        def forward(self, x):
+            h = x.reshape(-1, x.shape[-1])
+            p, idx = F.softmax(self.router(h), -1).max(-1)
+            g = torch.bmm(h[:, None], self.w1[idx].transpose(1, 2))
+            return (torch.bmm(F.silu(g), self.w2[idx])[:, 0] * p[:, None]).reshape(x.shape)
+
+    path, x = tmp_path / "m.onnx", torch.randn(2, 5, 32)
+    if exporter == "torchscript":
+        torch.onnx.export(Dbrx().eval(), (x,), str(path), dynamo=False, opset_version=opset, input_names=["x"],
+                          dynamic_axes={"x": {0: "b", 1: "s"}})  # fmt: skip
+    else:
+        torch.onnx.export(Dbrx().eval(), (x,), str(path), dynamo=True, opset_version=opset, input_names=["x"],
+                          dynamic_shapes=({0: torch.export.Dim("b"), 1: torch.export.Dim("s")},), external_data=True)  # fmt: skip
+    g = load_onnx(str(path))
+    w = [x for x in g.meta.get("import_warnings", []) if "product(s) with a constant weight" in x]
+    assert len(w) == 1 and w[0].startswith("2 product(s)"), g.meta.get("import_warnings")
+    assert w[0].count("[4, 48, 32]") == 2 and "through Gather" in w[0], w

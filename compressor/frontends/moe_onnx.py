@@ -259,27 +259,51 @@ def _forward_values(G: _Graph, x: str, stop: int) -> set[str]:
     return vals
 
 
+_Y_WINDOW = 48  # nodes after the experts' join within which the block's output is looked for
+
+
 def _y_chain(G: _Graph, y0: str, x: str) -> list[str]:
     """``y0`` and the values it flows into one consumer at a time (a reshape back to x's shape, the routing-weight
     multiply of a stacked form ...), in order; every other float operand on the way must be computed from ``x``
     (a residual add of the block's input stream ends the chain)."""
     chain = [y0]
-    fwd = _forward_values(G, x, min(len(G.g.nodes) - 1, G.index(y0) + 16))
+    # (TorchScript's index_add_ is 18 nodes after the last expert: the index and shape nodes of the scatter between)
+    fwd = _forward_values(G, x, min(len(G.g.nodes) - 1, G.index(y0) + _Y_WINDOW))
     for _ in range(8):
         v = chain[-1]
         if v in G.outputs:
             break
-        us = G.cons.get(v, [])
+        # (a Shape of it reads no data: the index_add_ export takes the size of the updates it scatters)
+        us = [u for u in G.cons.get(v, []) if not (isinstance(u, Generic) and u.op_type in ("Shape", "Size") and u.domain == "")]
         if len(us) != 1 or not isinstance(us[0], Generic) or not us[0].outputs or not us[0].outputs[0]:
             break
         u = us[0]
         o = u.outputs[0]
-        if not G.is_float(o) or G.index(o) > G.index(y0) + 16:
+        if not G.is_float(o) or G.index(o) > G.index(y0) + _Y_WINDOW:
             break
-        if any(i != v and i not in G.g.constants and G.is_float(i) and i not in fwd for i in u.inputs if i):
+        if any(i != v and i not in G.g.constants and G.is_float(i) and i not in fwd and not _from_sizes(G, i)
+               for i in u.inputs if i):  # (a zero buffer the experts' outputs are scattered into: index_add_)
             break
         chain.append(o)
     return chain
+
+
+def _from_sizes(G: _Graph, v: str, budget: int = 64) -> bool:
+    """Whether ``v`` is computed from constants and the shapes of values only (``zeros_like(h)``: ConstantOfShape of a
+    Shape), reading no data: the region recomputes such values for each sample (:func:`_outside_values`)."""
+    stack, seen = [v], set()
+    while stack:
+        u = stack.pop()
+        if u in seen or u in G.g.constants:
+            continue
+        seen.add(u)
+        p = G.prod.get(u)
+        if not isinstance(p, Generic) or p.domain != "" or len(seen) > budget:
+            return False
+        if p.op_type in ("Shape", "Size"):
+            continue
+        stack.extend(i for i in p.inputs if i)
+    return True
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -819,6 +843,7 @@ def raise_onnx_moe(g: Graph, seed: int = 0) -> tuple[int, list[str]]:
                 block = _module_prefix([router.name]).rsplit(".", 1)[0] if "." in router.name else router.name
                 warnings.append(f"MoE-like block '{block}' (router '{router.name}', {router.out_features} outputs) is not raised "
                                 f"to an MoE layer: {e}; its layers are imported individually")  # fmt: skip
+                router.meta["moe_router"] = block  # still a router: passes leave it out by default (pipeline.Selection)
                 continue
             _apply(g, [_Match(remove, moe)])
             count += 1

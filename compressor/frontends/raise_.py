@@ -1129,12 +1129,35 @@ def raise_graph(g: Graph) -> dict[str, int]:
 _DENSE_PRODUCT_MIN = 4096  # weights smaller than this (rotary frequency rows, tiny mixing matrices) are not reported
 
 
+# ops that select or re-lay a weight before a product (DBRX's experts: w1[expert_ids] -> Transpose -> MatMul)
+_WEIGHT_MOVES = ("Gather", "GatherElements", "GatherND", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Cast", "Identity",
+                 "Expand", "Slice", "Flatten")  # fmt: skip
+
+
+def _weight_source(g: Graph, prod: dict, v: str) -> tuple[str | None, list[str]]:
+    """The constant ``v`` is, or is selected from / re-laid from through :data:`_WEIGHT_MOVES` (its data input), and the
+    ops on the way; (None, []) for a value computed from activations."""
+    via: list[str] = []
+    for _ in range(8):
+        if v in g.constants:
+            return v, list(reversed(via))
+        p = prod.get(v)
+        if not isinstance(p, Generic) or p.domain != "" or p.op_type not in _WEIGHT_MOVES or not p.inputs:
+            return None, []
+        via.append(p.op_type)
+        v = p.inputs[0]
+    return None, []
+
+
 def note_dense_weight_products(g: Graph) -> None:
     """A MatMul / Gemm / Einsum with a constant float weight of at least 2 axes that no pattern raised (an einsum over
     a non-last axis, a weight on the left of a MatMul, a Gemm with transA, stacked weights that did not split per
-    expert): the passes cannot compress it. One import warning lists them, so a user sees why a layer kept its size."""
+    expert, experts gathered from a 3-D weight as DBRX applies them): the passes cannot compress it. One import warning
+    lists them, so a user sees why a layer kept its size."""
     found, convs, nbytes = [], [], {"found": 0, "convs": 0}
     conv_sizes: list[tuple[int, int, str]] = []
+    prod = g.producers()
+    reported: set[str] = set()
     for n in g.nodes:
         if not isinstance(n, Generic) or n.domain != "":
             continue
@@ -1150,11 +1173,17 @@ def note_dense_weight_products(g: Graph) -> None:
         if n.op_type not in ("MatMul", "Gemm", "Einsum"):
             continue
         for i in n.inputs:
-            w = g.constants.get(i)
-            if w is not None and w.ndim >= 2 and w.dtype.kind == "f" and w.size >= _DENSE_PRODUCT_MIN:
+            src, via = _weight_source(g, prod, i) if i else (None, [])
+            w = g.constants.get(src) if src else None
+            gathered = any(op.startswith("Gather") for op in via)  # rows of a 2-D table gathered are activations
+            if w is not None and w.ndim >= (3 if gathered else 2) and w.dtype.kind == "f" and w.size >= _DENSE_PRODUCT_MIN:
+                if src in reported:  # (experts gathered from one 3-D weight, applied by several products)
+                    break
+                reported.add(src)
                 eq = n.attributes.get("equation")
                 what = f"{n.op_type} '{eq}'" if eq else n.op_type
-                found.append(f"'{n.name}' ({what} by '{i}' {list(w.shape)})")
+                through = f" through {' / '.join(dict.fromkeys(via))}" if via else ""
+                found.append(f"'{n.name}' ({what} by '{src}' {list(w.shape)}{through})")
                 nbytes["found"] += int(w.nbytes)
                 break
 
