@@ -120,6 +120,7 @@ class _Lowerer:
         self.input_syms: list[Any] = []
         self.fixed_dims = dict(fixed_dims or {})  # symbolic input dim -> the size it is lowered at (a static dim)
         self.found_fixed: dict[str, tuple[int, str]] = {}  # symbolic input dim -> (the size the model needs, node)
+        self.reshape_fixed: list[tuple[str, int, Any]] = []  # (Reshape node, input dim, the size it needs): reshape_guard
         self.const_params: dict[str, tuple[Any, Any]] = {}  # var name -> (var, tvm tensor) for TVM's get_constant
         self.input_ranges: dict[str, list[int]] = {}
         self.dim_limits: dict[str, list] = {}
@@ -1051,6 +1052,8 @@ class _Lowerer:
             # structurally (Equal([batch], [seq]) -> False even when they are equal) or fail on them (Less)
             a, b = (self.as_tensor(e) for e in ins)
             return [(n.outputs[0], self.refine(n.outputs[0], self.bb.emit(getattr(relax.op, _CMP_OPS[n.op_type])(a, b))))]
+        if n.op_type == "Reshape" and not n.domain and len(ins) > 1 and ins[0] is not None:
+            ins = [self.reshape_guard(n, ins[0], ins[1]), *ins[1:]]
         conv = _get_convert_map().get(n.op_type)
         if conv is None:
             raise UnsupportedOpError(f"{n.op_type} (node '{n.name}') has no TVM lowering", hint="use --engine onnx to run it")
@@ -1497,6 +1500,54 @@ class _Lowerer:
             out[i] = self.bb.match_cast(ins[i], relax.TensorType(new[i], str(ins[i].ty.dtype)))
         return out
 
+    def reshape_guard(self, n: Generic, x, shp):
+        """A Reshape to a target with a size the export baked in (TorchScript's ``view(79, bsz * heads, 16)`` of an
+        attention whose length follows the input): TVM's reshape does not check the element count at run time, so
+        at another input length the library read past its input and returned garbage (exit 0). Where the counts are
+        not provably equal, the input is ``match_cast`` to the one shape with the target's count (one input dim
+        solved for it), checked when the library runs; the build report names the node. Targets with -1 (the count
+        inferred) are left to TVM."""
+        from tvm import tirx
+
+        relax = self.relax
+        dims = _shape_of(x) if isinstance(getattr(x, "ty", None), relax.TensorType) else None
+        tv = self.shape_value(n.inputs[1], shp)
+        if dims is None or tv is None or tv.ndim != 1:
+            return x
+        target = [_sv_elem(d) for d in tv.tolist()]
+        if any(isinstance(d, bool) for d in target) or any(isinstance(d, int) and d < 0 for d in target):
+            return x
+        if not n.attributes.get("allowzero"):
+            target = [dims[i] if isinstance(d, int) and d == 0 and i < len(dims) else d for i, d in enumerate(target)]
+        prod_in, prod_out = 1, 1
+        for d in dims:
+            prod_in = prod_in * _as_prim(_sv_elem(d))
+        for d in target:
+            prod_out = prod_out * _as_prim(_sv_elem(d))
+        if self.simp(_as_prim(prod_in) - _as_prim(prod_out)) == 0:
+            return x
+        for i in range(len(dims)):  # the input dim that makes the counts equal, where it is a whole expression
+            if _static_int(dims[i]) is not None:
+                continue
+            rest = 1
+            for j, d in enumerate(dims):
+                if j != i:
+                    rest = rest * _as_prim(_sv_elem(d))
+            want = self.simp(tirx.floordiv(_as_prim(prod_out), _as_prim(rest)))
+            if self.simp(_as_prim(want) * _as_prim(rest) - _as_prim(prod_out)) != 0:
+                continue
+            if isinstance(want, int) and want < 1:
+                continue
+            key = next((k for k, v in self.sym.items() if v.same_as(dims[i])), None) if isinstance(dims[i], tirx.Var) else None
+            if key is not None and isinstance(want, int) and any(dims[i].same_as(v) for v in self.input_syms):
+                self.found_fixed.setdefault(key, (want, "Reshape"))  # a graph input's own dim: lower() fixes it
+            else:
+                self.reshape_fixed.append((n.name, i, want))
+            new = list(dims)
+            new[i] = _as_prim(want)
+            return self.bb.match_cast(x, relax.TensorType(new, str(x.ty.dtype)))
+        return x
+
     def note_fixed(self, a, b, op: str) -> None:
         """A graph input's symbolic dim that must equal a constant size here (ONNX broadcasting, no 1 on either side):
         a TorchScript export with the sequence length baked in (a 16 x 16 mask added to the scores). TVM cannot build
@@ -1693,8 +1744,10 @@ class _Lowerer:
             self.bb.emit_func_output(out, params=in_vars + self.param_vars)
         mod = self.bb.get()
         mod["main"] = mod["main"].with_attr("num_input", len(in_vars))
+        notes = [f"Reshape '{node}' needs dim {i} of its input to be {want} (a size the export fixed): the library runs "
+                 "only on inputs that give it that size" for node, i, want in self.reshape_fixed]  # fmt: skip
         return Lowered(mod, in_info, list(g.outputs), self.params, self.kernels, self.sources, self.input_ranges, self.moe_notes,
-                       self.moe_routed, self.extra_modules, self.dim_limits, self.dim_ties)  # fmt: skip
+                       self.moe_routed, self.extra_modules, self.dim_limits, self.dim_ties, notes)  # fmt: skip
 
 
 def moe_routed_default(target) -> bool:
@@ -1732,8 +1785,8 @@ def lower(graph: Graph, target, tuning=None, act_dtype: str = "float32", dense_k
     for k, (n, op) in sorted(first.found_fixed.items()):
         where = ", ".join(f"input {i['name']!r} dim {j}" for i in low.inputs for j, d in enumerate(graph.values[i["name"]].shape or [])
                           if d == k)  # fmt: skip
-        low.notes.append(f"{where or k}: the model needs size {n} there (an {op} with a constant of that size: the export "
-                         f"fixed it); the library takes only that size")  # fmt: skip
+        low.notes.append(f"{where or k}: the model needs size {n} there ({'an' if op[0] in 'AEIOU' else 'a'} {op} with a "
+                         f"constant of that size: the export fixed it); the library takes only that size")  # fmt: skip
     return low
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 from pathlib import Path
 from typing import Any
 
@@ -223,7 +224,15 @@ class LoadedLib:
             if rng is not None and x.size and (int(x.min()) < rng[0] or int(x.max()) >= rng[1]):
                 raise InputShapeError(f"input {name!r}: token ids must be in [0, {rng[1]}), got values in [{int(x.min())}, {int(x.max())}]")
             args.append(tvm.runtime.tensor(np.require(x, requirements="C"), self.dev))
-        out = self.vm["main"](*args, *self.params)
+        try:
+            out = self.vm["main"](*args, *self.params)
+        except Exception as e:  # noqa: BLE001 - a size check inside the library (lower.py: reshape_guard, unify_broadcast)
+            msg = " ".join(str(e).split())
+            if "match_cast" not in msg:
+                raise
+            why = re.search(r"Check failed: [^:]*\(([^)]*)\)", msg)
+            raise InputShapeError("these inputs give a size inside the model that it does not take (a size the export "
+                                  f"fixed{': ' + why.group(1) if why else ''}; see the build notes in report.json)") from None
         outs = _flatten_outputs(out)
         if len(outs) != len(self.outputs):
             raise ArtifactError(f"the library returned {len(outs)} outputs for {len(self.outputs)} names")
