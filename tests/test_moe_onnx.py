@@ -304,7 +304,8 @@ def test_stacked_weights_split_into_linears_without_an_moe(tmp_path):
 def test_experts_gathered_from_a_3d_weight_are_named_in_the_import_warning(exporter, opset, tmp_path):
     """DBRX applies its experts as slices of one 3-D weight gathered by the routed expert ids (``w1[ids]`` then
     ``bmm``): no pass compresses that, and 63% of a model's weights stayed dense with nothing saying so (a 2:4 run read
-    as a success). The import warning about products with a constant weight now names them, with the ops between."""
+    as a success), and its router was 2:4-pruned. The import warning about products with a constant weight now names
+    them, with the ops between, and the router is left out by default."""
     import torch.nn.functional as F
 
     class Dbrx(torch.nn.Module):
@@ -330,3 +331,8 @@ def test_experts_gathered_from_a_3d_weight_are_named_in_the_import_warning(expor
     w = [x for x in g.meta.get("import_warnings", []) if "product(s) with a constant weight" in x]
     assert len(w) == 1 and w[0].startswith("2 product(s)"), g.meta.get("import_warnings")
     assert w[0].count("[4, 48, 32]") == 2 and "through Gather" in w[0], w
+    # its router picks which expert slices a token gets: left out by default, as the routers of raised MoE blocks
+    from sparsec.compressor.pipeline import Selection
+
+    routers = [n.name for n in g.nodes if isinstance(n, Linear) and n.meta.get("moe_router")]
+    assert len(routers) == 1 and not Selection().decide(g, "test")[routers[0]][0], routers

@@ -818,6 +818,28 @@ def _few_threads(G: _Graph, router: Linear):
             torch.set_num_threads(before)
 
 
+def _gathers_expert_weights(G: _Graph, gate: Generic) -> bool:
+    """Whether the expert ids ``gate`` (TopK / ArgMax) picks select slices of a constant of 3 or more axes (experts
+    stacked in one weight and gathered per token, as DBRX applies them), through index re-layouts."""
+    ids = gate.outputs[1] if gate.op_type == "TopK" and len(gate.outputs) > 1 else gate.outputs[0]
+    stack, seen = [ids], set()
+    while stack:
+        v = stack.pop()
+        if v in seen or len(seen) > 32:
+            continue
+        seen.add(v)
+        for u in G.cons.get(v, []):
+            if not isinstance(u, Generic) or u.domain != "":
+                continue
+            if u.op_type in ("Gather", "GatherND", "GatherElements") and len(u.inputs) > 1 and u.inputs[1] == v:
+                w = G.g.constants.get(u.inputs[0])
+                if w is not None and w.ndim >= 3 and w.dtype.kind == "f":
+                    return True
+            elif u.op_type in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Identity", "Expand", "Concat"):
+                stack.extend(o for o in u.outputs if o)
+    return False
+
+
 def raise_onnx_moe(g: Graph, seed: int = 0) -> tuple[int, list[str]]:
     """Find and raise MoE blocks in an ONNX-imported graph (in place). Returns (count, warnings)."""
     from .raise_ import _apply, _Match
@@ -839,6 +861,8 @@ def raise_onnx_moe(g: Graph, seed: int = 0) -> tuple[int, list[str]]:
                     moe, remove = _try_block(G, router, seed)
             except _Fail as e:
                 if e.quiet:
+                    if _gathers_expert_weights(G, t):  # DBRX: the routed ids pick slices of 3-D expert weights
+                        router.meta["moe_router"] = router.name.rsplit(".", 1)[0]
                     continue
                 block = _module_prefix([router.name]).rsplit(".", 1)[0] if "." in router.name else router.name
                 warnings.append(f"MoE-like block '{block}' (router '{router.name}', {router.out_features} outputs) is not raised "
