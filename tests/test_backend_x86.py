@@ -1250,6 +1250,71 @@ def test_tvm_build_errors_name_the_reason_and_the_construct():
     assert _tvm_reason(RuntimeError("")) == "RuntimeError"
 
 
+@pytest.mark.parametrize("doubled", [False, True])
+def test_a_reshape_to_a_size_the_export_fixed_is_checked(doubled, tmp_path):
+    """A Reshape whose target holds a size the export baked in (TorchScript's ``view(79, bsz * heads, 16)`` in an
+    audio encoder whose length follows the waveform): TVM's reshape does not check the element count, so at another
+    length the library read past its input and returned garbage with exit 0 (onnxruntime refuses). Where the size is
+    a graph input's dim, that dim is fixed (the runtime's shape check, exit 8); where it is computed inside the model
+    (here 2 x seq), the library checks it when it runs and refuses with a bad-input error. The build notes both."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sparsec.backends.build import build_to_dir
+    from sparsec.backends.runtime import LoadedLib
+    from sparsec.compressor.errors import InputShapeError
+    from sparsec.compressor.frontends.onnx import load_onnx
+
+    rng = np.random.default_rng()
+    t = int(rng.integers(3, 12))
+    fixed = 2 * t if doubled else t
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h0"])]
+    nodes += [helper.make_node("Concat", ["h0", "h0"], ["h"], axis=1)] if doubled else [helper.make_node("Identity", ["h0"], ["h"])]
+    nodes += [helper.make_node("Shape", ["h"], ["s"]), helper.make_node("Gather", ["s", "zero"], ["b"], axis=0),
+              helper.make_node("Unsqueeze", ["b", "ax0"], ["b1"]), helper.make_node("Concat", ["b1", "cf", "c8"], ["shp"], axis=0),
+              helper.make_node("Reshape", ["h", "shp"], ["y"])]  # fmt: skip
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "W"),
+             numpy_helper.from_array(np.array(0, np.int64), "zero"), numpy_helper.from_array(np.array([0], np.int64), "ax0"),
+             numpy_helper.from_array(np.array([fixed], np.int64), "cf"), numpy_helper.from_array(np.array([8], np.int64), "c8")]  # fmt: skip
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", fixed, 8])], inits)  # fmt: skip
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    g = load_onnx(str(path))
+    info = build_to_dir(g, "x86", tmp_path / "lib")
+    notes = " ".join(info.get("notes", []))
+    assert (f"needs dim 1 of its input to be {fixed}" if doubled else f"input 'x' dim 1: the model needs size {t} there") in notes, info
+    lib = LoadedLib(lib_dir=tmp_path / "lib", graph=g)
+    sess = ort.InferenceSession(str(path))
+    for b in (1, 3):
+        x = rng.standard_normal((b, t, 8)).astype(np.float32)
+        ref = sess.run(None, {"x": x})[0]
+        assert np.abs(lib.run({"x": x})["y"] - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
+    with pytest.raises(InputShapeError):  # was: exit 0, the output read past the input
+        lib.run({"x": rng.standard_normal((2, t + 1, 8)).astype(np.float32)})
+
+
+def test_a_layer_the_cpu_kernels_do_not_take_says_why():
+    """A 2:4 layer of 172 inputs (Llama's down_proj of a small model) ran dense with the note "no kernel for
+    nm_sparse on this target", on a target that has the kernel: the kernels need in_features a multiple of 8 for 2:4
+    (the kept values of a row in whole position bytes). The note says that now; a multiple of 8 gets the kernel."""
+    from sparsec.backends.kernels.registry import ShapeHints, select_kernel
+
+    rng = np.random.default_rng()
+    tgt = get_target("x86")
+    for n, m, k_bad, k_ok in ((2, 4, 172, 176), (1, 4, 20, 32), (1, 8, 40, 48)):
+        w = rng.standard_normal((16, k_bad)).astype(np.float32)
+        lin = Linear("fc", ["x"], ["y"], {}, weight=NMSparse.from_dense(w, n, m), bias=None)
+        impl = select_kernel(lin, tgt, ShapeHints())
+        assert impl.name == "tvm.dense" and "need in_features a multiple of" in impl.note and "no kernel" not in impl.note, impl.note
+        step = int(impl.note.split("multiple of ")[1].split()[0])
+        assert k_bad % step and k_ok % step == 0, (n, m, step)
+        w = rng.standard_normal((16, k_ok)).astype(np.float32)
+        ok = Linear("fc", ["x"], ["y"], {}, weight=NMSparse.from_dense(w, n, m), bias=None)
+        assert select_kernel(ok, tgt, ShapeHints()).name == "cpu.nm_sparse"
+
+
 def test_bench_warns_when_the_machine_was_busy():
     """On a 2-core machine at load 8 the compiled libraries' medians were 20-100x their minimums (TVM's thread pool
     waits for descheduled threads) and the ratios read 0.02x: bench says the machine was busy, from the load average

@@ -152,6 +152,25 @@ def spec_of(linear) -> Spec | None:
     return None
 
 
+def _cpu_shapes(linear) -> str | None:
+    """The shape requirement of the CPU kernels this layer misses (the build note of a layer materialized dense; it
+    said "no kernel for nm_sparse on this target" for a 2:4 layer of 172 inputs)."""
+    import math
+
+    w = linear.weight
+    fk = format_key(w)
+    K = w.shape[1]
+    if fk == "group_quant":
+        return "an even in_features for int4" if w.bits == 4 and K % 2 else None
+    if fk in ("nm_sparse[dense]", "nm_sparse[group_quant]"):
+        bits = w.values.bits if fk == "nm_sparse[group_quant]" else 0
+        probe = Spec("nm", 1, w.m, w.n, n=w.n, m=w.m)  # the unit depends on N, M and the code width only
+        unit = _lcm(probe.unit, 2) if bits == 4 else probe.unit
+        step = w.m * unit // math.gcd(unit, w.n)  # in_features / M * N kept values a row, a multiple of the unit
+        return f"in_features a multiple of {step} for {w.n}:{w.m}" if K % step else None
+    return None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # weight preparation (pure numpy: runs at build time and at load time)
 def _interleave(a: np.ndarray, V: int) -> np.ndarray:
@@ -1090,21 +1109,21 @@ def cpu_dense(linear, target, hints, tuning):
     return _generate("cpu.dense", linear, target, hints, tuning)
 
 
-@register_kernel("cpu.nm_sparse", formats=("nm_sparse[dense]",), targets=CPU_TARGETS, priority=10, prepare=prepare_cpu,
+@register_kernel("cpu.nm_sparse", shapes=_cpu_shapes, formats=("nm_sparse[dense]",), targets=CPU_TARGETS, priority=10, prepare=prepare_cpu,
                  search_space=search_space, refine_space=refine_space)  # fmt: skip
 def cpu_nm_sparse(linear, target, hints, tuning):
     """N:M sparse: kept values + packed positions; gathers x by position (GEMV), sparse row x dense tile (GEMM)."""
     return _generate("cpu.nm_sparse", linear, target, hints, tuning)
 
 
-@register_kernel("cpu.group_quant", formats=("group_quant",), targets=CPU_TARGETS, priority=10, prepare=prepare_cpu,
+@register_kernel("cpu.group_quant", shapes=_cpu_shapes, formats=("group_quant",), targets=CPU_TARGETS, priority=10, prepare=prepare_cpu,
                  search_space=search_space, refine_space=refine_space)  # fmt: skip
 def cpu_group_quant(linear, target, hints, tuning):
     """Group-quantized int4/int8 (symmetric or with zero points, optional group mask): dequantized in registers."""
     return _generate("cpu.group_quant", linear, target, hints, tuning)
 
 
-@register_kernel("cpu.nm_group_quant", formats=("nm_sparse[group_quant]",), targets=CPU_TARGETS, priority=10,
+@register_kernel("cpu.nm_group_quant", shapes=_cpu_shapes, formats=("nm_sparse[group_quant]",), targets=CPU_TARGETS, priority=10,
                  prepare=prepare_cpu, search_space=search_space, refine_space=refine_space)  # fmt: skip
 def cpu_nm_group_quant(linear, target, hints, tuning):
     """N:M sparse with group-quantized kept values (int4/int8): decode positions and codes in registers."""
