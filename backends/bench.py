@@ -118,16 +118,32 @@ def has_sequence_dim(graph) -> bool:
     return any(a[k].shape != b[k].shape for k in a)
 
 
-def bench_scenarios(graph, given: list[tuple[int, int]] | None) -> list[tuple[int, int | None]]:
+def bench_scenarios(graph, given: list[tuple[int, int]] | None, manifest: dict | None = None) -> list[tuple[int, int | None]]:
     """The ``(batch, seq)`` scenarios to time: ``given`` (``--shapes``) or 1x1 and 1x128. A model without a sequence
     dim: batch 1 (latency) and 8 (throughput) by default, and given SEQs collapse to one run a batch (seq None). A
-    model whose export fixed its batch size runs at that size by default (1 and 8 could not run it)."""
+    model whose export fixed its batch size runs at that size by default (1 and 8 could not run it), and one whose
+    library takes one sequence length (``manifest``: an input dim the export fixed, lower.py) at that length."""
     from ..calibration.data import static_batch
 
     sb = None if given else static_batch(graph)
     if has_sequence_dim(graph):
+        fixed = None if given else _fixed_seq(graph, manifest)
+        if fixed is not None:
+            return [(sb or 1, fixed)]
         return list(given or ([(sb, 1), (sb, 128)] if sb else [(1, 1), (1, 128)]))
     return list(dict.fromkeys((b, None) for b, _ in given)) if given else ([(sb, None)] if sb else [(1, None), (8, None)])
+
+
+def _fixed_seq(graph, manifest: dict | None) -> int | None:
+    """The one length the library takes in dim 1 of the inputs the graph declares dynamic there, if there is one."""
+    sizes = set()
+    for spec in (manifest or {}).get("inputs", []):
+        v = graph.values.get(spec["name"])
+        shp = spec.get("shape") or []
+        if v is not None and v.shape is not None and len(v.shape) > 1 and len(shp) > 1 and not isinstance(v.shape[1], int) \
+                and isinstance(shp[1], int):
+            sizes.add(int(shp[1]))
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def _seq_label(seq) -> str:
@@ -158,7 +174,7 @@ def bench_artifact(path: str | Path, *, original: str | None = None, scenarios: 
     say("loading the compiled library")
     lib = LoadedLib(a)
     g = a.graph
-    scenarios = bench_scenarios(g, scenarios)
+    scenarios = bench_scenarios(g, scenarios, man)
     dense_graph, dense_onnx, dense_label = original_graph(a, original)
     say("compiling the uncompressed model with the same backend (dense tvm)")
     tmp = interrupt.temp_dir("sparsec-bench-")

@@ -727,6 +727,11 @@ def test_a_sequence_length_the_export_fixed_is_built_at_that_length(tmp_path):
         assert np.abs(got - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
     with pytest.raises(InputShapeError, match=f"the model expects {t}"):
         lib.run({"ids": np.zeros((2, t - 1), dtype=np.int64)})
+    # bench times it at that length by default (its default 1x1 and 1x128 refused it: exit 8, asking for --shapes)
+    from sparsec.backends.bench import bench_scenarios
+
+    assert bench_scenarios(g, None, man) == [(1, t)] and bench_scenarios(g, [(2, t)], man) == [(2, t)]
+    assert bench_scenarios(g, None) == [(1, 1), (1, 128)]  # (without the library's manifest)
 
 
 # ----------------------------------------------------------------------------------------------------------------
