@@ -244,13 +244,12 @@ def busy_warning(before: float | None, cpus: int, threads: int, results: list[di
     median is over 3x its minimum. TVM's thread pool waits at every parallel region for threads the OS has descheduled: on a
     2-core machine at load 8 the library's median was 20-100x its minimum (and onnxruntime's was not), which made
     the ratios nonsense."""
-    loads = [before] if before is not None else []
     spread = max((e["median_ms"] / max(e["min_ms"], 1e-9) for r in results for k, e in r["engines"].items()
                   if k in ("sparsec lib", "dense tvm")), default=1.0)  # fmt: skip
-    busy = loads and max(loads) > cpus
+    busy = before is not None and before > cpus
     if not busy and spread <= 3.0:
         return []
-    why = (f"the 1-minute load average was {max(loads):.1f} on {cpus} CPUs" if busy else
+    why = (f"the 1-minute load average was {before:.1f} on {cpus} CPUs" if busy else
            f"a compiled library's median time was {spread:.0f}x its minimum")  # fmt: skip
     return [f"this machine was busy while timing ({why}): the times are unreliable, the compiled libraries' most "
             f"(TVM's thread pool waits for threads the OS has descheduled); rerun on an idle machine"

@@ -338,12 +338,19 @@ def build(graph: Graph, target: Target | str, recipe=None, console=None, **kw) -
     if files is None:
         return info, None
 
-    def write(d: Path) -> None:
-        for name, data in sorted(files.items()):
-            with open(Path(d) / name, "wb") as f:
-                f.write(data)
+    return info, lambda d: _write_files(files, d)
 
-    return info, write
+
+def _write_files(files: dict[str, bytes], d: str | os.PathLike) -> None:
+    for name, data in sorted(files.items()):
+        with open(Path(d) / name, "wb") as f:
+            f.write(data)
+
+
+def _flush_std() -> None:
+    for f in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            f.flush()
 
 
 def _isolated_builds() -> bool:
@@ -353,7 +360,7 @@ def _isolated_builds() -> bool:
 
 
 _SIGNAL_WORDS = {"SIGSEGV": "segmentation fault", "SIGBUS": "bus error", "SIGABRT": "aborted", "SIGILL": "illegal instruction",
-                 "SIGFPE": "arithmetic exception", "SIGKILL": "killed, e.g. out of memory"}  # fmt: skip
+                 "SIGFPE": "arithmetic exception"}  # fmt: skip
 
 
 def _build_in_child(graph: Graph, target: Target | str, recipe, console, **kw) -> tuple[dict[str, Any], dict[str, bytes] | None] | None:
@@ -373,9 +380,7 @@ def _build_in_child(graph: Graph, target: Target | str, recipe, console, **kw) -
     try:
         os.makedirs(os.path.join(work, "tmp"))
         os.makedirs(os.path.join(work, "lib"))
-        for f in (sys.stdout, sys.stderr):
-            with contextlib.suppress(OSError, ValueError):
-                f.flush()
+        _flush_std()  # (not written twice by the child's copy of the buffers)
         with warnings.catch_warnings():  # Python 3.12: "This process is multi-threaded, use of fork() may lead to
             warnings.simplefilter("ignore", DeprecationWarning)  # deadlocks": the child touches no lock of another thread
             try:
@@ -439,9 +444,7 @@ def _child_build(work: str, graph: Graph, target, recipe, console, kw: dict[str,
         if torch is not None:  # the parent's OpenMP threads are not in this process: no parallel region here
             torch.set_num_threads(1)
         info, files = _build(graph, target, recipe, console, **kw)
-        for n, data in (files or {}).items():
-            with open(os.path.join(work, "lib", n), "wb") as f:
-                f.write(data)
+        _write_files(files or {}, os.path.join(work, "lib"))
         result: dict[str, Any] = {"info": info, "files": sorted(files) if files is not None else None}
     except BaseException as e:  # noqa: BLE001 - sent to the parent, which raises it
         result = {"error": _error_doc(e)}
@@ -452,9 +455,7 @@ def _child_build(work: str, graph: Graph, target, recipe, console, kw: dict[str,
         os.replace(os.path.join(work, "result.json.part"), os.path.join(work, "result.json"))
     except BaseException:  # noqa: BLE001
         code = 71
-    for f in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
-            f.flush()
+    _flush_std()
     os._exit(code)
 
 

@@ -82,8 +82,8 @@ class Lowered:
     # symbolic input dim -> the input dim the model requires it to equal (unify_broadcast): attention_mask's
     # ``attention_mask_dynamic_axes_2`` -> ``input_ids_dynamic_axes_2``. Checked by the runtimes before a call.
     dim_ties: dict[str, str] = field(default_factory=dict)
-    # input dims the model fixes though the inputs declare them symbolic (see _Lowerer.unify_broadcast): the library
-    # takes them at that size only; a line for the build report each
+    # lines for the build report: input dims the model fixes though the inputs declare them symbolic (the library takes
+    # them at that size only: _Lowerer.fix_input_dim), and Reshapes checked at run time (_Lowerer.reshape_guard)
     notes: list[str] = field(default_factory=list)
 
 
@@ -1519,29 +1519,22 @@ class _Lowerer:
             return x
         if not n.attributes.get("allowzero"):
             target = [dims[i] if isinstance(d, int) and d == 0 and i < len(dims) else d for i, d in enumerate(target)]
-        prod_in, prod_out = 1, 1
-        for d in dims:
-            prod_in = prod_in * _as_prim(_sv_elem(d))
-        for d in target:
-            prod_out = prod_out * _as_prim(_sv_elem(d))
-        if self.simp(_as_prim(prod_in) - _as_prim(prod_out)) == 0:
+        def count(ds):
+            return _as_prim(product(_as_prim(_sv_elem(d)) for d in ds))
+
+        prod_out = count(target)
+        if self.simp(count(dims) - prod_out) == 0:
             return x
         for i in range(len(dims)):  # the input dim that makes the counts equal, where it is a whole expression
             if _static_int(dims[i]) is not None:
                 continue
-            rest = 1
-            for j, d in enumerate(dims):
-                if j != i:
-                    rest = rest * _as_prim(_sv_elem(d))
-            want = self.simp(tirx.floordiv(_as_prim(prod_out), _as_prim(rest)))
-            if self.simp(_as_prim(want) * _as_prim(rest) - _as_prim(prod_out)) != 0:
+            rest = count(dims[:i] + dims[i + 1 :])
+            want = self.simp(tirx.floordiv(prod_out, rest))
+            if self.simp(_as_prim(want) * rest - prod_out) != 0:
                 continue
             if isinstance(want, int) and want < 1:
                 continue
-            key = next((k for k, v in self.sym.items() if v.same_as(dims[i])), None) if isinstance(dims[i], tirx.Var) else None
-            if key is not None and isinstance(want, int) and any(dims[i].same_as(v) for v in self.input_syms):
-                self.found_fixed.setdefault(key, (want, "Reshape"))  # a graph input's own dim: lower() fixes it
-            else:
+            if not (isinstance(want, int) and self.fix_input_dim(dims[i], want, "Reshape")):  # (a graph input's own dim)
                 self.reshape_fixed.append((n.name, i, want))
             new = list(dims)
             new[i] = _as_prim(want)
@@ -1553,14 +1546,23 @@ class _Lowerer:
         a TorchScript export with the sequence length baked in (a 16 x 16 mask added to the scores). TVM cannot build
         the op (the shapes disagree for every other size: "CodeGenVM cannot emit ... R.add"), and onnxruntime fails
         at every other size too: :func:`lower` lowers the input at that size."""
-        from tvm import tirx
-
         for var, size in ((a, b), (b, a)):
             n = _static_int(size)
-            if isinstance(var, tirx.Var) and n is not None and n > 1 and any(var.same_as(v) for v in self.input_syms):
-                key = next((k for k, v in self.sym.items() if v.same_as(var)), None)
-                if key is not None:
-                    self.found_fixed.setdefault(key, (n, op))
+            if n is not None and n > 1:
+                self.fix_input_dim(var, n, op)
+
+    def fix_input_dim(self, var, size: int, op: str) -> bool:
+        """Record that the model needs the graph input dim ``var`` to be ``size`` (:func:`lower` lowers it at that
+        size). False when ``var`` is not a graph input's own symbolic dim."""
+        from tvm import tirx
+
+        if not (isinstance(var, tirx.Var) and any(var.same_as(v) for v in self.input_syms)):
+            return False
+        key = next((k for k, v in self.sym.items() if v.same_as(var)), None)
+        if key is None:
+            return False
+        self.found_fixed.setdefault(key, (size, op))
+        return True
 
     def unify_concat(self, ins: list, axis: int) -> list:
         """A Concat's inputs agree on every dim but ``axis`` (ONNX requires it), though Relax may not see it: a U-Net

@@ -351,12 +351,12 @@ def compress(source: Source, recipe: Recipe, out: str | os.PathLike, *, force: b
     if not checks:  # no calibration data (a model compressed without passes): inputs generated for the check
         from sparsec.calibration.data import CalibrationSet, generate, static_batch
 
+        # the model's own batch size where its export fixed one (dynamo / torch.export default to static shapes)
+        n = static_batch(graph) or 2
         # short sequences first (cheap), then the length generated calibration uses: a 16-sample waveform is shorter
         # than an audio model's conv stack takes (Wav2Vec2: "padded input size ... (2). Kernel size: (3)", exit 5)
         for length in dict.fromkeys([recipe.calibration.seq_len or 16, recipe.calibration.seq_len]):
             try:
-                # the model's own batch size where its export fixed one (dynamo / torch.export default to static shapes)
-                n = static_batch(graph) or 2
                 arrays = generate(graph, n, length, recipe.seed)
                 checks.append(CalibrationSet(arrays, "generated (export check)", True, n))
             except Exception:  # noqa: BLE001 - unknown input shapes: no export check

@@ -68,8 +68,7 @@ def enable() -> None:
 def in_child() -> None:
     """In a forked child that does one job and ends with ``os._exit`` (backends/build.py): calls run in this thread,
     no crash reports (the parent reports the child's end), and no temp directories of the parent's to remove."""
-    _enabled[0] = False
-    _crash_fd[0] = None
+    end_cli()
     _temp_dirs.clear()
 
 

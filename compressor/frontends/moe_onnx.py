@@ -860,11 +860,11 @@ def raise_onnx_moe(g: Graph, seed: int = 0) -> tuple[int, list[str]]:
                 with _few_threads(G, router):
                     moe, remove = _try_block(G, router, seed)
             except _Fail as e:
+                block = _module_prefix([router.name]).rsplit(".", 1)[0] if "." in router.name else router.name
                 if e.quiet:
                     if _gathers_expert_weights(G, t):  # DBRX: the routed ids pick slices of 3-D expert weights
-                        router.meta["moe_router"] = router.name.rsplit(".", 1)[0]
+                        router.meta["moe_router"] = block
                     continue
-                block = _module_prefix([router.name]).rsplit(".", 1)[0] if "." in router.name else router.name
                 warnings.append(f"MoE-like block '{block}' (router '{router.name}', {router.out_features} outputs) is not raised "
                                 f"to an MoE layer: {e}; its layers are imported individually")  # fmt: skip
                 router.meta["moe_router"] = block  # still a router: passes leave it out by default (pipeline.Selection)
