@@ -215,6 +215,51 @@ class FusedGateUpMoe(nn.Module):
         return torch.einsum("te,etd->td", dense, y).reshape(b, t, d), logits
 
 
+class BatchedMmMoe(nn.Module):
+    """transformers' (v5) experts as 3-D parameters with the ``batched_mm`` implementation: every routed (token, slot)
+    pair gathers its expert's slices (``gate_up_proj[expert_ids]``) and applies them with ``torch.bmm``, biases
+    gathered the same way; ``index_add_`` sums the slots of a token. ``transposed``: weights stored ``[E, in, out]``
+    and applied as ``x[:, None] @ W`` (``experts_are_transposed``); else ``[E, out, in]`` as ``W @ x[..., None]``.
+    ``act``: "silu" (SwiGLU), or "oss" (GPT-OSS's clamped ``(up + 1) * gate * sigmoid(1.702 gate)``, which sparsec's
+    MoE node does not express)."""
+
+    def __init__(self, d, f, num_experts=4, top_k=2, transposed=False, bias=False, act="silu"):
+        super().__init__()
+        self.top_k, self.transposed, self.act = top_k, transposed, act
+        self.gate = nn.Linear(d, num_experts, bias=False)
+        shape_gu, shape_dn = ((num_experts, d, 2 * f), (num_experts, f, d)) if transposed else ((num_experts, 2 * f, d), (num_experts, d, f))
+        self.gate_up_proj = nn.Parameter(torch.randn(*shape_gu) * d**-0.5)
+        self.down_proj = nn.Parameter(torch.randn(*shape_dn) * f**-0.5)
+        self.gate_up_proj_bias = nn.Parameter(torch.randn(num_experts, 2 * f) * 0.1) if bias else None
+        self.down_proj_bias = nn.Parameter(torch.randn(num_experts, d) * 0.1) if bias else None
+
+    def _per_slot(self, w, x):  # x [S, in] by each slot's own w -> [S, out]
+        return torch.bmm(x.unsqueeze(1), w).squeeze(1) if self.transposed else torch.bmm(w, x.unsqueeze(-1)).squeeze(-1)
+
+    def forward(self, h):
+        b, t, d = h.shape
+        x = h.reshape(-1, d)
+        logits = self.gate(x)
+        w, sel = torch.topk(F.softmax(logits, dim=-1, dtype=torch.float), self.top_k, dim=-1)
+        w = w / w.sum(dim=-1, keepdim=True)
+        ids = sel.reshape(-1)
+        tok = torch.arange(x.shape[0]).unsqueeze(1).expand(-1, self.top_k).reshape(-1)
+        gu = self._per_slot(self.gate_up_proj[ids], x[tok])
+        if self.gate_up_proj_bias is not None:
+            gu = gu + self.gate_up_proj_bias[ids]
+        gate, up = gu.chunk(2, dim=-1)
+        if self.act == "oss":
+            gate, up = gate.clamp(max=7.0), up.clamp(min=-7.0, max=7.0)
+            hid = (up + 1) * (gate * torch.sigmoid(gate * 1.702))
+        else:
+            hid = F.silu(gate) * up
+        y = self._per_slot(self.down_proj[ids], hid)
+        if self.down_proj_bias is not None:
+            y = y + self.down_proj_bias[ids]
+        out = torch.zeros_like(x).index_add_(0, tok, y * w.reshape(-1, 1))
+        return out.reshape(b, t, d), logits
+
+
 # name -> (block factory, expected (experts, top_k, renormalize, score) per MoE layer)
 VARIANTS = {
     "mixtral": (None, (4, 2, True, "softmax")),

@@ -554,7 +554,8 @@ class _Runner:
 # semantics
 def _detach(lin: Linear, name: str | None = None) -> Linear:
     name = name or lin.name
-    return Linear(name, [f"{name}:in"], [f"{name}:out"], {"module": lin.module or name}, weight=lin.weight, bias=lin.bias)
+    meta = {"module": lin.module or name, **{k: v for k, v in lin.meta.items() if k.startswith("ungathered")}}
+    return Linear(name, [f"{name}:in"], [f"{name}:out"], meta, weight=lin.weight, bias=lin.bias)
 
 
 def _random_like(lin: Linear, rng: torch.Generator) -> Linear:
@@ -858,7 +859,12 @@ def raise_onnx_moe(g: Graph, seed: int = 0) -> tuple[int, list[str]]:
             tried.add(router.name)
             try:
                 with _few_threads(G, router):
-                    moe, remove = _try_block(G, router, seed)
+                    try:
+                        moe, remove = _try_block(G, router, seed)
+                    except (RuntimeError, ValueError, IndexError, KeyError, np.linalg.LinAlgError) as e:
+                        # the region's numbers could not be computed as the block was read (shapes that do not
+                        # match): not an MoE this raiser understands; the model still imports, layer by layer
+                        raise _Fail(f"its region could not be evaluated ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from e
             except _Fail as e:
                 block = _module_prefix([router.name]).rsplit(".", 1)[0] if "." in router.name else router.name
                 if e.quiet:

@@ -1094,9 +1094,41 @@ def remove_dead(g: Graph) -> None:
 
 
 def raise_graph(g: Graph) -> dict[str, int]:
-    """Fold constants and raise patterns in place. Returns how many of each op were raised."""
-    counts: dict[str, int] = {"folded": fold_constants(g)}
+    """Fold constants and raise patterns in place. Returns how many of each op were raised.
+
+    Blocks of experts gathered from stacked weights by the routed ids are rewritten per expert (``ungather.py``) only
+    to be raised to MoE nodes: where the MoE raiser then leaves such a block, the raise runs again from the folded
+    graph without that block's rewrite, and the raiser's reason joins the import warnings."""
+    folded: dict[str, int] = {"folded": fold_constants(g)}
     remove_dead(g)
+    from .ungather import gathered_expert_blocks, ungather_experts
+
+    before = g.copy() if gathered_expert_blocks(g) else None
+    skip: set[str] = set()
+    notes: list[str] = []
+    while True:
+        blocks = ungather_experts(g, skip) if before is not None else {}
+        counts = _raise_rest(g, dict(folded))
+        left = {n.meta["ungathered"] for n in g.nodes if isinstance(n, Linear) and "ungathered" in n.meta}
+        if not left:
+            break
+        why = [w for w in g.meta.get("import_warnings", []) if w.startswith("MoE-like block")]
+        notes.extend(f"experts gathered from stacked weights in {blocks[k]} are left as they are: applied per expert, "
+                     f"they were not raised to an MoE block" for k in sorted(left))  # fmt: skip
+        notes.extend(why)
+        skip |= left
+        g.__dict__.update(before.copy().__dict__)
+    for n in g.nodes:
+        if isinstance(n, MoE):
+            for lin in n.linears():
+                lin.meta.pop("ungathered", None)
+    if notes:
+        have = g.meta.setdefault("import_warnings", [])
+        have.extend(w for w in dict.fromkeys(notes) if w not in have)
+    return counts
+
+
+def _raise_rest(g: Graph, counts: dict[str, int]) -> dict[str, int]:
     from .unstack import unstack_expert_matmuls  # stacked 3-D expert weights -> a Linear per expert
 
     if unstack_expert_matmuls(g):
@@ -1111,6 +1143,9 @@ def raise_graph(g: Graph) -> dict[str, int]:
     g.toposort()
     n_moe, moe_warnings = raise_onnx_moe(g)
     if n_moe:
+        from .ungather import name_raised_experts
+
+        name_raised_experts(g)
         counts["MoE"] += n_moe
         counts["Residual"] = counts.get("Residual", 0) + _run_pattern(g, match_residual)  # adds after the MoE output
         _name_raised(g)
