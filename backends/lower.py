@@ -609,23 +609,45 @@ class _Lowerer:
         """An ONNX ``Resize`` (opset >= 11) of a channels-last 2-D map with constant scales or sizes and a constant (or
         no) region of interest: ``image.resize2d`` with ``layout="NHWC"``, the attributes mapped as TVM's ONNX importer
         maps them (None when it does not apply). Upsampling in a U-Net decoder ran NCHW between two permutes."""
+        return self._resize2d(n, x, "NHWC")
+
+    def _resize_sizes(self, n: Generic, nc: list) -> np.ndarray | None:
+        """A Resize's ``sizes`` computed at run time from the input's shape with constant spatial sizes
+        (``F.interpolate(size=(16, 16))`` of a dynamic batch: TorchScript concatenates ``Shape(x)[:2]`` and the
+        constant): ``[N, C, h, w]`` with the input's own N and C, as an int array; None otherwise."""
+        if len(n.inputs) < 4 or not n.inputs[3] or n.inputs[3] in self.g.constants:
+            return None
+        sv = self.shape_value(n.inputs[3], self.value(n.inputs[3]))
+        if sv is None or sv.shape != (4,) or any(_static_int(v) is None for v in sv[2:]):
+            return None
+        for got, want in zip(sv[:2], nc):
+            if not (_static_int(got) == _static_int(want) is not None or str(got) == str(want)):
+                return None
+        return np.array([1, 1, *(int(_static_int(v)) for v in sv[2:])], np.int64)
+
+    def _resize2d(self, n: Generic, x, layout: str):
+        """``image.resize2d`` for an ONNX ``Resize`` of the spatial axes of a 4-D map in ``layout`` (NHWC or NCHW)
+        with constant scales or sizes (or sizes from the input's shape, :meth:`_resize_sizes`) and a constant (or no)
+        region of interest; None where that does not apply."""
         relax = self.relax
         shape = _shape_of(x)
         if shape is None or len(shape) != 4 or self.g.opset.get("", 17) < 11:
             return None
-        hw = [_static_int(d) for d in shape[1:3]]
+        sp, nc = ([1, 2], [shape[0], shape[3]]) if layout == "NHWC" else ([2, 3], [shape[0], shape[1]])
+        hw = [_static_int(shape[i]) for i in sp]
         const = lambda i: np.asarray(self.g.constants[n.inputs[i]]) if len(n.inputs) > i and n.inputs[i] in self.g.constants else None  # noqa: E731
         given = [i for i in (1, 2, 3) if len(n.inputs) > i and n.inputs[i]]
-        if any(const(i) is None for i in given) or any(d is None for d in hw):
+        run_sizes = self._resize_sizes(n, nc)
+        if any(const(i) is None and not (i == 3 and run_sizes is not None) for i in given) or any(d is None for d in hw):
             return None
-        roi, scales, sizes = const(1), const(2), const(3)
+        roi, scales, sizes = const(1), const(2), const(3) if run_sizes is None else run_sizes
         if sizes is not None and sizes.size == 4:
             size = [int(v) for v in sizes.reshape(-1)[2:]]
         elif scales is not None and scales.size == 4 and float(scales[0]) == 1 and float(scales[1]) == 1:
             size = [int(np.float32(scales[2 + i]) * np.float32(hw[i])) for i in range(2)]
             if any(size[i] != float(np.float32(scales[2 + i]) * np.float32(hw[i])) for i in range(2)):
                 # resize2d maps coordinates by size / size; ONNX by the given scale: equal only when whole
-                return self._resize_by_matrices(n, x, [1, 2])
+                return self._resize_by_matrices(n, x, sp)
         else:
             return None
         if roi is None or roi.size == 0:
@@ -638,7 +660,7 @@ class _Lowerer:
         a = n.attributes
         mode = _attr_str(a.get("mode"), "nearest")
         return self.bb.emit(relax.op.image.resize2d(
-            x, size=relax.ShapeExpr(size), roi=roi_s, layout="NHWC", method="nearest_neighbor" if mode == "nearest" else mode,
+            x, size=relax.ShapeExpr(size), roi=roi_s, layout=layout, method="nearest_neighbor" if mode == "nearest" else mode,
             coordinate_transformation_mode=_attr_str(a.get("coordinate_transformation_mode"), "half_pixel"),
             rounding_method=_attr_str(a.get("nearest_mode"), "round_prefer_floor"), cubic_alpha=float(a.get("cubic_coeff_a", -0.75)),
             cubic_exclude=int(a.get("exclude_outside", 0)), extrapolation_value=float(a.get("extrapolation_value", 0.0))))  # fmt: skip
@@ -1019,6 +1041,8 @@ class _Lowerer:
             ins = [ins[0], relax.const(np.asarray(self.g.constants[n.inputs[1]]).reshape(1).astype(np.int64), "int64"), *ins[2:]]
         if n.op_type == "Resize" and not n.domain and ins and ins[0] is not None:
             out = self._resize_by_matrices(n, ins[0], [2, 3])
+            if out is None and len(_shape_of(ins[0]) or ()) == 4 and self._resize_sizes(n, list(_shape_of(ins[0])[:2])) is not None:
+                out = self._resize2d(n, ins[0], "NCHW")  # sizes from Shape(x): TVM's converter wants constants
             if out is not None:
                 return [(n.outputs[0], self.refine(n.outputs[0], out))]
         if n.op_type == "Trilu" and not n.domain:

@@ -787,6 +787,51 @@ def test_convs_no_pass_compresses_are_named_in_one_import_warning(tmp_path):
     assert "pw" not in w[0] and any(n.op == "Conv" for n in g.nodes)
 
 
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_resize_to_a_size_of_a_dynamic_batch_builds(exporter, tmp_path):
+    """``F.interpolate(size=(h, w))`` of a map whose batch is dynamic (SegFormer's decode head): TorchScript writes the
+    Resize's sizes as ``Concat(Shape(x)[:2], [h, w])``, which TVM's converter takes only as a constant, so no library
+    was built (exit 0, "Resize ... 'Var' object has no attribute 'value'"). The spatial sizes are read at compile time
+    now, behind a conv (channels-last) and on a plain input (NCHW); the library equals onnxruntime at several batches,
+    in every mode."""
+    from sparsec.backends.build import build_to_dir
+    from sparsec.backends.runtime import LoadedLib
+
+    rng = np.random.default_rng()
+    size = (int(rng.integers(9, 17)), int(rng.integers(9, 17)))
+    mode = str(rng.choice(["bilinear", "nearest", "bicubic"]))
+    align = bool(rng.integers(2)) if mode != "nearest" else None
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.out = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 3, padding=1)
+
+        def forward(self, x):
+            a = F.interpolate(x, size=size, mode=mode, align_corners=align)  # on the input (NCHW)
+            b = self.out(F.interpolate(self.conv(x), size=size, mode=mode, align_corners=align))  # between convs
+            return a.sum(1, keepdim=True) + b
+
+    import torch.nn.functional as F
+
+    model, x = M().eval(), torch.randn(2, 3, 7, 6)
+    path = tmp_path / "m.onnx"
+    if exporter == "torchscript":
+        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})  # fmt: skip
+    else:
+        torch.onnx.export(model, (x,), str(path), dynamo=True, input_names=["x"], output_names=["y"],
+                          dynamic_shapes=({0: torch.export.Dim("n")},), external_data=True)  # fmt: skip
+    g = load_onnx(str(path))
+    build_to_dir(g, "x86", tmp_path / "lib")
+    lib = LoadedLib(lib_dir=tmp_path / "lib", graph=g)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for n in (1, 3):
+        feeds = {"x": rng.standard_normal((n, 3, 7, 6)).astype(np.float32)}
+        got, (ref,) = lib.run(feeds)["y"], sess.run(None, feeds)
+        assert got.shape == ref.shape == (n, 4, *size) and rel(got, ref) < 1e-5, (mode, align, n, rel(got, ref))
+
+
 RESIZE_MODES = [
     ("linear-half", {"mode": "linear"}),
     ("linear-align", {"mode": "linear", "coordinate_transformation_mode": "align_corners"}),
