@@ -1705,8 +1705,8 @@ class _Lowerer:
             outs = [(n.outputs[0], self.rmsnorm(n, ins[0]))]
         elif isinstance(n, Embedding):
             outs = [(n.outputs[0], self.embedding(n, ins[0]))]
-        elif isinstance(n, Residual):
-            outs = [(n.outputs[0], self.bb.emit(relax.op.add(ins[0], ins[1])))]
+        elif isinstance(n, Residual):  # (two spellings of one length, e.g. a conv stem's and an export's formula)
+            outs = [(n.outputs[0], self.bb.emit(relax.op.add(*self.unify_broadcast("Add", [ins[0], ins[1]]))))]
         elif isinstance(n, MoE):
             outs = [(n.outputs[0], self.moe(n, ins[0]))]
         elif isinstance(n, Generic):

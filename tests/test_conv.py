@@ -832,6 +832,66 @@ def test_resize_to_a_size_of_a_dynamic_batch_builds(exporter, tmp_path):
         assert got.shape == ref.shape == (n, 4, *size) and rel(got, ref) < 1e-5, (mode, align, n, rel(got, ref))
 
 
+@pytest.mark.parametrize("exporter", ["dynamo", "pt2"])
+def test_residual_over_two_spellings_of_one_length_builds(exporter, tmp_path):
+    """A HuBERT-style waveform encoder (three strided convs, the positional conv with its last frame cut off, then
+    attention that reshapes with ``view(b, t, h, d)``):
+    the dynamo exporter writes the view's ``t`` with its own formula of the waveform length, which TVM cannot prove
+    equal to the conv stack's length, so the residual add had no shape and no library was built (exit 0, "the input
+    of '...intermediate_dense' has an unknown shape"; round 13 D2). The residual's sides are unified as other
+    broadcasting ops' are (checked at run time); the library equals onnxruntime at two waveform lengths."""
+    from sparsec.backends.build import build_to_dir
+    from sparsec.backends.runtime import LoadedLib
+
+    class Wave(nn.Module):
+        def __init__(self, c=16, d=32, heads=4):
+            super().__init__()
+            self.heads = heads
+            self.convs = nn.ModuleList([nn.Conv1d(1, c, 10, 5, bias=False), nn.Conv1d(c, c, 3, 2, bias=False), nn.Conv1d(c, c, 2, 2, bias=False)])
+            self.norm0 = nn.GroupNorm(c, c)
+            self.proj, self.qkv, self.o = nn.Linear(c, d), nn.Linear(d, 3 * d), nn.Linear(d, d)
+            self.ln, self.ff = nn.LayerNorm(d), nn.Linear(d, 2 * d)
+            self.pos = nn.Conv1d(d, d, 8, padding=4, groups=4)  # HuBERT's positional conv: one frame too many, cut off
+
+        def forward(self, wave):
+            h = wave[:, None]
+            for i, conv in enumerate(self.convs):
+                h = torch.nn.functional.gelu(self.norm0(conv(h)) if i == 0 else conv(h))
+            x = self.proj(h.transpose(1, 2))
+            x = x + torch.nn.functional.gelu(self.pos(x.transpose(1, 2))[:, :, :-1]).transpose(1, 2)
+            b, t, d = x.shape
+            q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in self.qkv(x).chunk(3, -1))
+            a = torch.softmax(q @ k.transpose(2, 3) * (d // self.heads) ** -0.5, -1) @ v
+            x = self.ln(x + self.o(a.transpose(1, 2).reshape(b, t, d)))
+            return self.ff(x).mean(1)
+
+    torch.manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    model, wave = Wave().eval(), torch.randn(2, 1600)
+    dims = ({0: torch.export.Dim("batch", max=64), 1: torch.export.Dim("samples", min=400, max=64000)},)
+    if exporter == "dynamo":
+        path = tmp_path / "m.onnx"
+        torch.onnx.export(model, (wave,), str(path), dynamo=True, input_names=["wave"], output_names=["y"], dynamic_shapes=dims,
+                          external_data=True)  # fmt: skip
+    else:
+        path = tmp_path / "m.pt2"
+        torch.export.save(torch.export.export(model, (wave,), dynamic_shapes=dims), str(path))
+    if exporter == "dynamo":
+        g = load_onnx(str(path))
+    else:
+        from sparsec.compressor.frontends.torch import load_pt2
+
+        g = load_pt2(str(path))
+    build_to_dir(g, "x86", tmp_path / "lib")
+    lib = LoadedLib(lib_dir=tmp_path / "lib", graph=g)
+    rng = np.random.default_rng()
+    for b, n in ((1, 2400), (3, 1600)):
+        x = rng.standard_normal((b, n)).astype(np.float32)
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x)).numpy()
+        got = lib.run({g.inputs[0]: x})[g.outputs[0]]
+        assert got.shape == ref.shape and rel(got, ref) < 1e-5, (b, n, rel(got, ref))
+
+
 RESIZE_MODES = [
     ("linear-half", {"mode": "linear"}),
     ("linear-align", {"mode": "linear", "coordinate_transformation_mode": "align_corners"}),
