@@ -88,6 +88,11 @@ from ..compressor.report import LayerRow, PassReport
 
 _FLOAT_TYPES = {1, 10, 11, 16}  # ONNX elem types float, float16, double, bfloat16
 _FLOAT_NAMES = ("float32", "float16", "float64", "bfloat16")
+# (for naming what computes a value written to the stream) ops that move data, and element-wise maps
+_MOVES = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather", "GatherND", "Concat", "Split", "Pad",
+          "Expand", "Tile", "Identity", "Cast", "DepthToSpace", "SpaceToDepth"}  # fmt: skip
+_ELEMENTWISE = {"Gelu", "Relu", "Sigmoid", "Tanh", "Erf", "Silu", "HardSwish", "HardSigmoid", "LeakyRelu", "Elu", "Softplus", "Mish",
+                "Neg", "Abs", "Clip", "Dropout", "Mul", "Add", "Sub", "Div", "Pow"}  # fmt: skip (followed through the first input)
 
 
 def _cannot(msg: str) -> PassError:
@@ -522,12 +527,22 @@ class _Finder:
             raise _cannot(f"{what} {how} with a non-float value")
         dep = self.stream_dependency(v)
         if dep is not None:
-            # the nearest layer upstream: where the value is a layer's output moved by ops slicing does not follow
-            # (Swin's torch.roll / window reverse between attn.proj and the add), say which op stopped it
-            layer = next((q for _, q in walk_up(self.prod, [v]) if self.is_writer(q)), None)
-            via = (f"; it is the output of '{layer.name}' ({layer.op}) moved by '{p.name}' ({p.op}), which slicing does "
-                   "not follow (it follows ops that keep each token's hidden vector whole with the hidden axis last: "
-                   "Reshape, Transpose, token Gather / Slice, scalar Mul)") if layer is not None and p is not None else ""
+            # what computes the value: up through data moves and element-wise maps, the first other op. A layer's
+            # output moved by ops slicing does not follow (Swin's torch.roll / window reverse between attn.proj and the
+            # add) names the ops on the way; another op (a conv applied to the stream) is named itself
+            way, q = [], p
+            while isinstance(q, Generic) and q.inputs and (q.op_type in _MOVES or q.op_type in _ELEMENTWISE) and len(way) < 16:
+                way.append(q)
+                q = self.prod.get(q.inputs[0])
+            ops = ", ".join(f"'{w.name}' ({w.op})" for w in reversed(way))
+            if q is not None and self.is_writer(q) and way:
+                via = (f"; it is the output of '{q.name}' ({q.op}) moved by {ops}, which slicing cannot follow there (it "
+                       "follows ops that keep each token's hidden vector whole with the hidden axis last: Reshape, "
+                       "Transpose, token Gather / Slice, scalar Mul)")  # fmt: skip
+            elif q is not None and not self.is_writer(q):
+                via = f"; it is computed by '{q.name}' ({q.op})" + (f", then {ops}" if way else "")
+            else:
+                via = ""
             raise _cannot(f"{what} {how} but is computed from the residual stream (through {dep}){via}; "
                           f"only residual additions, Linear/MoE layers, embeddings, constants and values computed before "
                           f"the stream starts may write to it")  # fmt: skip
