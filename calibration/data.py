@@ -196,7 +196,10 @@ def _expected_rank(graph: Graph, name: str) -> int | None:
     return None if v is None or v.shape is None else len(v.shape)
 
 
-def validate_arrays(arrays: dict[str, np.ndarray], graph: Graph, source: str) -> dict[str, np.ndarray]:
+def validate_arrays(arrays: dict[str, np.ndarray], graph: Graph, source: str, notes: list[str] | None = None) -> dict[str, np.ndarray]:
+    """The arrays checked against the graph's inputs (names, ranks, static dims, dtypes, NaN/inf) and cast to the input
+    types. ``notes`` collects what was done to them that a user should know: a float input given with more precision
+    than the model takes (float64 -> float32), an input without its batch axis read as one sample."""
     missing = [i for i in graph.inputs if i not in arrays]
     extra = [k for k in arrays if k not in graph.inputs]
     if missing or extra:
@@ -219,6 +222,9 @@ def validate_arrays(arrays: dict[str, np.ndarray], graph: Graph, source: str) ->
             if a.ndim == len(v.shape) - 1:
                 a = a[None]  # one sample without its batch axis
                 one = f" (read as one sample, {list(a.shape)})"
+                if notes is not None:
+                    notes.append(f"{source}: '{name}' has shape {given}, one axis fewer than the model's {list(v.shape)}: "
+                                 f"read as one sample {list(a.shape)}")  # fmt: skip
             if a.ndim != len(v.shape):
                 raise CalibrationError(f"{source}: '{name}' has shape {given}, the model expects rank {len(v.shape)} {list(v.shape)}")
             for i, (got, want) in enumerate(zip(a.shape, v.shape)):
@@ -229,7 +235,10 @@ def validate_arrays(arrays: dict[str, np.ndarray], graph: Graph, source: str) ->
                 raise CalibrationError(f"{source}: '{name}' has dtype {a.dtype}, the model expects {v.dtype}")
             if not want_float and a.dtype.kind == "f":
                 raise CalibrationError(f"{source}: '{name}' has dtype {a.dtype}, the model expects {v.dtype}")
-            a = a.astype(_np_dtype(v.dtype), copy=False)
+            want = np.dtype(_np_dtype(v.dtype))
+            if notes is not None and a.dtype.kind == "f" and want.kind == "f" and a.dtype.itemsize > want.itemsize:
+                notes.append(f"{source}: '{name}' is {a.dtype}; cast to {want} (the model's type)")
+            a = a.astype(want, copy=False)
         if a.dtype.kind == "f" and not np.isfinite(a).all():
             raise CalibrationError(f"{source}: '{name}' contains NaN or inf")
         if a.ndim == 0:
@@ -520,7 +529,9 @@ def load_calibration(graph: Graph, data: str | None, *, samples: int, seq_len: i
         groups = read_groups(data, graph)  # one group per per-sample shape (sequences of several lengths)
         source = str(data)
         generated = False
-    groups = [validate_arrays(g, graph, source) for g in groups]
+    notes: list[str] = []
+    groups = [validate_arrays(g, graph, source, notes) for g in groups]
+    warnings.extend(dict.fromkeys(notes))  # (once per input, not per group of lengths)
     cut_nothing: list[str] = []
     groups = [crop_sequences(g, graph, seq_len, cut_nothing if not generated else None) for g in groups]
     if len(cut_nothing) == len(groups) and cut_nothing:  # no group was cut: the line of the longest sequences

@@ -397,14 +397,21 @@ def run(
         "outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype), "mean": float(v.mean()) if v.size and v.dtype.kind == "f" else None}
                     for k, v in res.outputs.items()},  # fmt: skip
         "seconds": res.seconds,
+        "load_seconds": res.load_seconds,
         "note": res.note or None,
+        "input_notes": res.input_notes or [],
     }
+    from rich.markup import escape
+
+    for w in res.input_notes or []:
+        err.print(f"[yellow]warning[/yellow]: {escape(w)}", soft_wrap=True)
     if as_json:
         print(json.dumps(summary, indent=1))
     else:
         for k, v in summary["outputs"].items():
             out.print(f"{k}: {v['dtype']}{v['shape']}" + (f"  mean {v['mean']:.6g}" if v["mean"] is not None else ""))
-        err.print(f"engine: {res.engine}, {res.seconds * 1e3:.1f} ms" + (f"; wrote {output}" if output else ""))
+        load = f" (+{res.load_seconds * 1e3:.0f} ms to load)" if res.load_seconds >= 5e-4 else ""
+        err.print(f"engine: {res.engine}, {res.seconds * 1e3:.1f} ms to run{load}" + (f"; wrote {output}" if output else ""))
     if res.note:
         err.print(f"note: {res.note}")
 

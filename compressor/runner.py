@@ -18,16 +18,18 @@ ENGINES = ("auto", "lib", "onnx", "ir")
 class RunResult:
     outputs: dict[str, np.ndarray]
     engine: str
-    seconds: float
+    seconds: float  # the run itself
     note: str = ""
+    load_seconds: float = 0.0  # loading the library / creating the session before it
+    input_notes: list[str] | None = None  # what was done to the inputs (a narrowing cast, an added batch axis)
 
 
-def read_inputs(path: str | Path, graph) -> dict[str, np.ndarray]:
+def read_inputs(path: str | Path, graph, notes: list[str] | None = None) -> dict[str, np.ndarray]:
     """Inputs for a run, validated against the graph (names, ranks, static dims, dtypes, NaN/inf)."""
     from sparsec.calibration.data import read_arrays, validate_arrays
 
     arrays = read_arrays(path, graph)
-    return validate_arrays(arrays, graph, str(path))
+    return validate_arrays(arrays, graph, str(path), notes)
 
 
 def has_lib(a: Artifact) -> bool:
@@ -40,7 +42,8 @@ def run_artifact(artifact: str | Path, inputs, engine: str = "auto") -> RunResul
     a = load_artifact(artifact)
     verify_files(a, ["graph.json", "weights.safetensors"])
     g = a.graph
-    feeds = inputs if isinstance(inputs, dict) else read_inputs(inputs, g)
+    input_notes: list[str] = []
+    feeds = inputs if isinstance(inputs, dict) else read_inputs(inputs, g, input_notes)
     check_feeds(g, feeds)
     note = ""
     if engine == "auto":
@@ -51,14 +54,19 @@ def run_artifact(artifact: str | Path, inputs, engine: str = "auto") -> RunResul
             why = lib_runnable_here(read_lib_manifest(a.lib_dir))
             if why is not None:
                 engine, note = "onnx", f"compiled library not used: {why}; ran model.onnx"
-    t0 = time.perf_counter()
+    t0, load = time.perf_counter(), 0.0
     if engine == "lib":
         if not has_lib(a):
             raise ArtifactError(f"{a.path}: has no compiled library (lib/); use --engine onnx")
         verify_files(a, ["lib/manifest.json"])
-        from sparsec.backends.runtime import run_lib
+        from sparsec.backends.runtime import load_lib, read_lib_manifest, run_lib
 
-        outs = run_lib(a, feeds)
+        if read_lib_manifest(a.lib_dir).get("standalone"):  # one subprocess loads and runs it
+            outs = run_lib(a, feeds)
+        else:
+            lib = load_lib(a)
+            t0, load = time.perf_counter(), time.perf_counter() - t0
+            outs = lib.run(feeds)
     elif engine == "onnx":
         import onnxruntime as ort
 
@@ -73,6 +81,7 @@ def run_artifact(artifact: str | Path, inputs, engine: str = "auto") -> RunResul
             msg = " ".join(str(e).split())
             msg = msg.split("Status Message:")[-1].strip() if "Status Message:" in msg else msg
             raise ArtifactError(f"{a.path}: onnxruntime cannot load model.onnx: {msg[:300]}") from None
+        t0, load = time.perf_counter(), time.perf_counter() - t0
         names = [o.name for o in sess.get_outputs()]
         try:
             outs = dict(zip(names, sess.run(None, feeds)))
@@ -81,5 +90,7 @@ def run_artifact(artifact: str | Path, inputs, engine: str = "auto") -> RunResul
             msg = msg.split("Status Message:")[-1].strip() if "Status Message:" in msg else msg
             raise InputShapeError(f"model.onnx cannot run on these inputs (onnxruntime): {msg[:300]}") from None
     else:
-        outs = Executor(g).run(feeds)
-    return RunResult({k: np.asarray(v) for k, v in outs.items()}, engine, time.perf_counter() - t0, note)
+        ex = Executor(g)
+        t0, load = time.perf_counter(), time.perf_counter() - t0
+        outs = ex.run(feeds)
+    return RunResult({k: np.asarray(v) for k, v in outs.items()}, engine, time.perf_counter() - t0, note, load, input_notes)

@@ -889,3 +889,36 @@ def test_a_waveform_model_compresses_without_calibration_data(kernel, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     ref = ort.InferenceSession(str(path)).run(None, {"wav": x})[0]
     assert np.abs(np.load(tmp_path / "y.npz")["y"] - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
+
+
+def test_inputs_cast_or_read_as_one_sample_are_reported(tmp_path):
+    """float64 arrays (numpy's default) are cast to the model's float32, and an array without its batch axis is read
+    as one sample: both happened without a word (round 13 D4; onnxruntime refuses both). Each is a warning now, in
+    compress (calibration) and in run, and the results are those of the cast / batched input. run also says how long
+    the run took apart from loading the library (its one figure was mostly the load: "engine: lib, 2676 ms")."""
+    rng = np.random.default_rng()
+    w = rng.standard_normal((16, 8)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])], [onnx.numpy_helper.from_array(w, "w")])  # fmt: skip
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    np.savez(tmp_path / "c64.npz", x=rng.standard_normal((16, 16)))  # float64
+    art = tmp_path / "art"
+    p = sparsec("compress", path, "--calib", tmp_path / "c64.npz", "-o", art, "--no-build")
+    assert p.returncode == 0 and "'x' is float64; cast to float32 (the model's type)" in p.stderr, p.stderr
+    x64 = rng.standard_normal((3, 16))
+    np.savez(tmp_path / "x64.npz", x=x64)
+    np.savez(tmp_path / "x1.npz", x=x64[0].astype(np.float32))
+    p = sparsec("run", art, "--inputs", tmp_path / "x64.npz", "-o", tmp_path / "y.npz", "--engine", "onnx")
+    assert p.returncode == 0 and p.stderr.count("warning:") == 1 and "'x' is float64; cast to float32" in p.stderr, p.stderr
+    assert "ms to run (+" in p.stderr, p.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "y.npz")["y"], x64.astype(np.float32) @ w, rtol=1e-5, atol=1e-5)
+    p = sparsec("run", art, "--inputs", tmp_path / "x1.npz", "-o", tmp_path / "y1.npz", "--json")
+    assert p.returncode == 0 and "'x' has shape [16], one axis fewer than the model's ['n', 16]: read as one sample [1, 16]" in p.stderr
+    summary = json.loads(p.stdout)
+    assert summary["input_notes"] and summary["load_seconds"] >= 0 and summary["seconds"] >= 0
+    np.testing.assert_allclose(np.load(tmp_path / "y1.npz")["y"], x64[:1].astype(np.float32) @ w, rtol=1e-5, atol=1e-5)
+    np.savez(tmp_path / "x32.npz", x=x64.astype(np.float32))
+    p = sparsec("run", art, "--inputs", tmp_path / "x32.npz")  # float32 with its batch axis: nothing to say
+    assert p.returncode == 0 and "warning" not in p.stderr, p.stderr
