@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..ir import Generic, Graph, Linear, Node
-from .unstack import _BINARY, _UNARY, split_sliced_outputs
+from .unstack import _BINARY, _UNARY, fresh_name, split_sliced_outputs
 
 _IDX_LAYOUT = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Identity"}
 _FLOAT_TO = {1: np.float32, 10: np.float16, 11: np.float64}  # Cast targets a weight path may take
@@ -324,12 +324,7 @@ class _Block:
         return name
 
     def _name(self, base: str) -> str:
-        """A node name not taken by the graph's nodes and values nor by the nodes made here (not in g.nodes yet)."""
-        name, i = base, 1
-        while name in self.names or name in self.g.values:
-            name, i = f"{base}_{i}", i + 1
-        self.names.add(name)
-        return name
+        return fresh_name(self.g, self.names, base)
 
     def _node(self, op: str, ins: list[str], outs: list[str], attrs: dict | None = None) -> Generic:
         return Generic(self._name(f"{outs[0]}.{op.lower()}"), ins, outs, {}, op_type=op, attributes=dict(attrs or {}),

@@ -82,6 +82,16 @@ def _broadcast_source(g: Graph, prod: dict[str, Node], value: str) -> str | None
     return un.inputs[0]
 
 
+def fresh_name(g: Graph, names: set[str], base: str) -> str:
+    """A node name taken neither by ``names`` (the nodes made so far, not in ``g.nodes`` yet) nor by a value of ``g``;
+    added to ``names``."""
+    name, i = base, 1
+    while name in names or name in g.values:
+        name, i = f"{base}_{i}", i + 1
+    names.add(name)
+    return name
+
+
 class _Splitter:
     def __init__(self, g: Graph):
         self.g = g
@@ -99,11 +109,7 @@ class _Splitter:
         self.linears: list[Linear] = []
 
     def node_name(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.names or name in self.g.values:
-            name, i = f"{base}_{i}", i + 1
-        self.names.add(name)
-        return name
+        return fresh_name(self.g, self.names, base)
 
     def value(self, base: str, like: str | None, shape) -> str:
         name = self.g.unique_name(base)
