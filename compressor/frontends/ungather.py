@@ -107,8 +107,8 @@ class _Block:
         if ri is None:
             raise _Skip
         if seeds[0].op_type == "GatherND":
-            shape = g.values[idx].shape
-            if shape[-1] != 1 or any(s.op_type != "GatherND" for s in seeds):
+            shape = g.values[idx].shape if idx in g.values else None
+            if not shape or shape[-1] != 1 or any(s.op_type != "GatherND" for s in seeds):
                 raise _Skip
             ri -= 1
         elif any(s.op_type != "Gather" for s in seeds):
