@@ -1302,6 +1302,16 @@ class _Lowerer:
             out[ix] = r
         return out
 
+    def positive_analyzer(self):
+        """TVM's arithmetic analyzer with every graph input dim at least 1 (a size 0 input has nothing to compute)."""
+        if getattr(self, "_pos_ana", None) is None:
+            from tvm import sym
+
+            self._pos_ana = sym.Analyzer()
+            for v in self.input_syms:
+                self._pos_ana.update(v, sym.ConstIntBound(1, 2**62))
+        return self._pos_ana
+
     def simp(self, x):
         from tvm import tirx
 
@@ -1348,8 +1358,17 @@ class _Lowerer:
                 out.append(dd)
             elif isinstance(tt, int):
                 out.append(tt)  # ONNX: the data dim must be 1 or tt
+            elif self.known(dd) and self.known(tt):
+                # a target size that is an expression (TorchScript's index_add_: Shape(zeros[0:1]) =
+                # min(1, b*s) - min(0, b*s), i.e. 1): ONNX broadcasts, so the size is dd where tt is 1 and tt where dd
+                # is 1: max(dd, tt). broadcast_to(x[b*s, 64], [that 1, 64]) kept row 0 only (round 14 D1)
+                t1 = self.positive_analyzer().simplify(_as_prim(tt))
+                if isinstance(t1, tirx.IntImm) and t1.value == 1 or _same_dim_expr(_as_prim(dd), t1):
+                    out.append(dd)
+                else:
+                    out.append(self.positive_analyzer().simplify(tirx.max(_as_prim(dd), t1)))
             else:
-                out.append(tt if not self.known(dd) or self.known(tt) else dd)
+                out.append(tt if not self.known(dd) else dd)
         if len(out) == len(dsh) and all(_same_dim_expr(_as_prim(o), x) for o, x in zip(out, dsh)):
             return data
         x = data

@@ -1661,3 +1661,45 @@ def test_a_constant_buffer_sliced_from_its_end_by_the_sequence_builds(exporter, 
         assert got.shape == ref.shape and np.abs(got - ref).max() / np.abs(ref).max() < 1e-5, t
     with pytest.raises(InputShapeError, match=f"{maxlen}"):
         lib.run({"ids": rng.integers(0, 50, (2, maxlen + 3)).astype(np.int64)})
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_torchscript_index_add_builds_right(top_k, tmp_path):
+    """TorchScript writes ``zeros_like(h).index_add_(0, idx, y)`` with ``Expand(y, Shape(zeros[0:1]))``: a target size
+    min(1, b*s) - min(0, b*s), which is 1. The lowering took that size as the result's (ONNX broadcasts: the size
+    is the data's where the target's is 1), so the library kept row 0 and zeroed every other token (1.0 off
+    onnxruntime with exit 0; a gpt-oss-style MoE 1.2 off; round 14 D1). The library equals onnxruntime now, with each
+    token's row added once (top-1) and ``top_k`` times (the rows the TorchScript export keeps)."""
+    import onnxruntime as ort
+    import torch
+
+    from sparsec.backends.build import build_to_dir
+    from sparsec.backends.runtime import LoadedLib
+    from sparsec.compressor.frontends.onnx import load_onnx
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.proj, self.head = torch.nn.Embedding(64, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 64)
+
+        def forward(self, ids):
+            x = self.emb(ids)
+            b, s, d = x.shape
+            h = x.reshape(-1, d)
+            tok = torch.arange(h.shape[0]).unsqueeze(1).expand(-1, top_k).reshape(-1)
+            out = torch.zeros_like(h).index_add_(0, tok, self.proj(h[tok]))
+            return self.head(out.reshape(b, s, d))
+
+    torch.manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(M().eval(), (torch.randint(0, 64, (2, 8)),), str(path), dynamo=False, opset_version=17, input_names=["ids"],
+                      output_names=["y"], dynamic_axes={"ids": {0: "b", 1: "s"}, "y": {0: "b", 1: "s"}})  # fmt: skip
+    g = load_onnx(str(path))
+    build_to_dir(g, "x86", tmp_path / "lib")
+    lib = LoadedLib(lib_dir=tmp_path / "lib", graph=g)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng()
+    for shape in ((3, 11), (1, 1), (2, 5)):
+        ids = rng.integers(0, 64, shape).astype(np.int64)
+        got, (ref,) = lib.run({"ids": ids})["y"], sess.run(None, {"ids": ids})
+        assert got.shape == ref.shape and np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max(), shape
