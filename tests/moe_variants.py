@@ -221,11 +221,14 @@ class BatchedMmMoe(nn.Module):
     gathered the same way; ``index_add_`` sums the slots of a token. ``transposed``: weights stored ``[E, in, out]``
     and applied as ``x[:, None] @ W`` (``experts_are_transposed``); else ``[E, out, in]`` as ``W @ x[..., None]``.
     ``act``: "silu" (SwiGLU), or "oss" (GPT-OSS's clamped ``(up + 1) * gate * sigmoid(1.702 gate)``, which sparsec's
-    MoE node does not express)."""
+    MoE node does not express); ``route="biased"``: DeepSeek-V3's selection by sigmoid score + a correction bias within
+    the best group of experts (nor that)."""
 
-    def __init__(self, d, f, num_experts=4, top_k=2, transposed=False, bias=False, act="silu"):
+    def __init__(self, d, f, num_experts=4, top_k=2, transposed=False, bias=False, act="silu", route="softmax"):
         super().__init__()
-        self.top_k, self.transposed, self.act = top_k, transposed, act
+        self.top_k, self.transposed, self.act, self.route = top_k, transposed, act, route
+        if route == "biased":  # DeepSeek-V3: sigmoid scores, experts chosen by score + a correction bias
+            self.e_score_correction_bias = nn.Parameter(torch.randn(num_experts) * 0.5)
         self.gate = nn.Linear(d, num_experts, bias=False)
         shape_gu, shape_dn = ((num_experts, d, 2 * f), (num_experts, f, d)) if transposed else ((num_experts, 2 * f, d), (num_experts, d, f))
         self.gate_up_proj = nn.Parameter(torch.randn(*shape_gu) * d**-0.5)
@@ -240,7 +243,17 @@ class BatchedMmMoe(nn.Module):
         b, t, d = h.shape
         x = h.reshape(-1, d)
         logits = self.gate(x)
-        w, sel = torch.topk(F.softmax(logits, dim=-1, dtype=torch.float), self.top_k, dim=-1)
+        if self.route == "biased":  # (2 groups of experts, the best group only, as DeepSeek-V3's router)
+            scores = logits.sigmoid()
+            choice = scores + self.e_score_correction_bias
+            e = choice.shape[-1]
+            groups = choice.view(-1, 2, e // 2).topk(2, dim=-1)[0].sum(-1)
+            mask = torch.zeros_like(groups).scatter_(1, torch.topk(groups, k=1, dim=-1, sorted=False)[1], 1)
+            mask = mask.unsqueeze(-1).expand(-1, 2, e // 2).reshape(-1, e)
+            sel = torch.topk(choice.masked_fill(~mask.bool(), 0.0), self.top_k, dim=-1, sorted=False)[1]
+            w = scores.gather(1, sel)
+        else:
+            w, sel = torch.topk(F.softmax(logits, dim=-1, dtype=torch.float), self.top_k, dim=-1)
         w = w / w.sum(dim=-1, keepdim=True)
         ids = sel.reshape(-1)
         tok = torch.arange(x.shape[0]).unsqueeze(1).expand(-1, self.top_k).reshape(-1)

@@ -351,12 +351,12 @@ BATCHED_MM = [("dynamo", 18, False, False, 2), ("dynamo", 18, True, True, 2), ("
               ("torchscript", 17, True, True, 1)]  # fmt: skip
 
 
-def batched_mm_model(transposed, bias, top_k, act="silu"):
+def batched_mm_model(transposed, bias, top_k, act="silu", route="softmax"):
     from .moe_variants import BatchedMmMoe
 
     model = tm.build("mixtral", seed=int(np.random.default_rng().integers(1 << 30)))
     for layer in model.model.layers:
-        layer.block_sparse_moe = BatchedMmMoe(64, 96, top_k=top_k, transposed=transposed, bias=bias, act=act)
+        layer.block_sparse_moe = BatchedMmMoe(64, 96, top_k=top_k, transposed=transposed, bias=bias, act=act, route=route)
     return model.eval()
 
 
@@ -397,11 +397,16 @@ def test_transformers_batched_mm_experts_are_raised(exporter, opset, transposed,
             assert tm.rel(got, model(torch.from_numpy(ids)).numpy()) <= 1e-4
 
 
-def test_gathered_experts_not_raised_are_left_as_they_were(tmp_path):
-    """GPT-OSS's clamped gate ``(up + 1) * gate * sigmoid(1.702 gate)`` is no activation sparsec's MoE node expresses:
-    the per-expert rewrite of such a block is taken back (it would run every expert on every token), the graph is the
-    exported one (same result as torch), and the import warnings say why the experts stay dense."""
-    model = batched_mm_model(False, True, 2, act="oss")
+@pytest.mark.parametrize("act,route", [("oss", "softmax"), ("silu", "biased")], ids=["gpt-oss", "deepseek-v3"])
+def test_gathered_experts_not_raised_are_left_as_they_were(act, route, tmp_path):
+    """GPT-OSS's clamped gate ``(up + 1) * gate * sigmoid(1.702 gate)`` is no activation sparsec's MoE node expresses,
+    and DeepSeek-V3's selection by score + correction bias no routing it expresses: the per-expert rewrite of such a
+    block is taken back (it would run every expert on every token), the graph is the exported one (same result as
+    torch), the import warnings say why the experts stay dense, and the routers are left out of the passes by default
+    (the DeepSeek-V3 ones were 2:4-pruned: the raiser names them only on the rewritten graph; round 14 D2)."""
+    from sparsec.compressor.pipeline import Selection
+
+    model = batched_mm_model(False, act == "oss", 2, act=act, route=route)
     path = tm.export_onnx(model, str(tmp_path / "model.onnx"), "dynamo", 18)
     g = load_onnx(path)
     assert not moes(g)
@@ -409,6 +414,9 @@ def test_gathered_experts_not_raised_are_left_as_they_were(tmp_path):
     assert sum("gathered from stacked weights in model.layers." in w and "not raised to an MoE block" in w for w in warns) == 2, warns
     assert any("product(s) with a constant weight" in w and "through GatherND" in w for w in warns), warns
     assert not [n for n in g.nodes if n.meta.get("ungathered")]
+    routers = [n.name for n in g.nodes if isinstance(n, Linear) and n.name.endswith("block_sparse_moe.gate")]
+    decided = Selection().decide(g, "test")
+    assert len(routers) == 2 and not any(decided[r][0] for r in routers), routers
     gathers = [n for n in g.nodes if getattr(n, "op_type", "") == "GatherND" and getattr(g.constants.get(n.inputs[0]), "ndim", 0) == 3]
     assert len(gathers) == 4  # the export's gathers of the stacked weights are back (no product per expert)
     ids = fresh_ids(np.random.default_rng())

@@ -1106,6 +1106,7 @@ def raise_graph(g: Graph) -> dict[str, int]:
     before = g.copy() if gathered_expert_blocks(g) else None
     skip: set[str] = set()
     notes: list[str] = []
+    routers: dict[str, str] = {}
     while True:
         blocks = ungather_experts(g, skip) if before is not None else {}
         counts = _raise_rest(g, dict(folded))
@@ -1113,6 +1114,8 @@ def raise_graph(g: Graph) -> dict[str, int]:
         if not left:
             break
         why = [w for w in g.meta.get("import_warnings", []) if w.startswith("MoE-like block")]
+        # routers the raiser found there: still routers after the retry, where the raiser may not find them again
+        routers.update({n.name: n.meta["moe_router"] for n in g.nodes if isinstance(n, Linear) and n.meta.get("moe_router")})
         notes.extend(f"experts gathered from stacked weights in {blocks[k]} are left as they are: applied per expert, "
                      f"they were not raised to an MoE block" for k in sorted(left))  # fmt: skip
         notes.extend(why)
@@ -1122,6 +1125,8 @@ def raise_graph(g: Graph) -> dict[str, int]:
         if isinstance(n, MoE):
             for lin in n.linears():
                 lin.meta.pop("ungathered", None)
+        elif isinstance(n, Linear) and n.name in routers:
+            n.meta.setdefault("moe_router", routers[n.name])  # (passes leave it out by default: pipeline.Selection)
     if notes:
         have = g.meta.setdefault("import_warnings", [])
         have.extend(w for w in dict.fromkeys(notes) if w not in have)
