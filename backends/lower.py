@@ -1078,12 +1078,16 @@ class _Lowerer:
             return [(n.outputs[0], self.refine(n.outputs[0], self.bb.emit(getattr(relax.op, _CMP_OPS[n.op_type])(a, b))))]
         if n.op_type == "Reshape" and not n.domain and len(ins) > 1 and ins[0] is not None:
             ins = [self.reshape_guard(n, ins[0], ins[1]), *ins[1:]]
+        if n.op_type == "ScatterND" and not n.domain and len(ins) == 3 and all(e is not None for e in ins):
+            ins = [ins[0], ins[1], self.scatter_nd_updates(*ins)]
         conv = _get_convert_map().get(n.op_type)
         if conv is None:
             raise UnsupportedOpError(f"{n.op_type} (node '{n.name}') has no TVM lowering", hint="use --engine onnx to run it")
         imp = self.importer()
         attrs = imp._parse_attr([_attribute(k, v, n.attr_types.get(k)) for k, v in sorted(n.attributes.items())])
         attrs["tvm_custom"] = {"name": n.name, "num_outputs": len(n.outputs)}
+        if n.op_type == "TopK" and not n.domain and attrs.get("sorted", 1) != 1:
+            attrs["sorted"] = 1  # ONNX leaves the order of sorted=0 unspecified: sorted is one (torch.topk(sorted=False))
         if n.op_type in BROADCAST_OPS:
             ins = self.unify_broadcast(n.op_type, list(ins))
         if n.op_type == "Concat" and not n.domain:
@@ -1301,6 +1305,22 @@ class _Lowerer:
                 return None  # a comparison not decided at compile time
             out[ix] = r
         return out
+
+    def scatter_nd_updates(self, data, indices, updates):
+        """ScatterND's updates ``match_cast`` to ``indices.shape[:-1] + data.shape[K:]`` (checked at run time) where
+        their shape spells those sizes another way (the dynamo exporter's ``index_add_`` over ``tokens * k`` rows:
+        TVM's converter compares the shapes structurally and refused the build)."""
+        relax = self.relax
+        ds, ish, us = _shape_of(data), _shape_of(indices), _shape_of(updates)
+        k = _static_int(ish[-1]) if ish else None
+        if ds is None or ish is None or us is None or k is None or k > len(ds):
+            return updates
+        want = list(ish[:-1]) + list(ds[k:])
+        if len(want) != len(us) or all(_same_dim_expr(a, b) for a, b in zip(want, us)):
+            return updates
+        if any(_static_int(a) is not None and _static_int(b) is not None and _static_int(a) != _static_int(b) for a, b in zip(want, us)):
+            return updates  # (a real mismatch: TVM's converter says so)
+        return self.bb.match_cast(updates, relax.TensorType(want, str(updates.ty.dtype)))
 
     def positive_analyzer(self):
         """TVM's arithmetic analyzer with every graph input dim at least 1 (a size 0 input has nothing to compute)."""
