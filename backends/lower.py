@@ -814,7 +814,7 @@ class _Lowerer:
         bounds are normalized as ONNX does (a negative bound counts from the end, then clamped to [0, dim]) on TIR
         expressions of the input dims, taken as at least 1, and the slice is a strided_slice with those bounds.
         None (TVM's converter) for any other Slice: static bounds, non-unit steps, bounds not known."""
-        from tvm import sym, tirx
+        from tvm import tirx
 
         relax = self.relax
         x = ins[0]
@@ -831,9 +831,7 @@ class _Lowerer:
             return None
         if not (len(axes) == len(starts) == len(ends)) or not all(isinstance(a, int) and -rank <= a < rank for a in axes):
             return None
-        ana = sym.Analyzer()
-        for v in self.input_syms:
-            ana.update(v, sym.ConstIntBound(1, 2**62))
+        ana = self.positive_analyzer()
 
         def sign(e):  # -1, 1 (known: negative / non-negative), 0 (unknown)
             if isinstance(e, int):
@@ -1041,7 +1039,7 @@ class _Lowerer:
             ins = [ins[0], relax.const(np.asarray(self.g.constants[n.inputs[1]]).reshape(1).astype(np.int64), "int64"), *ins[2:]]
         if n.op_type == "Resize" and not n.domain and ins and ins[0] is not None:
             out = self._resize_by_matrices(n, ins[0], [2, 3])
-            if out is None and len(_shape_of(ins[0]) or ()) == 4 and self._resize_sizes(n, list(_shape_of(ins[0])[:2])) is not None:
+            if out is None and len(n.inputs) > 3 and n.inputs[3] and n.inputs[3] not in self.g.constants:
                 out = self._resize2d(n, ins[0], "NCHW")  # sizes from Shape(x): TVM's converter wants constants
             if out is not None:
                 return [(n.outputs[0], self.refine(n.outputs[0], out))]

@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -348,8 +349,9 @@ def load_lib(artifact) -> LoadedLib:
     return lib
 
 
-def run_lib(artifact, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run the artifact's compiled library on ``inputs`` (name -> array); returns name -> array."""
+def run_lib(artifact, inputs: dict[str, np.ndarray], times: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+    """Run the artifact's compiled library on ``inputs`` (name -> array); returns name -> array. ``times`` gets
+    ``"load"``: the seconds loading the library took (not for a standalone library: one subprocess loads and runs it)."""
     a = _artifact(artifact)
     manifest = read_lib_manifest(a.lib_dir)
     if manifest.get("standalone"):  # aarch64 (qemu-aarch64) / wasm (node): backends/cross.py
@@ -357,4 +359,8 @@ def run_lib(artifact, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
         check_runnable_here(manifest)
         return run_standalone(a.lib_dir, manifest, inputs)[0]
-    return load_lib(a).run(inputs)
+    t0 = time.perf_counter()
+    lib = load_lib(a)
+    if times is not None:
+        times["load"] = time.perf_counter() - t0
+    return lib.run(inputs)

@@ -59,14 +59,12 @@ def run_artifact(artifact: str | Path, inputs, engine: str = "auto") -> RunResul
         if not has_lib(a):
             raise ArtifactError(f"{a.path}: has no compiled library (lib/); use --engine onnx")
         verify_files(a, ["lib/manifest.json"])
-        from sparsec.backends.runtime import load_lib, read_lib_manifest, run_lib
+        from sparsec.backends.runtime import run_lib
 
-        if read_lib_manifest(a.lib_dir).get("standalone"):  # one subprocess loads and runs it
-            outs = run_lib(a, feeds)
-        else:
-            lib = load_lib(a)
-            t0, load = time.perf_counter(), time.perf_counter() - t0
-            outs = lib.run(feeds)
+        times: dict[str, float] = {}
+        outs = run_lib(a, feeds, times)
+        load = times.get("load", 0.0)
+        t0 += load
     elif engine == "onnx":
         import onnxruntime as ort
 
